@@ -1,0 +1,409 @@
+"""Model configuration: one type for the LLaVA-NeXT / LLaVAction `config.json` and HF llava-onevision.
+
+`ModelConfig.from_upstream(dict)` reads the upstream keys (upstream-spec.md 1.10) and `to_upstream()` writes them
+back, keeping every key we do not interpret in `extra` so a round trip loses nothing. The upstream config only
+*names* the vision tower; its dimensions come from `resolve_vision_tower` (built-in presets, the local Hugging Face
+cache, or an explicit vision config) because head counts cannot be inferred from weight shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+from typing import Any
+
+POOL_MODES = ("bilinear", "average", "max")
+NEWLINE_POSITIONS = ("grid", "frame", "one_token", "no_token")
+PROJECTOR_TYPES_HELP = "'linear' or 'mlp<N>x_gelu' (e.g. 'mlp2x_gelu')"
+VISION_SUPERVISION = (None, "one_token", "three_tokens", "newline")
+VISION_TOKEN_TRAINING = ("last_layer", "first_layer", "all_layers")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+
+
+class ConfigError(ValueError):
+    """A configuration key has a missing or unsupported value."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """SigLIP vision tower. `num_layers` is the number of encoder layers *run*, after the select-layer rule."""
+
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_layers: int = 26
+    num_heads: int = 16
+    image_size: int = 384
+    patch_size: int = 14
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-6
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    """Qwen2 decoder."""
+
+    vocab_size: int = 152064
+    hidden_size: int = 3584
+    intermediate_size: int = 18944
+    num_layers: int = 28
+    num_heads: int = 28
+    num_kv_heads: int = 4
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 32768
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything the forward pass reads. Defaults are LLaVAction-7B's (upstream-spec.md 1.10, peers 2.3)."""
+
+    vision: VisionConfig = VisionConfig()
+    text: TextConfig = TextConfig()
+    vision_tower: str = "google/siglip-so400m-patch14-384"
+    projector_type: str = "mlp2x_gelu"
+    # Video pooling. Upstream hard-codes stride 2 for videos and ignores `mm_spatial_pool_stride` (spec 6.1).
+    pool_mode: str = "bilinear"
+    pool_stride: int = 2
+    patch_merge_type: str = "spatial_unpad"
+    newline_position: str = "grid"
+    vision_supervision: str | None = "one_token"
+    action_types: tuple[int, ...] = (97, 300, 3806)
+    vision_token_training: str = "last_layer"
+    tokenizer_model_max_length: int | None = 32768
+    tokenizer_padding_side: str = "right"
+    # Execution (ours, not upstream keys).
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    remat_policy: str = "none"
+    attention: str = "xla"
+    # Upstream keys we carry but do not interpret, written back verbatim by `to_upstream`.
+    extra: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ derived facts
+    @property
+    def has_image_newline(self) -> bool:
+        return "unpad" in self.patch_merge_type
+
+    @property
+    def num_action_tokens(self) -> int:
+        """Learned tokens appended after the video tokens (`model.action_supervision`)."""
+        if self.vision_supervision is None or "token" not in self.vision_supervision:
+            return 0
+        return 3 if self.vision_supervision == "three_tokens" else 1
+
+    @property
+    def num_action_positions(self) -> int:
+        """Hidden states the heads read: 3 for three_tokens, 1 for one_token / newline, 0 without supervision."""
+        if self.vision_supervision is None:
+            return 0
+        return 3 if self.vision_supervision == "three_tokens" else 1
+
+    @property
+    def projector_depth(self) -> int:
+        if self.projector_type == "linear":
+            return 1
+        return int(self.projector_type[len("mlp") : -len("x_gelu")])
+
+    def pooled_grid(self) -> int:
+        g = self.vision.grid_size
+        if self.pool_mode == "bilinear":
+            return math.ceil(g / self.pool_stride)
+        return g // self.pool_stride  # avg_pool2d / max_pool2d floor
+
+    def tokens_per_video(self, num_frames: int) -> int:
+        """Visual tokens spliced in for one video of `num_frames` frames (including action tokens)."""
+        h = self.pooled_grid()
+        per_frame = h * h
+        if "spatial" not in self.patch_merge_type:
+            n = num_frames * self.vision.num_patches  # "flat": no pooling, no newline
+        elif self.newline_position == "grid":
+            n = num_frames * h * (h + 1)
+        elif self.newline_position == "frame":
+            n = num_frames * (per_frame + 1)
+        elif self.newline_position == "one_token":
+            n = num_frames * per_frame + (1 if self.has_image_newline else 0)
+        else:  # no_token
+            n = num_frames * per_frame
+        return n + self.num_action_tokens
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        def bad(key: str, value: Any, allowed: Any) -> ConfigError:
+            return ConfigError(f"config key {key!r} has unsupported value {value!r}; expected {allowed}")
+
+        if self.pool_mode not in POOL_MODES:
+            raise bad("mm_spatial_pool_mode", self.pool_mode, POOL_MODES)
+        if self.newline_position not in NEWLINE_POSITIONS:
+            raise bad("mm_newline_position", self.newline_position, NEWLINE_POSITIONS)
+        if self.vision_supervision not in VISION_SUPERVISION:
+            raise bad("vision_supervision", self.vision_supervision, VISION_SUPERVISION)
+        if self.vision_token_training not in VISION_TOKEN_TRAINING:
+            raise bad("vision_token_training", self.vision_token_training, VISION_TOKEN_TRAINING)
+        if self.projector_type != "linear":
+            depth = self.projector_type[len("mlp") : -len("x_gelu")]
+            if not (self.projector_type.startswith("mlp") and self.projector_type.endswith("x_gelu") and depth.isdigit()):
+                raise bad("mm_projector_type", self.projector_type, PROJECTOR_TYPES_HELP)
+        if self.patch_merge_type not in ("flat", "spatial", "spatial_unpad"):
+            raise bad("mm_patch_merge_type", self.patch_merge_type, ("flat", "spatial", "spatial_unpad"))
+        if "spatial" in self.patch_merge_type and self.newline_position in ("grid", "frame") and not self.has_image_newline:
+            raise ConfigError(
+                f"mm_newline_position={self.newline_position!r} needs the learned image_newline, which upstream only "
+                f"creates when mm_patch_merge_type contains 'unpad' (got {self.patch_merge_type!r})"
+            )
+        if self.tokenizer_padding_side != "right":
+            raise bad("tokenizer_padding_side", self.tokenizer_padding_side, "'right' (the only side upstream trains with)")
+        if self.vision_supervision is not None and len(self.action_types) != 3:
+            raise ConfigError(f"config key 'action_types' must name 3 class counts (verb,noun,action), got {self.action_types!r}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise bad("remat_policy", self.remat_policy, REMAT_POLICIES)
+        if self.pool_stride != 2:
+            raise bad("pool_stride", self.pool_stride, "2 (upstream hard-codes stride 2 for video, spec 6.1)")
+        t = self.text
+        if t.hidden_size % t.num_heads or t.num_heads % t.num_kv_heads:
+            raise ConfigError(f"Qwen2 sizes inconsistent: hidden {t.hidden_size}, heads {t.num_heads}, kv {t.num_kv_heads}")
+        v = self.vision
+        if v.image_size % v.patch_size or v.hidden_size % v.num_heads:
+            raise ConfigError(f"SigLIP sizes inconsistent: image {v.image_size}, patch {v.patch_size}, heads {v.num_heads}")
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ upstream config.json
+    @classmethod
+    def from_upstream(cls, cfg: dict, vision: VisionConfig | dict | None = None, **overrides: Any) -> "ModelConfig":
+        """Read an upstream LLaVA-NeXT/LLaVAction `config.json` dict (or an HF llava-onevision one)."""
+        if "text_config" in cfg and "vision_config" in cfg:
+            return _from_hf_onevision(cls, cfg, **overrides)
+        tower = cfg.get("mm_vision_tower") or cfg.get("vision_tower")
+        if tower is None:
+            raise ConfigError("config has no 'mm_vision_tower': not a LLaVA-NeXT/LLaVAction multimodal config")
+        select_layer = cfg.get("mm_vision_select_layer", -2)
+        if isinstance(vision, dict):
+            vision = vision_from_hf(vision, select_layer)
+        vision = vision or resolve_vision_tower(tower, select_layer)
+        if "mm_hidden_size" in cfg and cfg["mm_hidden_size"] != vision.hidden_size:
+            raise ConfigError(
+                f"config key 'mm_hidden_size'={cfg['mm_hidden_size']} disagrees with vision tower {tower!r} "
+                f"(hidden_size {vision.hidden_size})"
+            )
+        action_types = cfg.get("action_types")
+        fields = dict(
+            vision=vision,
+            text=text_from_hf(cfg),
+            vision_tower=tower,
+            projector_type=cfg.get("mm_projector_type", "linear"),
+            pool_mode=cfg.get("mm_spatial_pool_mode", "bilinear"),
+            patch_merge_type=cfg.get("mm_patch_merge_type", "flat"),
+            # The model code's default when the key is missing is "one_token" (llava_arch.py:302, spec 6.3).
+            newline_position=cfg.get("mm_newline_position", "one_token"),
+            vision_supervision=cfg.get("vision_supervision"),
+            action_types=tuple(int(x) for x in str(action_types).split(",")) if action_types else (),
+            vision_token_training=cfg.get("vision_token_training") or "last_layer",
+            tokenizer_model_max_length=cfg.get("tokenizer_model_max_length"),
+            tokenizer_padding_side=cfg.get("tokenizer_padding_side", "right"),
+            extra={k: v for k, v in cfg.items() if k not in _UPSTREAM_KEYS_WE_WRITE},
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
+    def to_upstream(self) -> dict:
+        """The upstream `config.json` (model_type qwen2, LlavaQwenForCausalLM) that the PyTorch loader reads."""
+        t = self.text
+        out = dict(self.extra)
+        out.update(
+            architectures=out.get("architectures", ["LlavaQwenForCausalLM"]),
+            model_type=out.get("model_type", "qwen2"),
+            vocab_size=t.vocab_size,
+            hidden_size=t.hidden_size,
+            intermediate_size=t.intermediate_size,
+            num_hidden_layers=t.num_layers,
+            num_attention_heads=t.num_heads,
+            num_key_value_heads=t.num_kv_heads,
+            rms_norm_eps=t.rms_norm_eps,
+            rope_theta=t.rope_theta,
+            tie_word_embeddings=t.tie_word_embeddings,
+            max_position_embeddings=t.max_position_embeddings,
+            hidden_act="silu",
+            mm_vision_tower=self.vision_tower,
+            mm_hidden_size=self.vision.hidden_size,
+            mm_projector_type=self.projector_type,
+            mm_spatial_pool_mode=self.pool_mode,
+            mm_patch_merge_type=self.patch_merge_type,
+            mm_newline_position=self.newline_position,
+            tokenizer_model_max_length=self.tokenizer_model_max_length,
+            tokenizer_padding_side=self.tokenizer_padding_side,
+        )
+        out.setdefault("mm_vision_select_layer", -2)
+        if self.vision_supervision is not None:
+            out.update(
+                vision_supervision=self.vision_supervision,
+                action_types=",".join(str(n) for n in self.action_types),
+                vision_token_training=self.vision_token_training,
+            )
+        return out
+
+    # ------------------------------------------------------------------ our own serialisation
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["action_types"] = list(self.action_types)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        d = dict(d)
+        d["vision"] = VisionConfig(**d["vision"])
+        d["text"] = TextConfig(**d["text"])
+        d["action_types"] = tuple(d.get("action_types", ()))
+        return cls(**d)
+
+    def save(self, path: str | os.PathLike) -> None:
+        pathlib.Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ModelConfig":
+        return cls.from_dict(json.loads(pathlib.Path(path).read_text()))
+
+
+# Keys `to_upstream` writes from typed fields; everything else in an upstream config travels in `extra`.
+_UPSTREAM_KEYS_WE_WRITE = {
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "rms_norm_eps", "rope_theta", "rope_parameters", "tie_word_embeddings",
+    "max_position_embeddings", "mm_vision_tower", "vision_tower", "mm_hidden_size", "mm_projector_type",
+    "mm_spatial_pool_mode", "mm_patch_merge_type", "mm_newline_position", "vision_supervision", "action_types",
+    "vision_token_training", "tokenizer_model_max_length", "tokenizer_padding_side",
+}  # fmt: skip
+
+
+def text_from_hf(cfg: dict) -> TextConfig:
+    """Qwen2 keys; `rope_theta` may sit in transformers v5's `rope_parameters`."""
+    rope = cfg.get("rope_parameters") or {}
+    theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+    # `rope_scaling` is ignored: upstream forces it to None for llava_qwen (llava_qwen.py:56).
+    try:
+        return TextConfig(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=cfg["num_attention_heads"],
+            num_kv_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            max_position_embeddings=cfg.get("max_position_embeddings", 32768),
+        )
+    except KeyError as e:
+        raise ConfigError(f"config is missing the Qwen2 key {e.args[0]!r}") from None
+
+
+def vision_from_hf(cfg: dict, select_layer: int = -1) -> VisionConfig:
+    """A SigLIP vision config dict (hub `config.json` or its `vision_config`) + LLaVA's select-layer rule.
+
+    `hidden_states` has num_hidden_layers + 1 entries (the embeddings, then each layer's output), so selecting
+    entry `k` (negative counts from the end) means running `k` (or `n + 1 + k`) layers. Upstream deletes the last
+    SigLIP layer and reads the final hidden state, which is `mm_vision_select_layer=-2` of the 27-layer tower.
+    """
+    cfg = cfg.get("vision_config", cfg)
+    n = cfg.get("num_hidden_layers", 27)
+    used = n + 1 + select_layer if select_layer < 0 else select_layer
+    if not 1 <= used <= n:
+        raise ConfigError(f"mm_vision_select_layer={select_layer} is out of range for a {n}-layer vision tower")
+    return VisionConfig(
+        hidden_size=cfg.get("hidden_size", 768),
+        intermediate_size=cfg.get("intermediate_size", 3072),
+        num_layers=used,
+        num_heads=cfg.get("num_attention_heads", 12),
+        image_size=cfg.get("image_size", 224),
+        patch_size=cfg.get("patch_size", 16),
+        num_channels=cfg.get("num_channels", 3),
+        layer_norm_eps=cfg.get("layer_norm_eps", 1e-6),
+    )
+
+
+# Known towers: the hub config.json values (peers-and-facts.md 2.4), so no download is ever needed.
+VISION_TOWER_PRESETS: dict[str, dict] = {
+    "google/siglip-so400m-patch14-384": dict(
+        hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+        image_size=384, patch_size=14, layer_norm_eps=1e-6,
+    ),
+}  # fmt: skip
+
+
+def resolve_vision_tower(name: str, select_layer: int = -2) -> VisionConfig:
+    """Vision dimensions for a tower name: built-in preset, else a local HF cache/dir, else a clear error."""
+    if name in VISION_TOWER_PRESETS:
+        return vision_from_hf(VISION_TOWER_PRESETS[name], select_layer)
+    local = pathlib.Path(name) / "config.json"
+    if local.is_file():
+        return vision_from_hf(json.loads(local.read_text()), select_layer)
+    cached = _find_in_hf_cache(name)
+    if cached is not None:
+        return vision_from_hf(json.loads(cached.read_text()), select_layer)
+    raise ConfigError(
+        f"unknown vision tower {name!r}: it is not a built-in preset ({', '.join(VISION_TOWER_PRESETS)}), not a local "
+        f"directory with config.json, and not in the local Hugging Face cache (HF_HOME). Head counts cannot be "
+        f"inferred from weight shapes: pass an explicit vision config (e.g. --vision-config path/to/config.json)."
+    )
+
+
+def _find_in_hf_cache(repo_id: str) -> pathlib.Path | None:
+    hf_home = pathlib.Path(os.environ.get("HF_HOME", pathlib.Path.home() / ".cache" / "huggingface"))
+    hub = pathlib.Path(os.environ.get("HF_HUB_CACHE", hf_home / "hub"))
+    snapshots = hub / ("models--" + repo_id.replace("/", "--")) / "snapshots"
+    if not snapshots.is_dir():
+        return None
+    found = sorted(snapshots.glob("*/config.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    return found[0] if found else None
+
+
+def _from_hf_onevision(cls, cfg: dict, **overrides: Any) -> ModelConfig:
+    """HF `LlavaOnevisionConfig`: one newline per video, bilinear pooling, hidden state at `vision_feature_layer`."""
+    text = cfg["text_config"]
+    if "vocab_size" not in text and "vocab_size" in cfg:
+        text = dict(text, vocab_size=cfg["vocab_size"])
+    if "tie_word_embeddings" in cfg:
+        text = dict(text, tie_word_embeddings=cfg["tie_word_embeddings"])
+    layer = cfg.get("vision_feature_layer", -1)
+    if isinstance(layer, list):
+        raise ConfigError(f"config key 'vision_feature_layer'={layer!r}: several layers are not supported")
+    act = cfg.get("projector_hidden_act", "gelu")
+    if act != "gelu":
+        raise ConfigError(f"config key 'projector_hidden_act'={act!r}: only exact 'gelu' is supported")
+    fields = dict(
+        vision=vision_from_hf(cfg["vision_config"], layer),
+        text=text_from_hf(dict(text, model_type="qwen2")),
+        vision_tower=cfg["vision_config"].get("_name_or_path") or "siglip",
+        projector_type="mlp2x_gelu",
+        pool_mode="bilinear",
+        patch_merge_type="spatial_unpad",
+        newline_position="one_token",
+        vision_supervision=None,
+        action_types=(),
+        tokenizer_model_max_length=None,
+        extra={"hf_onevision": {k: v for k, v in cfg.items() if k not in ("text_config", "vision_config")}},
+    )
+    fields.update(overrides)
+    return cls(**fields)

@@ -1,0 +1,68 @@
+"""LM loss and the vision-supervision auxiliary loss (upstream-spec.md 1.8, `llava_qwen.py:213-277`)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+IGNORE_INDEX = -100
+VERB_WEIGHT, NOUN_WEIGHT, ACTION_WEIGHT = 0.5, 0.5, 0.1
+AUX_LOSS_WEIGHT = 0.1
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, valid: jax.Array):
+    """Sum of per-row CE over `valid` rows and the number of those rows (fp32)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    safe = jnp.where(valid, targets, 0)
+    nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid)
+
+
+def lm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean CE of logits[:, t] against labels[:, t + 1] over non-ignored targets of the whole batch.
+
+    Deviation: a batch with no target gives 0 instead of torch's NaN, so a fully masked batch cannot poison a run.
+    """
+    targets = labels[:, 1:]
+    total, count = cross_entropy(logits[:, :-1], targets, targets != IGNORE_INDEX)
+    return total / jnp.maximum(count, 1)
+
+
+def select_layers(gathered: jax.Array, vision_token_training: str) -> jax.Array:
+    """Which entries of the (L + 1)-long hidden-state stack feed the heads."""
+    if vision_token_training == "last_layer":
+        return gathered[-1:]
+    if vision_token_training == "first_layer":
+        return gathered[:1]
+    return gathered  # "all_layers" (and upstream's other values) use every entry
+
+
+def head_logits(heads: dict, states: jax.Array, three_tokens: bool):
+    """states (..., P, H) at the action positions -> (verb, noun, action) logits in fp32.
+
+    one_token / newline: every head reads position 0; three_tokens: verb 0, noun 1, action 2.
+    """
+    pos = (0, 1, 2) if three_tokens else (0, 0, 0)
+    out = []
+    for name, i in zip(("verb", "noun", "action"), pos):
+        out.append((states[..., i, :] @ heads[name]["kernel"].astype(states.dtype)).astype(jnp.float32))
+    return tuple(out)
+
+
+def vision_supervision_loss(heads: dict, gathered: jax.Array, actions: jax.Array, *, vision_token_training: str,
+                            three_tokens: bool) -> jax.Array:
+    """Upstream's aux loss before its final 0.1 weight: sum over selected layers of
+    0.5 CE(verb) + 0.5 CE(noun) + 0.1 CE(action), each a mean over rows with action id >= 0, divided by
+    (number of layers + 1). Rows without labels carry [-1, -1, -1] and are dropped."""
+    layers = select_layers(gathered, vision_token_training)
+    verb, noun, action = head_logits(heads, layers, three_tokens)  # each (n_layers, B, classes)
+    valid = actions[:, 0] >= 0
+    n_valid = jnp.maximum(jnp.sum(valid), 1)
+
+    def summed_layer_means(logits, targets):  # sum over layers of the mean CE over valid rows
+        total, _ = cross_entropy(logits, jnp.broadcast_to(targets, logits.shape[:2]), jnp.broadcast_to(valid, logits.shape[:2]))
+        return total / n_valid
+
+    loss = (VERB_WEIGHT * summed_layer_means(verb, actions[:, 0]) + NOUN_WEIGHT * summed_layer_means(noun, actions[:, 1])
+            + ACTION_WEIGHT * summed_layer_means(action, actions[:, 2]))
+    return loss / (layers.shape[0] + 1)
