@@ -185,8 +185,8 @@ class ModelConfig:
         if t.hidden_size % t.num_heads or t.num_heads % t.num_kv_heads:
             raise ConfigError(f"Qwen2 sizes inconsistent: hidden {t.hidden_size}, heads {t.num_heads}, kv {t.num_kv_heads}")
         v = self.vision
-        if v.image_size % v.patch_size or v.hidden_size % v.num_heads:
-            raise ConfigError(f"SigLIP sizes inconsistent: image {v.image_size}, patch {v.patch_size}, heads {v.num_heads}")
+        if v.hidden_size % v.num_heads:
+            raise ConfigError(f"SigLIP sizes inconsistent: hidden {v.hidden_size}, heads {v.num_heads}")
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

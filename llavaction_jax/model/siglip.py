@@ -40,11 +40,15 @@ def param_specs(cfg: VisionConfig) -> dict:
 
 
 def patchify(pixels: jax.Array, patch: int) -> jax.Array:
-    """(N, C, H, W) upstream layout -> (N, H/p * W/p, p*p*C), patches row-major, each flattened as (kh, kw, c)."""
+    """(N, C, H, W) upstream layout -> (N, gh * gw, p*p*C), patches row-major, each flattened as (kh, kw, c).
+
+    A "valid" stride-p convolution: trailing pixels that do not fill a patch are dropped (384 px / 14 -> 27).
+    """
     n, c, h, w = pixels.shape
-    x = pixels.reshape(n, c, h // patch, patch, w // patch, patch)
+    gh, gw = h // patch, w // patch
+    x = pixels[:, :, : gh * patch, : gw * patch].reshape(n, c, gh, patch, gw, patch)
     x = x.transpose(0, 2, 4, 3, 5, 1)  # (N, gh, gw, kh, kw, C)
-    return x.reshape(n, (h // patch) * (w // patch), patch * patch * c)
+    return x.reshape(n, gh * gw, patch * patch * c)
 
 
 def encoder_layer(p: dict, x: jax.Array, cfg: VisionConfig, attn_impl: str) -> jax.Array:
