@@ -407,3 +407,67 @@ def _from_hf_onevision(cls, cfg: dict, **overrides: Any) -> ModelConfig:
     )
     fields.update(overrides)
     return cls(**fields)
+
+
+# ---------------------------------------------------------------------------------------------- presets
+# Model presets live in configs/<name>.py as ml_collections `get_config()` files (executable documentation);
+# `load_preset` turns one into a ModelConfig, with dotted overrides ("text.num_layers=2").
+CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+QWEN2_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
+                num_kv_heads=4, rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=False,
+                max_position_embeddings=32768)
+QWEN2_0_5B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
+                  num_kv_heads=2, rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=True,
+                  max_position_embeddings=32768)
+# SigLIP-so400m with LLaVA's select layer -2: 26 of its 27 layers run.
+SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_layers=26, num_heads=16, image_size=384,
+                     patch_size=14, num_channels=3, layer_norm_eps=1e-6)
+
+
+def model_config_dict(**fields: Any):
+    """A ConfigDict with every ModelConfig field (defaults filled in), for configs/*.py files."""
+    import ml_collections
+
+    d = ModelConfig().to_dict()
+    for key, value in fields.items():
+        if key in ("vision", "text"):
+            d[key].update(value)
+        else:
+            d[key] = list(value) if isinstance(value, tuple) else value
+    d.pop("extra")
+    return ml_collections.ConfigDict(d)
+
+
+def from_config_dict(cd) -> ModelConfig:
+    d = cd.to_dict() if hasattr(cd, "to_dict") else dict(cd)
+    return ModelConfig.from_dict(d)
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in CONFIGS_DIR.glob("*.py") if not p.stem.startswith("_") and p.stem not in RECIPES)
+
+
+RECIPES = ("train", "eval", "demo")
+
+
+def load_preset(name: str, overrides: dict[str, Any] | None = None) -> ModelConfig:
+    """ModelConfig of configs/<name>.py, with optional dotted overrides {"text.num_layers": 2}."""
+    import importlib.util
+
+    file = CONFIGS_DIR / f"{name}.py"
+    if not file.is_file():
+        raise ConfigError(f"unknown model preset {name!r}; available: {', '.join(available_presets())}")
+    spec = importlib.util.spec_from_file_location(f"llavaction_configs.{name}", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cd = module.get_config()
+    for key, value in (overrides or {}).items():
+        node = cd
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node[p]
+        if last not in node:
+            raise ConfigError(f"override {key!r}: no such config field in preset {name!r}")
+        node[last] = value
+    return from_config_dict(cd)

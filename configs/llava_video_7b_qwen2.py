@@ -1,0 +1,14 @@
+"""LLaVA-Video-7B-Qwen2 (lmms-lab/LLaVA-Video-7B-Qwen2): LLaVAction-7B's base, without action token or heads.
+
+Grid newlines (210 tokens per frame), bilinear pooling, Qwen2-7B untied, vocabulary 152064.
+"""
+
+from llavaction_jax.config import QWEN2_7B, SIGLIP_SO400M, model_config_dict
+
+
+def get_config():
+    return model_config_dict(
+        vision=SIGLIP_SO400M, text=QWEN2_7B, projector_type="mlp2x_gelu", pool_mode="bilinear",
+        patch_merge_type="spatial_unpad", newline_position="grid", vision_supervision=None, action_types=(),
+        tokenizer_model_max_length=32768, param_dtype="bfloat16", compute_dtype="bfloat16",
+    )

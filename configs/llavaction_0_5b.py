@@ -1,0 +1,18 @@
+"""LLaVAction-0.5B (MLAdaptiveIntelligence/LLaVAction-0.5B).
+
+Base: lmms-lab/llava-onevision-qwen2-0.5b-ov (Qwen2-0.5B, tied embeddings). Its config carries
+`action_types "97,300,3806"`, so it has the action token and the three heads (peers-and-facts.md 2.2). The
+released config's `mm_newline_position` is not public; LLaVAction trains with the "grid" default
+(train.py:117), which we assume here. A converted checkpoint always uses its own config.json instead.
+"""
+
+from llavaction_jax.config import QWEN2_0_5B, SIGLIP_SO400M, model_config_dict
+
+
+def get_config():
+    return model_config_dict(
+        vision=SIGLIP_SO400M, text=QWEN2_0_5B, projector_type="mlp2x_gelu", pool_mode="bilinear",
+        patch_merge_type="spatial_unpad", newline_position="grid",
+        vision_supervision="one_token", action_types=(97, 300, 3806), vision_token_training="last_layer",
+        tokenizer_model_max_length=32768, param_dtype="bfloat16", compute_dtype="bfloat16",
+    )

@@ -1,0 +1,139 @@
+"""The public Python API: `load_pretrained(path)` and a callable `LlavaModel` in upstream's input convention.
+
+    model = llavaction_jax.load_pretrained("ckpt/llavaction-7b")          # or LlavaModel.random(cfg)
+    out = model(input_ids, pixel_values, attention_mask=None, labels=None, actions=None)
+    out.logits, out.loss
+
+`input_ids` carry one -200 placeholder per video sample (as `tokenizer_image_token` makes them); `pixel_values`
+are frames `(T, 3, H, W)` per sample (a list, or one `(B, T, 3, H, W)` array; a `(3, H, W)` image is a 1-frame
+video). Inputs are checked on the host first so mistakes fail with a message, not deep inside XLA.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from llavaction_jax import checkpoint_io
+from llavaction_jax.config import ModelConfig
+from llavaction_jax.model import llava
+from llavaction_jax.model.params import abstract_params, logical_axes
+from llavaction_jax.sharding import activation_mesh, logical_to_pspec, param_shardings
+
+IMAGE_TOKEN_INDEX = llava.IMAGE_TOKEN_INDEX
+
+
+class LlavaModel:
+    """A config, a params tree (optionally sharded over a mesh) and jitted forward functions."""
+
+    def __init__(self, cfg: ModelConfig, params: dict, mesh: Mesh | None = None):
+        self.cfg, self.mesh = cfg, mesh
+        self.params = shard_params(params, cfg, mesh) if mesh is not None else params
+        self._jitted: dict[tuple, Any] = {}
+
+    @classmethod
+    def random(cls, cfg: ModelConfig, seed: int = 0, mesh: Mesh | None = None) -> "LlavaModel":
+        return cls(cfg, llava.init(cfg, jax.random.key(seed)), mesh)
+
+    def save_pretrained(self, path) -> None:
+        checkpoint_io.save_model(path, self.cfg, self.params)
+
+    def __call__(self, input_ids, pixel_values=None, attention_mask=None, labels=None, actions=None, *,
+                 truncate: bool = True, vocab_limit: int | None = None) -> llava.ModelOutput:
+        ids = _to_numpy(input_ids)
+        ids = ids[None] if ids.ndim == 1 else ids
+        mask = np.ones(ids.shape, bool) if attention_mask is None else _to_numpy(attention_mask).astype(bool).reshape(ids.shape)
+        pixels = None if pixel_values is None else stack_frames(pixel_values, len(ids))
+        check_placeholders(ids, mask, has_video=pixels is not None)
+        out_len = self._out_len(ids, mask, pixels, truncate)
+        batch = dict(input_ids=ids, pixel_values=pixels, attention_mask=mask,
+                     labels=None if labels is None else _to_numpy(labels).reshape(ids.shape),
+                     actions=None if actions is None else _to_numpy(actions).reshape(len(ids), 3))
+        batch = {k: (None if v is None else self._put_batch(v)) for k, v in batch.items()}
+        return self._forward(out_len, vocab_limit)(self.params, **batch)
+
+    # ------------------------------------------------------------------ internals
+    def _out_len(self, ids, mask, pixels, truncate: bool) -> int:
+        n_vis = 0 if pixels is None else self.cfg.tokens_per_video(pixels.shape[1])
+        longest = int(mask.sum(1).max()) - (1 if pixels is not None else 0) + n_vis
+        limit = self.cfg.tokenizer_model_max_length
+        if limit is not None and longest > limit and not truncate:
+            raise ValueError(f"a sample has {longest} tokens after splicing the video, more than "
+                             f"tokenizer_model_max_length={limit}; pass truncate=True to cut it as upstream does")
+        return llava.default_out_len(self.cfg, ids.shape[1], n_vis)
+
+    def _forward(self, out_len: int, vocab_limit: int | None):
+        key = (out_len, vocab_limit)
+        if key not in self._jitted:
+            def fwd(params, **batch):
+                with activation_mesh(self.mesh):
+                    return llava.forward(params, self.cfg, **batch, out_len=out_len, vocab_limit=vocab_limit)
+            self._jitted[key] = jax.jit(fwd)
+        return self._jitted[key]
+
+    def _put_batch(self, x: np.ndarray):
+        if self.mesh is None:
+            return jnp.asarray(x)
+        spec = logical_to_pspec(("batch",) + (None,) * (x.ndim - 1), x.shape, self.mesh)
+        return jax.device_put(x, NamedSharding(self.mesh, spec))
+
+
+def shard_params(params: dict, cfg: ModelConfig, mesh: Mesh) -> dict:
+    specs = llava.param_specs(cfg)
+    shardings = param_shardings(logical_axes(specs), abstract_params(specs), mesh)
+    return jax.tree.map(jax.device_put, params, shardings)
+
+
+def load_pretrained(path, mesh: Mesh | None = None, dtype: str | None = None) -> LlavaModel:
+    """Load a model saved by `save_pretrained` / the converter. With a mesh, params are restored sharded."""
+    cfg = checkpoint_io.load_config(path)
+    if dtype is not None:
+        cfg = cfg.replace(param_dtype=dtype)
+    specs = llava.param_specs(cfg)
+    abstract = abstract_params(specs, jnp.dtype(cfg.param_dtype))
+    if mesh is not None:
+        shardings = param_shardings(logical_axes(specs), abstract, mesh)
+    else:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, abstract)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    return LlavaModel(cfg, checkpoint_io.restore_params(path, abstract), mesh)  # already placed: device_put is a no-op
+
+
+def stack_frames(pixel_values, batch: int) -> np.ndarray:
+    """Per-sample frames -> (B, T, C, H, W); a (C, H, W) item is a 1-frame video (upstream unsqueezes it)."""
+    if isinstance(pixel_values, (list, tuple)):
+        items = [_to_numpy(p) for p in pixel_values]
+        items = [p[None] if p.ndim == 3 else p for p in items]
+        shapes = {p.shape for p in items}
+        if len(shapes) != 1:
+            raise ValueError(f"all samples of a batch need the same frame count and size, got {sorted(shapes)}")
+        pixels = np.stack(items)
+    else:
+        pixels = _to_numpy(pixel_values)
+        if pixels.ndim == 4:  # (B, C, H, W) images, or (T, C, H, W) frames of a single sample
+            pixels = pixels[:, None] if batch == len(pixels) and batch > 1 else pixels[None]
+    if pixels.ndim != 5 or len(pixels) != batch:
+        raise ValueError(f"pixel_values should be (B={batch}, T, C, H, W) or a list of (T, C, H, W); got {pixels.shape}")
+    return pixels.astype(np.float32)
+
+
+def check_placeholders(ids: np.ndarray, mask: np.ndarray, has_video: bool) -> None:
+    counts = ((ids == IMAGE_TOKEN_INDEX) & mask).sum(axis=1)
+    for i, c in enumerate(counts):
+        if has_video and c != 1:
+            raise ValueError(f"sample {i} has {c} video placeholders ({IMAGE_TOKEN_INDEX}); each video sample needs exactly one")
+        if not has_video and c:
+            raise ValueError(f"sample {i} has a video placeholder ({IMAGE_TOKEN_INDEX}) but no pixel_values were given")
+
+
+def _to_numpy(x) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor
+        x = x.detach().cpu()
+        return x.float().numpy() if x.is_floating_point() else x.numpy()
+    return np.asarray(x)
+
