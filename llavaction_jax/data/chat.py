@@ -1,0 +1,180 @@
+"""Qwen ChatML conversations: the prompt template, image-placeholder tokenization, and training labels.
+
+Everything here reproduces upstream LLaVAction byte for byte (upstream-spec.md 2.3, 2.4, 4.5, 4.6):
+
+* the ``qwen_1_5`` conversation template: system "You are a helpful assistant.", each message rendered as
+  ``<|im_start|>{role}\\n{content}<|im_end|>\\n``, the generation prompt ``<|im_start|>assistant\\n``;
+* ``tokenizer_image_token``: the prompt is split on ``<image>``, every chunk tokenized on its own, chunks joined
+  with the placeholder id -200 (the model later splices the visual tokens there);
+* ``preprocess_qwen``: training ids and labels, including upstream's quirk that every standalone ``"\\n"``,
+  ``<|im_start|>`` and ``<|im_end|>`` token stays a target even inside system and user turns.
+
+Upstream's ``preprocess_qwen`` adds ``<image>`` to a copy of the tokenizer as a special token and lets
+``apply_chat_template`` split the text around it; splitting the text on ``<image>`` ourselves and tokenizing the
+pieces gives the same ids (added special tokens always split pre-tokenization) without copying a 150k-entry
+tokenizer per sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+IMAGE_TOKEN_INDEX = -200  # placeholder id in input_ids where the visual tokens are spliced
+IGNORE_INDEX = -100  # label of a position that contributes no loss
+IMAGE_PLACEHOLDER = "<image>"  # DEFAULT_IMAGE_TOKEN: where the video goes in a message's text
+SYSTEM_MESSAGE = "You are a helpful assistant."
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+GENERATION_PROMPT = IM_START + "assistant\n"
+
+# LLaVA JSON uses "from": human/gpt; chat-style data uses "role": user/assistant. Upstream accepts both.
+_ROLE_ALIASES = {"human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant", "system": "system"}
+_UNTRAINED_ROLES = ("user", "system")  # their tokens are masked (except the unmasked specials, see above)
+
+
+class TokenizedConversation(NamedTuple):
+    input_ids: np.ndarray  # int32 (L,), IMAGE_TOKEN_INDEX at the placeholder
+    labels: np.ndarray  # int32 (L,), IGNORE_INDEX where no loss is taken
+
+
+def chatml_message(role: str, content: str) -> str:
+    """One rendered ChatML message: ``<|im_start|>{role}\\n{content}<|im_end|>\\n``."""
+    return f"{IM_START}{role}\n{content}{IM_END}\n"
+
+
+def build_inference_prompt(user_text: str, system_message: str = SYSTEM_MESSAGE) -> str:
+    """Upstream's ``conv_qwen.get_prompt()`` for one user message and an open assistant turn."""
+    return chatml_message("system", system_message) + chatml_message("user", user_text) + GENERATION_PROMPT
+
+
+def tokenizer_image_token(prompt: str, tokenizer, image_token_index: int = IMAGE_TOKEN_INDEX) -> list[int]:
+    """Token ids of ``prompt`` with each ``<image>`` replaced by ``image_token_index`` (upstream mm_utils).
+
+    Chunks are tokenized independently with the tokenizer's default special tokens; a BOS (none for Qwen2) is
+    kept once at the very start, as upstream does.
+    """
+    chunks = [tokenizer(chunk).input_ids for chunk in prompt.split(IMAGE_PLACEHOLDER)]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    keep_bos = bos is not None and chunks[0][:1] == [bos]
+    ids: list[int] = [bos] if keep_bos else []
+    for i, chunk in enumerate(chunks):
+        if i > 0:
+            ids.append(image_token_index)
+        ids.extend(chunk[1:] if keep_bos and chunk[:1] == [bos] else chunk)
+    return ids
+
+
+def move_placeholder_to_front(conversations: Sequence[Mapping]) -> list[dict]:
+    """Upstream ``preprocess_multimodal``: a message holding exactly one ``<image>`` that is not at its start gets
+    the placeholder moved to the front, followed by ``"\\n"``; the videoInstruct noise tag is removed.
+
+    Returns new message dicts; the input is not modified.
+    """
+    result = []
+    for message in conversations:
+        message = dict(message)
+        key = "value" if "value" in message else "content"
+        text = message[key]
+        if text.count(IMAGE_PLACEHOLDER) == 1 and not text.startswith(IMAGE_PLACEHOLDER):
+            text = (IMAGE_PLACEHOLDER + "\n" + text.replace(IMAGE_PLACEHOLDER, "").strip()).strip()
+        message[key] = text.replace("QA_GT_caption_based_noisy", "")
+        result.append(message)
+    return result
+
+
+def preprocess_qwen(
+    conversations: Sequence[Mapping],
+    tokenizer,
+    has_image: bool,
+    *,
+    max_len: int | None = None,
+    sample_id: object = None,
+    system_message: str = SYSTEM_MESSAGE,
+) -> TokenizedConversation:
+    """Training ids and labels exactly as upstream ``preprocess_qwen`` (upstream-spec.md 4.6).
+
+    ``conversations``: LLaVA messages ({"from": "human"|"gpt", "value": ...} or {"role", "content"}). A leading
+    message that is not from the user is dropped (upstream does the same). With ``has_image`` the user text must
+    hold exactly one ``<image>``; without it, none. ``max_len`` truncates ids and labels like upstream's collator
+    (upstream's own ``preprocess_qwen`` never truncates: pass None to match it); truncation that would cut the
+    placeholder is an error. Errors name ``sample_id``.
+    """
+    where = f"sample {sample_id!r}" if sample_id is not None else "conversation"
+    turns = _read_turns(conversations, where)
+    if turns and turns[0][0] != "user":
+        turns = turns[1:]
+    _check_placeholders(turns, has_image, where)
+
+    newline_id, im_start_id, im_end_id = _unmasked_token_ids(tokenizer)
+    ids: list[int] = []
+    labels: list[int] = []
+    for role, content in [("system", system_message), *turns]:
+        encoded = _encode_message(chatml_message(role, content), tokenizer)
+        ids += encoded
+        labels += [IGNORE_INDEX] * len(encoded) if role in _UNTRAINED_ROLES else encoded
+    input_ids = np.asarray(ids, dtype=np.int32)
+    label_ids = np.asarray(labels, dtype=np.int32)
+    # Upstream quirk, kept for training parity: these tokens are targets wherever they occur.
+    unmasked = np.isin(input_ids, [newline_id, im_start_id, im_end_id])
+    label_ids[unmasked] = input_ids[unmasked]
+
+    if max_len is not None and len(input_ids) > max_len:
+        if has_image and IMAGE_TOKEN_INDEX not in input_ids[:max_len]:
+            raise ValueError(f"{where}: truncating {len(input_ids)} tokens to max_len={max_len} drops the <image> placeholder")
+        input_ids, label_ids = input_ids[:max_len], label_ids[:max_len]
+    return TokenizedConversation(input_ids, label_ids)
+
+
+def _read_turns(conversations: Sequence[Mapping], where: str) -> list[tuple[str, str]]:
+    turns = []
+    for i, message in enumerate(conversations):
+        if "role" in message and "content" in message:
+            role, content = message["role"], message["content"]
+        elif "from" in message and "value" in message:
+            role, content = message["from"], message["value"]
+        else:
+            raise ValueError(f"{where}: message {i} has neither from/value nor role/content keys: {sorted(message)}")
+        if role not in _ROLE_ALIASES:
+            raise ValueError(f"{where}: message {i} has unknown role {role!r}; expected one of {sorted(_ROLE_ALIASES)}")
+        if not isinstance(content, str):
+            raise ValueError(f"{where}: message {i} content is {type(content).__name__}, expected str")
+        turns.append((_ROLE_ALIASES[role], content))
+    return turns
+
+
+def _check_placeholders(turns: list[tuple[str, str]], has_image: bool, where: str) -> None:
+    counts = [content.count(IMAGE_PLACEHOLDER) for _, content in turns]
+    total = sum(counts)
+    if has_image and total == 0:
+        raise ValueError(f"{where}: a video is attached but no message contains the {IMAGE_PLACEHOLDER} placeholder")
+    if has_image and total > 1:
+        raise ValueError(f"{where}: {total} {IMAGE_PLACEHOLDER} placeholders, expected exactly one for one video")
+    if not has_image and total:
+        raise ValueError(f"{where}: contains {IMAGE_PLACEHOLDER} but no video is attached")
+    for (role, _), count in zip(turns, counts):
+        if count and role != "user":
+            # Upstream would leave the raw <image> id as a target here, teaching the model to emit it.
+            raise ValueError(f"{where}: the {IMAGE_PLACEHOLDER} placeholder is in a {role} message, expected a user message")
+
+
+def _encode_message(text: str, tokenizer) -> list[int]:
+    # apply_chat_template tokenizes the rendered text without adding special tokens.
+    chunks = tokenizer(text.split(IMAGE_PLACEHOLDER), add_special_tokens=False)["input_ids"]
+    ids = list(chunks[0])
+    for chunk in chunks[1:]:
+        ids.append(IMAGE_TOKEN_INDEX)
+        ids.extend(chunk)
+    return ids
+
+
+def _unmasked_token_ids(tokenizer) -> tuple[int, int, int]:
+    """Ids of "\\n" (Qwen2: 198, hard-coded upstream), <|im_start|> and <|im_end|>."""
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    im_start, im_end = tokenizer.convert_tokens_to_ids([IM_START, IM_END])
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if len(newline) != 1 or im_start in (None, unk) or im_end in (None, unk):
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} is not a ChatML (Qwen2) tokenizer: "
+                         f"'\\n' -> {newline}, {IM_START} -> {im_start}, {IM_END} -> {im_end}")
+    return newline[0], im_start, im_end
