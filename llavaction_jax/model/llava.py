@@ -134,24 +134,9 @@ def forward(params: dict, cfg: ModelConfig, input_ids: jax.Array, pixel_values: 
     input_ids (B, L) with one -200 per video sample; pixel_values (B, T, C, H, W) or None for a text-only batch;
     attention_mask (B, L) bool; labels (B, L) or None; actions (B, 3) verb/noun/action ids (-1 = none).
     """
-    b, length = input_ids.shape
-    dtype = jnp.dtype(cfg.compute_dtype)
-    attention_mask = jnp.ones((b, length), bool) if attention_mask is None else attention_mask.astype(bool)
     has_labels = labels is not None
-    labels = jnp.full((b, length), IGNORE_INDEX, jnp.int32) if labels is None else labels
-    text_embeds = qwen2.embed(params["text"], jnp.where(input_ids == IMAGE_TOKEN_INDEX, 0, input_ids), dtype)
+    s = embed_inputs(params, cfg, input_ids, pixel_values, attention_mask, labels, has_video, out_len)
     n_pos = cfg.num_action_positions
-
-    if pixel_values is None:
-        visual = jnp.zeros((b, 1, text_embeds.shape[-1]), dtype)
-        has_video = jnp.zeros((b,), bool)
-    else:
-        visual = encode_videos(params, pixel_values, cfg)
-        has_video = jnp.ones((b,), bool) if has_video is None else has_video.astype(bool)
-    if out_len is None:
-        out_len = default_out_len(cfg, length, visual.shape[1] if pixel_values is not None else 0)
-    s = splice_visual_tokens(text_embeds, input_ids, labels, attention_mask, visual, has_video, out_len, max(n_pos, 1))
-
     supervised = n_pos > 0 and pixel_values is not None
     h, gathered = qwen2.forward(params["text"], s.embeds, s.positions, s.valid, cfg.text,
                                 gather_idx=s.action_idx if supervised else None,
@@ -169,6 +154,26 @@ def forward(params: dict, cfg: ModelConfig, input_ids: jax.Array, pixel_values: 
                 three_tokens=cfg.vision_supervision == "three_tokens")
             out.loss = out.lm_loss + losses.AUX_LOSS_WEIGHT * out.aux_loss
     return out
+
+
+def embed_inputs(params: dict, cfg: ModelConfig, input_ids, pixel_values, attention_mask=None, labels=None,
+                 has_video=None, out_len: int | None = None) -> Spliced:
+    """Token embeddings with the visual tokens spliced in: everything before the decoder."""
+    b, length = input_ids.shape
+    dtype = jnp.dtype(cfg.compute_dtype)
+    attention_mask = jnp.ones((b, length), bool) if attention_mask is None else attention_mask.astype(bool)
+    labels = jnp.full((b, length), IGNORE_INDEX, jnp.int32) if labels is None else labels
+    text_embeds = qwen2.embed(params["text"], jnp.where(input_ids == IMAGE_TOKEN_INDEX, 0, input_ids), dtype)
+    if pixel_values is None:
+        visual = jnp.zeros((b, 1, text_embeds.shape[-1]), dtype)
+        has_video = jnp.zeros((b,), bool)
+    else:
+        visual = encode_videos(params, pixel_values, cfg)
+        has_video = jnp.ones((b,), bool) if has_video is None else has_video.astype(bool)
+    if out_len is None:
+        out_len = default_out_len(cfg, length, visual.shape[1] if pixel_values is not None else 0)
+    n_pos = max(cfg.num_action_positions, 1)
+    return splice_visual_tokens(text_embeds, input_ids, labels, attention_mask, visual, has_video, out_len, n_pos)
 
 
 def default_out_len(cfg: ModelConfig, text_len: int, visual_len: int) -> int:

@@ -63,7 +63,9 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotated * sin
 
 
-def decoder_layer(p: dict, x: jax.Array, cos, sin, mask, cfg: TextConfig, attn_impl: str) -> jax.Array:
+def decoder_layer(p: dict, x: jax.Array, cos, sin, mask, cfg: TextConfig, attn_impl: str, kv=None, write_pos=None):
+    """One pre-norm block. With `kv` = (k_cache, v_cache) of shape (B, S_max, K, D), this step's keys and values
+    are written at `write_pos` (B,) and attention runs over the whole cache; returns (x, new kv)."""
     b, t, _ = x.shape
     hd = cfg.head_dim
     h = rms_norm(p["input_norm"], x, cfg.rms_norm_eps)
@@ -72,13 +74,21 @@ def decoder_layer(p: dict, x: jax.Array, cos, sin, mask, cfg: TextConfig, attn_i
     v = linear(p["attn"]["v"], h).reshape(b, t, cfg.num_kv_heads, hd)
     q = constrain(apply_rope(q, cos, sin), ("batch", "length", "act_heads", None))
     k = apply_rope(k, cos, sin)
+    if kv is not None:
+        k, v = (write_rows(c.astype(x.dtype), new, write_pos) for c, new in zip(kv, (k, v)))
+        kv = (k.astype(kv[0].dtype), v.astype(kv[1].dtype))
     a = attention(q, k, v, mask, impl=attn_impl).reshape(b, t, cfg.num_heads * hd)
     x = x + linear(p["attn"]["o"], a)
     h = rms_norm(p["post_norm"], x, cfg.rms_norm_eps)
     m = p["mlp"]
     gated = jax.nn.silu(linear(m["gate"], h)) * linear(m["up"], h)
     x = x + linear(m["down"], constrain(gated, ("batch", "length", "act_mlp")))
-    return constrain(x, ("batch", "length", "act_embed"))
+    return constrain(x, ("batch", "length", "act_embed")), kv
+
+
+def write_rows(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+    """cache (B, S, ...) with new (B, T, ...) written at a per-row offset start (B,)."""
+    return jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice_in_dim(c, u, s, axis=0))(cache, new, start)
 
 
 def forward(params: dict, x: jax.Array, positions: jax.Array, valid: jax.Array, cfg: TextConfig, *,
@@ -94,7 +104,7 @@ def forward(params: dict, x: jax.Array, positions: jax.Array, valid: jax.Array, 
     take = (lambda h: jnp.take_along_axis(h, gather_idx[..., None], axis=1)) if gather_idx is not None else (lambda h: None)
 
     def body(h, p):
-        out = decoder_layer(p, h, cos, sin, mask, cfg, attn_impl)
+        out, _ = decoder_layer(p, h, cos, sin, mask, cfg, attn_impl)
         return out, take(h)  # the *input* of each layer: embeddings, then outputs of layers 0..L-2
 
     x = constrain(x, ("batch", "length", "act_embed"))
@@ -102,6 +112,31 @@ def forward(params: dict, x: jax.Array, positions: jax.Array, valid: jax.Array, 
     x = rms_norm(params["final_norm"], x, cfg.rms_norm_eps)
     gathered = None if gather_idx is None else jnp.concatenate([layer_inputs, take(x)[None]], axis=0)
     return x, gathered
+
+
+def init_cache(cfg: TextConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
+    """The KV cache pytree: keys and values per layer, (L, B, max_len, K, D). Cache index == token position."""
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def forward_cached(params: dict, x: jax.Array, write_pos: jax.Array, cache: dict, cfg: TextConfig, *,
+                   attn_impl: str = "xla"):
+    """Decoder over x (B, T, H) whose tokens sit at cache positions write_pos + 0..T-1 (right padding: position ==
+    index). Keys at indices <= a query's index are real tokens for every real query, so the mask is causal over
+    cache indices. Returns (final normed hidden states, updated cache)."""
+    t, s_max = x.shape[1], cache["k"].shape[2]
+    positions = write_pos[:, None] + jnp.arange(t)[None]
+    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+    mask = causal_mask(positions, jnp.broadcast_to(jnp.arange(s_max), (x.shape[0], s_max)))
+
+    def body(h, layer):
+        p, k, v = layer
+        out, (k, v) = decoder_layer(p, h, cos, sin, mask, cfg, attn_impl, kv=(k, v), write_pos=write_pos)
+        return out, (k, v)
+
+    x, (k, v) = jax.lax.scan(body, x, (params["layers"], cache["k"], cache["v"]))
+    return rms_norm(params["final_norm"], x, cfg.rms_norm_eps), {"k": k, "v": v}
 
 
 def lm_head(params: dict, h: jax.Array, vocab_limit: int | None = None) -> jax.Array:

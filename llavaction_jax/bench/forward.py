@@ -1,0 +1,92 @@
+"""Benchmark: jitted forward of a mini LLaVA-OneVision-layout model vs the transformers PyTorch model.
+
+Same weights, same inputs, same run: a SigLIP (4 layers, 256 wide) + mlp2x_gelu + Qwen2 (4 layers, 512 wide)
+model on 8 frames at 384 px in the one_token layout (1569 visual tokens + text). Reports JAX compile time,
+steady-state time of both, the ratio (target: JAX <= 0.7x PyTorch) and the max logit difference.
+
+    python -m llavaction_jax.bench.forward [--repeats 5] [--batch 1] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+
+def build(batch: int, frames: int, seed: int = 0):
+    import torch
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+
+    text = Qwen2Config(vocab_size=32768, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
+                       num_attention_heads=8, num_key_value_heads=2, rope_theta=1e6, tie_word_embeddings=False)
+    vision = SiglipVisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                                image_size=384, patch_size=14)
+    hf_cfg = LlavaOnevisionConfig(text_config=text, vision_config=vision, image_token_index=32000,
+                                  video_token_index=32001, vision_feature_layer=-1,
+                                  vision_feature_select_strategy="full", tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(hf_cfg).eval()
+    rng = np.random.default_rng(seed)
+    pixels = rng.uniform(-1, 1, size=(batch, frames, 3, 384, 384)).astype(np.float32)
+    before, after = rng.integers(0, 32000, size=(batch, 40)), rng.integers(0, 32000, size=(batch, 60))
+    return hf_cfg, model, pixels, before, after
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per framework (median reported)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--no-write", action="store_true", help="print only; do not append to BENCHMARKS.md")
+    args = parser.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from llavaction_jax.bench.common import median, record, time_calls
+    from llavaction_jax.config import ModelConfig
+    from llavaction_jax.convert.keys import torch_to_params
+    from llavaction_jax.model import llava
+
+    torch.set_num_threads(os.cpu_count())
+    hf_cfg, model, pixels, before, after = build(args.batch, args.frames)
+    cfg = ModelConfig.from_upstream(hf_cfg.to_dict())
+    params = jax.device_put(torch_to_params({k: v.numpy() for k, v in model.state_dict().items()}, cfg))
+    n_video = cfg.tokens_per_video(args.frames)
+    hf_ids = torch.tensor(np.concatenate([before, np.full((args.batch, n_video), 32001), after], axis=1))
+    ids = jnp.asarray(np.concatenate([before, np.full((args.batch, 1), -200), after], axis=1))
+    px_t, px_j = torch.tensor(pixels), jnp.asarray(pixels)
+
+    fwd = jax.jit(lambda p, i, x: llava.forward(p, cfg, i, x).logits)
+    t0 = time.perf_counter()
+    compiled = fwd.lower(params, ids, px_j).compile()
+    compile_s = time.perf_counter() - t0
+    jax_out = np.asarray(compiled(params, ids, px_j))  # warm-up
+    jax_times = time_calls(lambda: compiled(params, ids, px_j), args.repeats, jax.block_until_ready)
+
+    with torch.inference_mode():
+        torch_out = model(input_ids=hf_ids, pixel_values_videos=px_t).logits.numpy()  # warm-up
+        torch_times = time_calls(lambda: model(input_ids=hf_ids, pixel_values_videos=px_t), args.repeats)
+
+    jax_s, torch_s = median(jax_times), median(torch_times)
+    diff = float(np.abs(jax_out - torch_out).max())
+    seq = ids.shape[1] - 1 + n_video
+    cmd = "python -m llavaction_jax.bench.forward " + " ".join(argv if argv is not None else sys.argv[1:])
+    record("forward: mini LLaVA-OneVision, 8 frames x 384 px", cmd.strip(), [
+        f"- shapes: batch {args.batch}, {args.frames} frames, {seq} tokens ({n_video} visual); SigLIP 4x256, Qwen2 4x512, vocab 32768; fp32",
+        f"- JAX compile: {compile_s:.2f} s",
+        f"- steady state (median of {args.repeats}): JAX {jax_s * 1e3:.0f} ms, PyTorch {torch_s * 1e3:.0f} ms "
+        f"(torch {torch.__version__}, {torch.get_num_threads()} threads)",
+        f"- ratio JAX / PyTorch: **{jax_s / torch_s:.2f}x** (target <= 0.7x)",
+        f"- max |logit diff|: {diff:.2e}",
+    ], write=not args.no_write)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
