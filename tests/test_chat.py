@@ -15,7 +15,8 @@ from llavaction_jax.data import chat
 from llavaction_jax.data.tokenizer import bundled_qwen_tokenizer_dir, load_qwen_tokenizer
 
 SPEC_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 

@@ -122,7 +122,8 @@ def preprocess_qwen(
 
     if max_len is not None and len(input_ids) > max_len:
         if has_image and IMAGE_TOKEN_INDEX not in input_ids[:max_len]:
-            raise ValueError(f"{where}: truncating {len(input_ids)} tokens to max_len={max_len} drops the <image> placeholder")
+            raise ValueError(
+                f"{where}: truncating {len(input_ids)} tokens to max_len={max_len} drops the <image> placeholder")
         input_ids, label_ids = input_ids[:max_len], label_ids[:max_len]
     return TokenizedConversation(input_ids, label_ids)
 
@@ -156,7 +157,8 @@ def _check_placeholders(turns: list[tuple[str, str]], has_image: bool, where: st
     for (role, _), count in zip(turns, counts):
         if count and role != "user":
             # Upstream would leave the raw <image> id as a target here, teaching the model to emit it.
-            raise ValueError(f"{where}: the {IMAGE_PLACEHOLDER} placeholder is in a {role} message, expected a user message")
+            raise ValueError(
+                f"{where}: the {IMAGE_PLACEHOLDER} placeholder is in a {role} message, expected a user message")
 
 
 def _encode_message(text: str, tokenizer) -> list[int]:

@@ -46,4 +46,5 @@ def load_qwen_tokenizer(path: str | pathlib.Path | None = None):
 
 def _check_tokenizer_dir(directory: pathlib.Path) -> None:
     if not any((directory / name).is_file() for name in _TOKENIZER_FILES):
-        raise FileNotFoundError(f"{directory} is not a tokenizer directory: it has neither {' nor '.join(_TOKENIZER_FILES)}")
+        raise FileNotFoundError(
+            f"{directory} is not a tokenizer directory: it has neither {' nor '.join(_TOKENIZER_FILES)}")

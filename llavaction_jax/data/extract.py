@@ -1,0 +1,458 @@
+"""``python -m llavaction_jax extract-frames``: decode videos once into ArrayRecord frame shards.
+
+Upstream decodes MP4s inside every training step; we decode each clip's sampled frames once, here, and training /
+evaluation read only shards (frames.py). The work list is sorted by video and cut into shards of whole videos, so
+each video is opened by one worker; a shard is written under a temporary name and renamed when complete, then a
+``<shard>.done.json`` sidecar records its uids and failures. A rerun skips shards that have a sidecar, so an
+interrupted extraction resumes where it stopped. ``manifest.json`` and ``failures.jsonl`` are written at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import dataclasses
+import json
+import multiprocessing
+import os
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+from llavaction_jax.data import frames as fs
+from llavaction_jax.data import sampling
+from llavaction_jax.data.image import SIGLIP_SIZE, resize_frames
+
+EXIT_SOME_FAILED = 3
+PLAN_NAME = "plan.json"
+FAILURES_NAME = "failures.jsonl"
+DONE_SUFFIX = ".done.json"
+# Settings that do not change the shards' content, so a resumed run may change them.
+_RUN_ONLY_SETTINGS = ("workers", "overwrite")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipSpec:
+    uid: str
+    video_id: str  # "P01-P01_01" for EK100 (upstream's JSON convention), the JSONL "video" value otherwise
+    path: str  # the video file, or for the chunked layout the "{vid}.MP4" directory of chunk files
+    start_sec: float | None  # None: from the first frame (JSONL without start)
+    end_sec: float | None  # None: to the last frame
+    extra: dict = dataclasses.field(default_factory=dict)
+
+
+def _datetime_to_sec(text: str) -> float:
+    hours, minutes, seconds = text.split(":")  # upstream datetime2sec: "HH:MM:SS.ss"
+    return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+
+
+def read_ek100_csv(csv_path: str, video_root: str, layout: str) -> list[ClipSpec]:
+    """EK100 annotation rows -> clips; uid = narration_id. Whole layout ``{root}/{pid}/videos/{vid}.MP4``,
+    chunked layout ``{root}/{pid}/{vid}.MP4/`` (a directory of ``{chunk_start}.MP4`` files)."""
+    clips = []
+    with open(csv_path, newline="") as f:
+        for line, row in enumerate(csv.DictReader(f), start=2):
+            try:
+                pid, vid = row["participant_id"], row["video_id"]
+                path = (os.path.join(video_root, pid, "videos", f"{vid}.MP4") if layout == "whole"
+                        else os.path.join(video_root, pid, f"{vid}.MP4"))
+                extra = {k: row[k] for k in ("narration", "verb", "noun") if k in row}
+                extra.update({k: int(row[k]) for k in ("verb_class", "noun_class") if row.get(k)})
+                start, end = _datetime_to_sec(row["start_timestamp"]), _datetime_to_sec(row["stop_timestamp"])
+                clips.append(ClipSpec(row["narration_id"], f"{pid}-{vid}", path, start, end, extra))
+            except (KeyError, ValueError) as error:
+                problem = f"{type(error).__name__}: {error}"
+                raise ValueError(f"{csv_path}:{line}: not an EK100 annotation row ({problem})") from error
+    return clips
+
+
+def read_clip_jsonl(jsonl_path: str, video_root: str) -> list[ClipSpec]:
+    """Lines of {"video": path (relative to video_root), "start"?: s, "end"?: s, "uid"?: str}; other keys go to
+    ``extra``. Without ``uid`` the clip is named ``{video}`` or ``{video}_{start:.2f}_{end:.2f}``; repeated clips
+    (same uid, video and times, e.g. several questions about one video) are extracted once."""
+    clips: dict[str, tuple[int, ClipSpec]] = {}
+    with open(jsonl_path) as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                video = item["video"]
+                start, end = item.get("start"), item.get("end")
+                start, end = (None if start is None else float(start)), (None if end is None else float(end))
+            except (ValueError, KeyError, TypeError) as error:
+                raise ValueError(f"{jsonl_path}:{line_no}: expected a JSON object with 'video' ({error})") from error
+            whole = start is None and end is None
+            uid = str(item.get("uid") or (video if whole else f"{video}_{start or 0:.2f}_{end or 0:.2f}"))
+            extra = {k: v for k, v in item.items() if k not in ("video", "start", "end", "uid")}
+            clip = ClipSpec(uid, video, os.path.join(video_root, video), start, end, extra)
+            if uid in clips and dataclasses.replace(clips[uid][1], extra={}) != dataclasses.replace(clip, extra={}):
+                raise ValueError(
+                    f"{jsonl_path}:{line_no}: uid {uid!r} already used on line {clips[uid][0]} for another clip")
+            clips.setdefault(uid, (line_no, clip))
+    return [clip for _, clip in clips.values()]
+
+
+# ----------------------------------------------------------------------------------------------- video decoding
+class _DecordVideo:
+    def __init__(self, path: str):
+        import decord  # noqa: PLC0415 (optional dependency, imported where used)
+
+        self._reader = decord.VideoReader(path, num_threads=1)
+        self.num_frames, self.avg_fps = len(self._reader), float(self._reader.get_avg_fps())
+
+    def get(self, ids) -> np.ndarray:
+        return self._reader.get_batch(list(ids)).asnumpy()
+
+
+class _PyAVVideo:
+    def __init__(self, path: str):
+        import av  # noqa: PLC0415
+
+        self._path = path
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            self.avg_fps = float(stream.average_rate or stream.guessed_rate)
+            self.num_frames = stream.frames or sum(1 for _ in container.decode(video=0))
+
+    def get(self, ids) -> np.ndarray:
+        import av  # noqa: PLC0415
+
+        wanted, found = set(ids), {}
+        with av.open(self._path) as container:  # decode from the start: frame numbers stay exact, unlike seeking
+            for index, frame in enumerate(container.decode(video=0)):
+                if index in wanted:
+                    found[index] = frame.to_ndarray(format="rgb24")
+                if len(found) == len(wanted):
+                    break
+        missing = sorted(wanted - found.keys())
+        if missing:
+            raise IndexError(f"{self._path}: frames {missing} not found, the video decodes to fewer frames")
+        return np.stack([found[i] for i in ids])
+
+
+class VideoCache:
+    """Opened videos of one worker (a few, reused across the clips of a video), with the decoder policy:
+    ``decord``, ``pyav``, or ``auto`` = decord, falling back to PyAV when decord cannot open or read a file.
+    A file that failed to open fails again immediately instead of being retried for each of its clips."""
+
+    def __init__(self, decoder: str = "auto", capacity: int = 8):
+        self.decoder, self.capacity = decoder, capacity
+        self._open: collections.OrderedDict[str, object] = collections.OrderedDict()
+
+    def open(self, path: str):
+        if path not in self._open:
+            if len(self._open) >= self.capacity:
+                self._open.popitem(last=False)
+            self._open[path] = self._try_open(path)
+        self._open.move_to_end(path)
+        if isinstance(self._open[path], Exception):
+            raise self._open[path]
+        return self._open[path]
+
+    def _try_open(self, path: str):
+        if not os.path.isfile(path):
+            return FileNotFoundError(f"video file {path} does not exist")
+        errors = []
+        for name, cls in (("decord", _DecordVideo), ("pyav", _PyAVVideo)):
+            if self.decoder in (name, "auto"):
+                try:
+                    return cls(path)
+                except Exception as error:  # decoders raise their own types; the message goes to failures.jsonl
+                    errors.append(f"{name}: {type(error).__name__}: {error}")
+        return RuntimeError(f"cannot open video {path} ({'; '.join(errors)})")
+
+    def read(self, path: str, ids) -> np.ndarray:
+        video = self.open(path)
+        if max(ids) >= video.num_frames or min(ids) < 0:
+            raise IndexError(f"{path}: frame ids {min(ids)}..{max(ids)} outside its {video.num_frames} frames")
+        try:
+            return video.get(ids)
+        except Exception:
+            if self.decoder != "auto" or isinstance(video, _PyAVVideo):
+                raise
+            self._open[path] = _PyAVVideo(path)  # decord opened it but could not decode these frames
+            return self._open[path].get(ids)
+
+
+# ------------------------------------------------------------------------------------------------ one clip
+def extract_clip(clip: ClipSpec, settings: dict, videos: VideoCache) -> fs.ClipRecord:
+    """Sample, decode, resize and encode one clip according to ``settings`` (see ``settings_from_args``)."""
+    fps = settings["fps"]
+    if settings["layout"] == "chunked":
+        def chunk_path(chunk_start: int) -> str:
+            return os.path.join(clip.path, f"{chunk_start}.MP4")
+
+        def chunk_frame_count(chunk_start: int) -> int | None:
+            path = chunk_path(chunk_start)
+            return videos.open(path).num_frames if os.path.isfile(path) else None
+
+        fps = fps or videos.open(chunk_path(0)).avg_fps  # upstream ek100_cls reads chunk 0's rate
+        plan = sampling.chunked_clip(clip.start_sec, clip.end_sec, fps, settings["num_frames"], chunk_frame_count,
+                                     chunk_len=settings["chunk_len"])
+        frames = np.concatenate([videos.read(chunk_path(r.chunk_start), r.frame_ids) for r in plan.reads])
+        ids, duration, end = plan.frame_ids, clip.end_sec - clip.start_sec, clip.end_sec
+    else:
+        video = videos.open(clip.path)
+        fps = fps or video.avg_fps
+        start = clip.start_sec or 0.0
+        end = clip.end_sec if clip.end_sec is not None else video.num_frames / fps
+        if settings["sampling"] == "ek100":
+            ids = sampling.whole_video_frame_ids(start, end, fps, settings["num_frames"], video.num_frames)
+            duration = end - start  # upstream reports the requested (unclamped) duration
+        else:
+            first, stop = int(round(start * fps)), min(int(round(end * fps)), video.num_frames)
+            ids = sampling.llava_video_frame_ids(first, stop, fps, settings["frames_upbound"],
+                                                 settings["force_sample"], settings["video_fps"])
+            duration = (stop - first) / fps  # upstream video_time = frames / avg_fps
+        ids = [int(i) for i in ids]
+        frames = videos.read(clip.path, ids)
+    if settings["frame_size"]:
+        frames = resize_frames(frames, settings["frame_size"])
+    return fs.ClipRecord(
+        uid=clip.uid, video_id=clip.video_id, start_sec=float(clip.start_sec or 0.0),
+        end_sec=float(clip.end_sec if clip.end_sec is not None else end), fps=float(fps), frame_indices=tuple(ids),
+        frames=fs.encode_frames(frames, settings["codec"], settings["jpeg_quality"]), codec=settings["codec"],
+        duration_sec=float(duration), extra=clip.extra)
+
+
+# ------------------------------------------------------------------------------------------------ shards
+def plan_shards(clips: list[ClipSpec], clips_per_shard: int) -> list[list[ClipSpec]]:
+    """Sort by (video, start, uid) and cut into shards of whole videos holding about ``clips_per_shard`` clips."""
+    by_video: dict[str, list[ClipSpec]] = collections.defaultdict(list)
+    for clip in sorted(clips, key=lambda c: (c.path, c.start_sec or 0.0, c.uid)):
+        by_video[clip.path].append(clip)
+    shards, current = [], []
+    for video_clips in by_video.values():
+        current.extend(video_clips)
+        if len(current) >= clips_per_shard:
+            shards.append(current)
+            current = []
+    return shards + ([current] if current else [])
+
+
+def shard_name(index: int, count: int) -> str:
+    return f"shard-{index:05d}-of-{count:05d}{fs.SHARD_SUFFIX}"
+
+
+def extract_shard(task: tuple[str, str, list[ClipSpec], dict]) -> dict:
+    """Worker: write one shard and its ``.done.json`` sidecar; clips that fail are listed, not written."""
+    out_dir, name, clips, settings = task
+    videos, failures = VideoCache(settings["decoder"]), []
+    writer = fs.ShardWriter(os.path.join(out_dir, name))
+    try:
+        for clip in clips:
+            try:
+                writer.write(extract_clip(clip, settings, videos))
+            except Exception as error:  # one bad video must not stop the run: record it and go on
+                failures.append({"uid": clip.uid, "video": clip.path, "shard": name,
+                                 "error": f"{type(error).__name__}: {error}"})
+        entry = writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    done = {**entry, "failures": failures}
+    tmp = os.path.join(out_dir, f"{name}{DONE_SUFFIX}.tmp-{os.getpid()}")
+    pathlib.Path(tmp).write_text(json.dumps(done))
+    os.replace(tmp, os.path.join(out_dir, name + DONE_SUFFIX))
+    return done
+
+
+def _load_done(path: pathlib.Path) -> dict | None:
+    """The sidecar of a finished shard, or None if the shard still has to be (re)written."""
+    done_path = path.with_name(path.name + DONE_SUFFIX)
+    if not done_path.is_file():
+        return None
+    done = json.loads(done_path.read_text())
+    return done if path.is_file() and path.stat().st_size == done["num_bytes"] else None
+
+
+def _prepare_out_dir(out: pathlib.Path, plan: dict, overwrite: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    plan_path = out / PLAN_NAME
+    ours = [*out.glob(f"shard-*{fs.SHARD_SUFFIX}*"), out / fs.MANIFEST_NAME, out / FAILURES_NAME, plan_path]
+    if overwrite:
+        for path in ours:
+            path.unlink(missing_ok=True)
+    elif plan_path.is_file() and json.loads(plan_path.read_text()) != plan:
+        raise ValueError(f"{out} holds an extraction with other inputs or settings ({plan_path}); "
+                         "use a new --out directory, or --overwrite to replace it")
+    for stale in out.glob("shard-*.tmp-*"):  # left by an interrupted run
+        stale.unlink()
+    plan_path.write_text(json.dumps(plan))
+
+
+def _progress(done: int, total: int, clips: int, failed: int, started: float) -> None:
+    rate = clips / max(time.time() - started, 1e-9)
+    end = "\r" if sys.stderr.isatty() and done < total else "\n"
+    print(f"[extract-frames] shards {done}/{total}  clips {clips} written, {failed} failed  {rate:.1f} clips/s",
+          end=end, file=sys.stderr, flush=True)
+
+
+def run_extraction(clips: list[ClipSpec], out_dir: str, settings: dict) -> dict:
+    """Extract ``clips`` into ``out_dir`` (resuming if it holds the same plan); returns the manifest."""
+    uids = collections.Counter(c.uid for c in clips)
+    duplicated = [u for u, n in uids.items() if n > 1]
+    if duplicated:
+        raise ValueError(f"clip uids must be unique; repeated: {duplicated[:5]}")
+    shards = plan_shards(clips, settings["clips_per_shard"])
+    names = [shard_name(i, len(shards)) for i in range(len(shards))]
+    content_settings = {k: v for k, v in settings.items() if k not in _RUN_ONLY_SETTINGS}
+    out = pathlib.Path(out_dir)
+    _prepare_out_dir(out, {"settings": content_settings, "shards": [[c.uid for c in s] for s in shards]},
+                     settings.get("overwrite", False))
+
+    results: dict[str, dict] = {n: d for n in names if (d := _load_done(out / n)) is not None}
+    pending = [(str(out), n, s, settings) for n, s in zip(names, shards) if n not in results]
+    started, written, failed = time.time(), 0, 0
+    print(f"[extract-frames] {len(clips)} clips in {len(shards)} shards; {len(results)} shards already done, "
+          f"{len(pending)} to write with {settings['workers']} worker(s)", file=sys.stderr)
+    if settings["workers"] > 1 and len(pending) > 1:
+        # spawn, not fork: the parent may hold JAX / decoder threads, which fork would copy in a broken state.
+        context = multiprocessing.get_context("spawn")
+        pool = context.Pool(min(settings["workers"], len(pending)), maxtasksperchild=8)  # bounds decord's leaks
+        finished = pool.imap_unordered(extract_shard, pending)
+    else:
+        pool, finished = None, map(extract_shard, pending)
+    try:
+        for count, done in enumerate(finished, start=1):
+            results[done["file"]] = done
+            written, failed = written + done["num_records"], failed + len(done["failures"])
+            _progress(count, len(pending), written, failed, started)
+    finally:
+        if pool is not None:
+            pool.terminate()
+
+    entries = [results[n] for n in names]
+    failures = [f for e in entries for f in e["failures"]]
+    with open(out / FAILURES_NAME, "w") as f:
+        f.writelines(json.dumps(failure) + "\n" for failure in failures)
+    frames_per_clip = (settings["num_frames"] if settings["sampling"] == "ek100"
+                       else settings["frames_upbound"] if settings["force_sample"] and settings["frames_upbound"] > 0
+                       else None)
+    shard_entries = [{k: e[k] for k in ("file", "num_records", "num_bytes", "uids")} for e in entries]
+    fs.write_manifest(out, shard_entries, content_settings, frames_per_clip, num_failed_clips=len(failures))
+    return fs.read_manifest(out)
+
+
+# ------------------------------------------------------------------------------------------------ command line
+DESCRIPTION = """\
+Decode video clips once into ArrayRecord frame shards (one record per clip: uid, video id, start/end seconds,
+fps, sampled frame indices, JPEG or PNG frames) plus manifest.json, which training and evaluation read instead of
+the videos.
+
+Sources (one of):
+  --ek100-csv CSV [CSV ...]  EPIC-KITCHENS-100 annotation CSVs; clip uid = narration_id, video id "P01-P01_01".
+                             Videos under --video-root as {root}/{pid}/videos/{vid}.MP4 (--layout whole) or
+                             AVION 15-second chunks {root}/{pid}/{vid}.MP4/{chunk_start}.MP4 (--layout chunked,
+                             upstream LLaVAction's layout).
+  --jsonl FILE               one JSON object per line: {"video": path relative to --video-root, "start": s,
+                             "end": s, "uid": name}; start/end/uid optional (whole video; uid defaults to
+                             "{video}" or "{video}_{start:.2f}_{end:.2f}"). Other keys are kept in the record.
+
+Sampling (--sampling; default ek100 for CSVs, llava-video for JSONL):
+  ek100        upstream get_frame_ids: midpoints of --num-frames equal segments of
+               [round(start*fps), round(end*fps)], end clamped to the last frame. --fps is the rate frame
+               numbers refer to: 30 as upstream (its videos are re-encoded at 30 fps), or "video" to read it
+               from the file (needed for the original 50/60 fps EK100 videos).
+  llava-video  upstream LLaVA-Video: every round(avg_fps / --video-fps)-th frame, switching to
+               --frames-upbound frames spread with np.linspace when there are more (or with --force-sample).
+
+Frames are stored squashed to --frame-size x --frame-size with PIL bicubic (upstream's SigLIP preprocessing;
+0 keeps the source size). Decoding uses decord, falling back to PyAV (--decoder). Work runs in --workers
+processes over shards of whole videos. Rerunning the same command resumes: finished shards are skipped. A video
+that cannot be read is listed in failures.jsonl and the run continues.
+
+Exit status: 0 all clips written; 3 some clips failed (see failures.jsonl); 2 bad arguments or inputs.
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = DESCRIPTION
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ek100-csv", nargs="+", metavar="CSV", help="EK100 annotation CSV file(s)")
+    source.add_argument("--jsonl", metavar="FILE", help="JSONL list of clips {video, start?, end?, uid?}")
+    parser.add_argument("--video-root", required=True, help="directory the video paths are relative to")
+    parser.add_argument("--out", required=True, help="output directory for shards, manifest.json, failures.jsonl")
+    parser.add_argument("--layout", choices=("whole", "chunked"), default="whole",
+                        help="EK100 video layout: whole {pid}/videos/{vid}.MP4 or chunked {pid}/{vid}.MP4/{s}.MP4 "
+                             "(default: whole)")
+    parser.add_argument("--chunk-len", type=int, default=sampling.CHUNK_SECONDS,
+                        help="seconds per chunk file in the chunked layout (default: %(default)s)")
+    parser.add_argument("--sampling", choices=("ek100", "llava-video"),
+                        help="frame sampling rule (default: ek100 for --ek100-csv, llava-video for --jsonl)")
+    parser.add_argument("--num-frames", type=int, default=16,
+                        help="ek100 rule: frames per clip, upstream clip_length (16 eval, 64 final training; "
+                             "default: %(default)s)")
+    parser.add_argument("--fps", default="30",
+                        help='ek100 rule: frame rate the frame numbers refer to, a number or "video" '
+                             "(default: %(default)s)")
+    parser.add_argument("--frames-upbound", type=int, default=64,
+                        help="llava-video rule: most frames per clip, 0 = no cap (default: %(default)s)")
+    parser.add_argument("--force-sample", action="store_true",
+                        help="llava-video rule: always take exactly --frames-upbound frames")
+    parser.add_argument("--video-fps", type=float, default=1.0,
+                        help="llava-video rule: frames per second to sample (default: %(default)s)")
+    parser.add_argument("--frame-size", type=int, default=SIGLIP_SIZE,
+                        help="store frames squashed to this square size, 0 = source size (default: %(default)s)")
+    parser.add_argument("--codec", choices=fs.CODECS, default="jpeg",
+                        help="frame encoding: jpeg (lossy, small) or png (lossless) (default: %(default)s)")
+    parser.add_argument("--jpeg-quality", type=int, default=fs.DEFAULT_JPEG_QUALITY,
+                        help="JPEG quality 1-100 (default: %(default)s)")
+    parser.add_argument("--decoder", choices=("auto", "decord", "pyav"), default="auto",
+                        help="video decoder; auto = decord with PyAV fallback (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="parallel worker processes (default: %(default)s)")
+    parser.add_argument("--clips-per-shard", type=int, default=256,
+                        help="about this many clips per shard; a video never spans shards (default: %(default)s)")
+    parser.add_argument("--limit", type=int, help="extract only the first N clips (a trial run)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an extraction with other inputs or settings already in --out")
+
+
+def settings_from_args(args: argparse.Namespace) -> dict:
+    sampling_rule = args.sampling or ("ek100" if args.ek100_csv else "llava-video")
+    if args.layout == "chunked" and (args.jsonl or sampling_rule != "ek100"):
+        raise ValueError("--layout chunked applies to --ek100-csv with the ek100 sampling rule")
+    if args.fps == "video" or sampling_rule == "llava-video":
+        fps = None  # read from each video (llava-video always uses the video's own rate, as upstream)
+    else:
+        try:
+            fps = float(args.fps)
+        except ValueError:
+            raise ValueError(f'--fps must be a number or "video", got {args.fps!r}') from None
+    if args.num_frames < 1 or args.workers < 1 or args.clips_per_shard < 1 or not 1 <= args.jpeg_quality <= 100:
+        raise ValueError("--num-frames, --workers and --clips-per-shard must be >= 1, --jpeg-quality in 1..100")
+    return {
+        "source": {"ek100_csv": args.ek100_csv, "jsonl": args.jsonl, "video_root": args.video_root},
+        "layout": args.layout, "chunk_len": args.chunk_len, "sampling": sampling_rule, "num_frames": args.num_frames,
+        "fps": fps, "frames_upbound": args.frames_upbound, "force_sample": args.force_sample,
+        "video_fps": args.video_fps, "frame_size": args.frame_size, "codec": args.codec,
+        "jpeg_quality": args.jpeg_quality, "decoder": args.decoder, "clips_per_shard": args.clips_per_shard,
+        "limit": args.limit, "workers": args.workers, "overwrite": args.overwrite,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.time()
+    try:
+        settings = settings_from_args(args)
+        if args.ek100_csv:
+            clips = [c for path in args.ek100_csv for c in read_ek100_csv(path, args.video_root, args.layout)]
+        else:
+            clips = read_clip_jsonl(args.jsonl, args.video_root)
+        clips = clips[: args.limit] if args.limit else clips
+        manifest = run_extraction(clips, args.out, settings)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"extract-frames: error: {error}", file=sys.stderr)
+        return 2
+    failed = manifest["num_failed_clips"]
+    frames = (manifest["frames_per_clip"] or 0) * manifest["num_clips"]
+    print(f"extract-frames: {manifest['num_clips']} clips{f' ({frames} frames)' if frames else ''} in "
+          f"{len(manifest['shards'])} shards at {args.out}, {time.time() - started:.1f} s; "
+          + (f"{failed} clips FAILED, listed in {pathlib.Path(args.out) / FAILURES_NAME}" if failed else "no failures"))
+    return EXIT_SOME_FAILED if failed else 0
