@@ -1,7 +1,8 @@
-"""Scaled dot-product attention with grouped KV heads, fp32 softmax (as upstream), one interface for all kernels.
+"""Scaled dot-product attention with grouped KV heads and fp32 softmax (as upstream), one interface for all kernels.
 
-q: (B, T, N, D); k, v: (B, S, K, D) with N a multiple of K (GQA); mask: bool, broadcastable to (B, 1, T, S),
-True where a query may attend. Returns (B, T, N, D) in q's dtype.
+q: (B, T, N, D); k, v: (B, S, K, D) with N a multiple of K (GQA). The mask is described, not materialised, so
+blockwise kernels never build a (T, S) array: with `causal`, key j is visible to query i when
+k_pos[j] <= q_pos[i]; with `k_valid`, only real (non-padding) keys are visible. Returns (B, T, N, D) in q's dtype.
 """
 
 from __future__ import annotations
@@ -12,9 +13,25 @@ import jax.numpy as jnp
 IMPLEMENTATIONS = ("xla",)
 
 
-def attention(q, k, v, mask=None, *, impl: str = "xla"):
+def attention(q, k, v, *, q_pos=None, k_pos=None, k_valid=None, causal: bool = False, impl: str = "xla"):
     if impl != "xla":
         raise ValueError(f"attention implementation {impl!r} is not available; choose one of {IMPLEMENTATIONS}")
+    return xla_attention(q, k, v, dense_mask(q_pos, k_pos, k_valid, causal))
+
+
+def dense_mask(q_pos, k_pos, k_valid, causal: bool):
+    """(B, 1, T, S) bool or None: the mask the arguments describe."""
+    mask = None
+    if causal:
+        mask = k_pos[:, None, None, :] <= q_pos[:, None, :, None]
+    if k_valid is not None:
+        valid = k_valid[:, None, None, :]
+        mask = valid if mask is None else mask & valid
+    return mask
+
+
+def xla_attention(q, k, v, mask=None):
+    """The reference: materialised scores, fp32 softmax."""
     b, t, n, d = q.shape
     kv = k.shape[2]
     q = q.reshape(b, t, kv, n // kv, d)
@@ -24,11 +41,3 @@ def attention(q, k, v, mask=None, *, impl: str = "xla"):
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, n, d)
-
-
-def causal_mask(query_pos, key_pos, key_valid=None):
-    """(B, 1, T, S) bool: key position <= query position, and the key is a real (non-padding) token."""
-    mask = key_pos[:, None, None, :] <= query_pos[:, None, :, None]
-    if key_valid is not None:
-        mask = mask & key_valid[:, None, None, :]
-    return mask

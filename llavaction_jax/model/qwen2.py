@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from llavaction_jax.config import TextConfig
-from llavaction_jax.model.attention import attention, causal_mask
+from llavaction_jax.model.attention import attention
 from llavaction_jax.model.layers import linear, remat, rms_norm
 from llavaction_jax.model.params import ParamSpec, dense, ones, stacked
 from llavaction_jax.sharding import constrain
@@ -63,9 +63,11 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotated * sin
 
 
-def decoder_layer(p: dict, x: jax.Array, cos, sin, mask, cfg: TextConfig, attn_impl: str, kv=None, write_pos=None):
-    """One pre-norm block. With `kv` = (k_cache, v_cache) of shape (B, S_max, K, D), this step's keys and values
-    are written at `write_pos` (B,) and attention runs over the whole cache; returns (x, new kv)."""
+def decoder_layer(p: dict, x: jax.Array, cos, sin, mask: dict, cfg: TextConfig, attn_impl: str, kv=None, write_pos=None):
+    """One pre-norm block; `mask` holds attention's mask arguments (q_pos, k_pos, k_valid).
+
+    With `kv` = (k_cache, v_cache) of shape (B, S_max, K, D), this step's keys and values are written at
+    `write_pos` (B,) and attention runs over the whole cache. Returns (x, new kv)."""
     b, t, _ = x.shape
     hd = cfg.head_dim
     h = rms_norm(p["input_norm"], x, cfg.rms_norm_eps)
@@ -77,7 +79,7 @@ def decoder_layer(p: dict, x: jax.Array, cos, sin, mask, cfg: TextConfig, attn_i
     if kv is not None:
         k, v = (write_rows(c.astype(x.dtype), new, write_pos) for c, new in zip(kv, (k, v)))
         kv = (k.astype(kv[0].dtype), v.astype(kv[1].dtype))
-    a = attention(q, k, v, mask, impl=attn_impl).reshape(b, t, cfg.num_heads * hd)
+    a = attention(q, k, v, **mask, causal=True, impl=attn_impl).reshape(b, t, cfg.num_heads * hd)
     x = x + linear(p["attn"]["o"], a)
     h = rms_norm(p["post_norm"], x, cfg.rms_norm_eps)
     m = p["mlp"]
@@ -100,7 +102,7 @@ def forward(params: dict, x: jax.Array, positions: jax.Array, valid: jax.Array, 
     normed output) read at those positions only, which is all the vision-supervision heads need.
     """
     cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
-    mask = causal_mask(positions, positions, valid)
+    mask = dict(q_pos=positions, k_pos=positions, k_valid=valid)
     take = (lambda h: jnp.take_along_axis(h, gather_idx[..., None], axis=1)) if gather_idx is not None else (lambda h: None)
 
     def body(h, p):
@@ -128,7 +130,7 @@ def forward_cached(params: dict, x: jax.Array, write_pos: jax.Array, cache: dict
     t, s_max = x.shape[1], cache["k"].shape[2]
     positions = write_pos[:, None] + jnp.arange(t)[None]
     cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
-    mask = causal_mask(positions, jnp.broadcast_to(jnp.arange(s_max), (x.shape[0], s_max)))
+    mask = dict(q_pos=positions, k_pos=jnp.broadcast_to(jnp.arange(s_max), (x.shape[0], s_max)))
 
     def body(h, layer):
         p, k, v = layer

@@ -56,7 +56,7 @@ def encoder_layer(p: dict, x: jax.Array, cfg: VisionConfig, attn_impl: str) -> j
     heads = lambda y: y.reshape(n, t, cfg.num_heads, cfg.head_dim)
     h = layer_norm(p["ln1"], x, cfg.layer_norm_eps)
     q, k, v = (heads(linear(p["attn"][name], h)) for name in ("q", "k", "v"))
-    a = attention(q, k, v, None, impl=attn_impl).reshape(n, t, d)
+    a = attention(q, k, v, impl=attn_impl).reshape(n, t, d)
     x = x + linear(p["attn"]["o"], a)
     h = layer_norm(p["ln2"], x, cfg.layer_norm_eps)
     x = x + linear(p["mlp"]["fc2"], gelu_tanh(linear(p["mlp"]["fc1"], h)))
