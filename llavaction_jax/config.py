@@ -21,6 +21,7 @@ PROJECTOR_TYPES_HELP = "'linear' or 'mlp<N>x_gelu' (e.g. 'mlp2x_gelu')"
 VISION_SUPERVISION = (None, "one_token", "three_tokens", "newline")
 VISION_TOKEN_TRAINING = ("last_layer", "first_layer", "all_layers")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_IMPLS = ("xla", "flash", "cudnn", "splash", "auto")  # model/attention.py
 
 
 class ConfigError(ValueError):
@@ -115,6 +116,11 @@ class ModelConfig:
         return 3 if self.vision_supervision == "three_tokens" else 1
 
     @property
+    def appends_action_tokens(self) -> bool:
+        """Upstream appends `action_supervision` in the spatial branches only; "flat" never does (llava_arch.py)."""
+        return self.num_action_tokens > 0 and "spatial" in self.patch_merge_type
+
+    @property
     def num_action_positions(self) -> int:
         """Hidden states the heads read: 3 for three_tokens, 1 for one_token / newline, 0 without supervision."""
         if self.vision_supervision is None:
@@ -138,7 +144,7 @@ class ModelConfig:
         h = self.pooled_grid()
         per_frame = h * h
         if "spatial" not in self.patch_merge_type:
-            n = num_frames * self.vision.num_patches  # "flat": no pooling, no newline
+            n = num_frames * per_frame  # "flat": pooled, no newline
         elif self.newline_position == "grid":
             n = num_frames * h * (h + 1)
         elif self.newline_position == "frame":
@@ -147,7 +153,7 @@ class ModelConfig:
             n = num_frames * per_frame + (1 if self.has_image_newline else 0)
         else:  # no_token
             n = num_frames * per_frame
-        return n + self.num_action_tokens
+        return n + (self.num_action_tokens if self.appends_action_tokens else 0)
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
@@ -179,6 +185,8 @@ class ModelConfig:
             raise ConfigError(f"config key 'action_types' must name 3 class counts (verb,noun,action), got {self.action_types!r}")
         if self.remat_policy not in REMAT_POLICIES:
             raise bad("remat_policy", self.remat_policy, REMAT_POLICIES)
+        if self.attention not in ATTENTION_IMPLS:
+            raise bad("attention", self.attention, ATTENTION_IMPLS)
         if self.pool_stride != 2:
             raise bad("pool_stride", self.pool_stride, "2 (upstream hard-codes stride 2 for video, spec 6.1)")
         t = self.text
@@ -257,6 +265,10 @@ class ModelConfig:
             tokenizer_padding_side=self.tokenizer_padding_side,
         )
         out.setdefault("mm_vision_select_layer", -2)
+        if "rope_parameters" in out:  # transformers v5 keeps theta here too; keep both in step
+            out["rope_parameters"] = {**out["rope_parameters"], "rope_theta": t.rope_theta}
+        if "vision_tower" in out:
+            out["vision_tower"] = self.vision_tower
         if self.vision_supervision is not None:
             out.update(
                 vision_supervision=self.vision_supervision,
@@ -290,8 +302,8 @@ class ModelConfig:
 # Keys `to_upstream` writes from typed fields; everything else in an upstream config travels in `extra`.
 _UPSTREAM_KEYS_WE_WRITE = {
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "rms_norm_eps", "rope_theta", "rope_parameters", "tie_word_embeddings",
-    "max_position_embeddings", "mm_vision_tower", "vision_tower", "mm_hidden_size", "mm_projector_type",
+    "num_key_value_heads", "rms_norm_eps", "rope_theta", "tie_word_embeddings",
+    "max_position_embeddings", "mm_vision_tower", "mm_hidden_size", "mm_projector_type",
     "mm_spatial_pool_mode", "mm_patch_merge_type", "mm_newline_position", "vision_supervision", "action_types",
     "vision_token_training", "tokenizer_model_max_length", "tokenizer_padding_side",
 }  # fmt: skip
@@ -327,7 +339,7 @@ def vision_from_hf(cfg: dict, select_layer: int = -1) -> VisionConfig:
     SigLIP layer and reads the final hidden state, which is `mm_vision_select_layer=-2` of the 27-layer tower.
     """
     cfg = cfg.get("vision_config", cfg)
-    n = cfg.get("num_hidden_layers", 27)
+    n = cfg.get("num_hidden_layers", 12)  # transformers' SiglipVisionConfig default (diffed configs omit it)
     used = n + 1 + select_layer if select_layer < 0 else select_layer
     if not 1 <= used <= n:
         raise ConfigError(f"mm_vision_select_layer={select_layer} is out of range for a {n}-layer vision tower")

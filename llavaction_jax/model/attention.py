@@ -2,7 +2,25 @@
 
 q: (B, T, N, D); k, v: (B, S, K, D) with N a multiple of K (GQA). The mask is described, not materialised, so
 blockwise kernels never build a (T, S) array: with `causal`, key j is visible to query i when
-k_pos[j] <= q_pos[i]; with `k_valid`, only real (non-padding) keys are visible. Returns (B, T, N, D) in q's dtype.
+k_pos[j] <= q_pos[i] (positions default to indices); with `k_valid`, only real (non-padding) keys are visible.
+Returns (B, T, N, D) in q's dtype.
+
+Implementations (`ModelConfig.attention`, `impl=`):
+  xla     materialised (B, N, T, S) scores; the reference. Fine for short sequences.
+  flash   blockwise online-softmax attention in pure JAX with a FlashAttention-2 backward (flash_attention.py);
+          O(T + S) memory, runs on every backend. The choice for 64-frame (~13.5k token) contexts off-GPU/TPU.
+  cudnn   `jax.nn.dot_product_attention(implementation="cudnn")`, NVIDIA GPUs, bf16/fp16 only. The mask must be
+          expressible as is_causal + key_value_seq_lengths: right padding (k_valid a prefix), positions == indices
+          on real tokens, and for causal masks T == S (training) or T == 1 (a decode step).
+  splash  Pallas splash attention, TPU only; self-attention (T == S), causal by index, k_valid as segment ids.
+  auto    cudnn on GPU / splash on TPU (head dim a multiple of 128) where the call fits their contract, else
+          flash for long sequences (T * S >= AUTO_FLASH_MIN_SCORES), else xla. Decided per call from static
+          shapes, dtype and backend, so one config serves training, SigLIP, prefill and decode.
+Requesting cudnn or splash explicitly where they cannot run raises a ValueError saying why.
+
+Rows that see no key at all (only possible for padding queries) are implementation-defined (xla: the mean of all
+values, flash: zeros); all implementations agree on every row that sees at least one key. With cudnn and splash,
+padding-query rows may differ too (they use index-based masks): their outputs must not be used, as in qwen2.
 """
 
 from __future__ import annotations
@@ -10,13 +28,40 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("xla",)
+from llavaction_jax.config import ATTENTION_IMPLS
+from llavaction_jax.model.flash_attention import flash_attention
+
+IMPLEMENTATIONS = ATTENTION_IMPLS
+AUTO_FLASH_MIN_SCORES = 2048 * 2048  # below this the materialised scores are small and plain XLA is faster
+SPLASH_LANES = 128  # splash tiles are multiples of the TPU lane width
 
 
 def attention(q, k, v, *, q_pos=None, k_pos=None, k_valid=None, causal: bool = False, impl: str = "xla"):
-    if impl != "xla":
-        raise ValueError(f"attention implementation {impl!r} is not available; choose one of {IMPLEMENTATIONS}")
-    return xla_attention(q, k, v, dense_mask(q_pos, k_pos, k_valid, causal))
+    """Attention of q over k/v with the described mask, by implementation `impl` (module docstring)."""
+    if causal and (q_pos is None or k_pos is None):
+        b, t, s = q.shape[0], q.shape[1], k.shape[1]
+        q_pos, k_pos = jnp.broadcast_to(jnp.arange(t), (b, t)), jnp.broadcast_to(jnp.arange(s), (b, s))
+    if impl == "auto":
+        impl = auto_impl(q, k, causal)
+    if impl == "xla":
+        return xla_attention(q, k, v, dense_mask(q_pos, k_pos, k_valid, causal))
+    if impl == "flash":
+        return flash_attention(q, k, v, q_pos=q_pos, k_pos=k_pos, k_valid=k_valid, causal=causal)
+    if impl == "cudnn":
+        return cudnn_attention(q, k, v, q_pos=q_pos, k_valid=k_valid, causal=causal)
+    if impl == "splash":
+        return splash_attention(q, k, v, k_valid=k_valid, causal=causal)
+    raise ValueError(f"attention implementation {impl!r} is not available; choose one of {IMPLEMENTATIONS}")
+
+
+def auto_impl(q, k, causal: bool) -> str:
+    """The implementation `impl="auto"` picks for these shapes on the default backend."""
+    backend = jax.default_backend()
+    if backend in ("gpu", "cuda") and cudnn_unsupported(q, k, causal) is None:
+        return "cudnn"
+    if backend == "tpu" and splash_unsupported(q, k) is None and q.shape[-1] % SPLASH_LANES == 0:
+        return "splash"  # other head dims (SigLIP's 72) are not verified on hardware: flash/xla there
+    return "flash" if q.shape[1] * k.shape[1] >= AUTO_FLASH_MIN_SCORES else "xla"
 
 
 def dense_mask(q_pos, k_pos, k_valid, causal: bool):
@@ -41,3 +86,79 @@ def xla_attention(q, k, v, mask=None):
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, n, d)
+
+
+# ---------------------------------------------------------------------------------------------- cuDNN (GPU)
+def cudnn_unsupported(q, k, causal: bool, hardware: bool = True) -> str | None:
+    """Why cuDNN attention cannot run this call, or None. `hardware=False` checks only the mask layout."""
+    t, s = q.shape[1], k.shape[1]
+    if hardware and jax.default_backend() not in ("gpu", "cuda"):
+        return f"it needs an NVIDIA GPU, but the default JAX backend is {jax.default_backend()!r}"
+    if hardware and q.dtype not in (jnp.bfloat16, jnp.float16):
+        return f"cuDNN flash attention needs bfloat16/float16 inputs, got {q.dtype} (set compute_dtype)"
+    if hardware and (q.shape[-1] % 8 or q.shape[-1] > 128):
+        return f"cuDNN flash attention needs a head dim that is a multiple of 8 and <= 128, got {q.shape[-1]}"
+    if causal and t not in (s, 1):
+        return (f"a causal mask of {t} queries against {s} keys (e.g. a prefill into a longer KV cache) is not "
+                "expressible as is_causal + key_value_seq_lengths")
+    return None
+
+
+def cudnn_attention(q, k, v, *, q_pos=None, k_valid=None, causal: bool = False, implementation: str = "cudnn"):
+    """`jax.nn.dot_product_attention` with the mask as is_causal + key_value_seq_lengths.
+
+    That form only says "key index <= query index" and "the first L keys are real", which equals our mask under
+    the right-padded layout: k_valid a prefix of each row, positions == indices on real tokens. T == S uses
+    is_causal; a decode step (T == 1 at q_pos p) sees keys 0..p, i.e. p + 1 keys. `implementation="xla"` runs the
+    same translation on any backend (for tests)."""
+    problem = cudnn_unsupported(q, k, causal, hardware=implementation == "cudnn")
+    if problem:
+        raise ValueError(f"attention impl 'cudnn' cannot run here: {problem}. Use 'flash' or 'auto'.")
+    lengths = None if k_valid is None else k_valid.sum(-1).astype(jnp.int32)
+    if causal and q.shape[1] == 1:
+        seen = q_pos[:, 0].astype(jnp.int32) + 1
+        lengths, causal = (seen if lengths is None else jnp.minimum(lengths, seen)), False
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, key_value_seq_lengths=lengths,
+                                        implementation=implementation)
+
+
+# ---------------------------------------------------------------------------------------------- splash (TPU)
+def splash_unsupported(q, k, hardware: bool = True) -> str | None:
+    """Why splash attention cannot run this call, or None. `hardware=False` checks only the layout."""
+    if hardware and jax.default_backend() != "tpu":
+        return f"it needs a TPU, but the default JAX backend is {jax.default_backend()!r}"
+    if q.shape[1] != k.shape[1]:
+        return f"it supports self-attention only (T == S), got {q.shape[1]} queries against {k.shape[1]} keys"
+    return None
+
+
+def splash_attention(q, k, v, *, k_valid=None, causal: bool = False, interpret: bool = False):
+    """Pallas splash attention over (B, T, N, D) inputs, vmapped over the batch.
+
+    Causal is by index (positions == indices on real tokens). k_valid becomes segment ids shared by queries and
+    keys (self-attention): real tokens are segment 1, padding segment 0, so real queries never see padding and
+    no row is empty (splash requires that). The sequence is padded to a lane multiple as more padding.
+    `interpret=True` runs the kernel in the Pallas interpreter on any backend (for tests)."""
+    problem = splash_unsupported(q, k, hardware=not interpret)
+    if problem:
+        raise ValueError(f"attention impl 'splash' cannot run here: {problem}. Use 'flash' or 'auto'.")
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    b, t, n, d = q.shape
+    padded = -(-t // SPLASH_LANES) * SPLASH_LANES
+    block = next(size for size in (512, 256, 128) if padded % size == 0)
+    valid = jnp.ones((b, t), bool) if k_valid is None else k_valid
+    segments = jnp.pad(valid.astype(jnp.int32), ((0, 0), (0, padded - t)))
+    head_mask = sm.CausalMask((padded, padded)) if causal else sm.FullMask((padded, padded))
+    sizes = dict.fromkeys(("block_q", "block_kv", "block_kv_compute", "block_q_dkv", "block_kv_dkv",
+                           "block_kv_dkv_compute", "block_q_dq", "block_kv_dq"), block)
+    kernel = sk.make_splash_mha(sm.MultiHeadMask([head_mask] * n), block_sizes=sk.BlockSizes(**sizes),
+                                head_shards=1, q_seq_shards=1, interpret=interpret)
+
+    def heads_first(x):  # (B, T, H, D) -> (B, H, T_padded, D), the kernel's per-example layout
+        return jnp.pad(x, ((0, 0), (0, padded - t), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+
+    scaled_q = q * jnp.asarray(d**-0.5, q.dtype)  # the kernel does not scale
+    out = jax.vmap(kernel)(heads_first(scaled_q), heads_first(k), heads_first(v), sk.SegmentIds(segments, segments))
+    return out.transpose(0, 2, 1, 3)[:, :t].astype(q.dtype)

@@ -18,6 +18,7 @@ from llavaction_jax.config import ModelConfig
 from llavaction_jax.model import losses, projector, qwen2, siglip
 from llavaction_jax.model.params import ParamSpec, dense, init_params, normal
 from llavaction_jax.model.video import video_tokens
+from llavaction_jax.sharding import constrain
 
 IMAGE_TOKEN_INDEX = -200
 IGNORE_INDEX = losses.IGNORE_INDEX
@@ -172,6 +173,8 @@ def embed_inputs(params: dict, cfg: ModelConfig, input_ids, pixel_values, attent
         has_video = jnp.ones((b,), bool) if has_video is None else has_video.astype(bool)
     if out_len is None:
         out_len = default_out_len(cfg, length, visual.shape[1] if pixel_values is not None else 0)
+    text_embeds = constrain(text_embeds, ("batch", "length", "act_embed"))
+    visual = constrain(visual, ("batch", "length", "act_embed"))
     n_pos = max(cfg.num_action_positions, 1)
     return splice_visual_tokens(text_embeds, input_ids, labels, attention_mask, visual, has_video, out_len, n_pos)
 

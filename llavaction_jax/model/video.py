@@ -69,12 +69,11 @@ def add_newlines(x: jax.Array, newline: jax.Array | None, position: str) -> jax.
 def video_tokens(features: jax.Array, params: dict, cfg: ModelConfig) -> jax.Array:
     """Projected patch features (T, g*g, H) of one video -> its visual tokens (cfg.tokens_per_video(T), H)."""
     t, n, d = features.shape
-    if "spatial" not in cfg.patch_merge_type:  # "flat": no pooling, no newline (llava_arch.py:305-306)
-        tokens = features.reshape(t * n, d)
-    else:
-        g = cfg.vision.grid_size
-        pooled = pool_frames(features.reshape(t, g, g, d), cfg.pool_mode, cfg.pool_stride)
-        tokens = add_newlines(pooled, params.get("image_newline"), cfg.newline_position)
-    if cfg.num_action_tokens:
+    g = cfg.vision.grid_size
+    pooled = pool_frames(features.reshape(t, g, g, d), cfg.pool_mode, cfg.pool_stride)  # every video is pooled
+    if "spatial" not in cfg.patch_merge_type:  # "flat": no newline, no action token (llava_arch.py:305-306)
+        return pooled.reshape(-1, d)
+    tokens = add_newlines(pooled, params.get("image_newline"), cfg.newline_position)
+    if cfg.appends_action_tokens:
         tokens = jnp.concatenate([tokens, params["action_tokens"].astype(tokens.dtype)], axis=0)
     return tokens

@@ -1,0 +1,114 @@
+"""The jitted, sharded training step: loss, gradient accumulation over micro-batches, AdamW update.
+
+Loss = LM cross-entropy + 0.1 x the vision-supervision loss (model/losses.py). With N micro-batches the gradient
+is the mean of the micro-batch gradients, like HF Trainer's accumulation (each micro-batch's loss is its own
+token mean, divided by N). Accumulation is a `lax.scan`, so memory holds one micro-batch of activations.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from llavaction_jax.config import ModelConfig
+from llavaction_jax.model import llava
+from llavaction_jax.model.params import abstract_params, logical_axes
+from llavaction_jax.sharding import activation_mesh, logical_to_pspec, param_shardings
+from llavaction_jax.train.optim import freeze
+
+BATCH_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "actions", "has_video")
+
+
+def init_state(params: dict, tx: optax.GradientTransformation) -> dict:
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+
+def loss_fn(params: dict, cfg: ModelConfig, batch: dict):
+    out = llava.forward(params, cfg, batch["input_ids"], batch.get("pixel_values"), batch.get("attention_mask"),
+                        batch["labels"], batch.get("actions"), batch.get("has_video"))
+    zero = jnp.zeros((), jnp.float32)
+    metrics = {
+        "loss": out.loss, "lm_loss": out.lm_loss,
+        "aux_loss": zero if out.aux_loss is None else out.aux_loss,
+        "tokens": jnp.sum(out.labels[:, 1:] != llava.IGNORE_INDEX).astype(jnp.float32),
+    }
+    return out.loss, metrics
+
+
+def split_micro(batch: dict, n_micro: int) -> dict:
+    """(B, ...) -> (n_micro, B / n_micro, ...). Micro-batch m is rows [m*b, (m+1)*b)."""
+    def split(x):
+        if x.shape[0] % n_micro:
+            raise ValueError(f"batch of {x.shape[0]} rows does not split into {n_micro} micro-batches")
+        return x.reshape(n_micro, x.shape[0] // n_micro, *x.shape[1:])
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, labels: dict, n_micro: int = 1,
+                    schedules: dict[str, Callable] | None = None, mesh: Mesh | None = None):
+    """A pure `step(state, batch) -> (state, metrics)` (jit it, or use `jit_train_step`)."""
+
+    def step(state, batch):
+        with activation_mesh(mesh):
+            grad_fn = jax.value_and_grad(lambda p, b: loss_fn(freeze(p, labels), cfg, b), has_aux=True)
+            micro = split_micro(batch, n_micro)
+
+            def accumulate(grads, mb):
+                (_, m), g = grad_fn(state["params"], mb)
+                return jax.tree.map(jnp.add, grads, g), m
+
+            zeros = jax.tree.map(jnp.zeros_like, state["params"])
+            grads, per_micro = jax.lax.scan(accumulate, zeros, micro)
+            grads = jax.tree.map(lambda g: g / n_micro, grads)
+            updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+            params = optax.apply_updates(state["params"], updates)
+        metrics = {k: v.mean() for k, v in per_micro.items() if k != "tokens"}
+        metrics["tokens"] = per_micro["tokens"].sum()
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        for group, schedule in (schedules or {}).items():
+            metrics[f"lr_{group}"] = schedule(state["step"])
+        new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+        return new_state, metrics
+
+    return step
+
+
+def state_shardings(state: dict, cfg: ModelConfig, mesh: Mesh) -> dict:
+    """Params by their logical axes; optimizer moments like the param they belong to; everything else replicated."""
+    specs = llava.param_specs(cfg)
+    p_shard = param_shardings(logical_axes(specs), abstract_params(specs), mesh)
+    replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def for_leaf(path, _):
+        # optax moments (mu, nu) mirror the params tree: the trailing dict keys of a leaf's path are a param path.
+        tail = []
+        for k in reversed(path):
+            if not isinstance(k, jax.tree_util.DictKey):
+                break
+            tail.append(k.key)
+        node = p_shard
+        for k in reversed(tail):
+            node = node.get(k) if isinstance(node, dict) else None
+        return node if isinstance(node, NamedSharding) else replicated
+
+    return {"step": replicated, "params": p_shard,
+            "opt_state": jax.tree_util.tree_map_with_path(for_leaf, state["opt_state"])}
+
+
+def batch_shardings(batch: dict, mesh: Mesh) -> dict:
+    return {k: NamedSharding(mesh, logical_to_pspec(("batch",) + (None,) * (v.ndim - 1), v.shape, mesh))
+            for k, v in batch.items()}
+
+
+def jit_train_step(step_fn, state: dict, batch_example: dict, cfg: ModelConfig, mesh: Mesh | None):
+    """jax.jit with explicit in/out shardings over the mesh and the state donated."""
+    if mesh is None:
+        return jax.jit(step_fn, donate_argnums=0)
+    s_shard = state_shardings(state, cfg, mesh)
+    b_shard = batch_shardings(batch_example, mesh)
+    return jax.jit(step_fn, in_shardings=(s_shard, b_shard), out_shardings=(s_shard, None), donate_argnums=0)
+

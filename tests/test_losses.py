@@ -1,0 +1,230 @@
+"""LM loss and the vision-supervision auxiliary loss vs torch references written from upstream-spec.md 1.8
+(`llava_qwen.py:156-277`):
+
+* LM loss: `CrossEntropyLoss()` on logits[:, :-1] vs labels[:, 1:], -100 ignored, mean over the whole batch.
+* aux loss: heads on the hidden state(s) at the action token(s) of every entry of `all_states` (embeddings, outputs of
+  layers 0..L-2, final normed output); triples filtered by `vision_token_training` (last_layer -> [-1:],
+  first_layer -> [:1], all_layers -> all); per triple 0.5 CE(verb) + 0.5 CE(noun) + 0.1 CE(action), each a mean over
+  rows with actions[:, 0] >= 0; summed, divided by len(triples) + 1; total loss = LM + 0.1 * that.
+  one_token / newline: all heads read action position 0; three_tokens: verb 0, noun 1, action 2.
+
+The hidden states at the action positions are computed independently of `llava.forward`'s splice: the sequence is
+spliced by a Python reference here and run through `qwen2.forward(..., gather_idx=...)` directly.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llavaction_jax.config import ModelConfig, TextConfig, VisionConfig
+from llavaction_jax.model import llava, losses, qwen2
+from llavaction_jax.model.params import is_spec
+
+IMG, IGNORE = -200, -100
+N_VERB, N_NOUN, N_ACTION = 5, 7, 11
+
+
+# ---------------------------------------------------------------------------------------------- torch references
+def torch_lm_loss(logits: np.ndarray, labels: np.ndarray) -> float:
+    lg = torch.from_numpy(np.array(logits, np.float32))
+    lb = torch.from_numpy(np.array(labels, np.int64))
+    shift_logits = lg[..., :-1, :].contiguous().view(-1, lg.shape[-1])
+    shift_labels = lb[..., 1:].contiguous().view(-1)
+    return float(torch.nn.CrossEntropyLoss()(shift_logits, shift_labels))
+
+
+def torch_aux_loss(all_states: np.ndarray, heads: dict, actions: np.ndarray, supervision: str, training: str) -> float:
+    """all_states: (L + 1, B, P, H) hidden states at the action positions. Upstream's loop, literally."""
+    wv, wn, wa = (torch.from_numpy(np.array(heads[k]["kernel"])).T for k in ("verb", "noun", "action"))  # [out, in]
+    act = torch.from_numpy(np.array(actions, np.int64))
+    pos = (0, 1, 2) if supervision == "three_tokens" else (0, 0, 0)
+    triples = []
+    for layer in torch.from_numpy(np.array(all_states, np.float32)):
+        triples.append((layer[:, pos[0]] @ wv.T, layer[:, pos[1]] @ wn.T, layer[:, pos[2]] @ wa.T))
+    if training == "last_layer":
+        triples = triples[-1:]
+    elif training == "first_layer":
+        triples = triples[:1]
+    loss_fct = torch.nn.CrossEntropyLoss()
+    total = 0.0
+    for v, n, a in triples:
+        valid = act[:, 0] >= 0
+        if valid.any():
+            total += (0.5 * loss_fct(v[valid], act[valid, 0]) + 0.5 * loss_fct(n[valid], act[valid, 1])
+                      + 0.1 * loss_fct(a[valid], act[valid, 2]))
+        else:
+            total += 0.0 * (v.sum() + n.sum() + a.sum())
+    return float(total / (len(triples) + 1))
+
+
+# ---------------------------------------------------------------------------------------------- unit level
+@pytest.mark.parametrize("training", ["last_layer", "first_layer", "all_layers"])
+@pytest.mark.parametrize("supervision", ["one_token", "three_tokens", "newline"])
+def test_vision_supervision_loss_vs_torch(supervision, training):
+    rng = np.random.default_rng(len(supervision) * 10 + len(training))
+    n_layers, b, d = 4, 5, 6
+    p = 3 if supervision == "three_tokens" else 1
+    states = rng.standard_normal((n_layers + 1, b, p, d)).astype(np.float32)
+    heads = {k: {"kernel": rng.standard_normal((d, n)).astype(np.float32)}
+             for k, n in (("verb", N_VERB), ("noun", N_NOUN), ("action", N_ACTION))}
+    actions = np.stack([rng.integers(0, N_VERB, b), rng.integers(0, N_NOUN, b), rng.integers(0, N_ACTION, b)], 1)
+    actions[[1, 3]] = -1  # samples without labels
+    ref = torch_aux_loss(states, heads, actions, supervision, training)
+    got = losses.vision_supervision_loss(jax.tree.map(jnp.asarray, heads), jnp.asarray(states), jnp.asarray(actions),
+                                         vision_token_training=training, three_tokens=supervision == "three_tokens")
+    np.testing.assert_allclose(float(got), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_aux_loss_ignores_unlabelled_rows_and_is_zero_without_labels():
+    rng = np.random.default_rng(0)
+    states = rng.standard_normal((3, 4, 1, 6)).astype(np.float32)
+    heads = {k: {"kernel": jnp.asarray(rng.standard_normal((6, n)).astype(np.float32))}
+             for k, n in (("verb", N_VERB), ("noun", N_NOUN), ("action", N_ACTION))}
+    actions = np.array([[1, 2, 3], [-1, -1, -1], [4, 6, 10], [-1, -1, -1]])
+    kw = dict(vision_token_training="all_layers", three_tokens=False)
+    base = float(losses.vision_supervision_loss(heads, jnp.asarray(states), jnp.asarray(actions), **kw))
+    assert np.isfinite(base) and base > 0
+    garbage = states.copy()
+    garbage[:, [1, 3]] = 1e3  # unlabelled rows may hold anything
+    np.testing.assert_allclose(float(losses.vision_supervision_loss(heads, jnp.asarray(garbage), jnp.asarray(actions), **kw)),
+                               base, rtol=1e-6)
+    none = np.full_like(actions, -1)
+    assert float(losses.vision_supervision_loss(heads, jnp.asarray(states), jnp.asarray(none), **kw)) == 0.0
+
+
+def test_lm_loss_vs_torch():
+    rng = np.random.default_rng(1)
+    logits = rng.standard_normal((3, 9, 13)).astype(np.float32) * 3
+    labels = rng.integers(0, 13, (3, 9))
+    labels[rng.random((3, 9)) < 0.4] = IGNORE
+    labels[:, 1] = 5  # make sure there are targets
+    np.testing.assert_allclose(float(losses.lm_loss(jnp.asarray(logits), jnp.asarray(labels))),
+                               torch_lm_loss(logits, labels), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- through forward
+def tiny_cfg(**kw):
+    base = dict(
+        vision=VisionConfig(hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2, image_size=14, patch_size=2),
+        text=TextConfig(vocab_size=40, hidden_size=8, intermediate_size=16, num_layers=2, num_heads=2, num_kv_heads=1,
+                        rope_theta=10000.0),
+        action_types=(N_VERB, N_NOUN, N_ACTION),
+        tokenizer_model_max_length=None,
+    )
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def random_params(cfg, seed=0, std=0.3):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape) * std, jnp.float32),
+                        llava.param_specs(cfg), is_leaf=is_spec)
+
+
+FORWARD = jax.jit(llava.forward, static_argnums=1)
+ENCODE = jax.jit(llava.encode_videos, static_argnums=2)
+GATHER = jax.jit(qwen2.forward, static_argnums=4)
+
+
+def ref_splice(embeds, ids, labels, mask, visual, out_len, n_pos):
+    """Upstream 1.6 per sample (drop padding, replace the -200, labels -100 on visual rows, right-pad)."""
+    b, d = ids.shape[0], embeds.shape[-1]
+    e = np.zeros((b, out_len, d), np.float32)
+    lab = np.full((b, out_len), IGNORE, np.int64)
+    m = np.zeros((b, out_len), bool)
+    pos = np.zeros((b, out_len), np.int32)
+    act = np.zeros((b, n_pos), np.int32)
+    for i in range(b):
+        keep = mask[i]
+        t_ids, t_lab, t_emb = ids[i][keep], labels[i][keep], embeds[i][keep]
+        p = int(np.flatnonzero(t_ids == IMG)[0])
+        rows = np.concatenate([t_emb[:p], visual[i], t_emb[p + 1 :]])
+        rl = np.concatenate([t_lab[:p], np.full(visual.shape[1], IGNORE), t_lab[p + 1 :]])
+        n = len(rows)
+        e[i, :n], lab[i, :n], m[i, :n], pos[i, :n] = rows, rl, True, np.arange(n)
+        act[i] = [p + visual.shape[1] - n_pos + k for k in range(n_pos)]  # L0 + L1 - 1 (or the last three)
+    return e, lab, m, pos, act
+
+
+@pytest.mark.parametrize(
+    "supervision,training,actions",
+    [
+        ("one_token", "last_layer", [[1, 2, 3], [4, 6, 10]]),  # LLaVAction's setting
+        ("one_token", "last_layer", [[1, 2, 3], [-1, -1, -1]]),  # (same config: no recompile)
+        ("one_token", "last_layer", [[-1, -1, -1], [-1, -1, -1]]),
+        ("one_token", "all_layers", [[-1, -1, -1], [0, 5, 7]]),
+        ("three_tokens", "all_layers", [[2, 0, 9], [3, 1, 4]]),
+        ("three_tokens", "all_layers", [[2, 0, 9], [-1, -1, -1]]),
+        ("newline", "first_layer", [[1, 1, 1], [2, 2, 2]]),
+    ],
+)  # fmt: skip
+def test_forward_losses_vs_torch(supervision, training, actions):
+    cfg = tiny_cfg(vision_supervision=supervision, vision_token_training=training)
+    params = random_params(cfg)
+    rng = np.random.default_rng(5)
+    length = 9
+    ids = rng.integers(1, cfg.text.vocab_size, (2, length))
+    mask = np.ones((2, length), bool)
+    mask[1, -3:] = False  # right padding
+    mask[0, :1] = False  # and a left-padded sample
+    ids[0, 3], ids[1, 2] = IMG, IMG
+    labels = np.where(rng.random((2, length)) < 0.3, IGNORE, rng.integers(0, cfg.text.vocab_size, (2, length)))
+    labels[ids == IMG] = IGNORE
+    actions = np.asarray(actions)
+    pix = jnp.asarray(rng.uniform(-1, 1, (2, 2, 3, 14, 14)).astype(np.float32))
+
+    out = FORWARD(params, cfg, jnp.asarray(ids), pix, jnp.asarray(mask), jnp.asarray(labels), jnp.asarray(actions))
+
+    # Independent route to the hidden states at the action token(s).
+    n_pos = 3 if supervision == "three_tokens" else 1
+    visual = np.asarray(ENCODE(params, pix, cfg))
+    embeds = np.asarray(params["text"]["embed"])[np.where(ids == IMG, 0, ids)]
+    out_len = out.logits.shape[1]
+    assert out_len == length - 1 + cfg.tokens_per_video(2)
+    e, lab, m, pos, act = ref_splice(embeds, ids, labels, mask, visual, out_len, n_pos)
+    np.testing.assert_array_equal(np.asarray(out.labels), lab)
+    gathered = np.asarray(GATHER(params["text"], jnp.asarray(e), jnp.asarray(pos), jnp.asarray(m), cfg.text,
+                                 gather_idx=jnp.asarray(act))[1])
+    assert gathered.shape == (cfg.text.num_layers + 1, 2, n_pos, cfg.text.hidden_size)
+    if supervision == "one_token":  # the first entry is the embedding layer: the learned action token itself
+        np.testing.assert_allclose(gathered[0, :, 0], np.broadcast_to(np.asarray(params["action_tokens"])[0], (2, 8)),
+                                   rtol=0, atol=0)
+
+    ref_aux = torch_aux_loss(gathered, params["heads"], actions, supervision, training)
+    ref_lm = torch_lm_loss(np.asarray(out.logits), lab)
+    got_aux = losses.vision_supervision_loss(params["heads"], jnp.asarray(gathered), jnp.asarray(actions),
+                                             vision_token_training=training,
+                                             three_tokens=supervision == "three_tokens")
+    np.testing.assert_allclose(float(got_aux), ref_aux, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(out.aux_loss), ref_aux, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(float(out.lm_loss), ref_lm, rtol=1e-5)
+    np.testing.assert_allclose(float(out.loss - out.lm_loss), 0.1 * ref_aux, rtol=1e-4, atol=2e-6)
+    np.testing.assert_allclose(float(out.loss), ref_lm + 0.1 * ref_aux, rtol=1e-5)
+    if (actions[:, 0] < 0).all():
+        assert float(out.aux_loss) == 0.0
+
+    # Head logits at the final normed state (what the model reports for inspection).
+    pos3 = (0, 1, 2) if supervision == "three_tokens" else (0, 0, 0)
+    for k, (name, i) in enumerate(zip(("verb", "noun", "action"), pos3)):
+        ref = torch.from_numpy(np.array(gathered[-1][:, i])) @ torch.from_numpy(np.array(params["heads"][name]["kernel"]))
+        np.testing.assert_allclose(np.asarray(out.head_logits[k]), ref.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_last_layer_weight_is_0_05():
+    """For LLaVAction's last_layer setting the spec's closed form: loss = LM + 0.05 * (0.5 CE_v + 0.5 CE_n + 0.1 CE_a)."""
+    rng = np.random.default_rng(3)
+    states = rng.standard_normal((3, 2, 1, 4)).astype(np.float32)
+    heads = {k: {"kernel": rng.standard_normal((4, n)).astype(np.float32)}
+             for k, n in (("verb", N_VERB), ("noun", N_NOUN), ("action", N_ACTION))}
+    actions = np.array([[1, 2, 3], [0, 6, 10]])
+    h = torch.from_numpy(states[-1, :, 0])
+    a = torch.from_numpy(actions)
+    ce = lambda name, col: F.cross_entropy(h @ torch.from_numpy(heads[name]["kernel"]), a[:, col])
+    closed = 0.05 * float(0.5 * ce("verb", 0) + 0.5 * ce("noun", 1) + 0.1 * ce("action", 2))
+    got = losses.AUX_LOSS_WEIGHT * losses.vision_supervision_loss(
+        jax.tree.map(jnp.asarray, heads), jnp.asarray(states), jnp.asarray(actions),
+        vision_token_training="last_layer", three_tokens=False)
+    np.testing.assert_allclose(float(got), closed, rtol=1e-5)
