@@ -89,7 +89,16 @@ def shard_params(params: dict, cfg: ModelConfig, mesh: Mesh) -> dict:
 
 
 def load_pretrained(path, mesh: Mesh | None = None, dtype: str | None = None) -> LlavaModel:
-    """Load a model saved by `save_pretrained` / the converter. With a mesh, params are restored sharded."""
+    """Load a model saved by `save_pretrained` / the converter. With a mesh, params are restored sharded.
+
+    A PyTorch checkpoint directory (config.json + safetensors, upstream or HF llava-onevision layout) is
+    converted in memory instead (`convert from-torch` does the same once, to disk); dtype=None keeps its dtypes.
+    """
+    from llavaction_jax.convert import from_torch
+
+    if not checkpoint_io.is_model_dir(path) and from_torch.is_torch_dir(path):
+        cfg, params = from_torch.load_torch(path, mesh=mesh, dtype=dtype)
+        return LlavaModel(cfg, params, mesh)  # already placed on the mesh: device_put is a no-op
     cfg = checkpoint_io.load_config(path)
     if dtype is not None:
         cfg = cfg.replace(param_dtype=dtype)

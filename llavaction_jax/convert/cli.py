@@ -1,0 +1,139 @@
+"""`python -m llavaction_jax convert`: PyTorch checkpoints <-> our Orbax model directories."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+DESCRIPTION = """\
+Convert checkpoints between PyTorch (safetensors + config.json) and our Orbax format.
+
+  convert from-torch SRC DST   import a downloaded checkpoint, e.g. MLAdaptiveIntelligence/LLaVAction-7B,
+                               lmms-lab/LLaVA-Video-7B-Qwen2 (upstream LLaVA-NeXT layout) or
+                               llava-hf/llava-onevision-qwen2-0.5b-ov-hf (HF layout)
+  convert to-torch SRC DST     export one of our models (e.g. after fine-tuning) for the PyTorch tools
+                               (upstream demo, lmms-eval), or for transformers with --layout hf-onevision
+
+The import streams one parameter at a time (peak memory about twice the largest stacked parameter, not the
+model) and copies config.json, tokenizer files and generation_config.json next to the converted model. Load the result
+with llavaction_jax.load_pretrained(DST); load_pretrained(SRC) also converts a PyTorch directory in memory.
+
+Vocabulary: all embedding rows are kept (152064 for 7B). Upstream truncates them to len(tokenizer) = 151646
+at load time; pass vocab_limit=151646 to LlavaModel.__call__ / llava.forward to slice the logits the same way
+(evaluation does this) so argmax can never pick an untrained padding row.
+"""
+
+FROM_TORCH_HELP = """\
+Import SRC (a directory with config.json and model.safetensors or shards + model.safetensors.index.json)
+into DST (new). The layout is read from config.json: upstream LLaVA-NeXT / LLaVAction (model_type qwen2,
+llava_qwen or llava, with mm_vision_tower) or HF llava-onevision (model_type llava_onevision).
+
+The upstream config only names the vision tower; its dimensions come from a built-in preset
+(google/siglip-so400m-patch14-384), a local directory or Hugging Face cache entry of that name, or
+--vision-config. Every tensor is checked against the config (names, shapes) before anything is written;
+present-but-unused tensors (SigLIP post_layernorm / head, the deleted last SigLIP layer) are skipped.
+
+Pod mode: run the same command on every host with --distributed and a --mesh over all devices; each host
+reads only the tensor slices its devices hold and all hosts write one sharded checkpoint.
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = DESCRIPTION
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    sub = parser.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
+
+    p = sub.add_parser("from-torch", help="PyTorch safetensors -> our Orbax model directory",
+                       description=FROM_TORCH_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", metavar="SRC", help="PyTorch checkpoint directory (config.json + *.safetensors)")
+    p.add_argument("dst", metavar="DST", nargs="?", help="new output directory (not needed with --check)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="cast every parameter to this dtype (default: keep each tensor's stored dtype)")
+    p.add_argument("--vision-config", metavar="PATH",
+                   help="SigLIP config.json giving the vision tower's dimensions (upstream layout only)")
+    p.add_argument("--check", action="store_true",
+                   help="print the key mapping and every problem, write nothing; exit 1 if there are problems")
+    p.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
+                   help="write sharded over a (data, fsdp, tensor) mesh of all devices, e.g. 1,-1,1")
+    p.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() first (multi-host pods; run on every host)")
+    p.add_argument("--compress", action="store_true",
+                   help="zstd-compress the stored arrays (smaller for real weights; slower, one more copy in memory)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    q = sub.add_parser("to-torch", help="our Orbax model directory -> PyTorch safetensors",
+                       description="Export SRC (one of our model directories) to DST (new) as safetensors + config.json.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    q.add_argument("src", metavar="SRC", help="our model directory (llavaction_config.json + params/)")
+    q.add_argument("dst", metavar="DST", help="new output directory")
+    q.add_argument("--layout", choices=("upstream", "hf-onevision"), default="upstream",
+                   help="upstream: LLaVA-NeXT / LLaVAction state dict for the upstream loader (default); "
+                        "hf-onevision: transformers LlavaOnevisionForConditionalGeneration (one_token models only)")
+    q.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                   help="split files above this size, with model.safetensors.index.json (e.g. 5GB, 500MB, 2GiB)")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"cannot read size {text!r}; write e.g. 5GB, 500MB or 2GiB")
+    number, unit, binary = float(m.group(1)), m.group(2).upper(), bool(m.group(3))
+    scale = (1024 if binary else 1000) ** "_KMGT".index(unit or "_")
+    return int(number * scale)
+
+
+def run(args: argparse.Namespace) -> int:
+    from llavaction_jax.config import ConfigError
+    from llavaction_jax.convert.keys import ConversionError
+    from llavaction_jax.convert.safetensors_io import SafetensorsError
+
+    try:
+        return _from_torch(args) if args.direction == "from-torch" else _to_torch(args)
+    except (ConversionError, SafetensorsError, ConfigError, FileExistsError, FileNotFoundError) as e:
+        print(f"convert {args.direction}: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _from_torch(args) -> int:
+    from llavaction_jax.convert import from_torch
+
+    if args.check:
+        source = from_torch.open_source(args.src, args.vision_config)
+        plan = from_torch.plan_import(source)
+        print("\n".join(from_torch.describe(source, plan)))
+        return 1 if plan.problems else 0
+    if args.dst is None:
+        print("convert from-torch: DST is required (or pass --check)", file=sys.stderr)
+        return 2
+    import jax
+
+    if args.distributed:
+        jax.distributed.initialize()
+    mesh = None
+    if args.mesh:
+        from llavaction_jax.sharding import make_mesh
+
+        try:
+            data, fsdp, tensor = (int(x) for x in args.mesh.split(","))
+        except ValueError:
+            print(f"convert from-torch: --mesh wants three integers DATA,FSDP,TENSOR, got {args.mesh!r}", file=sys.stderr)
+            return 2
+        mesh = make_mesh(data, fsdp, tensor)
+    report = from_torch.import_checkpoint(args.src, args.dst, dtype=args.dtype, vision_config=args.vision_config,
+                                          mesh=mesh, progress=not args.no_progress, compress=args.compress)
+    if jax.process_index() == 0:
+        skipped = f", skipped {len(report.plan.skipped)} unused tensors" if report.plan.skipped else ""
+        print(f"wrote {args.dst} ({report.cfg.param_dtype}{skipped}); "
+              f"load it with llavaction_jax.load_pretrained({args.dst!r})")
+    return 0
+
+
+def _to_torch(args) -> int:
+    from llavaction_jax.convert import to_torch
+
+    files = to_torch.export_checkpoint(args.src, args.dst, layout=args.layout,
+                                       max_shard_bytes=parse_size(args.max_shard_size), progress=not args.no_progress)
+    print(f"wrote {len(files)} safetensors file(s) and config.json to {args.dst} ({args.layout} layout)")
+    return 0

@@ -1,0 +1,272 @@
+"""Checkpoint conversion: HF llava-onevision parity, upstream-layout round trips, and errors that name the keys."""
+
+import json
+import pathlib
+
+import ml_dtypes
+import numpy as np
+import pytest
+from _convert_fixtures import make_upstream_checkpoint, tiny_cfg, upstream_config, write_checkpoint
+from safetensors.numpy import load_file, save_file
+
+import llavaction_jax
+from llavaction_jax.cli import main
+from llavaction_jax.config import ConfigError
+from llavaction_jax.convert import from_torch, to_torch
+from llavaction_jax.convert.keys import ConversionError
+from llavaction_jax.convert.safetensors_io import SafetensorsCheckpoint, SafetensorsError
+from llavaction_jax.model.params import flatten_paths
+
+TOL = 1e-4
+
+
+def leaves(model) -> dict:
+    return {k: np.asarray(v) for k, v in flatten_paths(model.params).items()}
+
+
+def read_exported(directory: pathlib.Path) -> dict:
+    out = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(file))  # the official reader, not ours
+    return out
+
+
+# ------------------------------------------------------------------------------ HF llava-onevision parity
+@pytest.fixture(scope="module")
+def hf_checkpoint(tmp_path_factory):
+    import torch
+    from test_parity_hf import SIGLIP, qwen2_config, randomise
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, SiglipVisionConfig
+
+    hf_cfg = LlavaOnevisionConfig(
+        text_config=qwen2_config(False), vision_config=SiglipVisionConfig(num_hidden_layers=2, **SIGLIP),
+        image_token_index=300, video_token_index=301, vision_feature_layer=-1,
+        vision_feature_select_strategy="full", tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = randomise(LlavaOnevisionForConditionalGeneration(hf_cfg))
+    src = tmp_path_factory.mktemp("hf") / "llava-ov-tiny"
+    model.save_pretrained(src)
+    return model, src
+
+
+def hf_logits(model, before, after, pixels, n_video):
+    import torch
+
+    ids = np.concatenate([before, np.full((len(before), n_video), 301), after], axis=1)
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(ids), pixel_values_videos=torch.tensor(pixels)).logits.numpy()
+
+
+def test_hf_onevision_import_matches_transformers_and_exports_back(hf_checkpoint, tmp_path):
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    model, src = hf_checkpoint
+    assert main(["convert", "from-torch", str(src), str(tmp_path / "ours"), "--no-progress"]) == 0
+    ours = llavaction_jax.load_pretrained(tmp_path / "ours")
+    assert ours.cfg.newline_position == "one_token" and ours.cfg.param_dtype == "float32"
+    assert (tmp_path / "ours" / "config.json").read_text() == (src / "config.json").read_text()
+    assert (tmp_path / "ours" / "generation_config.json").is_file()
+
+    rng = np.random.default_rng(2)
+    frames, n_video = 3, ours.cfg.tokens_per_video(3)
+    before, after = rng.integers(0, 300, size=(2, 5)), rng.integers(0, 300, size=(2, 4))
+    pixels = rng.uniform(-1, 1, size=(2, frames, 3, 32, 32)).astype(np.float32)
+    ref = hf_logits(model, before, after, pixels, n_video)
+    ids = np.concatenate([before, np.full((2, 1), -200), after], axis=1)
+    logits = np.asarray(ours(ids, pixels).logits)
+    assert logits.shape == ref.shape and np.abs(logits - ref).max() <= TOL
+
+    in_memory = llavaction_jax.load_pretrained(src)  # a torch directory converts on the fly
+    assert all(np.array_equal(a, leaves(ours)[k]) for k, a in leaves(in_memory).items())
+
+    assert main(["convert", "to-torch", str(tmp_path / "ours"), str(tmp_path / "hf"), "--layout", "hf-onevision",
+                 "--no-progress"]) == 0
+    back, info = LlavaOnevisionForConditionalGeneration.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    np.testing.assert_array_equal(hf_logits(back.eval(), before, after, pixels, n_video), ref)
+
+
+# --------------------------------------------------------------------------- upstream layout round trips
+VARIANTS = {  # name: (heads + action token, tied embeddings, dtype, unused keys present)
+    "llavaction-7b-like": (True, False, "float32", True),
+    "llava-video-no-heads-bf16": (False, False, "bfloat16", False),
+    "llavaction-0.5b-like-tied-bf16": (True, True, "bfloat16", True),
+    "no-heads-tied-fp16": (False, True, "float16", False),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_upstream_import_export_is_byte_identical(variant, tmp_path):
+    heads, tied, dtype, unused = VARIANTS[variant]
+    config, tensors = make_upstream_checkpoint(tmp_path / "src", heads=heads, tied=tied, dtype=dtype, unused=unused)
+    report = from_torch.import_checkpoint(tmp_path / "src", tmp_path / "ours", progress=False)
+    assert report.cfg.param_dtype == dtype and report.cfg.newline_position == "grid"
+    assert ("heads/verb/kernel" in report.plan.params) == ("action_tokens" in report.plan.params) == heads
+    skipped = {k for k, _ in report.plan.skipped}
+    assert bool(skipped) == unused and all("post_layernorm" in k or "layers.2." in k for k in skipped)
+    files = to_torch.export_checkpoint(tmp_path / "ours", tmp_path / "back", max_shard_bytes=200_000, progress=False)
+    assert len(files) > 1 and (tmp_path / "back" / "model.safetensors.index.json").is_file()
+    index = json.loads((tmp_path / "back" / "model.safetensors.index.json").read_text())
+
+    back = read_exported(tmp_path / "back")
+    assert set(back) == set(tensors) - skipped == set(index["weight_map"])
+    for key, value in back.items():
+        assert value.dtype == tensors[key].dtype and value.shape == tensors[key].shape, key
+        assert value.tobytes() == tensors[key].tobytes(), key
+    exported = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert {k: exported.get(k, "<dropped>") for k in config} == config
+    assert (tmp_path / "back" / "tokenizer_config.json").is_file()
+
+
+def test_a_trained_model_exports_and_comes_back(tmp_path):
+    from _convert_fixtures import SIGLIP
+
+    from llavaction_jax.api import LlavaModel
+
+    model = LlavaModel.random(tiny_cfg(heads=True, tied=False), seed=3)
+    model.save_pretrained(tmp_path / "trained")  # a plain Orbax save, no config.json beside it
+    to_torch.export_checkpoint(tmp_path / "trained", tmp_path / "torch", progress=False)
+    config = json.loads((tmp_path / "torch" / "config.json").read_text())
+    assert config["architectures"] == ["LlavaQwenForCausalLM"] and config["mm_newline_position"] == "grid"
+    assert config["vision_supervision"] == "one_token" and config["torch_dtype"] == "float32"
+    with pytest.raises(ConfigError, match="mm_hidden_size"):  # the tiny preset names so400m but is 64 wide
+        from_torch.open_source(tmp_path / "torch")
+    assert main(["convert", "from-torch", str(tmp_path / "torch"), str(tmp_path / "again"), "--no-progress",
+                 "--vision-config", str(write_json(tmp_path / "siglip.json", SIGLIP))]) == 0
+    again = llavaction_jax.load_pretrained(tmp_path / "again")
+    assert again.cfg == model.cfg
+    assert all(np.array_equal(a, leaves(again)[k]) for k, a in leaves(model).items())
+
+
+def write_json(path: pathlib.Path, value) -> pathlib.Path:
+    path.write_text(json.dumps(value))
+    return path
+
+
+def test_dtype_cast_and_in_memory_load(tmp_path):
+    _, tensors = make_upstream_checkpoint(tmp_path / "src", dtype="bfloat16")
+    assert main(["convert", "from-torch", str(tmp_path / "src"), str(tmp_path / "fp32"), "--dtype", "float32",
+                 "--no-progress"]) == 0
+    cast = llavaction_jax.load_pretrained(tmp_path / "fp32")
+    assert cast.cfg.param_dtype == "float32"
+    up = np.asarray(cast.params["text"]["layers"]["mlp"]["up"]["kernel"])
+    assert up.dtype == np.float32
+    np.testing.assert_array_equal(up[1], tensors["model.layers.1.mlp.up_proj.weight"].astype(np.float32).T)
+    in_memory = llavaction_jax.load_pretrained(tmp_path / "src", dtype="float32")
+    assert all(np.array_equal(a, leaves(cast)[k]) for k, a in leaves(in_memory).items())
+    kept = llavaction_jax.load_pretrained(tmp_path / "src")
+    assert kept.params["text"]["embed"].dtype == ml_dtypes.bfloat16
+
+
+def test_check_prints_the_mapping_and_writes_nothing(tmp_path, capsys):
+    make_upstream_checkpoint(tmp_path / "src", unused=True)
+    assert main(["convert", "from-torch", str(tmp_path / "src"), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "upstream layout, 2 file(s)" in out
+    assert "text/layers/mlp/up/kernel" in out and "model.layers.{0..1}.mlp.up_proj.weight [transpose]" in out
+    assert "heads/action/kernel" in out and "action_head.weight" in out
+    assert "skipped model.vision_tower.vision_tower.vision_model.post_layernorm.weight" in out
+    assert "deletes it" in out and out.rstrip().endswith("no problems")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src", "src-siglip"]
+
+
+def test_refuses_to_overwrite_a_converted_model(tmp_path):
+    make_upstream_checkpoint(tmp_path / "src")
+    from_torch.import_checkpoint(tmp_path / "src", tmp_path / "ours", progress=False)
+    with pytest.raises(FileExistsError, match="refusing"):
+        from_torch.import_checkpoint(tmp_path / "src", tmp_path / "ours", progress=False)
+
+
+# ---------------------------------------------------------------------------------- errors name the keys
+def _missing(directory, config, tensors):
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+
+
+def _unexpected(directory, config, tensors):
+    tensors["model.layers.0.mlp.extra_proj.weight"] = np.zeros((2, 2), np.float32)
+
+
+def _heads_without_supervision(directory, config, tensors):
+    for key in ("vision_supervision", "action_types", "vision_token_training"):
+        config.pop(key)
+
+
+def _shape_mismatch(directory, config, tensors):
+    tensors["model.mm_projector.0.weight"] = np.zeros((128, 32), np.float32)
+
+
+def _unknown_layout(directory, config, tensors):
+    config.pop("mm_vision_tower")  # a plain Qwen2 config
+
+
+def _unknown_model_type(directory, config, tensors):
+    config["model_type"] = "llama"
+
+
+ERRORS = {  # mutation -> (exception, regex the message must match)
+    "missing": (_missing, ConversionError, r"missing keys.*model\.layers\.1\.mlp\.up_proj\.weight"),
+    "unexpected": (_unexpected, ConversionError, r"unexpected keys.*model\.layers\.0\.mlp\.extra_proj\.weight"),
+    "heads-not-in-config": (_heads_without_supervision, ConversionError, r"no vision_supervision.*verb_head\.weight"),
+    "shape": (_shape_mismatch, ConversionError,
+              r"shape mismatch: 'model\.mm_projector\.0\.weight' in model-0000\d-of-00002\.safetensors is \[128, 32\], "
+              r"the config expects \[128, 64\]"),
+    "unknown-layout": (_unknown_layout, ConversionError, r"config\.json: unknown layout \(model_type='qwen2'"),
+    "unknown-model-type": (_unknown_model_type, ConversionError, r"unknown layout \(model_type='llama'"),
+}
+
+
+@pytest.mark.parametrize("case", ERRORS)
+def test_errors_name_the_keys_and_nothing_is_written(case, tmp_path):
+    mutate, exc, pattern = ERRORS[case]
+    cfg = tiny_cfg()
+    from _convert_fixtures import upstream_tensors, write_vision_tower
+
+    config = upstream_config(cfg, str(write_vision_tower(tmp_path / "siglip")), "float32")
+    tensors = upstream_tensors(cfg, "float32")
+    mutate(tmp_path / "src", config, tensors)
+    write_checkpoint(tmp_path / "src", config, tensors)
+    with pytest.raises(exc, match=pattern):
+        from_torch.import_checkpoint(tmp_path / "src", tmp_path / "ours", progress=False)
+    assert not (tmp_path / "ours").exists()
+
+
+def test_truncated_shard_is_named(tmp_path, capsys):
+    make_upstream_checkpoint(tmp_path / "src")
+    shard = tmp_path / "src" / "model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(SafetensorsError, match=r"model-00002-of-00002\.safetensors: truncated"):
+        from_torch.import_checkpoint(tmp_path / "src", tmp_path / "ours", progress=False)
+    assert main(["convert", "from-torch", str(tmp_path / "src"), "--check"]) == 1
+    assert "model-00002-of-00002.safetensors: truncated" in capsys.readouterr().err
+
+
+def test_unresolvable_vision_tower_asks_for_vision_config(tmp_path):
+    config, _ = make_upstream_checkpoint(tmp_path / "src")
+    config["mm_vision_tower"] = "someone/unknown-siglip"
+    (tmp_path / "src" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="--vision-config"):
+        from_torch.open_source(tmp_path / "src")
+    source = from_torch.open_source(tmp_path / "src", vision_config=tmp_path / "src-siglip" / "config.json")
+    assert source.cfg.vision.num_layers == 2 and not from_torch.plan_import(source).problems
+
+
+# ------------------------------------------------------------------------------------- safetensors reader
+def test_sliced_reads_match_numpy_and_count_bytes(tmp_path):
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((6, 5, 7)).astype(ml_dtypes.bfloat16)
+    save_file({"a": a, "s": np.array(2.0, np.float32)}, tmp_path / "x.safetensors")
+    with SafetensorsCheckpoint(tmp_path / "x.safetensors") as ck:
+        for index in [(), (slice(1, 3),), (slice(None), slice(2, 4)), (slice(2, 5), slice(1, 4), slice(3, 6))]:
+            got = ck.read_slice("a", index)
+            assert got.dtype == a.dtype and got.tobytes() == a[index].tobytes(), index
+        before = ck.bytes_read
+        ck.read_slice("a", (slice(0, 2), slice(0, 1), slice(0, 3)))
+        assert ck.bytes_read - before == 2 * 3 * 2  # only the runs of the slice
+        assert ck.read("s").shape == ()
+
+
+def test_index_naming_a_missing_shard_is_an_error(tmp_path):
+    make_upstream_checkpoint(tmp_path / "src")
+    (tmp_path / "src" / "model-00001-of-00002.safetensors").unlink()
+    with pytest.raises(SafetensorsError, match=r"model-00001-of-00002\.safetensors"):
+        SafetensorsCheckpoint(tmp_path / "src")
