@@ -16,6 +16,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("llavaction_jax.demo", "run the end-to-end demo on an embedded synthetic default"),
     "extract-frames": ("llavaction_jax.data.extract", "decode videos once into ArrayRecord frame shards"),
     "build-mqa": ("llavaction_jax.data.mqa", "build an EK100-MQA question file from annotation CSVs"),
+    "train": ("llavaction_jax.train.cli", "train or fine-tune on a mesh (resumable; config file + --config.x=y overrides)"),
+    "eval": ("llavaction_jax.eval.mqa_eval", "evaluate a model on an EK100-MQA (or generic video QA) question file"),
+    "convert": ("llavaction_jax.convert.cli", "convert checkpoints between PyTorch (upstream / HF) and our Orbax format"),
 }
 
 
@@ -37,11 +40,14 @@ def main(argv: list[str] | None = None) -> int:
         if name == wanted:  # only the chosen command pays for importing its module
             module = importlib.import_module(module_name)
             module.add_arguments(p)
-            p.set_defaults(_run=module.run)
-    args = parser.parse_args(argv)
+            p.set_defaults(_run=module.run, _overrides=getattr(module, "ACCEPTS_CONFIG_OVERRIDES", False))
+    args, extra = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
+    if extra and not (args._overrides and all(e.startswith("--config.") or not e.startswith("-") for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.config_overrides = extra
     _parse_absl_flags()
     return int(args._run(args) or 0)
 

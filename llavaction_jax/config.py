@@ -240,7 +240,7 @@ class ModelConfig:
     def to_upstream(self) -> dict:
         """The upstream `config.json` (model_type qwen2, LlavaQwenForCausalLM) that the PyTorch loader reads."""
         t = self.text
-        out = dict(self.extra)
+        out = {k: v for k, v in self.extra.items() if k != "hf_onevision"}  # HF-only record, not an upstream key
         out.update(
             architectures=out.get("architectures", ["LlavaQwenForCausalLM"]),
             model_type=out.get("model_type", "qwen2"),

@@ -48,3 +48,28 @@ def _check_tokenizer_dir(directory: pathlib.Path) -> None:
     if not any((directory / name).is_file() for name in _TOKENIZER_FILES):
         raise FileNotFoundError(
             f"{directory} is not a tokenizer directory: it has neither {' nor '.join(_TOKENIZER_FILES)}")
+
+
+CHATML_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def train_chatml_tokenizer(texts, vocab_size: int, out_dir: str | pathlib.Path) -> pathlib.Path:
+    """Train a small byte-level BPE with Qwen's ChatML special tokens and save it as a tokenizer directory.
+
+    For tiny models (tests, the demo): the Qwen2 vocabulary has 151k entries, far more than a model with a
+    few hundred embedding rows can hold. The special tokens come first (ids 0, 1, 2), so `<|endoftext|>` = 0 is
+    the pad id; everything else in the data path (ChatML template, masking) works unchanged.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(CHATML_SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    out_dir = pathlib.Path(out_dir)
+    fast.save_pretrained(str(out_dir))
+    return out_dir

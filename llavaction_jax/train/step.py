@@ -40,11 +40,12 @@ def loss_fn(params: dict, cfg: ModelConfig, batch: dict):
 
 
 def split_micro(batch: dict, n_micro: int) -> dict:
-    """(B, ...) -> (n_micro, B / n_micro, ...). Micro-batch m is rows [m*b, (m+1)*b)."""
+    """(B, ...) -> (n_micro, B / n_micro, ...). Micro-batch m takes rows m, m + n, m + 2n, ... so that each
+    device's contiguous shard of the batch feeds every micro-batch equally (no cross-device reshuffle)."""
     def split(x):
         if x.shape[0] % n_micro:
             raise ValueError(f"batch of {x.shape[0]} rows does not split into {n_micro} micro-batches")
-        return x.reshape(n_micro, x.shape[0] // n_micro, *x.shape[1:])
+        return jnp.swapaxes(x.reshape(x.shape[0] // n_micro, n_micro, *x.shape[1:]), 0, 1)
     return jax.tree.map(split, batch)
 
 

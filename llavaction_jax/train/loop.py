@@ -1,0 +1,203 @@
+"""The training loop, one linear script: distributed -> mesh -> model -> optimizer -> data -> restore -> loop.
+
+Everything the run needs is in one ml_collections config (configs/train.py). The loop is resumable: a restart
+with the same config restores params, optimizer state, step and the data iterator from the newest good checkpoint
+and continues exactly where the interrupted run was. SIGTERM (preemption) writes a checkpoint and exits 0; a
+NaN/Inf loss stops the run with an error and leaves the last good checkpoint untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import signal
+
+import jax
+import jax.numpy as jnp
+
+from llavaction_jax import checkpoint_io
+from llavaction_jax.config import ModelConfig, load_preset
+from llavaction_jax.model import llava
+from llavaction_jax.model.params import abstract_params
+from llavaction_jax.sharding import make_mesh
+from llavaction_jax.train import checkpoint, metrics
+from llavaction_jax.train.optim import OptimizerConfig, make_optimizer, param_labels
+from llavaction_jax.train.step import init_state, jit_train_step, make_train_step, state_shardings
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def maybe_initialize_distributed(cfg) -> None:
+    """`jax.distributed.initialize()` when asked, or when a cluster environment (TPU pod, SLURM) is detected."""
+    mode = cfg.get("distributed", "auto")
+    if mode == "off" or jax.distributed.is_initialized():
+        return
+    cluster = any(k in os.environ for k in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"))
+    if mode == "on" or (mode == "auto" and cluster and int(os.environ.get("SLURM_NTASKS", "2")) > 1):
+        jax.distributed.initialize()
+
+
+def model_config(cfg) -> ModelConfig:
+    if cfg.model.init_from:
+        base = checkpoint_io.load_config(cfg.model.init_from)
+        return base.replace(**dict(cfg.model.overrides)) if cfg.model.overrides else base
+    return load_preset(cfg.model.preset, dict(cfg.model.overrides))
+
+
+def initial_params(cfg, model_cfg: ModelConfig, shardings) -> dict:
+    if cfg.model.init_from:
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                abstract_params(llava.param_specs(model_cfg), jnp.dtype(model_cfg.param_dtype)),
+                                shardings)
+        return checkpoint_io.restore_params(cfg.model.init_from, abstract)
+    init = jax.jit(lambda key: llava.init(model_cfg, key), out_shardings=shardings)
+    return init(jax.random.key(cfg.train.seed))
+
+
+def optimizer_config(cfg, total_steps: int) -> OptimizerConfig:
+    fields = {f.name for f in dataclasses.fields(OptimizerConfig)}
+    return OptimizerConfig(**{k: v for k, v in cfg.optim.items() if k in fields}, total_steps=total_steps)
+
+
+def make_data(cfg, model_cfg: ModelConfig, per_process_batch: int):
+    from llavaction_jax.data.mixture import load_mixture
+    from llavaction_jax.data.pipeline import TrainPipelineConfig, train_dataset
+
+    d = cfg.data
+    samples = load_mixture(d.samples, seed=d.seed)
+    pipeline = TrainPipelineConfig(
+        batch_size=per_process_batch, num_frames=d.num_frames or None, frame_size=model_cfg.vision.image_size,
+        max_length=d.max_length, length_buckets=tuple(d.length_buckets) or None, seed=d.seed,
+        on_bad_sample=d.on_bad_sample, add_time_instruction=d.add_time_instruction,
+        tokenizer_path=d.tokenizer or None, pad_id=d.pad_id, worker_count=d.worker_count)
+    return train_dataset(samples, d.shards or None, pipeline), len(samples)
+
+
+class Preemption:
+    """Turns SIGTERM into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def train(cfg) -> dict:
+    """Run (or resume) training as configured; returns a summary dict."""
+    from llavaction_jax.data.batching import make_global_batch
+
+    # ----------------------------------------------------------------- distributed, mesh
+    maybe_initialize_distributed(cfg)
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    out_dir = pathlib.Path(cfg.train.output_dir).absolute()
+    is_main = jax.process_index() == 0
+    log = (lambda *a: print(*a, flush=True)) if is_main else (lambda *a: None)
+
+    # ----------------------------------------------------------------- model, optimizer, step
+    model_cfg = model_config(cfg)
+    total_steps = cfg.train.steps
+    opt_cfg = optimizer_config(cfg, total_steps)
+    specs = llava.param_specs(model_cfg)
+    abstract = abstract_params(specs, jnp.dtype(model_cfg.param_dtype))
+    tx, schedules = make_optimizer(abstract, opt_cfg)
+    abstract_state = jax.eval_shape(lambda p: init_state(p, tx), abstract)
+    shardings = state_shardings(abstract_state, model_cfg, mesh)
+    labels = param_labels(abstract, opt_cfg)
+
+    # ----------------------------------------------------------------- data
+    global_batch = cfg.train.batch_size
+    if global_batch % jax.process_count():
+        raise ValueError(f"train.batch_size={global_batch} must divide over {jax.process_count()} processes")
+    data, n_samples = make_data(cfg, model_cfg, global_batch // jax.process_count())
+    data_iter = iter(data)
+
+    # ----------------------------------------------------------------- restore or initialise
+    manager = checkpoint.make_manager(out_dir / "checkpoints", keep=cfg.train.keep_checkpoints,
+                                      async_save=cfg.train.async_checkpoint)
+    abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                    abstract_state, shardings)
+    restored = checkpoint.restore_latest(manager, abstract_sharded, data_iter)
+    if restored is not None:
+        start, state, _ = restored
+        log(f"resumed from step {start} ({out_dir / 'checkpoints' / str(start)})")
+    else:
+        start = 0
+        params = initial_params(cfg, model_cfg, shardings["params"])
+        state = jax.jit(lambda p: init_state(p, tx), out_shardings=shardings)(params)
+        log(f"starting from {'checkpoint ' + cfg.model.init_from if cfg.model.init_from else 'random init'}")
+
+    step_fn = make_train_step(model_cfg, tx, labels, cfg.train.micro_batches, schedules, mesh)
+    jitted: dict = {}  # one compiled step per length bucket
+
+    def run_step(state, batch):
+        key = batch["input_ids"].shape
+        if key not in jitted:
+            jitted[key] = jit_train_step(step_fn, state, batch, model_cfg, mesh)
+        return jitted[key](state, batch)
+
+    # ----------------------------------------------------------------- metrics
+    writer = metrics.EventWriter(out_dir / "tensorboard") if is_main else None
+    peak = cfg.train.peak_flops or metrics.peak_flops_per_device(jax.devices()[0])
+    if peak is None and jax.devices()[0].platform == "cpu":
+        peak = metrics.measure_matmul_peak()
+    meta = {"config": cfg.to_dict(), "model_config": model_cfg.to_dict(), "samples": n_samples}
+    progress = None
+    log(f"{n_samples} samples, global batch {global_batch}, {total_steps} steps, mesh {dict(mesh.shape)}, "
+        f"{jax.process_count()} process(es)")
+
+    # ----------------------------------------------------------------- loop
+    preemption = Preemption()
+    history, step, stopped = [], start, "completed"
+    last = min(total_steps, cfg.train.stop_at_step or total_steps)
+    try:
+        while step < last:
+            host_batch = next(data_iter)
+            batch = make_global_batch(host_batch, mesh, pad_id=cfg.data.pad_id)
+            state, m = run_step(state, batch)
+            m = {k: float(v) for k, v in jax.device_get(m).items()}
+            step += 1
+            if not math.isfinite(m["loss"]):
+                good = manager.latest_step()
+                raise NonFiniteLoss(f"loss is {m['loss']} at step {step}; stopping. The last good checkpoint is "
+                                    f"{'step ' + str(good) if good is not None else 'none'} in {out_dir / 'checkpoints'}")
+            history.append(m["loss"])
+            if progress is None:  # after the first (compiling) step, so timing is steady-state
+                flops = metrics.train_flops(model_cfg, batch["input_ids"].shape[1], batch["pixel_values"].shape[1]) * global_batch
+                progress = metrics.Progress(total_steps, flops / jax.device_count(), peak)
+            if is_main and (step % cfg.train.log_every == 0 or step == total_steps):
+                log(progress.line(step, m))
+                writer.scalars(step, {k: v for k, v in m.items()})
+            if step % cfg.train.checkpoint_every == 0 or step == last or preemption.requested:
+                checkpoint.save(manager, step, state, dict(meta, step=step), data_iter)
+            if preemption.requested:
+                stopped = "preempted"
+                log(f"SIGTERM: checkpoint written at step {step}; exiting")
+                break
+    finally:
+        manager.wait_until_finished()
+        preemption.restore()
+        if writer is not None:
+            writer.close()
+
+    if stopped == "completed" and step < total_steps:
+        stopped = "paused"  # stop_at_step: a later run with the same config resumes here
+    # ----------------------------------------------------------------- final model
+    if stopped == "completed" and cfg.train.save_model:
+        final = out_dir / "model"
+        if not checkpoint_io.is_model_dir(final):
+            checkpoint_io.save_model(final, model_cfg, state["params"])
+            log(f"final model written to {final}")
+    summary = {"stopped": stopped, "step": step, "losses": history, "output_dir": str(out_dir)}
+    if is_main:
+        (out_dir / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "losses"}) + "\n")
+    return summary

@@ -1,0 +1,52 @@
+"""Tiny training data for loop tests: a ChatML BPE tokenizer, 2-frame 64 px clips in frame shards, samples JSONL."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+
+from llavaction_jax.data import frames as fs
+from llavaction_jax.data.tokenizer import train_chatml_tokenizer
+from llavaction_jax.recipes import load_recipe
+
+VERBS = ["take", "put", "open", "close"]
+NOUNS = ["cup", "knife", "plate", "door"]
+
+
+def make_training_data(root: pathlib.Path, n_clips: int = 16, frames: int = 2, size: int = 64) -> pathlib.Path:
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    samples = []
+    (root / "shards").mkdir(exist_ok=True)
+    writer = fs.ShardWriter(root / "shards" / "clips.array_record")
+    for i in range(n_clips):
+        verb, noun = i % 4, (i // 4) % 4
+        pixels = rng.integers(0, 256, (frames, size, size, 3), dtype=np.uint8)
+        writer.write(fs.ClipRecord(f"c{i}", "P01-P01_01", float(i), i + 1.0, 30.0, tuple(range(frames)),
+                                   fs.encode_frames(pixels, "png"), "png", 1.0))
+        samples.append({"id": f"s{i}", "uid": f"c{i}", "video": "P01-P01_01", "dataset_name": "EK100",
+                        "verb_id": verb, "noun_id": noun, "action_id": 4 * verb + noun,
+                        "conversations": [
+                            {"from": "human", "value": "<image>\nWhat action are you doing? A. take cup, B. open door"},
+                            {"from": "gpt", "value": f"{'AB'[i % 2]}. {VERBS[verb]} {NOUNS[noun]}"}]})
+    fs.write_manifest(root / "shards", [writer.commit()], {}, frames_per_clip=frames)
+    (root / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    texts = [json.dumps(s) for s in samples] + ["You are a helpful assistant. system user assistant"]
+    train_chatml_tokenizer(texts * 4, vocab_size=300, out_dir=root / "tokenizer")
+    return root
+
+
+def tiny_train_config(data_root: pathlib.Path, out_dir: pathlib.Path, steps: int, **overrides):
+    args = [
+        f"--config.data.samples={data_root / 'samples.jsonl'}", f"--config.data.shards={data_root / 'shards'}",
+        f"--config.data.tokenizer={data_root / 'tokenizer'}", "--config.data.pad_id=0",
+        "--config.data.max_length=128", "--config.data.length_buckets=(128,)",
+        f"--config.train.output_dir={out_dir}", f"--config.train.steps={steps}", "--config.train.batch_size=8",
+        "--config.mesh.fsdp=4", "--config.mesh.tensor=2",
+        "--config.train.log_every=1", "--config.train.checkpoint_every=3", "--config.train.async_checkpoint=false",
+        "--config.optim.learning_rate=1e-3", "--config.optim.vision_lr=1e-4", "--config.optim.warmup_ratio=0.0",
+    ]
+    args += [f"--config.{k}={v}" for k, v in overrides.items()]
+    return load_recipe("train", args)

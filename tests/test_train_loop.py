@@ -1,0 +1,126 @@
+"""The training loop: exact resume, SIGTERM preemption, NaN stop, truncated checkpoints, 2-process training."""
+
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from _train_fixtures import make_training_data, tiny_train_config
+from llavaction_jax.train import checkpoint
+from llavaction_jax.train.loop import NonFiniteLoss, train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_training_data(tmp_path_factory.mktemp("train_data"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run_a")
+    summary = train(tiny_train_config(data, out, steps=6))
+    return out, summary
+
+
+def restore_state(out: pathlib.Path):
+    import orbax.checkpoint as ocp
+
+    mngr = ocp.CheckpointManager(out / "checkpoints")
+    step = mngr.latest_step()
+    return step, mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+
+
+def assert_same_state(a, b):
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
+
+
+def test_uninterrupted_run_learns_and_writes_artifacts(uninterrupted):
+    out, summary = uninterrupted
+    assert summary["stopped"] == "completed" and summary["step"] == 6
+    assert summary["losses"][-1] < summary["losses"][0]
+    assert (out / "model" / "llavaction_config.json").is_file()
+    events = list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 100
+
+
+def test_three_steps_restart_three_steps_equals_six(data, uninterrupted, tmp_path):
+    out_a, summary_a = uninterrupted
+    first = train(tiny_train_config(data, tmp_path, steps=6, **{"train.stop_at_step": 3}))
+    assert first["stopped"] == "paused" and first["step"] == 3
+    second = train(tiny_train_config(data, tmp_path, steps=6))
+    assert second["step"] == 6
+    # same data order and same updates: the losses of steps 4-6 match, and so does the final state
+    np.testing.assert_array_equal(first["losses"] + second["losses"], summary_a["losses"])
+    step_a, state_a = restore_state(out_a)
+    step_b, state_b = restore_state(tmp_path)
+    assert step_a == step_b == 6
+    assert_same_state(state_a, state_b)
+
+
+def test_sigterm_writes_a_checkpoint_and_resume_finishes_the_same(data, uninterrupted, tmp_path):
+    out_a, _ = uninterrupted
+    cfg = tiny_train_config(data, tmp_path, steps=6)
+    args = [sys.executable, "-m", "llavaction_jax", "train"] + [
+        f"--config.{k}={v}" for k, v in _flat(cfg.to_dict()).items() if not isinstance(v, dict)]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:  # wait until training is under way, then preempt
+        lines.append(line)
+        if line.startswith("step 2/6"):
+            proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 0, "".join(lines)
+    assert any("SIGTERM" in line for line in lines), "".join(lines)
+    step, _ = restore_state(tmp_path)
+    assert 2 <= step < 6
+    summary = train(tiny_train_config(data, tmp_path, steps=6))
+    assert summary["step"] == 6
+    assert_same_state(restore_state(out_a)[1], restore_state(tmp_path)[1])
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):
+    cfg = tiny_train_config(data, tmp_path, steps=20, **{"optim.learning_rate": 1e30, "optim.vision_lr": 1e30,
+                                                         "train.checkpoint_every": 1})
+    with pytest.raises(NonFiniteLoss, match=r"loss is (nan|inf) at step \d+; stopping. The last good checkpoint"):
+        train(cfg)
+    step, state = restore_state(tmp_path)
+    assert step is not None
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+
+
+def test_checkpoint_truncated_mid_save_is_skipped_with_a_warning(data, uninterrupted, tmp_path, capsys):
+    out_a, _ = uninterrupted
+    shutil.copytree(out_a / "checkpoints", tmp_path / "checkpoints")
+    broken = tmp_path / "checkpoints" / "6" / "state"
+    for f in broken.rglob("*"):  # cut every data file in half, as a kill during the write would
+        if f.is_file() and f.name != "_METADATA":
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    manager = checkpoint.make_manager(tmp_path / "checkpoints")
+    _, abstract = restore_state(out_a)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract)
+    step, state, meta = checkpoint.restore_latest(manager, abstract)
+    assert step == 3 and meta["step"] == 3
+    assert "skipping checkpoint" in capsys.readouterr().out
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        elif isinstance(v, (list, tuple)):
+            out[key] = repr(tuple(v))
+        else:
+            out[key] = v
+    return out
