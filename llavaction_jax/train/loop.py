@@ -171,7 +171,7 @@ def train(cfg) -> dict:
                 raise NonFiniteLoss(f"loss is {m['loss']} at step {step}; stopping. The last good checkpoint is "
                                     f"{'step ' + str(good) if good is not None else 'none'} in {out_dir / 'checkpoints'}")
             history.append(m["loss"])
-            if progress is None:  # after the first (compiling) step, so timing is steady-state
+            if progress is None:
                 flops = metrics.train_flops(model_cfg, batch["input_ids"].shape[1], batch["pixel_values"].shape[1]) * global_batch
                 progress = metrics.Progress(total_steps, flops / jax.device_count(), peak)
             if is_main and (step % cfg.train.log_every == 0 or step == total_steps):

@@ -153,14 +153,15 @@ class Progress:
         self.t_last, self.step_last = time.perf_counter(), None
 
     def line(self, step: int, m: dict) -> str:
+        """Throughput is measured between two printed lines, so the first line (after compiling) has none."""
         now = time.perf_counter()
-        steps = step - (self.step_last if self.step_last is not None else step - 1)
-        dt = max(now - self.t_last, 1e-9) / max(steps, 1)
-        self.t_last, self.step_last = now, step
         parts = [f"step {step}/{self.total}", f"loss {m['loss']:.4f}", f"lm {m['lm_loss']:.4f}",
-                 f"aux {m['aux_loss']:.4f}", f"gnorm {m['grad_norm']:.3f}", f"lr {m.get('lr_llm', np.nan):.2e}",
-                 f"tok/s {m['tokens'] / dt:,.0f}", f"{dt:.2f} s/step"]
-        if self.flops and self.peak:
-            parts.append(f"MFU {self.flops / dt / self.peak:.1%}")
-        parts.append(f"ETA {dt * (self.total - step) / 60:.1f} min")
+                 f"aux {m['aux_loss']:.4f}", f"gnorm {m['grad_norm']:.3f}", f"lr {m.get('lr_llm', np.nan):.2e}"]
+        if self.step_last is not None and step > self.step_last:
+            dt = (now - self.t_last) / (step - self.step_last)
+            parts += [f"tok/s {m['tokens'] / dt:,.0f}", f"{dt:.2f} s/step"]
+            if self.flops and self.peak:
+                parts.append(f"MFU {self.flops / dt / self.peak:.1%}")
+            parts.append(f"ETA {dt * (self.total - step) / 60:.1f} min")
+        self.t_last, self.step_last = now, step
         return " | ".join(parts)
