@@ -83,19 +83,23 @@ def encode_frames(frames: np.ndarray, codec: str = "jpeg", quality: int = DEFAUL
 
 def decode_frames(record: ClipRecord) -> np.ndarray:
     """The clip's frames as uint8 (T, H, W, 3); an undecodable or odd-sized frame raises naming the uid."""
-    frames = []
+    if not record.frames:
+        raise ValueError(f"clip {record.uid!r} has no frames")
+    out = None
     for i, data in enumerate(record.frames):
         try:
             with Image.open(io.BytesIO(data)) as image:
-                frames.append(np.asarray(image.convert("RGB")))
+                # No convert() for RGB images: it would copy every frame once more (this is the pipeline's hot loop).
+                frame = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
         except Exception as error:  # PIL raises several types (UnidentifiedImageError, OSError, SyntaxError)
             raise ValueError(f"clip {record.uid!r}: frame {i} (video frame {record.frame_indices[i]}) is not a "
                              f"decodable {record.codec} image: {error}") from error
-        if frames[i].shape != frames[0].shape:
-            raise ValueError(f"clip {record.uid!r}: frame {i} is {frames[i].shape}, frame 0 is {frames[0].shape}")
-    if not frames:
-        raise ValueError(f"clip {record.uid!r} has no frames")
-    return np.stack(frames)
+        if out is None:
+            out = np.empty((len(record.frames), *frame.shape), np.uint8)
+        elif frame.shape != out.shape[1:]:
+            raise ValueError(f"clip {record.uid!r}: frame {i} is {frame.shape}, frame 0 is {out.shape[1:]}")
+        out[i] = frame
+    return out
 
 
 def serialize_record(record: ClipRecord) -> bytes:

@@ -46,14 +46,35 @@ def resize_frames(frames: np.ndarray, size: int | tuple[int, int] = SIGLIP_SIZE)
     return out
 
 
-def normalize_frames(frames: np.ndarray) -> np.ndarray:
-    """uint8 (T, H, W, 3) -> float32 (T, 3, H, W): ``x * (1/255)`` in float64 cast to float32, then
-    ``(x - 0.5) / 0.5`` in float32 -- the same rounding steps as transformers' rescale + normalize."""
-    frames = _check_frames(frames)
-    scaled = (frames.astype(np.float64) * (1 / 255)).astype(np.float32)
+def _normalized_values() -> np.ndarray:
+    """float32 (256,): the normalized value of every uint8 level, with upstream's rounding steps."""
+    levels = np.arange(256, dtype=np.uint8)
+    scaled = (levels.astype(np.float64) * (1 / 255)).astype(np.float32)
     half = np.float32(0.5)
-    normalized = (scaled - half) / half
-    return np.ascontiguousarray(normalized.transpose(0, 3, 1, 2))
+    return (scaled - half) / half
+
+
+# normalize_frames is elementwise on 256 possible inputs, so a table lookup gives the same floats as computing
+# x * (1/255) in float64 per pixel, about 20x faster (it was the most expensive step of the input pipeline).
+_NORMALIZED = _normalized_values()
+
+
+def normalize_frames(frames: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 (T, H, W, 3) -> float32 (T, 3, H, W): ``x * (1/255)`` in float64 cast to float32, then
+    ``(x - 0.5) / 0.5`` in float32 -- the same rounding steps as transformers' rescale + normalize.
+
+    ``out`` (float32 (T, 3, H, W), e.g. one sample's slot of a batch) receives the result without an intermediate
+    array; frame by frame, so each lookup's working set stays in cache.
+    """
+    frames = _check_frames(frames)
+    shape = (frames.shape[0], 3, *frames.shape[1:3])
+    if out is None:
+        out = np.empty(shape, np.float32)
+    elif out.shape != shape or out.dtype != np.float32:
+        raise ValueError(f"out must be float32 {shape}, got {out.dtype} {out.shape}")
+    for frame, target in zip(frames, out):
+        np.take(_NORMALIZED, frame.transpose(2, 0, 1), out=target)
+    return out
 
 
 def preprocess_frames(frames: np.ndarray, size: int | tuple[int, int] = SIGLIP_SIZE) -> np.ndarray:

@@ -1,8 +1,19 @@
-"""Grain input pipeline over frame shards: clips in, batches of model-ready pixel values out.
+"""Grain input pipelines over frame shards.
+
+Frames only (``batch_dataset``: evaluation tools, benchmarks):
 
     FrameShards (ArrayRecord) -> MapDataset -> seeded shuffle -> repeat -> this process's slice
     -> decode JPEG/PNG -> resize if the shards hold another size -> normalize as upstream
     -> optional worker processes -> batch
+
+Training (``train_dataset``): samples (``mixture.load_mixture``) joined to their clips (``train_sample.clip_uid``):
+
+    samples -> MapDataset -> seeded shuffle -> repeat -> this process's slice
+    -> look up the clip by uid, decode JPEG/PNG, resize if needed; tokens + labels (preprocess_qwen), truncation
+       (train_sample.py; a bad sample raises or, with on_bad_sample="skip", becomes a marker)
+    -> to IterDataset (reader threads) -> optional worker processes
+    -> drop + count skipped samples, batch, normalize frames into the batch, pad to length buckets (batching.py)
+    -> make_global_batch (batching.py): per-process numpy batches -> global jax Arrays
 
 Deterministic: the order depends only on the seed, the epoch and the process index/count (not on the number of
 worker processes), and an iterator's ``get_state()`` restored with ``set_state()`` continues exactly where it
@@ -17,8 +28,10 @@ import dataclasses
 import grain
 import numpy as np
 
+from llavaction_jax.data.batching import QWEN_PAD_ID, PaddedBatchIterDataset, power_of_two_buckets
 from llavaction_jax.data.frames import ClipRecord, FrameShards, decode_frames
 from llavaction_jax.data.image import SIGLIP_SIZE, normalize_frames, resize_frames
+from llavaction_jax.data.train_sample import EncodeTrainSample, cached_tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,30 +66,44 @@ class DecodeClip(grain.transforms.Map):
         }
 
 
-def clip_dataset(
-    shards: FrameShards | str, config: FramePipelineConfig, process_index: int | None = None,
-    process_count: int | None = None,
-) -> grain.MapDataset:
-    """This process's shuffled, decoded clips (unbatched), as a MapDataset."""
+def _process_layout(process_index: int | None, process_count: int | None) -> tuple[int, int]:
     if process_index is None or process_count is None:
         import jax  # noqa: PLC0415 (only needed when the caller leaves the process layout to JAX)
 
         process_index, process_count = jax.process_index(), jax.process_count()
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    return process_index, process_count
+
+
+def _this_process_slice(dataset: grain.MapDataset, seed: int, shuffle: bool, num_epochs: int | None,
+                        process_index: int, process_count: int, what: str) -> grain.MapDataset:
+    """Shuffle (a new order each epoch), repeat, and keep every ``process_count``-th element from ``process_index``.
+
+    The epoch is cut to a multiple of ``process_count`` so every process gets the same number of elements and
+    hosts never wait on a peer that ran out; the elements cut rotate with each epoch's shuffle.
+    """
+    per_epoch = len(dataset) // process_count * process_count
+    if per_epoch == 0:
+        raise ValueError(f"{what} holds {len(dataset)} elements, fewer than the {process_count} processes")
+    if shuffle:
+        dataset = dataset.shuffle(seed=seed)
+    dataset = dataset[:per_epoch].repeat(num_epochs)
+    return dataset[process_index::process_count]
+
+
+def clip_dataset(
+    shards: FrameShards | str, config: FramePipelineConfig, process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.MapDataset:
+    """This process's shuffled, decoded clips (unbatched), as a MapDataset."""
+    process_index, process_count = _process_layout(process_index, process_count)
     source = shards if isinstance(shards, FrameShards) else FrameShards(shards)
     if source.frames_per_clip is None and config.batch_size > 1:
         raise ValueError(f"{source.directory}: clips have varying frame counts (manifest frames_per_clip is null); "
                          "they cannot be batched together")
-    per_epoch = len(source) // process_count * process_count
-    if per_epoch == 0:
-        raise ValueError(f"{source.directory} holds {len(source)} clips, fewer than the {process_count} processes")
-    dataset = grain.MapDataset.source(source)
-    if config.shuffle:
-        dataset = dataset.shuffle(seed=config.seed)
-    dataset = dataset[:per_epoch]  # equal share per process; the clips cut rotate with each epoch's shuffle
-    dataset = dataset.repeat(config.num_epochs)
-    dataset = dataset[process_index::process_count]
+    dataset = _this_process_slice(grain.MapDataset.source(source), config.seed, config.shuffle, config.num_epochs,
+                                  process_index, process_count, str(source.directory))
     return dataset.map(DecodeClip(config.frame_size))
 
 
@@ -96,3 +123,64 @@ def batch_dataset(
         # keeps batches identical for any worker count (batching inside workers would drop a remainder per worker).
         elements = elements.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_count))
     return elements.batch(config.batch_size, drop_remainder=config.drop_remainder)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainPipelineConfig:
+    batch_size: int  # per process
+    num_frames: int | None = None  # frames per clip; None: the shards' manifest frames_per_clip
+    frame_size: int = SIGLIP_SIZE
+    max_length: int = 32768  # text tokens kept per sample (upstream's tokenizer.model_max_length); longer is cut
+    length_buckets: tuple[int, ...] | None = None  # None: powers of two from 64 up to max_length
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = None  # None repeats forever (train for a number of steps); each epoch reshuffled
+    drop_remainder: bool = True  # static batch shapes for jit
+    on_bad_sample: str = "error"  # "error" raises naming the sample; "skip" drops it, logs it, counts it
+    add_time_instruction: bool = True  # LLaVA-Video's time prompt on non-EK100 videos (upstream default)
+    tokenizer_path: str | None = None  # None: the bundled Qwen2 tokenizer
+    pad_id: int = QWEN_PAD_ID
+    # Parallelism: reader threads scale (JPEG decoding and the normalization lookup release the GIL); worker
+    # processes (worker_count > 0, each with read_threads threads) also work but pay for moving decoded frames
+    # through shared memory, and were the slower choice in bench/data.py (see BENCHMARKS.md).
+    read_threads: int = 4
+    worker_count: int = 0
+    worker_buffer_size: int = 1  # elements each worker prepares ahead (a 64-frame clip is 28 MB of uint8 frames)
+
+    def buckets(self) -> tuple[int, ...]:
+        buckets = self.length_buckets or power_of_two_buckets(self.max_length, min(64, self.max_length))
+        if list(buckets) != sorted(set(buckets)) or buckets[-1] < self.max_length:
+            raise ValueError(f"length_buckets {buckets} must increase and end at max_length {self.max_length} or "
+                             "above (a truncated sample must fit the largest bucket)")
+        return tuple(buckets)
+
+
+def train_dataset(
+    samples: list[dict], shards: FrameShards | str | None, config: TrainPipelineConfig,
+    process_index: int | None = None, process_count: int | None = None,
+) -> grain.IterDataset:
+    """This process's training batches (schema in ``batching.py``); iterate with ``it = iter(ds)``.
+
+    ``samples`` come from ``mixture.load_mixture``; ``shards`` hold their clips (None for text-only data). The
+    order depends only on the seed, the epoch and the process layout (not on worker or thread counts);
+    ``it.get_state()`` / ``it.set_state(state)`` save and restore the position, including the skip count.
+    The process layout defaults to ``jax.process_index()`` / ``jax.process_count()``.
+    """
+    process_index, process_count = _process_layout(process_index, process_count)
+    source = shards if shards is None or isinstance(shards, FrameShards) else FrameShards(shards)
+    num_frames = config.num_frames or (source.frames_per_clip if source is not None else None)
+    if num_frames is None:
+        raise ValueError("num_frames is not set and the shards' manifest has no single frames_per_clip")
+    encode = EncodeTrainSample(source, cached_tokenizer(config.tokenizer_path), num_frames, config.frame_size,
+                               config.max_length, config.add_time_instruction, config.on_bad_sample)
+    dataset = _this_process_slice(grain.MapDataset.source(samples), config.seed, config.shuffle, config.num_epochs,
+                                  process_index, process_count, f"the sample list ({len(samples)} samples)")
+    elements = dataset.map(encode).to_iter_dataset(
+        grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=max(2, 2 * config.batch_size)))
+    if config.worker_count > 0:
+        # Workers encode every n-th sample and Grain interleaves them back in order; skipping and batching after
+        # this point keeps batches identical for any worker count.
+        elements = elements.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=config.worker_count, per_worker_buffer_size=config.worker_buffer_size))
+    return PaddedBatchIterDataset(elements, config.batch_size, config.buckets(), num_frames, config.frame_size,
+                                  config.pad_id, config.drop_remainder)

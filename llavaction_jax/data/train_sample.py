@@ -1,0 +1,189 @@
+"""One training sample -> model-ready arrays: its clip's frames from the shards, its tokens and labels.
+
+The join between a sample and the frame shards (``clip_uid``), first rule that applies:
+
+1. ``sample["uid"]``: explicit;
+2. ``sample["narration_id"]``: EK100 samples from ``ek100_train`` show the annotated segment, which
+   ``extract-frames --ek100-csv`` stores under its narration id; except ``temporal_detection`` samples, whose clip
+   is a padded window around the segment, so they fall through to rule 3;
+3. ``f"{video}_{start:.2f}_{end:.2f}"`` from ``start``/``end`` (or upstream's ``start_timestamp``/
+   ``end_timestamp``): the default uid ``extract-frames --jsonl`` gives a clip with times;
+4. ``video``: a whole video (``extract-frames --jsonl`` without times).
+
+A sample without ``video`` (and without ``uid``) is text-only: ``has_video`` False, no ``<image>`` placeholder,
+zero pixels. When the sample gives times, the stored clip must cover the same window (to 0.01 s), which catches a
+sample joined to the wrong clip.
+
+Text follows upstream's ``_get_item`` (upstream-spec.md 4.4-4.6): non-EK100 videos get LLaVA-Video's time
+instruction (``add_time_instruction``, on by default as upstream), then ``preprocess_multimodal`` moves a lone
+``<image>`` to the front, then ``preprocess_qwen`` gives ids and labels, truncated to ``max_length``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import threading
+from typing import Any
+
+import grain
+import numpy as np
+
+from llavaction_jax.data import chat, prompts
+from llavaction_jax.data.frames import ClipRecord, FrameShards, decode_frames
+from llavaction_jax.data.image import SIGLIP_SIZE, resize_frames
+from llavaction_jax.data.mixture import SOURCE_KEY
+
+NO_ACTIONS = (-1, -1, -1)  # upstream's actions for samples without verb/noun/action ids
+ON_BAD_SAMPLE = ("error", "skip")
+WINDOW_TOLERANCE_SEC = 0.011  # uids round times to 2 decimals
+
+
+class SampleError(ValueError):
+    """A sample that cannot be turned into training arrays; the message names the sample and its file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+    """Stands in for a sample dropped under the ``skip`` policy; the batcher counts and logs it."""
+
+    sample: str  # sample id and source, as in error messages
+    reason: str
+
+
+def _times(sample: dict) -> tuple[float, float] | None:
+    for start_key, end_key in (("start", "end"), ("start_timestamp", "end_timestamp")):
+        if sample.get(start_key) is not None and sample.get(end_key) is not None:
+            return float(sample[start_key]), float(sample[end_key])
+    return None
+
+
+def clip_uid(sample: dict) -> str | None:
+    """The frame-shard uid of the sample's clip (rules in the module docstring), or None for a text-only sample."""
+    if sample.get("uid") is not None:
+        return str(sample["uid"])
+    if sample.get("narration_id") is not None and sample.get("question_type") != "temporal_detection":
+        return str(sample["narration_id"])
+    video = sample.get("video")
+    if video is None:
+        return None
+    times = _times(sample)
+    return str(video) if times is None else f"{video}_{times[0]:.2f}_{times[1]:.2f}"
+
+
+def describe(sample: dict) -> str:
+    """``sample 'P01_01_3-mc' (train.jsonl:7)``: how errors and skip logs name a sample."""
+    name = sample.get("id", sample.get("uid", "?"))
+    source = sample.get(SOURCE_KEY)
+    return f"sample {name!r}" + (f" ({source})" if source else "")
+
+
+def sample_actions(sample: dict) -> np.ndarray:
+    """int32 (3,) verb, noun, action ids; -1 for all three unless the sample has all three (upstream)."""
+    ids = [sample.get(k) for k in ("verb_id", "noun_id", "action_id")]
+    return np.asarray(NO_ACTIONS if any(i is None for i in ids) else ids, np.int32)
+
+
+_TOKENIZER_LOCK = threading.Lock()
+
+
+def cached_tokenizer(path: str | None = None):
+    """One tokenizer per process and path (``None``: the bundled Qwen2 tokenizer); thread-safe, because
+    transformers' lazy imports break when raced."""
+    with _TOKENIZER_LOCK:
+        return _load_tokenizer(path)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_tokenizer(path: str | None):
+    from llavaction_jax.data.tokenizer import load_qwen_tokenizer  # noqa: PLC0415 (transformers is heavy)
+
+    return load_qwen_tokenizer(path)
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeTrainSample(grain.transforms.Map):
+    """Sample dict -> {input_ids, labels (int32 (L,)), frames (uint8 (T, S, S, 3)), actions (int32 (3,)),
+    has_video, sample_id}; text-only samples carry no frames (the batcher fills zeros).
+
+    Frames stay uint8 here: the batcher normalizes them straight into the float32 batch (``normalize_frames`` with
+    ``out``), so worker processes move a quarter of the bytes and no per-sample float array is made and copied.
+
+    With ``on_bad_sample="skip"`` a bad sample becomes a ``Skipped`` marker instead of raising. Module level and
+    frozen so Grain can pickle it into worker processes.
+    """
+
+    shards: FrameShards | None
+    tokenizer: Any  # a Qwen2 tokenizer (``cached_tokenizer``); pickled into workers, faster than loading it there
+    num_frames: int
+    frame_size: int = SIGLIP_SIZE
+    max_length: int | None = None
+    add_time_instruction: bool = True
+    on_bad_sample: str = "error"
+
+    def __post_init__(self):
+        if self.on_bad_sample not in ON_BAD_SAMPLE:
+            raise ValueError(f"on_bad_sample must be one of {ON_BAD_SAMPLE}, got {self.on_bad_sample!r}")
+
+    def map(self, sample: dict) -> dict | Skipped:
+        try:
+            return self.encode(sample)
+        except SampleError as error:
+            if self.on_bad_sample == "error":
+                raise
+            return Skipped(describe(sample), str(error))
+
+    def encode(self, sample: dict) -> dict:
+        """Like ``map`` but always raises ``SampleError`` on a bad sample."""
+        where = describe(sample)
+        uid = clip_uid(sample)
+        element = {"sample_id": str(sample.get("id", uid)), "actions": sample_actions(sample),
+                   "has_video": np.bool_(uid is not None)}
+        conversations = sample["conversations"]
+        if uid is not None:
+            record = self._read_clip(uid, sample, where)
+            element["frames"] = self._frames(record, where)
+            if self.add_time_instruction and sample.get("dataset_name") != "EK100":
+                conversations = _with_time_instruction(conversations, record)
+        try:
+            tokens = chat.preprocess_qwen(chat.move_placeholder_to_front(conversations), self.tokenizer,
+                                          has_image=uid is not None, max_len=self.max_length,
+                                          sample_id=sample.get("id"))
+        except ValueError as error:
+            raise SampleError(f"{where}: {error}") from None
+        element["input_ids"], element["labels"] = tokens.input_ids, tokens.labels
+        return element
+
+    def _read_clip(self, uid: str, sample: dict, where: str) -> ClipRecord:
+        if self.shards is None:
+            raise SampleError(f"{where}: has a video (clip {uid!r}) but the pipeline was given no frame shards")
+        try:
+            record = self.shards.lookup(uid)
+        except (KeyError, ValueError, OSError) as error:  # missing uid, damaged record
+            raise SampleError(f"{where}: {error.args[0] if error.args else error}") from None
+        if record.num_frames != self.num_frames:
+            raise SampleError(f"{where}: clip {uid!r} has {record.num_frames} frames, the pipeline expects "
+                              f"{self.num_frames} ({self.shards.directory})")
+        times = _times(sample)
+        if times is not None and (abs(record.start_sec - times[0]) > WINDOW_TOLERANCE_SEC
+                                  or abs(record.end_sec - times[1]) > WINDOW_TOLERANCE_SEC):
+            raise SampleError(f"{where}: clip {uid!r} covers {record.start_sec}-{record.end_sec} s, the sample "
+                              f"asks for {times[0]}-{times[1]} s")
+        return record
+
+    def _frames(self, record: ClipRecord, where: str) -> np.ndarray:
+        try:
+            frames = decode_frames(record)
+        except ValueError as error:
+            raise SampleError(f"{where}: {error} ({self.shards.directory})") from None
+        if frames.shape[1:3] != (self.frame_size, self.frame_size):
+            frames = resize_frames(frames, self.frame_size)  # shards stored at source size: squash like upstream
+        return frames
+
+
+def _with_time_instruction(conversations: list, record: ClipRecord) -> list:
+    """LLaVA-Video's time instruction on the first message (upstream applies it to the first turn as is)."""
+    first = dict(conversations[0])
+    key = "value" if "value" in first else "content"
+    first[key] = prompts.llava_video_time_prompt(first[key], record.duration_sec, record.num_frames)
+    return [first, *conversations[1:]]
