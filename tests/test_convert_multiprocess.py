@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import numpy as np
+from conftest import COLLECTIVE_FLAGS
 
 MESH = (1, 4, 2)  # (data, fsdp, tensor) over the 8 devices of both processes
 
@@ -32,7 +33,7 @@ def test_two_processes_write_one_checkpoint_equal_to_single_process(tmp_path):
 
     make_upstream_checkpoint(tmp_path / "src", dtype="bfloat16", unused=True)
     port = _free_port()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4 " + COLLECTIVE_FLAGS, JAX_PLATFORMS="cpu")
     root = pathlib.Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = os.pathsep.join([str(root), str(root / "tests"), env.get("PYTHONPATH", "")])
     workers = [subprocess.Popen([sys.executable, __file__, str(i), str(port), str(tmp_path)], env=env,

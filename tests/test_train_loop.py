@@ -15,6 +15,7 @@ import pytest
 from _train_fixtures import make_training_data, tiny_train_config
 from llavaction_jax.train import checkpoint
 from llavaction_jax.train.loop import NonFiniteLoss, train
+from conftest import COLLECTIVE_FLAGS
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -72,7 +73,7 @@ def test_sigterm_writes_a_checkpoint_and_resume_finishes_the_same(data, uninterr
     cfg = tiny_train_config(data, tmp_path, steps=6)
     args = [sys.executable, "-m", "llavaction_jax", "train"] + [
         f"--config.{k}={v}" for k, v in _flat(cfg.to_dict()).items() if not isinstance(v, dict)]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 " + COLLECTIVE_FLAGS, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in proc.stdout:  # wait until training is under way, then preempt

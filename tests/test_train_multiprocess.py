@@ -26,6 +26,7 @@ from absl import flags
 flags.FLAGS.mark_as_parsed()
 from _train_fixtures import tiny_train_config
 from llavaction_jax.train.loop import train
+from conftest import COLLECTIVE_FLAGS
 cfg = tiny_train_config(pathlib.Path(sys.argv[3]), pathlib.Path(sys.argv[4]), steps=3, **{"train.save_model": False})
 summary = train(cfg)
 print("LOSSES", json.dumps(summary["losses"]), flush=True)
@@ -43,7 +44,7 @@ def test_two_processes_train_like_one(tmp_path):
     single = train(tiny_train_config(data, tmp_path / "single", steps=3, **{"train.save_model": False}))
 
     address = f"127.0.0.1:{free_port()}"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4 " + COLLECTIVE_FLAGS, JAX_PLATFORMS="cpu",
                PYTHONPATH=str(REPO))
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, address, str(i), str(data), str(tmp_path / "multi"),
                                str(REPO / "tests")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -48,8 +48,10 @@ def stacked(n: int, tree):
     return jax.tree.map(lambda s: ParamSpec((n, *s.shape), ("layers", *s.axes), s.init), tree, is_leaf=is_spec)
 
 
-def dense(d_in: int, d_out: int, in_axis: str, out_axis: str, bias: bool = True, std: float = 0.02) -> dict:
-    out = {"kernel": ParamSpec((d_in, d_out), (in_axis, out_axis), normal(std))}
+def dense(d_in: int, d_out: int, in_axis: str, out_axis: str, bias: bool = True, std: float | None = None) -> dict:
+    """A linear layer; random init is LeCun normal (std 1/sqrt(d_in)) so tiny models train from scratch quickly
+    (released models always load their weights)."""
+    out = {"kernel": ParamSpec((d_in, d_out), (in_axis, out_axis), normal(d_in**-0.5 if std is None else std))}
     if bias:
         out["bias"] = ParamSpec((d_out,), (out_axis,), zeros)
     return out

@@ -146,5 +146,6 @@ def lm_head(params: dict, h: jax.Array, vocab_limit: int | None = None) -> jax.A
     w = params["lm_head"] if "lm_head" in params else params["embed"].T
     if vocab_limit is not None:
         w = w[:, :vocab_limit]
-    logits = h @ w.astype(h.dtype)
-    return constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
+    logits = (h @ w.astype(h.dtype)).astype(jnp.float32)
+    axes = ("batch", "act_vocab") if logits.ndim == 2 else ("batch", "length", "act_vocab")  # decode steps are 2-D
+    return constrain(logits, axes)

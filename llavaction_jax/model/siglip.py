@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from llavaction_jax.config import VisionConfig
 from llavaction_jax.model.attention import attention
 from llavaction_jax.model.layers import gelu_tanh, layer_norm, linear, remat
-from llavaction_jax.model.params import ParamSpec, dense, ones, stacked, zeros
+from llavaction_jax.model.params import ParamSpec, dense, normal, ones, stacked, zeros
 from llavaction_jax.sharding import constrain
 
 
@@ -33,7 +33,7 @@ def param_specs(cfg: VisionConfig) -> dict:
     }
     return {
         # Conv kernel in (kh, kw, in, out) layout, applied as a matmul over flattened patches.
-        "patch_embed": {"kernel": ParamSpec((p, p, c, d), (None, None, None, "embed")), "bias": ParamSpec((d,), ("embed",), zeros)},
+        "patch_embed": {"kernel": ParamSpec((p, p, c, d), (None, None, None, "embed"), normal((p * p * c) ** -0.5)), "bias": ParamSpec((d,), ("embed",), zeros)},
         "pos_embed": ParamSpec((cfg.num_patches, d), ("patch", "embed")),
         "layers": stacked(cfg.num_layers, layer),
     }

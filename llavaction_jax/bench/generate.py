@@ -1,0 +1,162 @@
+"""Benchmark: questions per second of our batched eval step vs upstream-style batch-1 greedy generation.
+
+Same weights, same inputs, same run. The model is the mini LLaVA-OneVision of bench/forward.py (SigLIP 4x256,
+mlp2x_gelu, Qwen2 4x512, one_token layout, fp32). Each question is an EK100-MQA-shaped prompt: a 14-token chat
+prefix, the video (8 frames at 384 px -> 1569 visual tokens) and 60-100 text tokens after it (lengths differ, as
+real prompts do).
+
+* upstream style: ``model.generate(input_ids, pixel_values_videos, do_sample=False, max_new_tokens=N)`` with the
+  transformers PyTorch model, one question at a time (llava_inference.py: batch 1);
+* ours: ``eval.generate`` (jitted prefill + KV-cache while_loop) on batches of 8 and 16 right-padded prompts,
+  padded to one fixed length as the eval command does, host arrays in and tokens back on the host; optionally
+  option scoring (5 options of 8 tokens) at batch 8.
+
+Reports compile time, questions/s of each, the ratios (target >= 5x), and how many questions got exactly the same
+greedy tokens from both.
+
+    python -m llavaction_jax.bench.generate [--questions 16] [--new-tokens 16] [--frames 8] [--no-score] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+PREFIX_LEN = 14  # "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+VIDEO_TOKEN = 32001
+
+
+def make_questions(n: int, frames: int, seed: int = 1):
+    """(before ids, after ids, pixels) per question; text after the video is 60-100 tokens long."""
+    rng = np.random.default_rng(seed)
+    before = rng.integers(0, 32000, size=PREFIX_LEN)  # the same chat prefix for every question
+    return [(before, rng.integers(0, 32000, size=int(rng.integers(60, 101))),
+             rng.uniform(-1, 1, size=(frames, 3, 384, 384)).astype(np.float32)) for _ in range(n)]
+
+
+def padded_batch(questions, width: int):
+    """Our input convention: one -200 placeholder, right-padded to a fixed width."""
+    ids = np.zeros((len(questions), width), np.int32)
+    mask = np.zeros(ids.shape, bool)
+    for i, (before, after, _) in enumerate(questions):
+        row = np.concatenate([before, [-200], after])
+        ids[i, : len(row)], mask[i, : len(row)] = row, True
+    return ids, mask, np.stack([p for _, _, p in questions])
+
+
+def run_torch(model, questions, n_video: int, new_tokens: int, eos: int):
+    """Upstream style: batch 1, greedy, stop at EOS or after new_tokens. Returns (seconds, generated ids)."""
+    import torch
+
+    outputs = []
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for before, after, pixels in questions:
+            ids = torch.tensor(np.concatenate([before, np.full(n_video, VIDEO_TOKEN), after])[None])
+            out = model.generate(input_ids=ids, pixel_values_videos=torch.tensor(pixels)[None], do_sample=False,
+                                 max_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=0)
+            outputs.append(out[0, ids.shape[1]:].numpy())
+    return time.perf_counter() - t0, outputs
+
+
+def filled(chunk: list, batch: int) -> list:
+    """A short last batch is filled with copies of its first question, as the eval command does."""
+    return chunk + [chunk[0]] * (batch - len(chunk))
+
+
+def run_ours(step, questions, batch: int, width: int):
+    """Batches of `batch` questions, host arrays in, host arrays out. Returns (seconds, per-question outputs)."""
+    outputs = []
+    t0 = time.perf_counter()
+    for start in range(0, len(questions), batch):
+        real = min(batch, len(questions) - start)
+        result = [np.asarray(x) for x in step(*padded_batch(filled(questions[start:start + batch], batch), width))]
+        outputs += [[x[i] for x in result] for i in range(real)]
+    return time.perf_counter() - t0, outputs
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--questions", type=int, default=16, help="questions answered by each contender")
+    parser.add_argument("--new-tokens", type=int, default=16, help="max_new_tokens (an MQA answer is ~8 tokens)")
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--batches", default="8,16", help="our batch sizes")
+    parser.add_argument("--no-score", action="store_true", help="skip option scoring")
+    parser.add_argument("--no-write", action="store_true", help="print only; do not append to BENCHMARKS.md")
+    args = parser.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from llavaction_jax.bench.common import record
+    from llavaction_jax.bench.forward import build
+    from llavaction_jax.config import ModelConfig
+    from llavaction_jax.convert.keys import torch_to_params
+    from llavaction_jax.eval.generate import GenerationConfig, generate
+    from llavaction_jax.eval.scoring import score_options
+
+    torch.set_num_threads(os.cpu_count())
+    hf_cfg, model, *_ = build(1, args.frames)
+    cfg = ModelConfig.from_upstream(hf_cfg.to_dict())
+    params = jax.device_put(torch_to_params({k: v.numpy() for k, v in model.state_dict().items()}, cfg))
+    n_video = cfg.tokens_per_video(args.frames)
+    questions = make_questions(args.questions, args.frames)
+    width = PREFIX_LEN + 1 + 112  # fixed prompt length: longest text rounded up, as the eval command pads
+    eos = 32767  # a random model rarely emits it: answers run to the budget on both sides, as intended
+    gen = GenerationConfig(max_new_tokens=args.new_tokens, eos_ids=(eos,), pad_id=0)
+
+    def generate_step(ids, mask, pixels):
+        return generate(params, cfg, gen, jnp.asarray(ids), jnp.asarray(pixels), jnp.asarray(mask))
+
+    lines, ours = [], {}
+    for batch in (int(b) for b in args.batches.split(",")):
+        t0 = time.perf_counter()
+        jax.block_until_ready(generate_step(*padded_batch(filled(questions[:1], batch), width)))  # compile
+        compile_s = time.perf_counter() - t0
+        seconds, outputs = run_ours(generate_step, questions, batch, width)
+        ours[batch] = (seconds, [tokens[:num] for tokens, num in outputs], compile_s)
+
+    score_s = None
+    if not args.no_score:
+        rng = np.random.default_rng(2)
+        options = jnp.asarray(rng.integers(0, 32000, size=(8, 5, 8)), jnp.int32)
+        option_mask = jnp.ones(options.shape, bool)
+        score = jax.jit(lambda p, i, x, m: score_options(p, cfg, i, x, m, options, option_mask)["logprob_sum"])
+
+        def score_step(ids, mask, pixels):
+            return (score(params, jnp.asarray(ids), jnp.asarray(pixels), jnp.asarray(mask)),)
+
+        jax.block_until_ready(score_step(*padded_batch(filled(questions[:1], 8), width)))  # compile
+        score_s, _ = run_ours(score_step, questions, 8, width)
+
+    run_torch(model, questions[:1], n_video, args.new_tokens, eos)  # warm-up
+    torch_s, torch_out = run_torch(model, questions, n_video, args.new_tokens, eos)
+    torch_qps = len(questions) / torch_s
+
+    n = len(questions)
+    lines.append(f"- workload: {n} questions, {args.frames} frames x 384 px ({n_video} visual tokens) + "
+                 f"{PREFIX_LEN + 60}-{PREFIX_LEN + 100} text tokens, greedy, {args.new_tokens} new tokens; fp32; "
+                 "SigLIP 4x256, Qwen2 4x512, vocab 32768")
+    lines.append(f"- upstream style (transformers generate, batch 1, torch {torch.__version__}, "
+                 f"{torch.get_num_threads()} threads): {torch_qps:.2f} questions/s")
+    for batch, (seconds, outputs, compile_s) in ours.items():
+        same = sum(np.array_equal(a, b) for a, b in zip(outputs, torch_out))
+        qps = n / seconds
+        lines.append(f"- ours, batch {batch}: {qps:.2f} questions/s (compile {compile_s:.1f} s) -> "
+                     f"**{qps / torch_qps:.2f}x**; greedy tokens identical to transformers for {same}/{n} questions")
+    if score_s is not None:
+        lines.append(f"- ours, option scoring (5 options x 8 tokens), batch 8: {n / score_s:.2f} questions/s -> "
+                     f"{n / score_s / torch_qps:.2f}x the upstream-style generation")
+    lines.append("- target: >= 5x")
+    cmd = "python -m llavaction_jax.bench.generate " + " ".join(argv if argv is not None else sys.argv[1:])
+    record("generate: batched eval vs upstream-style batch-1 generate", cmd.strip(), lines, write=not args.no_write)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,168 @@
+"""Host side of evaluation: fixed batch shapes, prompt and option tokens, frames from shards, and the move of each
+process's rows onto the global mesh and back.
+
+One compiled step serves the whole run because every shape is fixed up front from the *whole* question file (so
+all processes agree): the prompt length is the longest prompt rounded up, the option layout is the most options
+times the longest option, and a short batch is filled with copies of a real question whose answers are dropped.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import math
+import threading
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from llavaction_jax.data import chat
+from llavaction_jax.data.frames import FrameShards, decode_frames
+from llavaction_jax.data.image import preprocess_frames
+from llavaction_jax.eval.questions import EvalQuestion
+from llavaction_jax.eval.scoring import option_token_ids, pad_options
+
+BATCH_AXES = ("data", "fsdp")  # the mesh axes the batch is split over (sharding.LOGICAL_RULES["batch"])
+# Upper bound for a duration in the videoqa time instruction: Qwen2 tokenizes digits one by one, so a prompt's
+# length depends on the number of digits only, and 5 integer digits cover any clip shorter than a day.
+_WIDEST_DURATION = 99999.99
+
+
+def round_up(n: int, multiple: int) -> int:
+    return max(multiple, math.ceil(n / multiple) * multiple)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchLayout:
+    batch_size: int  # questions per process per step
+    prompt_len: int  # text tokens, including the one -200 placeholder
+    num_frames: int
+    image_size: int
+    num_options: int
+    option_len: int  # tokens of the longest option continuation (with <|im_end|>)
+    options_per_pass: int | None = None  # scoring: options sharing one pass over the broadcast cache (None: all)
+
+
+class PromptBuilder:
+    """Token ids of every question's prompt and option continuations."""
+
+    def __init__(self, tokenizer, time_instruction: bool, instruction: str):
+        self.tokenizer, self.time_instruction, self.instruction = tokenizer, time_instruction, instruction
+        self.im_end_id = tokenizer.convert_tokens_to_ids(chat.IM_END)
+
+    def prompt_ids(self, question: EvalQuestion, duration: float, num_frames: int) -> list[int]:
+        user = question.user_message(duration, num_frames, self.time_instruction, self.instruction)
+        return chat.tokenizer_image_token(chat.build_inference_prompt(user), self.tokenizer)
+
+    def option_ids(self, question: EvalQuestion) -> list[list[int]]:
+        return option_token_ids(self.tokenizer, list(question.options), self.im_end_id)
+
+    def layout(self, questions: list[EvalQuestion], batch_size: int, num_frames: int, image_size: int,
+               prompt_len: int | None = None, options_per_pass: int | None = None) -> BatchLayout:
+        """Shapes for the whole run; the option count is rounded up to a multiple of ``options_per_pass``."""
+        longest_prompt = max(len(self.prompt_ids(q, _WIDEST_DURATION, num_frames)) for q in questions)
+        if prompt_len is not None and prompt_len < longest_prompt:
+            raise ValueError(f"--prompt-len {prompt_len} is shorter than the longest prompt ({longest_prompt} tokens)")
+        longest_option = max(len(ids) for q in questions for ids in self.option_ids(q))
+        num_options = max(len(q.options) for q in questions)
+        if options_per_pass:
+            num_options = round_up(num_options, options_per_pass)
+        return BatchLayout(batch_size, prompt_len or round_up(longest_prompt, 32), num_frames, image_size,
+                           num_options, round_up(longest_option, 4), options_per_pass)
+
+
+class ClipLoader:
+    """Model-ready frames of a question's clip: read from the shards, subsampled to the run's frame count, resized
+    and normalised like upstream. Thread-safe; decoding (PIL releases the GIL) runs in a thread pool."""
+
+    def __init__(self, shards: FrameShards, num_frames: int, image_size: int, threads: int = 4):
+        self.shards, self.num_frames, self.image_size = shards, num_frames, image_size
+        self._lock = threading.Lock()
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="frames")
+
+    def clip_uid(self, question: EvalQuestion) -> str:
+        for uid in question.clip_uids:
+            if uid in self.shards:
+                return uid
+        raise KeyError(f"question {question.uid!r}: no clip {' / '.join(map(repr, question.clip_uids))} in "
+                       f"{self.shards.directory}")
+
+    def load(self, question: EvalQuestion) -> tuple[str, np.ndarray, float]:
+        """(clip uid, float32 (T, 3, S, S), duration in seconds)."""
+        uid = self.clip_uid(question)
+        index = self.shards.index_of(uid)
+        with self._lock:  # the record reader is opened lazily and shared
+            data = self.shards.read_bytes(index)
+        record = self.shards.parse(data, index)
+        frames = select_frames(decode_frames(record), self.num_frames, uid)
+        return uid, preprocess_frames(frames, self.image_size), float(record.duration_sec)
+
+
+def select_frames(frames: np.ndarray, num_frames: int, uid: str) -> np.ndarray:
+    """Exactly ``num_frames`` frames: every k-th when the count divides (upstream EK100's
+    ``video_frames[::clip_length // num_frames]``), else LLaVA-Video's ``linspace(0, n - 1, num_frames)``."""
+    n = len(frames)
+    if n < num_frames:
+        raise ValueError(f"clip {uid!r} has {n} frames, fewer than the {num_frames} the run uses")
+    if n % num_frames == 0:
+        return frames[:: n // num_frames]
+    return frames[np.linspace(0, n - 1, num_frames, dtype=int)]
+
+
+def build_batch(indices: list[int], questions: list[EvalQuestion], fill_index: int, layout: BatchLayout,
+                builder: PromptBuilder, loader: ClipLoader) -> tuple[dict, list[dict]]:
+    """Host arrays for one step of ``layout.batch_size`` rows and, per real row, what the prediction record needs.
+
+    Rows past ``indices`` repeat question ``fill_index`` (a real question, so the step computes nothing odd)."""
+    rows = indices + [fill_index] * (layout.batch_size - len(indices))
+    loaded = list(loader.pool.map(lambda i: loader.load(questions[i]), rows))
+    ids = np.zeros((len(rows), layout.prompt_len), np.int32)
+    mask = np.zeros(ids.shape, bool)
+    option_lists, info = [], []
+    for r, (i, (clip_uid, _, duration)) in enumerate(zip(rows, loaded)):
+        prompt = builder.prompt_ids(questions[i], duration, layout.num_frames)
+        if len(prompt) > layout.prompt_len:
+            raise ValueError(f"question {questions[i].uid!r}: prompt of {len(prompt)} tokens is longer than the run's "
+                             f"prompt length {layout.prompt_len} (set --prompt-len)")
+        ids[r, : len(prompt)], mask[r, : len(prompt)] = prompt, True
+        option_lists.append(builder.option_ids(questions[i]))
+        if r < len(indices):
+            info.append({"index": i, "clip_uid": clip_uid, "prompt_tokens": len(prompt)})
+    option_ids, option_mask = pad_options(option_lists, layout.num_options, layout.option_len)
+    arrays = {"input_ids": ids, "attention_mask": mask, "pixel_values": np.stack([p for _, p, _ in loaded]),
+              "option_ids": option_ids, "option_mask": option_mask}
+    return arrays, info
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def check_batch_layout(mesh: Mesh, per_process_batch: int, process_count: int) -> None:
+    """Each process must own its own rows of the global batch: the batch axes split it evenly, and no two
+    processes hold the same rows (a mesh whose batch is replicated across hosts would need identical inputs)."""
+    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    global_batch = per_process_batch * process_count
+    if global_batch % ways:
+        raise ValueError(f"the global batch ({per_process_batch} per process x {process_count} processes) does not "
+                         f"split over data x fsdp = {ways} mesh rows; choose --batch-size accordingly")
+    rows: dict[int, set] = {}
+    for device, (rows_slice, *_) in batch_sharding(mesh).devices_indices_map((global_batch,)).items():
+        rows.setdefault(device.process_index, set()).update(range(*rows_slice.indices(global_batch)))
+    if any(len(r) != per_process_batch for r in rows.values()):
+        raise ValueError(f"mesh {dict(mesh.shape)} does not give each of the {process_count} processes its own "
+                         "rows of the batch; make data x fsdp a multiple of the process count (model parallelism, "
+                         "tensor, within a host)")
+
+
+def to_global(arrays: dict, mesh: Mesh) -> dict:
+    """This process's rows -> global arrays whose batch is split over the mesh's batch axes."""
+    return multihost_utils.host_local_array_to_global_array(arrays, mesh, P(BATCH_AXES))
+
+
+def to_local(outputs, mesh: Mesh):
+    """Global outputs (batch split like the inputs) -> numpy arrays of this process's rows, in its input order."""
+    local = multihost_utils.global_array_to_host_local_array(outputs, mesh, P(BATCH_AXES))
+    return jax.tree.map(np.asarray, local)

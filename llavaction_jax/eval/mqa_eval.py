@@ -1,0 +1,178 @@
+"""``python -m llavaction_jax eval``: a model + a question file + frame shards -> answers, metrics and a report.
+
+Flow: every process reads the whole question file (so all agree on the fixed batch shapes), answers its contiguous
+slice (``data.mqa.slice_bounds``) in steps of ``--batch-size`` questions on the global mesh (its rows go to its
+own devices), then the prediction records are gathered to process 0 with a collective (no shared filesystem
+needed), checked to cover the question file exactly once, and written with the metrics:
+
+    OUT/predictions.jsonl   one record per question, in file order (schema: runner.py)
+    OUT/results.json        settings, run facts and metrics (schema: ``metrics.compute_metrics`` + header)
+    OUT/report.md           tables + OUT/accuracy.png
+
+Answer modes: ``generate`` (upstream: greedy decoding, parsed with upstream's rules) and ``score`` (the option
+with the highest log-likelihood, eval/scoring.py); ``both`` runs both on the same batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from llavaction_jax.eval.runner import EvalSettings, check_tokenizer_fits, evaluate
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """"data=2,fsdp=1,tensor=2" -> make_mesh kwargs (unnamed axes keep make_mesh's defaults)."""
+    out = {}
+    for part in filter(None, text.split(",")):
+        name, _, value = part.partition("=")
+        if name.strip() not in ("data", "fsdp", "tensor") or not value.strip().lstrip("-").isdigit():
+            raise ValueError(f"--mesh: expected data=N,fsdp=N,tensor=N (N may be -1 once), got {part!r}")
+        out[name.strip()] = int(value)
+    return out
+
+
+def parse_overrides(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--override expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    a = parser.add_argument
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--model", help="model directory (save_pretrained / converter output)")
+    model.add_argument("--preset", help="random model from configs/<NAME>.py (smoke tests), e.g. tiny")
+    a("--override", action="append", default=[], metavar="KEY=VALUE",
+      help="preset field override, repeatable (e.g. text.vocab_size=151680)")
+    a("--seed", type=int, default=0, help="seed of a --preset model's random weights")
+    a("--questions", required=True, help="question file: build-mqa JSONL (ek100) or generic video QA JSONL")
+    a("--shards", required=True, help="frame-shard directory (extract-frames output) holding every question's clip")
+    a("--out", required=True, help="output directory (predictions.jsonl, results.json, report.md, accuracy.png)")
+    a("--format", choices=("auto", "ek100", "videoqa"), default="auto", help="question-file format")
+    a("--batch-size", type=int, default=8, help="questions per process per step")
+    a("--mode", choices=("generate", "score", "both"), default="generate",
+      help="generate: greedy answer + upstream parsing; score: option log-likelihoods; both")
+    a("--max-new-tokens", type=int, default=4096, help="generation budget (upstream: 4096; 32 is plenty for MQA)")
+    a("--mesh", default="data=-1,fsdp=1,tensor=1", help="mesh shape over all devices of all processes")
+    a("--limit", type=int, default=None, help="evaluate only the first N questions")
+    a("--tokenizer", default=None, help="tokenizer directory (default: the model directory's, else bundled Qwen2)")
+    a("--num-frames", type=int, default=None, help="frames per clip fed to the model (default: the shards')")
+    a("--prompt-len", type=int, default=None, help="padded prompt length (default: longest prompt, rounded up)")
+    a("--time-instruction", action=argparse.BooleanOptionalAction, default=True,
+      help="videoqa: prepend LLaVA-Video's 'The video lasts for ...' instruction")
+    a("--videoqa-instruction", default="",
+      help="videoqa: line after the options (default: lmms-eval's \"Answer with the option's letter from the given "
+           "choices directly.\")")
+    a("--annotations", default=None, help="EK100 annotation folder for verb/noun names (default: from the meta)")
+    a("--param-dtype", default=None, help="override the model's parameter dtype (e.g. bfloat16)")
+    a("--compute-dtype", default=None, help="override the model's compute dtype (e.g. bfloat16)")
+    a("--threads", type=int, default=4, help="frame-decoding threads per process")
+    a("--options-per-pass", type=int, default=None,
+      help="score mode: options scored per pass over the prompt's KV cache, which is copied that many times "
+           "(default: all options in one pass; 1 uses the least memory)")
+    a("--coordinator", default=None, help="multi-process: coordinator HOST:PORT for jax.distributed.initialize, or "
+                                           "'auto' to let JAX detect the cluster (TPU pod, SLURM)")
+    a("--num-processes", type=int, default=None, help="multi-process: number of processes")
+    a("--process-id", type=int, default=None, help="multi-process: this process's id")
+
+
+def _init_distributed(args) -> None:
+    import jax
+
+    if args.coordinator is None:
+        return
+    if args.coordinator == "auto":  # TPU pods, SLURM, ...: JAX reads the process layout from the environment
+        jax.distributed.initialize()
+        return
+    # CPU processes need a collectives backend for cross-process arrays; the setting does not touch GPU / TPU.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                               process_id=args.process_id)
+
+
+def model_config(args):
+    """The model's config, read before any weights so a mismatch fails fast; None for a PyTorch checkpoint
+    directory (load_pretrained converts it in memory and the config comes with the weights)."""
+    from llavaction_jax.checkpoint_io import is_model_dir, load_config
+    from llavaction_jax.config import load_preset
+
+    if args.model and not is_model_dir(args.model):
+        return None
+    cfg = load_config(args.model) if args.model else load_preset(args.preset, parse_overrides(args.override))
+    return cfg.replace(param_dtype=args.param_dtype) if args.param_dtype else cfg
+
+
+def load_model(args, mesh, cfg=None):
+    """(params on the mesh, cfg, name)."""
+    import jax
+
+    from llavaction_jax.model import llava
+    from llavaction_jax.model.params import abstract_params, logical_axes
+    from llavaction_jax.sharding import param_shardings
+
+    cfg = cfg or model_config(args)
+    if args.model:
+        from llavaction_jax.api import load_pretrained
+
+        model = load_pretrained(args.model, mesh, dtype=args.param_dtype)
+        params, cfg, name = model.params, model.cfg, str(args.model)
+    else:
+        specs = llava.param_specs(cfg)
+        shardings = param_shardings(logical_axes(specs), abstract_params(specs), mesh)
+        # Random weights for smoke runs, initialised inside jit straight into the mesh's shardings (identical on
+        # every process, no host copy). The rbg generator compiles in a fraction of threefry's time on CPU.
+        key = jax.random.key(args.seed, impl="rbg")
+        params = jax.jit(lambda k: llava.init(cfg, k), out_shardings=shardings)(key)
+        name = f"preset {args.preset} (random, rbg seed {args.seed})"
+    if args.compute_dtype:
+        cfg = cfg.replace(compute_dtype=args.compute_dtype)
+    return params, cfg, name
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        _init_distributed(args)
+        from jax.experimental import multihost_utils
+
+        from llavaction_jax.eval.questions import resolve_tokenizer
+        from llavaction_jax.sharding import make_mesh
+
+        mesh = make_mesh(**parse_mesh(args.mesh))
+        tokenizer, tokenizer_name = resolve_tokenizer(args.tokenizer, args.model)
+        cfg = model_config(args)
+        if cfg is not None:
+            check_tokenizer_fits(cfg, tokenizer)
+        params, cfg, name = load_model(args, mesh, cfg)
+        modes = ("generate", "score") if args.mode == "both" else (args.mode,)
+        settings = EvalSettings(batch_size=args.batch_size, modes=modes, max_new_tokens=args.max_new_tokens,
+                                num_frames=args.num_frames, prompt_len=args.prompt_len, limit=args.limit,
+                                fmt=args.format, time_instruction=args.time_instruction,
+                                instruction=args.videoqa_instruction, threads=args.threads,
+                                options_per_pass=args.options_per_pass)
+        results = evaluate(params, cfg, tokenizer, args.questions, args.shards, args.out, settings, mesh,
+                           model_name=name, model_dir=args.model, tokenizer_name=tokenizer_name,
+                           annotations=args.annotations)
+    except (ValueError, KeyError, FileNotFoundError) as e:  # bad inputs: one clear line
+        print(f"eval: error: {e}", file=sys.stderr)
+        return 2
+    if results is not None:
+        summary = ", ".join(f"{m}: text {_fmt(s.get('accuracy_text'))} letter {_fmt(s.get('accuracy_letter'))}"
+                            for m, s in results["modes"].items())
+        print(f"[eval] {results['num_questions']} questions; {summary}; "
+              f"{results['run']['questions_per_second']:.2f} questions/s -> {args.out}")
+    multihost_utils.sync_global_devices("eval finished")  # no process exits while 0 writes
+    return 0
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}%"

