@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
     parser.add_argument("--segments-per-action", type=int, default=30,
                         help="training segments per verb-noun action, 16 actions (default: 30)")
-    parser.add_argument("--steps", type=int, default=500, help="training steps (default: 500)")
+    parser.add_argument("--steps", type=int, default=800, help="training steps (default: 800)")
     parser.add_argument("--batch-size", type=int, default=16, help="training batch size (default: 16)")
     parser.add_argument("--frames", type=int, default=4, help="frames per clip (default: 4)")
     parser.add_argument("--seed", type=int, default=0)

@@ -45,24 +45,29 @@ def _shape_mask(shape: str, size: int) -> np.ndarray:
 
 
 def render_segment(verb: str, noun: str, n_frames: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """(n_frames, size, size, 3) uint8: the object moving across a textured counter."""
+    """(n_frames, size, size, 3) uint8: the object moving across a textured counter, trailing a motion blur."""
     background = np.full((size, size, 3), (150, 130, 110), np.int16)
     background += rng.integers(-12, 13, (size, size, 1), dtype=np.int16)  # a little texture, not a flat colour
     colour, shape = NOUNS[noun]
     obj = size // 4
     mask = _shape_mask(shape, obj)
     dx, dy = VERBS[verb]
-    travel = size // 2
+    travel = 3 * size // 5
     x0 = rng.integers(obj, size - 2 * obj) if dx == 0 else (size // 4 - obj // 2 if dx > 0 else 3 * size // 4 - obj // 2)
     y0 = rng.integers(obj, size - 2 * obj) if dy == 0 else (size // 4 - obj // 2 if dy > 0 else 3 * size // 4 - obj // 2)
     frames = np.empty((n_frames, size, size, 3), np.uint8)
+    colour = np.asarray(colour, np.float32)
     for i in range(n_frames):
         t = i / max(n_frames - 1, 1)
-        x, y = int(x0 + dx * travel * t), int(y0 + dy * travel * t)
-        frame = background.copy()
-        region = frame[y : y + obj, x : x + obj]
-        region[mask[: region.shape[0], : region.shape[1]]] = colour
-        frames[i] = np.clip(frame, 0, 255)
+        frame = background.astype(np.float32)
+        # A fading trail behind the object, like motion blur: the direction is visible in every frame.
+        for lag, alpha in ((0.3, 0.25), (0.2, 0.45), (0.1, 0.7), (0.0, 1.0)):
+            tt = max(t - lag, 0.0)
+            x, y = int(x0 + dx * travel * tt), int(y0 + dy * travel * tt)
+            region = frame[y : y + obj, x : x + obj]
+            m = mask[: region.shape[0], : region.shape[1]]
+            region[m] = (1 - alpha) * region[m] + alpha * colour
+        frames[i] = np.clip(frame, 0, 255).astype(np.uint8)
     return frames
 
 
