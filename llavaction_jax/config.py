@@ -460,20 +460,25 @@ def available_presets() -> list[str]:
     return sorted(p.stem for p in CONFIGS_DIR.glob("*.py") if not p.stem.startswith("_") and p.stem not in RECIPES)
 
 
-RECIPES = ("train", "eval", "demo")
+RECIPES = ("train",)  # files in configs/ that are run recipes, not model presets
+
+
+def run_config_file(file: pathlib.Path):
+    """Execute a configs/*.py style file and return its `get_config()`."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"llavaction_configs.{file.stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def load_preset(name: str, overrides: dict[str, Any] | None = None) -> ModelConfig:
     """ModelConfig of configs/<name>.py, with optional dotted overrides {"text.num_layers": 2}."""
-    import importlib.util
-
     file = CONFIGS_DIR / f"{name}.py"
     if not file.is_file():
         raise ConfigError(f"unknown model preset {name!r}; available: {', '.join(available_presets())}")
-    spec = importlib.util.spec_from_file_location(f"llavaction_configs.{name}", file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cd = module.get_config()
+    cd = run_config_file(file)
     for key, value in (overrides or {}).items():
         node = cd
         *parents, last = key.split(".")

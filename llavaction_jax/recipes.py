@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import ast
-import importlib.util
 import pathlib
 
 import ml_collections
 
-from llavaction_jax.config import CONFIGS_DIR, ConfigError
+from llavaction_jax.config import CONFIGS_DIR, ConfigError, run_config_file
 
 
 def load_recipe(path: str | pathlib.Path, overrides: list[str] | None = None) -> ml_collections.ConfigDict:
@@ -18,10 +17,7 @@ def load_recipe(path: str | pathlib.Path, overrides: list[str] | None = None) ->
         file = CONFIGS_DIR / f"{path}.py"
     if not file.is_file():
         raise ConfigError(f"config file {path!r} not found (neither a path nor a name in {CONFIGS_DIR})")
-    spec = importlib.util.spec_from_file_location(f"llavaction_recipe_{file.stem}", file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config()
+    cfg = run_config_file(file)
     apply_overrides(cfg, overrides or [])
     return cfg
 

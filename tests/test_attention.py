@@ -151,8 +151,7 @@ def test_qwen2_forward_flash_equals_xla(monkeypatch):
     monkeypatch.setattr(attention_module, "flash_attention", functools.partial(flash_attention, block_q=16, block_k=8))
     cfg = load_preset("tiny").text
     params = init_params(qwen2.param_specs(cfg), jax.random.key(0))
-    params["layers"]["attn"]["q"]["kernel"] *= 10  # sharper attention than the 0.02 init, so masks matter
-    params["layers"]["attn"]["k"]["kernel"] *= 10
+    # LeCun-normal init gives O(1) attention logits, sharp enough that a wrong mask would show.
     b, t = 2, 45
     valid = prefix_valid([45, 31], t)
     positions = jnp.where(valid, arange_pos(b, t), 0)

@@ -13,6 +13,7 @@ import pytest
 
 from _train_fixtures import make_training_data, tiny_train_config
 from llavaction_jax.train.loop import train
+from conftest import COLLECTIVE_FLAGS
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -26,7 +27,6 @@ from absl import flags
 flags.FLAGS.mark_as_parsed()
 from _train_fixtures import tiny_train_config
 from llavaction_jax.train.loop import train
-from conftest import COLLECTIVE_FLAGS
 cfg = tiny_train_config(pathlib.Path(sys.argv[3]), pathlib.Path(sys.argv[4]), steps=3, **{"train.save_model": False})
 summary = train(cfg)
 print("LOSSES", json.dumps(summary["losses"]), flush=True)

@@ -46,6 +46,10 @@ def flash_attention(q, k, v, *, q_pos=None, k_pos=None, k_valid=None, causal: bo
     kb, vb = (pad(x, nk * bk).reshape(b, nk, bk, kv, d).transpose(1, 0, 3, 2, 4) for x in (k, v))
     q_pos_b = pad(q_pos, nq * bq).reshape(b, nq, bq).swapaxes(0, 1)
     k_pos_b, k_valid_b = (pad(x, nk * bk).reshape(b, nk, bk).swapaxes(0, 1) for x in (k_pos, k_valid))
+    # Tie the mask inputs to q: otherwise, under a scanned and differentiated stack of layers, XLA hoists every
+    # tile's mask and -inf fill (they depend on positions only) out of the loop and keeps all of them: the full
+    # (T, S) matrix this kernel exists to avoid (28 GiB for one 7B layer at 16k tokens).
+    qb, q_pos_b, k_pos_b, k_valid_b = jax.lax.optimization_barrier((qb, q_pos_b, k_pos_b, k_valid_b))
     out = _flash(qb, kb, vb, q_pos_b, k_pos_b, k_valid_b, causal)
     return out.transpose(1, 0, 4, 2, 3, 5).reshape(b, nq * bq, n, d)[:, :t]
 
