@@ -2,9 +2,13 @@
 
 import os
 
-# 8 fake devices on 2 cores: a collective can wait long for its threads under load, so XLA's default
-# termination timeout (which aborts the process) is raised; subprocess tests inherit it via COLLECTIVE_FLAGS.
-COLLECTIVE_FLAGS = "--xla_cpu_collective_call_terminate_timeout_seconds=900 --xla_cpu_collective_timeout_seconds=900"
+# 8 fake devices on 2 cores. XLA:CPU's thunk executor runs independent collectives concurrently, in an order that
+# can differ between devices (seen: 6 devices in an all-reduce, 2 in an all-gather of the same train step: a
+# deadlock). Without the Eigen intra-op pool it runs them in one deterministic order. A collective can also wait
+# long for its threads under load, so the termination timeout (which aborts the process) is raised.
+# Subprocess tests pass the same flags via COLLECTIVE_FLAGS.
+COLLECTIVE_FLAGS = ("--xla_cpu_multi_thread_eigen=false --xla_cpu_collective_call_terminate_timeout_seconds=900 "
+                    "--xla_cpu_collective_timeout_seconds=900")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 " + COLLECTIVE_FLAGS)
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
