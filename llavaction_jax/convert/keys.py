@@ -177,29 +177,6 @@ def torch_to_params(state: Mapping[str, np.ndarray], cfg: ModelConfig, expected=
     return params
 
 
-def params_to_torch(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """Our params tree -> upstream LLaVA-NeXT state dict (numpy arrays)."""
-    from llavaction_jax.model.params import flatten_paths
-
-    flat = flatten_paths(params)
-    out: dict[str, np.ndarray] = {}
-    for key, (path, layer, tf) in _upstream_key_table(cfg).items():
-        value = np.asarray(flat[path])
-        out[key] = np.ascontiguousarray(to_torch(value[layer] if layer is not None else value, tf))
-    return out
-
-
-def _upstream_key_table(cfg: ModelConfig) -> dict[str, tuple[str, int | None, str]]:
-    """Every upstream key this config has, with where it lives in our params."""
-    keys = list(upstream_keys(cfg))
-    table = {}
-    for k in keys:
-        mapped = map_key(k)
-        assert mapped is not None, k
-        table[k] = mapped
-    return table
-
-
 def upstream_keys(cfg: ModelConfig) -> Iterable[str]:
     """The upstream state-dict keys of a model with this config (upstream-spec.md 1.11)."""
     yield "model.embed_tokens.weight"
