@@ -20,7 +20,7 @@ def get_config():
     c.model = ml_collections.ConfigDict()
     c.model.preset = "tiny"  # configs/<preset>.py when not starting from a checkpoint
     c.model.init_from = ""  # a converted model directory (python -m llavaction_jax convert from-torch ...)
-    c.model.overrides = ml_collections.ConfigDict({"remat_policy": "none", "attention": "xla"})
+    c.model.overrides = ml_collections.ConfigDict({"remat_policy": "none", "attention": "auto"})
 
     c.data = ml_collections.ConfigDict()
     c.data.samples = ""  # upstream data YAML, or a LLaVA JSON / JSONL of samples

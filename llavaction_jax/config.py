@@ -96,7 +96,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat_policy: str = "none"
-    attention: str = "xla"
+    attention: str = "auto"  # model/attention.py: the fastest kernel that fits each call (xla is the reference)
     # Upstream keys we carry but do not interpret, written back verbatim by `to_upstream`.
     extra: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)
 

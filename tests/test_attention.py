@@ -13,7 +13,8 @@ from llavaction_jax.model import attention as attention_module
 from llavaction_jax.model import qwen2
 from llavaction_jax.model.attention import (attention, auto_impl, cudnn_attention, dense_mask, splash_attention,
                                             xla_attention)
-from llavaction_jax.model.flash_attention import flash_attention
+from llavaction_jax.model import flash_attention as flash_module
+from llavaction_jax.model.flash_attention import balanced_blocks, default_block, flash_attention
 from llavaction_jax.model.params import init_params
 
 TOL = 1e-5
@@ -127,8 +128,31 @@ def test_attention_dispatch_flash_and_auto_on_cpu():
         np.testing.assert_allclose(attention(q, k, v, **args, impl=impl) * rows, want * rows, atol=TOL, rtol=TOL)
     long_q = jax.ShapeDtypeStruct((1, 4096, 4, 16), jnp.float32)
     assert auto_impl(q, k, causal=True) == "xla" and auto_impl(long_q, long_q, causal=True) == "flash"
+    prefill = jax.ShapeDtypeStruct((1, 1669, 8, 64), jnp.float32)  # tiled wins early on CPU (bench.forward)
+    assert auto_impl(prefill, prefill, causal=True) == "flash"
     with pytest.raises(ValueError, match="not available"):
         attention(q, k, v, impl="bogus")
+
+
+def test_balanced_blocks_cover_the_sequence_with_little_padding():
+    for length in (1, 7, 8, 37, 129, 729, 1669, 13441):
+        for block in (4, 16, 128, 256, 512):
+            count, size = balanced_blocks(length, block)
+            assert size <= max(block, 1) and count * size >= length, (length, block)
+            assert count == -(-length // block) or length <= block  # no more blocks than the plain split
+            assert count * size - length < 8 * count, (length, block)  # padding: under 8 per block
+    assert balanced_blocks(729, 256) == (3, 248) and balanced_blocks(1669, 256) == (7, 240)
+
+
+def test_cpu_tile_edge_follows_the_cache_budget(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert default_block(1, 8) == 256 and default_block(8, 4) == 128 and default_block(1, 1) == 512
+    for batch, heads in ((1, 1), (1, 8), (8, 4), (64, 28)):
+        edge = default_block(batch, heads)
+        assert edge in (128, 256, 512)
+        assert edge == 128 or batch * heads * edge**2 * 4 <= flash_module.CPU_TILE_BYTES
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert default_block(64, 28) == flash_module.DEFAULT_BLOCK_ACCELERATOR
 
 
 def test_auto_choice_per_backend(monkeypatch):

@@ -14,7 +14,7 @@ Implementations (`ModelConfig.attention`, `impl=`):
           on real tokens, and for causal masks T == S (training) or T == 1 (a decode step).
   splash  Pallas splash attention, TPU only; self-attention (T == S), causal by index, k_valid as segment ids.
   auto    cudnn on GPU / splash on TPU (head dim a multiple of 128) where the call fits their contract, else
-          flash for long sequences (T * S >= AUTO_FLASH_MIN_SCORES), else xla. Decided per call from static
+          flash for long sequences (T * S >= AUTO_FLASH_MIN_SCORES; on CPU from 256 x 256), else xla. Decided per call from static
           shapes, dtype and backend, so one config serves training, SigLIP, prefill and decode.
 Requesting cudnn or splash explicitly where they cannot run raises a ValueError saying why.
 
@@ -32,7 +32,11 @@ from llavaction_jax.config import ATTENTION_IMPLS
 from llavaction_jax.model.flash_attention import flash_attention
 
 IMPLEMENTATIONS = ATTENTION_IMPLS
-AUTO_FLASH_MIN_SCORES = 2048 * 2048  # below this the materialised scores are small and plain XLA is faster
+# `auto` picks flash once T * S reaches this. On accelerators materialised scores are fast until they get big;
+# on CPU the tiled kernel wins early (cache-resident tiles, causal tiles skipped): for a 1669-token causal
+# prefill it took 15 ms against 118 ms for `xla`, for eight 729-token SigLIP frames 33-44 ms against 86 ms.
+AUTO_FLASH_MIN_SCORES = 2048 * 2048
+AUTO_FLASH_MIN_SCORES_CPU = 256 * 256
 SPLASH_LANES = 128  # splash tiles are multiples of the TPU lane width
 
 
@@ -61,7 +65,8 @@ def auto_impl(q, k, causal: bool) -> str:
         return "cudnn"
     if backend == "tpu" and splash_unsupported(q, k) is None and q.shape[-1] % SPLASH_LANES == 0:
         return "splash"  # other head dims (SigLIP's 72) are not verified on hardware: flash/xla there
-    return "flash" if q.shape[1] * k.shape[1] >= AUTO_FLASH_MIN_SCORES else "xla"
+    threshold = AUTO_FLASH_MIN_SCORES_CPU if backend == "cpu" else AUTO_FLASH_MIN_SCORES
+    return "flash" if q.shape[1] * k.shape[1] >= threshold else "xla"
 
 
 def dense_mask(q_pos, k_pos, k_valid, causal: bool):
