@@ -97,6 +97,7 @@ class ModelConfig:
     compute_dtype: str = "float32"
     remat_policy: str = "none"
     attention: str = "auto"  # model/attention.py: the fastest kernel that fits each call (xla is the reference)
+    vision_frames_per_step: int = 0  # frames SigLIP encodes at once (llava.encode_videos); 0 = auto by backend
     # Upstream keys we carry but do not interpret, written back verbatim by `to_upstream`.
     extra: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)
 
@@ -187,6 +188,8 @@ class ModelConfig:
             raise bad("remat_policy", self.remat_policy, REMAT_POLICIES)
         if self.attention not in ATTENTION_IMPLS:
             raise bad("attention", self.attention, ATTENTION_IMPLS)
+        if self.vision_frames_per_step < 0:
+            raise bad("vision_frames_per_step", self.vision_frames_per_step, "0 (auto) or a positive frame count")
         if self.pool_stride != 2:
             raise bad("pool_stride", self.pool_stride, "2 (upstream hard-codes stride 2 for video, spec 6.1)")
         t = self.text

@@ -247,3 +247,37 @@ def test_headline_counts():
     plain = sup.replace(vision_supervision=None)
     assert [plain.tokens_per_video(n) for n in (1, 16, 32, 64)] == [210, 3360, 6720, 13440]
     assert [sup.tokens_per_video(n) for n in (1, 16, 32, 64)] == [211, 3361, 6721, 13441]
+
+
+# ---------------------------------------------------------------------------------------------- frames per step
+def test_frames_per_step_divides_the_video_and_keeps_the_batch(monkeypatch):
+    from llavaction_jax.model.llava import AUTO_CPU_FRAMES_PER_STEP, frames_per_step
+
+    cfg = ModelConfig()
+    for setting, batch, frames, want in ((1, 2, 8, 1), (4, 1, 8, 4), (6, 1, 8, 4), (16, 2, 8, 8), (100, 4, 16, 16),
+                                         (8, 16, 8, 1), (3, 1, 7, 1)):
+        got = frames_per_step(cfg.replace(vision_frames_per_step=setting), batch, frames)
+        assert got == want and frames % got == 0, (setting, batch, frames, got)
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert frames_per_step(cfg, 1, 16) == AUTO_CPU_FRAMES_PER_STEP
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert frames_per_step(cfg, 4, 64) == 64  # accelerators: everything at once
+    with pytest.raises(Exception, match="vision_frames_per_step"):
+        cfg.replace(vision_frames_per_step=-1)
+
+
+@pytest.mark.parametrize("per_step", [1, 2])
+def test_encoding_frames_in_steps_equals_all_at_once(per_step):
+    from llavaction_jax.config import load_preset
+    from llavaction_jax.model import llava
+
+    cfg = load_preset("tiny")
+    params = llava.init(cfg, jax.random.key(0))
+    size = cfg.vision.image_size
+    pixels = jax.random.uniform(jax.random.key(1), (2, 4, 3, size, size), minval=-1, maxval=1)
+    whole = llava.encode_videos(params, pixels, cfg.replace(vision_frames_per_step=1000))
+    stepped = llava.encode_videos(params, pixels, cfg.replace(vision_frames_per_step=2 * per_step))  # 2 videos
+    assert stepped.shape == whole.shape == (2, cfg.tokens_per_video(4), cfg.text.hidden_size)
+    np.testing.assert_allclose(stepped, whole, atol=1e-5, rtol=1e-5)
+    # a mix-up of frames across videos or steps would move tokens: each video differs from the other
+    assert np.abs(np.asarray(whole[0] - whole[1])).max() > 1e-2

@@ -66,7 +66,8 @@ def compile_step(policy: str, mesh_name: str, frames: int, seq: int, micro_batch
     from llavaction_jax.train.step import batch_shardings, init_state, jit_train_step, make_train_step, state_shardings
 
     cfg = load_preset("llavaction_7b", {"param_dtype": "float32", "compute_dtype": "bfloat16", "attention": "flash",
-                                         "remat_policy": policy})
+                                         "remat_policy": policy,
+                                         "vision_frames_per_step": 1 << 30})  # all at once, as on accelerators
     mesh = make_mesh(**MESHES[mesh_name])
     visual = cfg.tokens_per_video(frames)
     text_len = seq - visual + 1  # the -200 placeholder is replaced by the visual tokens

@@ -68,9 +68,20 @@ def add_newlines(x: jax.Array, newline: jax.Array | None, position: str) -> jax.
 
 def video_tokens(features: jax.Array, params: dict, cfg: ModelConfig) -> jax.Array:
     """Projected patch features (T, g*g, H) of one video -> its visual tokens (cfg.tokens_per_video(T), H)."""
-    t, n, d = features.shape
+    return layout_tokens(pool_features(features, cfg), params, cfg)
+
+
+def pool_features(features: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Projected patch features (T, g*g, H) -> pooled frames (T, g', g', H). Every video is pooled. Per frame, so
+    it can run on a chunk of frames."""
+    t, _, d = features.shape
     g = cfg.vision.grid_size
-    pooled = pool_frames(features.reshape(t, g, g, d), cfg.pool_mode, cfg.pool_stride)  # every video is pooled
+    return pool_frames(features.reshape(t, g, g, d), cfg.pool_mode, cfg.pool_stride)
+
+
+def layout_tokens(pooled: jax.Array, params: dict, cfg: ModelConfig) -> jax.Array:
+    """Pooled frames (T, g', g', H) of one video -> its visual tokens: newline layout, then the action token(s)."""
+    d = pooled.shape[-1]
     if "spatial" not in cfg.patch_merge_type:  # "flat": no newline, no action token (llava_arch.py:305-306)
         return pooled.reshape(-1, d)
     tokens = add_newlines(pooled, params.get("image_newline"), cfg.newline_position)
