@@ -98,6 +98,7 @@ class ModelConfig:
     remat_policy: str = "none"
     attention: str = "auto"  # model/attention.py: the fastest kernel that fits each call (xla is the reference)
     vision_frames_per_step: int = 0  # frames SigLIP encodes at once (llava.encode_videos); 0 = auto by backend
+    loss_chunk_tokens: int = 2048  # training LM loss in chunks of this many positions, no full logits; 0 = off
     # Upstream keys we carry but do not interpret, written back verbatim by `to_upstream`.
     extra: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)
 
@@ -188,6 +189,8 @@ class ModelConfig:
             raise bad("remat_policy", self.remat_policy, REMAT_POLICIES)
         if self.attention not in ATTENTION_IMPLS:
             raise bad("attention", self.attention, ATTENTION_IMPLS)
+        if self.loss_chunk_tokens < 0:
+            raise bad("loss_chunk_tokens", self.loss_chunk_tokens, "0 (off) or a positive token count")
         if self.vision_frames_per_step < 0:
             raise bad("vision_frames_per_step", self.vision_frames_per_step, "0 (auto) or a positive frame count")
         if self.pool_stride != 2:

@@ -228,3 +228,51 @@ def test_last_layer_weight_is_0_05():
         jax.tree.map(jnp.asarray, heads), jnp.asarray(states), jnp.asarray(actions),
         vision_token_training="last_layer", three_tokens=False)
     np.testing.assert_allclose(float(got), closed, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 7, 64])
+def test_chunked_lm_loss_equals_the_full_logits_loss(chunk):
+    """Values against torch's CE on the materialised logits, gradients against the unchunked JAX loss."""
+    rng = np.random.default_rng(chunk)
+    b, s, h, vocab = 2, 19, 8, 33
+    hidden = jnp.asarray(rng.standard_normal((b, s, h)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((h, vocab)), jnp.float32)
+    labels = rng.integers(0, vocab, size=(b, s))
+    labels[0, :5] = losses.IGNORE_INDEX  # prompt positions
+    labels[1, 15:] = losses.IGNORE_INDEX  # padding
+    labels = jnp.asarray(labels)
+
+    def chunked(hidden, w):
+        return losses.chunked_lm_loss(hidden, labels, lambda x: x @ w, chunk)
+
+    def full(hidden, w):
+        return losses.lm_loss(hidden @ w, labels)
+
+    want = torch_lm_loss(np.asarray(hidden @ w), np.asarray(labels))
+    np.testing.assert_allclose(jax.jit(chunked)(hidden, w), want, rtol=1e-5)
+    got_grads = jax.jit(jax.grad(chunked, argnums=(0, 1)))(hidden, w)
+    want_grads = jax.jit(jax.grad(full, argnums=(0, 1)))(hidden, w)
+    for got, ref in zip(got_grads, want_grads):
+        assert np.abs(np.asarray(ref)).max() > 0
+        np.testing.assert_allclose(got, ref, atol=1e-6, rtol=1e-5)
+
+
+def test_training_forward_skips_the_logits_with_the_same_loss():
+    from llavaction_jax.config import load_preset
+
+    cfg = load_preset("tiny").replace(loss_chunk_tokens=16)
+    params = llava.init(cfg, jax.random.key(0))
+    size = cfg.vision.image_size
+    pixels = jax.random.uniform(jax.random.key(1), (2, 2, 3, size, size), minval=-1, maxval=1)
+    ids = np.array(jax.random.randint(jax.random.key(2), (2, 12), 0, 100))
+    ids[:, 3] = llava.IMAGE_TOKEN_INDEX
+    labels = np.where(np.arange(12) >= 6, ids, losses.IGNORE_INDEX)
+    run = jax.jit(llava.forward, static_argnames=("cfg", "return_logits"))
+    actions = jnp.asarray([[1, 2, 3], [-1, -1, -1]])
+    full = run(params, cfg, jnp.asarray(ids), pixels, labels=jnp.asarray(labels), actions=actions)
+    chunked = run(params, cfg, jnp.asarray(ids), pixels, labels=jnp.asarray(labels), actions=actions,
+                  return_logits=False)
+    assert chunked.logits is None and full.logits is not None
+    assert full.lm_loss > 0 and full.aux_loss > 0
+    np.testing.assert_allclose(chunked.lm_loss, full.lm_loss, rtol=1e-6)
+    np.testing.assert_allclose(chunked.loss, full.loss, rtol=1e-6)

@@ -138,7 +138,7 @@ def splice_visual_tokens(text_embeds, input_ids, labels, attention_mask, visual,
 
 @dataclasses.dataclass
 class ModelOutput:
-    logits: jax.Array  # (B, S, vocab) fp32
+    logits: jax.Array | None  # (B, S, vocab) fp32; None when the loss was computed in chunks
     loss: jax.Array | None = None
     lm_loss: jax.Array | None = None
     aux_loss: jax.Array | None = None  # the vision-supervision loss before its 0.1 weight
@@ -159,11 +159,14 @@ jax.tree_util.register_pytree_node_class(ModelOutput)
 
 def forward(params: dict, cfg: ModelConfig, input_ids: jax.Array, pixel_values: jax.Array | None,
             attention_mask: jax.Array | None = None, labels: jax.Array | None = None, actions: jax.Array | None = None,
-            has_video: jax.Array | None = None, out_len: int | None = None, vocab_limit: int | None = None) -> ModelOutput:
-    """The model's forward pass (jit-able; `cfg`, `out_len`, `vocab_limit` static).
+            has_video: jax.Array | None = None, out_len: int | None = None, vocab_limit: int | None = None,
+            return_logits: bool = True) -> ModelOutput:
+    """The model's forward pass (jit-able; `cfg`, `out_len`, `vocab_limit`, `return_logits` static).
 
     input_ids (B, L) with one -200 per video sample; pixel_values (B, T, C, H, W) or None for a text-only batch;
     attention_mask (B, L) bool; labels (B, L) or None; actions (B, 3) verb/noun/action ids (-1 = none).
+    With labels, `return_logits=False` and `cfg.loss_chunk_tokens > 0` (training), the LM loss is computed in
+    chunks without materialising the logits, and `out.logits` is None.
     """
     has_labels = labels is not None
     s = embed_inputs(params, cfg, input_ids, pixel_values, attention_mask, labels, has_video, out_len)
@@ -172,12 +175,15 @@ def forward(params: dict, cfg: ModelConfig, input_ids: jax.Array, pixel_values: 
     h, gathered = qwen2.forward(params["text"], s.embeds, s.positions, s.valid, cfg.text,
                                 gather_idx=s.action_idx if supervised else None,
                                 remat_policy=cfg.remat_policy, attn_impl=cfg.attention)
-    logits = qwen2.lm_head(params["text"], h, vocab_limit)
+    logits_fn = lambda states: qwen2.lm_head(params["text"], states, vocab_limit)
+    chunked = has_labels and not return_logits and cfg.loss_chunk_tokens > 0
+    logits = None if chunked else logits_fn(h)
     out = ModelOutput(logits=logits, labels=s.labels, valid=s.valid)
     if supervised:
         out.head_logits = losses.head_logits(params["heads"], gathered[-1], cfg.vision_supervision == "three_tokens")
     if has_labels:
-        out.lm_loss = losses.lm_loss(logits, s.labels)
+        out.lm_loss = (losses.chunked_lm_loss(h, s.labels, logits_fn, cfg.loss_chunk_tokens) if chunked
+                       else losses.lm_loss(logits, s.labels))
         out.loss = out.lm_loss
         if supervised and actions is not None:
             out.aux_loss = losses.vision_supervision_loss(

@@ -28,6 +28,35 @@ def lm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return total / jnp.maximum(count, 1)
 
 
+def chunked_lm_loss(hidden: jax.Array, labels: jax.Array, logits_fn, chunk: int) -> jax.Array:
+    """`lm_loss(logits_fn(hidden), labels)` without materialising the (B, S, vocab) logits.
+
+    The shifted sequence is cut into chunks of `chunk` positions; a `lax.scan` computes each chunk's logits and CE
+    and keeps only the sums, and `jax.checkpoint` makes the backward recompute each chunk's logits instead of
+    saving them. For a 16k-token sample and Qwen2's 152k vocab that is ~1.2 GiB of fp32 logits per 2048-token
+    chunk instead of 9.3 GiB per copy. Equal to `lm_loss` up to summation order."""
+    b, s, h = hidden.shape
+    n = s - 1
+    num = -(-n // chunk)
+    pad = num * chunk - n
+    states = jnp.pad(hidden[:, :-1], ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(labels[:, 1:], ((0, 0), (0, pad)), constant_values=IGNORE_INDEX)
+    states = states.reshape(b, num, chunk, h).swapaxes(0, 1)
+    targets = targets.reshape(b, num, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def chunk_ce(states, targets):
+        return cross_entropy(logits_fn(states), targets, targets != IGNORE_INDEX)
+
+    def body(carry, xs):
+        total, count = chunk_ce(*xs)
+        return (carry[0] + total, carry[1] + count), None
+
+    zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+    (total, count), _ = jax.lax.scan(body, zero, (states, targets))
+    return total / jnp.maximum(count, 1)
+
+
 def select_layers(gathered: jax.Array, vision_token_training: str) -> jax.Array:
     """Which entries of the (L + 1)-long hidden-state stack feed the heads."""
     if vision_token_training == "last_layer":

@@ -29,7 +29,7 @@ def init_state(params: dict, tx: optax.GradientTransformation) -> dict:
 
 def loss_fn(params: dict, cfg: ModelConfig, batch: dict):
     out = llava.forward(params, cfg, batch["input_ids"], batch.get("pixel_values"), batch.get("attention_mask"),
-                        batch["labels"], batch.get("actions"), batch.get("has_video"))
+                        batch["labels"], batch.get("actions"), batch.get("has_video"), return_logits=False)
     zero = jnp.zeros((), jnp.float32)
     metrics = {
         "loss": out.loss, "lm_loss": out.lm_loss,
