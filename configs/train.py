@@ -28,6 +28,8 @@ def get_config():
     c.data.num_frames = 0  # 0: the shards' frames_per_clip
     c.data.max_length = 32768  # upstream model_max_length
     c.data.length_buckets = ()  # () = powers of two up to max_length
+    c.data.group_by_modality_length = True  # upstream's length-grouped sampler (its LLaVAction scripts set it)
+    c.data.length_group_steps = 1  # steps per length-sorted megabatch: 1 = upstream; more = less padding (ours)
     c.data.tokenizer = ""  # tokenizer directory; "" = the bundled Qwen2 tokenizer
     c.data.pad_id = 151643  # <|endoftext|>
     c.data.add_time_instruction = True

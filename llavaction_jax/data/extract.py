@@ -25,6 +25,7 @@ import numpy as np
 from llavaction_jax.data import frames as fs
 from llavaction_jax.data import sampling
 from llavaction_jax.data.image import SIGLIP_SIZE, resize_frames
+from llavaction_jax.data.video import VideoCache
 
 EXIT_SOME_FAILED = 3
 PLAN_NAME = "plan.json"
@@ -94,88 +95,6 @@ def read_clip_jsonl(jsonl_path: str, video_root: str) -> list[ClipSpec]:
                     f"{jsonl_path}:{line_no}: uid {uid!r} already used on line {clips[uid][0]} for another clip")
             clips.setdefault(uid, (line_no, clip))
     return [clip for _, clip in clips.values()]
-
-
-# ----------------------------------------------------------------------------------------------- video decoding
-class _DecordVideo:
-    def __init__(self, path: str):
-        import decord  # noqa: PLC0415 (optional dependency, imported where used)
-
-        self._reader = decord.VideoReader(path, num_threads=1)
-        self.num_frames, self.avg_fps = len(self._reader), float(self._reader.get_avg_fps())
-
-    def get(self, ids) -> np.ndarray:
-        return self._reader.get_batch(list(ids)).asnumpy()
-
-
-class _PyAVVideo:
-    def __init__(self, path: str):
-        import av  # noqa: PLC0415
-
-        self._path = path
-        with av.open(path) as container:
-            stream = container.streams.video[0]
-            self.avg_fps = float(stream.average_rate or stream.guessed_rate)
-            self.num_frames = stream.frames or sum(1 for _ in container.decode(video=0))
-
-    def get(self, ids) -> np.ndarray:
-        import av  # noqa: PLC0415
-
-        wanted, found = set(ids), {}
-        with av.open(self._path) as container:  # decode from the start: frame numbers stay exact, unlike seeking
-            for index, frame in enumerate(container.decode(video=0)):
-                if index in wanted:
-                    found[index] = frame.to_ndarray(format="rgb24")
-                if len(found) == len(wanted):
-                    break
-        missing = sorted(wanted - found.keys())
-        if missing:
-            raise IndexError(f"{self._path}: frames {missing} not found, the video decodes to fewer frames")
-        return np.stack([found[i] for i in ids])
-
-
-class VideoCache:
-    """Opened videos of one worker (a few, reused across the clips of a video), with the decoder policy:
-    ``decord``, ``pyav``, or ``auto`` = decord, falling back to PyAV when decord cannot open or read a file.
-    A file that failed to open fails again immediately instead of being retried for each of its clips."""
-
-    def __init__(self, decoder: str = "auto", capacity: int = 8):
-        self.decoder, self.capacity = decoder, capacity
-        self._open: collections.OrderedDict[str, object] = collections.OrderedDict()
-
-    def open(self, path: str):
-        if path not in self._open:
-            if len(self._open) >= self.capacity:
-                self._open.popitem(last=False)
-            self._open[path] = self._try_open(path)
-        self._open.move_to_end(path)
-        if isinstance(self._open[path], Exception):
-            raise self._open[path]
-        return self._open[path]
-
-    def _try_open(self, path: str):
-        if not os.path.isfile(path):
-            return FileNotFoundError(f"video file {path} does not exist")
-        errors = []
-        for name, cls in (("decord", _DecordVideo), ("pyav", _PyAVVideo)):
-            if self.decoder in (name, "auto"):
-                try:
-                    return cls(path)
-                except Exception as error:  # decoders raise their own types; the message goes to failures.jsonl
-                    errors.append(f"{name}: {type(error).__name__}: {error}")
-        return RuntimeError(f"cannot open video {path} ({'; '.join(errors)})")
-
-    def read(self, path: str, ids) -> np.ndarray:
-        video = self.open(path)
-        if max(ids) >= video.num_frames or min(ids) < 0:
-            raise IndexError(f"{path}: frame ids {min(ids)}..{max(ids)} outside its {video.num_frames} frames")
-        try:
-            return video.get(ids)
-        except Exception:
-            if self.decoder != "auto" or isinstance(video, _PyAVVideo):
-                raise
-            self._open[path] = _PyAVVideo(path)  # decord opened it but could not decode these frames
-            return self._open[path].get(ids)
 
 
 # ------------------------------------------------------------------------------------------------ one clip

@@ -29,6 +29,7 @@ import grain
 import numpy as np
 
 from llavaction_jax.data.batching import QWEN_PAD_ID, PaddedBatchIterDataset, power_of_two_buckets
+from llavaction_jax.data.length_grouping import LengthGroupedEpochs, modality_lengths
 from llavaction_jax.data.frames import ClipRecord, FrameShards, decode_frames
 from llavaction_jax.data.image import SIGLIP_SIZE, normalize_frames, resize_frames
 from llavaction_jax.data.train_sample import EncodeTrainSample, cached_tokenizer
@@ -77,15 +78,21 @@ def _process_layout(process_index: int | None, process_count: int | None) -> tup
 
 
 def _this_process_slice(dataset: grain.MapDataset, seed: int, shuffle: bool, num_epochs: int | None,
-                        process_index: int, process_count: int, what: str) -> grain.MapDataset:
+                        process_index: int, process_count: int, what: str,
+                        grouping: tuple[np.ndarray, int, int] | None = None) -> grain.MapDataset:
     """Shuffle (a new order each epoch), repeat, and keep every ``process_count``-th element from ``process_index``.
 
     The epoch is cut to a multiple of ``process_count`` so every process gets the same number of elements and
-    hosts never wait on a peer that ran out; the elements cut rotate with each epoch's shuffle.
+    hosts never wait on a peer that ran out; the elements cut rotate with each epoch's shuffle. With ``grouping``
+    = (lengths, step_size, group_steps) the shuffle is upstream's length-grouped order (length_grouping.py).
     """
     per_epoch = len(dataset) // process_count * process_count
     if per_epoch == 0:
         raise ValueError(f"{what} holds {len(dataset)} elements, fewer than the {process_count} processes")
+    if shuffle and grouping is not None:
+        lengths, step_size, group_steps = grouping
+        dataset = LengthGroupedEpochs(dataset, lengths, per_epoch, num_epochs, step_size, group_steps, seed)
+        return dataset[process_index::process_count]
     if shuffle:
         dataset = dataset.shuffle(seed=seed)
     dataset = dataset[:per_epoch].repeat(num_epochs)
@@ -135,6 +142,8 @@ class TrainPipelineConfig:
     seed: int = 0
     shuffle: bool = True
     num_epochs: int | None = None  # None repeats forever (train for a number of steps); each epoch reshuffled
+    group_by_length: bool = False  # upstream's group_by_modality_length order (length_grouping.py)
+    length_group_steps: int = 1  # steps per sorted megabatch; 1 = upstream, more = less padding (ours)
     drop_remainder: bool = True  # static batch shapes for jit
     on_bad_sample: str = "error"  # "error" raises naming the sample; "skip" drops it, logs it, counts it
     add_time_instruction: bool = True  # LLaVA-Video's time prompt on non-EK100 videos (upstream default)
@@ -173,8 +182,11 @@ def train_dataset(
         raise ValueError("num_frames is not set and the shards' manifest has no single frames_per_clip")
     encode = EncodeTrainSample(source, cached_tokenizer(config.tokenizer_path), num_frames, config.frame_size,
                                config.max_length, config.add_time_instruction, config.on_bad_sample)
+    grouping = None
+    if config.group_by_length:  # one optimizer step = batch_size samples from each process
+        grouping = (modality_lengths(samples), config.batch_size * process_count, config.length_group_steps)
     dataset = _this_process_slice(grain.MapDataset.source(samples), config.seed, config.shuffle, config.num_epochs,
-                                  process_index, process_count, f"the sample list ({len(samples)} samples)")
+                                  process_index, process_count, f"the sample list ({len(samples)} samples)", grouping)
     elements = dataset.map(encode).to_iter_dataset(
         grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=max(2, 2 * config.batch_size)))
     if config.worker_count > 0:

@@ -73,6 +73,7 @@ def make_data(cfg, model_cfg: ModelConfig, per_process_batch: int):
     pipeline = TrainPipelineConfig(
         batch_size=per_process_batch, num_frames=d.num_frames or None, frame_size=model_cfg.vision.image_size,
         max_length=d.max_length, length_buckets=tuple(d.length_buckets) or None, seed=d.seed,
+        group_by_length=d.group_by_modality_length, length_group_steps=d.length_group_steps,
         on_bad_sample=d.on_bad_sample, add_time_instruction=d.add_time_instruction,
         tokenizer_path=d.tokenizer or None, pad_id=d.pad_id, worker_count=d.worker_count)
     return train_dataset(samples, d.shards or None, pipeline), len(samples)
