@@ -98,7 +98,7 @@ class ModelConfig:
     remat_policy: str = "none"
     attention: str = "auto"  # model/attention.py: the fastest kernel that fits each call (xla is the reference)
     vision_frames_per_step: int = 0  # frames SigLIP encodes at once (llava.encode_videos); 0 = auto by backend
-    loss_chunk_tokens: int = 2048  # training LM loss in chunks of this many positions, no full logits; 0 = off
+    loss_chunk_tokens: int = 256  # training LM loss in chunks, no full logits, target-free chunks skipped; 0 = off
     # Upstream keys we carry but do not interpret, written back verbatim by `to_upstream`.
     extra: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)
 

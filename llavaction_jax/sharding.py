@@ -97,6 +97,11 @@ def activation_mesh(mesh: Mesh | None):
         _ACTIVE_MESH.pop()
 
 
+def active_mesh_size() -> int:
+    """Devices of the mesh `activation_mesh` set while tracing (1 outside it)."""
+    return _ACTIVE_MESH[-1].devices.size if _ACTIVE_MESH else 1
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """Sharding constraint by logical axes; a no-op outside `activation_mesh` (single-device code paths)."""
     if not _ACTIVE_MESH:

@@ -230,20 +230,21 @@ def test_last_layer_weight_is_0_05():
     np.testing.assert_allclose(float(got), closed, rtol=1e-5)
 
 
-@pytest.mark.parametrize("chunk", [1, 4, 7, 64])
-def test_chunked_lm_loss_equals_the_full_logits_loss(chunk):
+@pytest.mark.parametrize("chunk,skip_empty", [(1, True), (4, True), (4, False), (7, True), (64, True)])
+def test_chunked_lm_loss_equals_the_full_logits_loss(chunk, skip_empty):
     """Values against torch's CE on the materialised logits, gradients against the unchunked JAX loss."""
     rng = np.random.default_rng(chunk)
     b, s, h, vocab = 2, 19, 8, 33
     hidden = jnp.asarray(rng.standard_normal((b, s, h)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((h, vocab)), jnp.float32)
     labels = rng.integers(0, vocab, size=(b, s))
-    labels[0, :5] = losses.IGNORE_INDEX  # prompt positions
-    labels[1, 15:] = losses.IGNORE_INDEX  # padding
+    labels[0, :2] = losses.IGNORE_INDEX  # prompt positions
+    labels[:, 3:14] = losses.IGNORE_INDEX  # a visual span in every row: whole chunks without targets are skipped
+    labels[1, 16:] = losses.IGNORE_INDEX  # padding
     labels = jnp.asarray(labels)
 
     def chunked(hidden, w):
-        return losses.chunked_lm_loss(hidden, labels, lambda x: x @ w, chunk)
+        return losses.chunked_lm_loss(hidden, labels, lambda x: x @ w, chunk, skip_empty)
 
     def full(hidden, w):
         return losses.lm_loss(hidden @ w, labels)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from llavaction_jax.sharding import active_mesh_size
+
 IGNORE_INDEX = -100
 VERB_WEIGHT, NOUN_WEIGHT, ACTION_WEIGHT = 0.5, 0.5, 0.1
 AUX_LOSS_WEIGHT = 0.1
@@ -32,34 +34,47 @@ def lm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return total / jnp.maximum(count, 1)
 
 
-def chunked_lm_loss(hidden: jax.Array, labels: jax.Array, logits_fn, chunk: int) -> jax.Array:
+def chunked_lm_loss(hidden: jax.Array, labels: jax.Array, logits_fn, chunk: int,
+                    skip_empty: bool | None = None) -> jax.Array:
     """`lm_loss(logits_fn(hidden), labels)` without materialising the (B, S, vocab) logits.
 
-    The shifted sequence is cut into chunks of `chunk` positions; a `lax.scan` computes each chunk's logits and CE
-    and keeps only the sums, and `jax.checkpoint` makes the backward recompute each chunk's logits instead of
-    saving them. For a 16k-token sample and Qwen2's 152k vocab that is ~1.2 GiB of fp32 logits per 2048-token
-    chunk instead of 9.3 GiB per copy. Equal to `lm_loss` up to summation order."""
+    The shifted sequence is cut into (balanced) chunks of at most `chunk` positions; a `lax.scan` computes each
+    chunk's logits and CE and keeps only the sums, and `jax.checkpoint` makes the backward recompute a chunk's
+    logits instead of saving them. A chunk with no target in any row (visual tokens, prompts, padding: most of a
+    LLaVA sequence) is skipped with `lax.cond`, forward and backward, since it adds nothing to the loss or its
+    gradient. For a 64-frame 7B sample (16k positions, ~100 targets, 152k vocab) that leaves a chunk or two of
+    logits instead of three 9.3 GiB fp32 copies. Equal to `lm_loss` up to summation order.
+
+    `skip_empty=None` skips except on a multi-device CPU mesh: XLA:CPU can order the collectives inside a
+    conditional differently on different (fake) devices or processes and deadlock, which the 2-process tests hit."""
     b, s, h = hidden.shape
     n = s - 1
     num = -(-n // chunk)
     if num == 1:  # one chunk: the plain loss (a checkpointed chunk would only recompute its logits)
         return lm_loss(logits_fn(hidden), labels)
-    chunk = -(-n // num)  # balanced: a 884-position sequence is one chunk of 884, not 2048 with 1164 padding
+    chunk = -(-n // num)  # balanced: 884 positions at 256 are 4 chunks of 221, not 3 x 256 + 116
     pad = num * chunk - n
     states = jnp.pad(hidden[:, :-1], ((0, 0), (0, pad), (0, 0)))
     targets = jnp.pad(labels[:, 1:], ((0, 0), (0, pad)), constant_values=IGNORE_INDEX)
     states = states.reshape(b, num, chunk, h).swapaxes(0, 1)
     targets = targets.reshape(b, num, chunk).swapaxes(0, 1)
+    zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
 
     @jax.checkpoint
     def chunk_ce(states, targets):
         return cross_entropy(logits_fn(states), targets, targets != IGNORE_INDEX)
 
+    if skip_empty is None:
+        skip_empty = not (jax.default_backend() == "cpu" and active_mesh_size() > 1)
+
     def body(carry, xs):
-        total, count = chunk_ce(*xs)
+        states, targets = xs
+        if skip_empty:
+            total, count = jax.lax.cond(jnp.any(targets != IGNORE_INDEX), chunk_ce, lambda *_: zero, states, targets)
+        else:
+            total, count = chunk_ce(states, targets)
         return (carry[0] + total, carry[1] + count), None
 
-    zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
     (total, count), _ = jax.lax.scan(body, zero, (states, targets))
     return total / jnp.maximum(count, 1)
 
