@@ -59,12 +59,13 @@ def compile_step(policy: str, mesh_name: str, frames: int, seq: int, micro_batch
     import jax.numpy as jnp
 
     from llavaction_jax.config import load_preset
-    from llavaction_jax.model import llava
+    from llavaction_jax.model import llava, losses
     from llavaction_jax.model.params import abstract_params
     from llavaction_jax.sharding import make_mesh
     from llavaction_jax.train.optim import OptimizerConfig, make_optimizer, param_labels
     from llavaction_jax.train.step import batch_shardings, init_state, jit_train_step, make_train_step, state_shardings
 
+    losses.CPU_MESH_FALLBACK = False  # compiled, never run: keep the chunked loss an accelerator would use
     cfg = load_preset("llavaction_7b", {"param_dtype": "float32", "compute_dtype": "bfloat16", "attention": "flash",
                                          "remat_policy": policy,
                                          "vision_frames_per_step": 1 << 30})  # all at once, as on accelerators

@@ -18,7 +18,7 @@ from llavaction_jax.config import ModelConfig
 from llavaction_jax.model import losses, projector, qwen2, siglip
 from llavaction_jax.model.params import ParamSpec, dense, init_params, normal
 from llavaction_jax.model.video import layout_tokens, pool_features
-from llavaction_jax.sharding import constrain
+from llavaction_jax.sharding import active_mesh_size, constrain
 
 IMAGE_TOKEN_INDEX = -200
 IGNORE_INDEX = losses.IGNORE_INDEX
@@ -67,8 +67,9 @@ def frames_per_step(cfg: ModelConfig, batch: int, frames: int) -> int:
     """How many frames of each video one vision step encodes: a divisor of `frames` (every video advances
     together, so the batch axis keeps its sharding)."""
     total = cfg.vision_frames_per_step
-    if total == 0:
-        total = AUTO_CPU_FRAMES_PER_STEP if jax.default_backend() == "cpu" else batch * frames
+    if total == 0:  # CPU meshes of several (fake) devices take all at once: no collectives inside a loop there
+        cpu_single = jax.default_backend() == "cpu" and active_mesh_size() == 1
+        total = AUTO_CPU_FRAMES_PER_STEP if cpu_single else batch * frames
     per_video = max(1, min(frames, total // batch))
     return max(c for c in range(1, per_video + 1) if frames % c == 0)
 
