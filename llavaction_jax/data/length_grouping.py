@@ -16,7 +16,6 @@ no longer independent draws.
 
 from __future__ import annotations
 
-import functools
 import sys
 
 import grain
@@ -70,14 +69,18 @@ class LengthGroupedEpochs(grain.MapDataset):
             raise ValueError(f"{len(lengths)} lengths for {len(parent)} samples")
         self._lengths, self._per_epoch, self._num_epochs = np.asarray(lengths), per_epoch, num_epochs
         self._step_size, self._group_steps, self._seed = step_size, group_steps, seed
+        self._cached_epoch, self._cached_order = None, None
 
     def __len__(self) -> int:
         return sys.maxsize if self._num_epochs is None else self._per_epoch * self._num_epochs
 
-    @functools.lru_cache(maxsize=2)
     def epoch_order(self, epoch: int) -> np.ndarray:
-        rng = np.random.default_rng([self._seed, epoch])
-        return length_grouped_order(self._lengths, self._step_size, self._group_steps, rng)[:self._per_epoch]
+        """Epoch `epoch`'s order, computed once per epoch (elements are read in order)."""
+        if self._cached_epoch != epoch:
+            rng = np.random.default_rng([self._seed, epoch])
+            order = length_grouped_order(self._lengths, self._step_size, self._group_steps, rng)
+            self._cached_epoch, self._cached_order = epoch, order[:self._per_epoch]
+        return self._cached_order
 
     def __getitem__(self, index):
         if isinstance(index, slice):

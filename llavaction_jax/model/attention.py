@@ -14,8 +14,9 @@ Implementations (`ModelConfig.attention`, `impl=`):
           on real tokens, and for causal masks T == S (training) or T == 1 (a decode step).
   splash  Pallas splash attention, TPU only; self-attention (T == S), causal by index, k_valid as segment ids.
   auto    cudnn on GPU / splash on TPU (head dim a multiple of 128) where the call fits their contract, else
-          flash for long sequences (T * S >= AUTO_FLASH_MIN_SCORES; on CPU from 256 x 256), else xla. Decided per call from static
-          shapes, dtype and backend, so one config serves training, SigLIP, prefill and decode.
+          flash for long sequences (T * S >= AUTO_FLASH_MIN_SCORES; on CPU from 256 x 256), else xla.
+          Decided per call from static shapes, dtype and backend, so one config serves training, SigLIP,
+          prefill and decode. The default.
 Requesting cudnn or splash explicitly where they cannot run raises a ValueError saying why.
 
 Rows that see no key at all (only possible for padding queries) are implementation-defined (xla: the mean of all
