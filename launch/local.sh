@@ -32,14 +32,7 @@ VENV="${VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
 DRY_RUN="${DRY_RUN:-0}"
 
-run() {  # print (DRY_RUN=1) or execute a command
-  if [[ "$DRY_RUN" == "1" ]]; then
-    printf '%q ' "$@" | sed 's/ $//'
-    echo
-  else
-    "$@"
-  fi
-}
+source "$REPO/launch/common.sh"  # run: print (DRY_RUN=1) or execute
 
 if [[ ! -x "$VENV/bin/python" ]]; then
   echo "setting up $VENV from requirements.txt" >&2

@@ -45,14 +45,7 @@ DRY_RUN="${DRY_RUN:-0}"
 TPU=(compute tpus tpu-vm)
 WHERE=(--zone "$ZONE" --project "$PROJECT")
 
-run() {  # print (DRY_RUN=1) or execute a command
-  if [[ "$DRY_RUN" == "1" ]]; then
-    printf '%q ' "$@" | sed 's/ $//'
-    echo
-  else
-    "$@"
-  fi
-}
+source "$REPO/launch/common.sh"  # run: print (DRY_RUN=1) or execute
 
 on_all_workers() {  # run a shell command line on every worker of the pod slice
   run gcloud "${TPU[@]}" ssh "$TPU_NAME" "${WHERE[@]}" --worker=all --command "$1"
