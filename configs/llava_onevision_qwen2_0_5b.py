@@ -1,11 +1,11 @@
 """LLaVA-OneVision-Qwen2-0.5B (lmms-lab/llava-onevision-qwen2-0.5b-ov): Qwen2-0.5B (tied), one_token newline."""
 
-from llavaction_jax.config import QWEN2_0_5B, SIGLIP_SO400M, model_config_dict
+from llavaction_jax.config import model_config_dict, text_size, vision_size
 
 
 def get_config():
     return model_config_dict(
-        vision=SIGLIP_SO400M, text=QWEN2_0_5B, projector_type="mlp2x_gelu", pool_mode="bilinear",
+        vision=vision_size(), text=text_size("0.5b"), projector_type="mlp2x_gelu", pool_mode="bilinear",
         patch_merge_type="spatial_unpad", newline_position="one_token", vision_supervision=None, action_types=(),
         tokenizer_model_max_length=32768, param_dtype="bfloat16", compute_dtype="bfloat16",
     )

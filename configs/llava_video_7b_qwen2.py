@@ -3,12 +3,12 @@
 Grid newlines (210 tokens per frame), bilinear pooling, Qwen2-7B untied, vocabulary 152064.
 """
 
-from llavaction_jax.config import QWEN2_7B, SIGLIP_SO400M, model_config_dict
+from llavaction_jax.config import model_config_dict, text_size, vision_size
 
 
 def get_config():
     return model_config_dict(
-        vision=SIGLIP_SO400M, text=QWEN2_7B, projector_type="mlp2x_gelu", pool_mode="bilinear",
+        vision=vision_size(), text=text_size("7b"), projector_type="mlp2x_gelu", pool_mode="bilinear",
         patch_merge_type="spatial_unpad", newline_position="grid", vision_supervision=None, action_types=(),
         tokenizer_model_max_length=32768, param_dtype="bfloat16", compute_dtype="bfloat16",
     )

@@ -6,12 +6,12 @@ verb/noun/action heads (97/300/3806) trained with the `last_layer` auxiliary los
 Source: the authors' training script (peers-and-facts.md 2.3).
 """
 
-from llavaction_jax.config import QWEN2_7B, SIGLIP_SO400M, model_config_dict
+from llavaction_jax.config import model_config_dict, text_size, vision_size
 
 
 def get_config():
     return model_config_dict(
-        vision=SIGLIP_SO400M, text=QWEN2_7B, projector_type="mlp2x_gelu", pool_mode="bilinear",
+        vision=vision_size(), text=text_size("7b"), projector_type="mlp2x_gelu", pool_mode="bilinear",
         patch_merge_type="spatial_unpad", newline_position="grid",
         vision_supervision="one_token", action_types=(97, 300, 3806), vision_token_training="last_layer",
         tokenizer_model_max_length=32768, param_dtype="bfloat16", compute_dtype="bfloat16",

@@ -20,7 +20,8 @@ def get_config():
     c.model = ml_collections.ConfigDict()
     c.model.preset = "tiny"  # configs/<preset>.py when not starting from a checkpoint
     c.model.init_from = ""  # a converted model directory (python -m llavaction_jax convert from-torch ...)
-    c.model.overrides = ml_collections.ConfigDict({"remat_policy": "none", "attention": "auto"})
+    # Every ModelConfig field of that source is added to this section when the recipe loads, so any can be set
+    # here or with --config.model.<field>=value (e.g. remat_policy, attention, loss_chunk_tokens, compute_dtype).
 
     c.data = ml_collections.ConfigDict()
     c.data.samples = ""  # upstream data YAML, or a LLaVA JSON / JSONL of samples

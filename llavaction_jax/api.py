@@ -11,29 +11,48 @@ video). Inputs are checked on the host first so mistakes fail with a message, no
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
-from llavaction_jax import checkpoint_io
+from llavaction_jax import checkpoint_io, losses
 from llavaction_jax.config import ModelConfig
+from llavaction_jax.convert import from_torch
 from llavaction_jax.model import llava
-from llavaction_jax.model.params import abstract_params, logical_axes
-from llavaction_jax.sharding import activation_mesh, logical_to_pspec, param_shardings
+from llavaction_jax.model.params import abstract_params
+from llavaction_jax.sharding import param_shardings, resolve_config, shard_batch, use_mesh
 
 IMAGE_TOKEN_INDEX = llava.IMAGE_TOKEN_INDEX
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Output:
+    """What `LlavaModel(...)` returns. Losses are filled when labels are given (aux_loss: also actions)."""
+
+    logits: jax.Array  # (B, S, vocab) fp32; S = L - 1 + visual tokens (or cut at tokenizer_model_max_length)
+    labels: jax.Array  # labels of the spliced sequence
+    valid: jax.Array  # real-token mask of the spliced sequence
+    head_logits: tuple | None = None  # (verb, noun, action) at the last hidden state, for supervised configs
+    loss: jax.Array | None = None
+    lm_loss: jax.Array | None = None
+    aux_loss: jax.Array | None = None  # the vision-supervision loss before its 0.1 weight
+
+
 class LlavaModel:
-    """A config, a params tree (optionally sharded over a mesh) and jitted forward functions."""
+    """A config, a params tree (optionally sharded over a mesh) and the jitted forward.
+
+    `cfg` is the model's config as given (and as saved); `run_cfg` is the same config with its execution fields
+    resolved for the mesh's devices, which every call uses."""
 
     def __init__(self, cfg: ModelConfig, params: dict, mesh: Mesh | None = None):
         self.cfg, self.mesh = cfg, mesh
+        self.run_cfg = resolve_config(cfg, mesh)
         self.params = shard_params(params, cfg, mesh) if mesh is not None else params
-        self._jitted: dict[tuple, Any] = {}
 
     @classmethod
     def random(cls, cfg: ModelConfig, seed: int = 0, mesh: Mesh | None = None) -> "LlavaModel":
@@ -43,7 +62,7 @@ class LlavaModel:
         checkpoint_io.save_model(path, self.cfg, self.params)
 
     def __call__(self, input_ids, pixel_values=None, attention_mask=None, labels=None, actions=None, *,
-                 truncate: bool = True, vocab_limit: int | None = None) -> llava.ModelOutput:
+                 truncate: bool = True, vocab_limit: int | None = None) -> Output:
         ids = _to_numpy(input_ids)
         ids = ids[None] if ids.ndim == 1 else ids
         mask = np.ones(ids.shape, bool) if attention_mask is None else _to_numpy(attention_mask).astype(bool).reshape(ids.shape)
@@ -53,10 +72,10 @@ class LlavaModel:
         batch = dict(input_ids=ids, pixel_values=pixels, attention_mask=mask,
                      labels=None if labels is None else _to_numpy(labels).reshape(ids.shape),
                      actions=None if actions is None else _to_numpy(actions).reshape(len(ids), 3))
-        batch = {k: (None if v is None else self._put_batch(v)) for k, v in batch.items()}
-        return self._forward(out_len, vocab_limit)(self.params, **batch)
+        with use_mesh(self.mesh):
+            return forward_with_losses(self.params, **shard_batch(batch, self.mesh), cfg=self.run_cfg,
+                                       out_len=out_len, vocab_limit=vocab_limit)
 
-    # ------------------------------------------------------------------ internals
     def _out_len(self, ids, mask, pixels, truncate: bool) -> int:
         n_vis = 0 if pixels is None else self.cfg.tokens_per_video(pixels.shape[1])
         longest = int(mask.sum(1).max()) - (1 if pixels is not None else 0) + n_vis
@@ -66,26 +85,27 @@ class LlavaModel:
                              f"tokenizer_model_max_length={limit}; pass truncate=True to cut it as upstream does")
         return llava.default_out_len(self.cfg, ids.shape[1], n_vis)
 
-    def _forward(self, out_len: int, vocab_limit: int | None):
-        key = (out_len, vocab_limit)
-        if key not in self._jitted:
-            def fwd(params, **batch):
-                with activation_mesh(self.mesh):
-                    return llava.forward(params, self.cfg, **batch, out_len=out_len, vocab_limit=vocab_limit)
-            self._jitted[key] = jax.jit(fwd)
-        return self._jitted[key]
 
-    def _put_batch(self, x: np.ndarray):
-        if self.mesh is None:
-            return jnp.asarray(x)
-        spec = logical_to_pspec(("batch",) + (None,) * (x.ndim - 1), x.shape, self.mesh)
-        return jax.device_put(x, NamedSharding(self.mesh, spec))
+@functools.partial(jax.jit, static_argnames=("cfg", "out_len", "vocab_limit"))
+def forward_with_losses(params: dict, input_ids, pixel_values, attention_mask, labels, actions, *, cfg: ModelConfig,
+                        out_len: int | None = None, vocab_limit: int | None = None) -> Output:
+    """The model's logits (and head logits) and, with labels, the losses of `llavaction_jax.losses`."""
+    out = llava.forward(params, cfg, input_ids, pixel_values, attention_mask, labels, out_len=out_len)
+    logits = llava.lm_logits(params, out.hidden, vocab_limit)
+    heads = None
+    if out.action_states is not None:
+        heads = llava.head_logits(params["heads"], out.action_states[-1], cfg.vision_supervision == "three_tokens")
+    result = Output(logits=logits, labels=out.labels, valid=out.valid, head_logits=heads)
+    if labels is not None:
+        computed = losses.compute_losses(params, cfg, out, actions, logits=logits)
+        has_aux = out.action_states is not None and actions is not None
+        result.loss, result.lm_loss = computed.loss, computed.lm_loss
+        result.aux_loss = computed.aux_loss if has_aux else None
+    return result
 
 
 def shard_params(params: dict, cfg: ModelConfig, mesh: Mesh) -> dict:
-    specs = llava.param_specs(cfg)
-    shardings = param_shardings(logical_axes(specs), abstract_params(specs), mesh)
-    return jax.tree.map(jax.device_put, params, shardings)
+    return jax.tree.map(jax.device_put, params, param_shardings(llava.param_specs(cfg), mesh))
 
 
 def load_pretrained(path, mesh: Mesh | None = None, dtype: str | None = None) -> LlavaModel:
@@ -94,8 +114,6 @@ def load_pretrained(path, mesh: Mesh | None = None, dtype: str | None = None) ->
     A PyTorch checkpoint directory (config.json + safetensors, upstream or HF llava-onevision layout) is
     converted in memory instead (`convert from-torch` does the same once, to disk); dtype=None keeps its dtypes.
     """
-    from llavaction_jax.convert import from_torch
-
     if not checkpoint_io.is_model_dir(path) and from_torch.is_torch_dir(path):
         cfg, params = from_torch.load_torch(path, mesh=mesh, dtype=dtype)
         return LlavaModel(cfg, params, mesh)  # already placed on the mesh: device_put is a no-op
@@ -105,7 +123,7 @@ def load_pretrained(path, mesh: Mesh | None = None, dtype: str | None = None) ->
     specs = llava.param_specs(cfg)
     abstract = abstract_params(specs, jnp.dtype(cfg.param_dtype))
     if mesh is not None:
-        shardings = param_shardings(logical_axes(specs), abstract, mesh)
+        shardings = param_shardings(specs, mesh)
     else:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: device, abstract)

@@ -22,22 +22,49 @@ VISION_SUPERVISION = (None, "one_token", "three_tokens", "newline")
 VISION_TOKEN_TRAINING = ("last_layer", "first_layer", "all_layers")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("xla", "flash", "cudnn", "splash", "auto")  # model/attention.py
+LOOP_COLLECTIVES = ("auto", "on", "off")
+PLATFORMS = ("auto", "cpu", "gpu", "tpu")
+DTYPES = ("float32", "bfloat16", "float16")
+AUTO_CPU_FRAMES_PER_STEP = 8
+
+
+# ---------------------------------------------------------------------------------------------- sizes
+# The one size table. Qwen2 sizes are the released checkpoints' config.json values; vision towers are the hub
+# config.json values of the tower a LLaVA config names (`mm_vision_tower`), so no download is ever needed.
+QWEN2_SIZES: dict[str, dict] = {
+    "7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
+               num_kv_heads=4, rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=False,
+               max_position_embeddings=32768),
+    "0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
+                 num_kv_heads=2, rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=True,
+                 max_position_embeddings=32768),
+}
+SIGLIP_SO400M = "google/siglip-so400m-patch14-384"
+VISION_TOWERS: dict[str, dict] = {
+    SIGLIP_SO400M: dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                        image_size=384, patch_size=14, layer_norm_eps=1e-6),
+}
 
 
 class ConfigError(ValueError):
     """A configuration key has a missing or unsupported value."""
 
 
+def bad_value(key: str, value: Any, allowed: Any) -> ConfigError:
+    return ConfigError(f"config key {key!r} has unsupported value {value!r}; expected {allowed}")
+
+
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-    """SigLIP vision tower. `num_layers` is the number of encoder layers *run*, after the select-layer rule."""
+    """SigLIP vision tower. `num_layers` is the number of encoder layers *run*, after the select-layer rule.
+    Released sizes live in `VISION_TOWERS` (the one size table), not in defaults here."""
 
-    hidden_size: int = 1152
-    intermediate_size: int = 4304
-    num_layers: int = 26
-    num_heads: int = 16
-    image_size: int = 384
-    patch_size: int = 14
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    image_size: int
+    patch_size: int
     num_channels: int = 3
     layer_norm_eps: float = 1e-6
 
@@ -56,14 +83,14 @@ class VisionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
-    """Qwen2 decoder."""
+    """Qwen2 decoder. Released sizes live in `QWEN2_SIZES` (the one size table), not in defaults here."""
 
-    vocab_size: int = 152064
-    hidden_size: int = 3584
-    intermediate_size: int = 18944
-    num_layers: int = 28
-    num_heads: int = 28
-    num_kv_heads: int = 4
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1_000_000.0
     tie_word_embeddings: bool = False
@@ -78,9 +105,9 @@ class TextConfig:
 class ModelConfig:
     """Everything the forward pass reads. Defaults are LLaVAction-7B's (upstream-spec.md 1.10, peers 2.3)."""
 
-    vision: VisionConfig = VisionConfig()
-    text: TextConfig = TextConfig()
-    vision_tower: str = "google/siglip-so400m-patch14-384"
+    vision: VisionConfig = dataclasses.field(default_factory=lambda: vision_from_hf(VISION_TOWERS[SIGLIP_SO400M], -2))
+    text: TextConfig = dataclasses.field(default_factory=lambda: TextConfig(**QWEN2_SIZES["7b"]))
+    vision_tower: str = SIGLIP_SO400M
     projector_type: str = "mlp2x_gelu"
     # Video pooling. Upstream hard-codes stride 2 for videos and ignores `mm_spatial_pool_stride` (spec 6.1).
     pool_mode: str = "bilinear"
@@ -92,13 +119,17 @@ class ModelConfig:
     vision_token_training: str = "last_layer"
     tokenizer_model_max_length: int | None = 32768
     tokenizer_padding_side: str = "right"
-    # Execution (ours, not upstream keys).
+    # Execution (ours, not upstream keys): how the same function is computed. "auto" / 0 values are resolved once
+    # at the entry point (`resolved`, from the platform and the mesh size); traced code only reads these fields.
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat_policy: str = "none"
     attention: str = "auto"  # model/attention.py: the fastest kernel that fits each call (xla is the reference)
-    vision_frames_per_step: int = 0  # frames SigLIP encodes at once (llava.encode_videos); 0 = auto by backend
-    loss_chunk_tokens: int = 256  # training LM loss in chunks, no full logits, target-free chunks skipped; 0 = off
+    vision_frames_per_step: int = 0  # frames of each video per SigLIP step; -1 = all at once, 0 = auto
+    loss_chunk_tokens: int = 256  # training LM loss in chunks of this many positions, no full logits; 0 = off
+    loss_skip_empty_chunks: bool = True  # skip loss chunks without targets (lax.cond)
+    loop_collectives: str = "auto"  # "on" / "off": sharded work inside lax loops and conditionals (off: see resolved)
+    platform: str = "auto"  # the backend the program is built for (cpu / gpu / tpu); set by `resolved`
     # Upstream keys we carry but do not interpret, written back verbatim by `to_upstream`.
     extra: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)
 
@@ -159,9 +190,7 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        def bad(key: str, value: Any, allowed: Any) -> ConfigError:
-            return ConfigError(f"config key {key!r} has unsupported value {value!r}; expected {allowed}")
-
+        bad = bad_value
         if self.pool_mode not in POOL_MODES:
             raise bad("mm_spatial_pool_mode", self.pool_mode, POOL_MODES)
         if self.newline_position not in NEWLINE_POSITIONS:
@@ -191,8 +220,15 @@ class ModelConfig:
             raise bad("attention", self.attention, ATTENTION_IMPLS)
         if self.loss_chunk_tokens < 0:
             raise bad("loss_chunk_tokens", self.loss_chunk_tokens, "0 (off) or a positive token count")
-        if self.vision_frames_per_step < 0:
-            raise bad("vision_frames_per_step", self.vision_frames_per_step, "0 (auto) or a positive frame count")
+        if self.vision_frames_per_step < -1:
+            raise bad("vision_frames_per_step", self.vision_frames_per_step, "0 (auto), -1 (all) or a frame count")
+        if self.loop_collectives not in LOOP_COLLECTIVES:
+            raise bad("loop_collectives", self.loop_collectives, LOOP_COLLECTIVES)
+        if self.platform not in PLATFORMS:
+            raise bad("platform", self.platform, PLATFORMS)
+        for key in ("param_dtype", "compute_dtype"):
+            if getattr(self, key) not in DTYPES:
+                raise bad(key, getattr(self, key), DTYPES)
         if self.pool_stride != 2:
             raise bad("pool_stride", self.pool_stride, "2 (upstream hard-codes stride 2 for video, spec 6.1)")
         t = self.text
@@ -204,6 +240,29 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ execution
+    def resolved(self, platform: str, num_devices: int) -> "ModelConfig":
+        """The execution fields fixed for one platform and mesh size (entry points call this once; the model
+        reads the result and never asks JAX for the backend).
+
+        - `platform`: always the one given.
+        - `loop_collectives`: "off" on a CPU mesh of several devices (tests' fake devices, multi-process CPU runs):
+          XLA:CPU can order the collectives of a sharded computation inside `lax.scan` / `lax.cond` differently
+          on different devices and deadlock (see docs/testing.md). With it off, SigLIP takes every frame at once
+          and the LM loss is computed unchunked. "on" everywhere else.
+        - `vision_frames_per_step` 0: 8 frames per step on one CPU device (a cache-sized working set: 64 frames
+          took 1.9 s in steps of 8 against 3.1 s at once, BENCHMARKS.md), all at once elsewhere.
+        """
+        if platform not in PLATFORMS[1:]:
+            raise bad_value("platform", platform, PLATFORMS[1:])
+        loops = self.loop_collectives
+        if loops == "auto":
+            loops = "off" if platform == "cpu" and num_devices > 1 else "on"
+        frames = self.vision_frames_per_step
+        if frames == 0:
+            frames = AUTO_CPU_FRAMES_PER_STEP if platform == "cpu" and loops == "on" else -1
+        return self.replace(platform=platform, loop_collectives=loops, vision_frames_per_step=frames)
 
     # ------------------------------------------------------------------ upstream config.json
     @classmethod
@@ -315,6 +374,18 @@ _UPSTREAM_KEYS_WE_WRITE = {
 }  # fmt: skip
 
 
+def text_size(name: str) -> dict:
+    """Qwen2 fields of a released size ("7b", "0.5b") for presets."""
+    if name not in QWEN2_SIZES:
+        raise ConfigError(f"unknown Qwen2 size {name!r}; known: {', '.join(QWEN2_SIZES)}")
+    return dict(QWEN2_SIZES[name])
+
+
+def vision_size(tower: str = SIGLIP_SO400M, select_layer: int = -2) -> dict:
+    """VisionConfig fields of a known tower after LLaVA's select-layer rule (so400m at -2: 26 of 27 layers)."""
+    return dataclasses.asdict(resolve_vision_tower(tower, select_layer))
+
+
 def text_from_hf(cfg: dict) -> TextConfig:
     """Qwen2 keys; `rope_theta` may sit in transformers v5's `rope_parameters`."""
     rope = cfg.get("rope_parameters") or {}
@@ -361,19 +432,10 @@ def vision_from_hf(cfg: dict, select_layer: int = -1) -> VisionConfig:
     )
 
 
-# Known towers: the hub config.json values (peers-and-facts.md 2.4), so no download is ever needed.
-VISION_TOWER_PRESETS: dict[str, dict] = {
-    "google/siglip-so400m-patch14-384": dict(
-        hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
-        image_size=384, patch_size=14, layer_norm_eps=1e-6,
-    ),
-}  # fmt: skip
-
-
 def resolve_vision_tower(name: str, select_layer: int = -2) -> VisionConfig:
     """Vision dimensions for a tower name: built-in preset, else a local HF cache/dir, else a clear error."""
-    if name in VISION_TOWER_PRESETS:
-        return vision_from_hf(VISION_TOWER_PRESETS[name], select_layer)
+    if name in VISION_TOWERS:
+        return vision_from_hf(VISION_TOWERS[name], select_layer)
     local = pathlib.Path(name) / "config.json"
     if local.is_file():
         return vision_from_hf(json.loads(local.read_text()), select_layer)
@@ -381,7 +443,7 @@ def resolve_vision_tower(name: str, select_layer: int = -2) -> VisionConfig:
     if cached is not None:
         return vision_from_hf(json.loads(cached.read_text()), select_layer)
     raise ConfigError(
-        f"unknown vision tower {name!r}: it is not a built-in preset ({', '.join(VISION_TOWER_PRESETS)}), not a local "
+        f"unknown vision tower {name!r}: it is not a built-in preset ({', '.join(VISION_TOWERS)}), not a local "
         f"directory with config.json, and not in the local Hugging Face cache (HF_HOME). Head counts cannot be "
         f"inferred from weight shapes: pass an explicit vision config (e.g. --vision-config path/to/config.json)."
     )
@@ -431,17 +493,6 @@ def _from_hf_onevision(cls, cfg: dict, **overrides: Any) -> ModelConfig:
 # Model presets live in configs/<name>.py as ml_collections `get_config()` files (executable documentation);
 # `load_preset` turns one into a ModelConfig, with dotted overrides ("text.num_layers=2").
 CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
-
-QWEN2_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
-                num_kv_heads=4, rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=False,
-                max_position_embeddings=32768)
-QWEN2_0_5B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
-                  num_kv_heads=2, rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=True,
-                  max_position_embeddings=32768)
-# SigLIP-so400m with LLaVA's select layer -2: 26 of its 27 layers run.
-SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_layers=26, num_heads=16, image_size=384,
-                     patch_size=14, num_channels=3, layer_norm_eps=1e-6)
-
 
 def model_config_dict(**fields: Any):
     """A ConfigDict with every ModelConfig field (defaults filled in), for configs/*.py files."""

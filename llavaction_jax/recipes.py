@@ -1,4 +1,12 @@
-"""Recipe configs (configs/train.py, ...): ml_collections `get_config()` files plus `--config.a.b=value` overrides."""
+"""Recipe configs (configs/train.py, ...): ml_collections `get_config()` files plus `--config.a.b=value` overrides.
+
+The model section is one language for every command: a recipe's `model` names its source (`preset`, or a
+converted checkpoint in `init_from`), and `load_recipe` fills the section with *every* `ModelConfig` field of that
+source, so `--config.model.<field>=value` (nested: `--config.model.text.num_layers=2`) sets any of them and
+`--print-config` shows them all. `eval` and `convert` take the same `--config.model.<field>=` overrides on top of
+their model (`model_config_with_overrides`). Fields set in a recipe file's `model` section apply before the
+command line's.
+"""
 
 from __future__ import annotations
 
@@ -7,23 +15,70 @@ import pathlib
 
 import ml_collections
 
-from llavaction_jax.config import CONFIGS_DIR, ConfigError, run_config_file
+from llavaction_jax import checkpoint_io
+from llavaction_jax.config import CONFIGS_DIR, ConfigError, ModelConfig, load_preset, run_config_file
+
+MODEL_SOURCE_KEYS = ("preset", "init_from")  # recipe keys of the model section that are not ModelConfig fields
 
 
 def load_recipe(path: str | pathlib.Path, overrides: list[str] | None = None) -> ml_collections.ConfigDict:
-    """Load `path` (a file, or a name in configs/) and apply command-line overrides."""
+    """Load `path` (a file, or a name in configs/), apply command-line overrides, and fill the model section with
+    every field of its model config (see the module docstring)."""
     file = pathlib.Path(path)
     if not file.is_file():
         file = CONFIGS_DIR / f"{path}.py"
     if not file.is_file():
         raise ConfigError(f"config file {path!r} not found (neither a path nor a name in {CONFIGS_DIR})")
     cfg = run_config_file(file)
-    apply_overrides(cfg, overrides or [])
+    pairs = parse_overrides(overrides or [])
+    is_field = lambda key: key.startswith("model.") and key.split(".")[1] not in MODEL_SOURCE_KEYS
+    set_values(cfg, [(k, v) for k, v in pairs if not is_field(k)])
+    if "model" in cfg:
+        recipe_fields = {k: v for k, v in cfg.model.items() if k not in MODEL_SOURCE_KEYS}
+        section = model_section(model_base(cfg.model))
+        for key, value in recipe_fields.items():
+            if key not in section:
+                raise ConfigError(f"{file}: model.{key} is not a model config field; available: {sorted(section)}")
+            if isinstance(value, ml_collections.ConfigDict):
+                section[key].update(value)
+            else:
+                section[key] = value
+        for key in MODEL_SOURCE_KEYS:
+            section[key] = cfg.model.get(key, "")
+        cfg.model = section
+    set_values(cfg, [(k, v) for k, v in pairs if is_field(k)])
     return cfg
 
 
-def apply_overrides(cfg: ml_collections.ConfigDict, overrides: list[str]) -> None:
-    """`--config.train.steps=10` or `--config.train.steps 10`; values are parsed by the type of the default."""
+def model_base(section) -> ModelConfig:
+    """The model config a recipe's model section starts from: its `init_from` checkpoint's, else its preset's."""
+    if section.get("init_from"):
+        return checkpoint_io.load_config(section.init_from)
+    return load_preset(section.get("preset") or "tiny")
+
+
+def model_section(cfg: ModelConfig) -> ml_collections.ConfigDict:
+    """Every field of `cfg` (but the upstream keys carried in `extra`) as a ConfigDict."""
+    fields = cfg.to_dict()
+    fields.pop("extra")
+    return ml_collections.ConfigDict(fields)
+
+
+def model_config(cfg: ml_collections.ConfigDict) -> ModelConfig:
+    """The ModelConfig a loaded recipe describes (its filled model section, plus the source's `extra` keys)."""
+    fields = {k: v for k, v in cfg.model.to_dict().items() if k not in MODEL_SOURCE_KEYS}
+    return ModelConfig.from_dict({**fields, "extra": model_base(cfg.model).extra})
+
+
+def model_config_with_overrides(base: ModelConfig, overrides: list[str]) -> ModelConfig:
+    """`base` with `--config.model.<field>=value` overrides (the same syntax as `train`), for eval and convert."""
+    holder = ml_collections.ConfigDict({"model": model_section(base)})
+    set_values(holder, parse_overrides(overrides))
+    return ModelConfig.from_dict({**holder.model.to_dict(), "extra": base.extra})
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, str]]:
+    """`--config.train.steps=10` or `--config.train.steps 10` -> [("train.steps", "10")]."""
     pairs, i = [], 0
     while i < len(overrides):
         item = overrides[i]
@@ -38,6 +93,11 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: list[str]) -> Non
             raise ConfigError(f"override {item!r} has no value")
         pairs.append((key, value))
         i += 1
+    return pairs
+
+
+def set_values(cfg: ml_collections.ConfigDict, pairs: list[tuple[str, str]]) -> None:
+    """Set dotted keys; values are parsed by the type of the default."""
     for key, value in pairs:
         node = cfg
         *parents, last = key.split(".")

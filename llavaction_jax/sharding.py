@@ -1,17 +1,29 @@
-"""Mesh construction and the one table that maps logical axis names onto mesh axes.
+"""Mesh construction, the one table that maps logical axis names onto mesh axes, and the helpers that place
+parameters and batches.
 
-Parameters carry logical axes (see model/params.py); activations are constrained with `constrain(x, axes)`.
-Change parallelism by changing `LOGICAL_RULES` or the mesh shape, never the model code.
+Parameters carry logical axes (see model/params.py); activations are constrained with `constrain(x, axes)`, which
+reads JAX's own context mesh (`jax.set_mesh(mesh)` around the call of a jitted function) and is a no-op without
+one. Change parallelism by changing `LOGICAL_RULES` or the mesh shape, never the model code.
+
+Divisibility is explicit: a batch whose rows do not split over the batch axes raises (`shard_batch`); a parameter
+dimension that a mesh axis does not divide (e.g. a 3806-class head over tensor=4) is replicated on that dimension,
+and `param_shardings` logs each such choice once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Sequence
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from llavaction_jax.config import ModelConfig
+from llavaction_jax.model.params import flatten_paths, unflatten_paths
+
+logger = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -33,6 +45,7 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "classes": None,
     "tokens": None,
 }
+BATCH_AXES = LOGICAL_RULES["batch"]
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -51,12 +64,40 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[
     return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
-def logical_to_pspec(axes: Sequence[str | None], shape: Sequence[int] | None = None, mesh: Mesh | None = None,
+def platform_of(mesh: Mesh | None = None) -> str:
+    """"cpu", "gpu" or "tpu": the platform of the mesh's devices (default: JAX's default devices)."""
+    device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+    return {"cuda": "gpu", "rocm": "gpu"}.get(device.platform, device.platform)
+
+
+def resolve_config(cfg: ModelConfig, mesh: Mesh | None = None) -> ModelConfig:
+    """`cfg` with its execution fields fixed for the devices it will run on (`ModelConfig.resolved`): what entry
+    points (the API, train, eval, generation, benchmarks) call once before tracing."""
+    return cfg.resolved(platform_of(mesh), mesh.devices.size if mesh is not None else 1)
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """"data=2,fsdp=1,tensor=2" -> make_mesh keyword arguments; unnamed axes keep make_mesh's defaults."""
+    out = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, _, value = item.partition("=")
+        if name.strip() not in MESH_AXES or not value.strip().lstrip("-").isdigit():
+            raise ValueError(f"mesh {text!r}: expected axis=N items over {MESH_AXES} (N may be -1 once), got {item!r}")
+        out[name.strip()] = int(value)
+    return out
+
+
+def logical_to_pspec(axes: Sequence[str | None], shape: Sequence[int] | None = None, mesh=None,
                      rules: dict | None = None) -> P:
-    """PartitionSpec for logical axes. With `shape` and `mesh`, a dimension the mesh axes do not divide is
-    replicated instead (e.g. a 3806-class head over tensor=4), so every config shards without hand edits."""
+    """PartitionSpec for logical axes. With `shape` and `mesh` (a Mesh or AbstractMesh), a dimension the mesh axes
+    do not divide is replicated instead (see `param_shardings`, which logs it)."""
+    return _pspec(axes, shape, mesh, rules)[0]
+
+
+def _pspec(axes, shape, mesh, rules):
+    """(PartitionSpec, [(dim, logical name, size, mesh axes) that were replicated because they do not divide])."""
     rules = LOGICAL_RULES if rules is None else rules
-    out, used = [], set()
+    out, used, replicated = [], set(), []
     for i, name in enumerate(axes):
         target = rules.get(name) if name is not None else None
         if target is None:
@@ -65,46 +106,74 @@ def logical_to_pspec(axes: Sequence[str | None], shape: Sequence[int] | None = N
         targets = (target,) if isinstance(target, str) else tuple(target)
         targets = tuple(t for t in targets if t not in used and (mesh is None or t in mesh.shape))
         if shape is not None and mesh is not None:
-            size = int(np.prod([mesh.shape[t] for t in targets])) if targets else 1
-            if shape[i] % size:
+            ways = int(np.prod([mesh.shape[t] for t in targets])) if targets else 1
+            if shape[i] % ways:
+                replicated.append((i, name, shape[i], targets))
                 targets = ()
         used.update(targets)
         out.append(None if not targets else targets[0] if len(targets) == 1 else targets)
-    return P(*out)
+    return P(*out), replicated
 
 
-def param_shardings(axes_tree, abstract_tree, mesh: Mesh):
-    """NamedShardings for a params tree given its logical axes and shapes."""
-    return jax.tree.map(
-        lambda axes, a: NamedSharding(mesh, logical_to_pspec(axes, a.shape, mesh)),
-        axes_tree, abstract_tree, is_leaf=lambda x: isinstance(x, tuple),
-    )
+def param_shardings(specs, mesh: Mesh) -> dict:
+    """NamedShardings for a tree of `ParamSpec`s (model/params.py) on `mesh`; non-dividing dims are replicated and
+    logged once per parameter."""
+    out = {}
+    for path, spec in flatten_paths(specs).items():
+        pspec, replicated = _pspec(spec.axes, spec.shape, mesh, None)
+        for dim, name, size, targets in replicated:
+            logger.info("param %s: dim %d (%s, size %d) is replicated: mesh axes %s of %s do not divide it",
+                        path, dim, name, size, "x".join(targets), dict(mesh.shape))
+        out[path] = NamedSharding(mesh, pspec)
+    return unflatten_paths(out)
 
 
-_ACTIVE_MESH: list[Mesh] = []
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) dimension over the batch axes, the rest replicated: one sharding serves every batch array."""
+    return NamedSharding(mesh, P(BATCH_AXES))
 
 
-@contextlib.contextmanager
-def activation_mesh(mesh: Mesh | None):
-    """Make `constrain` place activations on `mesh` while tracing inside this context."""
+def batch_ways(mesh: Mesh) -> int:
+    return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+def shard_batch(arrays, mesh: Mesh | None):
+    """This process's rows (a pytree of host arrays, leading batch dim) -> global jax Arrays split over the batch
+    axes. Every process passes its own rows, the same count each. Without a mesh: plain device arrays.
+
+    Raises a ValueError naming the axes, size and mesh when the global batch does not split over them."""
     if mesh is None:
-        yield
-        return
-    _ACTIVE_MESH.append(mesh)
-    try:
-        yield
-    finally:
-        _ACTIVE_MESH.pop()
+        return jax.tree.map(jax.numpy.asarray, arrays)
+    sharding, ways = batch_sharding(mesh), batch_ways(mesh)
+
+    def put(x):
+        x = np.asarray(x)
+        rows = x.shape[0] * jax.process_count()
+        if rows % ways:
+            raise ValueError(f"a batch of {rows} rows does not split over mesh axes {'x'.join(BATCH_AXES)} = {ways} "
+                             f"(mesh {dict(mesh.shape)}); choose a batch size that is a multiple of {ways}")
+        return jax.make_array_from_process_local_data(sharding, x, (rows, *x.shape[1:]))
+
+    return jax.tree.map(put, arrays)
 
 
-def active_mesh_size() -> int:
-    """Devices of the mesh `activation_mesh` set while tracing (1 outside it)."""
-    return _ACTIVE_MESH[-1].devices.size if _ACTIVE_MESH else 1
+def local_rows(arrays, mesh: Mesh | None):
+    """Inverse of `shard_batch`: global arrays split over the batch axes -> numpy arrays of this process's rows."""
+    if mesh is None or jax.process_count() == 1:
+        return jax.tree.map(np.asarray, arrays)
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(np.asarray, multihost_utils.global_array_to_host_local_array(arrays, mesh, P(BATCH_AXES)))
+
+
+def use_mesh(mesh: Mesh | None):
+    """JAX's context mesh for calls of jitted functions whose activations `constrain` places (no-op for None)."""
+    return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
-    """Sharding constraint by logical axes; a no-op outside `activation_mesh` (single-device code paths)."""
-    if not _ACTIVE_MESH:
+    """Sharding constraint by logical axes on JAX's context mesh (`jax.set_mesh`); a no-op without one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
         return x
-    mesh = _ACTIVE_MESH[-1]
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_pspec(axes, x.shape, mesh)))
+    return jax.lax.with_sharding_constraint(x, logical_to_pspec(axes, x.shape, mesh))

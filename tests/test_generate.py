@@ -27,7 +27,7 @@ def sample(rng, length, frames=2):
 def greedy_by_recompute(params, ids, pixels, steps):
     """Reference: run the full forward on the growing sequence and take the argmax at the end, every step."""
     out = []
-    fwd = jax.jit(lambda i, x: llava.forward(params, CFG, i, x).logits)
+    fwd = jax.jit(lambda i, x: llava.lm_logits(params, llava.forward(params, CFG, i, x).hidden))
     for _ in range(steps):
         logits = fwd(jnp.asarray(ids)[None], jnp.asarray(pixels)[None])
         nxt = int(jnp.argmax(logits[0, -1]))

@@ -12,6 +12,8 @@ The hidden states at the action positions are computed independently of `llava.f
 spliced by a Python reference here and run through `qwen2.forward(..., gather_idx=...)` directly.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,7 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from llavaction_jax.config import ModelConfig, TextConfig, VisionConfig
-from llavaction_jax.model import llava, losses, qwen2
+from llavaction_jax import losses
+from llavaction_jax.api import forward_with_losses
+from llavaction_jax.model import llava, qwen2
 from llavaction_jax.model.params import is_spec
 
 IMG, IGNORE = -200, -100
@@ -124,7 +128,7 @@ def random_params(cfg, seed=0, std=0.3):
                         llava.param_specs(cfg), is_leaf=is_spec)
 
 
-FORWARD = jax.jit(llava.forward, static_argnums=1)
+FORWARD = lambda params, cfg, *args: forward_with_losses(params, *args, cfg=cfg)
 ENCODE = jax.jit(llava.encode_videos, static_argnums=2)
 GATHER = jax.jit(qwen2.forward, static_argnums=4)
 
@@ -268,12 +272,15 @@ def test_training_forward_skips_the_logits_with_the_same_loss():
     ids = np.array(jax.random.randint(jax.random.key(2), (2, 12), 0, 100))
     ids[:, 3] = llava.IMAGE_TOKEN_INDEX
     labels = np.where(np.arange(12) >= 6, ids, losses.IGNORE_INDEX)
-    run = jax.jit(llava.forward, static_argnames=("cfg", "return_logits"))
     actions = jnp.asarray([[1, 2, 3], [-1, -1, -1]])
-    full = run(params, cfg, jnp.asarray(ids), pixels, labels=jnp.asarray(labels), actions=actions)
-    chunked = run(params, cfg, jnp.asarray(ids), pixels, labels=jnp.asarray(labels), actions=actions,
-                  return_logits=False)
-    assert chunked.logits is None and full.logits is not None
+
+    @functools.partial(jax.jit, static_argnames="with_logits")
+    def run(with_logits):  # the API reads its logits; the train step computes them in chunks from hidden states
+        out = llava.forward(params, cfg, jnp.asarray(ids), pixels, labels=jnp.asarray(labels))
+        logits = llava.lm_logits(params, out.hidden) if with_logits else None
+        return losses.compute_losses(params, cfg, out, actions, logits=logits)
+
+    full, chunked = run(True), run(False)
     assert full.lm_loss > 0 and full.aux_loss > 0
     np.testing.assert_allclose(chunked.lm_loss, full.lm_loss, rtol=1e-6)
     np.testing.assert_allclose(chunked.loss, full.loss, rtol=1e-6)

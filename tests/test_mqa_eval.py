@@ -119,11 +119,18 @@ def test_videoqa_questions_are_normalised_and_prompted_with_the_time_instruction
 def test_command_line_parsing_and_batch_layout_errors():
     from llavaction_jax.eval.batching import check_batch_layout
 
-    assert mqa_eval.parse_mesh("data=2,tensor=-1") == {"data": 2, "tensor": -1}
-    with pytest.raises(ValueError, match="expected data=N"):
-        mqa_eval.parse_mesh("dp=2")
-    assert mqa_eval.parse_overrides(["text.vocab_size=151680", "a=true", "b=x"]) == {
-        "text.vocab_size": 151680, "a": True, "b": "x"}
+    from llavaction_jax.config import ConfigError, load_preset
+    from llavaction_jax.recipes import model_config_with_overrides
+    from llavaction_jax.sharding import parse_mesh
+
+    assert parse_mesh("data=2,tensor=-1") == {"data": 2, "tensor": -1}
+    with pytest.raises(ValueError, match="expected axis=N"):
+        parse_mesh("dp=2")
+    cfg = model_config_with_overrides(load_preset("tiny"), ["--config.model.text.vocab_size=151680",
+                                                            "--config.model.compute_dtype=bfloat16"])
+    assert cfg.text.vocab_size == 151680 and cfg.compute_dtype == "bfloat16"
+    with pytest.raises(ConfigError, match="no such field"):
+        model_config_with_overrides(load_preset("tiny"), ["--config.model.text.vocab=3"])
     with pytest.raises(ValueError, match="does not split over data x fsdp = 2"):
         check_batch_layout(make_mesh(data=2, fsdp=1, tensor=1, devices=jax.devices()[:2]), 3, 1)
 
@@ -170,7 +177,7 @@ def eval_args(data_dir, out, *extra):
     # A narrower tiny text model with tied embeddings: the 151680-row table dominates init and compile time.
     overrides = [f"text.vocab_size={VOCAB}", "text.tie_word_embeddings=true", "text.hidden_size=64",
                  "text.intermediate_size=128"]
-    return ["eval", "--preset", "tiny", *[a for o in overrides for a in ("--override", o)], "--questions",
+    return ["eval", "--preset", "tiny", *[f"--config.model.{o}" for o in overrides], "--questions",
             str(data_dir / "q.jsonl"), "--shards", str(data_dir / "shards"), "--out", str(out), "--mode", "both",
             "--max-new-tokens", "4", "--mesh", "data=2,fsdp=1,tensor=2", *extra]
 
@@ -181,7 +188,7 @@ def model_on_mesh(data_dir):
     mesh = make_mesh(data=2, fsdp=1, tensor=2, devices=jax.devices()[:4])
     parser = argparse.ArgumentParser()
     mqa_eval.add_arguments(parser)
-    args = parser.parse_args(eval_args(data_dir, data_dir / "out1")[1:])
+    args, args.config_overrides = parser.parse_known_args(eval_args(data_dir, data_dir / "out1")[1:])
     params, cfg, name = mqa_eval.load_model(args, mesh)
     return params, cfg, name, mesh
 

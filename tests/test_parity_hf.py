@@ -14,6 +14,7 @@ from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGene
 
 from llavaction_jax.config import ModelConfig, text_from_hf, vision_from_hf
 from llavaction_jax.convert.keys import torch_to_params
+from llavaction_jax.api import forward_with_losses
 from llavaction_jax.model import llava, qwen2, siglip
 from llavaction_jax.model.params import init_params
 
@@ -122,6 +123,6 @@ def test_onevision_video_logits_match_transformers(onevision):
         ref = model(input_ids=torch.tensor(hf_ids), pixel_values_videos=torch.tensor(pixels)).logits.numpy()
 
     ids = np.concatenate([before, np.full((2, 1), -200), after], axis=1)  # upstream convention
-    out = jax.jit(llava.forward, static_argnums=1)(params, cfg, jnp.asarray(ids), jnp.asarray(pixels))
+    out = forward_with_losses(params, jnp.asarray(ids), jnp.asarray(pixels), None, None, None, cfg=cfg)
     assert out.logits.shape == ref.shape
     assert np.abs(np.asarray(out.logits) - ref).max() <= TOL

@@ -51,7 +51,7 @@ def reference_logprobs(params, ids, mask, pixels, options):
             row_pixels.append(pixels[b])
             last_prompt_index = n - 1 + CFG.tokens_per_video(FRAMES) - 1  # after splicing the video in
             where.append((b, k, last_prompt_index, tokens))
-    logits = jax.jit(lambda i, x, m: llava.forward(params, CFG, i, x, m).logits)(
+    logits = jax.jit(lambda i, x, m: llava.lm_logits(params, llava.forward(params, CFG, i, x, m).hidden))(
         jnp.asarray(np.stack(rows)), jnp.asarray(np.stack(row_pixels)), jnp.asarray(np.stack(row_masks)))
     logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
     out = {}

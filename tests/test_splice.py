@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from llavaction_jax.config import ModelConfig, TextConfig, VisionConfig
+from llavaction_jax.api import forward_with_losses
 from llavaction_jax.model import llava, qwen2
 from llavaction_jax.model.params import is_spec
 
@@ -215,8 +216,7 @@ def test_forward_splices_like_reference(limit):
     _, ids, labels, mask, _, _ = make_batch(rows, d=cfg.text.hidden_size, seed=11, vocab=cfg.text.vocab_size)
     frames = 2
     pix = jax.random.uniform(jax.random.key(1), (2, frames, 3, 14, 14), minval=-1, maxval=1)
-    out = jax.jit(llava.forward, static_argnums=1)(params, cfg, jnp.asarray(ids), pix, jnp.asarray(mask),
-                                                   jnp.asarray(labels))
+    out = forward_with_losses(params, jnp.asarray(ids), pix, jnp.asarray(mask), jnp.asarray(labels), None, cfg=cfg)
 
     v = cfg.tokens_per_video(frames)
     assert v == frames * 4 * 5 + 1

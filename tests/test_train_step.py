@@ -7,8 +7,8 @@ import pytest
 
 from llavaction_jax.config import load_preset
 from llavaction_jax.model import llava
-from llavaction_jax.sharding import make_mesh
-from llavaction_jax.train.optim import OptimizerConfig, make_optimizer, param_labels, warmup_cosine
+from llavaction_jax.sharding import make_mesh, resolve_config
+from llavaction_jax.train.optim import OptimizerConfig, make_optimizer, param_groups, warmup_cosine
 from llavaction_jax.train.step import init_state, jit_train_step, make_train_step
 
 CFG = load_preset("tiny")
@@ -31,8 +31,8 @@ def run_steps(opt_cfg, batches, n_micro=1, mesh=None, seed=0):
     params = llava.init(CFG, jax.random.key(seed))
     tx, schedules = make_optimizer(params, opt_cfg)
     state = init_state(params, tx)
-    step = make_train_step(CFG, tx, param_labels(params, opt_cfg), n_micro, schedules, mesh)
-    step = jit_train_step(step, state, batches[0], CFG, mesh)
+    step = make_train_step(resolve_config(CFG, mesh), tx, param_groups(params, opt_cfg), n_micro, schedules)
+    step = jit_train_step(step, state, CFG, mesh)
     metrics = []
     for b in batches:
         state, m = step(state, b)

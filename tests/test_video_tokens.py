@@ -250,20 +250,23 @@ def test_headline_counts():
 
 
 # ---------------------------------------------------------------------------------------------- frames per step
-def test_frames_per_step_divides_the_video_and_keeps_the_batch(monkeypatch):
-    from llavaction_jax.model.llava import AUTO_CPU_FRAMES_PER_STEP, frames_per_step
+def test_frames_per_step_divides_the_video_and_keeps_the_batch():
+    from llavaction_jax.config import AUTO_CPU_FRAMES_PER_STEP
+    from llavaction_jax.model.llava import frames_per_step
 
     cfg = ModelConfig()
     for setting, batch, frames, want in ((1, 2, 8, 1), (4, 1, 8, 4), (6, 1, 8, 4), (16, 2, 8, 8), (100, 4, 16, 16),
                                          (8, 16, 8, 1), (3, 1, 7, 1)):
         got = frames_per_step(cfg.replace(vision_frames_per_step=setting), batch, frames)
         assert got == want and frames % got == 0, (setting, batch, frames, got)
-    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
-    assert frames_per_step(cfg, 1, 16) == AUTO_CPU_FRAMES_PER_STEP
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert frames_per_step(cfg, 4, 64) == 64  # accelerators: everything at once
+    # auto (0) is resolved at the entry point from the platform and the mesh size
+    assert frames_per_step(cfg.resolved("cpu", 1), 1, 16) == AUTO_CPU_FRAMES_PER_STEP
+    assert frames_per_step(cfg.resolved("gpu", 1), 4, 64) == 64  # accelerators: everything at once
+    assert frames_per_step(cfg.resolved("cpu", 8), 1, 64) == 64  # CPU meshes: no sharded work inside a loop
+    assert frames_per_step(cfg, 1, 16) == 16  # unresolved: everything at once, whatever the backend
+    assert frames_per_step(cfg.replace(vision_frames_per_step=-1), 1, 16) == 16
     with pytest.raises(Exception, match="vision_frames_per_step"):
-        cfg.replace(vision_frames_per_step=-1)
+        cfg.replace(vision_frames_per_step=-2)
 
 
 @pytest.mark.parametrize("per_step", [1, 2])

@@ -50,19 +50,20 @@ def main(argv=None) -> int:
 
     from llavaction_jax.bench.common import median, record, time_calls
     from llavaction_jax.config import ModelConfig
+    from llavaction_jax.sharding import resolve_config
     from llavaction_jax.convert.keys import torch_to_params
     from llavaction_jax.model import llava
 
     torch.set_num_threads(os.cpu_count())
     hf_cfg, model, pixels, before, after = build(args.batch, args.frames)
-    cfg = ModelConfig.from_upstream(hf_cfg.to_dict())
+    cfg = resolve_config(ModelConfig.from_upstream(hf_cfg.to_dict()))  # this machine's execution choices
     params = jax.device_put(torch_to_params({k: v.numpy() for k, v in model.state_dict().items()}, cfg))
     n_video = cfg.tokens_per_video(args.frames)
     hf_ids = torch.tensor(np.concatenate([before, np.full((args.batch, n_video), 32001), after], axis=1))
     ids = jnp.asarray(np.concatenate([before, np.full((args.batch, 1), -200), after], axis=1))
     px_t, px_j = torch.tensor(pixels), jnp.asarray(pixels)
 
-    fwd = jax.jit(lambda p, i, x: llava.forward(p, cfg, i, x).logits)
+    fwd = jax.jit(lambda p, i, x: llava.lm_logits(p, llava.forward(p, cfg, i, x).hidden))
     t0 = time.perf_counter()
     compiled = fwd.lower(params, ids, px_j).compile()
     compile_s = time.perf_counter() - t0

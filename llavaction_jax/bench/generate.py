@@ -96,13 +96,14 @@ def main(argv=None) -> int:
     from llavaction_jax.bench.common import record
     from llavaction_jax.bench.forward import build
     from llavaction_jax.config import ModelConfig
+    from llavaction_jax.sharding import resolve_config
     from llavaction_jax.convert.keys import torch_to_params
     from llavaction_jax.eval.generate import GenerationConfig, generate
     from llavaction_jax.eval.scoring import score_options
 
     torch.set_num_threads(os.cpu_count())
     hf_cfg, model, *_ = build(1, args.frames)
-    cfg = ModelConfig.from_upstream(hf_cfg.to_dict())
+    cfg = resolve_config(ModelConfig.from_upstream(hf_cfg.to_dict()))  # this machine's execution choices
     params = jax.device_put(torch_to_params({k: v.numpy() for k, v in model.state_dict().items()}, cfg))
     n_video = cfg.tokens_per_video(args.frames)
     questions = make_questions(args.questions, args.frames)

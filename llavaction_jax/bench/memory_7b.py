@@ -59,16 +59,17 @@ def compile_step(policy: str, mesh_name: str, frames: int, seq: int, micro_batch
     import jax.numpy as jnp
 
     from llavaction_jax.config import load_preset
-    from llavaction_jax.model import llava, losses
+    from llavaction_jax.model import llava
     from llavaction_jax.model.params import abstract_params
-    from llavaction_jax.sharding import make_mesh
-    from llavaction_jax.train.optim import OptimizerConfig, make_optimizer, param_labels
-    from llavaction_jax.train.step import batch_shardings, init_state, jit_train_step, make_train_step, state_shardings
+    from llavaction_jax.sharding import batch_sharding, make_mesh
+    from llavaction_jax.train.optim import OptimizerConfig, make_optimizer, param_groups
+    from llavaction_jax.train.step import init_state, jit_train_step, make_train_step, state_shardings
 
-    losses.CPU_MESH_FALLBACK = False  # compiled, never run: keep the chunked loss an accelerator would use
+    # Compiled for accelerator-like use, never run: the execution fields are set as a GPU run resolves them
+    # (chunked loss, sharded work inside loops, every frame at once), not as this CPU would.
     cfg = load_preset("llavaction_7b", {"param_dtype": "float32", "compute_dtype": "bfloat16", "attention": "flash",
-                                         "remat_policy": policy,
-                                         "vision_frames_per_step": 1 << 30})  # all at once, as on accelerators
+                                         "remat_policy": policy, "vision_frames_per_step": -1,
+                                         "loop_collectives": "on", "platform": "gpu"})
     mesh = make_mesh(**MESHES[mesh_name])
     visual = cfg.tokens_per_video(frames)
     text_len = seq - visual + 1  # the -200 placeholder is replaced by the visual tokens
@@ -83,12 +84,13 @@ def compile_step(policy: str, mesh_name: str, frames: int, seq: int, micro_batch
     s_shard = state_shardings(state, cfg, mesh)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, s_shard)
     b = abstract_batch(cfg, batch, text_len, frames)
-    b = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), b, batch_shardings(b, mesh))
+    b = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=batch_sharding(mesh)), b)
 
-    step = make_train_step(cfg, tx, param_labels(params, opt_cfg), micro_batches, schedules, mesh)
-    jitted = jit_train_step(step, state, b, cfg, mesh)
+    step = make_train_step(cfg, tx, param_groups(params, opt_cfg), micro_batches, schedules)
+    jitted = jit_train_step(step, state, cfg, mesh).jitted
     t0 = time.perf_counter()
-    lowered = jitted.lower(state, b)
+    with jax.set_mesh(mesh):
+        lowered = jitted.lower(state, b)
     lower_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     compiled = lowered.compile()

@@ -83,14 +83,15 @@ def main(argv=None) -> int:
     from llavaction_jax.bench.common import median, record
     from llavaction_jax.bench.forward import build
     from llavaction_jax.config import ModelConfig
+    from llavaction_jax.sharding import resolve_config
     from llavaction_jax.convert.keys import torch_to_params
     from llavaction_jax.train import metrics
-    from llavaction_jax.train.optim import OptimizerConfig, make_optimizer, param_labels
+    from llavaction_jax.train.optim import OptimizerConfig, make_optimizer, param_groups
     from llavaction_jax.train.step import init_state, jit_train_step, make_train_step
 
     torch.set_num_threads(os.cpu_count())
     hf_cfg, model, _, _, _ = build(args.batch, 1)
-    cfg = ModelConfig.from_upstream(hf_cfg.to_dict())
+    cfg = resolve_config(ModelConfig.from_upstream(hf_cfg.to_dict()))  # this machine's execution choices
     opt_cfg = OptimizerConfig(total_steps=1000)  # upstream's AdamW / LR groups / warm-up cosine / clipping
     raw = make_batch(args.batch, args.frames)
     n_video = cfg.tokens_per_video(args.frames)
@@ -102,8 +103,8 @@ def main(argv=None) -> int:
     params = jax.device_put(torch_to_params({k: v.detach().numpy() for k, v in model.state_dict().items()}, cfg))
     tx, schedules = make_optimizer(params, opt_cfg)
     state = init_state(params, tx)
-    step_fn = make_train_step(cfg, tx, param_labels(params, opt_cfg), 1, schedules)
-    jitted = jit_train_step(step_fn, state, jb, cfg, None)
+    step_fn = make_train_step(cfg, tx, param_groups(params, opt_cfg), 1, schedules)
+    jitted = jit_train_step(step_fn, state, cfg, None)
     t0 = time.perf_counter()
     compiled = jitted.lower(state, jb).compile()
     compile_s = time.perf_counter() - t0

@@ -137,26 +137,16 @@ def make_global_batch(batch: dict, mesh, pad_id: int = QWEN_PAD_ID) -> dict:
     The batch axes must be the ones that span processes (each process contributes the rows its devices hold).
     Returns the ``MODEL_KEYS`` arrays; ``sample_id`` and ``num_skipped`` stay on the host.
     """
-    import jax  # noqa: PLC0415 (the data package does not need jax otherwise)
+    # jax only here: Grain's worker processes import this module and need no jax.
+    import jax  # noqa: PLC0415
     from jax.experimental import multihost_utils  # noqa: PLC0415
-    from jax.sharding import NamedSharding  # noqa: PLC0415
 
-    from llavaction_jax.sharding import logical_to_pspec  # noqa: PLC0415
+    from llavaction_jax.sharding import shard_batch  # noqa: PLC0415
 
-    batch = dict(batch)
     if jax.process_count() > 1:
         lengths = multihost_utils.process_allgather(np.int32(batch["input_ids"].shape[1]))
         batch = pad_text_to(batch, int(np.max(lengths)), pad_id)
-    out = {}
-    for key in MODEL_KEYS:
-        local = np.asarray(batch[key])
-        global_shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
-        spec = logical_to_pspec(("batch",) + (None,) * (local.ndim - 1), global_shape, mesh)
-        if spec[0] is None and mesh.shape["data"] * mesh.shape["fsdp"] > 1:
-            raise ValueError(f"global batch {global_shape[0]} is not divisible by the mesh's data x fsdp = "
-                             f"{mesh.shape['data'] * mesh.shape['fsdp']} devices")
-        out[key] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), local, global_shape)
-    return out
+    return shard_batch({key: np.asarray(batch[key]) for key in MODEL_KEYS}, mesh)
 
 
 def pad_text_to(batch: dict, length: int, pad_id: int = QWEN_PAD_ID) -> dict:

@@ -13,18 +13,15 @@ import dataclasses
 import math
 import threading
 
-import jax
 import numpy as np
-from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from llavaction_jax.data import chat
 from llavaction_jax.data.frames import FrameShards, decode_frames
 from llavaction_jax.data.image import preprocess_frames
 from llavaction_jax.eval.questions import EvalQuestion
 from llavaction_jax.eval.scoring import option_token_ids, pad_options
-
-BATCH_AXES = ("data", "fsdp")  # the mesh axes the batch is split over (sharding.LOGICAL_RULES["batch"])
+from llavaction_jax.sharding import batch_sharding, batch_ways
 # Upper bound for a duration in the videoqa time instruction: Qwen2 tokenizes digits one by one, so a prompt's
 # length depends on the number of digits only, and 5 integer digits cover any clip shorter than a day.
 _WIDEST_DURATION = 99999.99
@@ -136,14 +133,10 @@ def build_batch(indices: list[int], questions: list[EvalQuestion], fill_index: i
     return arrays, info
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P(BATCH_AXES))
-
-
 def check_batch_layout(mesh: Mesh, per_process_batch: int, process_count: int) -> None:
     """Each process must own its own rows of the global batch: the batch axes split it evenly, and no two
     processes hold the same rows (a mesh whose batch is replicated across hosts would need identical inputs)."""
-    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    ways = batch_ways(mesh)
     global_batch = per_process_batch * process_count
     if global_batch % ways:
         raise ValueError(f"the global batch ({per_process_batch} per process x {process_count} processes) does not "
@@ -155,14 +148,3 @@ def check_batch_layout(mesh: Mesh, per_process_batch: int, process_count: int) -
         raise ValueError(f"mesh {dict(mesh.shape)} does not give each of the {process_count} processes its own "
                          "rows of the batch; make data x fsdp a multiple of the process count (model parallelism, "
                          "tensor, within a host)")
-
-
-def to_global(arrays: dict, mesh: Mesh) -> dict:
-    """This process's rows -> global arrays whose batch is split over the mesh's batch axes."""
-    return multihost_utils.host_local_array_to_global_array(arrays, mesh, P(BATCH_AXES))
-
-
-def to_local(outputs, mesh: Mesh):
-    """Global outputs (batch split like the inputs) -> numpy arrays of this process's rows, in its input order."""
-    local = multihost_utils.global_array_to_host_local_array(outputs, mesh, P(BATCH_AXES))
-    return jax.tree.map(np.asarray, local)

@@ -3,7 +3,12 @@
 Upstream answers one question at a time with HF `generate` (greedy, `max_new_tokens=4096`, stop at EOS). Here a
 whole batch of prompts of different lengths decodes together: prompts are right-padded after splicing, so a
 token's cache index equals its position and each row continues at its own length. Rows that hit EOS keep
-emitting the pad id until every row is done or the budget is spent.
+emitting the pad id until every row is done or the budget is spent. The KV cache holds exactly the positions
+the call can write (the padded prompt, then `max_new_tokens - 1` generated tokens: the last one is never fed
+back), and the loop carries a named `DecodeState`.
+
+`cfg` is used as given: entry points (the API, eval, benchmarks) pass a config resolved for their mesh
+(`sharding.resolve_config`).
 """
 
 from __future__ import annotations
@@ -45,6 +50,18 @@ def select_token(logits: jax.Array, gen: GenerationConfig, key: jax.Array | None
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeState:
+    """The `lax.while_loop` carry: `step` tokens of every row are in `tokens`; token `step - 1` is fed next."""
+
+    step: jax.Array  # () int32
+    tokens: jax.Array  # (B, max_new_tokens) int32, pad after EOS and past `step`
+    cache: qwen2.KVCache
+    done: jax.Array  # (B,) bool: the row has emitted an EOS
+    key: jax.Array  # PRNG key for sampling
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "gen", "out_len"))
 def generate(params: dict, cfg: ModelConfig, gen: GenerationConfig, input_ids, pixel_values, attention_mask,
              key: jax.Array | None = None, out_len: int | None = None):
@@ -56,31 +73,28 @@ def generate(params: dict, cfg: ModelConfig, gen: GenerationConfig, input_ids, p
     key = jax.random.key(0) if key is None else key
     eos = jnp.asarray(gen.eos_ids, jnp.int32)
 
-    cache = qwen2.init_cache(cfg.text, b, s_len + gen.max_new_tokens, s.embeds.dtype)
-    h, cache = qwen2.forward_cached(text, s.embeds, jnp.zeros((b,), jnp.int32), cache, cfg.text, attn_impl=cfg.attention)
+    cache = qwen2.init_cache(cfg.text, b, s_len + gen.max_new_tokens - 1, s.embeds.dtype)
+    decode = functools.partial(qwen2.forward_cached, text, cfg=cfg.text, attn_impl=cfg.attention,
+                               platform=cfg.platform)
+    h, cache = decode(s.embeds, jnp.zeros((b,), jnp.int32), cache)
     last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)[:, 0]
     key, sub = jax.random.split(key)
     first = select_token(qwen2.lm_head(text, last, gen.vocab_limit), gen, sub)
-
     tokens = jnp.full((b, gen.max_new_tokens), gen.pad_id, jnp.int32).at[:, 0].set(first)
-    done = jnp.isin(first, eos)
 
-    def cond(state):
-        step, _, _, done, _ = state
-        return (step < gen.max_new_tokens) & ~jnp.all(done)
+    def cond(state: DecodeState):
+        return (state.step < gen.max_new_tokens) & ~jnp.all(state.done)
 
-    def body(state):
-        step, tokens, cache, done, key = state
-        prev = tokens[:, step - 1]
-        x = qwen2.embed(text, prev, s.embeds.dtype)[:, None]
-        h, cache = qwen2.forward_cached(text, x, lengths + step - 1, cache, cfg.text, attn_impl=cfg.attention)
-        key, sub = jax.random.split(key)
+    def body(state: DecodeState) -> DecodeState:
+        prev = state.tokens[:, state.step - 1]
+        h, cache = decode(qwen2.embed(text, prev, s.embeds.dtype)[:, None], lengths + state.step - 1, state.cache)
+        key, sub = jax.random.split(state.key)
         nxt = select_token(qwen2.lm_head(text, h[:, 0], gen.vocab_limit), gen, sub)
-        nxt = jnp.where(done, gen.pad_id, nxt)
-        tokens = tokens.at[:, step].set(nxt)
-        return step + 1, tokens, cache, done | jnp.isin(nxt, eos), key
+        nxt = jnp.where(state.done, gen.pad_id, nxt)
+        return DecodeState(step=state.step + 1, tokens=state.tokens.at[:, state.step].set(nxt), cache=cache,
+                           done=state.done | jnp.isin(nxt, eos), key=key)
 
-    _, tokens, _, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), tokens, cache, done, key))
-    is_eos = jnp.isin(tokens, eos)
+    final = jax.lax.while_loop(cond, body, DecodeState(jnp.int32(1), tokens, cache, jnp.isin(first, eos), key))
+    is_eos = jnp.isin(final.tokens, eos)
     first_eos = jnp.where(is_eos.any(axis=1), jnp.argmax(is_eos, axis=1) + 1, gen.max_new_tokens)
-    return tokens, first_eos
+    return final.tokens, first_eos

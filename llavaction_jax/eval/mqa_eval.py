@@ -16,34 +16,22 @@ with the highest log-likelihood, eval/scoring.py); ``both`` runs both on the sam
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
+import jax
+from jax.experimental import multihost_utils
+
+from llavaction_jax.api import load_pretrained
+from llavaction_jax.checkpoint_io import is_model_dir, load_config
+from llavaction_jax.config import ConfigError, load_preset
+from llavaction_jax.eval.questions import resolve_tokenizer
 from llavaction_jax.eval.runner import EvalSettings, check_tokenizer_fits, evaluate
+from llavaction_jax.model import llava
+from llavaction_jax.recipes import model_config_with_overrides
+from llavaction_jax.sharding import make_mesh, param_shardings, parse_mesh
 
 
-def parse_mesh(text: str) -> dict[str, int]:
-    """"data=2,fsdp=1,tensor=2" -> make_mesh kwargs (unnamed axes keep make_mesh's defaults)."""
-    out = {}
-    for part in filter(None, text.split(",")):
-        name, _, value = part.partition("=")
-        if name.strip() not in ("data", "fsdp", "tensor") or not value.strip().lstrip("-").isdigit():
-            raise ValueError(f"--mesh: expected data=N,fsdp=N,tensor=N (N may be -1 once), got {part!r}")
-        out[name.strip()] = int(value)
-    return out
-
-
-def parse_overrides(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--override expects KEY=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+ACCEPTS_CONFIG_OVERRIDES = True  # --config.model.<field>=value, as in `train`
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,8 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_mutually_exclusive_group(required=True)
     model.add_argument("--model", help="model directory (save_pretrained / converter output)")
     model.add_argument("--preset", help="random model from configs/<NAME>.py (smoke tests), e.g. tiny")
-    a("--override", action="append", default=[], metavar="KEY=VALUE",
-      help="preset field override, repeatable (e.g. text.vocab_size=151680)")
+    parser.epilog = ("Any model config field can be set as in `train`: --config.model.<field>=VALUE, e.g. "
+                     "--config.model.compute_dtype=bfloat16 --config.model.attention=flash "
+                     "--config.model.text.vocab_size=151680; --print-config shows them all.")
+    a("--print-config", action="store_true", help="print the model config (with overrides) and exit")
     a("--seed", type=int, default=0, help="seed of a --preset model's random weights")
     a("--questions", required=True, help="question file: build-mqa JSONL (ek100) or generic video QA JSONL")
     a("--shards", required=True, help="frame-shard directory (extract-frames output) holding every question's clip")
@@ -74,8 +64,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="videoqa: line after the options (default: lmms-eval's \"Answer with the option's letter from the given "
            "choices directly.\")")
     a("--annotations", default=None, help="EK100 annotation folder for verb/noun names (default: from the meta)")
-    a("--param-dtype", default=None, help="override the model's parameter dtype (e.g. bfloat16)")
-    a("--compute-dtype", default=None, help="override the model's compute dtype (e.g. bfloat16)")
     a("--threads", type=int, default=4, help="frame-decoding threads per process")
     a("--options-per-pass", type=int, default=None,
       help="score mode: options scored per pass over the prompt's KV cache, which is copied that many times "
@@ -87,8 +75,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _init_distributed(args) -> None:
-    import jax
-
     if args.coordinator is None:
         return
     if args.coordinator == "auto":  # TPU pods, SLURM, ...: JAX reads the process layout from the environment
@@ -101,55 +87,41 @@ def _init_distributed(args) -> None:
 
 
 def model_config(args):
-    """The model's config, read before any weights so a mismatch fails fast; None for a PyTorch checkpoint
-    directory (load_pretrained converts it in memory and the config comes with the weights)."""
-    from llavaction_jax.checkpoint_io import is_model_dir, load_config
-    from llavaction_jax.config import load_preset
-
+    """The model's config with the command line's --config.model overrides, read before any weights so a mismatch
+    fails fast; None for a PyTorch checkpoint directory (load_pretrained converts it in memory and the config
+    comes with the weights)."""
     if args.model and not is_model_dir(args.model):
         return None
-    cfg = load_config(args.model) if args.model else load_preset(args.preset, parse_overrides(args.override))
-    return cfg.replace(param_dtype=args.param_dtype) if args.param_dtype else cfg
+    base = load_config(args.model) if args.model else load_preset(args.preset)
+    return model_config_with_overrides(base, args.config_overrides)
 
 
 def load_model(args, mesh, cfg=None):
     """(params on the mesh, cfg, name)."""
-    import jax
-
-    from llavaction_jax.model import llava
-    from llavaction_jax.model.params import abstract_params, logical_axes
-    from llavaction_jax.sharding import param_shardings
-
     cfg = cfg or model_config(args)
     if args.model:
-        from llavaction_jax.api import load_pretrained
-
-        model = load_pretrained(args.model, mesh, dtype=args.param_dtype)
-        params, cfg, name = model.params, model.cfg, str(args.model)
+        model = load_pretrained(args.model, mesh, dtype=cfg.param_dtype if cfg is not None else None)
+        params, name = model.params, str(args.model)
+        cfg = cfg or model_config_with_overrides(model.cfg, args.config_overrides)
     else:
-        specs = llava.param_specs(cfg)
-        shardings = param_shardings(logical_axes(specs), abstract_params(specs), mesh)
+        shardings = param_shardings(llava.param_specs(cfg), mesh)
         # Random weights for smoke runs, initialised inside jit straight into the mesh's shardings (identical on
         # every process, no host copy). The rbg generator compiles in a fraction of threefry's time on CPU.
         key = jax.random.key(args.seed, impl="rbg")
         params = jax.jit(lambda k: llava.init(cfg, k), out_shardings=shardings)(key)
         name = f"preset {args.preset} (random, rbg seed {args.seed})"
-    if args.compute_dtype:
-        cfg = cfg.replace(compute_dtype=args.compute_dtype)
     return params, cfg, name
 
 
 def run(args: argparse.Namespace) -> int:
     try:
+        cfg = model_config(args)
+        if args.print_config:
+            print(cfg.to_dict() if cfg is not None else "a PyTorch checkpoint: its config comes with the weights")
+            return 0
         _init_distributed(args)
-        from jax.experimental import multihost_utils
-
-        from llavaction_jax.eval.questions import resolve_tokenizer
-        from llavaction_jax.sharding import make_mesh
-
         mesh = make_mesh(**parse_mesh(args.mesh))
         tokenizer, tokenizer_name = resolve_tokenizer(args.tokenizer, args.model)
-        cfg = model_config(args)
         if cfg is not None:
             check_tokenizer_fits(cfg, tokenizer)
         params, cfg, name = load_model(args, mesh, cfg)
@@ -162,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         results = evaluate(params, cfg, tokenizer, args.questions, args.shards, args.out, settings, mesh,
                            model_name=name, model_dir=args.model, tokenizer_name=tokenizer_name,
                            annotations=args.annotations)
-    except (ValueError, KeyError, FileNotFoundError) as e:  # bad inputs: one clear line
+    except (ValueError, KeyError, FileNotFoundError, ConfigError) as e:  # bad inputs: one clear line
         print(f"eval: error: {e}", file=sys.stderr)
         return 2
     if results is not None:

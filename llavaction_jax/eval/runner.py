@@ -21,7 +21,13 @@ import os
 import pathlib
 import time
 
+import jax
 import numpy as np
+
+from llavaction_jax.eval.generate import generate
+from llavaction_jax.eval.scoring import score_options
+from llavaction_jax.model import llava
+from llavaction_jax.sharding import constrain, local_rows, resolve_config, shard_batch, use_mesh
 
 RESULTS_SCHEMA = "llavaction_jax.eval_results/1"
 
@@ -69,40 +75,45 @@ def generation_config(tokenizer, max_new_tokens: int, vocab_size: int, model_dir
 
 def make_steps(params, cfg, mesh, layout, gen, modes):
     """Per-mode step functions: this process's host batch in global form -> global outputs (batch split like the
-    inputs). Compiled once per (config, mesh, shapes): later runs with the same layout reuse the executables."""
-    from llavaction_jax.model import llava
-
+    inputs). `cfg` is resolved for the mesh here, once; JAX's jit cache reuses the executables across runs with
+    the same (config, shapes)."""
     n_vis = cfg.tokens_per_video(layout.num_frames)
     out_len = llava.default_out_len(cfg, layout.prompt_len, n_vis)
     if out_len < layout.prompt_len - 1 + n_vis:
         raise ValueError(f"prompts of {layout.prompt_len} tokens + {n_vis} visual tokens exceed "
                          f"tokenizer_model_max_length={cfg.tokenizer_model_max_length}")
-    return {m: functools.partial(compiled_step(cfg, mesh, m, out_len, gen, layout.options_per_pass), params)
-            for m in modes}
+    run_cfg = resolve_config(cfg, mesh)
+    steps = {"generate": functools.partial(generate_step, cfg=run_cfg, gen=gen, out_len=out_len),
+             "score": functools.partial(score_step, cfg=run_cfg, out_len=out_len, vocab_limit=gen.vocab_limit,
+                                        options_per_pass=layout.options_per_pass)}
+
+    def under_mesh(step):
+        def run(batch):
+            with use_mesh(mesh):
+                return step(params, batch)
+        return run
+
+    return {m: under_mesh(steps[m]) for m in modes}
 
 
-@functools.lru_cache(maxsize=32)
-def compiled_step(cfg, mesh, mode: str, out_len: int, gen, options_per_pass: int | None = None):
-    import jax
+@functools.partial(jax.jit, static_argnames=("cfg", "gen", "out_len"))
+def generate_step(params, batch, *, cfg, gen, out_len):
+    tokens, num = generate(params, cfg, gen, batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
+                           out_len=out_len)
+    return constrain_batch({"tokens": tokens, "num_tokens": num})
 
-    from llavaction_jax.eval.batching import batch_sharding
-    from llavaction_jax.eval.generate import generate
-    from llavaction_jax.eval.scoring import score_options
-    from llavaction_jax.sharding import activation_mesh
 
-    def generate_step(p, b):
-        with activation_mesh(mesh):
-            tokens, num = generate(p, cfg, gen, b["input_ids"], b["pixel_values"], b["attention_mask"], out_len=out_len)
-        return {"tokens": tokens, "num_tokens": num}
+@functools.partial(jax.jit, static_argnames=("cfg", "out_len", "vocab_limit", "options_per_pass"))
+def score_step(params, batch, *, cfg, out_len, vocab_limit, options_per_pass):
+    scores = score_options(params, cfg, batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
+                           batch["option_ids"], batch["option_mask"], out_len=out_len, vocab_limit=vocab_limit,
+                           options_per_pass=options_per_pass)
+    return constrain_batch(scores)
 
-    def score_step(p, b):
-        with activation_mesh(mesh):
-            return score_options(p, cfg, b["input_ids"], b["pixel_values"], b["attention_mask"], b["option_ids"],
-                                 b["option_mask"], out_len=out_len, vocab_limit=gen.vocab_limit,
-                                 options_per_pass=options_per_pass)
 
-    step = generate_step if mode == "generate" else score_step
-    return jax.jit(step, out_shardings=batch_sharding(mesh))
+def constrain_batch(outputs: dict) -> dict:
+    """Outputs split over the batch axes like the inputs, so each process reads back its own rows."""
+    return {k: constrain(v, ("batch",) + (None,) * (v.ndim - 1)) for k, v in outputs.items()}
 
 
 def prediction_record(question, info: dict, outputs: dict, row: int, tokenizer, modes) -> dict:
@@ -259,8 +270,8 @@ def answer_slice(questions, layout, builder, loader, steps, mesh, tokenizer, set
             arrays, info = future.result()
             if step + 1 < num_steps:
                 future = prepare(step + 1)
-            batch = batching.to_global(arrays, mesh)
-            outputs = {m: batching.to_local(fn(batch), mesh) for m, fn in steps.items()}
+            batch = shard_batch(arrays, mesh)
+            outputs = {m: local_rows(fn(batch), mesh) for m, fn in steps.items()}
             records += [prediction_record(questions[r["index"]], r, outputs, row, tokenizer, settings.modes)
                         for row, r in enumerate(info)]
             now, done = time.perf_counter(), sum(min(b - a, (step + 1) * size) for a, b in bounds)

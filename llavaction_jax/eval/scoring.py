@@ -84,21 +84,22 @@ def score_options(params: dict, cfg: ModelConfig, input_ids, pixel_values, atten
     lengths = s.valid.sum(axis=1).astype(jnp.int32)
 
     cache = qwen2.init_cache(cfg.text, b, s_len + m, s.embeds.dtype)  # room for one option after the longest prompt
-    h, cache = qwen2.forward_cached(text, s.embeds, jnp.zeros((b,), jnp.int32), cache, cfg.text,
-                                    attn_impl=cfg.attention)
+    decode = functools.partial(qwen2.forward_cached, text, cfg=cfg.text, attn_impl=cfg.attention,
+                               platform=cfg.platform)
+    h, cache = decode(s.embeds, jnp.zeros((b,), jnp.int32), cache)
     # lm_head is always given (B, T, H): its sharding constraint names three axes.
     last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)  # (B, 1, H) predicts each option's 1st token
     first = _token_logprobs(qwen2.lm_head(text, last, vocab_limit), option_ids[:, :, 0])  # (B, K)
 
     def score_chunk(_, ids):  # ids (B, C, M): C options of every question, each continuing its prompt's cache
-        rows = jax.tree.map(lambda x: jnp.repeat(x, c, axis=1), cache)  # (L, B*C, S, ...): row b*C + j
         x = qwen2.embed(text, ids.reshape(b * c, m), s.embeds.dtype)
-        h, _ = qwen2.forward_cached(text, x, jnp.repeat(lengths, c), rows, cfg.text, attn_impl=cfg.attention)
+        h, _ = decode(x, jnp.repeat(lengths, c), cache.repeat_rows(c))  # row b*C + j continues question b
         lp = _token_logprobs(qwen2.lm_head(text, h[:, :-1], vocab_limit), ids.reshape(b * c, m)[:, 1:])
         return None, lp.reshape(b, c, m - 1)  # token j's hidden state predicts token j + 1
 
     chunks = option_ids.reshape(b, k // c, c, m).transpose(1, 0, 2, 3)
-    _, rest = jax.lax.scan(score_chunk, None, chunks)  # (K/C, B, C, M-1)
+    # (K/C, B, C, M-1); unrolled where sharded work must not sit inside a loop (ModelConfig.resolved)
+    _, rest = jax.lax.scan(score_chunk, None, chunks, unroll=cfg.loop_collectives == "off")
     rest = rest.transpose(1, 0, 2, 3).reshape(b, k, m - 1)
 
     token_logprobs = jnp.where(option_mask, jnp.concatenate([first[..., None], rest], axis=-1), 0.0)

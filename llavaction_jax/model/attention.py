@@ -15,8 +15,9 @@ Implementations (`ModelConfig.attention`, `impl=`):
   splash  Pallas splash attention, TPU only; self-attention (T == S), causal by index, k_valid as segment ids.
   auto    cudnn on GPU / splash on TPU (head dim a multiple of 128) where the call fits their contract, else
           flash for long sequences (T * S >= AUTO_FLASH_MIN_SCORES; on CPU from 256 x 256), else xla.
-          Decided per call from static shapes, dtype and backend, so one config serves training, SigLIP,
-          prefill and decode. The default.
+          Decided per call from static shapes, dtype and `platform` (the config's, resolved at the entry point;
+          "auto" = not resolved: no hardware kernel, accelerator thresholds), so one config serves training,
+          SigLIP, prefill and decode. The default.
 Requesting cudnn or splash explicitly where they cannot run raises a ValueError saying why.
 
 Rows that see no key at all (only possible for padding queries) are implementation-defined (xla: the mean of all
@@ -41,32 +42,32 @@ AUTO_FLASH_MIN_SCORES_CPU = 256 * 256
 SPLASH_LANES = 128  # splash tiles are multiples of the TPU lane width
 
 
-def attention(q, k, v, *, q_pos=None, k_pos=None, k_valid=None, causal: bool = False, impl: str = "xla"):
-    """Attention of q over k/v with the described mask, by implementation `impl` (module docstring)."""
+def attention(q, k, v, *, q_pos=None, k_pos=None, k_valid=None, causal: bool = False, impl: str = "xla",
+              platform: str = "auto"):
+    """Attention of q over k/v with the described mask, by implementation `impl` on `platform` (module docstring)."""
     if causal and (q_pos is None or k_pos is None):
         b, t, s = q.shape[0], q.shape[1], k.shape[1]
         q_pos, k_pos = jnp.broadcast_to(jnp.arange(t), (b, t)), jnp.broadcast_to(jnp.arange(s), (b, s))
     if impl == "auto":
-        impl = auto_impl(q, k, causal)
+        impl = auto_impl(q, k, causal, platform)
     if impl == "xla":
         return xla_attention(q, k, v, dense_mask(q_pos, k_pos, k_valid, causal))
     if impl == "flash":
-        return flash_attention(q, k, v, q_pos=q_pos, k_pos=k_pos, k_valid=k_valid, causal=causal)
+        return flash_attention(q, k, v, q_pos=q_pos, k_pos=k_pos, k_valid=k_valid, causal=causal, platform=platform)
     if impl == "cudnn":
-        return cudnn_attention(q, k, v, q_pos=q_pos, k_valid=k_valid, causal=causal)
+        return cudnn_attention(q, k, v, q_pos=q_pos, k_valid=k_valid, causal=causal, platform=platform)
     if impl == "splash":
-        return splash_attention(q, k, v, k_valid=k_valid, causal=causal)
+        return splash_attention(q, k, v, k_valid=k_valid, causal=causal, platform=platform)
     raise ValueError(f"attention implementation {impl!r} is not available; choose one of {IMPLEMENTATIONS}")
 
 
-def auto_impl(q, k, causal: bool) -> str:
-    """The implementation `impl="auto"` picks for these shapes on the default backend."""
-    backend = jax.default_backend()
-    if backend in ("gpu", "cuda") and cudnn_unsupported(q, k, causal) is None:
+def auto_impl(q, k, causal: bool, platform: str = "auto") -> str:
+    """The implementation `impl="auto"` picks for these shapes on `platform`."""
+    if platform == "gpu" and cudnn_unsupported(q, k, causal, platform) is None:
         return "cudnn"
-    if backend == "tpu" and splash_unsupported(q, k) is None and q.shape[-1] % SPLASH_LANES == 0:
+    if platform == "tpu" and splash_unsupported(q, k, platform) is None and q.shape[-1] % SPLASH_LANES == 0:
         return "splash"  # other head dims (SigLIP's 72) are not verified on hardware: flash/xla there
-    threshold = AUTO_FLASH_MIN_SCORES_CPU if backend == "cpu" else AUTO_FLASH_MIN_SCORES
+    threshold = AUTO_FLASH_MIN_SCORES_CPU if platform == "cpu" else AUTO_FLASH_MIN_SCORES
     return "flash" if q.shape[1] * k.shape[1] >= threshold else "xla"
 
 
@@ -95,11 +96,13 @@ def xla_attention(q, k, v, mask=None):
 
 
 # ---------------------------------------------------------------------------------------------- cuDNN (GPU)
-def cudnn_unsupported(q, k, causal: bool, hardware: bool = True) -> str | None:
-    """Why cuDNN attention cannot run this call, or None. `hardware=False` checks only the mask layout."""
+def cudnn_unsupported(q, k, causal: bool, platform: str | None = "gpu") -> str | None:
+    """Why cuDNN attention cannot run this call on `platform`, or None. `platform=None` checks only the mask
+    layout (the `implementation="xla"` translation used by tests)."""
     t, s = q.shape[1], k.shape[1]
-    if hardware and jax.default_backend() not in ("gpu", "cuda"):
-        return f"it needs an NVIDIA GPU, but the default JAX backend is {jax.default_backend()!r}"
+    hardware = platform is not None
+    if hardware and platform != "gpu":
+        return f"it needs an NVIDIA GPU, but the model config's platform is {platform!r}"
     if hardware and q.dtype not in (jnp.bfloat16, jnp.float16):
         return f"cuDNN flash attention needs bfloat16/float16 inputs, got {q.dtype} (set compute_dtype)"
     if hardware and (q.shape[-1] % 8 or q.shape[-1] > 128):
@@ -110,14 +113,15 @@ def cudnn_unsupported(q, k, causal: bool, hardware: bool = True) -> str | None:
     return None
 
 
-def cudnn_attention(q, k, v, *, q_pos=None, k_valid=None, causal: bool = False, implementation: str = "cudnn"):
+def cudnn_attention(q, k, v, *, q_pos=None, k_valid=None, causal: bool = False, implementation: str = "cudnn",
+                    platform: str = "gpu"):
     """`jax.nn.dot_product_attention` with the mask as is_causal + key_value_seq_lengths.
 
     That form only says "key index <= query index" and "the first L keys are real", which equals our mask under
     the right-padded layout: k_valid a prefix of each row, positions == indices on real tokens. T == S uses
     is_causal; a decode step (T == 1 at q_pos p) sees keys 0..p, i.e. p + 1 keys. `implementation="xla"` runs the
     same translation on any backend (for tests)."""
-    problem = cudnn_unsupported(q, k, causal, hardware=implementation == "cudnn")
+    problem = cudnn_unsupported(q, k, causal, platform if implementation == "cudnn" else None)
     if problem:
         raise ValueError(f"attention impl 'cudnn' cannot run here: {problem}. Use 'flash' or 'auto'.")
     lengths = None if k_valid is None else k_valid.sum(-1).astype(jnp.int32)
@@ -129,23 +133,23 @@ def cudnn_attention(q, k, v, *, q_pos=None, k_valid=None, causal: bool = False, 
 
 
 # ---------------------------------------------------------------------------------------------- splash (TPU)
-def splash_unsupported(q, k, hardware: bool = True) -> str | None:
-    """Why splash attention cannot run this call, or None. `hardware=False` checks only the layout."""
-    if hardware and jax.default_backend() != "tpu":
-        return f"it needs a TPU, but the default JAX backend is {jax.default_backend()!r}"
+def splash_unsupported(q, k, platform: str | None = "tpu") -> str | None:
+    """Why splash attention cannot run this call on `platform`, or None. `platform=None` checks only the layout."""
+    if platform is not None and platform != "tpu":
+        return f"it needs a TPU, but the model config's platform is {platform!r}"
     if q.shape[1] != k.shape[1]:
         return f"it supports self-attention only (T == S), got {q.shape[1]} queries against {k.shape[1]} keys"
     return None
 
 
-def splash_attention(q, k, v, *, k_valid=None, causal: bool = False, interpret: bool = False):
+def splash_attention(q, k, v, *, k_valid=None, causal: bool = False, interpret: bool = False, platform: str = "tpu"):
     """Pallas splash attention over (B, T, N, D) inputs, vmapped over the batch.
 
     Causal is by index (positions == indices on real tokens). k_valid becomes segment ids shared by queries and
     keys (self-attention): real tokens are segment 1, padding segment 0, so real queries never see padding and
     no row is empty (splash requires that). The sequence is padded to a lane multiple as more padding.
     `interpret=True` runs the kernel in the Pallas interpreter on any backend (for tests)."""
-    problem = splash_unsupported(q, k, hardware=not interpret)
+    problem = splash_unsupported(q, k, None if interpret else platform)
     if problem:
         raise ValueError(f"attention impl 'splash' cannot run here: {problem}. Use 'flash' or 'auto'.")
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk

@@ -26,8 +26,8 @@ CPU_TILE_BYTES = 2 * 1024 * 1024
 F32 = jnp.float32
 
 
-def default_block(batch: int, heads: int) -> int:
-    if jax.default_backend() != "cpu":
+def default_block(batch: int, heads: int, platform: str = "auto") -> int:
+    if platform != "cpu":
         return DEFAULT_BLOCK_ACCELERATOR
     edge = 128
     while edge < 512 and batch * heads * (2 * edge) ** 2 * 4 <= CPU_TILE_BYTES:
@@ -46,16 +46,16 @@ def balanced_blocks(length: int, block: int) -> tuple[int, int]:
 
 
 def flash_attention(q, k, v, *, q_pos=None, k_pos=None, k_valid=None, causal: bool = False,
-                    block_q: int | None = None, block_k: int | None = None):
+                    block_q: int | None = None, block_k: int | None = None, platform: str = "auto"):
     """Same contract as `attention.attention`: q (B, T, N, D), k/v (B, S, K, D) -> (B, T, N, D) in q's dtype.
 
-    Blocks default by backend and shape (`default_block`), shrink to the sequence when it is shorter and are balanced
+    Blocks default by platform and shape (`default_block`), shrink to the sequence when it is shorter and are balanced
     (`balanced_blocks`); T and S are padded up to a block multiple internally (padded keys are invisible,
     padded queries are dropped)."""
     b, t, n, d = q.shape
     s, kv = k.shape[1], k.shape[2]
-    nq, bq = balanced_blocks(t, block_q or default_block(b, n))
-    nk, bk = balanced_blocks(s, block_k or default_block(b, n))
+    nq, bq = balanced_blocks(t, block_q or default_block(b, n, platform))
+    nk, bk = balanced_blocks(s, block_k or default_block(b, n, platform))
     if q_pos is None or k_pos is None:  # only read when causal; default: position == index
         q_pos, k_pos = jnp.broadcast_to(jnp.arange(t), (b, t)), jnp.broadcast_to(jnp.arange(s), (b, s))
     if k_valid is None:

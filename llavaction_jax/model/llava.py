@@ -1,9 +1,13 @@
-"""The LLaVA-Video / LLaVAction model: frames -> SigLIP -> projector -> video tokens -> splice -> Qwen2 -> logits.
+"""The LLaVA-Video / LLaVAction model: frames -> SigLIP -> projector -> video tokens -> splice -> Qwen2.
 
 Pure functions over a params dict:
     {"vision": ..., "projector": ..., "image_newline": [H], "action_tokens": [n, H], "text": ..., "heads": ...}
-Splicing (`splice_visual_tokens`) is a gather with shapes fixed by the batch shape, never by the data, so a
-jitted forward compiles once per (batch, text length, frames) bucket.
+`forward` computes the decoder's hidden states on the spliced sequence (a `ModelOutput`); `lm_logits` and
+`head_logits` turn hidden states into logits. Losses live apart, in `llavaction_jax/losses.py`, which the train
+step and the public API both call. Splicing (`splice_visual_tokens`) is a gather with shapes fixed by the batch
+shape, never by the data, so a jitted forward compiles once per (batch, text length, frames) bucket.
+Execution choices (attention kernel, frames per vision step, ...) are read from the config only: entry points
+resolve them once with `ModelConfig.resolved` (see `sharding.resolve_config`).
 """
 
 from __future__ import annotations
@@ -15,13 +19,14 @@ import jax
 import jax.numpy as jnp
 
 from llavaction_jax.config import ModelConfig
-from llavaction_jax.model import losses, projector, qwen2, siglip
+from llavaction_jax.model import projector, qwen2, siglip
 from llavaction_jax.model.params import ParamSpec, dense, init_params, normal
 from llavaction_jax.model.video import layout_tokens, pool_features
-from llavaction_jax.sharding import active_mesh_size, constrain
+from llavaction_jax.sharding import constrain
 
-IMAGE_TOKEN_INDEX = -200
-IGNORE_INDEX = losses.IGNORE_INDEX
+IMAGE_TOKEN_INDEX = -200  # the placeholder each video sample carries (upstream's constants.IMAGE_TOKEN_INDEX)
+IGNORE_INDEX = -100  # label of positions without a target (upstream's constants.IGNORE_INDEX)
+HEAD_NAMES = ("verb", "noun", "action")
 
 
 def param_specs(cfg: ModelConfig) -> dict:
@@ -37,7 +42,7 @@ def param_specs(cfg: ModelConfig) -> dict:
         specs["action_tokens"] = ParamSpec((cfg.num_action_tokens, h), ("tokens", "embed"), normal(h**-0.5))
     if cfg.vision_supervision is not None:
         specs["heads"] = {
-            name: dense(h, n, "embed", "classes", bias=False) for name, n in zip(("verb", "noun", "action"), cfg.action_types)
+            name: dense(h, n, "embed", "classes", bias=False) for name, n in zip(HEAD_NAMES, cfg.action_types)
         }
     return specs
 
@@ -46,6 +51,7 @@ def init(cfg: ModelConfig, key: jax.Array) -> dict:
     return init_params(param_specs(cfg), key, jnp.dtype(cfg.param_dtype))
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class Spliced:
     """The multimodal sequence the decoder sees (all (B, S) unless noted)."""
@@ -57,19 +63,13 @@ class Spliced:
     action_idx: jax.Array  # (B, P) positions of the action token(s) / last visual token
 
 
-# Frames per SigLIP step when `vision_frames_per_step` is 0 (auto). On CPU a few frames at a time keep the working
-# set in cache: 64 frames took 1.9 s in steps of 8 against 3.1 s at once (bench.generate, 2 cores). Accelerators
-# take every frame of the batch at once.
-AUTO_CPU_FRAMES_PER_STEP = 8
-
-
 def frames_per_step(cfg: ModelConfig, batch: int, frames: int) -> int:
     """How many frames of each video one vision step encodes: a divisor of `frames` (every video advances
-    together, so the batch axis keeps its sharding)."""
+    together, so the batch axis keeps its sharding). `cfg.vision_frames_per_step` frames of the whole batch per
+    step; -1 (or 0, unresolved) or `loop_collectives="off"` encode every frame at once."""
     total = cfg.vision_frames_per_step
-    if total == 0:  # CPU meshes of several (fake) devices take all at once: no collectives inside a loop there
-        cpu_single = jax.default_backend() == "cpu" and active_mesh_size() == 1
-        total = AUTO_CPU_FRAMES_PER_STEP if cpu_single else batch * frames
+    if total <= 0 or cfg.loop_collectives == "off":
+        return frames
     per_video = max(1, min(frames, total // batch))
     return max(c for c in range(1, per_video + 1) if frames % c == 0)
 
@@ -85,7 +85,7 @@ def encode_videos(params: dict, pixel_values: jax.Array, cfg: ModelConfig) -> ja
     def pooled_frames(px):  # (B, c, C, H, W) -> (B, c, g', g', H)
         c = px.shape[1]
         feats = siglip.encode(params["vision"], px.reshape(b * c, *px.shape[2:]), cfg.vision, dtype=dtype,
-                              remat_policy=cfg.remat_policy, attn_impl=cfg.attention)
+                              remat_policy=cfg.remat_policy, attn_impl=cfg.attention, platform=cfg.platform)
         pooled = pool_features(projector.project(params["projector"], feats), cfg)
         return pooled.reshape(b, c, *pooled.shape[1:])
 
@@ -137,61 +137,50 @@ def splice_visual_tokens(text_embeds, input_ids, labels, attention_mask, visual,
     return Spliced(emb, out_labels, valid, positions, action_idx)
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class ModelOutput:
-    logits: jax.Array | None  # (B, S, vocab) fp32; None when the loss was computed in chunks
-    loss: jax.Array | None = None
-    lm_loss: jax.Array | None = None
-    aux_loss: jax.Array | None = None  # the vision-supervision loss before its 0.1 weight
-    labels: jax.Array | None = None  # labels of the spliced sequence
-    valid: jax.Array | None = None  # real-token mask of the spliced sequence
-    head_logits: tuple | None = None  # (verb, noun, action) at the last hidden state, when supervised
+    """What the model computes for a batch, on the spliced sequence (S = L - 1 + visual tokens, or `out_len`)."""
 
-    def tree_flatten(self):
-        return (self.logits, self.loss, self.lm_loss, self.aux_loss, self.labels, self.valid, self.head_logits), None
-
-    @classmethod
-    def tree_unflatten(cls, _, children):
-        return cls(*children)
-
-
-jax.tree_util.register_pytree_node_class(ModelOutput)
+    hidden: jax.Array  # (B, S, H) final normed hidden states
+    labels: jax.Array  # (B, S) labels of the spliced sequence (-100 on visual tokens and padding)
+    valid: jax.Array  # (B, S) bool: a real token, not padding
+    # (L + 1, B, P, H): transformers' `hidden_states` (embeddings, every layer's input, the final normed output)
+    # at the P action positions; None when the config has no vision-supervision heads or the batch no video.
+    action_states: jax.Array | None = None
 
 
 def forward(params: dict, cfg: ModelConfig, input_ids: jax.Array, pixel_values: jax.Array | None,
-            attention_mask: jax.Array | None = None, labels: jax.Array | None = None, actions: jax.Array | None = None,
-            has_video: jax.Array | None = None, out_len: int | None = None, vocab_limit: int | None = None,
-            return_logits: bool = True) -> ModelOutput:
-    """The model's forward pass (jit-able; `cfg`, `out_len`, `vocab_limit`, `return_logits` static).
+            attention_mask: jax.Array | None = None, labels: jax.Array | None = None, has_video: jax.Array | None = None,
+            out_len: int | None = None) -> ModelOutput:
+    """The decoder's hidden states for a batch (jit-able; `cfg` and `out_len` static).
 
     input_ids (B, L) with one -200 per video sample; pixel_values (B, T, C, H, W) or None for a text-only batch;
-    attention_mask (B, L) bool; labels (B, L) or None; actions (B, 3) verb/noun/action ids (-1 = none).
-    With labels, `return_logits=False` and `cfg.loss_chunk_tokens > 0` (training), the LM loss is computed in
-    chunks without materialising the logits, and `out.logits` is None.
+    attention_mask (B, L) bool; labels (B, L) or None (spliced alongside the inputs, for the losses);
+    has_video (B,) bool marks rows whose frames are real (default: all, when pixel_values is given).
     """
-    has_labels = labels is not None
     s = embed_inputs(params, cfg, input_ids, pixel_values, attention_mask, labels, has_video, out_len)
-    n_pos = cfg.num_action_positions
-    supervised = n_pos > 0 and pixel_values is not None
+    supervised = cfg.num_action_positions > 0 and pixel_values is not None
     h, gathered = qwen2.forward(params["text"], s.embeds, s.positions, s.valid, cfg.text,
                                 gather_idx=s.action_idx if supervised else None,
-                                remat_policy=cfg.remat_policy, attn_impl=cfg.attention)
-    logits_fn = lambda states: qwen2.lm_head(params["text"], states, vocab_limit)
-    chunked = has_labels and not return_logits and cfg.loss_chunk_tokens > 0
-    logits = None if chunked else logits_fn(h)
-    out = ModelOutput(logits=logits, labels=s.labels, valid=s.valid)
-    if supervised:
-        out.head_logits = losses.head_logits(params["heads"], gathered[-1], cfg.vision_supervision == "three_tokens")
-    if has_labels:
-        out.lm_loss = (losses.chunked_lm_loss(h, s.labels, logits_fn, cfg.loss_chunk_tokens) if chunked
-                       else losses.lm_loss(logits, s.labels))
-        out.loss = out.lm_loss
-        if supervised and actions is not None:
-            out.aux_loss = losses.vision_supervision_loss(
-                params["heads"], gathered, actions, vision_token_training=cfg.vision_token_training,
-                three_tokens=cfg.vision_supervision == "three_tokens")
-            out.loss = out.lm_loss + losses.AUX_LOSS_WEIGHT * out.aux_loss
-    return out
+                                remat_policy=cfg.remat_policy, attn_impl=cfg.attention, platform=cfg.platform)
+    return ModelOutput(hidden=h, labels=s.labels, valid=s.valid, action_states=gathered)
+
+
+def lm_logits(params: dict, hidden: jax.Array, vocab_limit: int | None = None) -> jax.Array:
+    """fp32 next-token logits (B, S, vocab) of hidden states; `vocab_limit` slices to len(tokenizer) as upstream's
+    load-time `resize_token_embeddings` does."""
+    return qwen2.lm_head(params["text"], hidden, vocab_limit)
+
+
+def head_logits(heads: dict, states: jax.Array, three_tokens: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """states (..., P, H) at the action positions -> (verb, noun, action) logits in fp32.
+
+    one_token / newline: every head reads position 0; three_tokens: verb 0, noun 1, action 2
+    (`llava/model/language_model/llava_qwen.py: LlavaQwenForCausalLM.forward`)."""
+    pos = (0, 1, 2) if three_tokens else (0, 0, 0)
+    return tuple((states[..., i, :] @ heads[name]["kernel"].astype(states.dtype)).astype(jnp.float32)
+                 for name, i in zip(HEAD_NAMES, pos))
 
 
 def embed_inputs(params: dict, cfg: ModelConfig, input_ids, pixel_values, attention_mask=None, labels=None,

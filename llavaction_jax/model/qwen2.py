@@ -6,6 +6,8 @@ RoPE tables in fp32, softmax in fp32, logits in fp32. Layers are stacked and run
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -63,7 +65,8 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotated * sin
 
 
-def decoder_layer(p: dict, x: jax.Array, cos, sin, mask: dict, cfg: TextConfig, attn_impl: str, kv=None, write_pos=None):
+def decoder_layer(p: dict, x: jax.Array, cos, sin, mask: dict, cfg: TextConfig, attn_impl: str, platform: str,
+                  kv=None, write_pos=None):
     """One pre-norm block; `mask` holds attention's mask arguments (q_pos, k_pos, k_valid).
 
     With `kv` = (k_cache, v_cache) of shape (B, S_max, K, D), this step's keys and values are written at
@@ -79,7 +82,7 @@ def decoder_layer(p: dict, x: jax.Array, cos, sin, mask: dict, cfg: TextConfig, 
     if kv is not None:
         k, v = (write_rows(c.astype(x.dtype), new, write_pos) for c, new in zip(kv, (k, v)))
         kv = (k.astype(kv[0].dtype), v.astype(kv[1].dtype))
-    a = attention(q, k, v, **mask, causal=True, impl=attn_impl).reshape(b, t, cfg.num_heads * hd)
+    a = attention(q, k, v, **mask, causal=True, impl=attn_impl, platform=platform).reshape(b, t, cfg.num_heads * hd)
     x = x + linear(p["attn"]["o"], a)
     h = rms_norm(p["post_norm"], x, cfg.rms_norm_eps)
     m = p["mlp"]
@@ -94,7 +97,8 @@ def write_rows(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
 
 
 def forward(params: dict, x: jax.Array, positions: jax.Array, valid: jax.Array, cfg: TextConfig, *,
-            gather_idx: jax.Array | None = None, remat_policy: str = "none", attn_impl: str = "xla"):
+            gather_idx: jax.Array | None = None, remat_policy: str = "none", attn_impl: str = "xla",
+            platform: str = "auto"):
     """Run the decoder on input embeddings x (B, T, H).
 
     Returns (final normed hidden states (B, T, H), gathered). With `gather_idx` (B, P), `gathered` is
@@ -106,7 +110,7 @@ def forward(params: dict, x: jax.Array, positions: jax.Array, valid: jax.Array, 
     take = (lambda h: jnp.take_along_axis(h, gather_idx[..., None], axis=1)) if gather_idx is not None else (lambda h: None)
 
     def body(h, p):
-        out, _ = decoder_layer(p, h, cos, sin, mask, cfg, attn_impl)
+        out, _ = decoder_layer(p, h, cos, sin, mask, cfg, attn_impl, platform)
         return out, take(h)  # the *input* of each layer: embeddings, then outputs of layers 0..L-2
 
     x = constrain(x, ("batch", "length", "act_embed"))
@@ -116,29 +120,46 @@ def forward(params: dict, x: jax.Array, positions: jax.Array, valid: jax.Array, 
     return x, gathered
 
 
-def init_cache(cfg: TextConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
-    """The KV cache pytree: keys and values per layer, (L, B, max_len, K, D). Cache index == token position."""
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Keys and values of every layer, (L, B, S_max, K, D) each. Cache index == token position (right padding)."""
+
+    k: jax.Array
+    v: jax.Array
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    def repeat_rows(self, times: int) -> "KVCache":
+        """Row b becomes rows b * times ... b * times + times - 1 (one prompt's cache continued several ways)."""
+        return KVCache(*(jnp.repeat(x, times, axis=1) for x in (self.k, self.v)))
+
+
+def init_cache(cfg: TextConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+    """An empty cache of `max_len` positions: size it to what the call can use (prompt + new tokens)."""
     shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 
-def forward_cached(params: dict, x: jax.Array, write_pos: jax.Array, cache: dict, cfg: TextConfig, *,
-                   attn_impl: str = "xla"):
+def forward_cached(params: dict, x: jax.Array, write_pos: jax.Array, cache: KVCache, cfg: TextConfig, *,
+                   attn_impl: str = "xla", platform: str = "auto") -> tuple[jax.Array, KVCache]:
     """Decoder over x (B, T, H) whose tokens sit at cache positions write_pos + 0..T-1 (right padding: position ==
     index). Keys at indices <= a query's index are real tokens for every real query, so the mask is causal over
     cache indices. Returns (final normed hidden states, updated cache)."""
-    t, s_max = x.shape[1], cache["k"].shape[2]
+    t, s_max = x.shape[1], cache.max_len
     positions = write_pos[:, None] + jnp.arange(t)[None]
     cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
     mask = dict(q_pos=positions, k_pos=jnp.broadcast_to(jnp.arange(s_max), (x.shape[0], s_max)))
 
     def body(h, layer):
         p, k, v = layer
-        out, (k, v) = decoder_layer(p, h, cos, sin, mask, cfg, attn_impl, kv=(k, v), write_pos=write_pos)
+        out, (k, v) = decoder_layer(p, h, cos, sin, mask, cfg, attn_impl, platform, kv=(k, v), write_pos=write_pos)
         return out, (k, v)
 
-    x, (k, v) = jax.lax.scan(body, x, (params["layers"], cache["k"], cache["v"]))
-    return rms_norm(params["final_norm"], x, cfg.rms_norm_eps), {"k": k, "v": v}
+    x, (k, v) = jax.lax.scan(body, x, (params["layers"], cache.k, cache.v))
+    return rms_norm(params["final_norm"], x, cfg.rms_norm_eps), KVCache(k, v)
 
 
 def lm_head(params: dict, h: jax.Array, vocab_limit: int | None = None) -> jax.Array:

@@ -51,12 +51,12 @@ def patchify(pixels: jax.Array, patch: int) -> jax.Array:
     return x.reshape(n, gh * gw, patch * patch * c)
 
 
-def encoder_layer(p: dict, x: jax.Array, cfg: VisionConfig, attn_impl: str) -> jax.Array:
+def encoder_layer(p: dict, x: jax.Array, cfg: VisionConfig, attn_impl: str, platform: str = "auto") -> jax.Array:
     n, t, d = x.shape
     heads = lambda y: y.reshape(n, t, cfg.num_heads, cfg.head_dim)
     h = layer_norm(p["ln1"], x, cfg.layer_norm_eps)
     q, k, v = (heads(linear(p["attn"][name], h)) for name in ("q", "k", "v"))
-    a = attention(q, k, v, impl=attn_impl).reshape(n, t, d)
+    a = attention(q, k, v, impl=attn_impl, platform=platform).reshape(n, t, d)
     x = x + linear(p["attn"]["o"], a)
     h = layer_norm(p["ln2"], x, cfg.layer_norm_eps)
     x = x + linear(p["mlp"]["fc2"], gelu_tanh(linear(p["mlp"]["fc1"], h)))
@@ -64,7 +64,7 @@ def encoder_layer(p: dict, x: jax.Array, cfg: VisionConfig, attn_impl: str) -> j
 
 
 def encode(params: dict, pixels: jax.Array, cfg: VisionConfig, *, dtype=jnp.float32, remat_policy: str = "none",
-           attn_impl: str = "xla") -> jax.Array:
+           attn_impl: str = "xla", platform: str = "auto") -> jax.Array:
     """(N, C, H, W) frames in [-1, 1] -> (N, num_patches, hidden) features of the selected layer."""
     expected = (cfg.num_channels, cfg.image_size, cfg.image_size)
     if tuple(pixels.shape[1:]) != expected:
@@ -75,6 +75,6 @@ def encode(params: dict, pixels: jax.Array, cfg: VisionConfig, *, dtype=jnp.floa
     x = x + params["pos_embed"].astype(dtype)[None]
     x = constrain(x, ("batch", "length", "act_embed"))
 
-    body = remat(lambda h, p: (encoder_layer(p, h, cfg, attn_impl), None), remat_policy)
+    body = remat(lambda h, p: (encoder_layer(p, h, cfg, attn_impl, platform), None), remat_policy)
     x, _ = jax.lax.scan(body, x, params["layers"])
     return x

@@ -19,12 +19,16 @@ import jax
 import jax.numpy as jnp
 
 from llavaction_jax import checkpoint_io
-from llavaction_jax.config import ModelConfig, load_preset
+from llavaction_jax.config import ModelConfig
+from llavaction_jax.data.batching import make_global_batch
+from llavaction_jax.data.mixture import load_mixture
+from llavaction_jax.data.pipeline import TrainPipelineConfig, train_dataset
 from llavaction_jax.model import llava
 from llavaction_jax.model.params import abstract_params
-from llavaction_jax.sharding import make_mesh
+from llavaction_jax.recipes import model_config
+from llavaction_jax.sharding import make_mesh, resolve_config
 from llavaction_jax.train import checkpoint, metrics
-from llavaction_jax.train.optim import OptimizerConfig, make_optimizer, param_labels
+from llavaction_jax.train.optim import OptimizerConfig, make_optimizer, param_groups
 from llavaction_jax.train.step import init_state, jit_train_step, make_train_step, state_shardings
 
 
@@ -40,13 +44,6 @@ def maybe_initialize_distributed(cfg) -> None:
     cluster = any(k in os.environ for k in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"))
     if mode == "on" or (mode == "auto" and cluster and int(os.environ.get("SLURM_NTASKS", "2")) > 1):
         jax.distributed.initialize()
-
-
-def model_config(cfg) -> ModelConfig:
-    if cfg.model.init_from:
-        base = checkpoint_io.load_config(cfg.model.init_from)
-        return base.replace(**dict(cfg.model.overrides)) if cfg.model.overrides else base
-    return load_preset(cfg.model.preset, dict(cfg.model.overrides))
 
 
 def initial_params(cfg, model_cfg: ModelConfig, shardings) -> dict:
@@ -65,9 +62,6 @@ def optimizer_config(cfg, total_steps: int) -> OptimizerConfig:
 
 
 def make_data(cfg, model_cfg: ModelConfig, per_process_batch: int):
-    from llavaction_jax.data.mixture import load_mixture
-    from llavaction_jax.data.pipeline import TrainPipelineConfig, train_dataset
-
     d = cfg.data
     samples = load_mixture(d.samples, seed=d.seed)
     pipeline = TrainPipelineConfig(
@@ -95,8 +89,6 @@ class Preemption:
 
 def train(cfg) -> dict:
     """Run (or resume) training as configured; returns a summary dict."""
-    from llavaction_jax.data.batching import make_global_batch
-
     # ----------------------------------------------------------------- distributed, mesh
     maybe_initialize_distributed(cfg)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
@@ -113,7 +105,8 @@ def train(cfg) -> dict:
     tx, schedules = make_optimizer(abstract, opt_cfg)
     abstract_state = jax.eval_shape(lambda p: init_state(p, tx), abstract)
     shardings = state_shardings(abstract_state, model_cfg, mesh)
-    labels = param_labels(abstract, opt_cfg)
+    groups = param_groups(abstract, opt_cfg)
+    run_cfg = resolve_config(model_cfg, mesh)  # execution fields fixed for these devices
 
     # ----------------------------------------------------------------- data
     global_batch = cfg.train.batch_size
@@ -137,14 +130,8 @@ def train(cfg) -> dict:
         state = jax.jit(lambda p: init_state(p, tx), out_shardings=shardings)(params)
         log(f"starting from {'checkpoint ' + cfg.model.init_from if cfg.model.init_from else 'random init'}")
 
-    step_fn = make_train_step(model_cfg, tx, labels, cfg.train.micro_batches, schedules, mesh)
-    jitted: dict = {}  # one compiled step per length bucket
-
-    def run_step(state, batch):
-        key = batch["input_ids"].shape
-        if key not in jitted:
-            jitted[key] = jit_train_step(step_fn, state, batch, model_cfg, mesh)
-        return jitted[key](state, batch)
+    run_step = jit_train_step(make_train_step(run_cfg, tx, groups, cfg.train.micro_batches, schedules),
+                              abstract_state, model_cfg, mesh)  # compiles once per length bucket
 
     # ----------------------------------------------------------------- metrics
     writer = metrics.EventWriter(out_dir / "tensorboard") if is_main else None

@@ -58,7 +58,7 @@ def trainable_groups(tunable_parts: str) -> set[str]:
     return {TUNABLE_PARTS[p] for p in parts}
 
 
-def param_labels(params: dict, cfg: OptimizerConfig) -> dict:
+def param_groups(params: dict, cfg: OptimizerConfig) -> dict:
     """Tree of group labels ("vision" / "projector" / "llm" / "frozen")."""
     trainable = trainable_groups(cfg.tunable_parts)
     flat = flatten_paths(params)
@@ -99,10 +99,10 @@ def make_optimizer(params: dict, cfg: OptimizerConfig) -> tuple[optax.GradientTr
         for g in GROUPS
     }
     transforms["frozen"] = optax.set_to_zero()
-    tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), optax.partition(transforms, param_labels(params, cfg)))
+    tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), optax.partition(transforms, param_groups(params, cfg)))
     return tx, schedules
 
 
-def freeze(params: dict, labels: dict) -> dict:
+def freeze(params: dict, groups: dict) -> dict:
     """Stop gradients into frozen groups, so their (zero) gradients cost nothing and do not enter the norm."""
-    return jax.tree.map(lambda p, g: jax.lax.stop_gradient(p) if g == "frozen" else p, params, labels)
+    return jax.tree.map(lambda p, g: jax.lax.stop_gradient(p) if g == "frozen" else p, params, groups)

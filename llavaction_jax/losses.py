@@ -1,16 +1,52 @@
-"""LM loss and the vision-supervision auxiliary loss (upstream-spec.md 1.8, `llava_qwen.py:213-277`)."""
+"""The training losses, apart from the model: LM cross-entropy and the vision-supervision auxiliary loss
+(`llava/model/language_model/llava_qwen.py: LlavaQwenForCausalLM.forward`). The train step and the public API both
+call `compute_losses` on the model's `ModelOutput`.
+"""
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 
-from llavaction_jax.sharding import active_mesh_size
+from llavaction_jax.config import ModelConfig
+from llavaction_jax.model import llava
+from llavaction_jax.model.llava import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 VERB_WEIGHT, NOUN_WEIGHT, ACTION_WEIGHT = 0.5, 0.5, 0.1
 AUX_LOSS_WEIGHT = 0.1
-CPU_MESH_FALLBACK = True  # chunked_lm_loss: the plain loss on multi-device CPU meshes (see there)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Losses:
+    loss: jax.Array  # lm_loss + AUX_LOSS_WEIGHT * aux_loss
+    lm_loss: jax.Array
+    aux_loss: jax.Array  # the vision-supervision loss before its weight; 0 without heads, video or action labels
+    targets: jax.Array  # LM target tokens the loss averaged over
+
+
+def compute_losses(params: dict, cfg: ModelConfig, out: llava.ModelOutput, actions: jax.Array | None = None, *,
+                   logits: jax.Array | None = None) -> Losses:
+    """Losses of a forward pass. With `logits` (the API, which returns them anyway) the LM loss reads them;
+    without, it computes them from `out.hidden`: in chunks of `cfg.loss_chunk_tokens` positions (never the whole
+    (B, S, vocab) array) unless that is 0 or `cfg.loop_collectives` is "off"."""
+    targets = out.labels[:, 1:] != IGNORE_INDEX
+    logits_fn = lambda states: llava.lm_logits(params, states)
+    if logits is not None:
+        lm = lm_loss(logits, out.labels)
+    elif cfg.loss_chunk_tokens > 0 and cfg.loop_collectives != "off":
+        lm = chunked_lm_loss(out.hidden, out.labels, logits_fn, cfg.loss_chunk_tokens, cfg.loss_skip_empty_chunks)
+    else:
+        lm = lm_loss(logits_fn(out.hidden), out.labels)
+    aux = jnp.zeros((), jnp.float32)
+    if out.action_states is not None and actions is not None:
+        aux = vision_supervision_loss(params["heads"], out.action_states, actions,
+                                      vision_token_training=cfg.vision_token_training,
+                                      three_tokens=cfg.vision_supervision == "three_tokens")
+    return Losses(loss=lm + AUX_LOSS_WEIGHT * aux, lm_loss=lm, aux_loss=aux,
+                  targets=jnp.sum(targets).astype(jnp.float32))
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, valid: jax.Array):
@@ -35,8 +71,7 @@ def lm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return total / jnp.maximum(count, 1)
 
 
-def chunked_lm_loss(hidden: jax.Array, labels: jax.Array, logits_fn, chunk: int,
-                    skip_empty: bool | None = None) -> jax.Array:
+def chunked_lm_loss(hidden: jax.Array, labels: jax.Array, logits_fn, chunk: int, skip_empty: bool = True) -> jax.Array:
     """`lm_loss(logits_fn(hidden), labels)` without materialising the (B, S, vocab) logits.
 
     The shifted sequence is cut into (balanced) chunks of at most `chunk` positions; a `lax.scan` computes each
@@ -44,17 +79,12 @@ def chunked_lm_loss(hidden: jax.Array, labels: jax.Array, logits_fn, chunk: int,
     logits instead of saving them. A chunk with no target in any row (visual tokens, prompts, padding: most of a
     LLaVA sequence) is skipped with `lax.cond`, forward and backward, since it adds nothing to the loss or its
     gradient. For a 64-frame 7B sample (16k positions, ~100 targets, 152k vocab) that leaves a chunk or two of
-    logits instead of three 9.3 GiB fp32 copies. Equal to `lm_loss` up to summation order.
-
-    On a multi-device CPU mesh (tests, fake devices) this is the plain `lm_loss`: XLA:CPU can order collectives
-    inside loops and conditionals differently on different devices or processes and deadlock (the 2-process and
-    8-device tests hung with it). Memory is not the constraint there; `bench.memory_7b`, which compiles for
-    accelerator-like use without running, turns `CPU_MESH_FALLBACK` off. `skip_empty=False` keeps every chunk."""
+    logits instead of three 9.3 GiB fp32 copies. Equal to `lm_loss` up to summation order. `skip_empty=False`
+    keeps every chunk (no conditional)."""
     b, s, h = hidden.shape
     n = s - 1
     num = -(-n // chunk)
-    cpu_mesh = jax.default_backend() == "cpu" and active_mesh_size() > 1
-    if num == 1 or (cpu_mesh and CPU_MESH_FALLBACK):  # one chunk: a checkpointed chunk would only recompute it
+    if num == 1:  # one chunk: a checkpointed chunk would only recompute it
         return lm_loss(logits_fn(hidden), labels)
     chunk = -(-n // num)  # balanced: 884 positions at 256 are 4 chunks of 221, not 3 x 256 + 116
     pad = num * chunk - n
@@ -67,9 +97,6 @@ def chunked_lm_loss(hidden: jax.Array, labels: jax.Array, logits_fn, chunk: int,
     @jax.checkpoint
     def chunk_ce(states, targets):
         return cross_entropy(logits_fn(states), targets, targets != IGNORE_INDEX)
-
-    if skip_empty is None:
-        skip_empty = not cpu_mesh
 
     def body(carry, xs):
         states, targets = xs
@@ -92,25 +119,13 @@ def select_layers(gathered: jax.Array, vision_token_training: str) -> jax.Array:
     return gathered  # "all_layers" (and upstream's other values) use every entry
 
 
-def head_logits(heads: dict, states: jax.Array, three_tokens: bool):
-    """states (..., P, H) at the action positions -> (verb, noun, action) logits in fp32.
-
-    one_token / newline: every head reads position 0; three_tokens: verb 0, noun 1, action 2.
-    """
-    pos = (0, 1, 2) if three_tokens else (0, 0, 0)
-    out = []
-    for name, i in zip(("verb", "noun", "action"), pos):
-        out.append((states[..., i, :] @ heads[name]["kernel"].astype(states.dtype)).astype(jnp.float32))
-    return tuple(out)
-
-
 def vision_supervision_loss(heads: dict, gathered: jax.Array, actions: jax.Array, *, vision_token_training: str,
                             three_tokens: bool) -> jax.Array:
     """Upstream's aux loss before its final 0.1 weight: sum over selected layers of
     0.5 CE(verb) + 0.5 CE(noun) + 0.1 CE(action), each a mean over rows with action id >= 0, divided by
     (number of layers + 1). Rows without labels carry [-1, -1, -1] and are dropped."""
     layers = select_layers(gathered, vision_token_training)
-    verb, noun, action = head_logits(heads, layers, three_tokens)  # each (n_layers, B, classes)
+    verb, noun, action = llava.head_logits(heads, layers, three_tokens)  # each (n_layers, B, classes)
     valid = actions[:, 0] >= 0
     n_valid = jnp.maximum(jnp.sum(valid), 1)
 
