@@ -150,7 +150,7 @@ def shard_batch(arrays, mesh: Mesh | None):
         x = np.asarray(x)
         rows = x.shape[0] * jax.process_count()
         if rows % ways:
-            raise ValueError(f"a batch of {rows} rows does not split over mesh axes {'x'.join(BATCH_AXES)} = {ways} "
+            raise ValueError(f"a batch of {rows} rows does not split over mesh axes {' x '.join(BATCH_AXES)} = {ways} "
                              f"(mesh {dict(mesh.shape)}); choose a batch size that is a multiple of {ways}")
         return jax.make_array_from_process_local_data(sharding, x, (rows, *x.shape[1:]))
 

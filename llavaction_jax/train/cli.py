@@ -19,11 +19,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from llavaction_jax.config import ConfigError
-    from llavaction_jax.recipes import load_recipe
+    from llavaction_jax.recipes import load_recipe, model_config
     from llavaction_jax.train.loop import NonFiniteLoss, train
 
     try:
         cfg = load_recipe(args.config, args.config_overrides)
+        model_config(cfg)  # validates every model field before anything runs
     except ConfigError as e:
         print(f"train: error: {e}", file=sys.stderr)
         return 2
