@@ -141,6 +141,10 @@ def test_a_conversion_killed_mid_write_does_not_block_the_rerun(tmp_path):
     model = llavaction_jax.load_pretrained(dst)
     assert model.params["text"]["embed"].shape == (65536, 2048)
 
+    # killed between renaming the staging folder into place and removing its marker: still ours, replaced
+    (dst / staging.MARKER).write_text("{}")
+    assert main(cmd[3:]) == 0 and not (dst / staging.MARKER).exists() and checkpoint_io.is_model_dir(dst)
+
 
 def test_a_leftover_staging_folder_that_is_not_ours_is_left_alone(tmp_path):
     make_upstream_checkpoint(tmp_path / "src")

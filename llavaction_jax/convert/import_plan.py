@@ -136,8 +136,9 @@ def plan_import(source: Source) -> Plan:
 
 def plan_conversion(specs: Mapping, tensors, cfg: ModelConfig, layout: str = "upstream") -> Plan:
     """Map every tensor of `tensors` onto the parameters `specs` ({path: ParamSpec}); collect every problem."""
-    params = {path: Param(path, spec.shape, spec.axes, t.transform, t.stacked, [None] * len(t.names), t.names)
-              for (path, spec), t in zip(specs.items(), targets(specs).values())}
+    where = targets(specs)
+    params = {path: Param(path, spec.shape, spec.axes, where[path].transform, where[path].stacked,
+                          [None] * len(where[path].names), where[path].names) for path, spec in specs.items()}
     skipped, unexpected, problems = [], [], []
     for key in tensors.keys():
         norm = normalise_key(key)
