@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from _convert_fixtures import make_upstream_checkpoint, tiny_cfg
+from _convert_fixtures import make_upstream_checkpoint
 
 import llavaction_jax
 from llavaction_jax import checkpoint_io

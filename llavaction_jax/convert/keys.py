@@ -13,7 +13,6 @@ in torch and [kh, kw, in, out] here.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import re
 from typing import Iterable, Mapping
 
