@@ -1,7 +1,8 @@
 """Synthetic PyTorch checkpoints in the upstream LLaVA-NeXT / LLaVAction layout, for the converter tests.
 
-Keys come from the spec's key list (`keys.upstream_keys`, upstream-spec.md 1.11), values are random, files are
-written by the official `safetensors` writer in two shards with an index, and config.json is written by hand in
+Keys come from `keys.upstream_keys` (derived from the parameter specs through the key rules; the HF parity test
+checks those rules against a real transformers state dict), values are random, files are written by the official
+`safetensors` writer in two shards with an index, and config.json is written by hand in
 the form released checkpoints have (model_type qwen2, LlavaQwenForCausalLM, grid newlines), so nothing here
 depends on our own exporter.
 """
@@ -15,8 +16,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from llavaction_jax.config import load_preset
-from llavaction_jax.convert.import_plan import torch_shape
-from llavaction_jax.convert.keys import map_key, upstream_keys
+from llavaction_jax.convert.keys import map_key, torch_shape, upstream_keys
 from llavaction_jax.model import llava
 from llavaction_jax.model.params import flatten_paths
 
@@ -107,11 +107,12 @@ def write_checkpoint(directory: pathlib.Path, config: dict, tensors: dict[str, n
     (directory / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 4096, "padding_side": "right"}))
 
 
-def make_upstream_checkpoint(directory: pathlib.Path, heads=True, tied=False, dtype="float32", unused=False, seed=0):
+def make_upstream_checkpoint(directory: pathlib.Path, heads=True, tied=False, dtype="float32", unused=False, seed=0,
+                             shards=2):
     """Write a complete synthetic checkpoint; returns (config dict, tensors)."""
     cfg = tiny_cfg(heads, tied)
     tower = write_vision_tower(directory.parent / f"{directory.name}-siglip")
     config = upstream_config(cfg, str(tower), dtype)
     tensors = upstream_tensors(cfg, dtype, unused, seed)
-    write_checkpoint(directory, config, tensors)
+    write_checkpoint(directory, config, tensors, shards)
     return config, tensors

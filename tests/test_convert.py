@@ -66,6 +66,11 @@ def test_hf_onevision_import_matches_transformers_and_exports_back(hf_checkpoint
     assert ours.cfg.newline_position == "one_token" and ours.cfg.param_dtype == "float32"
     assert (tmp_path / "ours" / "config.json").read_text() == (src / "config.json").read_text()
     assert (tmp_path / "ours" / "generation_config.json").is_file()
+    # the key list derived from our specs + rules is exactly what transformers holds (less what LLaVA never reads)
+    from llavaction_jax.convert.keys import is_unused, normalise_key, upstream_keys
+
+    hf_keys = [normalise_key(k) for k in model.state_dict()]
+    assert set(upstream_keys(ours.cfg)) == {k for k in hf_keys if not is_unused(k, ours.cfg)}
 
     rng = np.random.default_rng(2)
     frames, n_video = 3, ours.cfg.tokens_per_video(3)

@@ -52,6 +52,10 @@ def test_two_processes_write_one_checkpoint_equal_to_single_process(tmp_path):
         read = json.loads((tmp_path / f"bytes_read.{i}.json").read_text())
         assert 0.4 * total < read < 0.75 * total, (i, read, total)
 
+    # ... and wrote only its own chunks: Orbax keeps one OCDBT data folder per process, merged by reference
+    written = {d.name: sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+               for d in (tmp_path / "pod" / "params").glob("ocdbt.process_*")}
+    assert len(written) == 2 and all(0.3 < n / sum(written.values()) < 0.7 for n in written.values()), written
     pod = llavaction_jax.load_pretrained(tmp_path / "pod")
     ref = llavaction_jax.load_pretrained(tmp_path / "single")
     assert pod.cfg == ref.cfg and pod.cfg.param_dtype == "bfloat16"

@@ -1,12 +1,14 @@
-"""Benchmark: import (and export) of an upstream-layout checkpoint of about 2 GB; wall time, MB/s, peak RSS.
+"""Benchmark: import and export of upstream-layout checkpoints of three sizes; wall time, MB/s, peak RSS, slope.
 
-The checkpoint is generated here, streaming (one tensor in memory at a time), in bf16 like the released models:
+Each checkpoint is generated here, streaming (one tensor in memory at a time), in bf16 like the released models:
 a Qwen2 with wide layers (hidden 2048, MLP 11008, GQA 16/2 heads, 32k vocab, untied) and a small SigLIP, in
-two shards with an index. Each measured command runs in its own child process; its peak RSS is
-`getrusage(RUSAGE_CHILDREN).ru_maxrss` read by a small wrapper process, and the same is measured for a bare
-interpreter that only imports the converter (the baseline). Target: import peak RSS < 1.5 GB above baseline.
+two shards with an index; 12, 24 and 48 layers give about 2.1, 4.0 and 7.7 GB. Each measured command runs in
+its own child process; its peak RSS is `getrusage(RUSAGE_CHILDREN).ru_maxrss` read by a small wrapper process,
+and the same is measured for a bare interpreter that only imports the converter (the baseline). The slope of
+peak RSS over baseline against checkpoint size tells whether memory grows with the model. Target: flat, and
+< 1.5 GB above baseline at every size.
 
-    python -m llavaction_jax.bench.convert [--layers 12] [--dir /tmp] [--keep] [--no-write]
+    python -m llavaction_jax.bench.convert [--layers 12 24 48] [--dir /tmp] [--keep] [--no-write]
 """
 
 from __future__ import annotations
@@ -44,8 +46,7 @@ def bench_config(layers: int):
 
 def write_source(directory: pathlib.Path, cfg) -> tuple[int, int]:
     """Stream a random bf16 upstream-layout checkpoint into `directory`; returns (bytes, largest stacked param)."""
-    from llavaction_jax.convert.import_plan import torch_shape
-    from llavaction_jax.convert.keys import map_key, upstream_keys
+    from llavaction_jax.convert.keys import map_key, torch_shape, upstream_keys
     from llavaction_jax.convert.safetensors_io import SafetensorsWriter, TensorSpec, plan_shards, shard_names, write_index
     from llavaction_jax.model import llava
     from llavaction_jax.model.params import flatten_paths
@@ -99,9 +100,37 @@ def same_tensors(a: pathlib.Path, b: pathlib.Path, keys: list[str]) -> bool:
         return all(x.read(k).tobytes() == y.read(k).tobytes() for k in keys)
 
 
+def measure_size(work: pathlib.Path, layers: int, base: int) -> dict:
+    """Generate, import, export and spot-check one checkpoint; returns its numbers."""
+    cfg = bench_config(layers)
+    t0 = time.perf_counter()
+    size, largest = write_source(work / "torch", cfg)
+    gen = time.perf_counter() - t0
+    convert = [sys.executable, "-m", "llavaction_jax", "convert"]
+    wall_in, rss_in = measure(convert + ["from-torch", str(work / "torch"), str(work / "ours"), "--no-progress",
+                                         "--vision-config", str(work / "siglip.json")])
+    wall_out, rss_out = measure(convert + ["to-torch", str(work / "ours"), str(work / "back"), "--no-progress",
+                                           "--max-shard-size", "1.5GB"])
+    spot = ["model.embed_tokens.weight", f"model.layers.{layers - 1}.mlp.down_proj.weight", "action_head.weight",
+            "lm_head.weight", "model.layers.0.self_attn.k_proj.bias"]
+    if not same_tensors(work / "torch", work / "back", spot):
+        raise RuntimeError("round trip changed tensor bytes")
+    return dict(layers=layers, gb=size / 1e9, largest=largest, gen=gen, wall_in=wall_in, wall_out=wall_out,
+                over_in=(rss_in - base) / 1e6, over_out=(rss_out - base) / 1e6, rss_in=rss_in, rss_out=rss_out)
+
+
+def slope(xs: list[float], ys: list[float]) -> float:
+    """Least-squares slope of ys against xs (0 for a single point)."""
+    if len(xs) < 2:
+        return 0.0
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=12, help="Qwen2 layers (12 gives about 2.1 GB)")
+    parser.add_argument("--layers", type=int, nargs="+", default=[12, 24, 48],
+                        help="Qwen2 layer counts to measure (12 gives about 2.1 GB, 48 about 7.7 GB)")
     parser.add_argument("--dir", default="/tmp", help="where the temporary checkpoints go (deleted afterwards)")
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     parser.add_argument("--no-write", action="store_true", help="print only; do not append to BENCHMARKS.md")
@@ -109,38 +138,36 @@ def main(argv=None) -> int:
 
     from llavaction_jax.bench.common import record
 
-    work = pathlib.Path(tempfile.mkdtemp(prefix="llavaction-bench-convert-", dir=args.dir))
-    try:
-        cfg = bench_config(args.layers)
-        t0 = time.perf_counter()
-        size, largest = write_source(work / "torch", cfg)
-        gen = time.perf_counter() - t0
-        py = sys.executable
-        _, base = measure([py, "-c", _BASELINE])
-        convert = [py, "-m", "llavaction_jax", "convert"]
-        wall_in, rss_in = measure(convert + ["from-torch", str(work / "torch"), str(work / "ours"), "--no-progress",
-                                             "--vision-config", str(work / "siglip.json")])
-        wall_out, rss_out = measure(convert + ["to-torch", str(work / "ours"), str(work / "back"), "--no-progress",
-                                               "--max-shard-size", "1.5GB"])
-        spot = ["model.embed_tokens.weight", f"model.layers.{args.layers - 1}.mlp.down_proj.weight", "action_head.weight"]
-        if not same_tensors(work / "torch", work / "back", spot):
-            raise RuntimeError("round trip changed tensor bytes")
-        mb = size / 1e6
-        lines = [
-            f"- checkpoint: {size / 1e9:.2f} GB bf16 upstream layout, 2 shards (Qwen2 {args.layers} x 2048 wide, "
-            f"MLP 11008, vocab 32768 untied; SigLIP 2 x 256); largest stacked param {largest / 1e6:.0f} MB; "
-            f"generated in {gen:.1f} s",
-            f"- baseline (interpreter + converter imports): peak RSS {base / 1e6:.0f} MB",
-            f"- import  (from-torch): {wall_in:.1f} s, {mb / wall_in:.0f} MB/s, peak RSS {rss_in / 1e6:.0f} MB "
-            f"(+{(rss_in - base) / 1e6:.0f} MB over baseline; target < 1500 MB)",
-            f"- export  (to-torch, 1.5GB shards): {wall_out:.1f} s, {mb / wall_out:.0f} MB/s, peak RSS "
-            f"{rss_out / 1e6:.0f} MB (+{(rss_out - base) / 1e6:.0f} MB); spot-checked tensors byte-identical",
-        ]
-        record("checkpoint conversion (2 GB, streaming)", "python -m llavaction_jax.bench.convert", lines,
-               write=not args.no_write)
-    finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
+    _, base = measure([sys.executable, "-c", _BASELINE])
+    results = []
+    for layers in args.layers:
+        work = pathlib.Path(tempfile.mkdtemp(prefix=f"llavaction-bench-convert-{layers}-", dir=args.dir))
+        try:
+            results.append(measure_size(work, layers, base))
+        finally:
+            if not args.keep:
+                shutil.rmtree(work, ignore_errors=True)
+        r = results[-1]
+        print(f"{layers} layers, {r['gb']:.2f} GB: import {r['wall_in']:.1f} s +{r['over_in']:.0f} MB, "
+              f"export {r['wall_out']:.1f} s +{r['over_out']:.0f} MB", flush=True)
+    lines = [f"- checkpoints: bf16 upstream layout, 2 shards (Qwen2 N x 2048 wide, MLP 11008, vocab 32768 untied; "
+             f"SigLIP 2 x 256); default --buffer-size 256MiB",
+             f"- baseline (interpreter + converter imports): peak RSS {base / 1e6:.0f} MB"]
+    for r in results:
+        mb = r["gb"] * 1e3
+        lines.append(
+            f"- {r['layers']} layers, {r['gb']:.2f} GB (largest stacked param {r['largest'] / 1e6:.0f} MB): "
+            f"import {r['wall_in']:.1f} s, {mb / r['wall_in']:.0f} MB/s, peak RSS +{r['over_in']:.0f} MB over baseline; "
+            f"export (1.5GB shards) {r['wall_out']:.1f} s, {mb / r['wall_out']:.0f} MB/s, +{r['over_out']:.0f} MB; "
+            f"spot-checked tensors byte-identical")
+    gbs = [r["gb"] for r in results]
+    for name, key in (("import", "over_in"), ("export", "over_out")):
+        ys = [r[key] for r in results]
+        lines.append(f"- {name} peak RSS over baseline: slope {slope(gbs, ys):+.0f} MB per GB of checkpoint, "
+                     f"max +{max(ys):.0f} MB (target: flat, < 1500 MB at every size)")
+    sizes = ", ".join(str(n) for n in args.layers)
+    record(f"checkpoint conversion ({sizes} layers, streaming)", "python -m llavaction_jax.bench.convert", lines,
+           write=not args.no_write)
     return 0
 
 

@@ -15,9 +15,11 @@ Convert checkpoints between PyTorch (safetensors + config.json) and our Orbax fo
   convert to-torch SRC DST     export one of our models (e.g. after fine-tuning) for the PyTorch tools
                                (upstream demo, lmms-eval), or for transformers with --layout hf-onevision
 
-The import streams one parameter at a time (peak memory about twice the largest stacked parameter, not the
-model) and copies config.json, tokenizer files and generation_config.json next to the converted model. Load the result
-with llavaction_jax.load_pretrained(DST); load_pretrained(SRC) also converts a PyTorch directory in memory.
+Both directions stream: at most --buffer-size of weights (default 256MiB) is held in flight, so peak memory
+stays flat whatever the model size. The import copies config.json, tokenizer files and generation_config.json
+next to the converted model. Output goes to a staging folder beside DST and is renamed into place when complete;
+a DST that is not empty is refused. Load the result with llavaction_jax.load_pretrained(DST);
+load_pretrained(SRC) also converts a PyTorch directory in memory.
 
 Vocabulary: all embedding rows are kept (152064 for 7B). Upstream truncates them to len(tokenizer) = 151646
 at load time; pass vocab_limit=151646 to LlavaModel.__call__ / llava.forward to slice the logits the same way
@@ -59,7 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--distributed", action="store_true",
                    help="call jax.distributed.initialize() first (multi-host pods; run on every host)")
     p.add_argument("--compress", action="store_true",
-                   help="zstd-compress the stored arrays (smaller for real weights; slower, one more copy in memory)")
+                   help="zstd-compress the stored arrays (smaller for real weights; slower to write)")
+    p.add_argument("--buffer-size", default="256MiB", metavar="SIZE",
+                   help="weights in flight at once; peak memory is about twice this (default 256MiB)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     q = sub.add_parser("to-torch", help="our Orbax model directory -> PyTorch safetensors",
@@ -72,6 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "hf-onevision: transformers LlavaOnevisionForConditionalGeneration (one_token models only)")
     q.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                    help="split files above this size, with model.safetensors.index.json (e.g. 5GB, 500MB, 2GiB)")
+    q.add_argument("--buffer-size", default="256MiB", metavar="SIZE",
+                   help="weights in flight at once; peak memory is about twice this (default 256MiB)")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -122,7 +128,8 @@ def _from_torch(args) -> int:
             return 2
         mesh = make_mesh(data, fsdp, tensor)
     report = from_torch.import_checkpoint(args.src, args.dst, dtype=args.dtype, vision_config=args.vision_config,
-                                          mesh=mesh, progress=not args.no_progress, compress=args.compress)
+                                          mesh=mesh, progress=not args.no_progress, compress=args.compress,
+                                          buffer_bytes=parse_size(args.buffer_size))
     if jax.process_index() == 0:
         skipped = f", skipped {len(report.plan.skipped)} unused tensors" if report.plan.skipped else ""
         print(f"wrote {args.dst} ({report.cfg.param_dtype}{skipped}); "
@@ -134,6 +141,7 @@ def _to_torch(args) -> int:
     from llavaction_jax.convert import to_torch
 
     files = to_torch.export_checkpoint(args.src, args.dst, layout=args.layout,
-                                       max_shard_bytes=parse_size(args.max_shard_size), progress=not args.no_progress)
+                                       max_shard_bytes=parse_size(args.max_shard_size), progress=not args.no_progress,
+                                       buffer_bytes=parse_size(args.buffer_size))
     print(f"wrote {len(files)} safetensors file(s) and config.json to {args.dst} ({args.layout} layout)")
     return 0

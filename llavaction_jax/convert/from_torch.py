@@ -4,25 +4,27 @@ Source layouts: the upstream LLaVA-NeXT / LLaVAction one (`model_type` qwen2 wit
 LlavaQwenForCausalLM, as released, or llava_qwen / llava; needs `mm_vision_tower`) and the HF llava-onevision one
 (`model_type` llava_onevision with `text_config` and `vision_config`, hub or transformers v5 key names).
 
-Streaming: a plan maps every source tensor onto one of our parameters (stacked decoder layers included) and checks
-names and shapes against the config before anything is read. Parameters are then built one at a time with
-`jax.make_array_from_callback`: each device's callback reads just its slice of each per-layer tensor (sliced
-safetensors reads) into a buffer the array then aliases. Each parameter (or group of small ones up to
-GROUP_BYTES) is added to one Orbax checkpoint with Orbax's partial save, which copies it once to write it, so peak
-host memory is about twice the largest stacked parameter, not the model (bench/convert.py measures it). On a pod
-(`jax.distributed` + a mesh) each process reads only the slices its devices hold and holds only those, and all
-processes write the one checkpoint together.
+One plan (`import_plan.plan_import`) maps every source tensor onto one of our parameters (stacked decoder layers
+included) and checks names and shapes against the config before anything is read. Then:
+
+- `load_torch` builds the parameters in memory with `jax.make_array_from_callback` (each device reads just its
+  slice of each per-layer tensor);
+- `import_checkpoint` streams them into an Orbax checkpoint (`orbax_stream.save_streamed`): each stored chunk
+  (at most a quarter of `buffer_bytes`) is read from the safetensors files and written, with at most
+  `buffer_bytes` in flight, so peak memory does not grow with the model (bench/convert.py measures it). On a pod
+  (`jax.distributed` + a mesh) each process reads and writes only the chunks of the shards its devices hold, and
+  Orbax merges the processes' writes into one checkpoint. Everything is written into a staging folder beside
+  the destination and renamed into place at the end (`staging.py`).
 
 Vocabulary: every embedding row is kept (152064 for 7B). Upstream shrinks `embed_tokens` / `lm_head` to
-`len(tokenizer)` = 151646 at load (upstream-spec.md 1.12); pass `vocab_limit=151646` to `LlavaModel.__call__` /
-`llava.forward` to slice logits the same way (evaluation does), which only matters if argmax would land in the
-untrained padding rows.
+`len(tokenizer)` = 151646 at load (upstream `llava/model/builder.py: load_pretrained_model` resizes the token
+embeddings); pass `vocab_limit=151646` to `LlavaModel.__call__` / `llava.forward` to slice logits the same way
+(evaluation does), which only matters if argmax would land in the untrained padding rows.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import shutil
 
@@ -32,9 +34,10 @@ import numpy as np
 
 from llavaction_jax import checkpoint_io
 from llavaction_jax.config import ModelConfig
-from llavaction_jax.convert.import_plan import (PERMS, Param, Plan, Source, describe, detect_layout, is_torch_dir,
-                                                open_source, plan_import, torch_shape)
-from llavaction_jax.convert.keys import ConversionError
+from llavaction_jax.convert import orbax_stream, staging
+from llavaction_jax.convert.import_plan import (Param, Plan, Source, copy_into, describe, detect_layout,
+                                                is_torch_dir, open_source, plan_import, read_param)
+from llavaction_jax.convert.keys import PERMS, ConversionError, torch_row_axis, torch_shape
 from llavaction_jax.convert.safetensors_io import SafetensorsCheckpoint, SafetensorsError
 from llavaction_jax.model.params import unflatten_paths
 
@@ -43,47 +46,7 @@ COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "toke
                 "merges.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.json",
                 "chat_template.jinja", "preprocessor_config.json", "processor_config.json",
                 "video_preprocessor_config.json")  # fmt: skip
-GROUP_BYTES = 256 * 2**20  # small parameters are saved together, up to this many bytes per Orbax partial save
-_SCRATCH = "params.import-in-progress"  # no leading dot: Orbax globs for its pending saves
-
-
-# ---------------------------------------------------------------------------------------------- reading
-def read_param(tensors: SafetensorsCheckpoint, p: Param, index: tuple[slice, ...], dtype) -> np.ndarray:
-    """Our parameter `p`, restricted to `index`, read from its source tensors (only the needed byte runs)."""
-    bounds = [(index[d] if d < len(index) else slice(None)).indices(n)[:2] for d, n in enumerate(p.shape)]
-    out = np.empty([b - a for a, b in bounds], dtype)
-    if p.stacked:
-        for j, layer in enumerate(range(*bounds[0])):
-            copy_into(out[j], _read_source(tensors, p.keys[layer], bounds[1:], p.transform))
-    else:
-        copy_into(out, _read_source(tensors, p.keys[0], bounds, p.transform))
-    return out
-
-
-def copy_into(dst: np.ndarray, src: np.ndarray, tile: int = 128) -> None:
-    """dst[...] = src (casting if needed), fast for the transposed 2-D views of linear weights.
-
-    A plain strided copy of a transposed matrix misses the cache on every element, and numpy's copy loop for
-    ml_dtypes' bfloat16 is slower still; copying same-dtype data as unsigned ints, tile by tile, is ~3x faster.
-    """
-    if dst.dtype == src.dtype:
-        dst, src = dst.view(f"u{dst.dtype.itemsize}"), src.view(f"u{src.dtype.itemsize}")
-    if src.ndim != 2 or src.flags.c_contiguous:
-        dst[...] = src
-        return
-    for i in range(0, src.shape[0], tile):
-        for j in range(0, src.shape[1], tile):
-            dst[i:i + tile, j:j + tile] = src[i:i + tile, j:j + tile]
-
-
-def _read_source(tensors, key: str, bounds, transform: str) -> np.ndarray:
-    perm = PERMS.get(transform)
-    if perm is None:
-        return tensors.read_slice(key, [slice(a, b) for a, b in bounds])
-    torch_index = [slice(None)] * len(bounds)
-    for k, p in enumerate(perm):
-        torch_index[p] = slice(*bounds[k])
-    return tensors.read_slice(key, torch_index).transpose(perm)
+DEFAULT_BUFFER_BYTES = orbax_stream.DEFAULT_BUFFER_BYTES
 
 
 def param_shardings(plan: Plan, mesh) -> dict:
@@ -123,7 +86,7 @@ def output_dtype(plan: Plan, dtype: str | None) -> tuple[dict[str, np.dtype], st
     return per, max(weight, key=weight.get)
 
 
-def _progress(total: int | None, enabled: bool, desc: str):
+def progress_bar(total: int | None, enabled: bool, desc: str):
     from tqdm import tqdm
 
     return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not enabled or jax.process_index() != 0)
@@ -137,7 +100,7 @@ def load_torch(src, mesh=None, dtype: str | None = None, vision_config=None, pro
         plan.raise_if_problems()
         dtypes, param_dtype = output_dtype(plan, dtype)
         shardings = param_shardings(plan, mesh)
-        bar = _progress(plan.nbytes(), progress, "reading")
+        bar = progress_bar(plan.nbytes(), progress, "reading")
         flat = {}
         for path, p in plan.params.items():
             flat[path] = make_array(source.tensors, p, shardings[path], dtypes[path], _updater(bar, source.tensors))
@@ -164,18 +127,16 @@ class ImportReport:
 
 
 def import_checkpoint(src, dst, dtype: str | None = None, vision_config=None, mesh=None, progress: bool = True,
-                      compress: bool = False, group_bytes: int = GROUP_BYTES) -> ImportReport:
-    """Convert `src` (PyTorch) into the model directory `dst` (new).
+                      compress: bool = False, buffer_bytes: int = DEFAULT_BUFFER_BYTES) -> ImportReport:
+    """Convert `src` (PyTorch) into the model directory `dst` (new, or an empty folder).
 
-    `compress` zstd-compresses the stored arrays (Orbax's default for training checkpoints): smaller files for
-    real weights, but on the benchmark machine the write was ~4x slower and held one more copy of the parameter
-    being written. Both kinds restore the same way.
+    `buffer_bytes` bounds the chunks read but not yet written (peak memory above the interpreter's is about
+    twice that). `compress` zstd-compresses the stored arrays (Orbax's default for training checkpoints):
+    smaller files for real weights, slower to write. Both kinds restore the same way.
 
     Under `jax.distributed` every process calls this with the same arguments and a mesh over all devices.
     """
     from jax.experimental import multihost_utils
-    from orbax.checkpoint.experimental import v1 as ocp_v1
-    from orbax.checkpoint.experimental.v1 import partial
 
     if jax.process_count() > 1 and mesh is None:
         raise ValueError("under jax.distributed every process must pass the same mesh over all devices (--mesh)")
@@ -183,68 +144,47 @@ def import_checkpoint(src, dst, dtype: str | None = None, vision_config=None, me
     plan = plan_import(source)
     plan.raise_if_problems()
     dst = pathlib.Path(dst).absolute()
-    if (dst / checkpoint_io.PARAMS_DIR).exists() or (dst / checkpoint_io.CONFIG_FILE).exists():
-        raise FileExistsError(f"{dst} already holds a converted model; refusing to overwrite it")
+    staging.check(dst)  # on every process, before any of them waits for the others
     dtypes, param_dtype = output_dtype(plan, dtype)
     cfg = source.cfg.replace(param_dtype=param_dtype)
-    scratch = dst / _SCRATCH
+    stage = staging.staging_dir(dst)
     if jax.process_index() == 0:
-        dst.mkdir(parents=True, exist_ok=True)
-        for stale in dst.glob(_SCRATCH + "*"):  # left by an interrupted run of this command
-            shutil.rmtree(stale)
+        staging.begin(dst, f"convert from-torch {source.directory}")
     multihost_utils.sync_global_devices("llavaction_import_start")
 
     shardings = param_shardings(plan, mesh)
-    bar = _progress(plan.nbytes() if jax.process_count() == 1 else None, progress, "converting")
+    bar = progress_bar(plan.nbytes() if jax.process_count() == 1 else None, progress, "converting")
     update = _updater(bar, source.tensors)
-    context = ocp_v1.Context()
-    context.array.saving.use_compression = compress
-    with source.tensors, context:
-        for group in _groups(plan, dtypes, group_bytes):
-            # The arrays alias the buffers read_param fills (zero-copy on CPU); Orbax copies them once to write.
-            arrays = {path: make_array(source.tensors, plan.params[path], shardings[path], dtypes[path], update)
-                      for path in group}
-            partial.save(scratch, unflatten_paths(arrays))
-            del arrays
-        partial.finalize(scratch)
+    tree = {path: _streamed(source.tensors, p, shardings[path], dtypes[path], buffer_bytes, update)
+            for path, p in plan.params.items()}
+    with source.tensors:
+        orbax_stream.save_streamed(stage / checkpoint_io.PARAMS_DIR, unflatten_paths(tree), buffer_bytes, compress)
     bar.close()
     if jax.process_index() == 0:
-        _install_params(scratch, dst / checkpoint_io.PARAMS_DIR)
-        cfg.save(dst / checkpoint_io.CONFIG_FILE)
+        cfg.save(stage / checkpoint_io.CONFIG_FILE)
         for name in COPIED_FILES:
             if (source.directory / name).is_file():
-                shutil.copyfile(source.directory / name, dst / name)
+                shutil.copyfile(source.directory / name, stage / name)
+        staging.commit(stage, dst)
     multihost_utils.sync_global_devices("llavaction_import_done")
     return ImportReport(cfg, plan, source.tensors.bytes_read)
 
 
-def _groups(plan: Plan, dtypes: dict, limit: int) -> list[list[str]]:
-    groups, size = [[]], 0
-    for path, p in plan.params.items():
-        n = int(np.prod(p.shape)) * dtypes[path].itemsize
-        if groups[-1] and size + n > limit:
-            groups.append([])
-            size = 0
-        groups[-1].append(path)
-        size += n
-    return groups
+def _streamed(tensors, p: Param, sharding, dtype: np.dtype, buffer_bytes: int, on_read) -> orbax_stream.StreamedParam:
+    """`p` as a StreamedParam whose stored chunks are cut across layers first, then across torch rows."""
+    row = torch_row_axis(len(p.shape) - p.stacked, p.transform) + p.stacked
+    priority = ([0] if p.stacked else []) + [row]
+    chunk = orbax_stream.chunk_shape(sharding.shard_shape(p.shape), dtype.itemsize, buffer_bytes // 4, priority)
 
+    def read(index):
+        out = read_param(tensors, p, index, dtype)
+        on_read()
+        return out
 
-def _install_params(finalized: pathlib.Path, params_dir: pathlib.Path) -> None:
-    """Move the finalized pytree to `params/`, the layout `checkpoint_io.restore_params` reads."""
-    import orbax.checkpoint as ocp
-
-    (finalized / "state").rename(params_dir)
-    meta = json.loads((finalized / "_CHECKPOINT_METADATA").read_text())
-    handler = ocp.StandardCheckpointHandler
-    meta["item_handlers"] = f"{handler.__module__}.{handler.__qualname__}"  # what a plain save_model writes
-    (params_dir / "_CHECKPOINT_METADATA").write_text(json.dumps(meta))
-    if (finalized / "commit_success.txt").is_file():
-        shutil.copyfile(finalized / "commit_success.txt", params_dir / "commit_success.txt")
-    shutil.rmtree(finalized)
+    return orbax_stream.StreamedParam(p.shape, dtype, chunk, orbax_stream.owned_blocks(p.shape, sharding, chunk), read)
 
 
 __all__ = ["import_checkpoint", "ImportReport", "load_torch", "read_param", "copy_into", "COPIED_FILES",
-           # re-exported from import_plan: the plan is part of this command's API
+           # re-exported from import_plan / keys: the plan is part of this command's API
            "Source", "Param", "Plan", "open_source", "plan_import", "describe", "detect_layout", "is_torch_dir",
            "torch_shape", "PERMS", "ConversionError", "SafetensorsError"]

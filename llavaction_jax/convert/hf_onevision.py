@@ -1,8 +1,9 @@
 """The Hugging Face llava-onevision layout: key names and config.json, for exporting `one_token` models.
 
 These are the names the transformers conversion script writes for the hub's llava-onevision models
-(peers-and-facts.md 3.1), which transformers 4.x and 5.x both load. Reading such checkpoints needs nothing from
-here: `keys.normalise_key` already maps every HF spelling onto the upstream names.
+(transformers `models/llava_onevision/convert_llava_onevision_weights_to_hf.py`), which transformers 4.x and 5.x
+both load. Reading such checkpoints needs nothing from here: `keys.normalise_key` already maps every HF spelling
+onto the upstream names.
 """
 
 from __future__ import annotations
@@ -82,6 +83,6 @@ def hf_config(cfg: ModelConfig) -> dict:
             hidden_act="gelu_pytorch_tanh", vision_use_head=False,
         ),
     )
-    out.setdefault("image_token_index", 151646)  # the HF defaults (peers-and-facts.md 3.1)
+    out.setdefault("image_token_index", 151646)  # transformers' LlavaOnevisionConfig defaults
     out.setdefault("video_token_index", 151647)
     return out

@@ -66,22 +66,43 @@ def read_header(path: pathlib.Path) -> tuple[dict[str, TensorEntry], dict]:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise SafetensorsError(f"{path}: header is not valid JSON ({e})") from None
     metadata = header.pop("__metadata__", None) or {}
-    entries, end = {}, 0
+    entries, spans = {}, []
     for key, info in header.items():
         try:
             dtype, shape, (begin, stop) = DTYPES[info["dtype"]], tuple(info["shape"]), info["data_offsets"]
+            begin, stop = int(begin), int(stop)
         except (KeyError, TypeError, ValueError):
             raise SafetensorsError(f"{path}: tensor {key!r} has a malformed header entry {info}") from None
         nbytes = math.prod(shape) * dtype.itemsize
         if stop - begin != nbytes:
             raise SafetensorsError(f"{path}: tensor {key!r} spans {stop - begin} bytes, its shape needs {nbytes}")
         entries[key] = TensorEntry(key, path, dtype, shape, 8 + n + begin, nbytes)
-        end = max(end, stop)
+        spans.append((begin, stop, key))
+    end = _check_tiling(path, spans)
+    if 8 + n + end < size:
+        raise SafetensorsError(f"{path}: {size - 8 - n - end} bytes after the last tensor that no tensor covers")
     if 8 + n + end > size:
         cut = sorted(k for k, e in entries.items() if e.offset + e.nbytes > size)
         raise SafetensorsError(f"{path}: truncated: {size} bytes but its header needs {8 + n + end}; "
                                f"tensors cut off: {cut[:5]}{' ...' if len(cut) > 5 else ''}")
     return entries, metadata
+
+
+def _check_tiling(path: pathlib.Path, spans: list[tuple[int, int, str]]) -> int:
+    """The tensors' byte ranges must tile the data area: sorted by offset, each begins where the previous ends.
+
+    The reference reader (safetensors' Rust `Metadata::validate`) rejects the same files: overlapping ranges
+    would silently alias two tensors (one would read the other's bytes), gaps hide unread bytes.
+    """
+    end, previous = 0, None
+    for begin, stop, key in sorted(spans):
+        if begin != end:
+            where = f"after tensor {previous!r} ending at {end}" if previous else "at the start of the data"
+            kind = "overlaps the tensor before it" if begin < end else "leaves a gap"
+            raise SafetensorsError(f"{path}: tensor {key!r} has invalid data_offsets [{begin}, {stop}]: it {kind} "
+                                   f"({where})")
+        end, previous = stop, key
+    return end
 
 
 def checkpoint_files(directory: pathlib.Path) -> tuple[list[pathlib.Path], dict[str, str] | None]:
@@ -238,17 +259,25 @@ class SafetensorsWriter:
         os.pwrite(self._fd, struct.pack("<Q", len(raw)) + raw, 0)
         os.ftruncate(self._fd, self._data_start + offset)
         self._pending = set(self._where)
+        self._written: dict[str, int] = {}
 
-    def write(self, key: str, array: np.ndarray) -> None:
+    def write(self, key: str, array: np.ndarray, row: int = 0) -> None:
+        """Write `array` as the tensor `key`, or as its rows `row:row + len(array)` (a contiguous block)."""
         spec, offset = self._where[key]
-        if tuple(array.shape) != spec.shape or array.dtype != np.dtype(spec.dtype):
+        rows = spec.shape[0] if spec.shape else 1
+        count = array.shape[0] if array.shape else 1
+        if (array.ndim != len(spec.shape) or tuple(array.shape[1:]) != spec.shape[1:]
+                or array.dtype != np.dtype(spec.dtype) or row + count > rows):
             raise ValueError(f"{self.path}: {key} announced as {spec.shape} {np.dtype(spec.dtype).name}, "
-                             f"got {tuple(array.shape)} {array.dtype.name}")
+                             f"got {tuple(array.shape)} {array.dtype.name} at row {row}")
         data = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+        start = offset + (row * (spec.nbytes // rows) if rows else 0)
         done = 0
         while done < len(data):
-            done += os.pwrite(self._fd, data[done:], self._data_start + offset + done)
-        self._pending.discard(key)
+            done += os.pwrite(self._fd, data[done:], self._data_start + start + done)
+        self._written[key] = self._written.get(key, 0) + len(data)
+        if self._written[key] >= spec.nbytes:
+            self._pending.discard(key)
 
     def close(self) -> None:
         if self._fd is None:

@@ -1,13 +1,19 @@
 """Export: our model directory -> PyTorch safetensors + config.json, so fine-tuned models go back to PyTorch.
 
-`layout="upstream"` writes the LLaVA-NeXT / LLaVAction state dict (upstream-spec.md 1.11) and a config.json that
-upstream's `load_pretrained_model` reads (model_type qwen2, LlavaQwenForCausalLM); `layout="hf-onevision"` writes
-what `transformers.LlavaOnevisionForConditionalGeneration.from_pretrained` reads (one_token models only).
+`layout="upstream"` writes the LLaVA-NeXT / LLaVAction state dict (the keys of upstream
+`llava/model/language_model/llava_qwen.py: LlavaQwenForCausalLM`) and a config.json that upstream's
+`llava/model/builder.py: load_pretrained_model` reads (model_type qwen2, LlavaQwenForCausalLM);
+`layout="hf-onevision"` writes what `transformers.LlavaOnevisionForConditionalGeneration.from_pretrained` reads
+(one_token models only).
 
-Streaming: every output file's header is written first (names, shapes and dtypes are known from the config and
-the Orbax metadata), then one parameter at a time is restored and its per-layer tensors are written in place, so
-memory is about twice the largest stacked parameter (Orbax restore peak). Files above `max_shard_bytes` are split into
-`model-0000k-of-0000n.safetensors` with `model.safetensors.index.json`. Dtypes are the stored ones.
+Streaming: every output file's header is written first (names, shapes and dtypes come from the config, through
+the same key rules as the import, and the checkpoint's metadata); then each stored array is read through
+tensorstore in blocks of whole stored chunks, at most `buffer_bytes / 2` each with the next one being read
+meanwhile (`orbax_stream.read_blocks`), cut across layers and then across torch rows, and each block's rows are
+written in place. Memory therefore does not grow with the model for checkpoints this converter wrote (a
+checkpoint saved whole by a plain Orbax save has one chunk per array, read whole). Files above `max_shard_bytes`
+are split into `model-0000k-of-0000n.safetensors` with `model.safetensors.index.json`. Dtypes are the stored
+ones. The output is written into a staging folder beside `dst` and renamed into place (`staging.py`).
 """
 
 from __future__ import annotations
@@ -20,43 +26,17 @@ import numpy as np
 
 from llavaction_jax import checkpoint_io
 from llavaction_jax.config import VISION_TOWER_PRESETS, ModelConfig, vision_from_hf
-from llavaction_jax.convert import hf_onevision
-from llavaction_jax.convert.from_torch import COPIED_FILES, copy_into
-from llavaction_jax.convert.import_plan import detect_layout, torch_shape
-from llavaction_jax.convert.keys import ConversionError, map_key, to_torch, upstream_keys
+from llavaction_jax.convert import hf_onevision, orbax_stream, staging
+from llavaction_jax.convert.from_torch import COPIED_FILES, progress_bar
+from llavaction_jax.convert.import_plan import copy_into, detect_layout
+from llavaction_jax.convert.keys import ConversionError, expected_keys, to_torch, torch_row_axis, torch_shape
 from llavaction_jax.convert.safetensors_io import (SafetensorsWriter, TensorSpec, plan_shards, shard_names,
                                                    write_index)
 from llavaction_jax.model import llava
-from llavaction_jax.model.params import flatten_paths, unflatten_paths
+from llavaction_jax.model.params import flatten_paths
 
 LAYOUTS = ("upstream", "hf-onevision")
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
-
-
-def stored_params(model_dir: pathlib.Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """{our path: (shape, dtype)} from the Orbax metadata, without reading any array."""
-    import orbax.checkpoint as ocp
-
-    meta = ocp.StandardCheckpointer().metadata(model_dir.absolute() / checkpoint_io.PARAMS_DIR)
-    tree = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
-    return {path: (tuple(m.shape), np.dtype(m.dtype)) for path, m in flatten_paths(dict(tree)).items()}
-
-
-def restore_param(model_dir: pathlib.Path, path: str, shape, dtype) -> np.ndarray:
-    """One parameter of the Orbax checkpoint as numpy (partial restore: nothing else is read).
-
-    Restoring as np.ndarray rather than jax.Array keeps one copy alive instead of two (measured).
-    """
-    import orbax.checkpoint as ocp
-
-    item = unflatten_paths({path: np.zeros((), dtype)})
-    args = unflatten_paths({path: ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype)})
-    out = ocp.PyTreeCheckpointer().restore(model_dir.absolute() / checkpoint_io.PARAMS_DIR,
-                                           args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True))
-    value = flatten_paths(out)[path]
-    if value.shape != tuple(shape):
-        raise ConversionError(f"{model_dir}: {path} restored as {value.shape}, its metadata says {tuple(shape)}")
-    return value
 
 
 def export_table(cfg: ModelConfig, stored: dict) -> list[tuple[str, str, int | None, str]]:
@@ -68,51 +48,47 @@ def export_table(cfg: ModelConfig, stored: dict) -> list[tuple[str, str, int | N
     problems += [f"unexpected parameter {p}" for p in stored if p not in specs]
     if problems:
         raise ConversionError("the checkpoint does not match its llavaction_config.json: " + "; ".join(problems))
-    return [(key, *map_key(key)) for key in upstream_keys(cfg)]
+    return expected_keys(specs)
 
 
 def export_checkpoint(src, dst, layout: str = "upstream", max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                      progress: bool = True) -> list[pathlib.Path]:
-    """Write `dst` (a new directory) from the model directory `src`; returns the safetensors files written."""
-    from tqdm import tqdm
-
+                      progress: bool = True, buffer_bytes: int = orbax_stream.DEFAULT_BUFFER_BYTES) -> list[pathlib.Path]:
+    """Write `dst` (new, or an empty folder) from the model directory `src`; returns the safetensors files."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
-    src, dst = pathlib.Path(src), pathlib.Path(dst)
+    src, dst = pathlib.Path(src), pathlib.Path(dst).absolute()
     cfg = checkpoint_io.load_config(src)
-    stored = stored_params(src)
-    table = export_table(cfg, stored)
+    stored = orbax_stream.StoredArrays(src / checkpoint_io.PARAMS_DIR)
+    table = export_table(cfg, stored.params)
     rename, constants = (lambda k: k), {}
     if layout == "hf-onevision":
         hf_onevision.check_exportable(cfg)
         rename, constants = hf_onevision.hf_key, hf_onevision.identity_post_layernorm(cfg)
     specs = []
     for key, path, layer, tf in table:
-        shape = stored[path][0][1:] if layer is not None else stored[path][0]
-        specs.append(TensorSpec(rename(key), torch_shape(shape, tf), stored[path][1]))
-    dtype = stored[table[0][1]][1]
+        shape = stored.params[path][0][1:] if layer is not None else stored.params[path][0]
+        specs.append(TensorSpec(rename(key), torch_shape(shape, tf), stored.params[path][1]))
+    dtype = stored.params[table[0][1]][1]
     specs += [TensorSpec(k, shape, dtype) for k, (shape, _) in constants.items()]
 
-    if dst.exists() and any(dst.iterdir()):
-        raise FileExistsError(f"{dst} is not empty; refusing to overwrite")
-    dst.mkdir(parents=True, exist_ok=True)
+    stage = staging.begin(dst, f"convert to-torch {src}")
     shards = plan_shards(specs, max_shard_bytes)
-    files = [dst / name for name in shard_names(len(shards))]
+    files = [stage / name for name in shard_names(len(shards))]
     writers = [SafetensorsWriter(f, shard) for f, shard in zip(files, shards)]
     writer_of = {s.key: w for w, shard in zip(writers, shards) for s in shard}
-    by_path: dict[str, list] = {}
+    by_path: dict[str, dict] = {}
     for key, path, layer, tf in table:
-        by_path.setdefault(path, []).append((rename(key), layer, tf))
-    bar = tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True, desc="exporting", disable=not progress)
-    for path, targets in by_path.items():
-        _write_param(restore_param(src, path, *stored[path]), targets, writer_of, bar)
+        by_path.setdefault(path, {})[layer] = (rename(key), tf)
+    bar = progress_bar(sum(s.nbytes for s in specs), progress, "exporting")
+    for path, keys in by_path.items():
+        _write_param(stored.open(path), keys, writer_of, buffer_bytes, bar)
     for key, (shape, fill) in constants.items():
         writer_of[key].write(key, np.full(shape, fill, dtype))
     for w in writers:
         w.close()
     bar.close()
     if len(shards) > 1:
-        write_index(dst, shards)
+        write_index(stage, shards)
 
     original = _original_config(src)
     config = hf_onevision.hf_config(cfg) if layout == "hf-onevision" else upstream_config(cfg)
@@ -120,21 +96,28 @@ def export_checkpoint(src, dst, layout: str = "upstream", max_shard_bytes: int =
         _add_missing(config, original)  # keys we do not model travel back unchanged
     dtype_key = next((k for k in ("torch_dtype", "dtype") if k in config), "torch_dtype")
     config[dtype_key] = np.dtype(dtype).name  # what the tensors are now (an import may have cast them)
-    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (stage / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for name in COPIED_FILES:
         if name != "config.json" and (src / name).is_file():
-            shutil.copyfile(src / name, dst / name)
-    return files
+            shutil.copyfile(src / name, stage / name)
+    staging.commit(stage, dst)
+    return [dst / f.name for f in files]
 
 
-def _write_param(value: np.ndarray, targets, writer_of: dict, bar) -> None:
-    """Write one restored parameter's tensors (a function, so nothing keeps `value` alive afterwards)."""
-    for key, layer, tf in targets:
-        view = to_torch(value[layer] if layer is not None else value, tf)
-        tensor = np.empty(view.shape, view.dtype)
-        copy_into(tensor, view)  # tiled: a transposed copy element by element thrashes the cache
-        writer_of[key].write(key, tensor)
-        bar.update(tensor.nbytes)
+def _write_param(store, keys: dict, writer_of: dict, buffer_bytes: int, bar) -> None:
+    """Write one stored array's tensors ({layer or None: (key, transform)}) block by block."""
+    stacked = None not in keys
+    transform = next(iter(keys.values()))[1]
+    row = torch_row_axis(store.rank - stacked, transform) + stacked
+    for index, block in orbax_stream.read_blocks(store, ([0] if stacked else []) + [row], buffer_bytes // 2):
+        start = index[row].start
+        for j, layer in enumerate(range(index[0].start, index[0].stop) if stacked else [None]):
+            key, tf = keys[layer]
+            view = to_torch(block[j] if stacked else block, tf)  # torch rows start:start + len(view)
+            tensor = np.empty(view.shape, view.dtype)
+            copy_into(tensor, view)  # tiled: a transposed copy element by element thrashes the cache
+            writer_of[key].write(key, tensor, row=start)
+            bar.update(tensor.nbytes)
 
 
 def upstream_config(cfg: ModelConfig) -> dict:
