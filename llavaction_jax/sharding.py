@@ -115,9 +115,10 @@ def _pspec(axes, shape, mesh, rules):
     return P(*out), replicated
 
 
-def param_shardings(specs, mesh: Mesh) -> dict:
-    """NamedShardings for a tree of `ParamSpec`s (model/params.py) on `mesh`; non-dividing dims are replicated and
-    logged once per parameter."""
+def param_shardings(specs, mesh: Mesh, flat: bool = False) -> dict:
+    """NamedShardings on `mesh` for parameters described by their logical axes and shapes: a tree of `ParamSpec`s
+    (model/params.py), or the converter's flat {path: Param}. Dimensions the mesh does not divide are replicated
+    and logged once per parameter. Returns the same nesting as `specs` (flat {path: sharding} with `flat`)."""
     out = {}
     for path, spec in flatten_paths(specs).items():
         pspec, replicated = _pspec(spec.axes, spec.shape, mesh, None)
@@ -125,7 +126,7 @@ def param_shardings(specs, mesh: Mesh) -> dict:
             logger.info("param %s: dim %d (%s, size %d) is replicated: mesh axes %s of %s do not divide it",
                         path, dim, name, size, "x".join(targets), dict(mesh.shape))
         out[path] = NamedSharding(mesh, pspec)
-    return unflatten_paths(out)
+    return out if flat else unflatten_paths(out)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

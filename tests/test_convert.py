@@ -275,3 +275,20 @@ def test_index_naming_a_missing_shard_is_an_error(tmp_path):
     (tmp_path / "src" / "model-00001-of-00002.safetensors").unlink()
     with pytest.raises(SafetensorsError, match=r"model-00001-of-00002\.safetensors"):
         SafetensorsCheckpoint(tmp_path / "src")
+
+
+def test_model_config_overrides_as_in_train_and_eval(tmp_path, capsys):
+    make_upstream_checkpoint(tmp_path / "src", dtype="bfloat16")
+    assert main(["convert", "from-torch", str(tmp_path / "src"), str(tmp_path / "ours"), "--no-progress",
+                 "--config.model.param_dtype=float32", "--config.model.attention=flash",
+                 "--config.model.remat_policy=full"]) == 0
+    model = llavaction_jax.load_pretrained(tmp_path / "ours")
+    assert (model.cfg.param_dtype, model.cfg.attention, model.cfg.remat_policy) == ("float32", "flash", "full")
+    assert model.params["text"]["embed"].dtype == np.float32  # a param_dtype override casts like --dtype
+    capsys.readouterr()
+    # a field that changes parameter shapes is refused, and nothing is written
+    assert main(["convert", "from-torch", str(tmp_path / "src"), str(tmp_path / "bad"), "--no-progress",
+                 "--config.model.text.num_layers=1"]) == 1
+    assert "change the shapes" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main(["convert", "to-torch", str(tmp_path / "ours"), str(tmp_path / "t"),
+                 "--config.model.attention=xla"]) == 2

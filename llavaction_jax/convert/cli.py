@@ -38,7 +38,14 @@ present-but-unused tensors (SigLIP post_layernorm / head, the deleted last SigLI
 
 Pod mode: run the same command on every host with --distributed and a --mesh over all devices; each host
 reads only the tensor slices its devices hold and all hosts write one sharded checkpoint.
+
+Model config fields of the written llavaction_config.json can be set as in `train` and `eval`,
+--config.model.<field>=VALUE (e.g. --config.model.compute_dtype=bfloat16 --config.model.attention=flash);
+fields that would change a parameter's shape are refused.
 """
+
+
+ACCEPTS_CONFIG_OVERRIDES = True  # from-torch: --config.model.<field>=value, as in `train` and `eval`
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -95,6 +102,10 @@ def run(args: argparse.Namespace) -> int:
     from llavaction_jax.convert.keys import ConversionError
     from llavaction_jax.convert.safetensors_io import SafetensorsError
 
+    if args.config_overrides and args.direction != "from-torch":
+        print(f"convert {args.direction}: error: --config.model overrides apply to from-torch only "
+              f"(got {' '.join(args.config_overrides)})", file=sys.stderr)
+        return 2
     try:
         return _from_torch(args) if args.direction == "from-torch" else _to_torch(args)
     except (ConversionError, SafetensorsError, ConfigError, FileExistsError, FileNotFoundError) as e:
@@ -129,7 +140,8 @@ def _from_torch(args) -> int:
         mesh = make_mesh(data, fsdp, tensor)
     report = from_torch.import_checkpoint(args.src, args.dst, dtype=args.dtype, vision_config=args.vision_config,
                                           mesh=mesh, progress=not args.no_progress, compress=args.compress,
-                                          buffer_bytes=parse_size(args.buffer_size))
+                                          buffer_bytes=parse_size(args.buffer_size),
+                                          model_overrides=args.config_overrides)
     if jax.process_index() == 0:
         skipped = f", skipped {len(report.plan.skipped)} unused tensors" if report.plan.skipped else ""
         print(f"wrote {args.dst} ({report.cfg.param_dtype}{skipped}); "

@@ -31,15 +31,19 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import SingleDeviceSharding
 
-from llavaction_jax import checkpoint_io
-from llavaction_jax.config import ModelConfig
+from llavaction_jax import checkpoint_io, sharding
+from llavaction_jax.config import ConfigError, ModelConfig
 from llavaction_jax.convert import orbax_stream, staging
 from llavaction_jax.convert.import_plan import (Param, Plan, Source, copy_into, describe, detect_layout,
                                                 is_torch_dir, open_source, plan_import, read_param)
 from llavaction_jax.convert.keys import PERMS, ConversionError, torch_row_axis, torch_shape
 from llavaction_jax.convert.safetensors_io import SafetensorsCheckpoint, SafetensorsError
-from llavaction_jax.model.params import unflatten_paths
+from llavaction_jax.model import llava
+from llavaction_jax.model.params import flatten_paths, unflatten_paths
+from llavaction_jax.recipes import model_config_with_overrides, parse_overrides
 
 # Copied verbatim next to our checkpoint: the original config, the tokenizer, generation and processor settings.
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
@@ -50,14 +54,11 @@ DEFAULT_BUFFER_BYTES = orbax_stream.DEFAULT_BUFFER_BYTES
 
 
 def param_shardings(plan: Plan, mesh) -> dict:
-    from jax.sharding import NamedSharding, SingleDeviceSharding
-
-    from llavaction_jax.sharding import logical_to_pspec
-
+    """{path: sharding} of the plan's parameters: by their logical axes on `mesh`, else the first local device."""
     if mesh is None:
         device = SingleDeviceSharding(jax.local_devices()[0])
         return {path: device for path in plan.params}
-    return {path: NamedSharding(mesh, logical_to_pspec(p.axes, p.shape, mesh)) for path, p in plan.params.items()}
+    return sharding.param_shardings(plan.params, mesh, flat=True)
 
 
 def make_array(tensors: SafetensorsCheckpoint, p: Param, sharding, dtype, on_read=lambda: None) -> jax.Array:
@@ -127,7 +128,8 @@ class ImportReport:
 
 
 def import_checkpoint(src, dst, dtype: str | None = None, vision_config=None, mesh=None, progress: bool = True,
-                      compress: bool = False, buffer_bytes: int = DEFAULT_BUFFER_BYTES) -> ImportReport:
+                      compress: bool = False, buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+                      model_overrides: list[str] = ()) -> ImportReport:
     """Convert `src` (PyTorch) into the model directory `dst` (new, or an empty folder).
 
     `buffer_bytes` bounds the chunks read but not yet written (peak memory above the interpreter's is about
@@ -135,9 +137,9 @@ def import_checkpoint(src, dst, dtype: str | None = None, vision_config=None, me
     smaller files for real weights, slower to write. Both kinds restore the same way.
 
     Under `jax.distributed` every process calls this with the same arguments and a mesh over all devices.
+    `model_overrides` (`--config.model.<field>=value`, as in `train` and `eval`) change the written config; they
+    may not change parameter shapes, and a `param_dtype` override casts like `dtype`.
     """
-    from jax.experimental import multihost_utils
-
     if jax.process_count() > 1 and mesh is None:
         raise ValueError("under jax.distributed every process must pass the same mesh over all devices (--mesh)")
     source = open_source(src, vision_config)
@@ -145,8 +147,11 @@ def import_checkpoint(src, dst, dtype: str | None = None, vision_config=None, me
     plan.raise_if_problems()
     dst = pathlib.Path(dst).absolute()
     staging.check(dst)  # on every process, before any of them waits for the others
+    cfg = overridden(source.cfg, model_overrides)
+    if dtype is None and any(key == "model.param_dtype" for key, _ in parse_overrides(list(model_overrides))):
+        dtype = cfg.param_dtype
     dtypes, param_dtype = output_dtype(plan, dtype)
-    cfg = source.cfg.replace(param_dtype=param_dtype)
+    cfg = cfg.replace(param_dtype=param_dtype)
     stage = staging.staging_dir(dst)
     if jax.process_index() == 0:
         staging.begin(dst, f"convert from-torch {source.directory}")
@@ -168,6 +173,19 @@ def import_checkpoint(src, dst, dtype: str | None = None, vision_config=None, me
         staging.commit(stage, dst)
     multihost_utils.sync_global_devices("llavaction_import_done")
     return ImportReport(cfg, plan, source.tensors.bytes_read)
+
+
+def overridden(cfg: ModelConfig, overrides: list[str]) -> ModelConfig:
+    """`cfg` with `--config.model.<field>=` overrides; refused where they would change a parameter's shape."""
+    if not overrides:
+        return cfg
+    new = model_config_with_overrides(cfg, list(overrides))
+    shape = lambda c: {k: s.shape for k, s in flatten_paths(llava.param_specs(c)).items()}
+    if shape(new) != shape(cfg):
+        changed = sorted(k for k in set(shape(new)) | set(shape(cfg)) if shape(new).get(k) != shape(cfg).get(k))
+        raise ConfigError(f"--config.model overrides change the shapes of {len(changed)} parameters of the "
+                          f"checkpoint (first: {changed[:3]}); only fields that keep the weights may be overridden")
+    return new
 
 
 def _streamed(tensors, p: Param, sharding, dtype: np.dtype, buffer_bytes: int, on_read) -> orbax_stream.StreamedParam:

@@ -25,7 +25,7 @@ import shutil
 import numpy as np
 
 from llavaction_jax import checkpoint_io
-from llavaction_jax.config import VISION_TOWER_PRESETS, ModelConfig, vision_from_hf
+from llavaction_jax.config import VISION_TOWERS, ModelConfig, vision_from_hf
 from llavaction_jax.convert import hf_onevision, orbax_stream, staging
 from llavaction_jax.convert.from_torch import COPIED_FILES, progress_bar
 from llavaction_jax.convert.import_plan import copy_into, detect_layout
@@ -123,9 +123,9 @@ def _write_param(store, keys: dict, writer_of: dict, buffer_bytes: int, bar) -> 
 def upstream_config(cfg: ModelConfig) -> dict:
     out = cfg.to_upstream()
     out.pop("hf_onevision", None)  # our record of an imported HF config; meaningless upstream
-    if cfg.vision_tower not in VISION_TOWER_PRESETS:
+    if cfg.vision_tower not in VISION_TOWERS:
         # An HF-imported tower has no upstream name; upstream loads towers by name, so name a matching preset.
-        for name, preset in VISION_TOWER_PRESETS.items():
+        for name, preset in VISION_TOWERS.items():
             if vision_from_hf(preset, out.get("mm_vision_select_layer", -2)) == cfg.vision:
                 out["mm_vision_tower"] = name
     return out
