@@ -26,12 +26,9 @@
 # .jax_cache: a retry on the same machine compiles less), DRY_RUN=1.
 set -euo pipefail
 
-if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-  sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'
-  exit 0
-fi
-
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$REPO/launch/common.sh"  # run (print with DRY_RUN=1, else execute), exit_with_usage_if_asked
+exit_with_usage_if_asked "${BASH_SOURCE[0]}" "$@"
 cd "$REPO"
 PYTHON="${PYTHON:-python3}"
 WHEELS="${WHEELS:-.whl}"
@@ -41,8 +38,6 @@ DRY_RUN="${DRY_RUN:-0}"
 export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}"
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$REPO/.jax_cache}"
-
-source "$REPO/launch/common.sh"  # run: print (DRY_RUN=1) or execute
 
 shopt -s nullglob
 for wheel in "$WHEELS"/*.whl; do

@@ -31,23 +31,19 @@
 # workers' home directory), CONFIG (default configs/train.py), PHASES, DETACH=1, DRY_RUN=1.
 set -euo pipefail
 
-if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-  sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'
-  exit 0
-fi
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$REPO/launch/common.sh"  # run (print with DRY_RUN=1, else execute), exit_with_usage_if_asked
+exit_with_usage_if_asked "${BASH_SOURCE[0]}" "$@"
 
 : "${TPU_NAME:?set TPU_NAME (the TPU VM name), ZONE and PROJECT; see launch/tpu_pod.sh --help}"
 : "${ZONE:?set ZONE (e.g. us-east5-a)}"
 : "${PROJECT:?set PROJECT (the GCP project id)}"
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 REMOTE_DIR="${REMOTE_DIR:-llavaction_jax}"
 CONFIG="${CONFIG:-configs/train.py}"
 PHASES="${PHASES:-copy,setup,train}"
 DRY_RUN="${DRY_RUN:-0}"
 TPU=(compute tpus tpu-vm)
 WHERE=(--zone "$ZONE" --project "$PROJECT")
-
-source "$REPO/launch/common.sh"  # run: print (DRY_RUN=1) or execute
 
 on_all_workers() {  # run a shell command line on every worker of the pod slice
   run gcloud "${TPU[@]}" ssh "$TPU_NAME" "${WHERE[@]}" --worker=all --command "$1"

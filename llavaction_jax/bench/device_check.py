@@ -27,11 +27,9 @@ from llavaction_jax.config's tables; tests/test_device_check.py checks them agai
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import gc
-import io
 import json
 import pathlib
 import sys
@@ -42,7 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llavaction_jax.bench.common import median, record
+from llavaction_jax.bench.common import median
+from llavaction_jax.bench.device_report import format_table, markdown_block
 from llavaction_jax.config import QWEN2_0_5B, QWEN2_7B, SIGLIP_SO400M, ModelConfig, TextConfig, VisionConfig
 from llavaction_jax.train.metrics import train_flops
 
@@ -98,7 +97,8 @@ def model_config(name: str, **execution) -> ModelConfig:
 def attention_fn(impl: str):
     from llavaction_jax.model.attention import attention
 
-    return lambda q, k, v, pos, valid: attention(q, k, v, q_pos=pos, k_pos=pos, k_valid=valid, causal=True, impl=impl)
+    return lambda q, k, v, q_pos, k_pos, valid: attention(q, k, v, q_pos=q_pos, k_pos=k_pos, k_valid=valid,
+                                                          causal=True, impl=impl)
 
 
 def auto_attention_choice(q, k) -> str:
@@ -147,10 +147,12 @@ def train_step_fn(cfg: ModelConfig, params):
 
 
 class Section:
-    """Time budget of one section: `has_time(estimate)` before each case."""
+    """Time budget of one section: `has_time(estimate)` before each case; `save(partial)` after each case writes
+    what the section has so far (a run killed mid-section keeps its finished cases)."""
 
-    def __init__(self, budget_s: float, deadline: float):
+    def __init__(self, budget_s: float, deadline: float, save=lambda partial: None):
         self.end = min(time.monotonic() + budget_s, deadline)
+        self.save = save
 
     def has_time(self, estimate_s: float = 0.0) -> bool:
         return time.monotonic() + estimate_s < self.end
@@ -214,10 +216,15 @@ def check_devices(sizes: Sizes, ctx: Section, state: dict) -> dict:
         name = (dist.metadata["Name"] or "").lower()
         if name in ("jax", "jaxlib", "flax", "optax") or name.startswith(("jax-cuda", "jax_cuda", "nvidia-cuda-runtime")):
             versions[name] = dist.version
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((sizes.matmul, sizes.matmul)), jnp.bfloat16)
-    timed = compile_and_time(lambda a: jnp.dot(a, a, preferred_element_type=jnp.float32).astype(jnp.bfloat16),
-                             (x,), max(sizes.repeats, 5))
-    peak = 2 * sizes.matmul**3 / timed["seconds"]
+    n, chain = sizes.matmul, 10  # ten dependent matmuls per call: launch and sync overhead amortised
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)) / np.sqrt(n), jnp.bfloat16)  # keeps |x| ~ 1
+
+    def matmuls(a):
+        step = lambda _, x: jnp.dot(x, a, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+        return jax.lax.fori_loop(0, chain, step, a)
+
+    timed = compile_and_time(matmuls, (a,), max(sizes.repeats, 5))
+    peak = 2 * n**3 * chain / timed["seconds"]
     state["peak_flops"] = peak
     return {"backend": jax.default_backend(), "device_count": len(devices), "device_kind": dev.device_kind,
             "platform_version": getattr(getattr(dev, "client", None), "platform_version", None),
@@ -226,8 +233,6 @@ def check_devices(sizes: Sizes, ctx: Section, state: dict) -> dict:
 
 
 def check_attention(sizes: Sizes, ctx: Section, state: dict) -> dict:
-    from llavaction_jax.model.attention import dense_mask, xla_attention
-
     n, kv, d = sizes.attn_heads
     cases, auto = [], {}
     for length in sizes.attn_lengths:
@@ -237,8 +242,7 @@ def check_attention(sizes: Sizes, ctx: Section, state: dict) -> dict:
         valid = jnp.arange(length)[None] < real
         pos = jnp.where(valid, jnp.arange(length)[None], 0).astype(jnp.int32)  # as llava.splice lays them out
         rows = np.unique(np.linspace(0, real - 1, min(sizes.reference_rows, real)).astype(int))
-        mask = dense_mask(pos[:, rows], pos, valid, True)
-        ref = np.asarray(jax.jit(xla_attention)(q32[:, rows], k32, v32, mask))
+        ref = np.asarray(jax.jit(attention_fn("xla"))(q32[:, rows], k32, v32, pos[:, rows], pos, valid))
         q, k, v = (x.astype(jnp.bfloat16) for x in (q32, k32, v32))
         auto[str(length)] = auto_attention_choice(q, k)
         for impl in ("cudnn", "flash", "xla"):
@@ -249,17 +253,20 @@ def check_attention(sizes: Sizes, ctx: Section, state: dict) -> dict:
                 continue
             try:
                 fn = attention_fn(impl)
-                fwd = compile_and_time(fn, (q, k, v, pos, valid), sizes.repeats)
+                fwd = compile_and_time(fn, (q, k, v, pos, pos, valid), sizes.repeats)
                 got = np.asarray(fwd.pop("out")[:, rows], np.float32)
                 case.update(max_diff=float(np.abs(got - ref).max()), fwd_ms=fwd["seconds"] * 1e3)
                 weight = jnp.asarray(rng.standard_normal(q.shape), jnp.bfloat16)
-                loss = lambda q, k, v, pos, valid: (fn(q, k, v, pos, valid) * weight).astype(jnp.float32).sum()
-                bwd = compile_and_time(jax.grad(loss, argnums=(0, 1, 2)), (q, k, v, pos, valid), sizes.repeats)
+                # every array is an argument: a closed-over one becomes a constant XLA may try to fold
+                loss = lambda q, k, v, w, *mask: (fn(q, k, v, *mask) * w).astype(jnp.float32).sum()
+                bwd = compile_and_time(jax.grad(loss, argnums=(0, 1, 2)), (q, k, v, weight, pos, pos, valid),
+                                       sizes.repeats)
                 case.update(status="ok", fwd_bwd_ms=bwd["seconds"] * 1e3, fwd_bwd_bytes=bwd["compiled_bytes"])
             except Exception as e:  # noqa: BLE001 - unsupported here / OOM: record it, go on
                 case.update(failure(e))
             finally:
                 gc.collect()
+                ctx.save({"heads": [n, kv, d], "auto": auto, "cases": cases})
     return {"heads": [n, kv, d], "auto": auto, "cases": cases}
 
 
@@ -306,6 +313,8 @@ def check_forward(sizes: Sizes, ctx: Section, state: dict) -> dict:
 def check_eval(sizes: Sizes, ctx: Section, state: dict) -> dict:
     cfg, params = big_inference_model(sizes, state)
     cases = []
+    out = {"model": sizes.big, "frames": sizes.frames, "options": NUM_OPTIONS, "answer_tokens": ANSWER_TOKENS,
+           "questions": EK100_QUESTIONS, "cases": cases}
     for batch in sizes.eval_batches:
         b = video_batch(cfg, batch, sizes)
         for mode in ("score", "generate"):
@@ -328,9 +337,9 @@ def check_eval(sizes: Sizes, ctx: Section, state: dict) -> dict:
                 case.update(failure(e))
             finally:
                 gc.collect()
+                ctx.save(out)
     state.pop("big_params", None)  # the training sections need the memory
-    return {"model": sizes.big, "frames": sizes.frames, "options": NUM_OPTIONS, "answer_tokens": ANSWER_TOKENS,
-            "cases": cases}
+    return out
 
 
 def check_train(section: str, name: str, sizes: Sizes, ctx: Section, state: dict, remat: str) -> dict:
@@ -394,7 +403,11 @@ def run_checks(sizes: Sizes, time_limit: float, remat: str, write, sections=tupl
             out = {"status": "skipped", "error": "the run's time limit is spent"}
         else:
             try:
-                out = fn(sizes, Section(sizes.budgets[name], deadline), state)
+                def save(partial, name=name):
+                    results["sections"][name] = dict(partial, status="running", section_s=time.monotonic() - t0)
+                    write(results)
+
+                out = fn(sizes, Section(sizes.budgets[name], deadline, save), state)
                 out.setdefault("status", "ok")
             except Exception as e:  # noqa: BLE001 - one section failing must not stop the others
                 out = failure(e)
@@ -408,68 +421,6 @@ def run_checks(sizes: Sizes, time_limit: float, remat: str, write, sections=tupl
     results["total_s"] = sum(s["section_s"] for s in results["sections"].values())
     write(results)
     return results
-
-
-def _fmt(value, spec: str = ".3g") -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def _gib(value) -> str:
-    return "-" if value is None else f"{value / GIB:.1f} GiB"
-
-
-def table_rows(results: dict) -> list[tuple[str, str, str, str]]:
-    """(section, case, status, facts) rows for the printed table and the markdown block."""
-    rows = []
-    sec = results["sections"]
-    for name, out in sec.items():
-        status = out["status"]
-        note = out.get("error", "")
-        if name == "devices" and status == "ok":
-            rows.append((name, f"{out['device_count']} x {out['device_kind']}", status,
-                         f"JAX {out['jax']}, {out['platform_version']}, bf16 matmul {out['bf16_matmul_tflops']:.1f} "
-                         f"TFLOP/s ({out['matmul_size']}^3), memory {_gib(out['memory_limit_bytes'])}"))
-        elif name == "attention" and status == "ok":
-            for c in out["cases"]:
-                facts = (f"max|diff| {_fmt(c.get('max_diff'), '.2e')}, fwd {_fmt(c.get('fwd_ms'), '.2f')} ms, "
-                         f"fwd+bwd {_fmt(c.get('fwd_bwd_ms'), '.2f')} ms" if c["status"] == "ok" else c.get("error", ""))
-                rows.append((name, f"{c['tokens']} tokens {c['impl']}", c["status"], facts))
-            rows.append((name, "auto picks", "ok", ", ".join(f"{t}: {i}" for t, i in out["auto"].items())))
-        elif name == "forward_7b" and status == "ok":
-            rows.append((name, f"{out['model']} {out['frames']} frames, {out['tokens']} tokens", status,
-                         f"prefill {out['prefill_s']:.3f} s, MFU {_fmt(out['mfu'], '.1%')}, compiled "
-                         f"{_gib(out['compiled_bytes'])}, peak {_gib(out['peak_bytes'])}, compile {out['compile_s']:.0f} s"))
-        elif name == "eval_7b" and status == "ok":
-            for c in out["cases"]:
-                facts = (f"{c['questions_per_s']:.2f} questions/s, {EK100_QUESTIONS} questions in "
-                         f"{c['projected_s'] / 60:.1f} min, compile {c['compile_s']:.0f} s"
-                         if c["status"] == "ok" else c.get("error", ""))
-                rows.append((name, f"batch {c['batch']} {c['mode']}", c["status"], facts))
-        elif name.startswith("train") and status == "ok":
-            rows.append((name, f"{out['model']} {out['frames']} frames, remat {out['remat']}", status,
-                         f"{out['step_s']:.3f} s/step, {out['tokens_per_s']:,.0f} tokens/s, MFU {_fmt(out['mfu'], '.1%')}, "
-                         f"compiled {_gib(out['compiled_bytes'])}, compile {out['compile_s']:.0f} s"))
-        else:
-            rows.append((name, out.get("model", ""), status, note.splitlines()[0][:160] if note else ""))
-    return rows
-
-
-def format_table(results: dict) -> str:
-    rows = [("section", "case", "status", "result")] + table_rows(results)
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = [" | ".join(r[i].ljust(widths[i]) for i in range(3)) + " | " + r[3] for r in rows]
-    lines.insert(1, "-" * min(160, max(len(line) for line in lines)))
-    return "\n".join(lines)
-
-
-def markdown_block(results: dict, command: str) -> str:
-    kind = results["sections"].get("devices", {}).get("device_kind", jax.devices()[0].device_kind)
-    lines = [f"- {section} / {case}: **{status}**{': ' + facts if facts else ''}"
-             for section, case, status, facts in table_rows(results)]
-    lines.append(f"- total {results.get('total_s', 0):.0f} s of a {results['time_limit_s']:.0f} s limit"
-                 + ("; smoke sizes (tiny model, CPU): not a measurement" if results["smoke"] else ""))
-    with contextlib.redirect_stdout(io.StringIO()):  # record() prints; the table is printed once, at the end
-        return record(f"device check: {kind}", command, lines, write=False)
 
 
 def main(argv=None) -> int:
