@@ -30,7 +30,7 @@ def table_rows(results: dict) -> list[tuple[str, str, str, str]]:
         note = out.get("error", "")
         if name == "devices" and status in SHOWN:
             rows.append((name, f"{out['device_count']} x {out['device_kind']}", status,
-                         f"JAX {out['jax']}, {out['platform_version']}, bf16 matmul {out['bf16_matmul_tflops']:.1f} "
+                         f"JAX {out['jax']}, {out['platform_version']}, bf16 matmul {out['bf16_matmul_tflops']:.3g} "
                          f"TFLOP/s ({out['matmul_size']}^3), memory {_gib(out['memory_limit_bytes'])}"))
         elif name == "attention" and status in SHOWN:
             for c in out["cases"]:
