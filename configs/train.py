@@ -15,7 +15,8 @@ import ml_collections
 
 def get_config():
     c = ml_collections.ConfigDict()
-    c.distributed = "auto"  # "auto": jax.distributed.initialize() on TPU pods / SLURM; "on"; "off"
+    # "auto": jax.distributed.initialize() on a detected TPU pod / SLURM / Open MPI job (llavaction_jax/distributed.py)
+    c.distributed = "auto"  # or "on" / "off"
 
     c.model = ml_collections.ConfigDict()
     c.model.preset = "tiny"  # configs/<preset>.py when not starting from a checkpoint

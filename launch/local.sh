@@ -20,19 +20,14 @@
 # PYTHON (interpreter that creates the venv, default python3), JAX_EXTRA (unset), DRY_RUN=1.
 set -euo pipefail
 
-if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-  sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'
-  exit 0
-fi
-
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$REPO/launch/common.sh"  # run (print with DRY_RUN=1, else execute), exit_with_usage_if_asked
+exit_with_usage_if_asked "${BASH_SOURCE[0]}" "$@"
 cd "$REPO"
 CONFIG="${CONFIG:-configs/train.py}"
 VENV="${VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
 DRY_RUN="${DRY_RUN:-0}"
-
-source "$REPO/launch/common.sh"  # run: print (DRY_RUN=1) or execute
 
 if [[ ! -x "$VENV/bin/python" ]]; then
   echo "setting up $VENV from requirements.txt" >&2

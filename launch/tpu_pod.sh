@@ -19,9 +19,11 @@
 #          `gcloud compute tpus tpu-vm scp` it to all workers and unpack it into $REMOTE_DIR
 #   setup  on all workers: create $REMOTE_DIR/.venv if missing and install requirements.txt (without torch, which
 #          training does not use) plus jax[tpu] at the pinned JAX version
-#   train  on all workers: `python -m llavaction_jax train --config $CONFIG --config.distributed=on "$@"`;
-#          jax.distributed.initialize() finds the coordinator, process count and id from the TPU metadata
-#          server, and every worker feeds its slice of the global batch. With DETACH=1 the job runs under
+#   train  on all workers: `python -m llavaction_jax train --config $CONFIG "$@"`. The run detects the pod slice
+#          itself (llavaction_jax/distributed.py: TPU chips attached and several workers in the GCE metadata)
+#          and calls jax.distributed.initialize(), which finds the coordinator, process count and id there;
+#          every worker feeds its slice of the global batch. --config.distributed=on (or off) still overrides
+#          the detection. With DETACH=1 the job runs under
 #          nohup with logs in $REMOTE_DIR/train-<hostname>.log and this script returns at once.
 # Re-running the train phase with the same arguments resumes from the newest good checkpoint.
 #
@@ -29,23 +31,19 @@
 # workers' home directory), CONFIG (default configs/train.py), PHASES, DETACH=1, DRY_RUN=1.
 set -euo pipefail
 
-if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-  sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'
-  exit 0
-fi
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$REPO/launch/common.sh"  # run (print with DRY_RUN=1, else execute), exit_with_usage_if_asked
+exit_with_usage_if_asked "${BASH_SOURCE[0]}" "$@"
 
 : "${TPU_NAME:?set TPU_NAME (the TPU VM name), ZONE and PROJECT; see launch/tpu_pod.sh --help}"
 : "${ZONE:?set ZONE (e.g. us-east5-a)}"
 : "${PROJECT:?set PROJECT (the GCP project id)}"
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 REMOTE_DIR="${REMOTE_DIR:-llavaction_jax}"
 CONFIG="${CONFIG:-configs/train.py}"
 PHASES="${PHASES:-copy,setup,train}"
 DRY_RUN="${DRY_RUN:-0}"
 TPU=(compute tpus tpu-vm)
 WHERE=(--zone "$ZONE" --project "$PROJECT")
-
-source "$REPO/launch/common.sh"  # run: print (DRY_RUN=1) or execute
 
 on_all_workers() {  # run a shell command line on every worker of the pod slice
   run gcloud "${TPU[@]}" ssh "$TPU_NAME" "${WHERE[@]}" --worker=all --command "$1"
@@ -74,7 +72,7 @@ grep -v '^torch' requirements.txt > /tmp/llavaction_requirements.txt; \
 fi
 
 if has_phase train; then
-  args="$(printf '%q ' --config "$CONFIG" --config.distributed=on "$@")"
+  args="$(printf '%q ' --config "$CONFIG" "$@")"
   train=".venv/bin/python -m llavaction_jax train ${args% }"
   if [[ "${DETACH:-0}" == "1" ]]; then
     on_all_workers "cd $REMOTE_DIR && nohup $train > train-\$(hostname).log 2>&1 < /dev/null &"

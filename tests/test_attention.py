@@ -67,11 +67,12 @@ def assert_matches_xla(fn, q, k, v, weight, mask, rows=None, tol=TOL):
     def ref(q, k, v):
         return xla_attention(q, k, v, mask)
 
-    def value_and_grads(f):
+    def value_and_grads(f, q, k, v, weight, rows):  # arrays as arguments: closed over, XLA would constant-fold
         out, vjp = jax.vjp(f, q, k, v)
         return out * rows, vjp(weight * rows)  # the grads of sum(out * weight * rows), a random scalar function
 
-    (got, got_grads), (want, want_grads) = (jax.jit(value_and_grads, static_argnums=0)(f) for f in (fn, ref))
+    (got, got_grads), (want, want_grads) = (jax.jit(value_and_grads, static_argnums=0)(f, q, k, v, weight, rows)
+                                            for f in (fn, ref))
     np.testing.assert_allclose(got, want, atol=tol, rtol=tol)
     for got, want, name in zip(got_grads, want_grads, "qkv"):
         np.testing.assert_allclose(got, want, atol=tol, rtol=tol, err_msg=f"d{name}")

@@ -8,11 +8,12 @@ import subprocess
 import pytest
 
 LAUNCH = pathlib.Path(__file__).resolve().parents[1] / "launch"
-SCRIPTS = ["local.sh", "tpu_pod.sh", "slurm_gpu.sbatch"]
+SCRIPTS = ["local.sh", "tpu_pod.sh", "slurm_gpu.sbatch", "device_check.sh"]
 
 
 def run(script, *args, **env):
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TPU_", "DRY_RUN", "MODE"))}
+    full_env = {k: v for k, v in os.environ.items()
+                if not k.startswith(("SLURM_", "TPU_", "DRY_RUN", "MODE", "LIMIT", "WHEELS", "SITE"))}
     full_env.update(env)
     return subprocess.run(["bash", str(LAUNCH / script), *args], env=full_env, capture_output=True, text=True,
                           timeout=60)
@@ -74,7 +75,7 @@ def test_tpu_pod_dry_run_runs_on_all_workers():
     assert all(line[line.index("--zone") + 1] == "us-east5-a" for line in gcloud)
     train = gcloud[-1][gcloud[-1].index("--command") + 1]
     assert train == ("cd llavaction_jax && .venv/bin/python -m llavaction_jax train --config configs/train.py "
-                     "--config.distributed=on --config.train.steps=3")
+                     "--config.train.steps=3")  # the run detects the pod slice itself (llavaction_jax/distributed.py)
     assert "jax[tpu]" in gcloud[2][-1]
 
 
@@ -94,3 +95,22 @@ def test_slurm_dry_run_prints_srun(fake_venv):
     assert node.returncode == 0 and "GPUs 0,1,2,3" in node.stderr
     bad = run("slurm_gpu.sbatch", DRY_RUN="1", VENV=str(fake_venv), MODE="node", SLURM_NTASKS_PER_NODE="4")
     assert bad.returncode == 2 and "ntasks-per-node=1" in bad.stderr
+
+
+def test_device_check_dry_run_installs_only_missing_wheels(tmp_path):
+    import sys
+
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    for name in ("numpy-2.4.6-py3-none-any.whl", "not_installed_pkg_x-1.0-py3-none-any.whl"):
+        (wheels / name).write_bytes(b"")
+    out = run("device_check.sh", "--out", "/tmp/out dir/r.json", "--sections", "eval_7b", DRY_RUN="1",
+              PYTHON=sys.executable, WHEELS=str(wheels), LIMIT="300")
+    assert out.returncode == 0, out.stderr
+    lines = [shlex.split(line) for line in out.stdout.strip().splitlines()]
+    assert lines[0] == [sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--target",
+                        f"{wheels}/site", f"{wheels}/not_installed_pkg_x-1.0-py3-none-any.whl"]  # numpy is there
+    assert lines[1][:2] == [sys.executable, "-c"] and "jax.device_count()" in lines[1][2]
+    assert lines[2] == ["timeout", "--kill-after=15", "300", sys.executable, "-m", "llavaction_jax.bench.device_check",
+                        "--time-limit", "270", "--out", "/tmp/out dir/r.json", "--sections", "eval_7b"]
+    assert len(lines) == 3 and not (wheels / "site").exists()  # a dry run installs nothing

@@ -11,14 +11,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import pathlib
 import signal
 
 import jax
 import jax.numpy as jnp
 
-from llavaction_jax import checkpoint_io
+from llavaction_jax import checkpoint_io, distributed
 from llavaction_jax.config import ModelConfig
 from llavaction_jax.data.batching import make_global_batch
 from llavaction_jax.data.mixture import load_mixture
@@ -37,13 +36,8 @@ class NonFiniteLoss(RuntimeError):
 
 
 def maybe_initialize_distributed(cfg) -> None:
-    """`jax.distributed.initialize()` when asked, or when a cluster environment (TPU pod, SLURM) is detected."""
-    mode = cfg.get("distributed", "auto")
-    if mode == "off" or jax.distributed.is_initialized():
-        return
-    cluster = any(k in os.environ for k in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"))
-    if mode == "on" or (mode == "auto" and cluster and int(os.environ.get("SLURM_NTASKS", "2")) > 1):
-        jax.distributed.initialize()
+    """`jax.distributed.initialize()` when asked, or when a cluster (TPU pod, SLURM, Open MPI) is detected."""
+    distributed.maybe_initialize(cfg.get("distributed", "auto"))
 
 
 def initial_params(cfg, model_cfg: ModelConfig, shardings) -> dict:
