@@ -11,12 +11,14 @@ from llavaction_jax.config import CONFIGS_DIR, ConfigError, run_config_file
 
 
 def load_recipe(path: str | pathlib.Path, overrides: list[str] | None = None) -> ml_collections.ConfigDict:
-    """Load `path` (a file, or a name in configs/) and apply command-line overrides."""
+    """Load `path` (an existing file, or the name of a recipe in configs/) and apply command-line overrides."""
     file = pathlib.Path(path)
     if not file.is_file():
+        names = sorted(p.stem for p in CONFIGS_DIR.glob("*.py") if not p.stem.startswith("_"))
+        if str(path) not in names:  # a name resolves inside configs/ only, never to a path outside it
+            raise ConfigError(f"config file {path!r} not found (neither an existing file nor one of the names "
+                              f"{', '.join(names)} in {CONFIGS_DIR})")
         file = CONFIGS_DIR / f"{path}.py"
-    if not file.is_file():
-        raise ConfigError(f"config file {path!r} not found (neither a path nor a name in {CONFIGS_DIR})")
     cfg = run_config_file(file)
     apply_overrides(cfg, overrides or [])
     return cfg
