@@ -1,16 +1,21 @@
 """Our on-disk model format: `llavaction_config.json` + an Orbax checkpoint of the params tree in `params/`.
 
 Restoring takes an abstract tree with target shardings, so each device (and each host of a pod) reads only
-the slices it holds.
+the slices it holds. `save_model` writes a `checksums.json` manifest last (llavaction_jax/integrity.py) and
+`restore_params` verifies it when present, so flipped bits fail loading with a line naming the file.
+`publish_model` writes into `<path>.partial` and renames it into place, so an interrupted save never leaves a
+half-written `<path>`.
 """
 
 from __future__ import annotations
 
 import pathlib
+import shutil
 
 import jax
 import orbax.checkpoint as ocp
 
+from llavaction_jax import integrity
 from llavaction_jax.config import ModelConfig
 
 CONFIG_FILE = "llavaction_config.json"
@@ -22,7 +27,8 @@ def is_model_dir(path: str | pathlib.Path) -> bool:
     return (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir()
 
 
-def save_model(path: str | pathlib.Path, cfg: ModelConfig, params: dict) -> None:
+def save_model(path: str | pathlib.Path, cfg: ModelConfig, params: dict, extra_files: dict[str, str] | None = None) -> None:
+    """Write a model directory; `extra_files` (name -> text) are written beside the config, before the checksums."""
     path = pathlib.Path(path).absolute()
     path.mkdir(parents=True, exist_ok=True)
     if (path / PARAMS_DIR).exists():
@@ -32,6 +38,39 @@ def save_model(path: str | pathlib.Path, cfg: ModelConfig, params: dict) -> None
     ckpt.wait_until_finished()
     if jax.process_index() == 0:
         cfg.save(path / CONFIG_FILE)
+        for name, text in (extra_files or {}).items():
+            (path / name).write_text(text)
+        integrity.write_manifest(path)
+
+
+def sync_processes(name: str) -> None:
+    """A barrier across processes (no-op in one process), e.g. after process 0 renamed files the others read."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def publish_model(path: str | pathlib.Path, cfg: ModelConfig, params: dict, extra_files: dict[str, str] | None = None) -> None:
+    """`save_model` into `<path>.partial`, then swap it in: an existing `path` is moved to `<path>.previous` and
+    removed only once the new directory is complete and in place. A `.partial` left by an interrupted save (ours:
+    nothing else writes that name) is removed first."""
+    path = pathlib.Path(path).absolute()
+    partial, aside = (path.with_name(path.name + suffix) for suffix in (".partial", ".previous"))
+    if jax.process_index() == 0 and partial.exists():
+        shutil.rmtree(partial)
+    sync_processes("publish_model: partial cleared")
+    save_model(partial, cfg, params, extra_files)
+    if jax.process_index() == 0:
+        integrity.verify_manifest(partial)
+        if path.exists():
+            if aside.exists():  # an older model from an interrupted swap, superseded by the complete new one
+                shutil.rmtree(aside)
+            path.rename(aside)
+        partial.rename(path)
+        if aside.exists():
+            shutil.rmtree(aside)
+    sync_processes("publish_model: done")
 
 
 def load_config(path: str | pathlib.Path) -> ModelConfig:
@@ -42,5 +81,7 @@ def load_config(path: str | pathlib.Path) -> ModelConfig:
 
 
 def restore_params(path: str | pathlib.Path, abstract: dict) -> dict:
-    """Restore into `abstract` (a tree of jax.ShapeDtypeStruct with shardings)."""
+    """Restore into `abstract` (a tree of jax.ShapeDtypeStruct with shardings), after checking the files against
+    the directory's checksums.json when it has one (integrity.IntegrityError otherwise)."""
+    integrity.verify_manifest(path, required=False)
     return ocp.StandardCheckpointer().restore(pathlib.Path(path).absolute() / PARAMS_DIR, abstract)

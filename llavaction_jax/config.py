@@ -532,9 +532,9 @@ def run_config_file(file: pathlib.Path):
 
 def load_preset(name: str, overrides: dict[str, Any] | None = None) -> ModelConfig:
     """ModelConfig of configs/<name>.py, with optional dotted overrides {"text.num_layers": 2}."""
-    file = CONFIGS_DIR / f"{name}.py"
-    if not file.is_file():
+    if name not in available_presets():  # a name, never a path: a preset file is executed
         raise ConfigError(f"unknown model preset {name!r}; available: {', '.join(available_presets())}")
+    file = CONFIGS_DIR / f"{name}.py"
     cd = run_config_file(file)
     for key, value in (overrides or {}).items():
         node = cd

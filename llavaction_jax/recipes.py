@@ -22,13 +22,15 @@ MODEL_SOURCE_KEYS = ("preset", "init_from")  # recipe keys of the model section 
 
 
 def load_recipe(path: str | pathlib.Path, overrides: list[str] | None = None) -> ml_collections.ConfigDict:
-    """Load `path` (a file, or a name in configs/), apply command-line overrides, and fill the model section with
-    every field of its model config (see the module docstring)."""
+    """Load `path` (an existing file, or the name of a recipe in configs/), apply command-line overrides, and fill
+    the model section with every field of its model config (see the module docstring)."""
     file = pathlib.Path(path)
     if not file.is_file():
+        names = sorted(p.stem for p in CONFIGS_DIR.glob("*.py") if not p.stem.startswith("_"))
+        if str(path) not in names:  # a name resolves inside configs/ only, never to a path outside it
+            raise ConfigError(f"config file {path!r} not found (neither an existing file nor one of the names "
+                              f"{', '.join(names)} in {CONFIGS_DIR})")
         file = CONFIGS_DIR / f"{path}.py"
-    if not file.is_file():
-        raise ConfigError(f"config file {path!r} not found (neither a path nor a name in {CONFIGS_DIR})")
     cfg = run_config_file(file)
     pairs = parse_overrides(overrides or [])
     is_field = lambda key: key.startswith("model.") and key.split(".")[1] not in MODEL_SOURCE_KEYS

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import sys
 
 import numpy as np
 
@@ -50,3 +52,41 @@ def tiny_train_config(data_root: pathlib.Path, out_dir: pathlib.Path, steps: int
     ]
     args += [f"--config.{k}={v}" for k, v in overrides.items()]
     return load_recipe("train", args)
+
+
+def train_command(cfg) -> list[str]:
+    """`python -m llavaction_jax train` with every field of `cfg` as a --config.x=y override."""
+
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from flat(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}", repr(tuple(v)) if isinstance(v, (list, tuple)) else v
+
+    return [sys.executable, "-m", "llavaction_jax", "train"] + [f"--config.{k}={v}" for k, v in flat(cfg.to_dict())]
+
+
+def subprocess_env() -> dict:
+    from conftest import COLLECTIVE_FLAGS
+
+    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 " + COLLECTIVE_FLAGS,
+                PYTHONUNBUFFERED="1")
+
+
+def corrupt_record(shard: pathlib.Path, uid: str) -> None:
+    """Flip bytes inside clip `uid`'s record of an (uncompressed) ArrayRecord shard, keeping the file size: the
+    chunk's hash no longer matches, as after a disk error."""
+    raw = bytearray(shard.read_bytes())
+    pos = raw.index(f'"uid":"{uid}"'.encode())
+    assert pos % 65536 > 64, "too close to a Riegeli block header"
+    for i in range(pos, pos + 8):
+        raw[i] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+
+
+def assert_same_tree(a, b) -> None:
+    import jax
+
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))

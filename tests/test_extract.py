@@ -118,18 +118,20 @@ def test_ek100_whole_videos_end_to_end_resume_and_failures(ek100_whole, tmp_path
     assert shards.lookup("P01_01_0").extra == {"narration": "open door", "verb": "open", "noun": "door",
                                                "verb_class": 3, "noun_class": 8}
 
-    # Resume: nothing is rewritten; after losing one shard's sidecar only that shard is redone.
+    # Resume: complete shards are not rewritten, the two whose clips failed are retried; after losing one shard's
+    # sidecar that shard is redone too.
     shard_files = sorted(out.glob("shard-*.array_record"))
     assert len(shard_files) == 4  # one per video (P01_01's two clips share one)
     mtimes = {p.name: p.stat().st_mtime_ns for p in shard_files}
     assert cli.main(whole_args(root, csv, out)) == 3
-    assert "4 shards already done, 0 to write" in capsys.readouterr().err
-    assert {p.name: p.stat().st_mtime_ns for p in shard_files} == mtimes
+    assert "2 shards already done, 2 to write with 1 worker(s) (2 retrying failed clips)" in capsys.readouterr().err
+    good = [p.name for p in shard_files[:2]]
+    assert {n: (out / n).stat().st_mtime_ns for n in good} == {n: mtimes[n] for n in good}
     redo = shard_files[1]
     redo.with_name(redo.name + ".done.json").unlink()
     assert cli.main(whole_args(root, csv, out)) == 3
-    assert "3 shards already done, 1 to write" in capsys.readouterr().err
-    assert [n for n, t in mtimes.items() if (out / n).stat().st_mtime_ns != t] == [redo.name]
+    assert "1 shards already done, 3 to write" in capsys.readouterr().err
+    assert (out / good[0]).stat().st_mtime_ns == mtimes[good[0]] and redo.stat().st_mtime_ns != mtimes[redo.name]
     assert len(FrameShards(out)) == 3
 
     # Other settings into the same directory are refused instead of mixing two extractions.
@@ -140,6 +142,26 @@ def test_ek100_whole_videos_end_to_end_resume_and_failures(ek100_whole, tmp_path
     redo.write_bytes(redo.read_bytes()[:1000])
     with pytest.raises(ValueError, match=f"frame shard {redo} is 1000 bytes"):
         FrameShards(out)
+
+
+def test_a_rerun_retries_failed_clips_once_the_videos_are_fixed(tmp_path, capsys):
+    root = tmp_path / "videos"
+    write_mp4(root / "P01" / "videos" / "P01_01.MP4", known_frames(0, 60))
+    csv = root / "ann.csv"
+    csv.write_text(CSV_HEADER + csv_row("P01_01_0", "P01", "P01_01", "00:00:00.50", "00:00:01.20")
+                   + csv_row("P01_02_0", "P01", "P01_02", "00:00:00.10", "00:00:01.00"))
+    out = tmp_path / "shards"
+    assert cli.main(whole_args(root, csv, out)) == 3
+    assert sorted(FrameShards(out).uids) == ["P01_01_0"]
+    good = sorted(out.glob("shard-*.array_record"))[0]
+    mtime = good.stat().st_mtime_ns
+    write_mp4(root / "P01" / "videos" / "P01_02.MP4", known_frames(100, 40))  # the missing video arrives
+    capsys.readouterr()
+    assert cli.main(whole_args(root, csv, out)) == 0
+    assert "1 shards already done, 1 to write with 1 worker(s) (1 retrying failed clips)" in capsys.readouterr().err
+    shards = FrameShards(out)
+    assert sorted(shards.uids) == ["P01_01_0", "P01_02_0"] and shards.manifest["num_failed_clips"] == 0
+    assert (out / "failures.jsonl").read_text() == "" and good.stat().st_mtime_ns == mtime
 
 
 def test_fps_read_from_video_with_decord_forced(ek100_whole, tmp_path):

@@ -5,9 +5,11 @@ import argparse
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -288,3 +290,55 @@ def test_a_model_vocabulary_smaller_than_the_tokenizer_is_a_clear_error(data_dir
                  str(data_dir / "shards"), "--out", str(data_dir / "bad"), "--mesh", "data=1,fsdp=-1,tensor=1"])
     assert code == 2
     assert "vocabulary has 512 rows but the tokenizer has 151669 tokens" in capsys.readouterr().err
+
+
+def test_a_killed_eval_resumes_and_writes_what_an_uninterrupted_run_writes(data_dir, model_on_mesh):
+    """SIGKILL a real eval after its first steps; the rerun answers only the rest, and its outputs equal an
+    uninterrupted run's with the same settings (two questions a step, so five steps)."""
+    params, cfg, name, mesh = model_on_mesh
+    out = data_dir / "killed"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4 " + COLLECTIVE_FLAGS,
+               JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest", PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "llavaction_jax", *eval_args(data_dir, out, "--batch-size", "2")],
+                            env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = out / runner.PARTIAL_NAME.format(0)
+    try:
+        while proc.poll() is None and (not partial.is_file() or partial.read_text().count("\n") < 3):
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    answered = [json.loads(line)["index"] for line in partial.read_text().splitlines()[1:]]
+    assert 2 <= len(answered) < N_QUESTIONS and not (out / "results.json").exists()
+
+    settings = runner.EvalSettings(batch_size=2, modes=("generate", "score"), max_new_tokens=4)
+    run = lambda o: runner.evaluate(params, cfg, qs.default_tokenizer(), data_dir / "q.jsonl", data_dir / "shards",
+                                    o, settings, mesh, model_name=name, log=lambda *a, **k: None)
+    resumed = run(out)
+    assert resumed["run"]["resumed_questions"] == len(answered) and not partial.exists()
+    reference = run(data_dir / "uninterrupted")
+    preds_resumed, preds_reference = read_predictions(out), read_predictions(data_dir / "uninterrupted")
+    for a, b in zip(preds_resumed, preds_reference, strict=True):
+        for key in ("logprob_sum", "logprob_mean"):
+            np.testing.assert_allclose(a["score"].pop(key), b["score"].pop(key), rtol=1e-5, atol=1e-5)
+        assert a == b
+    results = [json.loads((o / "results.json").read_text()) for o in (out, data_dir / "uninterrupted")]
+    for r in results:
+        r.pop("run")
+    assert results[0] == results[1] and reference["num_questions"] == N_QUESTIONS
+
+
+def test_a_question_without_gt_letter_is_rejected_when_the_file_is_loaded(data_dir, tmp_path):
+    lines = (data_dir / "q.jsonl").read_text().splitlines()
+    broken = json.loads(lines[1])
+    del broken["gt_letter"]
+    path = tmp_path / "q.jsonl"
+    path.write_text("\n".join([lines[0], json.dumps(broken), *lines[2:]]) + "\n")
+    with pytest.raises(ValueError) as err:
+        qs.load_questions(path, "ek100")
+    assert str(err.value) == (f"{path}:2: not a ek100 question (ValueError: no 'gt_letter' key (null marks a question "
+                              "whose options miss the ground truth))")
+    broken["gt_letter"] = None  # an explicit null (build-mqa: the top-k missed the GT) is still read
+    path.write_text("\n".join([lines[0], json.dumps(broken), *lines[2:]]) + "\n")
+    assert qs.load_questions(path, "ek100")[2][1].gt_letter is None

@@ -1,21 +1,17 @@
 """The training loop: exact resume, SIGTERM preemption, NaN stop, truncated checkpoints, 2-process training."""
 
-import os
 import pathlib
 import shutil
 import signal
 import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
 import pytest
 
-from _train_fixtures import make_training_data, tiny_train_config
+from _train_fixtures import assert_same_tree, make_training_data, subprocess_env, tiny_train_config, train_command
 from llavaction_jax.train import checkpoint
 from llavaction_jax.train.loop import NonFiniteLoss, train
-from conftest import COLLECTIVE_FLAGS
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -40,11 +36,6 @@ def restore_state(out: pathlib.Path):
     return step, mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
 
 
-def assert_same_state(a, b):
-    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
-
-
 def test_uninterrupted_run_learns_and_writes_artifacts(uninterrupted):
     out, summary = uninterrupted
     assert summary["stopped"] == "completed" and summary["step"] == 6
@@ -65,16 +56,13 @@ def test_three_steps_restart_three_steps_equals_six(data, uninterrupted, tmp_pat
     step_a, state_a = restore_state(out_a)
     step_b, state_b = restore_state(tmp_path)
     assert step_a == step_b == 6
-    assert_same_state(state_a, state_b)
+    assert_same_tree(state_a, state_b)
 
 
 def test_sigterm_writes_a_checkpoint_and_resume_finishes_the_same(data, uninterrupted, tmp_path):
     out_a, _ = uninterrupted
     cfg = tiny_train_config(data, tmp_path, steps=6)
-    args = [sys.executable, "-m", "llavaction_jax", "train"] + [
-        f"--config.{k}={v}" for k, v in _flat(cfg.to_dict()).items() if not isinstance(v, dict)]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 " + COLLECTIVE_FLAGS, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(train_command(cfg), cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in proc.stdout:  # wait until training is under way, then preempt
         lines.append(line)
@@ -86,7 +74,7 @@ def test_sigterm_writes_a_checkpoint_and_resume_finishes_the_same(data, uninterr
     assert 2 <= step < 6
     summary = train(tiny_train_config(data, tmp_path, steps=6))
     assert summary["step"] == 6
-    assert_same_state(restore_state(out_a)[1], restore_state(tmp_path)[1])
+    assert_same_tree(restore_state(out_a)[1], restore_state(tmp_path)[1])
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):
@@ -106,22 +94,11 @@ def test_checkpoint_truncated_mid_save_is_skipped_with_a_warning(data, uninterru
     for f in broken.rglob("*"):  # cut every data file in half, as a kill during the write would
         if f.is_file() and f.name != "_METADATA":
             f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    manager = checkpoint.make_manager(tmp_path / "checkpoints")
+    ckpts = checkpoint.Checkpoints(tmp_path / "checkpoints")
     _, abstract = restore_state(out_a)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract)
-    step, state, meta = checkpoint.restore_latest(manager, abstract)
+    step, state, meta = ckpts.restore_latest(abstract)
     assert step == 3 and meta["step"] == 3
-    assert "skipping checkpoint" in capsys.readouterr().out
+    assert f"skipping checkpoint {tmp_path / 'checkpoints' / '6'}" in capsys.readouterr().out
+    assert not (tmp_path / "checkpoints" / "6").exists() and len(list((tmp_path / "checkpoints.broken").glob("6-*/state"))) == 1
 
-
-def _flat(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
-        elif isinstance(v, (list, tuple)):
-            out[key] = repr(tuple(v))
-        else:
-            out[key] = v
-    return out

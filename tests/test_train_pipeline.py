@@ -310,3 +310,29 @@ def test_two_jax_processes_read_disjoint_halves(data, tmp_path):
                                  "labels": p["local_labels"]}, length)[key] for p in local]
         np.testing.assert_array_equal(local[0][f"global_{key}"], np.concatenate(want))
         np.testing.assert_array_equal(local[1][f"global_{key}"], local[0][f"global_{key}"])
+
+
+def test_a_corrupted_shard_record_names_the_shard_and_skip_covers_it(data, tmp_path):
+    import shutil
+
+    from _train_fixtures import corrupt_record
+
+    shutil.copytree(data / "shards", tmp_path / "shards")
+    shard = tmp_path / "shards" / "clips.array_record"
+    corrupt_record(shard, "c5")  # same size, so opening the directory still succeeds
+    shards = fs.FrameShards(tmp_path / "shards")
+    broken = []
+    for index in range(len(shards)):
+        try:
+            shards[index]
+        except ValueError as error:
+            broken.append(shards.uids[index])
+            assert str(error).startswith(f"frame shard {shard} record {index}: unreadable (Corrupted Riegeli")
+    assert broken == ["c5"]
+    samples = load_mixture(data / "good.jsonl")
+    with pytest.raises(SampleError, match=f"frame shard {shard} record"):
+        run(samples, tmp_path / "shards", batch_size=1)
+    batches = run(samples, tmp_path / "shards", batch_size=1, on_bad_sample="skip")
+    assert int(batches[-1]["num_skipped"]) == 1
+    assert sorted(i for b in batches for i in b["sample_id"]) == sorted(
+        s["id"] for s in samples if s.get("uid") != "c5")

@@ -3,8 +3,10 @@
 Upstream decodes MP4s inside every training step; we decode each clip's sampled frames once, here, and training /
 evaluation read only shards (frames.py). The work list is sorted by video and cut into shards of whole videos, so
 each video is opened by one worker; a shard is written under a temporary name and renamed when complete, then a
-``<shard>.done.json`` sidecar records its uids and failures. A rerun skips shards that have a sidecar, so an
-interrupted extraction resumes where it stopped. ``manifest.json`` and ``failures.jsonl`` are written at the end.
+``<shard>.done.json`` sidecar records its uids and failures. A rerun skips shards whose sidecar lists no
+failures, so an interrupted extraction resumes where it stopped, and shards with failed clips are written again
+(after the videos are fixed, the rerun fills them in). ``manifest.json`` and ``failures.jsonl`` are written at the
+end.
 """
 
 from __future__ import annotations
@@ -181,12 +183,14 @@ def extract_shard(task: tuple[str, str, list[ClipSpec], dict]) -> dict:
 
 
 def _load_done(path: pathlib.Path) -> dict | None:
-    """The sidecar of a finished shard, or None if the shard still has to be (re)written."""
+    """The sidecar of a finished shard, or None if the shard still has to be (re)written: it is missing, does not
+    match the shard file, or lists failed clips (retried on every rerun)."""
     done_path = path.with_name(path.name + DONE_SUFFIX)
     if not done_path.is_file():
         return None
     done = json.loads(done_path.read_text())
-    return done if path.is_file() and path.stat().st_size == done["num_bytes"] else None
+    complete = path.is_file() and path.stat().st_size == done["num_bytes"] and not done["failures"]
+    return done if complete else None
 
 
 def _prepare_out_dir(out: pathlib.Path, plan: dict, overwrite: bool) -> None:
@@ -226,9 +230,11 @@ def run_extraction(clips: list[ClipSpec], out_dir: str, settings: dict) -> dict:
 
     results: dict[str, dict] = {n: d for n in names if (d := _load_done(out / n)) is not None}
     pending = [(str(out), n, s, settings) for n, s in zip(names, shards) if n not in results]
+    retried = sum((out / (n + DONE_SUFFIX)).is_file() for _, n, _, _ in pending)
     started, written, failed = time.time(), 0, 0
     print(f"[extract-frames] {len(clips)} clips in {len(shards)} shards; {len(results)} shards already done, "
-          f"{len(pending)} to write with {settings['workers']} worker(s)", file=sys.stderr)
+          f"{len(pending)} to write with {settings['workers']} worker(s)"
+          + (f" ({retried} retrying failed clips)" if retried else ""), file=sys.stderr)
     if settings["workers"] > 1 and len(pending) > 1:
         # spawn, not fork: the parent may hold JAX / decoder threads, which fork would copy in a broken state.
         context = multiprocessing.get_context("spawn")

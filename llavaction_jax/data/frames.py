@@ -266,12 +266,18 @@ class FrameShards:
             from array_record.python import array_record_data_source  # noqa: PLC0415
 
             self._source = array_record_data_source.ArrayRecordDataSource(self.paths)
-        return self._source[index]
+        try:
+            return self._source[index]
+        except RuntimeError as error:  # e.g. "Corrupted Riegeli/records file: ... hash mismatch": name the shard
+            raise ValueError(f"{self._where(index)}: unreadable ({str(error).splitlines()[0]})") from None
+
+    def _where(self, index: int) -> str:
+        shard = int(np.searchsorted(self._shard_starts, index, side="right")) - 1
+        return f"frame shard {self.paths[shard]} record {index - self._shard_starts[shard]}"
 
     def parse(self, data: bytes, index: int) -> ClipRecord:
         """Parse record ``index`` and check it against the manifest."""
-        shard = int(np.searchsorted(self._shard_starts, index, side="right")) - 1
-        where = f"{self.paths[shard]} record {index - self._shard_starts[shard]}"
+        where = self._where(index)
         record = parse_record(data, where)
         if record.uid != self.uids[index]:
             raise ValueError(f"{where}: uid {record.uid!r}, {MANIFEST_NAME} says {self.uids[index]!r}")

@@ -41,7 +41,8 @@ def load_qwen_tokenizer(path: str | pathlib.Path | None = None):
 
     directory = bundled_qwen_tokenizer_dir() if path is None else pathlib.Path(path)
     _check_tokenizer_dir(directory)
-    return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    # Never run code shipped in a tokenizer directory (and never ask about it on stdin).
+    return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
 
 
 def _check_tokenizer_dir(directory: pathlib.Path) -> None:

@@ -26,6 +26,7 @@ from llavaction_jax.checkpoint_io import is_model_dir, load_config
 from llavaction_jax.config import ConfigError, load_preset
 from llavaction_jax.eval.questions import resolve_tokenizer
 from llavaction_jax.eval.runner import EvalSettings, check_tokenizer_fits, evaluate
+from llavaction_jax.integrity import IntegrityError
 from llavaction_jax.model import llava
 from llavaction_jax.recipes import model_config_with_overrides
 from llavaction_jax.sharding import make_mesh, param_shardings, parse_mesh
@@ -134,14 +135,15 @@ def run(args: argparse.Namespace) -> int:
         results = evaluate(params, cfg, tokenizer, args.questions, args.shards, args.out, settings, mesh,
                            model_name=name, model_dir=args.model, tokenizer_name=tokenizer_name,
                            annotations=args.annotations)
-    except (ValueError, KeyError, FileNotFoundError, ConfigError) as e:  # bad inputs: one clear line
+    except (ValueError, KeyError, FileNotFoundError, ConfigError, IntegrityError) as e:  # bad inputs: one line
         print(f"eval: error: {e}", file=sys.stderr)
         return 2
     if results is not None:
         summary = ", ".join(f"{m}: text {_fmt(s.get('accuracy_text'))} letter {_fmt(s.get('accuracy_letter'))}"
                             for m, s in results["modes"].items())
+        rate = results["run"]["questions_per_second"]
         print(f"[eval] {results['num_questions']} questions; {summary}; "
-              f"{results['run']['questions_per_second']:.2f} questions/s -> {args.out}")
+              f"{'n/a' if rate is None else f'{rate:.2f}'} questions/s -> {args.out}")
     multihost_utils.sync_global_devices("eval finished")  # no process exits while 0 writes
     return 0
 

@@ -90,7 +90,9 @@ def load_questions(path: str | pathlib.Path, fmt: str = "auto") -> tuple[str, di
 
 def ek100_question(record: dict, line: int) -> EvalQuestion:
     options = tuple(record["options"])
-    gt_letter = record.get("gt_letter")
+    if "gt_letter" not in record:  # scored as wrong otherwise; build-mqa writes null when the options miss the GT
+        raise ValueError("no 'gt_letter' key (null marks a question whose options miss the ground truth)")
+    gt_letter = record["gt_letter"]
     if gt_letter is not None and gt_letter not in [o.split(". ", 1)[0] for o in options]:
         raise ValueError(f"gt_letter {gt_letter!r} is not one of the option letters")
     extra = {k: record[k] for k in ("gt_vn", "option_vns", "top1_text", "source", "narration") if k in record}

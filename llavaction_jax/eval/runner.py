@@ -8,6 +8,12 @@ option_vns, top1_text, source, narration), prompt_tokens, and per mode
             metric), correct_letter, num_tokens (including the EOS);
   score:    letter (highest logprob_sum), correct_letter, correct_text, letter_normalized (highest logprob_mean),
             correct_letter_normalized, logprob_sum / logprob_mean / num_tokens per option.
+
+Resuming: each process appends its records to ``OUT/predictions.partial.p<i>.jsonl`` as soon as a step is answered
+(after a header line fingerprinting the question file, the model and the settings). A rerun with the same
+fingerprint answers only the questions no process has recorded; one with another fingerprint moves the file
+aside (``.stale``). A row's answer does not depend on the other rows of its batch, so a resumed run writes the
+same predictions.jsonl and results.json (up to the ``run`` timings) as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -181,6 +188,60 @@ def _write_atomically(path: pathlib.Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+PARTIAL_NAME = "predictions.partial.p{}.jsonl"
+
+
+def _fingerprint(questions_path, model_name: str, cfg, tokenizer_len: int, settings: EvalSettings, layout, gen) -> str:
+    """What the answers depend on: a partial file written under another fingerprint is not reused."""
+    with open(questions_path, "rb") as f:
+        questions_sha = hashlib.file_digest(f, "sha256").hexdigest()
+    what = {"questions": questions_sha, "model": model_name, "vocab_size": cfg.text.vocab_size,
+            "dtypes": [cfg.param_dtype, cfg.compute_dtype], "tokenizer_len": tokenizer_len,
+            "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("threads", "progress_every_s")},
+            "layout": dataclasses.asdict(layout), "generation": dataclasses.asdict(gen)}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def load_partial(path: pathlib.Path, fingerprint: str, num_questions: int, log) -> list[dict]:
+    """Records of an interrupted run with the same fingerprint; a torn last line (killed mid-write) is cut off."""
+    if not path.is_file():
+        return []
+    lines = path.read_bytes().split(b"\n")
+    try:
+        header = json.loads(lines[0])
+    except ValueError:
+        header = {}
+    if header.get("fingerprint") != fingerprint:
+        os.replace(path, path.with_name(path.name + ".stale"))
+        log(f"[eval] {path} is from a run with other settings: moved to {path.name}.stale, starting over")
+        return []
+    records, good_bytes = [], len(lines[0]) + 1
+    for line in lines[1:]:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            break
+        if not isinstance(record, dict) or not 0 <= record.get("index", -1) < num_questions:
+            break
+        records.append(record)
+        good_bytes += len(line) + 1
+    with open(path, "r+b") as f:  # drop a torn tail so appends start on a line boundary
+        f.truncate(min(good_bytes, path.stat().st_size))
+    return records
+
+
+def _answered_anywhere(records: list[dict], num_questions: int) -> np.ndarray:
+    """Indices answered by any process's partial file (the same on every process)."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    mask = np.zeros(num_questions, np.int32)
+    mask[[r["index"] for r in records]] = 1
+    if jax.process_count() > 1:
+        mask = np.asarray(multihost_utils.process_allgather(mask)).reshape(-1, num_questions).max(0)
+    return mask.astype(bool)
+
+
 def evaluate(params, cfg, tokenizer, questions_path, shards_dir, out_dir, settings: EvalSettings, mesh, *,
              model_name: str = "model", model_dir: str | None = None, tokenizer_name: str = "",
              annotations: str | None = None, log=print) -> dict | None:
@@ -213,18 +274,31 @@ def evaluate(params, cfg, tokenizer, questions_path, shards_dir, out_dir, settin
                             settings.options_per_pass)
     gen = generation_config(tokenizer, settings.max_new_tokens, cfg.text.vocab_size, model_dir)
     steps = make_steps(params, cfg, mesh, layout, gen, settings.modes)
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fingerprint = _fingerprint(questions_path, model_name, cfg, len(tokenizer), settings, layout, gen)
+    partial = out_dir / PARTIAL_NAME.format(jax.process_index())
+    kept = {r["index"]: r for r in load_partial(partial, fingerprint, len(questions), log)}
+    done = _answered_anywhere(list(kept.values()), len(questions))
+    todo = [i for i in range(len(questions)) if not done[i]]
     loader = batching.ClipLoader(shards, num_frames, cfg.vision.image_size, settings.threads)
     if jax.process_index() == 0:
         log(f"[eval] {len(questions)} {fmt} questions, {jax.process_count()} process(es), steps of "
             f"{settings.batch_size} per process; modes {'+'.join(settings.modes)}; {num_frames} frames; prompts "
-            f"padded to {layout.prompt_len} tokens, {layout.num_options} options x {layout.option_len} tokens")
+            f"padded to {layout.prompt_len} tokens, {layout.num_options} options x {layout.option_len} tokens"
+            + (f"; resuming: {len(questions) - len(todo)} already answered" if len(todo) < len(questions) else ""))
+    if not partial.is_file():
+        partial.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
     try:
-        records, timing = answer_slice(questions, layout, builder, loader, steps, mesh, tokenizer, settings, log)
+        with open(partial, "a", encoding="utf-8") as sink:
+            records, timing = answer_slice(questions, todo, layout, builder, loader, steps, mesh, tokenizer, settings,
+                                           log, sink)
     finally:
         loader.pool.shutdown()
 
-    gathered = gather_records(records)
+    gathered = gather_records(list(kept.values()) + records)
     if gathered is None:
+        _remove_partial_after_all(partial)
         return None
     ordered = check_coverage(gathered, questions)
     results = {
@@ -235,52 +309,69 @@ def evaluate(params, cfg, tokenizer, questions_path, shards_dir, out_dir, settin
         "settings": {**dataclasses.asdict(settings), "modes": list(settings.modes),
                      "layout": dataclasses.asdict(layout), "generation": dataclasses.asdict(gen)},
         "run": {"process_count": jax.process_count(), "mesh": dict(mesh.shape), "devices": mesh.size,
-                **timing, "wall_s": time.perf_counter() - t_start},
+                **timing, "wall_s": time.perf_counter() - t_start, "resumed_questions": len(questions) - len(todo)},
         **metrics.compute_metrics(ordered, qs.class_names(meta, annotations)),
     }
-    out_dir = pathlib.Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered)
     _write_atomically(out_dir / "predictions.jsonl", lines)
     _write_atomically(out_dir / "results.json", json.dumps(results, indent=1, ensure_ascii=False) + "\n")
     report.write_report(results, out_dir)
+    _remove_partial_after_all(partial)
     return results
 
 
-def answer_slice(questions, layout, builder, loader, steps, mesh, tokenizer, settings: EvalSettings, log):
-    """This process's prediction records and the run's timing. Every process runs the same number of steps (its
-    slice may be one question shorter, or empty); the next batch's frames are decoded while the devices work."""
+def _remove_partial_after_all(partial: pathlib.Path) -> None:
+    """Once process 0 has written the outputs, the partial files are redundant."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("eval outputs written")
+    partial.unlink(missing_ok=True)
+
+
+def answer_slice(questions, todo, layout, builder, loader, steps, mesh, tokenizer, settings: EvalSettings, log,
+                 sink=None):
+    """This process's prediction records for its slice of the question indices `todo`, and the run's timing.
+    Every process runs the same number of steps (its slice may be one question shorter, or empty); the next
+    batch's frames are decoded while the devices work. Each step's records are appended to `sink` at once."""
     import jax
 
     from llavaction_jax.data.mqa import slice_bounds
     from llavaction_jax.eval import batching
 
-    bounds = [slice_bounds(len(questions), p, jax.process_count()) for p in range(jax.process_count())]
+    bounds = [slice_bounds(len(todo), p, jax.process_count()) for p in range(jax.process_count())]
     start, stop = bounds[jax.process_index()]
     size = settings.batch_size
     num_steps = math.ceil(max(b - a for a, b in bounds) / size)
-    chunks = [list(range(start, stop))[s * size:(s + 1) * size] for s in range(num_steps)]
-    fill = start if stop > start else 0  # the question repeated in rows past the slice's end
+    chunks = [todo[start:stop][s * size:(s + 1) * size] for s in range(num_steps)]
+    fill = todo[start] if stop > start else 0  # the question repeated in rows past the slice's end
     prepare = lambda s: prefetch.submit(batching.build_batch, chunks[s], questions, fill, layout, builder, loader)
 
     records, t_loop, t_last_log = [], time.perf_counter(), None
+    t_first, rate = t_loop, None
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batch") as prefetch:
-        future = prepare(0)
+        future = prepare(0) if num_steps else None
         for step in range(num_steps):
             arrays, info = future.result()
             if step + 1 < num_steps:
                 future = prepare(step + 1)
             batch = shard_batch(arrays, mesh)
             outputs = {m: local_rows(fn(batch), mesh) for m, fn in steps.items()}
-            records += [prediction_record(questions[r["index"]], r, outputs, row, tokenizer, settings.modes)
-                        for row, r in enumerate(info)]
+            new = [prediction_record(questions[r["index"]], r, outputs, row, tokenizer, settings.modes)
+                   for row, r in enumerate(info)]
+            records += new
+            if sink is not None and new:
+                sink.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new))
+                sink.flush()
+                os.fsync(sink.fileno())
             now, done = time.perf_counter(), sum(min(b - a, (step + 1) * size) for a, b in bounds)
             if step == 0:
                 t_first, done_first = now, done
             rate = (done - done_first) / (now - t_first) if step else done / (now - t_loop)
             if jax.process_index() == 0 and (t_last_log is None or now - t_last_log >= settings.progress_every_s
                                              or step + 1 == num_steps):
-                log(f"[eval] step {step + 1}/{num_steps}: {done}/{len(questions)} questions, {rate:.2f} questions/s"
+                log(f"[eval] step {step + 1}/{num_steps}: {done}/{len(todo)} questions, {rate:.2f} questions/s"
                     + (" (first step, incl. compilation)" if step == 0 else ""), flush=True)
                 t_last_log = now
     # questions/s after the first step, which includes compilation (all of it when there is only one step)

@@ -3,7 +3,9 @@
 Everything the run needs is in one ml_collections config (configs/train.py). The loop is resumable: a restart
 with the same config restores params, optimizer state, step and the data iterator from the newest good checkpoint
 and continues exactly where the interrupted run was. SIGTERM (preemption) writes a checkpoint and exits 0; a
-NaN/Inf loss stops the run with an error and leaves the last good checkpoint untouched.
+NaN/Inf loss stops the run with an error and leaves the last good checkpoint untouched. A restart with a config
+that defines a different run is refused (train/guard.py); broken checkpoints are moved aside (train/checkpoint.py);
+the final `model/` is always the final step's, swapped in only once complete (checkpoint_io.publish_model).
 """
 
 from __future__ import annotations
@@ -26,13 +28,36 @@ from llavaction_jax.model import llava
 from llavaction_jax.model.params import abstract_params
 from llavaction_jax.recipes import model_config
 from llavaction_jax.sharding import make_mesh, resolve_config
-from llavaction_jax.train import checkpoint, metrics
+from llavaction_jax.train import checkpoint, guard, metrics
 from llavaction_jax.train.optim import OptimizerConfig, make_optimizer, param_groups
 from llavaction_jax.train.step import init_state, jit_train_step, make_train_step, state_shardings
 
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+FINAL_STEP_FILE = "train_step.json"  # in output_dir/model: the step its weights are from
+
+
+def final_model_step(final: pathlib.Path) -> int | None:
+    """The step the complete, checksum-verified final model holds; None if there is none (or a partial one)."""
+    from llavaction_jax import integrity
+
+    try:
+        integrity.verify_manifest(final)
+        return json.loads((final / FINAL_STEP_FILE).read_text())["step"]
+    except (integrity.IntegrityError, OSError, ValueError, KeyError):
+        return None
+
+
+def total_skipped(skipped: int) -> int:
+    """The skip counts of all processes' data iterators, summed."""
+    if jax.process_count() == 1:
+        return skipped
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.process_allgather(jnp.asarray(skipped, jnp.int32)).sum())
 
 
 def maybe_initialize_distributed(cfg) -> None:
@@ -84,6 +109,7 @@ class Preemption:
 def train(cfg) -> dict:
     """Run (or resume) training as configured; returns a summary dict."""
     # ----------------------------------------------------------------- distributed, mesh
+    guard.validate(cfg)
     maybe_initialize_distributed(cfg)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     out_dir = pathlib.Path(cfg.train.output_dir).absolute()
@@ -110,11 +136,15 @@ def train(cfg) -> dict:
     data_iter = iter(data)
 
     # ----------------------------------------------------------------- restore or initialise
-    manager = checkpoint.make_manager(out_dir / "checkpoints", keep=cfg.train.keep_checkpoints,
-                                      async_save=cfg.train.async_checkpoint)
+    ckpts = checkpoint.Checkpoints(out_dir / "checkpoints", keep=cfg.train.keep_checkpoints,
+                                   async_save=cfg.train.async_checkpoint)
     abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                     abstract_state, shardings)
-    restored = checkpoint.restore_latest(manager, abstract_sharded, data_iter)
+    run_identity = guard.identity(cfg.to_dict(), model_cfg.to_dict(), n_samples)
+    allow_changed_data = cfg.train.get("allow_changed_data", False)
+    restored = ckpts.restore_latest(abstract_sharded, data_iter,
+                                    check_meta=guard.meta_checker(run_identity, allow_changed_data, ckpts.directory, log),
+                                    allow_missing_data=allow_changed_data, same_run=guard.same_run(run_identity))
     if restored is not None:
         start, state, _ = restored
         log(f"resumed from step {start} ({out_dir / 'checkpoints' / str(start)})")
@@ -140,17 +170,20 @@ def train(cfg) -> dict:
     # ----------------------------------------------------------------- loop
     preemption = Preemption()
     history, step, stopped = [], start, "completed"
+    skipped = 0  # bad samples this process's iterator has skipped (on_bad_sample="skip"), carried over a resume
     last = min(total_steps, cfg.train.stop_at_step or total_steps)
     try:
         while step < last:
             host_batch = next(data_iter)
+            skipped = int(host_batch.get("num_skipped", skipped))
             batch = make_global_batch(host_batch, mesh, pad_id=cfg.data.pad_id)
             state, m = run_step(state, batch)
             m = {k: float(v) for k, v in jax.device_get(m).items()}
             step += 1
             if not math.isfinite(m["loss"]):
-                good = manager.latest_step()
-                raise NonFiniteLoss(f"loss is {m['loss']} at step {step}; stopping. The last good checkpoint is "
+                good = ckpts.newest_good()
+                raise NonFiniteLoss(f"loss is {m['loss']} at step {step}; stopping. The last good checkpoint (the "
+                                    "newest that verifies, saved with a finite loss) is "
                                     f"{'step ' + str(good) if good is not None else 'none'} in {out_dir / 'checkpoints'}")
             history.append(m["loss"])
             if progress is None:
@@ -160,13 +193,13 @@ def train(cfg) -> dict:
                 log(progress.line(step, m))
                 writer.scalars(step, {k: v for k, v in m.items()})
             if step % cfg.train.checkpoint_every == 0 or step == last or preemption.requested:
-                checkpoint.save(manager, step, state, dict(meta, step=step), data_iter)
+                ckpts.save(step, state, dict(meta, step=step, loss=m["loss"]), data_iter)
             if preemption.requested:
                 stopped = "preempted"
                 log(f"SIGTERM: checkpoint written at step {step}; exiting")
                 break
     finally:
-        manager.wait_until_finished()
+        ckpts.seal()
         preemption.restore()
         if writer is not None:
             writer.close()
@@ -176,10 +209,15 @@ def train(cfg) -> dict:
     # ----------------------------------------------------------------- final model
     if stopped == "completed" and cfg.train.save_model:
         final = out_dir / "model"
-        if not checkpoint_io.is_model_dir(final):
-            checkpoint_io.save_model(final, model_cfg, state["params"])
-            log(f"final model written to {final}")
-    summary = {"stopped": stopped, "step": step, "losses": history, "output_dir": str(out_dir)}
+        if final_model_step(final) != step:  # absent, partial, corrupt, or from before the run was extended
+            checkpoint_io.publish_model(final, model_cfg, state["params"],
+                                        extra_files={FINAL_STEP_FILE: json.dumps({"step": step}) + "\n"})
+            log(f"final model (step {step}) written to {final}")
+    skipped = total_skipped(skipped)
+    if skipped:
+        log(f"skipped {skipped} bad sample(s) in all (data.on_bad_sample=skip); each is named in the log above")
+    summary = {"stopped": stopped, "step": step, "losses": history, "output_dir": str(out_dir),
+               "skipped_samples": skipped}
     if is_main:
         (out_dir / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "losses"}) + "\n")
     return summary
