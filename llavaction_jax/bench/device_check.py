@@ -42,7 +42,8 @@ import numpy as np
 
 from llavaction_jax.bench.common import median
 from llavaction_jax.bench.device_report import format_table, markdown_block
-from llavaction_jax.config import QWEN2_0_5B, QWEN2_7B, SIGLIP_SO400M, ModelConfig, TextConfig, VisionConfig
+from llavaction_jax.config import ModelConfig, TextConfig, VisionConfig, text_size, vision_size
+from llavaction_jax.sharding import platform_of, resolve_config
 from llavaction_jax.train.metrics import train_flops
 
 EK100_QUESTIONS = 9668  # EPIC-KITCHENS-100 validation segments = EK100-MQA questions
@@ -80,16 +81,18 @@ TINY_VISION = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_head
 TINY_TEXT = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
                  tie_word_embeddings=False, max_position_embeddings=4096)
 PRESETS = {  # configs/<name>.py without ml_collections (tests/test_device_check.py keeps them equal)
-    "llavaction_7b": dict(vision=SIGLIP_SO400M, text=QWEN2_7B),
-    "llavaction_0_5b": dict(vision=SIGLIP_SO400M, text=QWEN2_0_5B),
+    "llavaction_7b": dict(vision=vision_size(), text=text_size("7b")),
+    "llavaction_0_5b": dict(vision=vision_size(), text=text_size("0.5b")),
     "tiny": dict(vision=TINY_VISION, text=TINY_TEXT, action_types=(8, 8, 16), tokenizer_model_max_length=4096),
 }
 
 
 def model_config(name: str, **execution) -> ModelConfig:
-    """The preset's architecture (LLaVAction layout: grid newlines, one action token, three heads) + execution."""
+    """The preset's architecture (LLaVAction layout: grid newlines, one action token, three heads) + execution,
+    resolved for this machine's devices as every entry point does."""
     p = dict(PRESETS[name])
-    return ModelConfig(vision=VisionConfig(**p.pop("vision")), text=TextConfig(**p.pop("text")), **p, **execution)
+    cfg = ModelConfig(vision=VisionConfig(**p.pop("vision")), text=TextConfig(**p.pop("text")), **p, **execution)
+    return resolve_config(cfg)
 
 
 # ============================================================================================ model entry points
@@ -97,14 +100,15 @@ def model_config(name: str, **execution) -> ModelConfig:
 def attention_fn(impl: str):
     from llavaction_jax.model.attention import attention
 
+    platform = platform_of()
     return lambda q, k, v, q_pos, k_pos, valid: attention(q, k, v, q_pos=q_pos, k_pos=k_pos, k_valid=valid,
-                                                          causal=True, impl=impl)
+                                                          causal=True, impl=impl, platform=platform)
 
 
 def auto_attention_choice(q, k) -> str:
     from llavaction_jax.model import attention
 
-    return attention.auto_impl(q, k, causal=True)
+    return attention.auto_impl(q, k, causal=True, platform=platform_of())
 
 
 def init_params(cfg: ModelConfig, seed: int = 0):
@@ -136,12 +140,12 @@ def score_fn(cfg: ModelConfig):
 
 def train_step_fn(cfg: ModelConfig, params):
     """(jitted step with the state donated, initial state)."""
-    from llavaction_jax.train.optim import OptimizerConfig, make_optimizer, param_labels
+    from llavaction_jax.train.optim import OptimizerConfig, make_optimizer, param_groups
     from llavaction_jax.train.step import init_state, make_train_step
 
     opt_cfg = OptimizerConfig()  # AdamW over all parts, as upstream
     tx, schedules = make_optimizer(params, opt_cfg)
-    step = make_train_step(cfg, tx, param_labels(params, opt_cfg), 1, schedules)
+    step = make_train_step(cfg, tx, param_groups(params, opt_cfg), 1, schedules)
     return jax.jit(step, donate_argnums=0), jax.jit(lambda p: init_state(p, tx))(params)
 # ===============================================================================================================
 
