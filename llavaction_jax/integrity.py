@@ -27,15 +27,17 @@ def file_sha256(path: pathlib.Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _files(directory: pathlib.Path) -> list[pathlib.Path]:
-    return sorted(p for p in directory.rglob("*") if p.is_file() and p.relative_to(directory).as_posix() != MANIFEST)
+def _files(directory: pathlib.Path, exclude: tuple[str, ...] = ()) -> list[pathlib.Path]:
+    skip = {MANIFEST, *exclude}
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.relative_to(directory).as_posix() not in skip)
 
 
-def write_manifest(directory: str | os.PathLike) -> pathlib.Path:
-    """Checksum every file under `directory` (recursively) into `directory/checksums.json`; returns its path."""
+def write_manifest(directory: str | os.PathLike, exclude: tuple[str, ...] = ()) -> pathlib.Path:
+    """Checksum every file under `directory` (recursively; but the relative paths in `exclude`) into
+    `directory/checksums.json`; returns its path."""
     directory = pathlib.Path(directory)
     files = {p.relative_to(directory).as_posix(): {"sha256": file_sha256(p), "bytes": p.stat().st_size}
-             for p in _files(directory)}
+             for p in _files(directory, exclude)}
     target = directory / MANIFEST
     tmp = target.with_name(MANIFEST + ".tmp")
     tmp.write_text(json.dumps({"schema": SCHEMA, "files": files}, indent=0, sort_keys=True) + "\n")

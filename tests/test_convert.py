@@ -292,3 +292,23 @@ def test_model_config_overrides_as_in_train_and_eval(tmp_path, capsys):
     assert "change the shapes" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     assert main(["convert", "to-torch", str(tmp_path / "ours"), str(tmp_path / "t"),
                  "--config.model.attention=xla"]) == 2
+
+
+def test_converted_models_and_exports_carry_checksums_that_loaders_verify(tmp_path, capsys):
+    from llavaction_jax import integrity
+
+    make_upstream_checkpoint(tmp_path / "src")
+    assert main(["convert", "from-torch", str(tmp_path / "src"), str(tmp_path / "ours"), "--no-progress"]) == 0
+    assert integrity.verify_manifest(tmp_path / "ours")  # every file listed, the staging marker excluded
+    assert main(["convert", "to-torch", str(tmp_path / "ours"), str(tmp_path / "torch"), "--no-progress"]) == 0
+    assert integrity.verify_manifest(tmp_path / "torch")
+    # flip one byte of a stored array: export and load both name the corrupt file instead of using it
+    stored = max((p for p in (tmp_path / "ours" / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(stored.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    stored.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["convert", "to-torch", str(tmp_path / "ours"), str(tmp_path / "torch2"), "--no-progress"]) == 1
+    assert stored.name in capsys.readouterr().err and not (tmp_path / "torch2").exists()
+    with pytest.raises(integrity.IntegrityError, match=stored.name):
+        llavaction_jax.load_pretrained(tmp_path / "ours")

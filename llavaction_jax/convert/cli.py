@@ -101,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
     from llavaction_jax.config import ConfigError
     from llavaction_jax.convert.keys import ConversionError
     from llavaction_jax.convert.safetensors_io import SafetensorsError
+    from llavaction_jax.integrity import IntegrityError
 
     if args.config_overrides and args.direction != "from-torch":
         print(f"convert {args.direction}: error: --config.model overrides apply to from-torch only "
@@ -108,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         return _from_torch(args) if args.direction == "from-torch" else _to_torch(args)
-    except (ConversionError, SafetensorsError, ConfigError, FileExistsError, FileNotFoundError) as e:
+    except (ConversionError, SafetensorsError, ConfigError, FileExistsError, FileNotFoundError, IntegrityError) as e:
         print(f"convert {args.direction}: error: {e}", file=sys.stderr)
         return 1
 

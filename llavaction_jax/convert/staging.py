@@ -13,6 +13,8 @@ import os
 import pathlib
 import shutil
 
+from llavaction_jax import integrity
+
 MARKER = ".llavaction-convert-incomplete"
 
 
@@ -44,6 +46,8 @@ def begin(dst: pathlib.Path, what: str) -> pathlib.Path:
 
 
 def commit(stage: pathlib.Path, dst: pathlib.Path) -> None:
-    """Move the finished staging folder to `dst` (an empty `dst` is replaced), then drop the marker."""
+    """Checksum the finished staging folder (integrity.py: loaders verify it), move it to `dst` (an empty `dst`
+    is replaced), then drop the marker."""
+    integrity.write_manifest(stage, exclude=(MARKER,))
     os.replace(stage, dst)  # rename(2): atomic, and replaces an empty directory
     (dst / MARKER).unlink()

@@ -24,7 +24,7 @@ import shutil
 
 import numpy as np
 
-from llavaction_jax import checkpoint_io
+from llavaction_jax import checkpoint_io, integrity
 from llavaction_jax.config import VISION_TOWERS, ModelConfig, vision_from_hf
 from llavaction_jax.convert import hf_onevision, orbax_stream, staging
 from llavaction_jax.convert.from_torch import COPIED_FILES, progress_bar
@@ -57,6 +57,7 @@ def export_checkpoint(src, dst, layout: str = "upstream", max_shard_bytes: int =
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
     src, dst = pathlib.Path(src), pathlib.Path(dst).absolute()
+    integrity.verify_manifest(src, required=False)  # a corrupt model is named before anything is written
     cfg = checkpoint_io.load_config(src)
     stored = orbax_stream.StoredArrays(src / checkpoint_io.PARAMS_DIR)
     table = export_table(cfg, stored.params)
