@@ -162,7 +162,7 @@ def run_child(config, nodeids, deadlines) -> dict[str, list[dict]]:
                     current, since = record["nodeid"], time.monotonic()
                     results[current] = []
                 elif record["event"] == "report":
-                    results[record["nodeid"]].append(record)
+                    results.setdefault(record["nodeid"], []).append(record)
                 else:
                     current, since = None, time.monotonic()
             waited = time.monotonic() - since

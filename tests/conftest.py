@@ -2,13 +2,13 @@
 
 import os
 
-# 8 fake CPU devices. XLA:CPU runs the per-device programs, and the independent thunks each device's executor
-# splits off, on one Eigen thread pool of max(cores, devices) threads (8 here); a collective blocks its thread until
-# every participant arrives. Under load the 8 threads can all end up blocked in collectives whose missing
-# participants wait in the pool's queue: a deadlock (docs/testing.md). PJRT_NPROC sizes that pool, so it is raised
-# well above what 8 devices can block at once. The Eigen intra-op parallelism stays off (one deterministic order,
-# no oversubscription of 2 cores). A collective still stuck after 180 s aborts the process with XLA's message
-# naming it (it warns at 30 s); the per-test watchdog (tests/_watchdog.py) bounds every multi-device test anyway.
+# 8 fake CPU devices. XLA:CPU runs every device's program, and the parts each device's thunk executor splits off,
+# on one thread pool of max(PJRT_NPROC or cores, devices) threads: 8 here. A collective blocks its thread until all
+# participants arrive, and a device's independent collectives are unordered, so under load all 8 threads could end
+# up blocked in collectives whose missing participants sat in the pool's queue: a deadlock at 0% CPU
+# (docs/testing.md has the evidence). PJRT_NPROC=64 leaves threads for them. Eigen intra-op parallelism stays off
+# (2 cores). A collective still stuck after 180 s aborts its process with XLA's message naming it (a warning at
+# 30 s), and the watchdog (tests/_watchdog.py) bounds every multi-device / multi-process test anyway.
 # Subprocess tests pass the same flags via COLLECTIVE_FLAGS and inherit PJRT_NPROC from the environment.
 COLLECTIVE_FLAGS = ("--xla_cpu_multi_thread_eigen=false --xla_cpu_collective_call_warn_stuck_timeout_seconds=30 "
                     "--xla_cpu_collective_call_terminate_timeout_seconds=180 --xla_cpu_collective_timeout_seconds=180")
