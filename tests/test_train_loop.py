@@ -20,7 +20,7 @@ from conftest import COLLECTIVE_FLAGS
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Training on 8 fake devices: the module runs in a child process, each test with a deadline (tests/_watchdog.py);
 # the first one's includes the uninterrupted 6-step run of the module fixture.
-pytestmark = pytest.mark.watchdog(900)
+pytestmark = pytest.mark.watchdog(1200)
 
 
 @pytest.fixture(scope="module")
