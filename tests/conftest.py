@@ -7,11 +7,11 @@ import os
 # participants arrive, and a device's independent collectives are unordered, so under load all 8 threads could end
 # up blocked in collectives whose missing participants sat in the pool's queue: a deadlock at 0% CPU
 # (docs/testing.md has the evidence). PJRT_NPROC=64 leaves threads for them. Eigen intra-op parallelism stays off
-# (2 cores). A collective still stuck after 180 s aborts its process with XLA's message naming it (a warning at
+# (2 cores). A collective still stuck after 300 s aborts its process with XLA's message naming it (a warning at
 # 30 s), and the watchdog (tests/_watchdog.py) bounds every multi-device / multi-process test anyway.
 # Subprocess tests pass the same flags via COLLECTIVE_FLAGS and inherit PJRT_NPROC from the environment.
 COLLECTIVE_FLAGS = ("--xla_cpu_multi_thread_eigen=false --xla_cpu_collective_call_warn_stuck_timeout_seconds=30 "
-                    "--xla_cpu_collective_call_terminate_timeout_seconds=180 --xla_cpu_collective_timeout_seconds=180")
+                    "--xla_cpu_collective_call_terminate_timeout_seconds=300 --xla_cpu_collective_timeout_seconds=300")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 " + COLLECTIVE_FLAGS)
 os.environ.setdefault("PJRT_NPROC", "64")
 os.environ["HF_HUB_OFFLINE"] = "1"
