@@ -2,14 +2,18 @@
 
 import os
 
-# 8 fake devices on 2 cores. XLA:CPU's thunk executor runs independent collectives concurrently, in an order that
-# can differ between devices (seen: 6 devices in an all-reduce, 2 in an all-gather of the same train step: a
-# deadlock). Without the Eigen intra-op pool it runs them in one deterministic order. A collective can also wait
-# long for its threads under load, so the termination timeout (which aborts the process) is raised.
-# Subprocess tests pass the same flags via COLLECTIVE_FLAGS.
-COLLECTIVE_FLAGS = ("--xla_cpu_multi_thread_eigen=false --xla_cpu_collective_call_terminate_timeout_seconds=900 "
-                    "--xla_cpu_collective_timeout_seconds=900")
+# 8 fake CPU devices. XLA:CPU runs every device's program, and the parts each device's thunk executor splits off,
+# on one thread pool of max(PJRT_NPROC or cores, devices) threads: 8 here. A collective blocks its thread until all
+# participants arrive, and a device's independent collectives are unordered, so under load all 8 threads could end
+# up blocked in collectives whose missing participants sat in the pool's queue: a deadlock at 0% CPU
+# (docs/testing.md has the evidence). PJRT_NPROC=64 leaves threads for them. Eigen intra-op parallelism stays off
+# (2 cores). A collective still stuck after 300 s aborts its process with XLA's message naming it (a warning at
+# 30 s), and the watchdog (tests/_watchdog.py) bounds every multi-device / multi-process test anyway.
+# Subprocess tests pass the same flags via COLLECTIVE_FLAGS and inherit PJRT_NPROC from the environment.
+COLLECTIVE_FLAGS = ("--xla_cpu_multi_thread_eigen=false --xla_cpu_collective_call_warn_stuck_timeout_seconds=30 "
+                    "--xla_cpu_collective_call_terminate_timeout_seconds=300 --xla_cpu_collective_timeout_seconds=300")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 " + COLLECTIVE_FLAGS)
+os.environ.setdefault("PJRT_NPROC", "64")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -20,9 +24,16 @@ import jax
 import pytest
 from absl import flags
 
+import _watchdog
+
 jax.config.update("jax_default_matmul_precision", "highest")
 if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
+
+
+def pytest_configure(config):
+    _watchdog.configure(config)  # @pytest.mark.watchdog(seconds): run in a child process with a deadline
+
 
 SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
 EK100_DIR = SHARED / "data" / "epic-kitchens-100-annotations"

@@ -85,6 +85,7 @@ def test_save_and_load_pretrained_round_trip(model, tmp_path):
         model.save_pretrained(tmp_path / "m")  # never overwrites what was written before
 
 
+@pytest.mark.watchdog(600)  # 8 fake devices: a child process with a deadline (tests/_watchdog.py)
 def test_same_logits_on_8_device_mesh_as_on_one_device(model, tmp_path):
     assert jax.device_count() == 8
     mesh = make_mesh(data=2, fsdp=2, tensor=2)

@@ -12,7 +12,10 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from conftest import COLLECTIVE_FLAGS
+
+pytestmark = pytest.mark.watchdog(600)  # 2 processes: a child process group with a deadline (tests/_watchdog.py)
 
 MESH = (1, 4, 2)  # (data, fsdp, tensor) over the 8 devices of both processes
 

@@ -24,6 +24,9 @@ from llavaction_jax.sharding import make_mesh
 from conftest import COLLECTIVE_FLAGS
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# Meshes of 2-4 fake devices and a 2-process eval: the module runs in a child process, each test with a
+# deadline (tests/_watchdog.py); the first one's includes building the module fixtures.
+pytestmark = pytest.mark.watchdog(900)
 VOCAB = 151680  # the tiny preset with a vocabulary that covers the bundled Qwen2 tokenizer (151669 tokens)
 N_QUESTIONS, N_FRAMES = 10, 2
 VERB_NAMES, NOUN_NAMES = {1: "open", 2: "take", 3: "wash"}, {10: "door", 20: "cup", 30: "mug", 40: "plate",

@@ -14,6 +14,9 @@ from llavaction_jax.train import checkpoint
 from llavaction_jax.train.loop import NonFiniteLoss, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# Training on 8 fake devices: the module runs in a child process, each test with a deadline (tests/_watchdog.py);
+# the first one's includes the uninterrupted 6-step run of the module fixture.
+pytestmark = pytest.mark.watchdog(1200)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from llavaction_jax.train.loop import train
 from conftest import COLLECTIVE_FLAGS
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.watchdog(1200)  # 2 processes: a child process group with a deadline (tests/_watchdog.py)
 
 WORKER = r"""
 import sys, json, pathlib

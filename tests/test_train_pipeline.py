@@ -237,6 +237,7 @@ def test_two_worker_processes_equal_in_process(data):
     assert int(with_workers[-1]["num_skipped"]) == len(BAD)
 
 
+@pytest.mark.watchdog(300)  # 8 fake devices: a child process with a deadline (tests/_watchdog.py)
 def test_make_global_batch_shards_the_batch_axis(data):
     from llavaction_jax.sharding import make_mesh
 
@@ -281,6 +282,7 @@ jax.distributed.shutdown()
 """
 
 
+@pytest.mark.watchdog(300)  # 2 processes: a child process group with a deadline (tests/_watchdog.py)
 def test_two_jax_processes_read_disjoint_halves(data, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

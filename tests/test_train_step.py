@@ -52,6 +52,7 @@ def assert_trees_close(a, b, atol):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.watchdog(900)  # 8 fake devices: a child process with a deadline (tests/_watchdog.py)
 def test_8_device_mesh_gives_the_same_steps_as_one_device():
     rng = np.random.default_rng(0)
     batches = [make_batch(rng) for _ in range(2)]
