@@ -22,6 +22,9 @@ from llavaction_jax.train import guard
 from llavaction_jax.train.checkpoint import CheckpointError, Checkpoints
 from llavaction_jax.train.loop import FINAL_STEP_FILE, train
 
+# Training on 8 fake devices: the module runs in a child process, each test with a deadline (tests/_watchdog.py).
+pytestmark = pytest.mark.watchdog(1200)
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BASE = {"train.checkpoint_every": 1}
 
