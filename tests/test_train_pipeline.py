@@ -248,7 +248,7 @@ def test_make_global_batch_shards_the_batch_axis(data):
     for key, array in arrays.items():
         assert array.shape == batch[key].shape and array.sharding.spec[0] == ("data", "fsdp")
         np.testing.assert_array_equal(np.asarray(array), batch[key])
-    with pytest.raises(ValueError, match="global batch 4 is not divisible"):
+    with pytest.raises(ValueError, match="batch of 4 rows does not split over mesh axes data x fsdp = 8"):
         make_global_batch({k: v[:4] for k, v in batch.items() if k != "num_skipped"}, mesh)
 
 
