@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parse_absl_flags() -> None:
-    # Grain's worker processes read absl flags; parse them once so workers can start (environment.md).
+    # Grain's worker processes read absl flags; parse them once so workers can start (Grain raises
+    # UnparsedFlagAccessError otherwise).
     from absl import flags
 
     if not flags.FLAGS.is_parsed():

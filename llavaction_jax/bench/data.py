@@ -101,7 +101,8 @@ def prepare(workdir: pathlib.Path, num_frames: int, count: int, workers: int) ->
 # ------------------------------------------------------------------------------------------------ upstream path
 def upstream_pixels(frames: np.ndarray) -> np.ndarray:
     """Upstream ``SigLipImageProcessor.preprocess``: per frame, transformers' resize (PIL bicubic squash), rescale
-    (float64, cast to float32), normalize and channel-first, the functions upstream chains (upstream-spec.md 1.3);
+    (float64, cast to float32), normalize and channel-first, the functions upstream chains (siglip_encoder.py:
+    SigLipImageProcessor.preprocess);
     ``convert_to_rgb`` is a no-op on numpy frames and left out."""
     from transformers.image_transforms import normalize, rescale, resize, to_channel_dimension_format  # noqa: PLC0415
     from transformers.image_utils import (ChannelDimension, PILImageResampling,  # noqa: PLC0415

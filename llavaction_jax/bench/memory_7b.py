@@ -1,6 +1,7 @@
 """Benchmark: per-device memory of the LLaVAction-7B training step, from an AOT compile (nothing runs).
 
-The real recipe (upstream-spec.md 4.1, 4.8): LLaVAction-7B, fp32 master params with bf16 compute, AdamW over all
+The real recipe (docs/checkpoints.md; llavaction/train/llava_trainer.py: LLaVATrainer.create_optimizer):
+LLaVAction-7B, fp32 master params with bf16 compute, AdamW over all
 parameters, 64 frames (13441 visual tokens) + text = a 16384-token sequence, micro-batch 1 per data-parallel
 device, "flash" attention, remat "full". The state and batch exist only as `jax.ShapeDtypeStruct`s with their
 shardings (`train.step.state_shardings`, `init_state` via `jax.eval_shape`); the step is

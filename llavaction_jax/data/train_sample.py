@@ -14,7 +14,8 @@ A sample without ``video`` (and without ``uid``) is text-only: ``has_video`` Fal
 zero pixels. When the sample gives times, the stored clip must cover the same window (to 0.01 s), which catches a
 sample joined to the wrong clip.
 
-Text follows upstream's ``_get_item`` (upstream-spec.md 4.4-4.6): non-EK100 videos get LLaVA-Video's time
+Text follows upstream's ``_get_item`` (llavaction/train/train.py: LazySupervisedDataset._get_item): non-EK100 videos
+get LLaVA-Video's time
 instruction (``add_time_instruction``, on by default as upstream), then ``preprocess_multimodal`` moves a lone
 ``<image>`` to the front, then ``preprocess_qwen`` gives ids and labels, truncated to ``max_length``.
 """
