@@ -10,6 +10,7 @@ cache, or an explicit vision config) because head counts cannot be inferred from
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -501,6 +502,8 @@ CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 def model_config_dict(**fields: Any):
     """A ConfigDict with every ModelConfig field (defaults filled in), for configs/*.py files."""
+    # Imported here, not at the top: the GPU machine that runs some benchmarks has no ml_collections, and
+    # everything else in this module works without it.
     import ml_collections
 
     d = ModelConfig().to_dict()
@@ -527,8 +530,6 @@ RECIPES = ("train",)  # files in configs/ that are run recipes, not model preset
 
 def run_config_file(file: pathlib.Path):
     """Execute a configs/*.py style file and return its `get_config()`."""
-    import importlib.util
-
     spec = importlib.util.spec_from_file_location(f"llavaction_configs.{file.stem}", file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -157,7 +157,7 @@ def apply_sampling_strategy(samples: list, strategy: str, seed: int = 0) -> list
 
 
 def _load_yaml(path: pathlib.Path, seed: int) -> list[dict]:
-    import yaml  # noqa: PLC0415 (only YAML mixtures need it)
+    import yaml  # noqa: PLC0415 (optional, not in requirements.txt: only YAML mixtures need it)
 
     if not path.is_file():
         raise MixtureError(f"mixture file {path} does not exist")

@@ -34,6 +34,7 @@ from llavaction_jax.data import chat, prompts
 from llavaction_jax.data.frames import ClipRecord, FrameShards, decode_frames
 from llavaction_jax.data.image import SIGLIP_SIZE, resize_frames
 from llavaction_jax.data.mixture import SOURCE_KEY
+from llavaction_jax.data.tokenizer import load_qwen_tokenizer
 
 NO_ACTIONS = (-1, -1, -1)  # upstream's actions for samples without verb/noun/action ids
 ON_BAD_SAMPLE = ("error", "skip")
@@ -97,8 +98,6 @@ def cached_tokenizer(path: str | None = None):
 
 @functools.lru_cache(maxsize=4)
 def _load_tokenizer(path: str | None):
-    from llavaction_jax.data.tokenizer import load_qwen_tokenizer  # noqa: PLC0415 (transformers is heavy)
-
     return load_qwen_tokenizer(path)
 
 

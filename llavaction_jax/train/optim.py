@@ -60,7 +60,7 @@ def trainable_groups(tunable_parts: str) -> set[str]:
 
 
 def param_groups(params: dict, cfg: OptimizerConfig) -> dict:
-    """Tree of group labels ("vision" / "projector" / "llm" / "frozen")."""
+    """Tree of group names ("vision" / "projector" / "llm" / "frozen"), one per parameter."""
     trainable = trainable_groups(cfg.tunable_parts)
     flat = flatten_paths(params)
     return unflatten_paths({p: (g if (g := group_of(p)) in trainable else "frozen") for p in flat})
