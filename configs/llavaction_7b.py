@@ -3,7 +3,7 @@
 LLaVA-Video-7B-Qwen2 fine-tuned on EK100-MQA: SigLIP-so400m (26 layers) -> mlp2x_gelu -> bilinear 27->14 pooling
 with a newline after every pooled row (210 tokens per frame) -> one learned action token -> Qwen2-7B, plus
 verb/noun/action heads (97/300/3806) trained with the `last_layer` auxiliary loss. 64 frames in the final model.
-Source: the authors' training script (peers-and-facts.md 2.3).
+Source: the authors' training script (docs/checkpoints.md).
 """
 
 from llavaction_jax.config import model_config_dict, text_size, vision_size

@@ -1,4 +1,5 @@
-"""Training recipe: LLaVAction's fine-tuning setup (upstream-spec.md 4.1, 4.8) on a mesh.
+"""Training recipe: LLaVAction's fine-tuning setup (docs/checkpoints.md; upstream
+llavaction/train/llava_trainer.py: LLaVATrainer.create_optimizer) on a mesh.
 
     python -m llavaction_jax train --config configs/train.py \
         --config.model.init_from=ckpt/llava-video-7b --config.data.samples=data/mix.yaml \

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
+
+from absl import flags
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -53,9 +56,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parse_absl_flags() -> None:
-    # Grain's worker processes read absl flags; parse them once so workers can start (environment.md).
-    from absl import flags
-
+    # Grain's worker processes read absl flags; parse them once so workers can start (Grain raises
+    # UnparsedFlagAccessError otherwise).
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
 

@@ -1,6 +1,7 @@
 """Model configuration: one type for the LLaVA-NeXT / LLaVAction `config.json` and HF llava-onevision.
 
-`ModelConfig.from_upstream(dict)` reads the upstream keys (upstream-spec.md 1.10) and `to_upstream()` writes them
+`ModelConfig.from_upstream(dict)` reads the upstream keys (those read by
+llavaction/model/llava_arch.py and llavaction/model/language_model/llava_qwen.py) and `to_upstream()` writes them
 back, keeping every key we do not interpret in `extra` so a round trip loses nothing. The upstream config only
 *names* the vision tower; its dimensions come from `resolve_vision_tower` (built-in presets, the local Hugging Face
 cache, or an explicit vision config) because head counts cannot be inferred from weight shapes.
@@ -9,6 +10,7 @@ cache, or an explicit vision config) because head counts cannot be inferred from
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -103,13 +105,14 @@ class TextConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Everything the forward pass reads. Defaults are LLaVAction-7B's (upstream-spec.md 1.10, peers 2.3)."""
+    """Everything the forward pass reads. Defaults are LLaVAction-7B's (docs/checkpoints.md)."""
 
     vision: VisionConfig = dataclasses.field(default_factory=lambda: vision_from_hf(VISION_TOWERS[SIGLIP_SO400M], -2))
     text: TextConfig = dataclasses.field(default_factory=lambda: TextConfig(**QWEN2_SIZES["7b"]))
     vision_tower: str = SIGLIP_SO400M
     projector_type: str = "mlp2x_gelu"
-    # Video pooling. Upstream hard-codes stride 2 for videos and ignores `mm_spatial_pool_stride` (spec 6.1).
+    # Video pooling. Upstream hard-codes stride 2 for videos and ignores `mm_spatial_pool_stride`
+    # (llavaction/model/llava_arch.py: prepare_inputs_labels_for_multimodal calls get_2dPool with its default stride).
     pool_mode: str = "bilinear"
     pool_stride: int = 2
     patch_merge_type: str = "spatial_unpad"
@@ -230,7 +233,9 @@ class ModelConfig:
             if getattr(self, key) not in DTYPES:
                 raise bad(key, getattr(self, key), DTYPES)
         if self.pool_stride != 2:
-            raise bad("pool_stride", self.pool_stride, "2 (upstream hard-codes stride 2 for video, spec 6.1)")
+            raise bad("pool_stride", self.pool_stride,
+                      "2 (upstream hard-codes stride 2 for video: llavaction/model/llava_arch.py:"
+                      " prepare_inputs_labels_for_multimodal)")
         t = self.text
         if t.hidden_size % t.num_heads or t.num_heads % t.num_kv_heads:
             raise ConfigError(f"Qwen2 sizes inconsistent: hidden {t.hidden_size}, heads {t.num_heads}, kv {t.num_kv_heads}")
@@ -290,7 +295,8 @@ class ModelConfig:
             projector_type=cfg.get("mm_projector_type", "linear"),
             pool_mode=cfg.get("mm_spatial_pool_mode", "bilinear"),
             patch_merge_type=cfg.get("mm_patch_merge_type", "flat"),
-            # The model code's default when the key is missing is "one_token" (llava_arch.py:302, spec 6.3).
+            # The model code's default when the key is missing is "one_token" (llavaction/model/llava_arch.py:302,
+            # prepare_inputs_labels_for_multimodal).
             newline_position=cfg.get("mm_newline_position", "one_token"),
             vision_supervision=cfg.get("vision_supervision"),
             action_types=tuple(int(x) for x in str(action_types).split(",")) if action_types else (),
@@ -496,6 +502,8 @@ CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 def model_config_dict(**fields: Any):
     """A ConfigDict with every ModelConfig field (defaults filled in), for configs/*.py files."""
+    # Imported here, not at the top: the GPU machine that runs some benchmarks has no ml_collections, and
+    # everything else in this module works without it.
     import ml_collections
 
     d = ModelConfig().to_dict()
@@ -522,8 +530,6 @@ RECIPES = ("train",)  # files in configs/ that are run recipes, not model preset
 
 def run_config_file(file: pathlib.Path):
     """Execute a configs/*.py style file and return its `get_config()`."""
-    import importlib.util
-
     spec = importlib.util.spec_from_file_location(f"llavaction_configs.{file.stem}", file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -1,6 +1,7 @@
 """ChatML prompt, <image> tokenization and preprocess_qwen labels on the real Qwen2 tokenizer.
 
-The reference below is written from upstream-spec.md 4.6 and uses upstream's own mechanism (a tokenizer copy with
+The reference below is written from upstream
+`llavaction/train/train.py: preprocess_qwen` and uses upstream's own mechanism (a tokenizer copy with
 ``<image>`` added as a special token, the reset chat template, ``apply_chat_template`` per message, then a pass
 that unmasks "\\n"/<|im_start|>/<|im_end|> and swaps the image id for -200). chat.py instead splits text on
 ``<image>`` itself, so agreement checks the two routes give the same ids.
@@ -20,7 +21,7 @@ SPEC_CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-# The complete EK100-MQA prompt of upstream-spec.md 2.3, copied literally.
+# The complete EK100-MQA prompt (upstream llavaction/action/llava_inference.py: llava_inference), copied literally.
 MQA_USER_TEXT = (
     "<image>\nThe provided video lasts for 1.030 seconds, and 16 frames are uniformly sampled from it.You are seeing "
     "this video from egocentric view and you are the person. Your hands are sometimes interacting with objects. What "
@@ -94,7 +95,8 @@ def reference_tokenizer(tokenizer):
 
 
 def reference_preprocess_qwen(conversation, ref_tok, has_image):
-    """upstream-spec.md 4.6, step by step, on the tokenizer that knows <image> as a special token."""
+    """Upstream preprocess_qwen (train.py:587-660), step by step, on the tokenizer that knows <image> as a special
+    token."""
     image_id = ref_tok.convert_tokens_to_ids("<image>") if has_image else None
     im_start = ref_tok.convert_tokens_to_ids("<|im_start|>")
     im_end = ref_tok.convert_tokens_to_ids("<|im_end|>")

@@ -1,6 +1,7 @@
-"""ModelConfig <-> upstream config.json (LLaVA-NeXT / LLaVAction keys, upstream-spec.md 1.10) and HF llava-onevision.
+"""ModelConfig <-> upstream config.json (LLaVA-NeXT / LLaVAction keys read by
+llavaction/model/llava_arch.py and llavaction/model/language_model/llava_qwen.py) and HF llava-onevision.
 
-The LLaVAction-7B dict below is written from peers-and-facts.md 2.2-2.4 (the 0.5B excerpt's key set, the 7B training
+The LLaVAction-7B dict below is written from docs/checkpoints.md (the 0.5B excerpt's key set, the 7B training
 recipe, the LLaVA-Video-7B-Qwen2 base values); the HF llava-onevision dict mirrors llava-hf's
 llava-onevision-qwen2-0.5b-ov-hf config.json (nested configs written as diffs against their class defaults, as
 transformers 4.x does).
@@ -188,7 +189,8 @@ def test_to_upstream_preserves_v5_rope_parameters(empty_hf_home):
 
 
 def test_to_upstream_preserves_alternative_vision_tower_key(empty_hf_home):
-    """Upstream also reads the tower name from `vision_tower` (spec 1.10); a config spelled that way keeps the key."""
+    """Upstream also reads the tower name from `vision_tower` (multimodal_encoder/builder.py:
+    build_vision_tower); a config spelled that way keeps the key."""
     src = {k: v for k, v in LLAVACTION_7B.items() if k != "mm_vision_tower"}
     src["vision_tower"] = "google/siglip-so400m-patch14-384"
     cfg = ModelConfig.from_upstream(copy.deepcopy(src))
@@ -198,7 +200,8 @@ def test_to_upstream_preserves_alternative_vision_tower_key(empty_hf_home):
 
 
 def test_missing_keys_take_the_model_code_defaults(empty_hf_home):
-    """Keys absent from config.json read as upstream's getattr defaults (spec 1.10 and 6.3)."""
+    """Keys absent from config.json read as upstream's getattr defaults (llava_arch.py:
+    prepare_inputs_labels_for_multimodal, e.g. mm_newline_position -> "one_token")."""
     src = {k: v for k, v in LLAVACTION_7B.items()
            if k not in ("mm_newline_position", "mm_spatial_pool_mode", "tokenizer_model_max_length")}
     cfg = ModelConfig.from_upstream(src)

@@ -80,8 +80,8 @@ def test_datetime2sec():
 
 def test_action_ids_are_lexicographic_over_strings():
     # Upstream sorts the "v:n" strings with Python's sorted(): character codes, and ':' (58) sorts after the digits
-    # (48-57). So "0:10" < "0:2" (numeric order would say the opposite) and "10:1" < "1:0". The spec's example
-    # chain "0:2" < "1:0" < "10:1" gets the last pair wrong; the released action heads follow sorted().
+    # (48-57). So "0:10" < "0:2" (numeric order would say the opposite) and "10:1" < "1:0". A chain
+    # "0:2" < "1:0" < "10:1" gets the last pair wrong (docs/ek100.md); the released action heads follow sorted().
     ids = ek100.action_ids_in_lexicographic_order(["10:1", "1:0", "0:2", "0:10", "0:2", "2:0"])
     assert ids == {"0:10": 0, "0:2": 1, "10:1": 2, "1:0": 3, "2:0": 4}
 
@@ -194,7 +194,7 @@ def test_real_label_maps(ek100_dir):
     if (ek100_dir / ek100.TRAIN_CSV).exists():
         pytest.skip("expected counts are those of the UDA stand-ins; EPIC_100_train.csv is present")
     maps = ek100.load_label_maps(ek100_dir, train_csvs)
-    # UDA labelled train rows + validation: 2,684 verb:noun pairs (peers-and-facts.md 1)
+    # UDA labelled train rows + validation: 2,684 verb:noun pairs (docs/ek100.md)
     assert len(maps.vn2act) == 2684
     assert (len(maps.verb_keys), len(maps.noun_keys)) == (97, 305)
     assert list(maps.vn2act) == sorted(maps.vn2act)

@@ -21,9 +21,9 @@ def csv_row(uid, pid, vid, start, stop):
 
 # ---------------------------------------------------------------------------------------------- sampling rules
 def test_ek100_frame_ids_worked_examples():
-    # upstream-spec.md Appendix A: P28-P28_15 50.66-51.69 s, 30 fps, 16 frames.
+    # upstream llavaction/action/utils.py: get_frame_ids, worked example P28-P28_15 50.66-51.69 s, 30 fps, 16 frames.
     assert sampling.ek100_frame_ids(50.66, 51.69, 30, 16).tolist() == list(range(1520, 1551, 2))
-    # upstream-spec.md 2.2: 3.00-4.00 s, 30 fps, 16 frames.
+    # get_frame_ids, worked example 3.00-4.00 s, 30 fps, 16 frames.
     assert sampling.ek100_frame_ids(3.0, 4.0, 30, 16).tolist() == [
         90, 92, 94, 96, 98, 100, 102, 104, 105, 107, 109, 111, 113, 115, 117, 119]
     with pytest.raises(ValueError, match="ends before it starts"):

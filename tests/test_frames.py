@@ -16,7 +16,8 @@ def random_frames(t=3, h=48, w=64, seed=0):
 
 
 def literal_upstream_pixels(frames, height, width):
-    """upstream-spec.md Appendix B, written out: PIL bicubic, x*(1/255) in float64 -> float32, (x-0.5)/0.5."""
+    """Upstream SigLipImageProcessor.preprocess (siglip_encoder.py), written out: PIL bicubic, x*(1/255) in float64
+    -> float32, (x-0.5)/0.5."""
     out = []
     for f in frames:
         x = np.asarray(Image.fromarray(f).resize((width, height), Image.BICUBIC)).astype(np.float64) * (1 / 255)
@@ -34,7 +35,7 @@ def test_preprocess_equals_literal_reference_bitwise():
 
 
 def test_preprocess_equals_transformers_siglip_processor():
-    # The PIL-backed HF processor runs offline from a locally built config (environment.md).
+    # The PIL-backed HF processor runs offline from a locally built config (no torchvision, no hub access).
     transformers = pytest.importorskip("transformers")
     processor = transformers.SiglipImageProcessorPil(
         size={"height": 384, "width": 384}, resample=Image.Resampling.BICUBIC, do_rescale=True,

@@ -1,4 +1,5 @@
-"""Upstream's length-grouped order (upstream-spec.md 4.7) and its place in the training pipeline."""
+"""Upstream's length-grouped order (llavaction/train/llava_trainer.py: get_length_grouped_indices) and its place in
+the training pipeline."""
 
 import numpy as np
 import pytest

@@ -1,5 +1,5 @@
-"""LM loss and the vision-supervision auxiliary loss vs torch references written from upstream-spec.md 1.8
-(`llava_qwen.py:156-277`):
+"""LM loss and the vision-supervision auxiliary loss vs torch references written from upstream
+`llavaction/model/language_model/llava_qwen.py: LlavaQwenForCausalLM.forward` (lines 156-277):
 
 * LM loss: `CrossEntropyLoss()` on logits[:, :-1] vs labels[:, 1:], -100 ignored, mean over the whole batch.
 * aux loss: heads on the hidden state(s) at the action token(s) of every entry of `all_states` (embeddings, outputs of
@@ -218,7 +218,8 @@ def test_forward_losses_vs_torch(supervision, training, actions):
 
 
 def test_last_layer_weight_is_0_05():
-    """For LLaVAction's last_layer setting the spec's closed form: loss = LM + 0.05 * (0.5 CE_v + 0.5 CE_n + 0.1 CE_a)."""
+    """For LLaVAction's last_layer setting upstream's loss (LlavaQwenForCausalLM.forward) in closed form: loss = LM +
+    0.05 * (0.5 CE_v + 0.5 CE_n + 0.1 CE_a)."""
     rng = np.random.default_rng(3)
     states = rng.standard_normal((3, 2, 1, 4)).astype(np.float32)
     heads = {k: {"kernel": rng.standard_normal((4, n)).astype(np.float32)}

@@ -1,4 +1,4 @@
-"""Answer parsing (upstream's process_raw_pred + rstrip(',')) and scoring, upstream-spec.md 2.6."""
+"""Answer parsing (upstream's process_raw_pred + rstrip(',')) and scoring, llavaction/action/ek_eval.py."""
 
 import pytest
 
@@ -8,7 +8,7 @@ OPTIONS = ["A. open door", "B. close door", "C. take cup", "D. open drawer", "E.
 
 
 @pytest.mark.parametrize("raw, expected", [
-    # the spec's table
+    # worked examples of upstream's process_raw_pred
     ("C. take cup.", "take cup"),
     ("B. pick up knife. The person is holding a knife.", "pick up knife"),
     ("I think the answer is D. open drawer", "open drawer"),

@@ -1,4 +1,5 @@
-"""Prompt strings byte for byte (upstream-spec.md 2.3, 4.3, 4.5); every expected string is typed out here."""
+"""Prompt strings byte for byte (upstream llavaction/action/utils.py: format_llava_prompt,
+llavaction/train/train.py: LazySupervisedDataset._get_item); every expected string is typed out here."""
 
 import numpy as np
 import pytest

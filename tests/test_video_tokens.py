@@ -1,5 +1,6 @@
 """Video tokens: per-frame pooling vs torch, the newline layouts and action tokens vs a reference written here from
-upstream-spec.md 1.5 (`get_2dPool`, `add_token_per_grid`, `add_token_per_frame`, the one_token / no_token branches and
+upstream llavaction/model/llava_arch.py (`get_2dPool`, `add_token_per_grid`, `add_token_per_frame`, the one_token /
+no_token branches and
 the `action_supervision` concat), and the token counts of the real LLaVAction-7B geometry (27x27 patches per frame).
 
 The references never call the code under test: pooling comes from torch, layouts from explicit Python loops.
@@ -69,7 +70,8 @@ def test_bilinear_pool_is_not_antialiased_nor_align_corners():
 
 # ---------------------------------------------------------------------------------------------- layout reference
 def _ref_layout(pooled: np.ndarray, newline: np.ndarray | None, position: str) -> np.ndarray:
-    """Token list of upstream's video branch for one video, built with explicit loops (spec 1.5 step 4)."""
+    """Token list of upstream's video branch for one video, built with explicit loops (llava_arch.py:
+    prepare_inputs_labels_for_multimodal, the mm_newline_position branches)."""
     t, h, w, _ = pooled.shape
     rows = []
     if position == "grid":  # add_token_per_grid: frame-major, row-major, a newline after each row of w tokens
@@ -111,7 +113,7 @@ def test_add_newlines_matches_loop_reference(position, shape):
 
 
 def test_one_token_without_image_newline_adds_nothing():
-    """one_token appends the newline only when 'unpad' created it (spec 1.5 table)."""
+    """one_token appends the newline only when 'unpad' created it (llava_arch.py:348-360)."""
     pooled = np.arange(2 * 2 * 2 * 3, dtype=np.float32).reshape(2, 2, 2, 3)
     got = np.asarray(add_newlines(jnp.asarray(pooled), None, "one_token"))
     np.testing.assert_array_equal(got, _ref_layout(pooled, None, "one_token"))
@@ -135,7 +137,7 @@ def _ref_video_tokens(features: np.ndarray, newline, action, pool_mode: str, pos
     g = int(round(math.sqrt(n)))
     pooled = _torch_pool(features.reshape(t, g, g, d), pool_mode)  # upstream: view(T, g, g, H), row-major
     tokens = _ref_layout(pooled, newline, position)
-    if action is not None:  # action_supervision rows are concatenated after everything (spec 1.5 step 5)
+    if action is not None:  # action_supervision rows are concatenated after everything (llava_arch.py:336-364)
         tokens = np.concatenate([tokens, action], axis=0)
     return tokens
 
@@ -209,7 +211,7 @@ def test_default_config_is_llavaction_7b_geometry():
         ({"newline_position": "one_token", "vision_supervision": None}, 196, 1),  # HF-OV layout: 196*T + 1
         ({"newline_position": "one_token"}, 196, 2),  # + the newline + the action token
         ({"newline_position": "no_token", "vision_supervision": None}, 196, 0),
-        ({"pool_mode": "average", "vision_supervision": None}, 13 * 14, 0),  # spec appendix A: 182
+        ({"pool_mode": "average", "vision_supervision": None}, 13 * 14, 0),  # 13x13 pooled + 13 newlines = 182
         ({"pool_mode": "max", "vision_supervision": None}, 13 * 14, 0),
         ({"pool_mode": "average"}, 182, 1),
     ],
@@ -242,7 +244,7 @@ def test_video_tokens_real_geometry_values():
 
 
 def test_headline_counts():
-    """The spec's worked numbers, literally (spec 1.5 and appendix A)."""
+    """Worked token counts of upstream's video branch (llava_arch.py: prepare_inputs_labels_for_multimodal)."""
     sup = ModelConfig()
     plain = sup.replace(vision_supervision=None)
     assert [plain.tokens_per_video(n) for n in (1, 16, 32, 64)] == [210, 3360, 6720, 13440]

@@ -10,6 +10,8 @@ import statistics
 import time
 from typing import Callable
 
+import jax
+
 BENCHMARKS_MD = pathlib.Path(__file__).resolve().parents[2] / "BENCHMARKS.md"
 
 
@@ -28,8 +30,6 @@ def median(xs: list[float]) -> float:
 
 
 def machine() -> str:
-    import jax
-
     dev = jax.devices()[0]
     kind = getattr(dev, "device_kind", dev.platform)
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, JAX {jax.__version__} on {kind}"

@@ -27,6 +27,13 @@ import sys
 import time
 
 import numpy as np
+from absl import flags
+from PIL import Image, ImageFilter
+
+from llavaction_jax import cli
+from llavaction_jax.data import sampling
+from llavaction_jax.data.ek100 import datetime2sec
+from llavaction_jax.data.frames import FrameShards
 
 FPS, CHUNK_SECONDS, CHUNKS_PER_VIDEO, VIDEOS = 30, 15, 2, ("P01_01", "P01_02")
 WIDTH, HEIGHT, SIZE = 912, 512, 384
@@ -35,8 +42,7 @@ WIDTH, HEIGHT, SIZE = 912, 512, 384
 # ------------------------------------------------------------------------------------------------ test data
 def write_videos(root: pathlib.Path) -> None:
     """AVION-layout chunk files of a panning textured scene (detail for the decoder, motion for the encoder)."""
-    import av  # noqa: PLC0415
-    from PIL import Image, ImageFilter  # noqa: PLC0415
+    import av  # noqa: PLC0415 (PyAV: heavy optional dependency, only to write the test videos)
 
     rng = np.random.default_rng(0)
     texture = Image.fromarray(rng.integers(0, 256, (520, 1000, 3), dtype=np.uint8))
@@ -63,8 +69,6 @@ def timestamp(seconds: float) -> str:
 
 def write_segments(path: pathlib.Path, count: int, seed: int) -> list[dict]:
     """EK100 annotation CSV of ``count`` segments; returns them with times as extract-frames reads them."""
-    from llavaction_jax.data.ek100 import datetime2sec  # noqa: PLC0415
-
     rng = np.random.default_rng(seed)
     rows, segments = ["narration_id,participant_id,video_id,start_timestamp,stop_timestamp\n"], []
     for i in range(count):
@@ -81,8 +85,6 @@ def write_segments(path: pathlib.Path, count: int, seed: int) -> list[dict]:
 
 def prepare(workdir: pathlib.Path, num_frames: int, count: int, workers: int) -> tuple[list[dict], pathlib.Path, float]:
     """Videos (once), segments and their shards (once per frame count); returns segments, shard dir, extract s."""
-    from llavaction_jax import cli  # noqa: PLC0415
-
     videos = workdir / "videos"
     if not (videos / "P01" / f"{VIDEOS[-1]}.MP4" / f"{(CHUNKS_PER_VIDEO - 1) * CHUNK_SECONDS}.MP4").exists():
         write_videos(videos)
@@ -101,8 +103,10 @@ def prepare(workdir: pathlib.Path, num_frames: int, count: int, workers: int) ->
 # ------------------------------------------------------------------------------------------------ upstream path
 def upstream_pixels(frames: np.ndarray) -> np.ndarray:
     """Upstream ``SigLipImageProcessor.preprocess``: per frame, transformers' resize (PIL bicubic squash), rescale
-    (float64, cast to float32), normalize and channel-first, the functions upstream chains (upstream-spec.md 1.3);
+    (float64, cast to float32), normalize and channel-first, the functions upstream chains (siglip_encoder.py:
+    SigLipImageProcessor.preprocess);
     ``convert_to_rgb`` is a no-op on numpy frames and left out."""
+    # transformers: heavy optional dependency of the upstream side, imported where used.
     from transformers.image_transforms import normalize, rescale, resize, to_channel_dimension_format  # noqa: PLC0415
     from transformers.image_utils import (ChannelDimension, PILImageResampling,  # noqa: PLC0415
                                           infer_channel_dimension_format, to_numpy_array)
@@ -122,9 +126,7 @@ def upstream_pixels(frames: np.ndarray) -> np.ndarray:
 def upstream_clip(job: tuple) -> int:
     """avion_video_loader + the image processor for one clip; returns the frame count (pixels stay in the worker,
     as a DataLoader worker would hand them to collation)."""
-    import decord  # noqa: PLC0415
-
-    from llavaction_jax.data import sampling  # noqa: PLC0415
+    import decord  # noqa: PLC0415 (heavy optional dependency of the upstream side)
 
     root, segment, num_frames = job
     chunk_dir = os.path.join(root, "P01", f"{segment['vid']}.MP4")
@@ -140,6 +142,7 @@ def upstream_clip(job: tuple) -> int:
 
 
 def _start_worker(_) -> None:
+    # Warm-up: the imports are the point, so every pool worker pays them before the timed part.
     import decord  # noqa: F401, PLC0415
     import transformers.image_transforms  # noqa: F401, PLC0415
 
@@ -173,7 +176,8 @@ def pipeline_samples(segments: list[dict]) -> list[dict]:
 def time_pipeline(segments: list[dict], shards: pathlib.Path, workers: int, threads: int, min_frames: int) -> float:
     """Frames per second delivered by ``train_dataset`` (batch 1; timed after the first batch, so worker start-up
     is excluded as on the upstream side). Runs enough epochs over the clips to deliver ``min_frames``."""
-    from llavaction_jax.data.frames import FrameShards  # noqa: PLC0415
+    # The upstream side's spawned pool workers import this module; importing the pipeline (Grain, jax) only here
+    # keeps them as light as torch DataLoader workers.
     from llavaction_jax.data.pipeline import TrainPipelineConfig, train_dataset  # noqa: PLC0415
 
     source = FrameShards(shards)
@@ -205,11 +209,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print only; do not append to BENCHMARKS.md")
     args = parser.parse_args(argv)
 
-    from absl import flags  # noqa: PLC0415 (Grain worker processes read absl flags)
-
-    if not flags.FLAGS.is_parsed():
+    if not flags.FLAGS.is_parsed():  # Grain worker processes read absl flags
         flags.FLAGS.mark_as_parsed()
-    from llavaction_jax.bench.common import record  # noqa: PLC0415
+    from llavaction_jax.bench.common import record  # noqa: PLC0415 (imports jax; kept out of the pool workers)
 
     workdir = pathlib.Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)

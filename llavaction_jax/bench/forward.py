@@ -14,10 +14,19 @@ import os
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from llavaction_jax.bench.common import median, record, time_calls
+from llavaction_jax.config import ModelConfig
+from llavaction_jax.convert.keys import torch_to_params
+from llavaction_jax.model import llava
+from llavaction_jax.sharding import resolve_config
 
 
 def build(batch: int, frames: int, seed: int = 0):
+    # torch and transformers: heavy optional dependencies (the reference side), imported where used.
     import torch
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
 
@@ -44,15 +53,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print only; do not append to BENCHMARKS.md")
     args = parser.parse_args(argv)
 
-    import jax
-    import jax.numpy as jnp
-    import torch
-
-    from llavaction_jax.bench.common import median, record, time_calls
-    from llavaction_jax.config import ModelConfig
-    from llavaction_jax.sharding import resolve_config
-    from llavaction_jax.convert.keys import torch_to_params
-    from llavaction_jax.model import llava
+    import torch  # heavy optional dependency (the PyTorch side of the comparison), imported where used
 
     torch.set_num_threads(os.cpu_count())
     hf_cfg, model, pixels, before, after = build(args.batch, args.frames)

@@ -24,7 +24,17 @@ import os
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from llavaction_jax.bench.common import record
+from llavaction_jax.bench.forward import build
+from llavaction_jax.config import ModelConfig
+from llavaction_jax.convert.keys import torch_to_params
+from llavaction_jax.eval.generate import GenerationConfig, generate
+from llavaction_jax.eval.scoring import score_options
+from llavaction_jax.sharding import resolve_config
 
 PREFIX_LEN = 14  # "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
 VIDEO_TOKEN = 32001
@@ -50,7 +60,7 @@ def padded_batch(questions, width: int):
 
 def run_torch(model, questions, n_video: int, new_tokens: int, eos: int):
     """Upstream style: batch 1, greedy, stop at EOS or after new_tokens. Returns (seconds, generated ids)."""
-    import torch
+    import torch  # heavy optional dependency (the PyTorch side of the comparison), imported where used
 
     outputs = []
     t0 = time.perf_counter()
@@ -89,17 +99,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print only; do not append to BENCHMARKS.md")
     args = parser.parse_args(argv)
 
-    import jax
-    import jax.numpy as jnp
-    import torch
-
-    from llavaction_jax.bench.common import record
-    from llavaction_jax.bench.forward import build
-    from llavaction_jax.config import ModelConfig
-    from llavaction_jax.sharding import resolve_config
-    from llavaction_jax.convert.keys import torch_to_params
-    from llavaction_jax.eval.generate import GenerationConfig, generate
-    from llavaction_jax.eval.scoring import score_options
+    import torch  # heavy optional dependency (the PyTorch side of the comparison), imported where used
 
     torch.set_num_threads(os.cpu_count())
     hf_cfg, model, *_ = build(1, args.frames)

@@ -1,6 +1,7 @@
 """Benchmark: per-device memory of the LLaVAction-7B training step, from an AOT compile (nothing runs).
 
-The real recipe (upstream-spec.md 4.1, 4.8): LLaVAction-7B, fp32 master params with bf16 compute, AdamW over all
+The real recipe (docs/checkpoints.md; llavaction/train/llava_trainer.py: LLaVATrainer.create_optimizer):
+LLaVAction-7B, fp32 master params with bf16 compute, AdamW over all
 parameters, 64 frames (13441 visual tokens) + text = a 16384-token sequence, micro-batch 1 per data-parallel
 device, "flash" attention, remat "full". The state and batch exist only as `jax.ShapeDtypeStruct`s with their
 shardings (`train.step.state_shardings`, `init_state` via `jax.eval_shape`); the step is
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import pathlib
+import re
 import shutil
 import sys
 import tempfile
@@ -37,15 +40,24 @@ if any(a.startswith("--top-buffers") for a in sys.argv) and "--xla_dump_to" not 
 else:
     _DUMP_DIR = None
 
+# Below the XLA_FLAGS / JAX_PLATFORMS setup on purpose: jax reads them when it is imported.
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from llavaction_jax.bench.common import record  # noqa: E402
+from llavaction_jax.config import load_preset  # noqa: E402
+from llavaction_jax.model import llava  # noqa: E402
+from llavaction_jax.model.params import abstract_params  # noqa: E402
+from llavaction_jax.sharding import batch_sharding, make_mesh  # noqa: E402
+from llavaction_jax.train.optim import OptimizerConfig, make_optimizer, param_groups  # noqa: E402
+from llavaction_jax.train.step import init_state, jit_train_step, make_train_step, state_shardings  # noqa: E402
+
 MESHES = {"fsdp8": dict(data=1, fsdp=8, tensor=1), "fsdp4_tp2": dict(data=1, fsdp=4, tensor=2)}
 BUDGET = 80e9  # bytes: "80 GB" taken as 80e9 (74.5 GiB), below an H100's 79.6 GiB, so a fit is conservative
 GIB = 2**30
 
 
 def abstract_batch(cfg, batch: int, text_len: int, frames: int) -> dict:
-    import jax
-    import jax.numpy as jnp
-
     s = cfg.vision.image_size
     shapes = {"input_ids": ((batch, text_len), jnp.int32), "attention_mask": ((batch, text_len), jnp.bool_),
               "labels": ((batch, text_len), jnp.int32), "pixel_values": ((batch, frames, 3, s, s), jnp.float32),
@@ -55,16 +67,6 @@ def abstract_batch(cfg, batch: int, text_len: int, frames: int) -> dict:
 
 def compile_step(policy: str, mesh_name: str, frames: int, seq: int, micro_batches: int):
     """AOT-compile the 7B step; returns (facts dict, compiled)."""
-    import jax
-    import jax.numpy as jnp
-
-    from llavaction_jax.config import load_preset
-    from llavaction_jax.model import llava
-    from llavaction_jax.model.params import abstract_params
-    from llavaction_jax.sharding import batch_sharding, make_mesh
-    from llavaction_jax.train.optim import OptimizerConfig, make_optimizer, param_groups
-    from llavaction_jax.train.step import init_state, jit_train_step, make_train_step, state_shardings
-
     # Compiled for accelerator-like use, never run: the execution fields are set as a GPU run resolves them
     # (chunked loss, sharded work inside loops, every frame at once), not as this CPU would.
     cfg = load_preset("llavaction_7b", {"param_dtype": "float32", "compute_dtype": "bfloat16", "attention": "flash",
@@ -110,9 +112,6 @@ def compile_step(policy: str, mesh_name: str, frames: int, seq: int, micro_batch
 
 def largest_temp_buffers(dump_dir: str, seen: set, n: int) -> list[str]:
     """The n largest distinct buffers (by offset) in the temp allocation of the newest dumped jit_step module."""
-    import pathlib
-    import re
-
     files = [p for p in pathlib.Path(dump_dir).glob("*jit_step*after_optimizations-buffer-assignment.txt") if p not in seen]
     if not files:
         return []
@@ -150,10 +149,6 @@ def main(argv=None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print only; do not append to BENCHMARKS.md")
     args = parser.parse_args(argv)
     load_start = os.getloadavg()
-
-    import jax
-
-    from llavaction_jax.bench.common import record
 
     if jax.device_count() < 8:
         raise SystemExit(f"need 8 (virtual) devices, have {jax.device_count()}: run in a fresh process "

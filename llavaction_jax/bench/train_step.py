@@ -22,7 +22,17 @@ import os
 import sys
 import time
 
+import jax
 import numpy as np
+
+from llavaction_jax.bench.common import median, record
+from llavaction_jax.bench.forward import build
+from llavaction_jax.config import ModelConfig
+from llavaction_jax.convert.keys import torch_to_params
+from llavaction_jax.sharding import resolve_config
+from llavaction_jax.train import metrics
+from llavaction_jax.train.optim import OptimizerConfig, make_optimizer, param_groups
+from llavaction_jax.train.step import init_state, jit_train_step, make_train_step
 
 PROMPT, ANSWER = 40, 60  # text tokens before / after the video placeholder; the answer tokens are the targets
 
@@ -45,7 +55,7 @@ def jax_batch(raw: dict) -> dict:
 
 
 def torch_batch(raw: dict, n_video: int, video_token: int) -> dict:
-    import torch
+    import torch  # heavy optional dependency (the PyTorch side of the comparison), imported where used
 
     b = raw["before"].shape[0]
     ids = np.concatenate([raw["before"], np.full((b, n_video), video_token), raw["after"]], axis=1)
@@ -56,6 +66,7 @@ def torch_batch(raw: dict, n_video: int, video_token: int) -> dict:
 
 def torch_optimizer(model, opt_cfg, foreach: bool | None):
     """torch AdamW with upstream's groups (names containing `vision_tower` get the vision LR) and HF's schedule."""
+    # torch and transformers: heavy optional dependencies (the reference side), imported where used.
     import torch
     from transformers import get_cosine_schedule_with_warmup
 
@@ -77,17 +88,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     load_start = os.getloadavg()
 
-    import jax
-    import torch
-
-    from llavaction_jax.bench.common import median, record
-    from llavaction_jax.bench.forward import build
-    from llavaction_jax.config import ModelConfig
-    from llavaction_jax.sharding import resolve_config
-    from llavaction_jax.convert.keys import torch_to_params
-    from llavaction_jax.train import metrics
-    from llavaction_jax.train.optim import OptimizerConfig, make_optimizer, param_groups
-    from llavaction_jax.train.step import init_state, jit_train_step, make_train_step
+    import torch  # heavy optional dependency (the PyTorch side of the comparison), imported where used
 
     torch.set_num_threads(os.cpu_count())
     hf_cfg, model, _, _, _ = build(args.batch, 1)

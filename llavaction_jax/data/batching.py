@@ -30,7 +30,7 @@ from llavaction_jax.data.train_sample import Skipped
 
 logger = logging.getLogger(__name__)
 
-QWEN_PAD_ID = 151643  # <|endoftext|>, Qwen2's pad token (upstream-spec.md 4.7)
+QWEN_PAD_ID = 151643  # <|endoftext|>, Qwen2's pad token (llavaction/train/train.py: DataCollatorForSupervisedDataset)
 MODEL_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "actions", "has_video")
 _TEXT_PAD = {"input_ids": None, "attention_mask": False, "labels": IGNORE_INDEX}  # None: the pad id
 

@@ -1,6 +1,7 @@
 """Qwen ChatML conversations: the prompt template, image-placeholder tokenization, and training labels.
 
-Everything here reproduces upstream LLaVAction byte for byte (upstream-spec.md 2.3, 2.4, 4.5, 4.6):
+Everything here reproduces upstream LLaVAction byte for byte (llavaction/conversation.py: conv_qwen,
+llavaction/mm_utils.py: tokenizer_image_token, llavaction/train/train.py: preprocess_multimodal, preprocess_qwen):
 
 * the ``qwen_1_5`` conversation template: system "You are a helpful assistant.", each message rendered as
   ``<|im_start|>{role}\\n{content}<|im_end|>\\n``, the generation prompt ``<|im_start|>assistant\\n``;
@@ -93,7 +94,7 @@ def preprocess_qwen(
     sample_id: object = None,
     system_message: str = SYSTEM_MESSAGE,
 ) -> TokenizedConversation:
-    """Training ids and labels exactly as upstream ``preprocess_qwen`` (upstream-spec.md 4.6).
+    """Training ids and labels exactly as upstream ``preprocess_qwen`` (llavaction/train/train.py:587-660).
 
     ``conversations``: LLaVA messages ({"from": "human"|"gpt", "value": ...} or {"role", "content"}). A leading
     message that is not from the user is dropped (upstream does the same). With ``has_image`` the user text must

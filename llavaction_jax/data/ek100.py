@@ -1,10 +1,10 @@
 """EPIC-KITCHENS-100 annotations: CSV loading, label maps, action representations, prediction files.
 
-Follows upstream's `generate_label_map` / `parse_vn_ids` (upstream-spec.md 3.1-3.4):
+Follows upstream's `generate_label_map` / `parse_vn_ids` (llavaction/action/utils.py):
 * an action is the string ``"verb_class:noun_class"`` ("v:n"); action ids number the v:n strings of train + validation
   sorted **as strings** by Python's ``sorted`` ("0:10" < "0:2" < "10:1" < "1:0": ':' sorts after the digits), which is
-  how the released action heads were trained (upstream-spec.md 1.9's example puts "1:0" before "10:1"; that is not
-  what ``sorted`` does);
+  how the released action heads were trained (an order that puts "1:0" before "10:1" is not
+  what ``sorted`` does; docs/ek100.md);
 * ``vn2narrations[vn]`` lists every narration of that pair, train rows first, with repetitions, so a uniform draw
   from it is frequency-weighted like upstream's ``random.choice``;
 * noun keys ``"a:b:c"`` read ``"b c a"`` (``"pan:frying"`` -> ``"frying pan"``).
@@ -30,7 +30,7 @@ ANNOTATION_COLUMNS = ("narration_id", "participant_id", "video_id", "start_times
 VALIDATION_CSV = "EPIC_100_validation.csv"
 TRAIN_CSV = "EPIC_100_train.csv"
 # Labelled train-split rows published with the UDA challenge; they stand in for EPIC_100_train.csv where that file
-# is missing (about 43% of the train segments, see peers-and-facts.md 1). None of them overlap validation.
+# is missing (about 43% of the train segments, see docs/ek100.md). None of them overlap validation.
 UDA_TRAIN_STAND_INS = ("UDA_annotations/EPIC_100_uda_source_train.csv",
                        "UDA_annotations/EPIC_100_uda_source_val.csv",
                        "UDA_annotations/EPIC_100_uda_target_val.csv")
@@ -238,7 +238,8 @@ def item_rng(seed: int, uid: str, *salt: str | int) -> np.random.Generator:
     """The RNG of one question/sample: a function of (seed, uid, salt) only.
 
     Upstream draws every question from one global stream, so its benchmark depends on the order and number of
-    processes (upstream-spec.md 3.5, 6.11). Deriving each item's stream from its uid makes the output independent of
+    processes (``random.seed(42)`` at import of llavaction/action/utils.py; llavaction/action/ek_eval.py:
+    evaluate_on_EK100). Deriving each item's stream from its uid makes the output independent of
     process count, slicing and iteration order.
     """
     entropy = [int(seed), stable_hash(uid)] + [stable_hash(s) if isinstance(s, str) else int(s) for s in salt]
@@ -254,7 +255,8 @@ class ActionPredictions:
 
 
 def load_predictions(path: str | pathlib.Path) -> dict[int, ActionPredictions]:
-    """Read ``{"<row index>": {"predictions": ["v:n", ...], "target": "v:n"}, ...}`` (upstream-spec.md 3.4)."""
+    """Read ``{"<row index>": {"predictions": ["v:n", ...], "target": "v:n"}, ...}`` (as upstream
+    llavaction/action/dataset.py: VideoMultiChoiceDataset reads it)."""
     path = pathlib.Path(path)
     try:
         with open(path, encoding="utf-8") as f:

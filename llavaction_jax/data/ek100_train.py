@@ -1,4 +1,7 @@
-"""EK100 training samples as LLaVA-style conversations (upstream-spec.md 3.4, 3.7, 4.3, 4.5).
+"""EK100 training samples as LLaVA-style conversations (upstream llavaction/action/utils.py:
+AvionMultiChoiceGenerator.train_generate,
+llavaction/action/generate_interval_pred.py, llavaction/action/generate_description.py,
+llavaction/train/train.py: LazySupervisedDataset._get_item).
 
 Upstream writes the samples in two steps: data generation stores option lists (``generate_description.py``,
 ``generate_temporal_detection_data.py``), and the training dataset turns them into prompts at load time

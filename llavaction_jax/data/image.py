@@ -1,4 +1,5 @@
-"""Frame preprocessing exactly as upstream's ``SigLipImageProcessor`` (upstream-spec.md 1.3).
+"""Frame preprocessing exactly as upstream's ``SigLipImageProcessor``
+(llavaction/model/multimodal_encoder/siglip_encoder.py: SigLipImageProcessor.preprocess).
 
 Two halves, because they run at different times: ``resize_frames`` (uint8 -> uint8, PIL bicubic squash) runs once
 at extraction so shards hold 384x384 frames; ``normalize_frames`` (uint8 -> float32 in [-1, 1], channel first)

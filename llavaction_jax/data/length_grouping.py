@@ -1,4 +1,5 @@
-"""Upstream's length-grouped sample order (`group_by_modality_length=True`, upstream-spec.md 4.7).
+"""Upstream's length-grouped sample order (`group_by_modality_length=True`; upstream
+llavaction/train/llava_trainer.py: LengthGroupedSampler, get_length_grouped_indices).
 
 Upstream's `LengthGroupedSampler` draws a random permutation, cuts it into megabatches of one optimizer step
 (world x accumulation x per-device batch), sorts each megabatch by length (longest first) and splits it into

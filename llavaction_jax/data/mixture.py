@@ -1,6 +1,6 @@
 """Training data mixtures: upstream's data YAML and LLaVA conversation JSON / JSONL files -> one list of samples.
 
-Accepted ``data_path`` forms (upstream ``LazySupervisedDataset.__init__``, upstream-spec.md 4.2):
+Accepted ``data_path`` forms (upstream ``LazySupervisedDataset.__init__``, llavaction/train/train.py:998-1066):
 
 * ``mix.yaml``::
 
@@ -110,7 +110,7 @@ def check_sample(item, where: str) -> dict:
         value = item.get(key)
         if value is not None:
             try:
-                float(value)  # temporal-detection files store times as strings (upstream-spec.md 4.3)
+                float(value)  # temporal-detection files store times as strings (generate_temporal_detection_data.py)
             except (TypeError, ValueError):
                 raise MixtureError(f"{where}: {key!r} must be a number of seconds, got {value!r}") from None
     return {**item, SOURCE_KEY: where}
@@ -157,7 +157,7 @@ def apply_sampling_strategy(samples: list, strategy: str, seed: int = 0) -> list
 
 
 def _load_yaml(path: pathlib.Path, seed: int) -> list[dict]:
-    import yaml  # noqa: PLC0415 (only YAML mixtures need it)
+    import yaml  # noqa: PLC0415 (optional, not in requirements.txt: only YAML mixtures need it)
 
     if not path.is_file():
         raise MixtureError(f"mixture file {path} does not exist")

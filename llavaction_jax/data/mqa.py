@@ -1,12 +1,14 @@
-"""``build-mqa``: the EK100-MQA question file (upstream-spec.md 3).
+"""``build-mqa``: the EK100-MQA question file (upstream: llavaction/action/utils.py: AvionMultiChoiceGenerator,
+RandomMultiChoiceGenerator, used by llavaction/action/ek_eval.py: evaluate_on_EK100).
 
 Upstream re-derives its questions at evaluation time from one global RNG stream, so the benchmark instance depends on
-the number of processes and on the order in which they consume the stream (spec 3.5, 6.11). We build the questions
-once and store them. Each question draws from its own generator, ``np.random.default_rng([seed, sha256(uid)])``
+the number of processes and on the order in which they consume the stream (``random.seed(42)`` at import of
+llavaction/action/utils.py, one stream per rank in ek_eval.py: evaluate_on_EK100). We build the questions once and
+store them. Each question draws from its own generator, ``np.random.default_rng([seed, sha256(uid)])``
 (:func:`ek100.item_rng`): the file is a function of the seed and the inputs only, whatever the slicing. This is a
-deliberate difference from upstream, and it comes with two fixes of upstream bugs (spec 6.11): random distractors
-never include the ground truth (upstream's may, giving the GT twice), and no two options of a question show the same
-text (``--no-distinct-options`` turns that off).
+deliberate difference from upstream, and it comes with two fixes of upstream bugs (utils.py:
+RandomMultiChoiceGenerator): random distractors never include the ground truth (upstream's may, giving the GT
+twice), and no two options of a question show the same text (``--no-distinct-options`` turns that off).
 
 Output: a JSONL file with one question per line (schema in :func:`build_question`) and a sidecar
 ``<output>.meta.json`` with the seed, the settings, the inputs and the counts.

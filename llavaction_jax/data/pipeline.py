@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 
 import grain
+import jax
 import numpy as np
 
 from llavaction_jax.data.batching import QWEN_PAD_ID, PaddedBatchIterDataset, power_of_two_buckets
@@ -69,8 +70,6 @@ class DecodeClip(grain.transforms.Map):
 
 def _process_layout(process_index: int | None, process_count: int | None) -> tuple[int, int]:
     if process_index is None or process_count is None:
-        import jax  # noqa: PLC0415 (only needed when the caller leaves the process layout to JAX)
-
         process_index, process_count = jax.process_index(), jax.process_count()
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")

@@ -1,4 +1,6 @@
-"""Every prompt string of LLaVAction, byte for byte (upstream-spec.md 2.3, 4.3, 4.5).
+"""Every prompt string of LLaVAction, byte for byte (upstream llavaction/action/utils.py: format_llava_prompt,
+format_time_instruction, format_task_related_prompt; llavaction/train/train.py: LazySupervisedDataset._get_item;
+llavaction/action/generate_temporal_detection_data.py).
 
 Upstream's quirks are kept on purpose because the released checkpoints were trained on them:
 * the time instruction ends without a space and is glued to the task prompt ("...from it.You are seeing...");

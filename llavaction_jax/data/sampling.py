@@ -1,10 +1,10 @@
 """Which frames of a video a clip uses: upstream's two sampling rules and the chunked-video index mapping.
 
-* EK100 (``avion_video_loader`` / ``get_frame_ids``, upstream-spec.md 2.2): the midpoints of ``num_frames`` equal
+* EK100 (``avion_video_loader`` / ``get_frame_ids``, llavaction/action/utils.py): the midpoints of ``num_frames`` equal
   segments of ``[round(start*fps), round(end*fps)]``, truncated to int.
 * AVION-style chunked videos: ``{root}/{pid}/{vid}.MP4/{chunk_start}.MP4`` files of ``chunk_len`` = 15 s; the
   absolute frame ids are split over the chunks they fall in, relative to each chunk's first frame.
-* LLaVA-Video (``process_video_with_decord``, upstream-spec.md 4.4): about ``video_fps`` frames per second; more
+* LLaVA-Video (``process_video_with_decord``, llavaction/utils.py): about ``video_fps`` frames per second; more
   than ``frames_upbound`` frames (or ``force_sample``) switches to ``np.linspace`` over the range.
 
 Pure functions of numbers; opening files is the caller's job (``chunk_frame_count`` below is a callback).
@@ -86,7 +86,8 @@ def chunked_clip(
     start_sec: float, end_sec: float, fps: float, num_frames: int, chunk_frame_count: Callable[[int], int | None],
     chunk_len: int = CHUNK_SECONDS, jitter: bool = False, rng: np.random.Generator | None = None,
 ) -> ChunkedClip:
-    """Upstream ``avion_video_loader``'s index arithmetic (upstream-spec.md 2.2 steps 2-5).
+    """Upstream ``avion_video_loader``'s index arithmetic (llavaction/action/utils.py: avion_video_loader, chunk
+    bounds, end clamp, frame ids, per-chunk relative ids).
 
     ``chunk_frame_count(chunk_start)`` returns the number of frames of chunk file ``{chunk_start}.MP4``, or None
     when that file does not exist. The last chunk is the one holding ``end_sec``, stepped back while missing (the

@@ -14,7 +14,8 @@ A sample without ``video`` (and without ``uid``) is text-only: ``has_video`` Fal
 zero pixels. When the sample gives times, the stored clip must cover the same window (to 0.01 s), which catches a
 sample joined to the wrong clip.
 
-Text follows upstream's ``_get_item`` (upstream-spec.md 4.4-4.6): non-EK100 videos get LLaVA-Video's time
+Text follows upstream's ``_get_item`` (llavaction/train/train.py: LazySupervisedDataset._get_item): non-EK100 videos
+get LLaVA-Video's time
 instruction (``add_time_instruction``, on by default as upstream), then ``preprocess_multimodal`` moves a lone
 ``<image>`` to the front, then ``preprocess_qwen`` gives ids and labels, truncated to ``max_length``.
 """
@@ -33,6 +34,7 @@ from llavaction_jax.data import chat, prompts
 from llavaction_jax.data.frames import ClipRecord, FrameShards, decode_frames
 from llavaction_jax.data.image import SIGLIP_SIZE, resize_frames
 from llavaction_jax.data.mixture import SOURCE_KEY
+from llavaction_jax.data.tokenizer import load_qwen_tokenizer
 
 NO_ACTIONS = (-1, -1, -1)  # upstream's actions for samples without verb/noun/action ids
 ON_BAD_SAMPLE = ("error", "skip")
@@ -96,8 +98,6 @@ def cached_tokenizer(path: str | None = None):
 
 @functools.lru_cache(maxsize=4)
 def _load_tokenizer(path: str | None):
-    from llavaction_jax.data.tokenizer import load_qwen_tokenizer  # noqa: PLC0415 (transformers is heavy)
-
     return load_qwen_tokenizer(path)
 
 

@@ -26,7 +26,7 @@ class _DecordVideo:
 
 class _PyAVVideo:
     def __init__(self, path: str):
-        import av  # noqa: PLC0415
+        import av  # noqa: PLC0415 (optional dependency, imported where used)
 
         self._path = path
         with av.open(path) as container:
@@ -35,7 +35,7 @@ class _PyAVVideo:
             self.num_frames = stream.frames or sum(1 for _ in container.decode(video=0))
 
     def get(self, ids) -> np.ndarray:
-        import av  # noqa: PLC0415
+        import av  # noqa: PLC0415 (optional dependency, imported where used)
 
         wanted, found = set(ids), {}
         with av.open(self._path) as container:  # decode from the start: frame numbers stay exact, unlike seeking

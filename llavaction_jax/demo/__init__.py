@@ -19,6 +19,16 @@ import pathlib
 import shutil
 import time
 
+from llavaction_jax.api import LlavaModel
+from llavaction_jax.cli import main as cli_main
+from llavaction_jax.config import load_preset
+from llavaction_jax.data import ek100, ek100_train
+from llavaction_jax.data.chat import SYSTEM_MESSAGE
+from llavaction_jax.data.tokenizer import load_qwen_tokenizer, train_chatml_tokenizer
+from llavaction_jax.demo.synthetic import NOUNS, VERBS, SyntheticSpec, write_dataset
+from llavaction_jax.recipes import load_recipe
+from llavaction_jax.train.loop import train
+
 MARKER = ".llavaction_demo"
 
 
@@ -56,16 +66,12 @@ class Stages:
 
 
 def _cli(argv: list[str]) -> None:
-    from llavaction_jax.cli import main
-
-    code = main(argv)
+    code = cli_main(argv)
     if code != 0:
         raise SystemExit(f"demo: stage `{' '.join(argv[:2])}` failed with exit status {code}")
 
 
 def make_training_samples(annotations: pathlib.Path, frames: int, out: pathlib.Path) -> int:
-    from llavaction_jax.data import ek100, ek100_train
-
     maps = ek100.load_label_maps(annotations, train_csvs=[annotations / ek100.TRAIN_CSV])
     segments = ek100.read_annotation_csv(annotations / ek100.TRAIN_CSV)
     settings = ek100_train.TrainSampleSettings(n_options=5, include_time_instruction=True, n_frames=frames)
@@ -75,9 +81,6 @@ def make_training_samples(annotations: pathlib.Path, frames: int, out: pathlib.P
 
 
 def make_tokenizer(samples: pathlib.Path, questions: pathlib.Path, out: pathlib.Path, vocab_size: int) -> int:
-    from llavaction_jax.data.chat import SYSTEM_MESSAGE
-    from llavaction_jax.data.tokenizer import load_qwen_tokenizer, train_chatml_tokenizer
-
     texts = [SYSTEM_MESSAGE, "system user assistant"]
     for line in samples.read_text().splitlines():
         texts += [turn["value"] for turn in json.loads(line)["conversations"]]
@@ -96,13 +99,6 @@ def accuracy(results_dir: pathlib.Path) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llavaction_jax.api import LlavaModel
-    from llavaction_jax.config import load_preset
-    from llavaction_jax.data.tokenizer import load_qwen_tokenizer
-    from llavaction_jax.demo.synthetic import NOUNS, VERBS, SyntheticSpec, write_dataset
-    from llavaction_jax.recipes import load_recipe
-    from llavaction_jax.train.loop import train
-
     out = pathlib.Path(args.out).absolute()
     prepare_out_dir(out)
     stages = Stages()

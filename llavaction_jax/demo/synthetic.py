@@ -79,7 +79,7 @@ def _timestamp(seconds: float) -> str:
 
 def write_dataset(root: str | pathlib.Path, spec: SyntheticSpec = SyntheticSpec()) -> dict:
     """Write videos and CSVs under `root`; returns counts. Train and validation use different participants."""
-    import av
+    import av  # PyAV: optional dependency, needed only to write the demo videos
 
     root = pathlib.Path(root)
     rng = np.random.default_rng(spec.seed)

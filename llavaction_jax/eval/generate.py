@@ -32,7 +32,8 @@ class GenerationConfig:
     pad_id: int = QWEN_ENDOFTEXT
     temperature: float = 0.0  # 0 = greedy, as upstream
     top_p: float = 1.0
-    vocab_limit: int | None = None  # slice logits to len(tokenizer), as upstream's resize at load (spec 1.12)
+    # Slice logits to len(tokenizer), as upstream's resize at load (llavaction/model/builder.py: load_pretrained_model).
+    vocab_limit: int | None = None
 
 
 def select_token(logits: jax.Array, gen: GenerationConfig, key: jax.Array | None) -> jax.Array:

@@ -1,4 +1,5 @@
-"""Answer parsing and scoring of EK100-MQA (upstream-spec.md 2.6).
+"""Answer parsing and scoring of EK100-MQA (upstream llavaction/action/ek_eval.py: process_raw_pred,
+ensemble_llava_evaluation).
 
 Upstream's metric is exact equality of the parsed answer *text* with the ground-truth text; the letter metric is ours
 (more robust to a model that answers "B" alone) and is reported beside it, never instead of it.

@@ -11,7 +11,8 @@ Two formats:
   ``"{video}_{start:.2f}_{end:.2f}"`` (the first that is a frame-shard uid; these are the names ``extract-frames
   --jsonl`` gives); optional ``category`` / ``task_type`` / ``type`` for a per-category breakdown.
   The prompt is the question, the lettered options one per line and a closing instruction, behind LLaVA-Video's
-  time instruction (data/prompts.llava_video_time_prompt; upstream-spec.md 4.5) stating the clip's duration and the
+  time instruction (data/prompts.llava_video_time_prompt; upstream llavaction/train/train.py:
+  LazySupervisedDataset._get_item) stating the clip's duration and the
   number of frames the model sees.
 """
 

@@ -66,7 +66,8 @@ def check_tokenizer_fits(cfg, tokenizer) -> None:
 
 def generation_config(tokenizer, max_new_tokens: int, vocab_size: int, model_dir: str | None):
     """Greedy, EOS = <|im_end|> and <|endoftext|> (+ the checkpoint's generation_config.json eos ids), logits cut to
-    len(tokenizer) as upstream's resize at load does (upstream-spec.md 1.12)."""
+    len(tokenizer) as upstream's resize at load does (llavaction/model/builder.py:
+    load_pretrained_model)."""
     from llavaction_jax.eval.generate import GenerationConfig
 
     im_end, endoftext = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])

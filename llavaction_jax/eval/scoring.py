@@ -1,8 +1,10 @@
 """Option scoring: the log-likelihood of every answer option given the video and the prompt (beyond upstream).
 
-Upstream only generates an answer and parses it (spec 2.5-2.6). Scoring instead asks the model how likely it is to
+Upstream only generates an answer and parses it (llavaction/action/llava_inference.py: llava_inference,
+llavaction/action/ek_eval.py: process_raw_pred). Scoring instead asks the model how likely it is to
 answer with each option, exactly as it was trained to answer: the assistant turn of an EK100 MQA training sample is
-``"{letter}. {answer}"`` followed by ``<|im_end|>`` (spec 4.3, 4.6). So the continuation scored for option
+``"{letter}. {answer}"`` followed by ``<|im_end|>`` (llavaction/action/generate_description.py,
+llavaction/train/train.py: preprocess_qwen). So the continuation scored for option
 ``"C. open door"`` is the token ids of ``"C. open door"`` then the ``<|im_end|>`` id, appended right after the
 prompt (which ends with ``"<|im_start|>assistant\\n"``). Tokenizing the option on its own gives the same ids as
 tokenizing prompt + option together, because Qwen2's pre-tokenizer never merges the prompt's final ``"\\n"`` into

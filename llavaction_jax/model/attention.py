@@ -152,6 +152,7 @@ def splash_attention(q, k, v, *, k_valid=None, causal: bool = False, interpret: 
     problem = splash_unsupported(q, k, None if interpret else platform)
     if problem:
         raise ValueError(f"attention impl 'splash' cannot run here: {problem}. Use 'flash' or 'auto'.")
+    # TPU Pallas kernels: imported only when splash is chosen, so other backends never load them.
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 

@@ -77,7 +77,8 @@ def frames_per_step(cfg: ModelConfig, batch: int, frames: int) -> int:
 def encode_videos(params: dict, pixel_values: jax.Array, cfg: ModelConfig) -> jax.Array:
     """(B, T, C, H, W) frames -> (B, V, H) visual tokens, V = cfg.tokens_per_video(T).
 
-    SigLIP, the projector (on all patches, before pooling: spec 1.4) and pooling run per frame, `frames_per_step`
+    SigLIP, the projector (on all patches, before pooling: llavaction/model/llava_arch.py:
+    LlavaMetaForCausalLM.encode_images) and pooling run per frame, `frames_per_step`
     frames of every video at a time in a `lax.map`; the newline layout and action tokens then see whole videos."""
     b, t = pixel_values.shape[:2]
     dtype = jnp.dtype(cfg.compute_dtype)
@@ -101,7 +102,8 @@ def encode_videos(params: dict, pixel_values: jax.Array, cfg: ModelConfig) -> ja
 
 def splice_visual_tokens(text_embeds, input_ids, labels, attention_mask, visual, has_video, out_len: int,
                          num_action_positions: int) -> Spliced:
-    """Replace each sample's single -200 placeholder by its visual tokens (upstream-spec.md 1.6).
+    """Replace each sample's single -200 placeholder by its visual tokens (upstream
+    llavaction/model/llava_arch.py: prepare_inputs_labels_for_multimodal, lines 437-588).
 
     Padding is removed with the attention mask first (any side), the result is right-padded to `out_len` and
     truncated there. Visual positions get label -100. Positions run 0..len-1 on real tokens.

@@ -1,6 +1,7 @@
 """Qwen2 decoder: RMSNorm, RoPE, grouped-query attention with q/k/v bias, SwiGLU, tied or untied lm_head.
 
-Numerics follow transformers' Qwen2 as used upstream (upstream-spec.md 1.8): RMSNorm statistics in fp32,
+Numerics follow transformers' Qwen2 as used upstream (transformers 4.40's Qwen2Model under
+llavaction/model/language_model/llava_qwen.py: LlavaQwenForCausalLM): RMSNorm statistics in fp32,
 RoPE tables in fp32, softmax in fp32, logits in fp32. Layers are stacked and run with `lax.scan`.
 """
 

@@ -1,7 +1,8 @@
 """SigLIP vision tower as LLaVA uses it: patch embedding + learned positions, pre-LN encoder, no CLS, no head.
 
 LLaVA deletes SigLIP's last encoder layer and reads the last remaining hidden state without `post_layernorm`
-(upstream-spec.md 1.2). Here that is `VisionConfig.num_layers` (derived from `mm_vision_select_layer`): we run
+(llavaction/model/multimodal_encoder/siglip_encoder.py: SigLipVisionTower.load_model). Here that is
+`VisionConfig.num_layers` (derived from `mm_vision_select_layer`): we run
 exactly that many layers and return their output; `post_layernorm` is never part of the params.
 """
 

@@ -1,6 +1,7 @@
 """Visual tokens of a video: per-frame 2-D pooling, the newline layout, then the learned action token(s).
 
-Order follows upstream (`llava_arch.py`, upstream-spec.md 1.5): the projector has already run on every patch;
+Order follows upstream (`llavaction/model/llava_arch.py: prepare_inputs_labels_for_multimodal`): the projector has
+already run on every patch;
 each frame's g x g grid is pooled with stride 2, newline vectors are inserted according to
 `mm_newline_position`, frames are concatenated frame-major, and `action_supervision` rows are appended last.
 """

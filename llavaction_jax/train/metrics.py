@@ -12,6 +12,8 @@ import socket
 import struct
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from llavaction_jax.config import ModelConfig
@@ -115,9 +117,6 @@ def peak_flops_per_device(device) -> float | None:
 
 def measure_matmul_peak(size: int = 1024, repeats: int = 5) -> float:
     """FLOP/s of a jitted square matmul on the default device (the CPU 'peak' used for MFU on this machine)."""
-    import jax
-    import jax.numpy as jnp
-
     x = jnp.ones((size, size), jnp.float32)
     f = jax.jit(lambda a: a @ a)
     f(x).block_until_ready()

@@ -1,6 +1,7 @@
 """Optimizer: AdamW with upstream's parameter groups, learning rates, decay mask, schedule and clipping.
 
-Upstream (upstream-spec.md 4.8): `mm_tunable_parts` picks what trains — `mm_vision_tower` (SigLIP),
+Upstream (llavaction/train/train.py: train, llavaction/train/llava_trainer.py: LLaVATrainer.create_optimizer):
+`mm_tunable_parts` picks what trains — `mm_vision_tower` (SigLIP),
 `mm_mlp_adapter` (the projector) and `mm_language_model` (everything else: Qwen2, embeddings, lm_head,
 image_newline, action_supervision, the heads). The vision tower may have its own LR (2e-6 for LLaVAction), the
 projector too (`mm_projector_lr`, None = base). Weight decay (0 by default) skips biases and LayerNorm parameters;
@@ -59,7 +60,7 @@ def trainable_groups(tunable_parts: str) -> set[str]:
 
 
 def param_groups(params: dict, cfg: OptimizerConfig) -> dict:
-    """Tree of group labels ("vision" / "projector" / "llm" / "frozen")."""
+    """Tree of group names ("vision" / "projector" / "llm" / "frozen"), one per parameter."""
     trainable = trainable_groups(cfg.tunable_parts)
     flat = flatten_paths(params)
     return unflatten_paths({p: (g if (g := group_of(p)) in trainable else "frozen") for p in flat})
