@@ -1,5 +1,5 @@
 """The training losses, apart from the model: LM cross-entropy and the vision-supervision auxiliary loss
-(`llava/model/language_model/llava_qwen.py: LlavaQwenForCausalLM.forward`). The train step and the public API both
+(`llavaction/model/language_model/llava_qwen.py: LlavaQwenForCausalLM.forward`). The train step and the public API both
 call `compute_losses` on the model's `ModelOutput`.
 """
 

@@ -17,7 +17,7 @@ included) and checks names and shapes against the config before anything is read
   the destination and renamed into place at the end (`staging.py`).
 
 Vocabulary: every embedding row is kept (152064 for 7B). Upstream shrinks `embed_tokens` / `lm_head` to
-`len(tokenizer)` = 151646 at load (upstream `llava/model/builder.py: load_pretrained_model` resizes the token
+`len(tokenizer)` = 151646 at load (upstream `llavaction/model/builder.py: load_pretrained_model` resizes the token
 embeddings); pass `vocab_limit=151646` to `LlavaModel.__call__` / `llava.forward` to slice logits the same way
 (evaluation does), which only matters if argmax would land in the untrained padding rows.
 """

@@ -1,7 +1,7 @@
 """Key tables between PyTorch state dicts and our params tree, in both directions from one rule table.
 
 Every source layout is first normalised to the upstream LLaVA-NeXT / LLaVAction key names (the state dict of
-upstream `llava/model/language_model/llava_qwen.py: LlavaQwenForCausalLM`); one table of templates then maps
+upstream `llavaction/model/language_model/llava_qwen.py: LlavaQwenForCausalLM`); one table of templates then maps
 those onto our parameter paths. Each rule is written once, as an (upstream key template, our path template,
 transform) triple, and read both ways: `map_key` matches a key and fills in our path; `expected_keys` starts
 from our parameter specs (`llava.param_specs(cfg)`) and fills in the upstream keys, so the list of keys a
@@ -57,7 +57,7 @@ PERMS = {T: (1, 0), CONV: (2, 3, 1, 0)}  # ours = torch.transpose(PERM); a SAME 
 # (upstream key template, our path template, transform), in upstream state-dict order (which is the order the
 # export writes). In templates, "V:" is VISION_PREFIX; {i} is the layer index (our stacked axis); {a|b|c} is a
 # choice made the same way in the key and the path; {p} is the projector's torch Sequential index 0, 2, 4, ...
-# in the key and Linear number 1, 2, 3, ... in the path (upstream `llava/model/multimodal_projector/builder.py:
+# in the key and Linear number 1, 2, 3, ... in the path (upstream `llavaction/model/multimodal_projector/builder.py:
 # build_vision_projector` interleaves GELUs between the Linears).
 RULES: list[tuple[str, str, str]] = [
     ("model.embed_tokens.weight", "text/embed", SAME),
@@ -136,7 +136,7 @@ def _regex(template: str, layer_group: bool) -> re.Pattern:
 _RULES = [_Rule(n, key.replace("V:", VISION_PREFIX), path, tf, _regex(key.replace("V:", VISION_PREFIX), True),
                 _regex(path, False)) for n, (key, path, tf) in enumerate(RULES)]
 
-# Keys that exist in some checkpoints but that upstream never reads (upstream `llava/model/multimodal_encoder/
+# Keys that exist in some checkpoints but that upstream never reads (upstream `llavaction/model/multimodal_encoder/
 # siglip_encoder.py: SigLipVisionTower` deletes the last encoder layer and the pooling head and never applies
 # post_layernorm; rotary_emb.inv_freq and position_ids are buffers).
 UNUSED = [

@@ -1,8 +1,8 @@
 """Export: our model directory -> PyTorch safetensors + config.json, so fine-tuned models go back to PyTorch.
 
 `layout="upstream"` writes the LLaVA-NeXT / LLaVAction state dict (the keys of upstream
-`llava/model/language_model/llava_qwen.py: LlavaQwenForCausalLM`) and a config.json that upstream's
-`llava/model/builder.py: load_pretrained_model` reads (model_type qwen2, LlavaQwenForCausalLM);
+`llavaction/model/language_model/llava_qwen.py: LlavaQwenForCausalLM`) and a config.json that upstream's
+`llavaction/model/builder.py: load_pretrained_model` reads (model_type qwen2, LlavaQwenForCausalLM);
 `layout="hf-onevision"` writes what `transformers.LlavaOnevisionForConditionalGeneration.from_pretrained` reads
 (one_token models only).
 

@@ -179,7 +179,7 @@ def head_logits(heads: dict, states: jax.Array, three_tokens: bool) -> tuple[jax
     """states (..., P, H) at the action positions -> (verb, noun, action) logits in fp32.
 
     one_token / newline: every head reads position 0; three_tokens: verb 0, noun 1, action 2
-    (`llava/model/language_model/llava_qwen.py: LlavaQwenForCausalLM.forward`)."""
+    (`llavaction/model/language_model/llava_qwen.py: LlavaQwenForCausalLM.forward`)."""
     pos = (0, 1, 2) if three_tokens else (0, 0, 0)
     return tuple((states[..., i, :] @ heads[name]["kernel"].astype(states.dtype)).astype(jnp.float32)
                  for name, i in zip(HEAD_NAMES, pos))
