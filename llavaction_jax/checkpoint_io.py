@@ -14,6 +14,7 @@ import shutil
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from llavaction_jax import integrity
 from llavaction_jax.config import ModelConfig
@@ -46,8 +47,6 @@ def save_model(path: str | pathlib.Path, cfg: ModelConfig, params: dict, extra_f
 def sync_processes(name: str) -> None:
     """A barrier across processes (no-op in one process), e.g. after process 0 renamed files the others read."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 

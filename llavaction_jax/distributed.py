@@ -23,6 +23,8 @@ import pathlib
 import urllib.request
 from typing import Mapping
 
+import jax
+
 MODES = ("auto", "on", "off")
 GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips show up as PCI devices of this vendor
 # What JAX's SLURM detection needs (jax/_src/clusters/slurm_cluster.py, SlurmCluster.is_env_present).
@@ -91,7 +93,6 @@ def maybe_initialize(mode: str = "auto", environ: Mapping[str, str] | None = Non
     """Initialise jax.distributed as `mode` says ("on" always, "off" never, "auto" on a detected cluster).
     Returns what was initialised (the cluster name, or "on"), None when nothing was. Call before any JAX
     computation (the backend must not be up yet)."""
-    import jax
 
     if mode not in MODES:
         raise ValueError(f"distributed mode {mode!r}: expected one of {MODES}")

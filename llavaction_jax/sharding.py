@@ -18,6 +18,7 @@ from typing import Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from llavaction_jax.config import ModelConfig
@@ -162,7 +163,6 @@ def local_rows(arrays, mesh: Mesh | None):
     """Inverse of `shard_batch`: global arrays split over the batch axes -> numpy arrays of this process's rows."""
     if mesh is None or jax.process_count() == 1:
         return jax.tree.map(np.asarray, arrays)
-    from jax.experimental import multihost_utils
 
     return jax.tree.map(np.asarray, multihost_utils.global_array_to_host_local_array(arrays, mesh, P(BATCH_AXES)))
 

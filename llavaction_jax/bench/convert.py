@@ -26,6 +26,14 @@ import time
 import ml_dtypes
 import numpy as np
 
+from llavaction_jax.bench.common import record
+from llavaction_jax.config import ModelConfig, TextConfig, VisionConfig
+from llavaction_jax.convert.keys import map_key, torch_shape, upstream_keys
+from llavaction_jax.convert.safetensors_io import (SafetensorsCheckpoint, SafetensorsWriter, TensorSpec, plan_shards,
+                                                   shard_names, write_index)
+from llavaction_jax.model import llava
+from llavaction_jax.model.params import flatten_paths
+
 # Runs a command and prints its peak RSS (KiB), so each measurement sees only its own child.
 _WRAPPER = ("import json, resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
             "print(json.dumps([rc, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss]))")
@@ -33,8 +41,6 @@ _BASELINE = "import jax, orbax.checkpoint, llavaction_jax.convert.from_torch, ll
 
 
 def bench_config(layers: int):
-    from llavaction_jax.config import ModelConfig, TextConfig, VisionConfig
-
     return ModelConfig(
         vision=VisionConfig(hidden_size=256, intermediate_size=1024, num_layers=2, num_heads=4, image_size=224,
                             patch_size=14),
@@ -46,11 +52,6 @@ def bench_config(layers: int):
 
 def write_source(directory: pathlib.Path, cfg) -> tuple[int, int]:
     """Stream a random bf16 upstream-layout checkpoint into `directory`; returns (bytes, largest stacked param)."""
-    from llavaction_jax.convert.keys import map_key, torch_shape, upstream_keys
-    from llavaction_jax.convert.safetensors_io import SafetensorsWriter, TensorSpec, plan_shards, shard_names, write_index
-    from llavaction_jax.model import llava
-    from llavaction_jax.model.params import flatten_paths
-
     directory.mkdir(parents=True)
     specs = flatten_paths(llava.param_specs(cfg))
     tensors = []
@@ -94,8 +95,6 @@ def measure(cmd: list[str]) -> tuple[float, int]:
 
 
 def same_tensors(a: pathlib.Path, b: pathlib.Path, keys: list[str]) -> bool:
-    from llavaction_jax.convert.safetensors_io import SafetensorsCheckpoint
-
     with SafetensorsCheckpoint(a) as x, SafetensorsCheckpoint(b) as y:
         return all(x.read(k).tobytes() == y.read(k).tobytes() for k in keys)
 
@@ -135,8 +134,6 @@ def main(argv=None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     parser.add_argument("--no-write", action="store_true", help="print only; do not append to BENCHMARKS.md")
     args = parser.parse_args(argv)
-
-    from llavaction_jax.bench.common import record
 
     _, base = measure([sys.executable, "-c", _BASELINE])
     results = []

@@ -35,6 +35,7 @@ import pathlib
 import sys
 import time
 import traceback
+from importlib import metadata
 
 import jax
 import jax.numpy as jnp
@@ -43,8 +44,14 @@ import numpy as np
 from llavaction_jax.bench.common import median
 from llavaction_jax.bench.device_report import format_table, markdown_block
 from llavaction_jax.config import ModelConfig, TextConfig, VisionConfig, text_size, vision_size
+from llavaction_jax.eval.generate import GenerationConfig, generate
+from llavaction_jax.eval.scoring import score_options
+from llavaction_jax.model import attention, llava
+from llavaction_jax.model.params import abstract_params
 from llavaction_jax.sharding import platform_of, resolve_config
 from llavaction_jax.train.metrics import train_flops
+from llavaction_jax.train.optim import OptimizerConfig, make_optimizer, param_groups
+from llavaction_jax.train.step import init_state, make_train_step
 
 EK100_QUESTIONS = 9668  # EPIC-KITCHENS-100 validation segments = EK100-MQA questions
 # The real EK100-MQA prompt: ChatML system + user turn with <image>, the 64-frame time instruction and five lettered
@@ -56,7 +63,6 @@ GIB = 2**30
 @dataclasses.dataclass(frozen=True)
 class Sizes:
     """Everything that differs between the real check and `--smoke`."""
-
     matmul: int = 8192
     attn_lengths: tuple = (1700, 6000, 13800)
     attn_heads: tuple = (28, 4, 128)  # query heads, KV heads, head dim (Qwen2-7B)
@@ -98,51 +104,35 @@ def model_config(name: str, **execution) -> ModelConfig:
 # ============================================================================================ model entry points
 # Every call into the model, eval and train code is in this section (adapt here when their signatures change).
 def attention_fn(impl: str):
-    from llavaction_jax.model.attention import attention
-
     platform = platform_of()
-    return lambda q, k, v, q_pos, k_pos, valid: attention(q, k, v, q_pos=q_pos, k_pos=k_pos, k_valid=valid,
+    return lambda q, k, v, q_pos, k_pos, valid: attention.attention(q, k, v, q_pos=q_pos, k_pos=k_pos, k_valid=valid,
                                                           causal=True, impl=impl, platform=platform)
 
 
 def auto_attention_choice(q, k) -> str:
-    from llavaction_jax.model import attention
-
     return attention.auto_impl(q, k, causal=True, platform=platform_of())
 
 
 def init_params(cfg: ModelConfig, seed: int = 0):
-    from llavaction_jax.model import llava
-
     return jax.jit(lambda key: llava.init(cfg, key))(jax.random.key(seed))
 
 
 def count_params(cfg: ModelConfig) -> int:
-    from llavaction_jax.model import llava
-    from llavaction_jax.model.params import abstract_params
-
     return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract_params(llava.param_specs(cfg))))
 
 
 def generate_fn(cfg: ModelConfig, new_tokens: int):
-    from llavaction_jax.eval.generate import GenerationConfig, generate
-
     gen = GenerationConfig(max_new_tokens=new_tokens, eos_ids=(-1,), pad_id=0)  # never stops early: 8 real steps
     return lambda params, ids, pixels, mask: generate(params, cfg, gen, ids, pixels, mask)[0]
 
 
 def score_fn(cfg: ModelConfig):
-    from llavaction_jax.eval.scoring import score_options
-
     return lambda params, ids, pixels, mask, opt_ids, opt_mask: score_options(
         params, cfg, ids, pixels, mask, opt_ids, opt_mask, options_per_pass=1)["logprob_sum"]
 
 
 def train_step_fn(cfg: ModelConfig, params):
     """(jitted step with the state donated, initial state)."""
-    from llavaction_jax.train.optim import OptimizerConfig, make_optimizer, param_groups
-    from llavaction_jax.train.step import init_state, make_train_step
-
     opt_cfg = OptimizerConfig()  # AdamW over all parts, as upstream
     tx, schedules = make_optimizer(params, opt_cfg)
     step = make_train_step(cfg, tx, param_groups(params, opt_cfg), 1, schedules)
@@ -211,8 +201,6 @@ def peak_memory() -> int | None:
 
 # ----------------------------------------------------------------------------------------------------- sections
 def check_devices(sizes: Sizes, ctx: Section, state: dict) -> dict:
-    from importlib import metadata
-
     devices = jax.devices()
     dev = devices[0]
     versions = {}

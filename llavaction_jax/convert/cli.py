@@ -6,6 +6,15 @@ import argparse
 import re
 import sys
 
+import jax
+
+from llavaction_jax.config import ConfigError
+from llavaction_jax.convert import from_torch, to_torch
+from llavaction_jax.convert.keys import ConversionError
+from llavaction_jax.convert.safetensors_io import SafetensorsError
+from llavaction_jax.integrity import IntegrityError
+from llavaction_jax.sharding import make_mesh
+
 DESCRIPTION = """\
 Convert checkpoints between PyTorch (safetensors + config.json) and our Orbax format.
 
@@ -98,11 +107,6 @@ def parse_size(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llavaction_jax.config import ConfigError
-    from llavaction_jax.convert.keys import ConversionError
-    from llavaction_jax.convert.safetensors_io import SafetensorsError
-    from llavaction_jax.integrity import IntegrityError
-
     if args.config_overrides and args.direction != "from-torch":
         print(f"convert {args.direction}: error: --config.model overrides apply to from-torch only "
               f"(got {' '.join(args.config_overrides)})", file=sys.stderr)
@@ -115,8 +119,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _from_torch(args) -> int:
-    from llavaction_jax.convert import from_torch
-
     if args.check:
         source = from_torch.open_source(args.src, args.vision_config)
         plan = from_torch.plan_import(source)
@@ -125,14 +127,11 @@ def _from_torch(args) -> int:
     if args.dst is None:
         print("convert from-torch: DST is required (or pass --check)", file=sys.stderr)
         return 2
-    import jax
 
     if args.distributed:
         jax.distributed.initialize()
     mesh = None
     if args.mesh:
-        from llavaction_jax.sharding import make_mesh
-
         try:
             data, fsdp, tensor = (int(x) for x in args.mesh.split(","))
         except ValueError:
@@ -151,8 +150,6 @@ def _from_torch(args) -> int:
 
 
 def _to_torch(args) -> int:
-    from llavaction_jax.convert import to_torch
-
     files = to_torch.export_checkpoint(args.src, args.dst, layout=args.layout,
                                        max_shard_bytes=parse_size(args.max_shard_size), progress=not args.no_progress,
                                        buffer_bytes=parse_size(args.buffer_size))

@@ -33,12 +33,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import SingleDeviceSharding
+from tqdm import tqdm
 
 from llavaction_jax import checkpoint_io, sharding
 from llavaction_jax.config import ConfigError, ModelConfig
 from llavaction_jax.convert import orbax_stream, staging
-from llavaction_jax.convert.import_plan import (Param, Plan, Source, copy_into, describe, detect_layout,
-                                                is_torch_dir, open_source, plan_import, read_param)
+from llavaction_jax.convert.import_plan import (Param, Plan, Source, copy_into, describe, detect_layout, is_torch_dir,
+                                                open_source, plan_import, read_param)
 from llavaction_jax.convert.keys import PERMS, ConversionError, torch_row_axis, torch_shape
 from llavaction_jax.convert.safetensors_io import SafetensorsCheckpoint, SafetensorsError
 from llavaction_jax.model import llava
@@ -88,8 +89,6 @@ def output_dtype(plan: Plan, dtype: str | None) -> tuple[dict[str, np.dtype], st
 
 
 def progress_bar(total: int | None, enabled: bool, desc: str):
-    from tqdm import tqdm
-
     return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not enabled or jax.process_index() != 0)
 
 

@@ -19,6 +19,8 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from llavaction_jax.config import ModelConfig
+from llavaction_jax.model import llava
+from llavaction_jax.model.params import flatten_paths
 
 VISION_PREFIX = "model.vision_tower.vision_tower.vision_model."
 
@@ -171,7 +173,6 @@ def _group_names(rx: re.Pattern) -> list[str | None]:
 @dataclasses.dataclass(frozen=True)
 class Target:
     """Where one of our parameters comes from: its transform and its upstream key for each layer."""
-
     path: str
     transform: str
     stacked: bool
@@ -231,9 +232,6 @@ def _stack_prefix(key: str) -> str:
 
 def upstream_keys(cfg: ModelConfig) -> Iterable[str]:
     """The upstream state-dict keys of a model with this config, derived from its parameter specs."""
-    from llavaction_jax.model import llava
-    from llavaction_jax.model.params import flatten_paths
-
     return [key for key, *_ in expected_keys(flatten_paths(llava.param_specs(cfg)))]
 
 

@@ -23,7 +23,7 @@ import functools
 import pathlib
 import re
 
-from llavaction_jax.data import prompts
+from llavaction_jax.data import ek100, prompts
 from llavaction_jax.data.mqa import read_question_file
 
 FORMATS = ("ek100", "videoqa")
@@ -174,7 +174,6 @@ def resolve_tokenizer(tokenizer_dir: str | None, model_dir: str | None):
 def class_names(meta: dict | None, annotations: str | None) -> dict[str, dict]:
     """EK100 verb / noun names by class id, from ``annotations`` or the directory of the question file's
     validation CSV (recorded in its meta); {} when the class CSVs are not there."""
-    from llavaction_jax.data import ek100
 
     folder = pathlib.Path(annotations) if annotations else None
     if folder is None and meta and meta.get("inputs", {}).get("validation_csv"):

@@ -30,8 +30,13 @@ import time
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
-from llavaction_jax.eval.generate import generate
+from llavaction_jax.data.frames import FrameShards
+from llavaction_jax.data.mqa import slice_bounds
+from llavaction_jax.eval import batching, metrics, questions as qs, report
+from llavaction_jax.eval.generate import GenerationConfig, generate
+from llavaction_jax.eval.parsing import score_answer
 from llavaction_jax.eval.scoring import score_options
 from llavaction_jax.model import llava
 from llavaction_jax.sharding import constrain, local_rows, resolve_config, shard_batch, use_mesh
@@ -68,7 +73,6 @@ def generation_config(tokenizer, max_new_tokens: int, vocab_size: int, model_dir
     """Greedy, EOS = <|im_end|> and <|endoftext|> (+ the checkpoint's generation_config.json eos ids), logits cut to
     len(tokenizer) as upstream's resize at load does (llavaction/model/builder.py:
     load_pretrained_model)."""
-    from llavaction_jax.eval.generate import GenerationConfig
 
     im_end, endoftext = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
     eos = [im_end, endoftext]
@@ -126,8 +130,6 @@ def constrain_batch(outputs: dict) -> dict:
 
 def prediction_record(question, info: dict, outputs: dict, row: int, tokenizer, modes) -> dict:
     """One line of predictions.jsonl: the question's identity and GT, then per mode what the model answered."""
-    from llavaction_jax.eval.parsing import score_answer
-
     record = {"index": info["index"], "uid": question.uid, "clip_uid": info["clip_uid"],
               "options": list(question.options), "gt_letter": question.gt_letter, "gt_text": question.gt_text,
               "groups": question.groups, **question.extra, "prompt_tokens": info["prompt_tokens"]}
@@ -154,8 +156,6 @@ def prediction_record(question, info: dict, outputs: dict, row: int, tokenizer, 
 def gather_records(records: list[dict]) -> list[dict] | None:
     """All processes' records on process 0 (in process order), None elsewhere: a byte all-gather, so no shared
     filesystem is needed between hosts."""
-    import jax
-    from jax.experimental import multihost_utils
 
     payload = np.frombuffer(json.dumps(records).encode(), np.uint8)
     sizes = np.asarray(multihost_utils.process_allgather(np.array([payload.size], np.int32))).reshape(-1)
@@ -233,9 +233,6 @@ def load_partial(path: pathlib.Path, fingerprint: str, num_questions: int, log) 
 
 def _answered_anywhere(records: list[dict], num_questions: int) -> np.ndarray:
     """Indices answered by any process's partial file (the same on every process)."""
-    import jax
-    from jax.experimental import multihost_utils
-
     mask = np.zeros(num_questions, np.int32)
     mask[[r["index"] for r in records]] = 1
     if jax.process_count() > 1:
@@ -249,10 +246,6 @@ def evaluate(params, cfg, tokenizer, questions_path, shards_dir, out_dir, settin
     """Answer every question of the file on ``mesh`` and write the outputs; returns the results on process 0,
     None on the others. Everything before the first collective is checked identically by every process, so bad
     inputs fail everywhere at once instead of leaving peers waiting."""
-    import jax
-
-    from llavaction_jax.data.frames import FrameShards
-    from llavaction_jax.eval import batching, metrics, questions as qs, report
 
     t_start = time.perf_counter()
     fmt, meta, questions = qs.load_questions(questions_path, settings.fmt)
@@ -323,9 +316,6 @@ def evaluate(params, cfg, tokenizer, questions_path, shards_dir, out_dir, settin
 
 def _remove_partial_after_all(partial: pathlib.Path) -> None:
     """Once process 0 has written the outputs, the partial files are redundant."""
-    import jax
-    from jax.experimental import multihost_utils
-
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("eval outputs written")
     partial.unlink(missing_ok=True)
@@ -336,10 +326,6 @@ def answer_slice(questions, todo, layout, builder, loader, steps, mesh, tokenize
     """This process's prediction records for its slice of the question indices `todo`, and the run's timing.
     Every process runs the same number of steps (its slice may be one question shorter, or empty); the next
     batch's frames are decoded while the devices work. Each step's records are appended to `sink` at once."""
-    import jax
-
-    from llavaction_jax.data.mqa import slice_bounds
-    from llavaction_jax.eval import batching
 
     bounds = [slice_bounds(len(todo), p, jax.process_count()) for p in range(jax.process_count())]
     start, stop = bounds[jax.process_index()]

@@ -5,6 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from llavaction_jax.config import ConfigError
+from llavaction_jax.data.mixture import MixtureError
+from llavaction_jax.integrity import IntegrityError
+from llavaction_jax.recipes import load_recipe, model_config
+from llavaction_jax.train.checkpoint import CheckpointError
+from llavaction_jax.train.guard import validate
+from llavaction_jax.train.loop import NonFiniteLoss, train
+
 ACCEPTS_CONFIG_OVERRIDES = True
 
 
@@ -21,14 +29,6 @@ EXIT_REFUSED = 2  # bad recipe values or inputs, or a rerun that does not match 
 
 
 def run(args: argparse.Namespace) -> int:
-    from llavaction_jax.config import ConfigError
-    from llavaction_jax.data.mixture import MixtureError
-    from llavaction_jax.integrity import IntegrityError
-    from llavaction_jax.recipes import load_recipe, model_config
-    from llavaction_jax.train.checkpoint import CheckpointError
-    from llavaction_jax.train.guard import validate
-    from llavaction_jax.train.loop import NonFiniteLoss, train
-
     try:
         cfg = load_recipe(args.config, args.config_overrides)
         model_config(cfg)  # validates every model field before anything runs

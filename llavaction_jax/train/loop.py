@@ -18,8 +18,9 @@ import signal
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 
-from llavaction_jax import checkpoint_io, distributed
+from llavaction_jax import checkpoint_io, distributed, integrity
 from llavaction_jax.config import ModelConfig
 from llavaction_jax.data.batching import make_global_batch
 from llavaction_jax.data.mixture import load_mixture
@@ -42,8 +43,6 @@ FINAL_STEP_FILE = "train_step.json"  # in output_dir/model: the step its weights
 
 def final_model_step(final: pathlib.Path) -> int | None:
     """The step the complete, checksum-verified final model holds; None if there is none (or a partial one)."""
-    from llavaction_jax import integrity
-
     try:
         integrity.verify_manifest(final)
         return json.loads((final / FINAL_STEP_FILE).read_text())["step"]
@@ -55,7 +54,6 @@ def total_skipped(skipped: int) -> int:
     """The skip counts of all processes' data iterators, summed."""
     if jax.process_count() == 1:
         return skipped
-    from jax.experimental import multihost_utils
 
     return int(multihost_utils.process_allgather(jnp.asarray(skipped, jnp.int32)).sum())
 
@@ -94,7 +92,6 @@ def make_data(cfg, model_cfg: ModelConfig, per_process_batch: int):
 
 class Preemption:
     """Turns SIGTERM into a flag the loop checks between steps."""
-
     def __init__(self):
         self.requested = False
         self._previous = signal.signal(signal.SIGTERM, self._handle)
