@@ -97,7 +97,7 @@ def test_changed_state_is_refused_by_the_cli_and_nothing_is_touched(data, run_co
 
 def test_changed_model_config_is_refused_in_process(data, run_copy):
     cfg = tiny_train_config(data, run_copy, steps=3, **BASE)
-    cfg.model.overrides["param_dtype"] = "bfloat16"
+    cfg.model.param_dtype = "bfloat16"
     with pytest.raises(guard.RunMismatch, match=r'model.param_dtype "float32" -> "bfloat16"'):
         train(cfg)
 
