@@ -24,37 +24,49 @@ def _gib(value) -> str:
 def table_rows(results: dict) -> list[tuple[str, str, str, str]]:
     """(section, case, status, facts) rows for the printed table and the markdown block."""
     rows = []
-    sec = results["sections"]
-    for name, out in sec.items():
-        status = out["status"]
-        note = out.get("error", "")
-        if name == "devices" and status in SHOWN:
-            rows.append((name, f"{out['device_count']} x {out['device_kind']}", status,
-                         f"JAX {out['jax']}, {out['platform_version']}, bf16 matmul {out['bf16_matmul_tflops']:.3g} "
-                         f"TFLOP/s ({out['matmul_size']}^3), memory {_gib(out['memory_limit_bytes'])}"))
-        elif name == "attention" and status in SHOWN:
-            for c in out["cases"]:
-                facts = (f"max|diff| {_fmt(c.get('max_diff'), '.2e')}, fwd {_fmt(c.get('fwd_ms'), '.2f')} ms, "
-                         f"fwd+bwd {_fmt(c.get('fwd_bwd_ms'), '.2f')} ms" if c["status"] == "ok" else c.get("error", ""))
-                rows.append((name, f"{c['tokens']} tokens {c['impl']}", c["status"], facts))
-            rows.append((name, "auto picks", "ok", ", ".join(f"{t}: {i}" for t, i in out["auto"].items())))
-        elif name == "forward_7b" and status in SHOWN:
-            rows.append((name, f"{out['model']} {out['frames']} frames, {out['tokens']} tokens", status,
-                         f"prefill {out['prefill_s']:.3f} s, MFU {_fmt(out['mfu'], '.1%')}, compiled "
-                         f"{_gib(out['compiled_bytes'])}, peak {_gib(out['peak_bytes'])}, compile {out['compile_s']:.0f} s"))
-        elif name == "eval_7b" and status in SHOWN:
-            for c in out["cases"]:
-                facts = (f"{c['questions_per_s']:.2f} questions/s, {out['questions']} questions in "
-                         f"{c['projected_s'] / 60:.1f} min, compile {c['compile_s']:.0f} s"
-                         if c["status"] == "ok" else c.get("error", ""))
-                rows.append((name, f"batch {c['batch']} {c['mode']}", c["status"], facts))
-        elif name.startswith("train") and status in SHOWN:
-            rows.append((name, f"{out['model']} {out['frames']} frames, remat {out['remat']}", status,
-                         f"{out['step_s']:.3f} s/step, {out['tokens_per_s']:,.0f} tokens/s, MFU {_fmt(out['mfu'], '.1%')}, "
-                         f"compiled {_gib(out['compiled_bytes'])}, compile {out['compile_s']:.0f} s"))
+    for name, out in results["sections"].items():
+        kind = "train" if name.startswith("train") else name
+        if out["status"] in SHOWN and kind in _SECTION_ROWS:
+            rows += _SECTION_ROWS[kind](name, out)
         else:
-            rows.append((name, out.get("model", ""), status, note.splitlines()[0][:160] if note else ""))
+            note = out.get("error", "")
+            rows.append((name, out.get("model", ""), out["status"], note.splitlines()[0][:160] if note else ""))
     return rows
+
+
+def _devices_rows(name: str, out: dict) -> list[tuple]:
+    return [(name, f"{out['device_count']} x {out['device_kind']}", out["status"],
+             f"JAX {out['jax']}, {out['platform_version']}, bf16 matmul {out['bf16_matmul_tflops']:.3g} "
+             f"TFLOP/s ({out['matmul_size']}^3), memory {_gib(out['memory_limit_bytes'])}")]
+
+
+def _attention_rows(name: str, out: dict) -> list[tuple]:
+    rows = _case_rows(name, out["cases"], lambda c: f"{c['tokens']} tokens {c['impl']}", lambda c: (
+        f"max|diff| {_fmt(c.get('max_diff'), '.2e')}, fwd {_fmt(c.get('fwd_ms'), '.2f')} ms, "
+        f"fwd+bwd {_fmt(c.get('fwd_bwd_ms'), '.2f')} ms"))
+    return rows + [(name, "auto picks", "ok", ", ".join(f"{t}: {i}" for t, i in out["auto"].items()))]
+
+
+def _forward_rows(name: str, out: dict) -> list[tuple]:
+    return [(name, f"{out['model']} {out['frames']} frames, {out['tokens']} tokens", out["status"],
+             f"prefill {out['prefill_s']:.3f} s, MFU {_fmt(out['mfu'], '.1%')}, compiled "
+             f"{_gib(out['compiled_bytes'])}, peak {_gib(out['peak_bytes'])}, compile {out['compile_s']:.0f} s")]
+
+
+def _eval_rows(name: str, out: dict) -> list[tuple]:
+    return _case_rows(name, out["cases"], lambda c: f"batch {c['batch']} {c['mode']}", lambda c: (
+        f"{c['questions_per_s']:.2f} questions/s, {out['questions']} questions in "
+        f"{c['projected_s'] / 60:.1f} min, compile {c['compile_s']:.0f} s"))
+
+
+def _train_rows(name: str, out: dict) -> list[tuple]:
+    return [(name, f"{out['model']} {out['frames']} frames, remat {out['remat']}", out["status"],
+             f"{out['step_s']:.3f} s/step, {out['tokens_per_s']:,.0f} tokens/s, MFU {_fmt(out['mfu'], '.1%')}, "
+             f"compiled {_gib(out['compiled_bytes'])}, compile {out['compile_s']:.0f} s")]
+
+
+_SECTION_ROWS = {"devices": _devices_rows, "attention": _attention_rows, "forward_7b": _forward_rows,
+                 "eval_7b": _eval_rows, "train": _train_rows}
 
 
 def format_table(results: dict) -> str:
@@ -73,3 +85,8 @@ def markdown_block(results: dict, command: str) -> str:
                  + ("; smoke sizes (tiny model, CPU): not a measurement" if results["smoke"] else ""))
     with contextlib.redirect_stdout(io.StringIO()):  # record() prints; the table is printed once, at the end
         return record(f"device check: {kind}", command, lines, write=False)
+
+
+def _case_rows(section: str, cases: list[dict], label, facts) -> list[tuple]:
+    """One row per case of a section: its label, status, and `facts(case)` (or the error) for the ok ones."""
+    return [(section, label(c), c["status"], facts(c) if c["status"] == "ok" else c.get("error", "")) for c in cases]
