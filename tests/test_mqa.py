@@ -9,6 +9,7 @@ from test_ek100 import FAKE_VALIDATION, write_fake_annotations
 
 from llavaction_jax.cli import main
 from llavaction_jax.data import ek100, mqa
+from llavaction_jax.eval.questions import load_questions, question_label_space
 
 
 @pytest.fixture
@@ -166,6 +167,15 @@ def test_build_mqa_refuses_without_train_csv_unless_label_space_uda(fake_dir, tm
     assert meta["label_space"]["name"] == "uda"
     assert [pathlib.Path(p).name for p in meta["inputs"]["train_csvs"]] == [
         pathlib.PurePath(n).name for n in ek100.UDA_TRAIN_STAND_INS]
+    # eval: the same rule for the question file
+    with pytest.raises(ValueError, match="UDA label space.*--label-space uda"):
+        load_questions(tmp_path / "q.jsonl")
+    assert len(load_questions(tmp_path / "q.jsonl", label_space="uda")[2]) == len(FAKE_VALIDATION)
+    del meta["label_space"]["name"]  # files written before the name was recorded: told by their train CSVs
+    assert question_label_space(meta) == "uda"
+    (fake_dir / "elsewhere.csv").rename(fake_dir / "EPIC_100_train.csv")
+    assert build(fake_dir, tmp_path / "q2.jsonl") == 0
+    assert load_questions(tmp_path / "q2.jsonl")[0] == "ek100"
 
 
 def test_real_validation_questions(ek100_dir, tmp_path, capsys):
