@@ -54,6 +54,11 @@ def get_config():
     c.train.stop_at_step = 0  # stop (with a checkpoint) at this step, e.g. to fit a job time limit; 0 = never
     c.train.batch_size = 8  # global, over all processes
     c.train.micro_batches = 1  # gradient accumulation (lax.scan)
+    # "sample": upstream's weighting (one sample per device, averaged): token mean per sample, then the mean over
+    # the samples of the global batch; "token": one token mean per micro-batch (llavaction_jax/losses.py)
+    c.train.loss_reduction = "sample"
+    c.train.master_dtype = "float32"  # params and optimizer moments, whatever the checkpoint's param_dtype
+    c.train.save_dtype = ""  # dtype of output_dir/model; "" = the source's param_dtype
     c.train.seed = 0
     c.train.output_dir = "runs/train"
     c.train.log_every = 10

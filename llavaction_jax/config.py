@@ -125,7 +125,7 @@ class ModelConfig:
     # Execution (ours, not upstream keys): how the same function is computed. "auto" / 0 values are resolved once
     # at the entry point (`resolved`, from the platform and the mesh size); traced code only reads these fields.
     param_dtype: str = "float32"
-    compute_dtype: str = "float32"
+    compute_dtype: str = "auto"  # "auto": bfloat16 on GPU / TPU, float32 on CPU (`resolved`); float32 if unresolved
     remat_policy: str = "none"
     attention: str = "auto"  # model/attention.py: the fastest kernel that fits each call (xla is the reference)
     vision_frames_per_step: int = 0  # frames of each video per SigLIP step; -1 = all at once, 0 = auto
@@ -229,9 +229,10 @@ class ModelConfig:
             raise bad("loop_collectives", self.loop_collectives, LOOP_COLLECTIVES)
         if self.platform not in PLATFORMS:
             raise bad("platform", self.platform, PLATFORMS)
-        for key in ("param_dtype", "compute_dtype"):
-            if getattr(self, key) not in DTYPES:
-                raise bad(key, getattr(self, key), DTYPES)
+        if self.param_dtype not in DTYPES:
+            raise bad("param_dtype", self.param_dtype, DTYPES)
+        if self.compute_dtype not in ("auto",) + DTYPES:
+            raise bad("compute_dtype", self.compute_dtype, ("auto",) + DTYPES)
         if self.pool_stride != 2:
             raise bad("pool_stride", self.pool_stride,
                       "2 (upstream hard-codes stride 2 for video: llavaction/model/llava_arch.py:"
@@ -242,6 +243,11 @@ class ModelConfig:
         v = self.vision
         if v.hidden_size % v.num_heads:
             raise ConfigError(f"SigLIP sizes inconsistent: hidden {v.hidden_size}, heads {v.num_heads}")
+
+    @property
+    def effective_compute_dtype(self) -> str:
+        """The dtype activations are computed in; an unresolved "auto" computes in the float32 reference."""
+        return "float32" if self.compute_dtype == "auto" else self.compute_dtype
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -256,6 +262,8 @@ class ModelConfig:
           XLA:CPU can order the collectives of a sharded computation inside `lax.scan` / `lax.cond` differently
           on different devices and deadlock (see docs/testing.md). With it off, SigLIP takes every frame at once
           and the LM loss is computed unchunked. "on" everywhere else.
+        - `compute_dtype` "auto": bfloat16 on GPU / TPU (upstream trains and evaluates in bf16; cuDNN attention
+          needs it), float32 on CPU (XLA:CPU has no fast bf16 matmul).
         - `vision_frames_per_step` 0: 8 frames per step on one CPU device (a cache-sized working set: 64 frames
           took 1.9 s in steps of 8 against 3.1 s at once, BENCHMARKS.md), all at once elsewhere.
         """
@@ -267,7 +275,11 @@ class ModelConfig:
         frames = self.vision_frames_per_step
         if frames == 0:
             frames = AUTO_CPU_FRAMES_PER_STEP if platform == "cpu" and loops == "on" else -1
-        return self.replace(platform=platform, loop_collectives=loops, vision_frames_per_step=frames)
+        compute = self.compute_dtype
+        if compute == "auto":
+            compute = "float32" if platform == "cpu" else "bfloat16"
+        return self.replace(platform=platform, loop_collectives=loops, vision_frames_per_step=frames,
+                            compute_dtype=compute)
 
     # ------------------------------------------------------------------ upstream config.json
     @classmethod

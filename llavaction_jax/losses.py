@@ -1,6 +1,17 @@
 """The training losses, apart from the model: LM cross-entropy and the vision-supervision auxiliary loss
 (`llavaction/model/language_model/llava_qwen.py: LlavaQwenForCausalLM.forward`). The train step and the public API both
 call `compute_losses` on the model's `ModelOutput`.
+
+Two reductions (`train.loss_reduction`):
+
+- "sample" (upstream's recipe: one sample per device, the loss averaged over devices): each sample's loss is its
+  own token-mean LM loss + 0.1 x its own aux loss, and the batch loss is the mean over samples, so a 20-token answer
+  weighs as much as a 300-token caption. The divisor is the number of samples *with at least one LM target*
+  (`count_samples`), taken over the whole global batch by the train step; a row without targets (a padding row
+  that fills the last batch, or a sample whose answer was cut by truncation) weighs nothing in either loss.
+  Upstream has no rule there (its CE of an empty sample is NaN); zero weight keeps padding rows out of the mean.
+- "token": the token mean over the whole (micro-)batch, and the aux loss averaged over the rows with action
+  labels: upstream's formula for a device batch of several samples.
 """
 
 from __future__ import annotations
@@ -14,6 +25,7 @@ from llavaction_jax.config import ModelConfig
 from llavaction_jax.model import llava
 from llavaction_jax.model.llava import IGNORE_INDEX
 
+REDUCTIONS = ("sample", "token")
 VERB_WEIGHT, NOUN_WEIGHT, ACTION_WEIGHT = 0.5, 0.5, 0.1
 AUX_LOSS_WEIGHT = 0.1
 
@@ -28,37 +40,67 @@ class Losses:
 
 
 def compute_losses(params: dict, cfg: ModelConfig, out: llava.ModelOutput, actions: jax.Array | None = None, *,
-                   logits: jax.Array | None = None) -> Losses:
-    """Losses of a forward pass. With `logits` (the API, which returns them anyway) the LM loss reads them;
-    without, it computes them from `out.hidden`: in chunks of `cfg.loss_chunk_tokens` positions (never the whole
-    (B, S, vocab) array) unless that is 0 or `cfg.loop_collectives` is "off"."""
-    targets = out.labels[:, 1:] != IGNORE_INDEX
+                   logits: jax.Array | None = None, reduction: str = "token",
+                   num_samples: jax.Array | None = None) -> Losses:
+    """Losses of a forward pass under `reduction` (module docstring). With `logits` (the API, which returns them
+    anyway) the LM loss reads them; without, it computes them from `out.hidden`: in chunks of
+    `cfg.loss_chunk_tokens` positions (never the whole (B, S, vocab) array) unless that is 0 or
+    `cfg.loop_collectives` is "off". `num_samples` ("sample" only): the divisor, by default this batch's
+    `count_samples`; the train step passes the global batch's so that micro-batch losses add up to its mean."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"loss reduction {reduction!r}; expected one of {REDUCTIONS}")
     logits_fn = lambda states: llava.lm_logits(params, states)
     if logits is not None:
-        lm = lm_loss(logits, out.labels)
+        total, count = lm_row_sums(logits, out.labels)
     elif cfg.loss_chunk_tokens > 0 and cfg.loop_collectives != "off":
-        lm = chunked_lm_loss(out.hidden, out.labels, logits_fn, cfg.loss_chunk_tokens, cfg.loss_skip_empty_chunks)
+        total, count = chunked_lm_row_sums(out.hidden, out.labels, logits_fn, cfg.loss_chunk_tokens,
+                                           cfg.loss_skip_empty_chunks)
     else:
-        lm = lm_loss(logits_fn(out.hidden), out.labels)
-    aux = jnp.zeros((), jnp.float32)
+        total, count = lm_row_sums(logits_fn(out.hidden), out.labels)
+    has_target = count > 0
+    aux_rows = None
     if out.action_states is not None and actions is not None:
-        aux = vision_supervision_loss(params["heads"], out.action_states, actions,
-                                      vision_token_training=cfg.vision_token_training,
-                                      three_tokens=cfg.vision_supervision == "three_tokens")
+        aux_rows = vision_supervision_rows(params["heads"], out.action_states, actions,
+                                           vision_token_training=cfg.vision_token_training,
+                                           three_tokens=cfg.vision_supervision == "three_tokens")
+    if reduction == "token":
+        lm = jnp.sum(total) / jnp.maximum(jnp.sum(count), 1)
+        aux = jnp.zeros((), jnp.float32) if aux_rows is None else masked_mean(aux_rows, actions[:, 0] >= 0)
+    else:
+        n = count_samples(out.labels) if num_samples is None else num_samples
+        n = jnp.maximum(n, 1).astype(jnp.float32)
+        lm = jnp.sum(jnp.where(has_target, total / jnp.maximum(count, 1), 0.0)) / n
+        aux = (jnp.zeros((), jnp.float32) if aux_rows is None
+               else jnp.sum(jnp.where(has_target & (actions[:, 0] >= 0), aux_rows, 0.0)) / n)
     return Losses(loss=lm + AUX_LOSS_WEIGHT * aux, lm_loss=lm, aux_loss=aux,
-                  targets=jnp.sum(targets).astype(jnp.float32))
+                  targets=jnp.sum(count).astype(jnp.float32))
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array, valid: jax.Array):
-    """Sum of per-row CE over `valid` rows and the number of those rows (fp32).
+def count_samples(labels: jax.Array) -> jax.Array:
+    """Rows of `labels` (the model's, or the tokenizer's: either has a target per answer token) with a target."""
+    return jnp.sum(jnp.any(labels[:, 1:] != IGNORE_INDEX, axis=1))
 
-    nll = logsumexp(logits) - logits[target], the target logit picked with a compare-and-select rather than a
-    gather: the gather's backward is a scatter into a (tokens, vocab) array, which cost XLA:CPU 0.5 s of a 1.5 s
-    lm_head + CE step at 1770 tokens x 32k vocab; the select's backward fuses with the softmax."""
+
+def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+    return jnp.sum(jnp.where(mask, values, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per-position CE, logsumexp(logits) - logits[target], in fp32; the target logit picked with a
+    compare-and-select rather than a gather: the gather's backward is a scatter into a (tokens, vocab) array, which
+    cost XLA:CPU 0.5 s of a 1.5 s lm_head + CE step at 1770 tokens x 32k vocab; the select's backward fuses with
+    the softmax."""
     logits = logits.astype(jnp.float32)
     picked = jnp.sum(jnp.where(jnp.arange(logits.shape[-1]) == targets[..., None], logits, 0.0), axis=-1)
-    nll = jax.nn.logsumexp(logits, axis=-1) - picked
-    return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid)
+    return jax.nn.logsumexp(logits, axis=-1) - picked
+
+
+def lm_row_sums(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per row: the CE sum of logits[:, t] against labels[:, t + 1] over non-ignored targets, and their count."""
+    targets = labels[:, 1:]
+    valid = targets != IGNORE_INDEX
+    nll = token_nll(logits[:, :-1], targets)
+    return jnp.sum(jnp.where(valid, nll, 0.0), axis=1), jnp.sum(valid, axis=1)
 
 
 def lm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -66,37 +108,44 @@ def lm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
     Deviation: a batch with no target gives 0 instead of torch's NaN, so a fully masked batch cannot poison a run.
     """
-    targets = labels[:, 1:]
-    total, count = cross_entropy(logits[:, :-1], targets, targets != IGNORE_INDEX)
-    return total / jnp.maximum(count, 1)
+    total, count = lm_row_sums(logits, labels)
+    return jnp.sum(total) / jnp.maximum(jnp.sum(count), 1)
 
 
 def chunked_lm_loss(hidden: jax.Array, labels: jax.Array, logits_fn, chunk: int, skip_empty: bool = True) -> jax.Array:
-    """`lm_loss(logits_fn(hidden), labels)` without materialising the (B, S, vocab) logits.
+    """`lm_loss(logits_fn(hidden), labels)` without materialising the (B, S, vocab) logits (`chunked_lm_row_sums`)."""
+    total, count = chunked_lm_row_sums(hidden, labels, logits_fn, chunk, skip_empty)
+    return jnp.sum(total) / jnp.maximum(jnp.sum(count), 1)
+
+
+def chunked_lm_row_sums(hidden: jax.Array, labels: jax.Array, logits_fn, chunk: int, skip_empty: bool = True):
+    """`lm_row_sums(logits_fn(hidden), labels)` without materialising the (B, S, vocab) logits.
 
     The shifted sequence is cut into (balanced) chunks of at most `chunk` positions; a `lax.scan` computes each
-    chunk's logits and CE and keeps only the sums, and `jax.checkpoint` makes the backward recompute a chunk's
-    logits instead of saving them. A chunk with no target in any row (visual tokens, prompts, padding: most of a
-    LLaVA sequence) is skipped with `lax.cond`, forward and backward, since it adds nothing to the loss or its
+    chunk's logits and CE and keeps only the per-row sums, and `jax.checkpoint` makes the backward recompute a
+    chunk's logits instead of saving them. A chunk with no target in any row (visual tokens, prompts, padding: most
+    of a LLaVA sequence) is skipped with `lax.cond`, forward and backward, since it adds nothing to the loss or its
     gradient. For a 64-frame 7B sample (16k positions, ~100 targets, 152k vocab) that leaves a chunk or two of
-    logits instead of three 9.3 GiB fp32 copies. Equal to `lm_loss` up to summation order. `skip_empty=False`
+    logits instead of three 9.3 GiB fp32 copies. Equal to `lm_row_sums` up to summation order. `skip_empty=False`
     keeps every chunk (no conditional)."""
     b, s, h = hidden.shape
     n = s - 1
     num = -(-n // chunk)
     if num == 1:  # one chunk: a checkpointed chunk would only recompute it
-        return lm_loss(logits_fn(hidden), labels)
+        return lm_row_sums(logits_fn(hidden), labels)
     chunk = -(-n // num)  # balanced: 884 positions at 256 are 4 chunks of 221, not 3 x 256 + 116
     pad = num * chunk - n
     states = jnp.pad(hidden[:, :-1], ((0, 0), (0, pad), (0, 0)))
     targets = jnp.pad(labels[:, 1:], ((0, 0), (0, pad)), constant_values=IGNORE_INDEX)
     states = states.reshape(b, num, chunk, h).swapaxes(0, 1)
     targets = targets.reshape(b, num, chunk).swapaxes(0, 1)
-    zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+    zero = (jnp.zeros((b,), jnp.float32), jnp.zeros((b,), jnp.int32))
 
     @jax.checkpoint
     def chunk_ce(states, targets):
-        return cross_entropy(logits_fn(states), targets, targets != IGNORE_INDEX)
+        valid = targets != IGNORE_INDEX
+        nll = token_nll(logits_fn(states), targets)
+        return jnp.sum(jnp.where(valid, nll, 0.0), axis=1), jnp.sum(valid, axis=1).astype(jnp.int32)
 
     def body(carry, xs):
         states, targets = xs
@@ -107,7 +156,7 @@ def chunked_lm_loss(hidden: jax.Array, labels: jax.Array, logits_fn, chunk: int,
         return (carry[0] + total, carry[1] + count), None
 
     (total, count), _ = jax.lax.scan(body, zero, (states, targets))
-    return total / jnp.maximum(count, 1)
+    return total, count
 
 
 def select_layers(gathered: jax.Array, vision_token_training: str) -> jax.Array:
@@ -119,20 +168,24 @@ def select_layers(gathered: jax.Array, vision_token_training: str) -> jax.Array:
     return gathered  # "all_layers" (and upstream's other values) use every entry
 
 
-def vision_supervision_loss(heads: dict, gathered: jax.Array, actions: jax.Array, *, vision_token_training: str,
+def vision_supervision_rows(heads: dict, gathered: jax.Array, actions: jax.Array, *, vision_token_training: str,
                             three_tokens: bool) -> jax.Array:
-    """Upstream's aux loss before its final 0.1 weight: sum over selected layers of
-    0.5 CE(verb) + 0.5 CE(noun) + 0.1 CE(action), each a mean over rows with action id >= 0, divided by
-    (number of layers + 1). Rows without labels carry [-1, -1, -1] and are dropped."""
+    """Per row: sum over the selected layers of 0.5 CE(verb) + 0.5 CE(noun) + 0.1 CE(action), divided by
+    (number of layers + 1), upstream's per-sample aux loss before its 0.1 weight. Rows without labels
+    ([-1, -1, -1]) give meaningless values: the reductions mask them."""
     layers = select_layers(gathered, vision_token_training)
     verb, noun, action = llava.head_logits(heads, layers, three_tokens)  # each (n_layers, B, classes)
-    valid = actions[:, 0] >= 0
-    n_valid = jnp.maximum(jnp.sum(valid), 1)
+    safe = jnp.maximum(actions, 0)
+    per_layer = (VERB_WEIGHT * token_nll(verb, safe[:, 0]) + NOUN_WEIGHT * token_nll(noun, safe[:, 1])
+                 + ACTION_WEIGHT * token_nll(action, safe[:, 2]))  # (n_layers, B)
+    return jnp.sum(per_layer, axis=0) / (layers.shape[0] + 1)
 
-    def summed_layer_means(logits, targets):  # sum over layers of the mean CE over valid rows
-        total, _ = cross_entropy(logits, jnp.broadcast_to(targets, logits.shape[:2]), jnp.broadcast_to(valid, logits.shape[:2]))
-        return total / n_valid
 
-    loss = (VERB_WEIGHT * summed_layer_means(verb, actions[:, 0]) + NOUN_WEIGHT * summed_layer_means(noun, actions[:, 1])
-            + ACTION_WEIGHT * summed_layer_means(action, actions[:, 2]))
-    return loss / (layers.shape[0] + 1)
+def vision_supervision_loss(heads: dict, gathered: jax.Array, actions: jax.Array, *, vision_token_training: str,
+                            three_tokens: bool) -> jax.Array:
+    """Upstream's aux loss of one device batch before its final 0.1 weight: sum over selected layers of
+    0.5 CE(verb) + 0.5 CE(noun) + 0.1 CE(action), each a mean over rows with action id >= 0, divided by
+    (number of layers + 1); 0 when no row has labels (upstream: 0 x the logits)."""
+    rows = vision_supervision_rows(heads, gathered, actions, vision_token_training=vision_token_training,
+                                   three_tokens=three_tokens)
+    return masked_mean(rows, actions[:, 0] >= 0)

@@ -7,6 +7,7 @@ rows in the EK100 layout; the real CSVs are only read, through the ``ek100_dir``
 import csv
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -109,11 +110,25 @@ def test_label_maps_from_train_then_validation(fake_dir):
     assert maps.key_text("5:0") == "turn-on tap"
 
 
-def test_default_train_csvs_prefers_train_then_uda_stand_ins(fake_dir):
+def test_label_space_refuses_without_train_csv_unless_uda_is_asked(fake_dir):
     assert [p.name for p in ek100.default_train_csvs(fake_dir)] == ["EPIC_100_train.csv"]
+    # UDA stand-ins: the train rows under another name, one row moved to a file of its own
+    (fake_dir / "UDA_annotations").mkdir()
+    names = [pathlib.PurePath(n).name for n in ek100.UDA_TRAIN_STAND_INS]
+    write_annotation_csv(fake_dir / "UDA_annotations" / names[0], FAKE_TRAIN[:-1], "P90", "P90_01")
+    write_annotation_csv(fake_dir / "UDA_annotations" / names[1], FAKE_TRAIN[-1:], "P90", "P90_01")
+    write_annotation_csv(fake_dir / "UDA_annotations" / names[2], [], "P90", "P90_01")
+    full = ek100.load_label_maps(fake_dir)
+    assert [p.name for p in ek100.default_train_csvs(fake_dir, "uda")] == names  # asked for: used even with train
     (fake_dir / "EPIC_100_train.csv").unlink()
-    with pytest.raises(ek100.AnnotationError, match="UDA"):
-        ek100.default_train_csvs(fake_dir)
+    for call in (lambda: ek100.default_train_csvs(fake_dir), lambda: ek100.load_label_maps(fake_dir)):
+        with pytest.raises(ek100.AnnotationError, match=r"EPIC_100_train\.csv not found.*--label-space uda") as e:
+            call()
+        assert "\n" not in str(e.value)
+    assert ek100.load_label_maps(fake_dir, label_space="uda").vn2act == full.vn2act
+    (fake_dir / "UDA_annotations" / names[2]).unlink()
+    with pytest.raises(ek100.AnnotationError, match=names[2]):
+        ek100.load_label_maps(fake_dir, label_space="uda")
 
 
 def test_render_action(fake_dir):
@@ -190,7 +205,7 @@ def test_prediction_file_errors_name_file_and_key(tmp_path, fake_dir):
 
 
 def test_real_label_maps(ek100_dir):
-    train_csvs = ek100.default_train_csvs(ek100_dir)
+    train_csvs = ek100.default_train_csvs(ek100_dir, "uda")
     if (ek100_dir / ek100.TRAIN_CSV).exists():
         pytest.skip("expected counts are those of the UDA stand-ins; EPIC_100_train.csv is present")
     maps = ek100.load_label_maps(ek100_dir, train_csvs)

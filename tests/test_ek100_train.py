@@ -159,7 +159,7 @@ def test_write_samples_jsonl(data, tmp_path):
 
 def test_real_training_samples(ek100_dir):
     train_csv = ek100_dir / ek100.UDA_TRAIN_STAND_INS[0]
-    maps = ek100.load_label_maps(ek100_dir, ek100.default_train_csvs(ek100_dir))
+    maps = ek100.load_label_maps(ek100_dir, label_space="uda")
     segments = ek100.read_annotation_csv(train_csv)
     settings = TrainSampleSettings(prior_actions=True, n_frames=64)
     table = prior_action_table(segments, maps, settings.representation)

@@ -1,6 +1,7 @@
 """Frame sampling rules (sampling.py) and the extract-frames command on real MP4s (extract.py)."""
 
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -259,3 +260,31 @@ def test_help_explains_the_command(capsys):
                    "get_frame_ids", "--frame-size", "--decoder", "--workers", "resumes", "failures.jsonl",
                    "Exit status"):
         assert phrase in text, phrase
+
+
+def test_original_50_fps_videos_use_their_own_rate_and_a_disagreeing_fps_warns(tmp_path, capsys):
+    """Original EK100 videos run at 50 / 59.94 fps: 1.00-2.00 s is frames 50..100 at 50 fps, not 30..60."""
+    root = tmp_path / "videos"
+    write_mp4(root / "P02" / "videos" / "P02_01.MP4", known_frames(0, 150), fps=50)
+    write_mp4(root / "P02" / "videos" / "P02_02.MP4", known_frames(0, 150), fps=50)
+    csv = root / "ann.csv"
+    csv.write_text(CSV_HEADER + csv_row("P02_01_0", "P02", "P02_01", "00:00:01.00", "00:00:02.00")
+                   + csv_row("P02_02_0", "P02", "P02_02", "00:00:01.00", "00:00:02.00"))
+    expected = sampling.whole_video_frame_ids(1.0, 2.0, 50.0, 8, 150).tolist()
+    assert min(expected) >= 50 and max(expected) < 100
+    for extra, warned in (((), False), (("--fps", "30"), True), (("--fps", "50"), False)):
+        out = tmp_path / f"shards{len(extra)}{warned}"
+        assert cli.main(whole_args(root, csv, out, *extra)) == 0
+        err = capsys.readouterr().err
+        shards = FrameShards(out)
+        for uid, video in (("P02_01_0", "P02_01.MP4"), ("P02_02_0", "P02_02.MP4")):
+            record = shards.lookup(uid)
+            assert record.fps == 50.0 and list(record.frame_indices) == expected
+            stored = decode_frames(record)
+            assert np.all(np.abs(stored[:, 16, 16, 0].astype(int) - [(5 * i) % 250 for i in expected]) <= 3)
+            # the blue bar's width tells frames 50..99 (8 px, 4 after the 2x resize) from 0..49 (4 px)
+            assert np.all(stored[:, 16, 3, 2] > 200) and np.all(stored[:, 16, 5, 2] < 50)
+            assert (f"{video} runs at 50 fps, not --fps 30" in err) == warned
+        mismatches = shards.manifest.get("fps_mismatches", {})
+        assert sorted(pathlib.Path(p).name for p in mismatches) == (["P02_01.MP4", "P02_02.MP4"] if warned else [])
+        assert all(rate == 50.0 for rate in mismatches.values())

@@ -285,3 +285,85 @@ def test_training_forward_skips_the_logits_with_the_same_loss():
     assert full.lm_loss > 0 and full.aux_loss > 0
     np.testing.assert_allclose(chunked.lm_loss, full.lm_loss, rtol=1e-6)
     np.testing.assert_allclose(chunked.loss, full.loss, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- loss reductions
+def torch_upstream_loss(logits, labels, states, heads, actions, supervision, training) -> float:
+    """Upstream's `LlavaQwenForCausalLM.forward` loss on one device batch: LM CE mean + 0.1 x aux loss."""
+    return torch_lm_loss(logits, labels) + 0.1 * torch_aux_loss(states, heads, actions, supervision, training)
+
+
+def reduction_batch(seed=11, supervision="one_token", training="all_layers"):
+    """Four rows: a 30-token answer, a 3-token answer, a 6-token answer without action labels, a padding row."""
+    rng = np.random.default_rng(seed)
+    b, s, vocab, n_layers, d = 4, 40, 13, 3, 6
+    p = 3 if supervision == "three_tokens" else 1
+    logits = rng.standard_normal((b, s, vocab)).astype(np.float32) * 2
+    labels = np.full((b, s), IGNORE)
+    for row, (start, n) in enumerate([(5, 30), (20, 3), (10, 6)]):
+        labels[row, start:start + n] = rng.integers(0, vocab, n)
+    states = rng.standard_normal((n_layers + 1, b, p, d)).astype(np.float32)
+    heads = {k: {"kernel": rng.standard_normal((d, n)).astype(np.float32)}
+             for k, n in (("verb", N_VERB), ("noun", N_NOUN), ("action", N_ACTION))}
+    actions = np.array([[1, 2, 3], [4, 6, 10], [-1, -1, -1], [-1, -1, -1]])
+    return logits, labels, states, heads, actions
+
+
+def ours(logits, labels, states, heads, actions, supervision, training, reduction):
+    cfg = tiny_cfg(vision_supervision=supervision, vision_token_training=training)
+    out = llava.ModelOutput(hidden=None, labels=jnp.asarray(labels), valid=None, action_states=jnp.asarray(states))
+    return losses.compute_losses({"heads": jax.tree.map(jnp.asarray, heads)}, cfg, out, jnp.asarray(actions),
+                                 logits=jnp.asarray(logits), reduction=reduction)
+
+
+@pytest.mark.parametrize("supervision,training", [("one_token", "last_layer"), ("three_tokens", "all_layers")])
+def test_sample_reduction_is_upstreams_one_sample_per_device_mean(supervision, training):
+    """Upstream's recipe runs one sample per device and averages over devices: the reference is upstream's loss
+    of each sample alone, averaged over the samples with targets (the padding row weighs nothing: our rule)."""
+    logits, labels, states, heads, actions = reduction_batch(supervision=supervision, training=training)
+    per_device = [torch_upstream_loss(logits[i:i + 1], labels[i:i + 1], states[:, i:i + 1], heads, actions[i:i + 1],
+                                      supervision, training) for i in range(3)]
+    got = ours(logits, labels, states, heads, actions, supervision, training, "sample")
+    np.testing.assert_allclose(float(got.loss), np.mean(per_device), rtol=1e-5)
+    # The aux loss of a sample weighs 1 / (samples), not 1 / (labelled samples): 2 of the 3 samples have labels.
+    aux_per_device = [torch_aux_loss(states[:, i:i + 1], heads, actions[i:i + 1], supervision, training)
+                      for i in range(3)]
+    np.testing.assert_allclose(float(got.aux_loss), np.mean(aux_per_device), rtol=1e-5)
+    # and it is not the token mean: the 30-token answer would dominate
+    token = torch_upstream_loss(logits, labels, states, heads, actions, supervision, training)
+    assert abs(token - np.mean(per_device)) > 0.05
+
+
+@pytest.mark.parametrize("supervision,training", [("one_token", "last_layer"), ("three_tokens", "all_layers")])
+def test_token_reduction_is_upstreams_loss_of_the_whole_batch_on_one_device(supervision, training):
+    logits, labels, states, heads, actions = reduction_batch(supervision=supervision, training=training)
+    ref = torch_upstream_loss(logits, labels, states, heads, actions, supervision, training)
+    got = ours(logits, labels, states, heads, actions, supervision, training, "token")
+    np.testing.assert_allclose(float(got.loss), ref, rtol=1e-5)
+    np.testing.assert_allclose(float(got.aux_loss), torch_aux_loss(states, heads, actions, supervision, training),
+                               rtol=1e-5)
+
+
+def test_sample_reduction_with_a_global_divisor_adds_up_over_micro_batches():
+    """Two halves, each divided by the global batch's sample count, add up to the whole batch's mean; the
+    chunked LM loss (training's route) gives the same per-row sums."""
+    logits, labels, states, heads, actions = reduction_batch(supervision="one_token", training="last_layer")
+    whole = ours(logits, labels, states, heads, actions, "one_token", "last_layer", "sample")
+    cfg = tiny_cfg(vision_supervision="one_token", vision_token_training="last_layer")
+    n = losses.count_samples(jnp.asarray(labels))
+    assert int(n) == 3
+    parts = 0.0
+    for rows in ([0, 2], [1, 3]):
+        out = llava.ModelOutput(hidden=None, labels=jnp.asarray(labels[rows]), valid=None,
+                                action_states=jnp.asarray(states[:, rows]))
+        parts += float(losses.compute_losses({"heads": jax.tree.map(jnp.asarray, heads)}, cfg, out,
+                                             jnp.asarray(actions[rows]), logits=jnp.asarray(logits[rows]),
+                                             reduction="sample", num_samples=n).loss)
+    np.testing.assert_allclose(parts, float(whole.loss), rtol=1e-6)
+    # chunked per-row sums == full per-row sums (hidden = logits, identity head)
+    full = losses.lm_row_sums(jnp.asarray(logits), jnp.asarray(labels))
+    chunked = losses.chunked_lm_row_sums(jnp.asarray(logits), jnp.asarray(labels), lambda h: h, 7)
+    np.testing.assert_allclose(np.asarray(chunked[0]), np.asarray(full[0]), rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(chunked[1]), np.asarray(full[1]))
+    with pytest.raises(ValueError, match="reduction"):
+        ours(logits, labels, states, heads, actions, "one_token", "last_layer", "mean")

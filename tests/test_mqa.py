@@ -1,12 +1,15 @@
 """``build-mqa``: determinism, slicing, option counts, GT insertion, errors, and the real validation CSV."""
 
 import json
+import pathlib
+import shutil
 
 import pytest
 from test_ek100 import FAKE_VALIDATION, write_fake_annotations
 
 from llavaction_jax.cli import main
 from llavaction_jax.data import ek100, mqa
+from llavaction_jax.eval.questions import load_questions, question_label_space
 
 
 @pytest.fixture
@@ -150,9 +153,35 @@ def test_help_explains_every_flag(capsys):
     assert "GT_random_narration" in text and "(default: 42)" in text
 
 
+def test_build_mqa_refuses_without_train_csv_unless_label_space_uda(fake_dir, tmp_path, capsys):
+    (fake_dir / "EPIC_100_train.csv").rename(fake_dir / "elsewhere.csv")
+    assert build(fake_dir, tmp_path / "q.jsonl") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "EPIC_100_train.csv not found" in err[0] and "--label-space uda" in err[0]
+    assert not (tmp_path / "q.jsonl").exists()
+    (fake_dir / "UDA_annotations").mkdir()
+    for name in ek100.UDA_TRAIN_STAND_INS:
+        shutil.copy(fake_dir / "elsewhere.csv", fake_dir / name)
+    assert build(fake_dir, tmp_path / "q.jsonl", "--label-space", "uda") == 0
+    meta, _ = read(tmp_path / "q.jsonl")
+    assert meta["label_space"]["name"] == "uda"
+    assert [pathlib.Path(p).name for p in meta["inputs"]["train_csvs"]] == [
+        pathlib.PurePath(n).name for n in ek100.UDA_TRAIN_STAND_INS]
+    # eval: the same rule for the question file
+    with pytest.raises(ValueError, match="UDA label space.*--label-space uda"):
+        load_questions(tmp_path / "q.jsonl")
+    assert len(load_questions(tmp_path / "q.jsonl", label_space="uda")[2]) == len(FAKE_VALIDATION)
+    del meta["label_space"]["name"]  # files written before the name was recorded: told by their train CSVs
+    assert question_label_space(meta) == "uda"
+    (fake_dir / "elsewhere.csv").rename(fake_dir / "EPIC_100_train.csv")
+    assert build(fake_dir, tmp_path / "q2.jsonl") == 0
+    assert load_questions(tmp_path / "q2.jsonl")[0] == "ek100"
+
+
 def test_real_validation_questions(ek100_dir, tmp_path, capsys):
     out = tmp_path / "ek100_mqa.jsonl"
-    assert build(ek100_dir, out) == 0
+    extra = () if (ek100_dir / ek100.TRAIN_CSV).exists() else ("--label-space", "uda")
+    assert build(ek100_dir, out, *extra) == 0
     meta, questions = read(out)
     assert len(questions) == 9668 and meta["counts"]["with_gt"] == 9668
     assert len({q["uid"] for q in questions}) == 9668
@@ -164,5 +193,3 @@ def test_real_validation_questions(ek100_dir, tmp_path, capsys):
     # the GT letter is spread evenly over A-E (a shuffling bug would pile it on one letter)
     letters = [q["gt_letter"] for q in questions]
     assert all(1700 < letters.count(letter) < 2170 for letter in "ABCDE")
-    if not (ek100_dir / ek100.TRAIN_CSV).exists():
-        assert "UDA train files stand in" in capsys.readouterr().err

@@ -9,7 +9,7 @@ from llavaction_jax.config import load_preset
 from llavaction_jax.model import llava
 from llavaction_jax.sharding import make_mesh, resolve_config
 from llavaction_jax.train.optim import OptimizerConfig, make_optimizer, param_groups, warmup_cosine
-from llavaction_jax.train.step import init_state, jit_train_step, make_train_step
+from llavaction_jax.train.step import init_state, jit_train_step, loss_fn, make_train_step
 
 CFG = load_preset("tiny")
 
@@ -27,11 +27,12 @@ def make_batch(rng, n=4, length=10, frames=2):
     }
 
 
-def run_steps(opt_cfg, batches, n_micro=1, mesh=None, seed=0):
+def run_steps(opt_cfg, batches, n_micro=1, mesh=None, seed=0, reduction="sample"):
     params = llava.init(CFG, jax.random.key(seed))
     tx, schedules = make_optimizer(params, opt_cfg)
     state = init_state(params, tx)
-    step = make_train_step(resolve_config(CFG, mesh), tx, param_groups(params, opt_cfg), n_micro, schedules)
+    step = make_train_step(resolve_config(CFG, mesh), tx, param_groups(params, opt_cfg), n_micro, schedules,
+                           reduction)
     step = jit_train_step(step, state, CFG, mesh)
     metrics = []
     for b in batches:
@@ -110,3 +111,26 @@ def test_schedule_matches_transformers_cosine_with_warmup():
         sched.step()
     ours = [float(warmup_cosine(1e-5, total, ratio)(s)) for s in range(total)]
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-12)
+
+
+def test_sample_reduction_weighs_every_sample_of_the_global_batch_equally():
+    """Answers of 6, 1 and 3 tokens and a padding row (no target, no action): the loss is the mean of the three
+    samples' own losses whatever the micro-batching; the padding row weighs nothing. The token mean differs."""
+    batch = make_batch(np.random.default_rng(2))
+    batch["labels"][:] = -100
+    for row, n in ((0, 6), (1, 1), (2, 3)):
+        batch["labels"][row, -n:] = batch["input_ids"][row, -n:]
+    batch["actions"][3] = -1
+    whole, mw = run_steps(OPT_STABLE, [batch], n_micro=1)
+    micro, mm = run_steps(OPT_STABLE, [batch], n_micro=2)
+    np.testing.assert_allclose(mw[0]["loss"], mm[0]["loss"], rtol=1e-6)
+    np.testing.assert_allclose(mw[0]["grad_norm"], mm[0]["grad_norm"], rtol=1e-5)
+    assert_trees_close(micro["params"], whole["params"], atol=1e-6)
+    params, cfg = llava.init(CFG, jax.random.key(0)), resolve_config(CFG)
+    rows = lambda r: {k: v[r:r + 1] for k, v in batch.items()}
+    own = [float(loss_fn(params, cfg, rows(r), "token")[0]) for r in range(3)]
+    np.testing.assert_allclose(mw[0]["loss"], np.mean(own), rtol=1e-5)
+    _, tw = run_steps(OPT_STABLE, [batch], n_micro=1, reduction="token")
+    _, tm = run_steps(OPT_STABLE, [batch], n_micro=2, reduction="token")
+    assert abs(float(tw[0]["loss"]) - np.mean(own)) > 1e-3  # the 6-token answer dominates the token mean
+    assert abs(float(tw[0]["loss"]) - float(tm[0]["loss"])) > 1e-3  # and it depends on the micro-batching

@@ -34,6 +34,9 @@ TRAIN_CSV = "EPIC_100_train.csv"
 UDA_TRAIN_STAND_INS = ("UDA_annotations/EPIC_100_uda_source_train.csv",
                        "UDA_annotations/EPIC_100_uda_source_val.csv",
                        "UDA_annotations/EPIC_100_uda_target_val.csv")
+# Action ids index the released 3806-way action head, defined by EPIC_100_train.csv (+ validation). "uda" asks
+# for the UDA stand-ins explicitly: a different label space (2684 actions), so other ids, distractors and options.
+LABEL_SPACES = ("ek100", "uda")
 VERB_CLASSES_CSV = "EPIC_100_verb_classes.csv"
 NOUN_CLASSES_CSV = "EPIC_100_noun_classes_v2.csv"  # upstream reads v2 (utils.py:101-102)
 
@@ -175,21 +178,30 @@ def build_label_maps(train: list[Segment], validation: list[Segment], verb_keys:
     return LabelMaps(action_ids_in_lexicographic_order(vn2narrations), vn2narrations, verb_keys, noun_keys)
 
 
-def default_train_csvs(annotation_dir: str | pathlib.Path) -> list[pathlib.Path]:
-    """EPIC_100_train.csv when present, else the labelled UDA train-split files that stand in for it."""
+def default_train_csvs(annotation_dir: str | pathlib.Path, label_space: str = "ek100") -> list[pathlib.Path]:
+    """The train CSVs of a label space: "ek100" = EPIC_100_train.csv (refused with a one-line error naming it
+    when missing: the released action head is defined by it), "uda" = the labelled UDA train-split files."""
     annotation_dir = pathlib.Path(annotation_dir)
-    if (annotation_dir / TRAIN_CSV).exists():
+    if label_space not in LABEL_SPACES:
+        raise AnnotationError(f"label space {label_space!r}; expected one of {LABEL_SPACES}")
+    if label_space == "ek100":
+        if not (annotation_dir / TRAIN_CSV).exists():
+            raise AnnotationError(f"{annotation_dir / TRAIN_CSV} not found: action ids index the 3806-way head it "
+                                  "defines; pass --label-space uda to use the UDA train files instead (2684 actions, "
+                                  "other ids)")
         return [annotation_dir / TRAIN_CSV]
     stand_ins = [annotation_dir / name for name in UDA_TRAIN_STAND_INS]
-    if not all(p.exists() for p in stand_ins):
-        raise AnnotationError(f"{annotation_dir}: neither {TRAIN_CSV} nor the UDA stand-ins {UDA_TRAIN_STAND_INS}")
+    missing = [str(p) for p in stand_ins if not p.exists()]
+    if missing:
+        raise AnnotationError(f"--label-space uda: {', '.join(missing)} not found")
     return stand_ins
 
 
-def load_label_maps(annotation_dir: str | pathlib.Path, train_csvs=None, validation_csv=None) -> LabelMaps:
-    """Label maps from an annotation folder (train CSVs default to :func:`default_train_csvs`)."""
+def load_label_maps(annotation_dir: str | pathlib.Path, train_csvs=None, validation_csv=None,
+                    label_space: str = "ek100") -> LabelMaps:
+    """Label maps from an annotation folder (train CSVs default to :func:`default_train_csvs` of `label_space`)."""
     annotation_dir = pathlib.Path(annotation_dir)
-    train_csvs = default_train_csvs(annotation_dir) if not train_csvs else train_csvs
+    train_csvs = default_train_csvs(annotation_dir, label_space) if not train_csvs else train_csvs
     train = [s for path in train_csvs for s in read_annotation_csv(path)]
     validation = read_annotation_csv(validation_csv or annotation_dir / VALIDATION_CSV)
     return build_label_maps(train, validation, read_class_keys(annotation_dir / VERB_CLASSES_CSV, False),

@@ -111,14 +111,14 @@ def extract_clip(clip: ClipSpec, settings: dict, videos: VideoCache) -> fs.ClipR
             path = chunk_path(chunk_start)
             return videos.open(path).num_frames if os.path.isfile(path) else None
 
-        fps = fps or videos.open(chunk_path(0)).avg_fps  # upstream ek100_cls reads chunk 0's rate
+        fps = videos.frame_rate(chunk_path(0), fps)  # upstream ek100_cls reads chunk 0's rate
         plan = sampling.chunked_clip(clip.start_sec, clip.end_sec, fps, settings["num_frames"], chunk_frame_count,
                                      chunk_len=settings["chunk_len"])
         frames = np.concatenate([videos.read(chunk_path(r.chunk_start), r.frame_ids) for r in plan.reads])
         ids, duration, end = plan.frame_ids, clip.end_sec - clip.start_sec, clip.end_sec
     else:
         video = videos.open(clip.path)
-        fps = fps or video.avg_fps
+        fps = videos.frame_rate(clip.path, fps)
         start = clip.start_sec or 0.0
         end = clip.end_sec if clip.end_sec is not None else video.num_frames / fps
         if settings["sampling"] == "ek100":
@@ -175,7 +175,7 @@ def extract_shard(task: tuple[str, str, list[ClipSpec], dict]) -> dict:
     except BaseException:
         writer.abort()
         raise
-    done = {**entry, "failures": failures}
+    done = {**entry, "failures": failures, "fps_mismatches": videos.fps_mismatches}
     tmp = os.path.join(out_dir, f"{name}{DONE_SUFFIX}.tmp-{os.getpid()}")
     pathlib.Path(tmp).write_text(json.dumps(done))
     os.replace(tmp, os.path.join(out_dir, name + DONE_SUFFIX))
@@ -259,7 +259,9 @@ def run_extraction(clips: list[ClipSpec], out_dir: str, settings: dict) -> dict:
                        else settings["frames_upbound"] if settings["force_sample"] and settings["frames_upbound"] > 0
                        else None)
     shard_entries = [{k: e[k] for k in ("file", "num_records", "num_bytes", "uids")} for e in entries]
-    fs.write_manifest(out, shard_entries, content_settings, frames_per_clip, num_failed_clips=len(failures))
+    mismatches = {path: rate for e in entries for path, rate in e.get("fps_mismatches", {}).items()}
+    fs.write_manifest(out, shard_entries, content_settings, frames_per_clip, num_failed_clips=len(failures),
+                      extra={"fps_mismatches": mismatches} if mismatches else None)
     return fs.read_manifest(out)
 
 
@@ -280,9 +282,10 @@ Sources (one of):
 
 Sampling (--sampling; default ek100 for CSVs, llava-video for JSONL):
   ek100        upstream get_frame_ids: midpoints of --num-frames equal segments of
-               [round(start*fps), round(end*fps)], end clamped to the last frame. --fps is the rate frame
-               numbers refer to: 30 as upstream (its videos are re-encoded at 30 fps), or "video" to read it
-               from the file (needed for the original 50/60 fps EK100 videos).
+               [round(start*fps), round(end*fps)], end clamped to the last frame, fps = the video's own
+               rate from its container (upstream's re-encodes: 30; the original EK100 videos: 50 or 59.94).
+               --fps N only states the rate you expect: a video that disagrees is warned about and listed
+               in manifest.json's fps_mismatches {video: its rate}.
   llava-video  upstream LLaVA-Video: every round(avg_fps / --video-fps)-th frame, switching to
                --frames-upbound frames spread with np.linspace when there are more (or with --force-sample).
 
@@ -313,9 +316,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-frames", type=int, default=16,
                         help="ek100 rule: frames per clip, upstream clip_length (16 eval, 64 final training; "
                              "default: %(default)s)")
-    parser.add_argument("--fps", default="30",
-                        help='ek100 rule: frame rate the frame numbers refer to, a number or "video" '
-                             "(default: %(default)s)")
+    parser.add_argument("--fps", default="video",
+                        help="frame numbers always use each video's own rate from its container (EK100 originals "
+                             "run at 50 or 59.94 fps, upstream's re-encodes at 30); a number is the rate you "
+                             "expect: a video that disagrees is warned about and listed in the manifest's "
+                             "fps_mismatches (default: %(default)s)")
     parser.add_argument("--frames-upbound", type=int, default=64,
                         help="llava-video rule: most frames per clip, 0 = no cap (default: %(default)s)")
     parser.add_argument("--force-sample", action="store_true",

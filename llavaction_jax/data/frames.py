@@ -179,8 +179,9 @@ class ShardWriter:
 
 
 def write_manifest(directory: str | os.PathLike, shards: Sequence[dict], settings: dict, frames_per_clip: int | None,
-                   num_failed_clips: int = 0) -> pathlib.Path:
-    """Write ``manifest.json`` (atomically) for ``shards`` (entries from ``ShardWriter.commit``)."""
+                   num_failed_clips: int = 0, extra: dict | None = None) -> pathlib.Path:
+    """Write ``manifest.json`` (atomically) for ``shards`` (entries from ``ShardWriter.commit``); ``extra`` keys
+    (e.g. extract-frames' fps_mismatches) are added at the top level."""
     directory = pathlib.Path(directory)
     manifest = {
         "format": FORMAT_NAME,
@@ -190,6 +191,7 @@ def write_manifest(directory: str | os.PathLike, shards: Sequence[dict], setting
         "frames_per_clip": frames_per_clip,
         "settings": settings,
         "shards": list(shards),
+        **(extra or {}),
     }
     tmp = directory / f"{MANIFEST_NAME}.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(manifest, indent=1))

@@ -201,8 +201,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="CSV the questions are built from (also part of the label maps); "
            "default ANNOTATIONS/EPIC_100_validation.csv")
     a("--train-csv", type=pathlib.Path, action="append", default=None,
-      help="train CSV(s) for the label maps (repeatable); default EPIC_100_train.csv, or the labelled UDA files that "
-           "stand in for it when it is absent")
+      help="train CSV(s) for the label maps (repeatable); default those of --label-space")
+    a("--label-space", choices=ek100.LABEL_SPACES, default="ek100",
+      help="ek100: EPIC_100_train.csv, the released 3806-way action head (refused when missing); uda: the labelled "
+           "UDA train files stand in for it (2684 actions: other ids, distractors and options)")
     a("--distractors", choices=DISTRACTOR_SOURCES, default="random",
       help="random: k-1 actions drawn uniformly (never the GT); avion/tim: the top-k of --predictions")
     a("--predictions", type=pathlib.Path, default=None,
@@ -240,10 +242,7 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"--distractors {args.distractors} {'takes no' if args.distractors == 'random' else 'needs'}"
                          " --predictions")
     validation_csv = args.validation_csv or args.annotations / ek100.VALIDATION_CSV
-    train_csvs = args.train_csv or ek100.default_train_csvs(args.annotations)
-    if not args.train_csv and train_csvs[0].name != ek100.TRAIN_CSV:
-        print(f"[build-mqa] {ek100.TRAIN_CSV} not found: the labelled UDA train files stand in for it",
-              file=sys.stderr)
+    train_csvs = args.train_csv or ek100.default_train_csvs(args.annotations, args.label_space)
     maps = ek100.load_label_maps(args.annotations, train_csvs, validation_csv)
     segments = ek100.read_annotation_csv(validation_csv)
     _check_unique_uids(segments)
@@ -268,7 +267,8 @@ def _run(args: argparse.Namespace) -> int:
             "rng": "numpy.random.default_rng([seed, first 8 bytes of sha256(uid) as little-endian uint64])",
             "inputs": {"validation_csv": str(validation_csv), "train_csvs": [str(p) for p in train_csvs],
                        "predictions": str(args.predictions) if args.predictions else None},
-            "label_space": {"actions": len(maps.vn2act), "verbs": len(maps.verb_keys), "nouns": len(maps.noun_keys)},
+            "label_space": {"name": "custom" if args.train_csv else args.label_space, "actions": len(maps.vn2act),
+                            "verbs": len(maps.verb_keys), "nouns": len(maps.noun_keys)},
             "slice": {"process_index": args.process_index, "num_processes": args.num_processes,
                       "rows": [start, stop], "total_rows": len(segments)},
             "counts": counts}

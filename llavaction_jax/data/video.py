@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import os
+import sys
 
 import numpy as np
 
@@ -58,6 +59,17 @@ class VideoCache:
     def __init__(self, decoder: str = "auto", capacity: int = 8):
         self.decoder, self.capacity = decoder, capacity
         self._open: collections.OrderedDict[str, object] = collections.OrderedDict()
+        self.fps_mismatches: dict[str, float] = {}  # video path -> its own rate, where it disagrees with --fps
+
+    def frame_rate(self, path: str, expected: float | None = None) -> float:
+        """The video's own frame rate (container metadata). One that disagrees with `expected` (a user's --fps)
+        is warned about once per video and kept in `fps_mismatches`; the video's own rate is still returned."""
+        rate = float(self.open(path).avg_fps)
+        if expected and abs(rate - expected) > 1e-4 * expected and path not in self.fps_mismatches:
+            self.fps_mismatches[path] = rate
+            print(f"[extract-frames] warning: {path} runs at {rate:g} fps, not --fps {expected:g}; its frame numbers "
+                  f"use {rate:g}", file=sys.stderr, flush=True)
+        return rate
 
     def open(self, path: str):
         if path not in self._open:

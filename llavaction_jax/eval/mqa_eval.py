@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--shards", required=True, help="frame-shard directory (extract-frames output) holding every question's clip")
     a("--out", required=True, help="output directory (predictions.jsonl, results.json, report.md, accuracy.png)")
     a("--format", choices=("auto", "ek100", "videoqa"), default="auto", help="question-file format")
+    a("--label-space", choices=("ek100", "uda"), default="ek100",
+      help="uda: accept a build-mqa file built with --label-space uda (otherwise refused: its action ids are not "
+           "the released head's)")
     a("--batch-size", type=int, default=8, help="questions per process per step")
     a("--mode", choices=("generate", "score", "both"), default="generate",
       help="generate: greedy answer + upstream parsing; score: option log-likelihoods; both")
@@ -129,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         modes = ("generate", "score") if args.mode == "both" else (args.mode,)
         settings = EvalSettings(batch_size=args.batch_size, modes=modes, max_new_tokens=args.max_new_tokens,
                                 num_frames=args.num_frames, prompt_len=args.prompt_len, limit=args.limit,
-                                fmt=args.format, time_instruction=args.time_instruction,
+                                fmt=args.format, label_space=args.label_space, time_instruction=args.time_instruction,
                                 instruction=args.videoqa_instruction, threads=args.threads,
                                 options_per_pass=args.options_per_pass)
         results = evaluate(params, cfg, tokenizer, args.questions, args.shards, args.out, settings, mesh,

@@ -66,12 +66,17 @@ def detect_format(meta: dict | None, records: list[dict]) -> str:
     return "videoqa"
 
 
-def load_questions(path: str | pathlib.Path, fmt: str = "auto") -> tuple[str, dict | None, list[EvalQuestion]]:
-    """(format, meta or None, questions) of a question file; errors name the file and line."""
+def load_questions(path: str | pathlib.Path, fmt: str = "auto",
+                   label_space: str = "ek100") -> tuple[str, dict | None, list[EvalQuestion]]:
+    """(format, meta or None, questions) of a question file; errors name the file and line. A build-mqa file
+    whose action ids come from the UDA stand-ins is refused unless `label_space` is "uda" (see ek100.LABEL_SPACES)."""
     meta, records = read_question_file(path)
     if not records:
         raise ValueError(f"{path}: no questions")
     fmt = detect_format(meta, records) if fmt == "auto" else fmt
+    if fmt == "ek100" and label_space != "uda" and question_label_space(meta) == "uda":
+        raise ValueError(f"{path} was built with the UDA label space (2684 actions, not the 3806 of "
+                         "EPIC_100_train.csv that the released head predicts); pass --label-space uda to evaluate it")
     if fmt not in FORMATS:
         raise ValueError(f"question format must be one of {FORMATS} or auto, got {fmt!r}")
     convert = ek100_question if fmt == "ek100" else videoqa_question
@@ -87,6 +92,18 @@ def load_questions(path: str | pathlib.Path, fmt: str = "auto") -> tuple[str, di
             raise ValueError(f"{path}:{line}: question uid {q.uid!r} already used on line {seen[q.uid]}")
         seen[q.uid] = line
     return fmt, meta, questions
+
+
+def question_label_space(meta: dict | None) -> str | None:
+    """The label space a build-mqa file's action ids index: recorded by name, or (older files) read off the
+    train CSVs it names; None when the meta does not tell."""
+    if not meta:
+        return None
+    name = meta.get("label_space", {}).get("name")
+    if name:
+        return name
+    train_csvs = [pathlib.Path(p).name for p in meta.get("inputs", {}).get("train_csvs", [])]
+    return "uda" if any("uda" in n.lower() for n in train_csvs) else "ek100" if train_csvs else None
 
 
 def ek100_question(record: dict, line: int) -> EvalQuestion:

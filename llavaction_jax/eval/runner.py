@@ -53,6 +53,7 @@ class EvalSettings:
     prompt_len: int | None = None  # default: the longest prompt rounded up to 32
     limit: int | None = None  # evaluate the first N questions only
     fmt: str = "auto"
+    label_space: str = "ek100"  # "uda": accept EK100 questions whose action ids index the UDA stand-ins
     time_instruction: bool = True  # videoqa: LLaVA-Video's time instruction
     instruction: str = ""  # videoqa: the line after the options (default: questions.DEFAULT_VIDEOQA_INSTRUCTION)
     threads: int = 4  # frame-decoding threads
@@ -248,7 +249,7 @@ def evaluate(params, cfg, tokenizer, questions_path, shards_dir, out_dir, settin
     inputs fail everywhere at once instead of leaving peers waiting."""
 
     t_start = time.perf_counter()
-    fmt, meta, questions = qs.load_questions(questions_path, settings.fmt)
+    fmt, meta, questions = qs.load_questions(questions_path, settings.fmt, settings.label_space)
     questions = questions[: settings.limit] if settings.limit else questions
     check_tokenizer_fits(cfg, tokenizer)
     shards = FrameShards(shards_dir)

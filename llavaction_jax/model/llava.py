@@ -81,7 +81,7 @@ def encode_videos(params: dict, pixel_values: jax.Array, cfg: ModelConfig) -> ja
     LlavaMetaForCausalLM.encode_images) and pooling run per frame, `frames_per_step`
     frames of every video at a time in a `lax.map`; the newline layout and action tokens then see whole videos."""
     b, t = pixel_values.shape[:2]
-    dtype = jnp.dtype(cfg.compute_dtype)
+    dtype = jnp.dtype(cfg.effective_compute_dtype)
 
     def pooled_frames(px):  # (B, c, C, H, W) -> (B, c, g', g', H)
         c = px.shape[1]
@@ -189,7 +189,7 @@ def embed_inputs(params: dict, cfg: ModelConfig, input_ids, pixel_values, attent
                  has_video=None, out_len: int | None = None) -> Spliced:
     """Token embeddings with the visual tokens spliced in: everything before the decoder."""
     b, length = input_ids.shape
-    dtype = jnp.dtype(cfg.compute_dtype)
+    dtype = jnp.dtype(cfg.effective_compute_dtype)
     attention_mask = jnp.ones((b, length), bool) if attention_mask is None else attention_mask.astype(bool)
     labels = jnp.full((b, length), IGNORE_INDEX, jnp.int32) if labels is None else labels
     text_embeds = qwen2.embed(params["text"], jnp.where(input_ids == IMAGE_TOKEN_INDEX, 0, input_ids), dtype)

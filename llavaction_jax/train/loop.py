@@ -64,13 +64,20 @@ def maybe_initialize_distributed(cfg) -> None:
 
 
 def initial_params(cfg, model_cfg: ModelConfig, shardings) -> dict:
+    """The source's params (checkpoint or random init) cast to `train.master_dtype`."""
+    master = cfg.train.master_dtype
     if cfg.model.init_from:
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 abstract_params(llava.param_specs(model_cfg), jnp.dtype(model_cfg.param_dtype)),
                                 shardings)
-        return checkpoint_io.restore_params(cfg.model.init_from, abstract)
-    init = jax.jit(lambda key: llava.init(model_cfg, key), out_shardings=shardings)
+        params = checkpoint_io.restore_params(cfg.model.init_from, abstract)
+        return jax.jit(lambda p: cast_tree(p, master), out_shardings=shardings)(params)
+    init = jax.jit(lambda key: llava.init(model_cfg.replace(param_dtype=master), key), out_shardings=shardings)
     return init(jax.random.key(cfg.train.seed))
+
+
+def cast_tree(tree, dtype: str):
+    return jax.tree.map(lambda x: x.astype(dtype), tree)
 
 
 def optimizer_config(cfg, total_steps: int) -> OptimizerConfig:
@@ -118,7 +125,7 @@ def train(cfg) -> dict:
     total_steps = cfg.train.steps
     opt_cfg = optimizer_config(cfg, total_steps)
     specs = llava.param_specs(model_cfg)
-    abstract = abstract_params(specs, jnp.dtype(model_cfg.param_dtype))
+    abstract = abstract_params(specs, jnp.dtype(cfg.train.master_dtype))  # the train state's params and moments
     tx, schedules = make_optimizer(abstract, opt_cfg)
     abstract_state = jax.eval_shape(lambda p: init_state(p, tx), abstract)
     shardings = state_shardings(abstract_state, model_cfg, mesh)
@@ -151,7 +158,8 @@ def train(cfg) -> dict:
         state = jax.jit(lambda p: init_state(p, tx), out_shardings=shardings)(params)
         log(f"starting from {'checkpoint ' + cfg.model.init_from if cfg.model.init_from else 'random init'}")
 
-    run_step = jit_train_step(make_train_step(run_cfg, tx, groups, cfg.train.micro_batches, schedules),
+    run_step = jit_train_step(make_train_step(run_cfg, tx, groups, cfg.train.micro_batches, schedules,
+                                              cfg.train.loss_reduction),
                               abstract_state, model_cfg, mesh)  # compiles once per length bucket
 
     # ----------------------------------------------------------------- metrics
@@ -207,7 +215,9 @@ def train(cfg) -> dict:
     if stopped == "completed" and cfg.train.save_model:
         final = out_dir / "model"
         if final_model_step(final) != step:  # absent, partial, corrupt, or from before the run was extended
-            checkpoint_io.publish_model(final, model_cfg, state["params"],
+            save_dtype = cfg.train.save_dtype or model_cfg.param_dtype  # the source's dtype unless asked
+            params = jax.jit(lambda p: cast_tree(p, save_dtype))(state["params"])
+            checkpoint_io.publish_model(final, model_cfg.replace(param_dtype=save_dtype), params,
                                         extra_files={FINAL_STEP_FILE: json.dumps({"step": step}) + "\n"})
             log(f"final model (step {step}) written to {final}")
     skipped = total_skipped(skipped)

@@ -1,8 +1,11 @@
 """The jitted, sharded training step: loss, gradient accumulation over micro-batches, AdamW update.
 
-Loss = LM cross-entropy + 0.1 x the vision-supervision loss (llavaction_jax/losses.py). With N micro-batches the
-gradient is the mean of the micro-batch gradients, like HF Trainer's accumulation (each micro-batch's loss is its
-own token mean, divided by N). Accumulation is a `lax.scan`, so memory holds one micro-batch of activations.
+Loss = LM cross-entropy + 0.1 x the vision-supervision loss (llavaction_jax/losses.py), reduced as `reduction`
+says. "sample" (upstream's weighting): every micro-batch divides its sum of per-sample losses by the number of
+samples with targets in the whole global batch, so the micro-batch gradients add up to the gradient of the mean
+over all its samples. "token": each micro-batch's loss is its own token mean, and the gradient the mean of the
+micro-batch gradients, like HF Trainer's accumulation. Accumulation is a `lax.scan`, so memory holds one
+micro-batch of activations.
 """
 
 from __future__ import annotations
@@ -27,10 +30,11 @@ def init_state(params: dict, tx: optax.GradientTransformation) -> dict:
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
 
-def loss_fn(params: dict, cfg: ModelConfig, batch: dict):
+def loss_fn(params: dict, cfg: ModelConfig, batch: dict, reduction: str = "sample", num_samples=None):
     out = llava.forward(params, cfg, batch["input_ids"], batch.get("pixel_values"), batch.get("attention_mask"),
                         batch["labels"], batch.get("has_video"))
-    computed = losses.compute_losses(params, cfg, out, batch.get("actions"))
+    computed = losses.compute_losses(params, cfg, out, batch.get("actions"), reduction=reduction,
+                                     num_samples=num_samples)
     metrics = {"loss": computed.loss, "lm_loss": computed.lm_loss, "aux_loss": computed.aux_loss,
                "tokens": computed.targets}
     return computed.loss, metrics
@@ -47,13 +51,17 @@ def split_micro(batch: dict, n_micro: int) -> dict:
 
 
 def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, groups: dict, n_micro: int = 1,
-                    schedules: dict[str, Callable] | None = None):
+                    schedules: dict[str, Callable] | None = None, reduction: str = "sample"):
     """A pure `step(state, batch) -> (state, metrics)`; `jit_train_step` jits it for a mesh. `cfg` is used as
     given: resolve it for the mesh first (`sharding.resolve_config`); `groups` are the optimizer groups of
-    `train.optim.param_groups` (frozen parameters get no gradient)."""
+    `train.optim.param_groups` (frozen parameters get no gradient); `reduction`: "sample" or "token" (above)."""
+    if reduction not in losses.REDUCTIONS:
+        raise ValueError(f"train.loss_reduction={reduction!r}; expected one of {losses.REDUCTIONS}")
+    per_sample = reduction == "sample"
 
     def step(state, batch):
-        grad_fn = jax.value_and_grad(lambda p, b: loss_fn(freeze(p, groups), cfg, b), has_aux=True)
+        n = losses.count_samples(batch["labels"]) if per_sample else None  # the global batch's, for every micro
+        grad_fn = jax.value_and_grad(lambda p, b: loss_fn(freeze(p, groups), cfg, b, reduction, n), has_aux=True)
         micro = split_micro(batch, n_micro)
 
         def accumulate(grads, mb):
@@ -62,10 +70,12 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, groups: 
 
         zeros = jax.tree.map(jnp.zeros_like, state["params"])
         grads, per_micro = jax.lax.scan(accumulate, zeros, micro, unroll=cfg.loop_collectives == "off")
-        grads = jax.tree.map(lambda g: g / n_micro, grads)
+        if not per_sample:  # each micro-batch loss is a mean of its own: average them
+            grads = jax.tree.map(lambda g: g / n_micro, grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = {k: v.mean() for k, v in per_micro.items() if k != "tokens"}
+        combine = jnp.sum if per_sample else jnp.mean  # "sample": the micro-batch losses are parts of one mean
+        metrics = {k: combine(v) for k, v in per_micro.items() if k != "tokens"}
         metrics["tokens"] = per_micro["tokens"].sum()
         metrics["grad_norm"] = optax.tree.norm(grads)
         for group, schedule in (schedules or {}).items():
