@@ -115,6 +115,9 @@ class Parent:
         item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
         for record in self.reports.pop(item.nodeid):
             item.ihook.pytest_runtest_logreport(report=make_report(item, record))
+        # Fixtures and collectors this process set up for earlier (unmarked) tests are finished here, as pytest's
+        # own protocol would after the item: otherwise the next module's first test finds them still set up.
+        item.session._setupstate.teardown_exact(nextitem)
         item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
         return True
 
