@@ -194,20 +194,26 @@ class ModelConfig:
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         bad = bad_value
-        if self.pool_mode not in POOL_MODES:
-            raise bad("mm_spatial_pool_mode", self.pool_mode, POOL_MODES)
-        if self.newline_position not in NEWLINE_POSITIONS:
-            raise bad("mm_newline_position", self.newline_position, NEWLINE_POSITIONS)
-        if self.vision_supervision not in VISION_SUPERVISION:
-            raise bad("vision_supervision", self.vision_supervision, VISION_SUPERVISION)
-        if self.vision_token_training not in VISION_TOKEN_TRAINING:
-            raise bad("vision_token_training", self.vision_token_training, VISION_TOKEN_TRAINING)
+        choices = {  # field: (the key errors name, allowed values)
+            "pool_mode": ("mm_spatial_pool_mode", POOL_MODES),
+            "newline_position": ("mm_newline_position", NEWLINE_POSITIONS),
+            "vision_supervision": ("vision_supervision", VISION_SUPERVISION),
+            "vision_token_training": ("vision_token_training", VISION_TOKEN_TRAINING),
+            "patch_merge_type": ("mm_patch_merge_type", ("flat", "spatial", "spatial_unpad")),
+            "remat_policy": ("remat_policy", REMAT_POLICIES),
+            "attention": ("attention", ATTENTION_IMPLS),
+            "loop_collectives": ("loop_collectives", LOOP_COLLECTIVES),
+            "platform": ("platform", PLATFORMS),
+            "param_dtype": ("param_dtype", DTYPES),
+            "compute_dtype": ("compute_dtype", ("auto",) + DTYPES),
+        }
+        for field, (key, allowed) in choices.items():
+            if getattr(self, field) not in allowed:
+                raise bad(key, getattr(self, field), allowed)
         if self.projector_type != "linear":
             depth = self.projector_type[len("mlp") : -len("x_gelu")]
             if not (self.projector_type.startswith("mlp") and self.projector_type.endswith("x_gelu") and depth.isdigit()):
                 raise bad("mm_projector_type", self.projector_type, PROJECTOR_TYPES_HELP)
-        if self.patch_merge_type not in ("flat", "spatial", "spatial_unpad"):
-            raise bad("mm_patch_merge_type", self.patch_merge_type, ("flat", "spatial", "spatial_unpad"))
         if "spatial" in self.patch_merge_type and self.newline_position in ("grid", "frame") and not self.has_image_newline:
             raise ConfigError(
                 f"mm_newline_position={self.newline_position!r} needs the learned image_newline, which upstream only "
@@ -217,22 +223,10 @@ class ModelConfig:
             raise bad("tokenizer_padding_side", self.tokenizer_padding_side, "'right' (the only side upstream trains with)")
         if self.vision_supervision is not None and len(self.action_types) != 3:
             raise ConfigError(f"config key 'action_types' must name 3 class counts (verb,noun,action), got {self.action_types!r}")
-        if self.remat_policy not in REMAT_POLICIES:
-            raise bad("remat_policy", self.remat_policy, REMAT_POLICIES)
-        if self.attention not in ATTENTION_IMPLS:
-            raise bad("attention", self.attention, ATTENTION_IMPLS)
         if self.loss_chunk_tokens < 0:
             raise bad("loss_chunk_tokens", self.loss_chunk_tokens, "0 (off) or a positive token count")
         if self.vision_frames_per_step < -1:
             raise bad("vision_frames_per_step", self.vision_frames_per_step, "0 (auto), -1 (all) or a frame count")
-        if self.loop_collectives not in LOOP_COLLECTIVES:
-            raise bad("loop_collectives", self.loop_collectives, LOOP_COLLECTIVES)
-        if self.platform not in PLATFORMS:
-            raise bad("platform", self.platform, PLATFORMS)
-        if self.param_dtype not in DTYPES:
-            raise bad("param_dtype", self.param_dtype, DTYPES)
-        if self.compute_dtype not in ("auto",) + DTYPES:
-            raise bad("compute_dtype", self.compute_dtype, ("auto",) + DTYPES)
         if self.pool_stride != 2:
             raise bad("pool_stride", self.pool_stride,
                       "2 (upstream hard-codes stride 2 for video: llavaction/model/llava_arch.py:"
