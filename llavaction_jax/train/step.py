@@ -23,8 +23,6 @@ from llavaction_jax.model import llava
 from llavaction_jax.sharding import batch_sharding, param_shardings, use_mesh
 from llavaction_jax.train.optim import freeze
 
-BATCH_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "actions", "has_video")
-
 
 def init_state(params: dict, tx: optax.GradientTransformation) -> dict:
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
