@@ -5,8 +5,10 @@
     out.logits, out.loss
 
 `input_ids` carry one -200 placeholder per video sample (as `tokenizer_image_token` makes them); `pixel_values`
-are frames `(T, 3, H, W)` per sample (a list, or one `(B, T, 3, H, W)` array; a `(3, H, W)` image is a 1-frame
-video). Inputs are checked on the host first so mistakes fail with a message, not deep inside XLA.
+are frames `(T_i, 3, H, W)` per sample: a list (videos of different lengths, a `(3, H, W)` image as a 1-frame video,
+None for a text-only sample), or one `(B, T, 3, H, W)` array. A list is padded to its longest video with a
+per-sample frame count, and each sample gets the visual tokens of its own frames, as upstream's list of videos.
+Inputs are checked on the host first so mistakes fail with a message, not deep inside XLA.
 """
 
 from __future__ import annotations
@@ -66,19 +68,26 @@ class LlavaModel:
         ids = _to_numpy(input_ids)
         ids = ids[None] if ids.ndim == 1 else ids
         mask = np.ones(ids.shape, bool) if attention_mask is None else _to_numpy(attention_mask).astype(bool).reshape(ids.shape)
-        pixels = None if pixel_values is None else stack_frames(pixel_values, len(ids))
-        check_placeholders(ids, mask, has_video=pixels is not None)
-        out_len = self._out_len(ids, mask, pixels, truncate)
-        batch = dict(input_ids=ids, pixel_values=pixels, attention_mask=mask,
+        video = None if pixel_values is None else pack_frames(pixel_values, len(ids))
+        check_placeholders(ids, mask, has_video=np.zeros(len(ids), bool) if video is None else video.has_video)
+        out_len = self._out_len(ids, mask, video, truncate)
+        batch = dict(input_ids=ids, pixel_values=None if video is None else video.pixels, attention_mask=mask,
                      labels=None if labels is None else _to_numpy(labels).reshape(ids.shape),
-                     actions=None if actions is None else _to_numpy(actions).reshape(len(ids), 3))
+                     actions=None if actions is None else _to_numpy(actions).reshape(len(ids), 3),
+                     has_video=None if video is None else video.has_video,
+                     num_frames=None if video is None else video.num_frames)
         with use_mesh(self.mesh):
             return forward_with_losses(self.params, **shard_batch(batch, self.mesh), cfg=self.run_cfg,
                                        out_len=out_len, vocab_limit=vocab_limit)
 
-    def _out_len(self, ids, mask, pixels, truncate: bool) -> int:
-        n_vis = 0 if pixels is None else self.cfg.tokens_per_video(pixels.shape[1])
-        longest = int(mask.sum(1).max()) - (1 if pixels is not None else 0) + n_vis
+    def _out_len(self, ids, mask, video: "Frames | None", truncate: bool) -> int:
+        if video is None:
+            n_vis, lengths = 0, mask.sum(1)
+        else:
+            n_vis = self.cfg.tokens_per_video(video.pixels.shape[1])
+            per_row = np.asarray([self.cfg.tokens_per_video(int(t)) for t in video.num_frames])
+            lengths = mask.sum(1) + np.where(video.has_video, per_row - 1, 0)
+        longest = int(lengths.max())
         limit = self.cfg.tokenizer_model_max_length
         if limit is not None and longest > limit and not truncate:
             raise ValueError(f"a sample has {longest} tokens after splicing the video, more than "
@@ -87,10 +96,12 @@ class LlavaModel:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "out_len", "vocab_limit"))
-def forward_with_losses(params: dict, input_ids, pixel_values, attention_mask, labels, actions, *, cfg: ModelConfig,
-                        out_len: int | None = None, vocab_limit: int | None = None) -> Output:
+def forward_with_losses(params: dict, input_ids, pixel_values, attention_mask, labels, actions, has_video=None,
+                        num_frames=None, *, cfg: ModelConfig, out_len: int | None = None,
+                        vocab_limit: int | None = None) -> Output:
     """The model's logits (and head logits) and, with labels, the losses of `llavaction_jax.losses`."""
-    out = llava.forward(params, cfg, input_ids, pixel_values, attention_mask, labels, out_len=out_len)
+    out = llava.forward(params, cfg, input_ids, pixel_values, attention_mask, labels, has_video, out_len=out_len,
+                        num_frames=num_frames)
     logits = llava.lm_logits(params, out.hidden, vocab_limit)
     heads = None
     if out.action_states is not None:
@@ -131,31 +142,58 @@ def load_pretrained(path, mesh: Mesh | None = None, dtype: str | None = None) ->
     return LlavaModel(cfg, checkpoint_io.restore_params(path, abstract), mesh)  # already placed: device_put is a no-op
 
 
-def stack_frames(pixel_values, batch: int) -> np.ndarray:
-    """Per-sample frames -> (B, T, C, H, W); a (C, H, W) item is a 1-frame video (upstream unsqueezes it)."""
+@dataclasses.dataclass
+class Frames:
+    """A batch's frames on the host: pixels (B, T, C, H, W) float32 padded with zeros after each sample's frames,
+    num_frames (B,) int32 (a sample's own count; 0 for a text-only sample) and has_video (B,) bool."""
+
+    pixels: np.ndarray
+    num_frames: np.ndarray
+    has_video: np.ndarray
+
+
+def pack_frames(pixel_values, batch: int) -> Frames:
+    """Per-sample frames -> one padded `Frames` batch.
+
+    A list holds a (T_i, C, H, W) video, a (C, H, W) image (a 1-frame video: upstream unsqueezes it) or None (a
+    text-only sample) per sample; an array is (B, T, C, H, W), or (B, C, H, W) images, or the (T, C, H, W) frames of
+    a single sample."""
     if isinstance(pixel_values, (list, tuple)):
-        items = [_to_numpy(p) for p in pixel_values]
-        items = [p[None] if p.ndim == 3 else p for p in items]
-        shapes = {p.shape for p in items}
-        if len(shapes) != 1:
-            raise ValueError(f"all samples of a batch need the same frame count and size, got {sorted(shapes)}")
-        pixels = np.stack(items)
-    else:
-        pixels = _to_numpy(pixel_values)
-        if pixels.ndim == 4:  # (B, C, H, W) images, or (T, C, H, W) frames of a single sample
-            pixels = pixels[:, None] if batch == len(pixels) and batch > 1 else pixels[None]
+        if len(pixel_values) != batch:
+            raise ValueError(f"pixel_values has {len(pixel_values)} entries for a batch of {batch} samples")
+        items = [None if p is None else _to_numpy(p) for p in pixel_values]
+        items = [p[None] if p is not None and p.ndim == 3 else p for p in items]
+        for i, p in enumerate(items):
+            if p is not None and (p.ndim != 4 or len(p) == 0):
+                raise ValueError(f"pixel_values[{i}] should be (T, C, H, W) or (C, H, W), got {p.shape}")
+        sizes = {p.shape[1:] for p in items if p is not None}
+        if len(sizes) > 1:
+            raise ValueError(f"all frames of a batch need the same (C, H, W) size, got {sorted(sizes)}")
+        if not sizes:
+            raise ValueError("pixel_values holds no frames (every entry is None): pass pixel_values=None")
+        (size,) = sizes
+        counts = np.asarray([0 if p is None else len(p) for p in items], np.int32)
+        pixels = np.zeros((batch, int(counts.max()), *size), np.float32)
+        for i, p in enumerate(items):
+            if p is not None:
+                pixels[i, :len(p)] = p
+        return Frames(pixels, counts, counts > 0)
+    pixels = _to_numpy(pixel_values)
+    if pixels.ndim == 4:  # (B, C, H, W) images, or (T, C, H, W) frames of a single sample
+        pixels = pixels[:, None] if batch == len(pixels) and batch > 1 else pixels[None]
     if pixels.ndim != 5 or len(pixels) != batch:
         raise ValueError(f"pixel_values should be (B={batch}, T, C, H, W) or a list of (T, C, H, W); got {pixels.shape}")
-    return pixels.astype(np.float32)
+    return Frames(pixels.astype(np.float32), np.full(batch, pixels.shape[1], np.int32), np.ones(batch, bool))
 
 
-def check_placeholders(ids: np.ndarray, mask: np.ndarray, has_video: bool) -> None:
+def check_placeholders(ids: np.ndarray, mask: np.ndarray, has_video: np.ndarray) -> None:
+    """Each sample with frames has exactly one -200 placeholder; a sample without frames has none."""
     counts = ((ids == IMAGE_TOKEN_INDEX) & mask).sum(axis=1)
-    for i, c in enumerate(counts):
-        if has_video and c != 1:
+    for i, (c, video) in enumerate(zip(counts, has_video)):
+        if video and c != 1:
             raise ValueError(f"sample {i} has {c} video placeholders ({IMAGE_TOKEN_INDEX}); each video sample needs exactly one")
-        if not has_video and c:
-            raise ValueError(f"sample {i} has a video placeholder ({IMAGE_TOKEN_INDEX}) but no pixel_values were given")
+        if not video and c:
+            raise ValueError(f"sample {i} has a video placeholder ({IMAGE_TOKEN_INDEX}) but no frames were given")
 
 
 def _to_numpy(x) -> np.ndarray:

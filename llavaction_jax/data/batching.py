@@ -5,12 +5,15 @@ sample, so a jitted step compiles once per bucket instead of once per length. Sk
 markers from ``EncodeTrainSample``) are dropped here, in the main process, so the count and the log lines are the
 same for any number of worker processes and the count is part of the iterator state.
 
-Batch dict (B = per-process batch size, Lb = the bucket, T frames of S x S):
+Batch dict (B = per-process batch size, Lb = the bucket, T = the pipeline's frame count, frames of S x S):
 
     input_ids       int32   (B, Lb)  one -200 placeholder per video sample; padding = pad id (<|endoftext|>)
     attention_mask  bool    (B, Lb)  False on padding
     labels          int32   (B, Lb)  -100 where no loss (masked tokens, padding)
-    pixel_values    float32 (B, T, 3, S, S) in [-1, 1]; zeros for text-only samples
+    pixel_values    float32 (B, T, 3, S, S) in [-1, 1]; a clip of fewer frames fills the first ones, zeros after
+                             (upstream trains a short clip at its own length: the model keeps its frames only);
+                             zeros for text-only samples
+    num_frames      int32   (B,)     frames of each sample's clip (0 for text-only samples)
     actions         int32   (B, 3)   verb, noun, action ids; -1 when absent
     has_video       bool    (B,)
     sample_id       str     (B,)     the samples' ids (logging / debugging; not sent to devices)
@@ -31,7 +34,7 @@ from llavaction_jax.data.train_sample import Skipped
 logger = logging.getLogger(__name__)
 
 QWEN_PAD_ID = 151643  # <|endoftext|>, Qwen2's pad token (llavaction/train/train.py: DataCollatorForSupervisedDataset)
-MODEL_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "actions", "has_video")
+MODEL_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "actions", "has_video", "num_frames")
 _TEXT_PAD = {"input_ids": None, "attention_mask": False, "labels": IGNORE_INDEX}  # None: the pad id
 
 
@@ -64,17 +67,22 @@ def collate(elements: list[dict], buckets: tuple[int, ...], num_frames: int, fra
     labels = np.full((b, length), IGNORE_INDEX, np.int32)
     attention_mask = np.zeros((b, length), bool)
     pixel_values = np.empty((b, num_frames, 3, frame_size, frame_size), np.float32)
+    frame_counts = np.zeros((b,), np.int32)
     for i, element in enumerate(elements):
         n = len(element["input_ids"])
         input_ids[i, :n], labels[i, :n], attention_mask[i, :n] = element["input_ids"], element["labels"], True
-        if "frames" in element:
-            normalize_frames(element["frames"], out=pixel_values[i])  # upstream's normalization, into the batch
-        else:
-            pixel_values[i] = 0
+        t = len(element["frames"]) if "frames" in element else 0
+        if t > num_frames:
+            raise ValueError(f"sample {element['sample_id']!r} has {t} frames, more than the batch's {num_frames}")
+        if t:
+            normalize_frames(element["frames"], out=pixel_values[i, :t])  # upstream's normalization, into the batch
+        pixel_values[i, t:] = 0
+        frame_counts[i] = t
     return {
         "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "pixel_values": pixel_values,
         "actions": np.stack([e["actions"] for e in elements]).astype(np.int32),
         "has_video": np.asarray([bool(e["has_video"]) for e in elements]),
+        "num_frames": frame_counts,
         "sample_id": np.asarray([e["sample_id"] for e in elements]),
     }
 

@@ -244,6 +244,9 @@ class FrameShards:
         self.directory = pathlib.Path(directory)
         self.manifest = read_manifest(self.directory)
         self.frames_per_clip: int | None = self.manifest["frames_per_clip"]
+        # The most frames a clip can have: every clip's count, or the cap of 1-fps sampling (frames_upbound).
+        upbound = self.manifest.get("settings", {}).get("frames_upbound")
+        self.max_frames_per_clip: int | None = self.frames_per_clip or (upbound if upbound and upbound > 0 else None)
         shards = self.manifest["shards"]
         for shard in shards:
             check_shard_file(self.directory / shard["file"], shard["num_records"], shard["num_bytes"])

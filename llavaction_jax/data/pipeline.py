@@ -134,7 +134,9 @@ def batch_dataset(
 @dataclasses.dataclass(frozen=True)
 class TrainPipelineConfig:
     batch_size: int  # per process
-    num_frames: int | None = None  # frames per clip; None: the shards' manifest frames_per_clip
+    # The batch's frame count (a static shape): clips with fewer frames are padded and keep their own count, one
+    # with more is a bad sample. None: the shards' manifest (frames_per_clip, else its frames_upbound).
+    num_frames: int | None = None
     frame_size: int = SIGLIP_SIZE
     max_length: int = 32768  # text tokens kept per sample (upstream's tokenizer.model_max_length); longer is cut
     length_buckets: tuple[int, ...] | None = None  # None: powers of two from 64 up to max_length
@@ -176,9 +178,10 @@ def train_dataset(
     """
     process_index, process_count = _process_layout(process_index, process_count)
     source = shards if shards is None or isinstance(shards, FrameShards) else FrameShards(shards)
-    num_frames = config.num_frames or (source.frames_per_clip if source is not None else None)
+    num_frames = config.num_frames or (source.max_frames_per_clip if source is not None else None)
     if num_frames is None:
-        raise ValueError("num_frames is not set and the shards' manifest has no single frames_per_clip")
+        raise ValueError("data.num_frames is not set and the shards' manifest gives no frame count (neither "
+                         "frames_per_clip nor settings.frames_upbound)")
     encode = EncodeTrainSample(source, cached_tokenizer(config.tokenizer_path), num_frames, config.frame_size,
                                config.max_length, config.add_time_instruction, config.on_bad_sample)
     grouping = None

@@ -161,9 +161,9 @@ class EncodeTrainSample(grain.transforms.Map):
             record = self.shards.lookup(uid)
         except (KeyError, ValueError, OSError) as error:  # missing uid, damaged record
             raise SampleError(f"{where}: {error.args[0] if error.args else error}") from None
-        if record.num_frames != self.num_frames:
-            raise SampleError(f"{where}: clip {uid!r} has {record.num_frames} frames, the pipeline expects "
-                              f"{self.num_frames} ({self.shards.directory})")
+        if record.num_frames > self.num_frames:  # fewer is fine: the batch pads it and keeps its count
+            raise SampleError(f"{where}: clip {uid!r} has {record.num_frames} frames, more than the pipeline's "
+                              f"{self.num_frames} (data.num_frames; {self.shards.directory})")
         times = _times(sample)
         if times is not None and (abs(record.start_sec - times[0]) > WINDOW_TOLERANCE_SEC
                                   or abs(record.end_sec - times[1]) > WINDOW_TOLERANCE_SEC):

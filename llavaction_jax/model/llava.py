@@ -5,7 +5,9 @@ Pure functions over a params dict:
 `forward` computes the decoder's hidden states on the spliced sequence (a `ModelOutput`); `lm_logits` and
 `head_logits` turn hidden states into logits. Losses live apart, in `llavaction_jax/losses.py`, which the train
 step and the public API both call. Splicing (`splice_visual_tokens`) is a gather with shapes fixed by the batch
-shape, never by the data, so a jitted forward compiles once per (batch, text length, frames) bucket.
+shape, never by the data, so a jitted forward compiles once per (batch, text length, frames) bucket. Videos of
+different lengths share a batch padded to T frames with a per-sample `num_frames`: each keeps the visual tokens of
+its own frames (`keep_frames`); the padded frames are encoded and dropped.
 Execution choices (attention kernel, frames per vision step, ...) are read from the config only: entry points
 resolve them once with `ModelConfig.resolved` (see `sharding.resolve_config`).
 """
@@ -100,14 +102,34 @@ def encode_videos(params: dict, pixel_values: jax.Array, cfg: ModelConfig) -> ja
     return jax.vmap(lambda f: layout_tokens(f, params, cfg))(pooled)
 
 
+def keep_frames(tokens: jax.Array, num_frames: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """Visual tokens of videos padded to T frames -> each video's tokens for its own first `num_frames[i]` frames.
+
+    A video's tokens are its frames' tokens (frame-major, the same count per frame) followed by a fixed tail
+    (the one_token newline, the action tokens): `cfg.tokens_per_video` is affine in the frame count. Row i keeps
+    its first `num_frames[i]` frames' tokens and moves the tail right after them, as upstream lays out a video of
+    that many frames (llavaction/model/llava_arch.py: prepare_inputs_labels_for_multimodal encodes each video of
+    the list at its own length). Returns (B, V, H) tokens (rows past a video's length hold copies, never read)
+    and the per-row token counts (B,)."""
+    tail = cfg.tokens_per_video(0)
+    per_frame = cfg.tokens_per_video(1) - tail
+    v = tokens.shape[1]
+    t = (v - tail) // per_frame
+    cut = jnp.clip(num_frames.astype(jnp.int32), 0, t)[:, None] * per_frame
+    j = jnp.arange(v)[None, :]
+    idx = jnp.clip(jnp.where(j < cut, j, j - cut + t * per_frame), 0, v - 1)
+    return jnp.take_along_axis(tokens, idx[..., None], axis=1), cut[:, 0] + tail
+
+
 def splice_visual_tokens(text_embeds, input_ids, labels, attention_mask, visual, has_video, out_len: int,
-                         num_action_positions: int) -> Spliced:
+                         num_action_positions: int, num_visual: jax.Array | None = None) -> Spliced:
     """Replace each sample's single -200 placeholder by its visual tokens (upstream
     llavaction/model/llava_arch.py: prepare_inputs_labels_for_multimodal, lines 437-588).
 
     Padding is removed with the attention mask first (any side), the result is right-padded to `out_len` and
     truncated there. Visual positions get label -100. Positions run 0..len-1 on real tokens.
     `action_idx` points at the last `num_action_positions` visual tokens, computed before truncation as upstream.
+    `num_visual` (B,): how many of a row's visual tokens are real (default: all V).
     """
     b, length = input_ids.shape
     v = visual.shape[1]
@@ -119,7 +141,7 @@ def splice_visual_tokens(text_embeds, input_ids, labels, attention_mask, visual,
 
     is_placeholder = ids == IMAGE_TOKEN_INDEX
     p = jnp.where(has_video, jnp.argmax(is_placeholder, axis=1), length)  # placeholder position
-    n_vis = jnp.where(has_video, v, 0)
+    n_vis = jnp.where(has_video, v if num_visual is None else num_visual, 0)
     total = n_text - has_video.astype(n_text.dtype) + n_vis
 
     j = jnp.arange(out_len)[None, :]
@@ -154,14 +176,15 @@ class ModelOutput:
 
 def forward(params: dict, cfg: ModelConfig, input_ids: jax.Array, pixel_values: jax.Array | None,
             attention_mask: jax.Array | None = None, labels: jax.Array | None = None, has_video: jax.Array | None = None,
-            out_len: int | None = None) -> ModelOutput:
+            out_len: int | None = None, num_frames: jax.Array | None = None) -> ModelOutput:
     """The decoder's hidden states for a batch (jit-able; `cfg` and `out_len` static).
 
     input_ids (B, L) with one -200 per video sample; pixel_values (B, T, C, H, W) or None for a text-only batch;
     attention_mask (B, L) bool; labels (B, L) or None (spliced alongside the inputs, for the losses);
-    has_video (B,) bool marks rows whose frames are real (default: all, when pixel_values is given).
+    has_video (B,) bool marks rows whose frames are real (default: all, when pixel_values is given);
+    num_frames (B,) int: row i's video is its first num_frames[i] frames, the rest padding (default: all T).
     """
-    s = embed_inputs(params, cfg, input_ids, pixel_values, attention_mask, labels, has_video, out_len)
+    s = embed_inputs(params, cfg, input_ids, pixel_values, attention_mask, labels, has_video, out_len, num_frames)
     supervised = cfg.num_action_positions > 0 and pixel_values is not None
     h, gathered = qwen2.forward(params["text"], s.embeds, s.positions, s.valid, cfg.text,
                                 gather_idx=s.action_idx if supervised else None,
@@ -186,25 +209,29 @@ def head_logits(heads: dict, states: jax.Array, three_tokens: bool) -> tuple[jax
 
 
 def embed_inputs(params: dict, cfg: ModelConfig, input_ids, pixel_values, attention_mask=None, labels=None,
-                 has_video=None, out_len: int | None = None) -> Spliced:
+                 has_video=None, out_len: int | None = None, num_frames=None) -> Spliced:
     """Token embeddings with the visual tokens spliced in: everything before the decoder."""
     b, length = input_ids.shape
     dtype = jnp.dtype(cfg.effective_compute_dtype)
     attention_mask = jnp.ones((b, length), bool) if attention_mask is None else attention_mask.astype(bool)
     labels = jnp.full((b, length), IGNORE_INDEX, jnp.int32) if labels is None else labels
     text_embeds = qwen2.embed(params["text"], jnp.where(input_ids == IMAGE_TOKEN_INDEX, 0, input_ids), dtype)
+    num_visual = None
     if pixel_values is None:
         visual = jnp.zeros((b, 1, text_embeds.shape[-1]), dtype)
         has_video = jnp.zeros((b,), bool)
     else:
         visual = encode_videos(params, pixel_values, cfg)
         has_video = jnp.ones((b,), bool) if has_video is None else has_video.astype(bool)
+        if num_frames is not None:
+            visual, num_visual = keep_frames(visual, num_frames, cfg)
     if out_len is None:
         out_len = default_out_len(cfg, length, visual.shape[1] if pixel_values is not None else 0)
     text_embeds = constrain(text_embeds, ("batch", "length", "act_embed"))
     visual = constrain(visual, ("batch", "length", "act_embed"))
     n_pos = max(cfg.num_action_positions, 1)
-    return splice_visual_tokens(text_embeds, input_ids, labels, attention_mask, visual, has_video, out_len, n_pos)
+    return splice_visual_tokens(text_embeds, input_ids, labels, attention_mask, visual, has_video, out_len, n_pos,
+                                num_visual)
 
 
 def default_out_len(cfg: ModelConfig, text_len: int, visual_len: int) -> int:

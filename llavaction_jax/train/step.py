@@ -30,7 +30,7 @@ def init_state(params: dict, tx: optax.GradientTransformation) -> dict:
 
 def loss_fn(params: dict, cfg: ModelConfig, batch: dict, reduction: str = "sample", num_samples=None):
     out = llava.forward(params, cfg, batch["input_ids"], batch.get("pixel_values"), batch.get("attention_mask"),
-                        batch["labels"], batch.get("has_video"))
+                        batch["labels"], batch.get("has_video"), num_frames=batch.get("num_frames"))
     computed = losses.compute_losses(params, cfg, out, batch.get("actions"), reduction=reduction,
                                      num_samples=num_samples)
     metrics = {"loss": computed.loss, "lm_loss": computed.lm_loss, "aux_loss": computed.aux_loss,
