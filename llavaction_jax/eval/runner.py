@@ -35,6 +35,7 @@ from jax.experimental import multihost_utils
 from llavaction_jax.data.frames import FrameShards
 from llavaction_jax.data.mqa import slice_bounds
 from llavaction_jax.eval import batching, metrics, questions as qs, report
+from llavaction_jax.eval.benchmarks import score as benchmark_score
 from llavaction_jax.eval.generate import GenerationConfig, generate
 from llavaction_jax.eval.parsing import score_answer
 from llavaction_jax.eval.scoring import score_options
@@ -307,10 +308,14 @@ def evaluate(params, cfg, tokenizer, questions_path, shards_dir, out_dir, settin
                 **timing, "wall_s": time.perf_counter() - t_start, "resumed_questions": len(questions) - len(todo)},
         **metrics.compute_metrics(ordered, qs.class_names(meta, annotations)),
     }
+    official = benchmark_score.benchmark_results(meta, ordered)  # build-bench files: the benchmark's own scoring
+    if official is not None:
+        results["benchmark"] = official
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered)
     _write_atomically(out_dir / "predictions.jsonl", lines)
     _write_atomically(out_dir / "results.json", json.dumps(results, indent=1, ensure_ascii=False) + "\n")
     report.write_report(results, out_dir)
+    benchmark_score.write_outputs(results, out_dir)
     _remove_partial_after_all(partial)
     return results
 
