@@ -101,13 +101,15 @@ def make_steps(params, cfg, mesh, layout, gen, modes):
              "score": functools.partial(score_step, cfg=run_cfg, out_len=out_len, vocab_limit=gen.vocab_limit,
                                         options_per_pass=layout.options_per_pass)}
 
-    def under_mesh(step):
+    def under_mesh(step, keys):
         def run(batch):
             with use_mesh(mesh):
-                return step(params, batch)
+                return step(params, {k: batch[k] for k in keys or batch})
         return run
 
-    return {m: under_mesh(steps[m]) for m in modes}
+    # Generation gets no option arrays, so one compiled step serves question files with other option layouts.
+    keys = {"generate": ("input_ids", "pixel_values", "attention_mask"), "score": None}
+    return {m: under_mesh(steps[m], keys[m]) for m in modes}
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "gen", "out_len"))

@@ -57,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--limit", type=int, default=None, help="evaluate only the first N questions of each benchmark")
     a("--tokenizer", default=None, help="tokenizer directory (default: the model directory's, else bundled Qwen2)")
     a("--num-frames", type=int, default=None, help="frames per clip fed to the model (default: the shards')")
+    a("--prompt-len", type=int, default=None,
+      help="padded prompt length for every benchmark, so one compiled step serves them all (default: each file's "
+           "longest prompt, rounded up)")
     a("--time-instruction", action=argparse.BooleanOptionalAction, default=True,
       help="add the time instruction each question file asks for (build-bench --time-instruction)")
     a("--threads", type=int, default=4, help="frame-decoding threads per process")
@@ -117,7 +120,8 @@ def run_suite(args, params, cfg, name, mesh, tokenizer, tokenizer_name, log=prin
         log(f"[eval-suite] {title}: {folder}")
         settings = EvalSettings(batch_size=args.batch_size, modes=modes,
                                 max_new_tokens=args.max_new_tokens or VARIANTS[variant].max_new_tokens,
-                                num_frames=args.num_frames, limit=args.limit, fmt="videoqa",
+                                num_frames=args.num_frames, prompt_len=args.prompt_len, limit=args.limit,
+                                fmt="videoqa",
                                 time_instruction=args.time_instruction, threads=args.threads,
                                 options_per_pass=args.options_per_pass)
         evaluate(params, cfg, tokenizer, folder / common.QUESTIONS_NAME, folder / "shards",
