@@ -154,8 +154,10 @@ def test_builders_write_lmms_eval_prompts_answers_and_groups(built):
     assert [q["groups"]["duration"] for q in plain] == ["short", "short", "long"]
 
     mvb = questions_of(built, "mvbench")
-    assert mvb[0]["prompt"] == "Question:What is the action?\nOption:\n(A) running\n(B) jumping\nOnly give the best option.\n"
-    assert [(q["answer"], q["groups"]["task"]) for q in mvb] == [("B", "fine_grained_action"), ("A", "episodic_reasoning")]
+    assert mvb[0]["prompt"] == ("Question:What is the action?\nOption:\n(A) running\n(B) jumping\n"
+                                "Only give the best option.\n")
+    assert [(q["answer"], q["groups"]["task"]) for q in mvb] == [("B", "fine_grained_action"),
+                                                                 ("A", "episodic_reasoning")]
     assert mvb[1]["clip_uid"] == "tvqa/video_fps3_hq_segment/tv1"  # lmms-eval's pre-cut clips: no --bounds window
 
     nq = questions_of(built, "nextqa_mc_test")
@@ -240,6 +242,21 @@ def test_videomme_and_longvideobench_accuracy_and_breakdowns_by_hand():
     preds = [pred("Based on the video, C", "B", {"duration_group": "15"}), pred("D", "C", {"duration_group": "600"})]
     stats = score.score_mode(preds, "generate", VARIANTS["longvideobench_val_v"])
     assert stats["accuracy"] == 0.5 and stats["breakdowns"]["duration_group"]["15"]["correct"] == 1
+
+
+def test_perceptiontest_and_nextqa_accuracy_and_breakdowns_by_hand():
+    preds = [pred("Answer: B", "B", {"area": "memory"}, 3), pred("D", "C", {"area": "memory"}, 3),
+             pred("A dog", "A", {"area": "physics"}, 3)]
+    stats = score.score_mode(preds, "generate", VARIANTS["perceptiontest_val_mc"])
+    assert (stats["correct"], stats["n"]) == (2, 3)
+    assert stats["breakdowns"]["area"]["memory"] == {"n": 2, "correct": 1, "accuracy": 0.5}
+    preds = [pred("A or B", "B", {"type_group": "causal", "type": "CW"}, 5),
+             pred("(C)", "C", {"type_group": "temporal", "type": "TN"}, 5),
+             pred("E.", "D", {"type_group": "temporal", "type": "TC"}, 5)]
+    stats = score.score_mode(preds, "generate", VARIANTS["nextqa_mc_test"])
+    assert stats["accuracy"] == pytest.approx(2 / 3)
+    assert {k: v["accuracy"] for k, v in stats["breakdowns"]["type_group"].items()} == {"causal": 1.0,
+                                                                                         "temporal": 0.5}
 
 
 def test_mvbench_averages_tasks_over_non_empty_answers_by_hand():

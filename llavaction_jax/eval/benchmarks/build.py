@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)
         p.add_argument("--out", required=True, help="output folder (one sub-folder per task variant)")
-        p.add_argument("--time-instruction", choices=common.TIME_INSTRUCTIONS, default="none",
+        p.add_argument("--time-instruction", choices=common.TIME_STYLES, default="none",
                        help="instruction eval prepends: none (lmms-eval's llava_vid default, and the authors' "
                             "runs), lmms-eval (llava_vid add_time_instruction=True: duration, frame count and "
                             "frame times), llava-video (LLaVA-Video / LLaVAction training's) (default: none)")
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
             folder = common.write_variant(pathlib.Path(args.out), item, settings, args.overwrite)
             print(f"[build-bench] {item.variant.name}: {len(item.questions)} questions over {len(item.clips)} "
                   f"clips -> {folder}", file=sys.stderr)
-    except (ValueError, KeyError, FileNotFoundError, OSError) as e:
+    except (ValueError, KeyError, OSError, RuntimeError) as e:  # bad inputs, unreadable videos: one line
         print(f"build-bench: error: {e}", file=sys.stderr)
         return 2
     return 0

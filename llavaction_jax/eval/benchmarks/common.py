@@ -24,11 +24,11 @@ import json
 import pathlib
 
 from llavaction_jax.data.mqa import meta_path
+from llavaction_jax.eval.questions import TIME_STYLES
 
 FORMAT_NAME = "llavaction_jax.benchmark"
 QUESTIONS_NAME = "questions.jsonl"
 CLIPS_NAME = "clips.jsonl"
-TIME_INSTRUCTIONS = ("none", "lmms-eval", "llava-video")
 
 
 @dataclasses.dataclass(frozen=True)
