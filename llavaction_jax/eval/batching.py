@@ -113,7 +113,6 @@ def select_positions(n: int, num_frames: int, uid: str) -> np.ndarray:
     return np.linspace(0, n - 1, num_frames, dtype=int)
 
 
-
 def build_batch(indices: list[int], questions: list[EvalQuestion], fill_index: int, layout: BatchLayout,
                 builder: PromptBuilder, loader: ClipLoader) -> tuple[dict, list[dict]]:
     """Host arrays for one step of ``layout.batch_size`` rows and, per real row, what the prediction record needs.
