@@ -4,6 +4,7 @@ a folder of JPEG frames), the suite evaluation with a tiny random model, and the
 hand-computed values. Expected prompts are written out by hand from lmms-eval's task code (docs/benchmarks.md)."""
 
 import argparse
+import dataclasses
 import json
 
 import jax
@@ -12,9 +13,10 @@ import pytest
 from PIL import Image
 
 from llavaction_jax import cli
+from llavaction_jax.data import chat
 from llavaction_jax.data.frames import FrameShards
 from llavaction_jax.eval import batching, mqa_eval, questions as qs
-from llavaction_jax.eval.benchmarks import VARIANTS, parsers, score, suite, videomme
+from llavaction_jax.eval.benchmarks import VARIANTS, longvideobench, mvbench, parsers, score, suite, videomme
 from llavaction_jax.sharding import make_mesh
 from _video_fixtures import known_frames, write_mp4
 
@@ -164,6 +166,40 @@ def test_builders_write_lmms_eval_prompts_answers_and_groups(built):
     assert nq[1]["prompt"] == "what is next\nA. f\nB. g\nC. h\nD. i\nE. j"  # no closing instruction in lmms-eval
     assert nq[0]["clip_uid"] == "1006/4010069381.mp4" and nq[0]["answer"] == "C"
     assert nq[0]["groups"] == {"type_group": "causal", "type": "CW"}
+
+
+def test_eval_prompts_are_lmms_eval_llava_vid_prompts(built):
+    """What the model reads: llava_vid's "<image>\n" + doc_to_text in the qwen_1_5 template, with or without its
+    time instruction."""
+    _, _, questions = qs.load_questions(built / "data" / "nextqa_mc_test" / "questions.jsonl")
+    user = questions[1].user_message(12.5, 4, True, "", (0.0, 4.0, 8.0, 12.0))
+    assert chat.build_inference_prompt(user) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\nwhat is next\n"
+        "A. f\nB. g\nC. h\nD. i\nE. j<|im_end|>\n<|im_start|>assistant\n")
+    timed = dataclasses.replace(questions[1], time_style="lmms-eval")
+    assert timed.user_message(12.5, 4, True, "", (0.0, 4.0, 8.0, 12.0)) == (
+        "<image>\nThe video lasts for 12.50 seconds, and 4 frames are uniformly sampled from it. These frames are "
+        "located at 0.00s,4.00s,8.00s,12.00s.Please answer the following questions related to this video.\n"
+        "what is next\nA. f\nB. g\nC. h\nD. i\nE. j")
+    assert timed.user_message(12.5, 4, False, "", ()) == user  # eval --no-time-instruction
+
+
+def test_other_official_layouts_mvbench_windows_and_hf_rows(tmp_path):
+    ns = argparse.Namespace(json_dir=str(tmp_path), tasks=["episodic_reasoning"], bounds=True)
+    (tmp_path / "episodic_reasoning.json").write_text(json.dumps(
+        [{"video": "tv1", "question": "Who?", "candidates": ["a", "b"], "answer": "b", "start": 1.5, "end": 4.25}]))
+    built = mvbench.build(ns)[0]
+    assert built.questions[0]["clip_uid"] == "tvqa/video_fps3_hq_segment/tv1_1.50_4.25"
+    assert built.clips == {"tvqa/video_fps3_hq_segment/tv1_1.50_4.25": {
+        "video": "tvqa/video_fps3_hq_segment/tv1", "start": 1.5, "end": 4.25}}
+    row = {"option0": "x", "option1": "y", "option2": "N/A", "option3": "N/A", "option4": "N/A"}
+    assert longvideobench.candidates(row, "here") == ["x", "y"]  # the Hugging Face rows of LongVideoBench
+    per_video = [{"video_id": "001", "duration": "short", "domain": "Knowledge", "sub_category": "Law",
+                  "videoID": "abc", "questions": [{"question_id": "001-1", "task_type": "OCR Problems",
+                                                   "question": "Q?", "options": ["A. a", "B. b"], "answer": "B"}]}]
+    (tmp_path / "mme.json").write_text(json.dumps(per_video))  # Video-MME's own per-video JSON
+    assert videomme.rows_of(tmp_path / "mme.json") == [{**{k: v for k, v in per_video[0].items() if k != "questions"},
+                                                         **per_video[0]["questions"][0]}]
 
 
 def test_a_built_folder_is_not_overwritten_and_bad_annotations_name_the_record(built, capsys):
