@@ -105,12 +105,12 @@ def report_lines(section: dict, files: list[str]) -> list[str]:
     lines = [f"## {section['variant']} (official scoring: lmms-eval's {section['parser']} answer parser)", ""]
     if not section["has_answers"]:
         return lines + [f"Answers withheld: predictions for the official server in {', '.join(files)}."]
-    lines += ["| mode | score | n | correct | unparsed |", "|---|---|---|---|---|"]
+    lines += ["| mode | score (%) | n | correct | unparsed |", "|---|---|---|---|---|"]
     lines += [f"| {m} | {_pct(s['headline'])} | {s['n']} | {s['correct']} | {s['unparsed']} |"
               for m, s in section["modes"].items()]
     for mode, stats in section["modes"].items():
         for group, values in stats["breakdowns"].items():
-            lines += ["", f"### {section['variant']} per {group} ({mode})", "", f"| {group} | accuracy | n |",
+            lines += ["", f"### {section['variant']} per {group} ({mode})", "", f"| {group} | accuracy (%) | n |",
                       "|---|---|---|"]
             lines += [f"| {v} | {_pct(s['accuracy'])} | {s['n']} |" for v, s in values.items()]
     return lines
