@@ -1,12 +1,13 @@
 """The paper's other video benchmarks: each one's official annotation format (written here, field by field, as the
-benchmark distributes it) through build-bench, frame extraction from real videos (MP4 by PyAV, a GIF by Pillow,
-a folder of JPEG frames), the suite evaluation with a tiny random model, and the official scoring against
+benchmark distributes it) through build-bench, frame extraction from real videos (MP4 and WebM by PyAV, a GIF by
+Pillow, a folder of JPEG frames), the suite evaluation with a tiny random model, and the official scoring against
 hand-computed values. Expected prompts are written out by hand from lmms-eval's task code (docs/benchmarks.md)."""
 
 import argparse
 import dataclasses
 import json
 
+import av
 import jax
 import numpy as np
 import pytest
@@ -73,6 +74,9 @@ def write_official_files(root):
     (ann / "json" / "fine_grained_action.json").write_text(json.dumps(
         [{"video": "mit1.gif", "question": "What is the action?", "candidates": ["running", "jumping"],
           "answer": "jumping"}]))
+    (ann / "json" / "action_antonym.json").write_text(json.dumps(
+        [{"video": "ssv2_1.webm", "question": "What is happening?", "candidates": ["pushing", "not sure", "pulling"],
+          "answer": "pulling"}]))
     (ann / "json" / "episodic_reasoning.json").write_text(json.dumps(
         [{"video": "tv1", "question": "Who speaks?", "candidates": ["Ross", "Joey", "Monica"], "answer": "Ross",
           "start": 0.0, "end": 2.0}]))
@@ -85,6 +89,7 @@ def write_official_files(root):
     for path in ["ego/ego0.mp4", "ego/ego1.mp4", "ego/ego2.mp4", "pt/video_0.mp4", "pt/video_1.mp4",
                  "lvb/v0.mp4", "lvb/v1.mp4", "mme/vid0.mp4", "mme/vid1.mp4", "next/1006/4010069381.mp4"]:
         write_mp4(root / "videos" / path, video, fps=10)
+    write_webm(root / "videos" / "mvb" / "ssv2_video_mp4" / "ssv2_1.webm", video)
     gif = root / "videos" / "mvb" / "Moments_in_Time_Raw" / "videos" / "mit1.gif"
     gif.parent.mkdir(parents=True)
     images = [Image.fromarray(f) for f in video[:8]]
@@ -96,13 +101,25 @@ def write_official_files(root):
     return ann
 
 
+def write_webm(path, frames: np.ndarray, fps: int = 10) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libvpx-vp9", rate=fps)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+
+
 BUILDS = {  # benchmark -> (build-bench arguments, video root)
     "egoschema": (["--questions", "ann/questions.json", "--answers", "ann/subset_answers.json"], "ego"),
     "perceptiontest": (["--annotations", "ann/mc_question_valid.json"], "pt"),
     "longvideobench": (["--annotations", "ann/lvb_val.json"], "lvb"),
     "videomme": (["--annotations", "ann/videomme.json", "--subtitles", "ann/subtitle", "--videos", "videos/mme",
                   "--subtitle-frames", "4"], "mme"),
-    "mvbench": (["--json-dir", "ann/json", "--tasks", "fine_grained_action", "episodic_reasoning"], "mvb"),
+    "mvbench": (["--json-dir", "ann/json", "--tasks", "fine_grained_action", "episodic_reasoning", "action_antonym"],
+                "mvb"),
     "nextqa": (["--annotations", "ann/test.csv", "--video-map", "ann/map_vid_vidorID.json"], "next"),
 }
 
@@ -159,7 +176,7 @@ def test_builders_write_lmms_eval_prompts_answers_and_groups(built):
     assert mvb[0]["prompt"] == ("Question:What is the action?\nOption:\n(A) running\n(B) jumping\n"
                                 "Only give the best option.\n")
     assert [(q["answer"], q["groups"]["task"]) for q in mvb] == [("B", "fine_grained_action"),
-                                                                 ("A", "episodic_reasoning")]
+                                                                 ("A", "episodic_reasoning"), ("C", "action_antonym")]
     assert mvb[1]["clip_uid"] == "tvqa/video_fps3_hq_segment/tv1"  # lmms-eval's pre-cut clips: no --bounds window
 
     nq = questions_of(built, "nextqa_mc_test")
@@ -229,6 +246,8 @@ def test_frame_folders_and_gifs_become_clips_with_lmms_eval_frame_times(built):
     assert tv.fps == 3.0 and tv.frame_indices == (0, 1, 3, 5)  # linspace(0, 5, 4) over 6 JPEGs at 3 fps
     gif = shards.lookup("Moments_in_Time_Raw/videos/mit1.gif")
     assert gif.fps == 10.0 and gif.frame_indices == (0, 2, 4, 7)
+    webm = shards.lookup("ssv2_video_mp4/ssv2_1.webm")  # VP9 in WebM, as Something-Something v2 ships
+    assert webm.fps == 10.0 and webm.frame_indices == (0, 6, 12, 19)
     _, _, questions = qs.load_questions(built / "data" / "mvbench" / "questions.jsonl")
     loader = batching.ClipLoader(shards, NUM_FRAMES, 64, threads=1)
     uid, pixels, duration, times = loader.load(questions[1])
