@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("llavaction_jax.train.cli", "train or fine-tune on a mesh (resumable; config file + --config.x=y overrides)"),
     "eval": ("llavaction_jax.eval.mqa_eval", "evaluate a model on an EK100-MQA (or generic video QA) question file"),
     "convert": ("llavaction_jax.convert.cli", "convert checkpoints between PyTorch (upstream / HF) and our Orbax format"),
+    "build-bench": ("llavaction_jax.eval.benchmarks.build", "question files from a video benchmark's official annotations"),
+    "eval-suite": ("llavaction_jax.eval.benchmarks.suite", "evaluate a suite of benchmarks (--suite paper) into one table"),
 }
 
 

@@ -279,6 +279,8 @@ Sources (one of):
   --jsonl FILE               one JSON object per line: {"video": path relative to --video-root, "start": s,
                              "end": s, "uid": name}; start/end/uid optional (whole video; uid defaults to
                              "{video}" or "{video}_{start:.2f}_{end:.2f}"). Other keys are kept in the record.
+                             A video may be any file decord or PyAV reads (MP4, WebM, GIF, ...) or a folder
+                             of JPEG / PNG frames, read in name order at 3 fps (lmms-eval's rule for MVBench).
 
 Sampling (--sampling; default ek100 for CSVs, llava-video for JSONL):
   ek100        upstream get_frame_ids: midpoints of --num-frames equal segments of

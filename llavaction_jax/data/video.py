@@ -2,7 +2,8 @@
 
 ``VideoCache`` holds the decoder policy (``decord``, ``pyav``, or ``auto`` = decord with a PyAV fallback) and
 keeps a few videos open so the clips of one video reuse its reader. Both readers return RGB frames
-(N, H, W, 3) uint8 for exact frame indices.
+(N, H, W, 3) uint8 for exact frame indices. A *directory* of JPEG / PNG frames (how some benchmarks ship their
+videos, e.g. MVBench's TVQA clips) is read as a video of its images in name order at ``FRAME_DIR_FPS``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,12 @@ import os
 import sys
 
 import numpy as np
+from PIL import Image
+
+# Frame folders carry no rate; lmms-eval's llava_vid reads MVBench's (TVQA, extracted at 3 fps) at 3 fps
+# (lmms_eval/models/simple/llava_vid.py: generate_until).
+FRAME_DIR_FPS = 3.0
+FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 class _DecordVideo:
@@ -51,6 +58,24 @@ class _PyAVVideo:
         return np.stack([found[i] for i in ids])
 
 
+class _FrameDirVideo:
+    """A folder of frame images, in sorted name order (lmms-eval globs them unsorted; the order of a listing is
+    the file system's, so sorting is the reproducible reading)."""
+
+    def __init__(self, path: str):
+        self._files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(FRAME_SUFFIXES))
+        if not self._files:
+            raise ValueError(f"{path}: a folder without {'/'.join(FRAME_SUFFIXES)} frames")
+        self.num_frames, self.avg_fps = len(self._files), FRAME_DIR_FPS
+
+    def get(self, ids) -> np.ndarray:
+        frames = []
+        for i in ids:
+            with Image.open(self._files[i]) as image:
+                frames.append(np.asarray(image.convert("RGB")))
+        return np.stack(frames)
+
+
 class VideoCache:
     """Opened videos of one worker (a few, reused across the clips of a video), with the decoder policy:
     ``decord``, ``pyav``, or ``auto`` = decord, falling back to PyAV when decord cannot open or read a file.
@@ -82,6 +107,11 @@ class VideoCache:
         return self._open[path]
 
     def _try_open(self, path: str):
+        if os.path.isdir(path):
+            try:
+                return _FrameDirVideo(path)
+            except (OSError, ValueError) as error:
+                return error
         if not os.path.isfile(path):
             return FileNotFoundError(f"video file {path} does not exist")
         errors = []
@@ -100,7 +130,7 @@ class VideoCache:
         try:
             return video.get(ids)
         except Exception:
-            if self.decoder != "auto" or isinstance(video, _PyAVVideo):
+            if self.decoder != "auto" or isinstance(video, (_PyAVVideo, _FrameDirVideo)):
                 raise
             self._open[path] = _PyAVVideo(path)  # decord opened it but could not decode these frames
             return self._open[path].get(ids)

@@ -49,8 +49,9 @@ class PromptBuilder:
         self.tokenizer, self.time_instruction, self.instruction = tokenizer, time_instruction, instruction
         self.im_end_id = tokenizer.convert_tokens_to_ids(chat.IM_END)
 
-    def prompt_ids(self, question: EvalQuestion, duration: float, num_frames: int) -> list[int]:
-        user = question.user_message(duration, num_frames, self.time_instruction, self.instruction)
+    def prompt_ids(self, question: EvalQuestion, duration: float, num_frames: int,
+                   frame_times: tuple[float, ...] = ()) -> list[int]:
+        user = question.user_message(duration, num_frames, self.time_instruction, self.instruction, frame_times)
         return chat.tokenizer_image_token(chat.build_inference_prompt(user), self.tokenizer)
 
     def option_ids(self, question: EvalQuestion) -> list[list[int]]:
@@ -59,7 +60,8 @@ class PromptBuilder:
     def layout(self, questions: list[EvalQuestion], batch_size: int, num_frames: int, image_size: int,
                prompt_len: int | None = None, options_per_pass: int | None = None) -> BatchLayout:
         """Shapes for the whole run; the option count is rounded up to a multiple of ``options_per_pass``."""
-        longest_prompt = max(len(self.prompt_ids(q, _WIDEST_DURATION, num_frames)) for q in questions)
+        widest_times = (_WIDEST_DURATION,) * num_frames
+        longest_prompt = max(len(self.prompt_ids(q, _WIDEST_DURATION, num_frames, widest_times)) for q in questions)
         if prompt_len is not None and prompt_len < longest_prompt:
             raise ValueError(f"--prompt-len {prompt_len} is shorter than the longest prompt ({longest_prompt} tokens)")
         longest_option = max(len(ids) for q in questions for ids in self.option_ids(q))
@@ -86,26 +88,29 @@ class ClipLoader:
         raise KeyError(f"question {question.uid!r}: no clip {' / '.join(map(repr, question.clip_uids))} in "
                        f"{self.shards.directory}")
 
-    def load(self, question: EvalQuestion) -> tuple[str, np.ndarray, float]:
-        """(clip uid, float32 (T, 3, S, S), duration in seconds)."""
+    def load(self, question: EvalQuestion) -> tuple[str, np.ndarray, float, tuple[float, ...]]:
+        """(clip uid, float32 (T, 3, S, S), duration in seconds, each frame's time in the clip in seconds)."""
         uid = self.clip_uid(question)
         index = self.shards.index_of(uid)
         with self._lock:  # the record reader is opened lazily and shared
             data = self.shards.read_bytes(index)
         record = self.shards.parse(data, index)
-        frames = select_frames(decode_frames(record), self.num_frames, uid)
-        return uid, preprocess_frames(frames, self.image_size), float(record.duration_sec)
+        positions = select_positions(record.num_frames, self.num_frames, uid)
+        frames = decode_frames(record)[positions]
+        start = round(record.start_sec * record.fps)
+        times = tuple((record.frame_indices[p] - start) / record.fps for p in positions)
+        return uid, preprocess_frames(frames, self.image_size), float(record.duration_sec), times
 
 
-def select_frames(frames: np.ndarray, num_frames: int, uid: str) -> np.ndarray:
-    """Exactly ``num_frames`` frames: every k-th when the count divides (upstream EK100's
-    ``video_frames[::clip_length // num_frames]``), else LLaVA-Video's ``linspace(0, n - 1, num_frames)``."""
-    n = len(frames)
+def select_positions(n: int, num_frames: int, uid: str) -> np.ndarray:
+    """Which ``num_frames`` of a clip's ``n`` stored frames the model sees: every k-th when the count divides
+    (upstream EK100's ``video_frames[::clip_length // num_frames]``), else LLaVA-Video's
+    ``linspace(0, n - 1, num_frames)``."""
     if n < num_frames:
         raise ValueError(f"clip {uid!r} has {n} frames, fewer than the {num_frames} the run uses")
     if n % num_frames == 0:
-        return frames[:: n // num_frames]
-    return frames[np.linspace(0, n - 1, num_frames, dtype=int)]
+        return np.arange(0, n, n // num_frames)
+    return np.linspace(0, n - 1, num_frames, dtype=int)
 
 
 def build_batch(indices: list[int], questions: list[EvalQuestion], fill_index: int, layout: BatchLayout,
@@ -118,8 +123,8 @@ def build_batch(indices: list[int], questions: list[EvalQuestion], fill_index: i
     ids = np.zeros((len(rows), layout.prompt_len), np.int32)
     mask = np.zeros(ids.shape, bool)
     option_lists, info = [], []
-    for r, (i, (clip_uid, _, duration)) in enumerate(zip(rows, loaded)):
-        prompt = builder.prompt_ids(questions[i], duration, layout.num_frames)
+    for r, (i, (clip_uid, _, duration, times)) in enumerate(zip(rows, loaded)):
+        prompt = builder.prompt_ids(questions[i], duration, layout.num_frames, times)
         if len(prompt) > layout.prompt_len:
             raise ValueError(f"question {questions[i].uid!r}: prompt of {len(prompt)} tokens is longer than the run's "
                              f"prompt length {layout.prompt_len} (set --prompt-len)")
@@ -128,7 +133,7 @@ def build_batch(indices: list[int], questions: list[EvalQuestion], fill_index: i
         if r < len(indices):
             info.append({"index": i, "clip_uid": clip_uid, "prompt_tokens": len(prompt)})
     option_ids, option_mask = pad_options(option_lists, layout.num_options, layout.option_len)
-    arrays = {"input_ids": ids, "attention_mask": mask, "pixel_values": np.stack([p for _, p, _ in loaded]),
+    arrays = {"input_ids": ids, "attention_mask": mask, "pixel_values": np.stack([p for _, p, _, _ in loaded]),
               "option_ids": option_ids, "option_mask": option_mask}
     return arrays, info
 

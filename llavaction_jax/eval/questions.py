@@ -13,7 +13,10 @@ Two formats:
   The prompt is the question, the lettered options one per line and a closing instruction, behind LLaVA-Video's
   time instruction (data/prompts.llava_video_time_prompt; upstream llavaction/train/train.py:
   LazySupervisedDataset._get_item) stating the clip's duration and the
-  number of frames the model sees.
+  number of frames the model sees. Files written by ``build-bench`` (eval/benchmarks/) add ``prompt`` (the
+  benchmark's own user text, used verbatim instead), ``groups`` (its official breakdown keys), ``time_instruction``
+  (none / lmms-eval / llava-video: which instruction ``--time-instruction`` prepends), ``submission_key`` and a null
+  ``answer`` where the benchmark withholds it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from llavaction_jax.data import ek100, prompts
 from llavaction_jax.data.mqa import read_question_file
 
 FORMATS = ("ek100", "videoqa")
+TIME_STYLES = ("none", "lmms-eval", "llava-video")  # videoqa "time_instruction": none, lmms-eval's, LLaVA-Video's
 EK100_KEYS = ("uid", "options", "gt_text", "prompt")
 # lmms-eval's instruction for lettered multiple choice (MVBench / NExT-QA tasks).
 DEFAULT_VIDEOQA_INSTRUCTION = "Answer with the option's letter from the given choices directly."
@@ -44,18 +48,36 @@ class EvalQuestion:
     question: str = ""
     groups: dict = dataclasses.field(default_factory=dict)  # breakdown key -> value, e.g. {"verb": 3, "noun": 8}
     extra: dict = dataclasses.field(default_factory=dict)  # copied into the prediction record
+    prompt_text: str | None = None  # videoqa from build-bench: the benchmark's text after "<image>\n", verbatim
+    time_style: str = "llava-video"  # videoqa: which time instruction --time-instruction adds (TIME_STYLES)
 
     def option_texts(self) -> list[str]:
         return [o.split(". ", 1)[-1] for o in self.options]
 
-    def user_message(self, duration: float, num_frames: int, time_instruction: bool, instruction: str) -> str:
+    def user_message(self, duration: float, num_frames: int, time_instruction: bool, instruction: str,
+                     frame_times: tuple[float, ...] = ()) -> str:
         if self.fixed_user_message is not None:
             return self.fixed_user_message
-        body = f"{prompts.IMAGE_TOKEN}\n{self.question}\n" + "\n".join(self.options)
-        body += f"\n{instruction}" if instruction else ""
-        if time_instruction:
-            return prompts.llava_video_time_prompt(body, duration, num_frames)
-        return body
+        if self.prompt_text is not None:
+            body = f"{prompts.IMAGE_TOKEN}\n{self.prompt_text}"
+        else:
+            body = f"{prompts.IMAGE_TOKEN}\n{self.question}\n" + "\n".join(self.options)
+            body += f"\n{instruction}" if instruction else ""
+        if not time_instruction or self.time_style == "none":
+            return body
+        if self.time_style == "lmms-eval":
+            return lmms_eval_time_prompt(body, duration, num_frames, frame_times)
+        return prompts.llava_video_time_prompt(body, duration, num_frames)
+
+
+def lmms_eval_time_prompt(body: str, duration: float, num_frames: int, frame_times: tuple[float, ...]) -> str:
+    """lmms-eval llava_vid's time instruction (lmms_eval/models/simple/llava_vid.py: generate_until, with
+    add_time_instruction): it lists the frames' times and lacks a space before "Please" (kept byte for byte)."""
+    times = ",".join(f"{t:.2f}s" for t in frame_times)
+    text = body[len(prompts.IMAGE_TOKEN) + 1:] if body.startswith(prompts.IMAGE_TOKEN + "\n") else body
+    return (f"{prompts.IMAGE_TOKEN}\nThe video lasts for {duration:.2f} seconds, and {num_frames} frames are "
+            f"uniformly sampled from it. These frames are located at {times}.Please answer the following questions "
+            f"related to this video.\n{text}")
 
 
 def detect_format(meta: dict | None, records: list[dict]) -> str:
@@ -128,7 +150,8 @@ def videoqa_question(record: dict, line: int) -> EvalQuestion:
     texts = _option_texts(_first(record, "options", "candidates"))
     options = tuple(prompts.letter_options(texts))
     answer = _first(record, "answer", "gt_letter", "answer_idx")
-    index = _answer_index(answer, texts)
+    withheld = answer is None and "answer" in record  # null: the benchmark keeps its answers (EgoSchema full set)
+    index = None if withheld else _answer_index(answer, texts)
     uid = _first(record, "question_id", "id", "uid")
     video = record.get("video")
     clip_uids = [record.get("clip_uid"), record.get("uid"), video]
@@ -138,9 +161,19 @@ def videoqa_question(record: dict, line: int) -> EvalQuestion:
     if not clip_uids:
         raise ValueError("no clip: give 'video' (or 'clip_uid')")
     category = _first(record, "category", "task_type", "type")
+    groups = {} if category is None else {"category": category}
+    groups.update(record.get("groups") or {})
+    style = record.get("time_instruction", "llava-video")
+    if style not in TIME_STYLES:
+        raise ValueError(f"time_instruction {style!r} is not one of {TIME_STYLES}")
+    prompt = record.get("prompt")
+    if prompt is not None and not isinstance(prompt, str):
+        raise ValueError(f"'prompt' must be a string, got {type(prompt).__name__}")
     return EvalQuestion(uid=str(uid if uid is not None else f"line{line}"), clip_uids=clip_uids, options=options,
-                        gt_letter=prompts.LETTERS[index], gt_text=texts[index], question=str(record["question"]),
-                        groups={} if category is None else {"category": category})
+                        gt_letter=None if index is None else prompts.LETTERS[index],
+                        gt_text="" if index is None else texts[index], question=str(record["question"]),
+                        groups=groups, extra={k: record[k] for k in ("submission_key",) if k in record},
+                        prompt_text=prompt, time_style=style)
 
 
 def _option_texts(options) -> list[str]:

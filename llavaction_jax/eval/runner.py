@@ -35,6 +35,7 @@ from jax.experimental import multihost_utils
 from llavaction_jax.data.frames import FrameShards
 from llavaction_jax.data.mqa import slice_bounds
 from llavaction_jax.eval import batching, metrics, questions as qs, report
+from llavaction_jax.eval.benchmarks import score as benchmark_score
 from llavaction_jax.eval.generate import GenerationConfig, generate
 from llavaction_jax.eval.parsing import score_answer
 from llavaction_jax.eval.scoring import score_options
@@ -100,13 +101,15 @@ def make_steps(params, cfg, mesh, layout, gen, modes):
              "score": functools.partial(score_step, cfg=run_cfg, out_len=out_len, vocab_limit=gen.vocab_limit,
                                         options_per_pass=layout.options_per_pass)}
 
-    def under_mesh(step):
+    def under_mesh(step, keys):
         def run(batch):
             with use_mesh(mesh):
-                return step(params, batch)
+                return step(params, {k: batch[k] for k in keys or batch})
         return run
 
-    return {m: under_mesh(steps[m]) for m in modes}
+    # Generation gets no option arrays, so one compiled step serves question files with other option layouts.
+    keys = {"generate": ("input_ids", "pixel_values", "attention_mask"), "score": None}
+    return {m: under_mesh(steps[m], keys[m]) for m in modes}
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "gen", "out_len"))
@@ -307,10 +310,14 @@ def evaluate(params, cfg, tokenizer, questions_path, shards_dir, out_dir, settin
                 **timing, "wall_s": time.perf_counter() - t_start, "resumed_questions": len(questions) - len(todo)},
         **metrics.compute_metrics(ordered, qs.class_names(meta, annotations)),
     }
+    official = benchmark_score.benchmark_results(meta, ordered)  # build-bench files: the benchmark's own scoring
+    if official is not None:
+        results["benchmark"] = official
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered)
     _write_atomically(out_dir / "predictions.jsonl", lines)
     _write_atomically(out_dir / "results.json", json.dumps(results, indent=1, ensure_ascii=False) + "\n")
     report.write_report(results, out_dir)
+    benchmark_score.write_outputs(results, out_dir)
     _remove_partial_after_all(partial)
     return results
 

@@ -1,0 +1,54 @@
+"""``python -m llavaction_jax build-bench BENCHMARK``: a benchmark's official annotation files -> question files
+for ``eval`` and clip lists for ``extract-frames`` (one folder per lmms-eval task variant; see common.py)."""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+from llavaction_jax.eval.benchmarks import BENCHMARKS, common
+
+DESCRIPTION = """\
+Build question files from a benchmark's official annotation files. Writes, per lmms-eval task variant,
+OUT/<variant>/questions.jsonl (+ .meta.json) and OUT/<variant>/clips.jsonl. Then decode the frames once:
+
+  python -m llavaction_jax extract-frames --jsonl OUT/<variant>/clips.jsonl --video-root VIDEOS \\
+      --out OUT/<variant>/shards --sampling llava-video --frames-upbound 64 --force-sample
+
+and evaluate (or run several with eval-suite):
+
+  python -m llavaction_jax eval --model MODEL --questions OUT/<variant>/questions.jsonl \\
+      --shards OUT/<variant>/shards --out RESULTS --max-new-tokens 16
+
+Prompts, answer parsing and metrics follow lmms-eval's task definitions (docs/benchmarks.md)."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = DESCRIPTION
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
+    for name, module in BENCHMARKS.items():
+        p = sub.add_parser(name, help=" ".join(module.__doc__.split(":", 1)[0].split()), description=module.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.add_argument("--out", required=True, help="output folder (one sub-folder per task variant)")
+        p.add_argument("--time-instruction", choices=common.TIME_STYLES, default="none",
+                       help="instruction eval prepends: none (lmms-eval's llava_vid default, and the authors' "
+                            "runs), lmms-eval (llava_vid add_time_instruction=True: duration, frame count and "
+                            "frame times), llava-video (LLaVA-Video / LLaVAction training's) (default: none)")
+        p.add_argument("--overwrite", action="store_true", help="replace question files already in --out")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        built = BENCHMARKS[args.benchmark].build(args)
+        settings = {"time_instruction": args.time_instruction}
+        for item in built:
+            folder = common.write_variant(pathlib.Path(args.out), item, settings, args.overwrite)
+            print(f"[build-bench] {item.variant.name}: {len(item.questions)} questions over {len(item.clips)} "
+                  f"clips -> {folder}", file=sys.stderr)
+    except (ValueError, KeyError, OSError, RuntimeError) as e:  # bad inputs, unreadable videos: one line
+        print(f"build-bench: error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,154 @@
+"""``python -m llavaction_jax eval-suite --suite paper``: one model over several benchmarks' question files, loaded
+once, then one table like the paper's.
+
+Input layout (what ``build-bench`` + ``extract-frames`` make): ``DATA/<variant>/questions.jsonl`` and
+``DATA/<variant>/shards``. Each variant's full evaluation (predictions.jsonl, results.json, report.md) goes to
+``OUT/<variant>/``; the table to ``OUT/suite.md`` and ``OUT/suite.json``. A variant whose folder is missing is
+listed as not run; ``--table-only`` rebuilds the table from the results already in OUT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+import jax
+from jax.experimental import multihost_utils
+
+from llavaction_jax.config import ConfigError
+from llavaction_jax.eval import mqa_eval
+from llavaction_jax.eval.benchmarks import VARIANTS, common
+from llavaction_jax.eval.questions import resolve_tokenizer
+from llavaction_jax.eval.runner import EvalSettings, check_tokenizer_fits, evaluate
+from llavaction_jax.integrity import IntegrityError
+from llavaction_jax.sharding import make_mesh, parse_mesh
+
+ACCEPTS_CONFIG_OVERRIDES = True  # --config.model.<field>=value, as in `eval`
+# (variant, column title) in the paper's order; EgoSchema's full set is scored by its server.
+SUITES = {
+    "paper": (("egoschema", "EgoSchema (full, server)"), ("egoschema_subset", "EgoSchema (500 subset)"),
+              ("perceptiontest_val_mc", "PerceptionTest (val MC)"), ("longvideobench_val_v", "LongVideoBench (val)"),
+              ("videomme", "VideoMME (w/o subs)"), ("videomme_w_subtitle", "VideoMME (w/ subs)"),
+              ("mvbench", "MVBench"), ("nextqa_mc_test", "NExT-QA (MC)")),
+}
+# LLaVAction-7B in the paper's v2 (arXiv 2503.18712): the numbers found; VideoMME / LongVideoBench not found.
+PAPER_LLAVACTION_7B = {"egoschema": 59.0, "perceptiontest_val_mc": 70.2, "mvbench": 61.1, "nextqa_mc_test": 82.8}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    parser.description = __doc__
+    a = parser.add_argument
+    a("--suite", choices=sorted(SUITES), default="paper", help="which benchmarks, in which order")
+    a("--data", required=True, help="folder of <variant>/questions.jsonl + <variant>/shards (build-bench output)")
+    a("--out", required=True, help="output folder: <variant>/ per benchmark, suite.md, suite.json")
+    a("--table-only", action="store_true", help="only rebuild the table from results already in --out")
+    model = parser.add_mutually_exclusive_group()
+    model.add_argument("--model", help="model directory (save_pretrained / converter output)")
+    model.add_argument("--preset", help="random model from configs/<NAME>.py (smoke tests), e.g. tiny")
+    a("--seed", type=int, default=0, help="seed of a --preset model's random weights")
+    a("--batch-size", type=int, default=8, help="questions per process per step")
+    a("--mode", choices=("generate", "score", "both"), default="generate",
+      help="generate: lmms-eval's way (greedy + its answer parser); score: option log-likelihoods; both")
+    a("--max-new-tokens", type=int, default=None, help="generation budget (default: each lmms-eval task's)")
+    a("--mesh", default="data=-1,fsdp=1,tensor=1", help="mesh shape over all devices of all processes")
+    a("--limit", type=int, default=None, help="evaluate only the first N questions of each benchmark")
+    a("--tokenizer", default=None, help="tokenizer directory (default: the model directory's, else bundled Qwen2)")
+    a("--num-frames", type=int, default=None, help="frames per clip fed to the model (default: the shards')")
+    a("--prompt-len", type=int, default=None,
+      help="padded prompt length for every benchmark, so one compiled step serves them all (default: each file's "
+           "longest prompt, rounded up)")
+    a("--time-instruction", action=argparse.BooleanOptionalAction, default=True,
+      help="add the time instruction each question file asks for (build-bench --time-instruction)")
+    a("--threads", type=int, default=4, help="frame-decoding threads per process")
+    a("--options-per-pass", type=int, default=None, help="score mode: options per pass (default: all)")
+    a("--coordinator", default=None, help="multi-process: coordinator HOST:PORT, or 'auto'")
+    a("--num-processes", type=int, default=None, help="multi-process: number of processes")
+    a("--process-id", type=int, default=None, help="multi-process: this process's id")
+
+
+def suite_table(suite: str, out_dir) -> dict:
+    """Rows of the suite table from ``OUT/<variant>/results.json`` (missing ones marked not run)."""
+    rows = []
+    for variant, title in SUITES[suite]:
+        path = pathlib.Path(out_dir) / variant / "results.json"
+        row = {"variant": variant, "title": title, "paper_llavaction_7b": PAPER_LLAVACTION_7B.get(variant)}
+        if not path.is_file():
+            rows.append({**row, "status": "not run"})
+            continue
+        section = json.loads(path.read_text()).get("benchmark")
+        if section is None:
+            rows.append({**row, "status": f"{path} has no benchmark section (not a build-bench file)"})
+        elif not section["has_answers"]:
+            rows.append({**row, "status": "submission written (score it on the EgoSchema server)"})
+        else:
+            scores = {m: s["headline"] for m, s in section["modes"].items()}
+            n = max(s["n"] for s in section["modes"].values())
+            rows.append({**row, "status": "ok", "scores": scores, "n": n})
+    return {"suite": suite, "rows": rows}
+
+
+def table_markdown(table: dict) -> str:
+    lines = [f"# Suite {table['suite']}", "", "| benchmark | generate (lmms-eval scoring) | score (log-likelihood) | n "
+             "| LLaVAction-7B (paper) | note |", "|---|---|---|---|---|---|"]
+    pct = lambda x: "" if x is None else f"{100 * x:.1f}"
+    for r in table["rows"]:
+        scores = r.get("scores", {})
+        paper = "" if r["paper_llavaction_7b"] is None else f"{r['paper_llavaction_7b']:.1f}"
+        lines.append(f"| {r['title']} | {pct(scores.get('generate'))} | {pct(scores.get('score'))} | "
+                     f"{r.get('n', '')} | {paper} | {'' if r['status'] == 'ok' else r['status']} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(suite: str, out_dir) -> dict:
+    table = suite_table(suite, out_dir)
+    out_dir = pathlib.Path(out_dir)
+    (out_dir / "suite.json").write_text(json.dumps(table, indent=1) + "\n")
+    (out_dir / "suite.md").write_text(table_markdown(table))
+    return table
+
+
+def run_suite(args, params, cfg, name, mesh, tokenizer, tokenizer_name, log=print) -> None:
+    modes = ("generate", "score") if args.mode == "both" else (args.mode,)
+    for variant, title in SUITES[args.suite]:
+        folder = pathlib.Path(args.data) / variant
+        if not (folder / common.QUESTIONS_NAME).is_file():
+            log(f"[eval-suite] {title}: no {folder / common.QUESTIONS_NAME}, skipped")
+            continue
+        log(f"[eval-suite] {title}: {folder}")
+        settings = EvalSettings(batch_size=args.batch_size, modes=modes,
+                                max_new_tokens=args.max_new_tokens or VARIANTS[variant].max_new_tokens,
+                                num_frames=args.num_frames, prompt_len=args.prompt_len, limit=args.limit,
+                                fmt="videoqa",
+                                time_instruction=args.time_instruction, threads=args.threads,
+                                options_per_pass=args.options_per_pass)
+        evaluate(params, cfg, tokenizer, folder / common.QUESTIONS_NAME, folder / "shards",
+                 pathlib.Path(args.out) / variant, settings, mesh, model_name=name, model_dir=args.model,
+                 tokenizer_name=tokenizer_name, log=log)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        if not args.table_only:
+            if not (args.model or args.preset):
+                raise ValueError("give --model or --preset (or --table-only)")
+            mqa_eval._init_distributed(args)
+            mesh = make_mesh(**parse_mesh(args.mesh))
+            tokenizer, tokenizer_name = resolve_tokenizer(args.tokenizer, args.model)
+            cfg = mqa_eval.model_config(args)
+            if cfg is not None:
+                check_tokenizer_fits(cfg, tokenizer)
+            params, cfg, name = mqa_eval.load_model(args, mesh, cfg)
+            run_suite(args, params, cfg, name, mesh, tokenizer, tokenizer_name)
+        if jax.process_index() == 0:
+            pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
+            table = write_table(args.suite, args.out)
+            print(table_markdown(table))
+    except (ValueError, KeyError, FileNotFoundError, ConfigError, IntegrityError) as e:
+        print(f"eval-suite: error: {e}", file=sys.stderr)
+        return 2
+    if not args.table_only:
+        multihost_utils.sync_global_devices("eval-suite finished")
+    return 0
