@@ -244,7 +244,8 @@ def test_make_global_batch_shards_the_batch_axis(data):
     mesh = make_mesh(data=2, fsdp=4, devices=jax.devices()[:8])
     [batch] = run(load_mixture(data / "good.jsonl")[:8], data / "shards", batch_size=8, shuffle=False)
     arrays = make_global_batch(batch, mesh)
-    assert sorted(arrays) == sorted(["input_ids", "attention_mask", "labels", "pixel_values", "actions", "has_video"])
+    assert sorted(arrays) == sorted(["input_ids", "attention_mask", "labels", "pixel_values", "actions", "has_video",
+                                     "num_frames"])
     for key, array in arrays.items():
         assert array.shape == batch[key].shape and array.sharding.spec[0] == ("data", "fsdp")
         np.testing.assert_array_equal(np.asarray(array), batch[key])
