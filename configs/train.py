@@ -28,7 +28,9 @@ def get_config():
     c.data = ml_collections.ConfigDict()
     c.data.samples = ""  # upstream data YAML, or a LLaVA JSON / JSONL of samples
     c.data.shards = ""  # frame-shard directory (python -m llavaction_jax extract-frames)
-    c.data.num_frames = 0  # 0: the shards' frames_per_clip
+    # The batch's frame count: shorter clips are padded and keep their own count (1-fps LLaVA-Video-178K clips), a
+    # longer one is a bad sample. 0: the shards' frames_per_clip, else their 1-fps cap (frames_upbound).
+    c.data.num_frames = 0
     c.data.max_length = 32768  # upstream model_max_length
     c.data.length_buckets = ()  # () = powers of two up to max_length
     c.data.group_by_modality_length = True  # upstream's length-grouped sampler (its LLaVAction scripts set it)
