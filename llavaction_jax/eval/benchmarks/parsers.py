@@ -22,6 +22,14 @@ def _padded(response: str, strip_chars=_STRIP) -> str:
     return " " + response + " "
 
 
+def _mentioned_options(text: str, choices: str, options: list[str]) -> list[str]:
+    """lmms-eval's fallback for an answer of more than five words without a letter: the choices whose option text
+    it contains."""
+    if len(text.split()) <= 5:
+        return []
+    return [c for c, answer in zip(choices, options) if answer.lower() in text.lower()]
+
+
 def mmmu_first(response: str, options: list[str]) -> str | None:
     """EgoSchema (``egoschema/utils.py: parse_multi_choice_response``): every "(X)", "X " and "X." candidate is
     collected; with several, the one whose last occurrence comes *first* wins; with none and a long answer, the
@@ -31,10 +39,8 @@ def mmmu_first(response: str, options: list[str]) -> str | None:
     candidates = [f"({c})" for c in choices if f"({c})" in text]
     candidates += [f"{c} " for c in choices if f"{c} " in text]
     candidates += [f"{c}." for c in choices if f"{c}." in text]
-    by_letter = True
-    if not candidates and len(text.split()) > 5:
-        candidates = [c for c, answer in zip(choices, options) if answer.lower() in text.lower()]
-        by_letter = False
+    by_letter = bool(candidates)
+    candidates = candidates or _mentioned_options(text, choices, options)
     if not candidates:
         return None
     if len(candidates) == 1:
@@ -55,10 +61,8 @@ def mmmu_last(response: str, options: list[str]) -> str | None:
     text = _padded(response)
     bracketed = [c for c in choices if f"({c})" in text]
     candidates = bracketed or [c for c in choices if f"{c} " in text] or [c for c in choices if f"{c}." in text]
-    by_letter = True
-    if not candidates and len(text.split()) > 5:
-        candidates = [c for c, answer in zip(choices, options) if answer.lower() in text.lower()]
-        by_letter = False
+    by_letter = bool(candidates)
+    candidates = candidates or _mentioned_options(text, choices, options)
     if not candidates:
         return None
     if len(candidates) == 1:
