@@ -1,0 +1,149 @@
+"""``python -m llavaction_jax build-train``: EK100 training files in upstream's released layout, a data YAML listing
+them, and the list of clips to extract.
+
+Upstream generated its EK100 training data with several scripts (llavaction/action/generate_description.py for
+MC with AVION / TIM / random distractors and direct narration, generate_temporal_detection_data.py for temporal
+detection; the GPT-4o files need GPT-4o and are not built here) and listed them in a data YAML
+(scripts/train/avion_tim_top5_gpt4o_detection_direct.yaml). This command writes the same files under the same
+folder names, so a YAML can mix ours with upstream's, and ``clips.jsonl`` for ``extract-frames --jsonl``: every
+clip the files show (the annotated segment, or the padded window of a temporal-detection sample), uid'd the way the
+training pipeline looks them up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+from llavaction_jax.data import ek100, ek100_train
+
+SAMPLES_NAME = "train_convs_narration_actionids.jsonl"  # upstream's file name in each generated folder
+YAML_NAME = "data.yaml"
+CLIPS_NAME = "clips.jsonl"
+
+DESCRIPTION = """\
+Write EK100 training files in upstream LLaVAction's layout from the annotation CSVs (and AVION / TIM prediction
+files for hard MC distractors), plus a data YAML for `train --config.data.samples` and clips.jsonl for
+`extract-frames --jsonl`.
+
+Files (under --out; folder names as upstream's generators):
+  avion_mc_top{K}_{REPR}/%(s)s   MC, distractors from --avion predictions (upstream's train rule: the top-2K
+                                 minus the GT, shuffled, K-1 kept)
+  tim_mc_top{K}_{REPR}/...       the same with --tim predictions (upstream: cross-validated TIM on train)
+  random_mc_top{K}_{REPR}/...    MC with random distractors (--random-mc, or when no prediction file is given)
+  direct_narration_{REPR}/...    answer with the narration
+  temporal_detection.jsonl       find the action in a window padded by 5 s in total
+  %(y)s                      datasets: [{json_path, sampling_strategy: all}, ...] in the order above
+  %(c)s                    the clips to extract: {uid, video, start, end}
+
+Samples hold the question, not the prompt (an MC human turn is the Python list of lettered options); the training
+pipeline builds the prompt when it loads a sample, with the clip's real frame count. Every sample draws from its
+own RNG (seed, narration id, question type, distractor source), so the AVION and TIM copies of a clip are
+independent. Prediction files: {"<CSV row index>": {"predictions": ["v:n", ...], "target": "v:n"}}.
+""" % {"s": SAMPLES_NAME, "y": YAML_NAME, "c": CLIPS_NAME}
+
+
+def clip_of(sample: dict, layout: str) -> dict:
+    """The extract-frames clip of a sample: uid as train_sample.clip_uid finds it, video path in ``layout``."""
+    pid, vid = sample["video"].split("-", 1)
+    start, end = float(sample["start_timestamp"]), float(sample["end_timestamp"])
+    detection = sample["question_type"] == "temporal_detection"
+    uid = f"{sample['video']}_{start:.2f}_{end:.2f}" if detection else sample["narration_id"]
+    video = f"{pid}/{vid}.MP4" if layout == "chunked" else f"{pid}/videos/{vid}.MP4"
+    return {"uid": uid, "video": video, "start": start, "end": end}
+
+
+def planned_files(args: argparse.Namespace) -> list[tuple[str, str, str | None]]:
+    """(relative path, task, MC source) of every file to write, in YAML order."""
+    k, rep = args.n_options, args.representation
+    files = []
+    if "mc" in args.tasks:
+        for source, predictions in (("avion", args.avion), ("tim", args.tim)):
+            if predictions:
+                files.append((f"{source}_mc_top{k}_{rep}/{SAMPLES_NAME}", "mc", source))
+        if args.random_mc or not (args.avion or args.tim):
+            files.append((f"random_mc_top{k}_{rep}/{SAMPLES_NAME}", "mc", "random"))
+    if "direct_narration" in args.tasks:
+        files.append((f"direct_narration_{rep}/{SAMPLES_NAME}", "direct_narration", None))
+    if "temporal_detection" in args.tasks:
+        files.append(("temporal_detection.jsonl", "temporal_detection", None))
+    return files
+
+
+def build(args: argparse.Namespace, log=print) -> dict:
+    """Write everything; returns {relative path: number of samples}."""
+    out = pathlib.Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise ValueError(f"{out} is not empty; choose another --out or pass --overwrite")
+    train_csvs = args.train_csv or ek100.default_train_csvs(args.annotations, args.label_space)
+    maps = ek100.load_label_maps(args.annotations, train_csvs=train_csvs, label_space=args.label_space)
+    segments = [s for path in train_csvs for s in ek100.read_annotation_csv(path)]
+    if len(train_csvs) > 1 and (args.avion or args.tim):
+        raise ValueError("prediction files are keyed by the row index of one CSV; pass a single --train-csv")
+    settings = ek100_train.TrainSampleSettings(args.n_options, args.representation, seed=args.seed)
+    log(f"build-train: {len(segments)} segments from {', '.join(map(str, train_csvs))}, {len(maps.vn2act)} actions")
+    counts, clips = {}, {}
+    for relative, task, source in planned_files(args):
+        started = time.perf_counter()
+        path = {"avion": args.avion, "tim": args.tim}.get(source)
+        predictions = ek100.load_predictions(path) if path else None
+        samples = ek100_train.training_samples(task, segments, maps, settings, predictions, str(path or ""), source)
+        ek100_train.write_samples_jsonl(samples, out / relative)
+        for sample in samples:
+            clip = clip_of(sample, args.layout)
+            clips.setdefault(clip["uid"], clip)
+        counts[relative] = len(samples)
+        log(f"  {relative}: {len(samples)} samples ({time.perf_counter() - started:.1f} s)")
+    yaml_lines = ["datasets:"] + [f"  - json_path: {(out / r).absolute()}\n    sampling_strategy: all" for r in counts]
+    (out / YAML_NAME).write_text("\n".join(yaml_lines) + "\n", encoding="utf-8")
+    with open(out / CLIPS_NAME, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(clip) + "\n" for clip in clips.values())
+    log(f"  {YAML_NAME}: {len(counts)} files; {CLIPS_NAME}: {len(clips)} clips")
+    return counts
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = DESCRIPTION
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--annotations", required=True, help="epic-kitchens-100-annotations folder (label maps)")
+    parser.add_argument("--train-csv", nargs="+", help="CSV(s) to build samples from (default: EPIC_100_train.csv, "
+                        "or the UDA train files with --label-space uda)")
+    parser.add_argument("--label-space", choices=ek100.LABEL_SPACES, default="ek100",
+                        help="ek100: action ids of EPIC_100_train.csv (the released 3806-way head; refused when "
+                             "missing); uda: the UDA train files instead (other ids) (default: %(default)s)")
+    parser.add_argument("--out", required=True, help="output folder (must be empty unless --overwrite)")
+    parser.add_argument("--tasks", nargs="+", choices=ek100_train.TASKS, default=list(ek100_train.TASKS),
+                        help="what to build (default: all)")
+    parser.add_argument("--avion", metavar="JSON", help="AVION predictions on the train CSV (avion_pred_ids_train.json)")
+    parser.add_argument("--tim", metavar="JSON", help="TIM predictions on the train CSV (tim_pred_ids_train_cross.json)")
+    parser.add_argument("--random-mc", action="store_true",
+                        help="also build MC with random distractors (the default when no prediction file is given)")
+    parser.add_argument("--n-options", type=int, default=5, help="options per MC question (default: %(default)s)")
+    parser.add_argument("--representation", choices=("GT_random_narration", "official_key"),
+                        default="GT_random_narration", help="option texts (default: %(default)s, the final run's)")
+    parser.add_argument("--layout", choices=("whole", "chunked"), default="chunked",
+                        help=f"video layout the paths in {CLIPS_NAME} follow: chunked {{pid}}/{{vid}}.MP4/ (AVION's "
+                             "15 s chunks, as upstream trains) or whole {pid}/videos/{vid}.MP4 (default: %(default)s)")
+    parser.add_argument("--num-frames", type=int, default=64,
+                        help="frames per clip for the extract-frames command printed at the end; the prompts state "
+                             "the frame count of the extracted clips (default: %(default)s, the final run's)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every per-sample RNG (default: %(default)s)")
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        build(args)
+    except (ValueError, OSError) as error:  # AnnotationError is a ValueError
+        print(f"build-train: error: {error}", file=sys.stderr)
+        return 2
+    out = pathlib.Path(args.out)
+    print("next:\n"
+          f"  python -m llavaction_jax extract-frames --jsonl {out / CLIPS_NAME} --sampling ek100 --layout "
+          f"{args.layout} --num-frames {args.num_frames} --video-root EK100_VIDEOS --out SHARDS\n"
+          f"  python -m llavaction_jax train --config configs/train.py --config.data.samples={out / YAML_NAME} "
+          "--config.data.shards=SHARDS ...")
+    return 0
