@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from _video_fixtures import known_frames, write_mp4
 from test_ek100 import FAKE_TRAIN, write_fake_annotations
+from test_upstream_train_files import upstream_files
 
 from _train_fixtures import tiny_train_config
 from llavaction_jax import cli
@@ -75,6 +76,18 @@ def test_files_yaml_and_clips(built, capsys):
         (root / "no_train" / name).write_bytes((annotations / name).read_bytes())
     assert cli.main(["build-train", "--annotations", str(root / "no_train"), "--out", str(root / "o2")]) == 2
     assert "EPIC_100_train.csv not found" in capsys.readouterr().err
+
+
+def test_clips_for_upstreams_released_files(tmp_path, capsys):
+    mix = upstream_files(tmp_path)
+    assert cli.main(["build-train", "--clips-for", str(mix), "--out", str(tmp_path / "c")]) == 0
+    assert "; 1 samples that are not EK100 left out" in capsys.readouterr().out
+    clips = [json.loads(line) for line in (tmp_path / "c" / "clips.jsonl").read_text().splitlines()]
+    ek100_samples = [s for s in load_mixture(mix) if "question_type" in s]
+    assert [c["uid"] for c in clips] == list(dict.fromkeys(clip_uid(s) for s in ek100_samples))
+    assert clips[-1] == {"uid": "P90-P90_01_2.29_7.29", "video": "P90/P90_01.MP4", "start": 2.29, "end": 7.29}
+    assert cli.main(["build-train", "--clips-for", str(mix), "--out", str(tmp_path / "c")]) == 2
+    assert "clips.jsonl exists" in capsys.readouterr().err
 
 
 @pytest.mark.watchdog(900)

@@ -19,6 +19,9 @@ import sys
 import time
 
 from llavaction_jax.data import ek100, ek100_train
+from llavaction_jax.data.mixture import SOURCE_KEY, load_mixture
+from llavaction_jax.data.train_prompt import is_ek100
+from llavaction_jax.data.train_sample import clip_uid
 
 SAMPLES_NAME = "train_convs_narration_actionids.jsonl"  # upstream's file name in each generated folder
 YAML_NAME = "data.yaml"
@@ -39,6 +42,9 @@ Files (under --out; folder names as upstream's generators):
   %(y)s                      datasets: [{json_path, sampling_strategy: all}, ...] in the order above
   %(c)s                    the clips to extract: {uid, video, start, end}
 
+With --clips-for DATA (a data YAML, JSON or JSONL, e.g. upstream's released files) only %(c)s is written: the
+clips of DATA's EK100 samples (other samples, e.g. LLaVA-Video-178K, need their own extraction).
+
 Samples hold the question, not the prompt (an MC human turn is the Python list of lettered options); the training
 pipeline builds the prompt when it loads a sample, with the clip's real frame count. Every sample draws from its
 own RNG (seed, narration id, question type, distractor source), so the AVION and TIM copies of a clip are
@@ -47,13 +53,29 @@ independent. Prediction files: {"<CSV row index>": {"predictions": ["v:n", ...],
 
 
 def clip_of(sample: dict, layout: str) -> dict:
-    """The extract-frames clip of a sample: uid as train_sample.clip_uid finds it, video path in ``layout``."""
-    pid, vid = sample["video"].split("-", 1)
-    start, end = float(sample["start_timestamp"]), float(sample["end_timestamp"])
-    detection = sample["question_type"] == "temporal_detection"
-    uid = f"{sample['video']}_{start:.2f}_{end:.2f}" if detection else sample["narration_id"]
+    """The extract-frames clip of an EK100 sample: the uid the pipeline looks up (train_sample.clip_uid), the video
+    path in ``layout``, the sample's window."""
+    try:
+        pid, vid = sample["video"].split("-", 1)
+        start, end = float(sample["start_timestamp"]), float(sample["end_timestamp"])
+    except (KeyError, ValueError, TypeError, AttributeError):
+        raise ValueError(f"{sample.get(SOURCE_KEY, 'sample')}: an EK100 sample needs 'video' (\"P01-P01_01\"), "
+                         "'start_timestamp' and 'end_timestamp'") from None
     video = f"{pid}/{vid}.MP4" if layout == "chunked" else f"{pid}/videos/{vid}.MP4"
-    return {"uid": uid, "video": video, "start": start, "end": end}
+    return {"uid": clip_uid(sample), "video": video, "start": start, "end": end}
+
+
+def write_clips(samples: list[dict], layout: str, path: pathlib.Path) -> tuple[int, int]:
+    """clips.jsonl of the EK100 samples (each clip once); returns (clips written, samples skipped: not EK100)."""
+    clips = {}
+    ek100_samples = [s for s in samples if is_ek100(s)]
+    for sample in ek100_samples:
+        clip = clip_of(sample, layout)
+        clips.setdefault(clip["uid"], clip)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(clip) + "\n" for clip in clips.values())
+    return len(clips), len(samples) - len(ek100_samples)
 
 
 def planned_files(args: argparse.Namespace) -> list[tuple[str, str, str | None]]:
@@ -85,30 +107,30 @@ def build(args: argparse.Namespace, log=print) -> dict:
         raise ValueError("prediction files are keyed by the row index of one CSV; pass a single --train-csv")
     settings = ek100_train.TrainSampleSettings(args.n_options, args.representation, seed=args.seed)
     log(f"build-train: {len(segments)} segments from {', '.join(map(str, train_csvs))}, {len(maps.vn2act)} actions")
-    counts, clips = {}, {}
+    counts, written = {}, []
     for relative, task, source in planned_files(args):
         started = time.perf_counter()
         path = {"avion": args.avion, "tim": args.tim}.get(source)
         predictions = ek100.load_predictions(path) if path else None
         samples = ek100_train.training_samples(task, segments, maps, settings, predictions, str(path or ""), source)
         ek100_train.write_samples_jsonl(samples, out / relative)
-        for sample in samples:
-            clip = clip_of(sample, args.layout)
-            clips.setdefault(clip["uid"], clip)
+        written += samples
         counts[relative] = len(samples)
         log(f"  {relative}: {len(samples)} samples ({time.perf_counter() - started:.1f} s)")
     yaml_lines = ["datasets:"] + [f"  - json_path: {(out / r).absolute()}\n    sampling_strategy: all" for r in counts]
     (out / YAML_NAME).write_text("\n".join(yaml_lines) + "\n", encoding="utf-8")
-    with open(out / CLIPS_NAME, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(clip) + "\n" for clip in clips.values())
-    log(f"  {YAML_NAME}: {len(counts)} files; {CLIPS_NAME}: {len(clips)} clips")
+    n_clips, _ = write_clips(written, args.layout, out / CLIPS_NAME)
+    log(f"  {YAML_NAME}: {len(counts)} files; {CLIPS_NAME}: {n_clips} clips")
     return counts
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = DESCRIPTION
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--annotations", required=True, help="epic-kitchens-100-annotations folder (label maps)")
+    parser.add_argument("--annotations", help="epic-kitchens-100-annotations folder (label maps); required unless "
+                        "--clips-for")
+    parser.add_argument("--clips-for", metavar="DATA", help="only write clips.jsonl for the EK100 samples of DATA "
+                        "(a data YAML or a JSON / JSONL sample file)")
     parser.add_argument("--train-csv", nargs="+", help="CSV(s) to build samples from (default: EPIC_100_train.csv, "
                         "or the UDA train files with --label-space uda)")
     parser.add_argument("--label-space", choices=ek100.LABEL_SPACES, default="ek100",
@@ -135,15 +157,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    out = pathlib.Path(args.out)
     try:
-        build(args)
-    except (ValueError, OSError) as error:  # AnnotationError is a ValueError
+        if args.clips_for:
+            if (out / CLIPS_NAME).exists() and not args.overwrite:
+                raise ValueError(f"{out / CLIPS_NAME} exists; choose another --out or pass --overwrite")
+            n_clips, skipped = write_clips(load_mixture(args.clips_for), args.layout, out / CLIPS_NAME)
+            print(f"build-train: {out / CLIPS_NAME}: {n_clips} clips of {args.clips_for}"
+                  + (f"; {skipped} samples that are not EK100 left out" if skipped else ""))
+        elif not args.annotations:
+            raise ValueError("pass --annotations (or --clips-for)")
+        else:
+            build(args)
+    except (ValueError, OSError) as error:  # AnnotationError and MixtureError are ValueErrors
         print(f"build-train: error: {error}", file=sys.stderr)
         return 2
-    out = pathlib.Path(args.out)
     print("next:\n"
           f"  python -m llavaction_jax extract-frames --jsonl {out / CLIPS_NAME} --sampling ek100 --layout "
           f"{args.layout} --num-frames {args.num_frames} --video-root EK100_VIDEOS --out SHARDS\n"
-          f"  python -m llavaction_jax train --config configs/train.py --config.data.samples={out / YAML_NAME} "
+          f"  python -m llavaction_jax train --config configs/train.py --config.data.samples="
+          f"{args.clips_for or out / YAML_NAME} "
           "--config.data.shards=SHARDS ...")
     return 0
