@@ -16,8 +16,8 @@ upstream's loader ignores and ours uses to find the clip (train_sample.clip_uid)
 
 Randomness: upstream draws everything from one global ``random`` stream, so its files depend on generation order.
 Here every (sample, question type, distractor source) has its own stream, ``item_rng(seed, narration_id,
-question_type, source)``: the AVION and TIM copies of a clip draw independently (a shared stream would put the GT
-under the same letter in both copies, and sharing was measured at 55% instead of 1 in 5).
+question_type, source)``: the AVION and TIM copies of a clip draw independently (the GT under the same letter in 1
+of 5 copies; a stream shared between them correlates the copies).
 """
 
 from __future__ import annotations
