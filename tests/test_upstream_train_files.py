@@ -4,8 +4,8 @@ data YAML) -> prompts, ids, labels and masks, against a reference written in thi
 llavaction/train/train.py: LazySupervisedDataset._get_item, preprocess_multimodal; preprocess_qwen is
 test_chat.reference_preprocess_qwen). The files are written here from the documented schema
 (llavaction/action/generate_description.py, generate_temporal_detection_data.py, chatgpt_utils.py:
-convert_json_to_jsonl / convert_instruct_json_to_jsonl), not by our builder. Also: the prior-action coin, build-train,
-and a short training run on an upstream-layout data YAML."""
+convert_json_to_jsonl / convert_instruct_json_to_jsonl), not by our builder. Also: the prior-action coin, and errors
+that name the sample (build-train, and a training run on its YAML: test_build_train.py)."""
 
 import ast
 import copy
@@ -17,11 +17,8 @@ import pytest
 from test_chat import SPEC_CHAT_TEMPLATE, reference_preprocess_qwen
 from test_ek100 import write_fake_annotations
 
-from _train_fixtures import tiny_train_config
-from llavaction_jax import cli
 from llavaction_jax.data import frames as fs
 from llavaction_jax.data.mixture import load_mixture
-from llavaction_jax.data.tokenizer import train_chatml_tokenizer
 from llavaction_jax.data.train_prompt import EK100PromptSettings, ek100_user_prompt, load_prior_table
 from llavaction_jax.data.train_sample import EPOCH_KEY, EncodeTrainSample, SampleError, cached_tokenizer, clip_uid
 
@@ -232,7 +229,8 @@ def test_epoch_comes_from_the_pipeline_position():
 def test_bad_upstream_samples_name_the_sample(data):
     _, samples, shards, _ = data
     encode = EncodeTrainSample(shards, cached_tokenizer(), FRAMES, frame_size=SIZE)
-    not_a_list = {**samples[0], "conversations": [{"from": "human", "value": "open door?"}, samples[0]["conversations"][1]]}
+    gpt = samples[0]["conversations"][1]
+    not_a_list = {**samples[0], "conversations": [{"from": "human", "value": "open door?"}, gpt]}
     with pytest.raises(SampleError, match=r"avion_mc_top5.*:1\): question_type 'mc_GT_random_narration' needs the "
                                           r"human turn to be a Python list of options"):
         encode.encode(not_a_list)

@@ -139,8 +139,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (must be empty unless --overwrite)")
     parser.add_argument("--tasks", nargs="+", choices=ek100_train.TASKS, default=list(ek100_train.TASKS),
                         help="what to build (default: all)")
-    parser.add_argument("--avion", metavar="JSON", help="AVION predictions on the train CSV (avion_pred_ids_train.json)")
-    parser.add_argument("--tim", metavar="JSON", help="TIM predictions on the train CSV (tim_pred_ids_train_cross.json)")
+    parser.add_argument("--avion", metavar="JSON",
+                        help="AVION predictions on the train CSV (avion_pred_ids_train.json)")
+    parser.add_argument("--tim", metavar="JSON",
+                        help="TIM predictions on the train CSV (tim_pred_ids_train_cross.json)")
     parser.add_argument("--random-mc", action="store_true",
                         help="also build MC with random distractors (the default when no prediction file is given)")
     parser.add_argument("--n-options", type=int, default=5, help="options per MC question (default: %(default)s)")

@@ -145,7 +145,8 @@ def temporal_detection_sample(segment: ek100.Segment, maps: ek100.LabelMaps, set
 
 
 def training_samples(task: str, segments: list[ek100.Segment], maps: ek100.LabelMaps, settings: TrainSampleSettings,
-                     predictions: dict | None = None, predictions_path: str = "", source: str | None = None) -> list[dict]:
+                     predictions: dict | None = None, predictions_path: str = "",
+                     source: str | None = None) -> list[dict]:
     """All samples of one task over ``segments`` (one CSV, when ``predictions`` are keyed by its row indices).
 
     ``source`` names the MC distractor source (default: "random" without predictions, else "avion").
