@@ -81,13 +81,16 @@ def test_files_yaml_and_clips(built, capsys):
 def test_clips_for_upstreams_released_files(tmp_path, capsys):
     mix = upstream_files(tmp_path)
     assert cli.main(["build-train", "--clips-for", str(mix), "--out", str(tmp_path / "c")]) == 0
-    assert "; 1 samples that are not EK100 left out" in capsys.readouterr().out
+    assert "--sampling llava-video --frames-upbound 64" in capsys.readouterr().out
+    [video] = [json.loads(line) for line in (tmp_path / "c" / "clips_llava_video.jsonl").read_text().splitlines()]
+    assert video == {"uid": "liwei_youtube_videos/videos/ytb_7nRmsEw7nsE.mp4",
+                     "video": "0_30_s_youtube_v0_1/liwei_youtube_videos/videos/ytb_7nRmsEw7nsE.mp4"}
     clips = [json.loads(line) for line in (tmp_path / "c" / "clips.jsonl").read_text().splitlines()]
     ek100_samples = [s for s in load_mixture(mix) if "question_type" in s]
     assert [c["uid"] for c in clips] == list(dict.fromkeys(clip_uid(s) for s in ek100_samples))
     assert clips[-1] == {"uid": "P90-P90_01_2.29_7.29", "video": "P90/P90_01.MP4", "start": 2.29, "end": 7.29}
     assert cli.main(["build-train", "--clips-for", str(mix), "--out", str(tmp_path / "c")]) == 2
-    assert "clips.jsonl exists" in capsys.readouterr().err
+    assert "clips_llava_video.jsonl already exist; choose another --out" in capsys.readouterr().err
 
 
 @pytest.mark.watchdog(900)

@@ -26,6 +26,7 @@ from llavaction_jax.data.train_sample import clip_uid
 SAMPLES_NAME = "train_convs_narration_actionids.jsonl"  # upstream's file name in each generated folder
 YAML_NAME = "data.yaml"
 CLIPS_NAME = "clips.jsonl"
+LLAVA_VIDEO_CLIPS_NAME = "clips_llava_video.jsonl"  # --clips-for: the other videos (LLaVA-Video-178K)
 
 DESCRIPTION = """\
 Write EK100 training files in upstream LLaVAction's layout from the annotation CSVs (and AVION / TIM prediction
@@ -42,14 +43,15 @@ Files (under --out; folder names as upstream's generators):
   %(y)s                      datasets: [{json_path, sampling_strategy: all}, ...] in the order above
   %(c)s                    the clips to extract: {uid, video, start, end}
 
-With --clips-for DATA (a data YAML, JSON or JSONL, e.g. upstream's released files) only %(c)s is written: the
-clips of DATA's EK100 samples (other samples, e.g. LLaVA-Video-178K, need their own extraction).
+With --clips-for DATA (a data YAML, JSON or JSONL, e.g. upstream's released files) only the clip lists are
+written: %(c)s for DATA's EK100 samples and %(l)s for its other videos
+(LLaVA-Video-178K: "video" under its "data_source" folder), to extract with --sampling llava-video.
 
 Samples hold the question, not the prompt (an MC human turn is the Python list of lettered options); the training
 pipeline builds the prompt when it loads a sample, with the clip's real frame count. Every sample draws from its
 own RNG (seed, narration id, question type, distractor source), so the AVION and TIM copies of a clip are
 independent. Prediction files: {"<CSV row index>": {"predictions": ["v:n", ...], "target": "v:n"}}.
-""" % {"s": SAMPLES_NAME, "y": YAML_NAME, "c": CLIPS_NAME}
+""" % {"s": SAMPLES_NAME, "y": YAML_NAME, "c": CLIPS_NAME, "l": LLAVA_VIDEO_CLIPS_NAME}
 
 
 def clip_of(sample: dict, layout: str) -> dict:
@@ -65,17 +67,35 @@ def clip_of(sample: dict, layout: str) -> dict:
     return {"uid": clip_uid(sample), "video": video, "start": start, "end": end}
 
 
-def write_clips(samples: list[dict], layout: str, path: pathlib.Path) -> tuple[int, int]:
-    """clips.jsonl of the EK100 samples (each clip once); returns (clips written, samples skipped: not EK100)."""
-    clips = {}
-    ek100_samples = [s for s in samples if is_ek100(s)]
-    for sample in ek100_samples:
-        clip = clip_of(sample, layout)
-        clips.setdefault(clip["uid"], clip)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(clip) + "\n" for clip in clips.values())
-    return len(clips), len(samples) - len(ek100_samples)
+def llava_video_clip(sample: dict) -> dict:
+    """The clip of another video sample: LLaVA-Video-178K's ``video`` is relative to its ``data_source`` folder
+    (upstream reads ``video_folder/LLaVA-Video-178K/data_source/video``)."""
+    source = sample.get("data_source")
+    clip = {"uid": clip_uid(sample), "video": f"{source}/{sample['video']}" if source else sample["video"]}
+    if sample.get("start") is not None and sample.get("end") is not None:
+        clip.update(start=float(sample["start"]), end=float(sample["end"]))
+    return clip
+
+
+def write_clips(samples: list[dict], layout: str, out: pathlib.Path) -> dict[str, int]:
+    """``clips.jsonl`` (EK100 samples) and, when there are any, ``clips_llava_video.jsonl`` (other video samples),
+    each clip once; returns the number of clips per file written."""
+    ek100_clips, other_clips = {}, {}
+    for sample in samples:
+        if is_ek100(sample):
+            clip = clip_of(sample, layout)
+            ek100_clips.setdefault(clip["uid"], clip)
+        elif clip_uid(sample) is not None:
+            clip = llava_video_clip(sample)
+            other_clips.setdefault(clip["uid"], clip)
+    out.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for name, clips in ((CLIPS_NAME, ek100_clips), (LLAVA_VIDEO_CLIPS_NAME, other_clips)):
+        if clips or name == CLIPS_NAME:
+            with open(out / name, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(clip) + "\n" for clip in clips.values())
+            counts[name] = len(clips)
+    return counts
 
 
 def planned_files(args: argparse.Namespace) -> list[tuple[str, str, str | None]]:
@@ -119,7 +139,7 @@ def build(args: argparse.Namespace, log=print) -> dict:
         log(f"  {relative}: {len(samples)} samples ({time.perf_counter() - started:.1f} s)")
     yaml_lines = ["datasets:"] + [f"  - json_path: {(out / r).absolute()}\n    sampling_strategy: all" for r in counts]
     (out / YAML_NAME).write_text("\n".join(yaml_lines) + "\n", encoding="utf-8")
-    n_clips, _ = write_clips(written, args.layout, out / CLIPS_NAME)
+    n_clips = write_clips(written, args.layout, out)[CLIPS_NAME]
     log(f"  {YAML_NAME}: {len(counts)} files; {CLIPS_NAME}: {n_clips} clips")
     return counts
 
@@ -129,8 +149,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--annotations", help="epic-kitchens-100-annotations folder (label maps); required unless "
                         "--clips-for")
-    parser.add_argument("--clips-for", metavar="DATA", help="only write clips.jsonl for the EK100 samples of DATA "
-                        "(a data YAML or a JSON / JSONL sample file)")
+    parser.add_argument("--clips-for", metavar="DATA", help="only write the clip lists of DATA's samples (a data "
+                        f"YAML or a JSON / JSONL sample file): {CLIPS_NAME} and {LLAVA_VIDEO_CLIPS_NAME}")
     parser.add_argument("--train-csv", nargs="+", help="CSV(s) to build samples from (default: EPIC_100_train.csv, "
                         "or the UDA train files with --label-space uda)")
     parser.add_argument("--label-space", choices=ek100.LABEL_SPACES, default="ek100",
@@ -162,11 +182,12 @@ def run(args: argparse.Namespace) -> int:
     out = pathlib.Path(args.out)
     try:
         if args.clips_for:
-            if (out / CLIPS_NAME).exists() and not args.overwrite:
-                raise ValueError(f"{out / CLIPS_NAME} exists; choose another --out or pass --overwrite")
-            n_clips, skipped = write_clips(load_mixture(args.clips_for), args.layout, out / CLIPS_NAME)
-            print(f"build-train: {out / CLIPS_NAME}: {n_clips} clips of {args.clips_for}"
-                  + (f"; {skipped} samples that are not EK100 left out" if skipped else ""))
+            existing = [str(out / n) for n in (CLIPS_NAME, LLAVA_VIDEO_CLIPS_NAME) if (out / n).exists()]
+            if existing and not args.overwrite:
+                raise ValueError(f"{' and '.join(existing)} already exist; choose another --out or pass --overwrite")
+            counts = write_clips(load_mixture(args.clips_for), args.layout, out)
+            print(f"build-train: clips of {args.clips_for}: "
+                  + ", ".join(f"{out / name}: {n}" for name, n in counts.items()))
         elif not args.annotations:
             raise ValueError("pass --annotations (or --clips-for)")
         else:
@@ -177,6 +198,10 @@ def run(args: argparse.Namespace) -> int:
     print("next:\n"
           f"  python -m llavaction_jax extract-frames --jsonl {out / CLIPS_NAME} --sampling ek100 --layout "
           f"{args.layout} --num-frames {args.num_frames} --video-root EK100_VIDEOS --out SHARDS\n"
+          + (f"  python -m llavaction_jax extract-frames --jsonl {out / LLAVA_VIDEO_CLIPS_NAME} --sampling "
+             "llava-video --frames-upbound 64 --video-root LLaVA-Video-178K --out SHARDS_178K\n"
+             if (out / LLAVA_VIDEO_CLIPS_NAME).exists() else "")
+          + 
           f"  python -m llavaction_jax train --config configs/train.py --config.data.samples="
           f"{args.clips_for or out / YAML_NAME} "
           "--config.data.shards=SHARDS ...")
