@@ -207,14 +207,14 @@ def test_prior_action_coin_30_percent_per_copy_and_epoch(data):
     coins = {"avion": [], "tim": []}
     for epoch in range(300):
         for name, sample in (("avion", avion), ("tim", tim)):
-            prompt = ek100_user_prompt(sample, FRAMES, settings, epoch)
+            prompt = ek100_user_prompt(sample, FRAMES, settings, epoch=epoch)
             coins[name].append("seconds ago" in prompt)
-        assert ek100_user_prompt(avion, FRAMES, settings, epoch) in (with_prior, without)
-        assert "seconds ago" not in ek100_user_prompt(avion_later, FRAMES, settings, epoch)  # no prior actions
+        assert ek100_user_prompt(avion, FRAMES, settings, epoch=epoch) in (with_prior, without)
+        assert "seconds ago" not in ek100_user_prompt(avion_later, FRAMES, settings, epoch=epoch)  # no prior
     a, t = np.array(coins["avion"]), np.array(coins["tim"])
     assert 0.22 < a.mean() < 0.38 and 0.22 < t.mean() < 0.38  # 300 draws: 0.3 +- 0.026 (1 sigma)
     assert 0.03 < np.mean(a & t) < 0.16  # independent copies: 0.09; a shared coin would give 0.3
-    assert coins["avion"] == ["seconds ago" in ek100_user_prompt(avion, FRAMES, settings, e) for e in range(300)]
+    assert coins["avion"] == ["seconds ago" in ek100_user_prompt(avion, FRAMES, settings, epoch=e) for e in range(300)]
     # official_key prior actions name the keys (prior_action_table is checked in test_ek100_train)
     assert load_prior_table(str(annotations), "official_key")[f"{VIDEO}_3.5_4.2"]["prev1_narration"] == "take cup"
 

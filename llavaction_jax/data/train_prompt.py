@@ -33,9 +33,9 @@ NEIGHBOR_MODES = ("", "prior")  # upstream's learn_neighbor_actions values used 
 
 @dataclasses.dataclass(frozen=True)
 class EK100PromptSettings:
-    """Upstream's data / eval arguments that shape an EK100 training prompt."""
+    """Upstream's data / eval arguments that shape an EK100 training prompt (``add_time_instruction`` is the
+    pipeline's, shared with other videos)."""
 
-    include_time_instruction: bool = True  # add_time_instruction (the final run: True)
     perspective: str = "first_person"
     learn_neighbor_actions: str = ""  # "prior": the 30% prior-actions MC prompt (the final run)
     prior_table: Mapping[str, dict] | None = None  # prior_action_table of the train CSV; needed for "prior"
@@ -80,7 +80,8 @@ def parse_question(text: str):
     return value if isinstance(value, list) else text
 
 
-def ek100_user_prompt(sample: Mapping, n_frames: int, settings: EK100PromptSettings, epoch: int = 0) -> str:
+def ek100_user_prompt(sample: Mapping, n_frames: int, settings: EK100PromptSettings,
+                      include_time_instruction: bool = True, epoch: int = 0) -> str:
     """The human turn upstream trains on for this sample; ``n_frames`` is the clip's loaded frame count.
 
     Raises ValueError (naming the problem) for a sample upstream would drop: unknown question type, an MC question
@@ -106,4 +107,4 @@ def ek100_user_prompt(sample: Mapping, n_frames: int, settings: EK100PromptSetti
         task = prompts.task_prompt(question, question_type, settings.perspective, prior, coin)
     except NotImplementedError as error:
         raise ValueError(str(error)) from None
-    return prompts.user_message(task, end - start, n_frames, settings.include_time_instruction)
+    return prompts.user_message(task, end - start, n_frames, include_time_instruction)

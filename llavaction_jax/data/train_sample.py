@@ -31,11 +31,11 @@ import grain
 import numpy as np
 
 from llavaction_jax.data import chat, prompts
-from llavaction_jax.data.train_prompt import EK100PromptSettings, ek100_user_prompt, is_ek100, needs_prompt
 from llavaction_jax.data.frames import ClipRecord, FrameShards, decode_frames
 from llavaction_jax.data.image import SIGLIP_SIZE, resize_frames
 from llavaction_jax.data.mixture import SOURCE_KEY
 from llavaction_jax.data.tokenizer import load_qwen_tokenizer
+from llavaction_jax.data.train_prompt import EK100PromptSettings, ek100_user_prompt, is_ek100, needs_prompt
 
 NO_ACTIONS = (-1, -1, -1)  # upstream's actions for samples without verb/noun/action ids
 ON_BAD_SAMPLE = ("error", "skip")
@@ -122,7 +122,7 @@ class EncodeTrainSample(grain.transforms.Map):
     max_length: int | None = None
     add_time_instruction: bool = True
     on_bad_sample: str = "error"
-    ek100_prompt: EK100PromptSettings = EK100PromptSettings()  # its time-instruction flag follows the one above
+    ek100_prompt: EK100PromptSettings = EK100PromptSettings()  # EK100 samples stored as upstream's questions
 
     def __post_init__(self):
         if self.on_bad_sample not in ON_BAD_SAMPLE:
@@ -147,9 +147,9 @@ class EncodeTrainSample(grain.transforms.Map):
             record = self._read_clip(uid, sample, where)
             element["frames"] = self._frames(record, where)
             if needs_prompt(sample):
-                settings = dataclasses.replace(self.ek100_prompt, include_time_instruction=self.add_time_instruction)
                 try:
-                    user = ek100_user_prompt(sample, record.num_frames, settings, sample.get(EPOCH_KEY, 0))
+                    user = ek100_user_prompt(sample, record.num_frames, self.ek100_prompt, self.add_time_instruction,
+                                             sample.get(EPOCH_KEY, 0))
                 except ValueError as error:
                     raise SampleError(f"{where}: {error}") from None
                 key = "value" if "value" in conversations[0] else "content"

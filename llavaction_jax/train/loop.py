@@ -23,8 +23,8 @@ from jax.experimental import multihost_utils
 from llavaction_jax import checkpoint_io, distributed, integrity
 from llavaction_jax.config import ConfigError, ModelConfig
 from llavaction_jax.data.batching import make_global_batch
-from llavaction_jax.data.mixture import load_mixture
 from llavaction_jax.data.ek100 import AnnotationError
+from llavaction_jax.data.mixture import load_mixture
 from llavaction_jax.data.pipeline import TrainPipelineConfig, train_dataset
 from llavaction_jax.data.train_prompt import EK100PromptSettings, load_prior_table
 from llavaction_jax.model import llava
@@ -108,7 +108,7 @@ def ek100_prompt_settings(d) -> EK100PromptSettings:
             table = load_prior_table(d.ek100_annotations, d.action_representation, d.label_space)
         except AnnotationError as error:
             raise ConfigError(f"data.ek100_annotations: {error}") from None
-    return EK100PromptSettings(d.add_time_instruction, d.perspective, d.learn_neighbor_actions, table, d.seed)
+    return EK100PromptSettings(d.perspective, d.learn_neighbor_actions, table, d.seed)
 
 
 class Preemption:
