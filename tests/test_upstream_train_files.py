@@ -170,6 +170,18 @@ def test_the_yaml_reads_every_file_in_order(data):
     assert clip_uid(samples[5]) == "P90-P90_01_2.29_7.29"  # the detection window, times stored as strings
 
 
+def test_yaml_sampling_strategies_on_upstream_files(data):
+    root, samples, _, _ = data
+    avion = root / "avion_mc_top5_GT_random_narration/train_convs_narration_actionids.jsonl"
+    (root / "strategies.yaml").write_text("datasets:\n" + "".join(
+        f"  - json_path: {avion}\n    sampling_strategy: {strategy}\n"
+        for strategy in ("first:1", "end:1", "random:50%", "end:100%")))
+    picked = load_mixture(root / "strategies.yaml")
+    starts = [s["start_timestamp"] for s in picked]
+    # first = head, end = tail, P% = ceil(P * 2 / 100) after a shuffle, 100% = all; in YAML order
+    assert starts[:2] == [3.5, 20.0] and starts[2] in (3.5, 20.0) and starts[3:] == [3.5, 20.0]
+
+
 def test_every_question_type_encodes_like_upstream(data, reference_tokenizer):
     """ids, labels (the mask) and frames of each sample == upstream's preprocess_qwen on upstream's prompt."""
     _, samples, shards, _ = data
