@@ -38,6 +38,12 @@ def get_config():
     c.data.tokenizer = ""  # tokenizer directory; "" = the bundled Qwen2 tokenizer
     c.data.pad_id = 151643  # <|endoftext|>
     c.data.add_time_instruction = True
+    # EK100 samples stored as upstream's questions get their prompt when loaded (llavaction_jax/data/train_prompt.py)
+    c.data.perspective = "first_person"  # or "third_person"
+    c.data.learn_neighbor_actions = ""  # "prior": 30% of MC prompts name the two previous actions (the final run)
+    c.data.ek100_annotations = ""  # folder with EPIC_100_train.csv: the prior-action table ("prior" needs it)
+    c.data.action_representation = "GT_random_narration"  # prior actions as narrations, or "official_key"
+    c.data.label_space = "ek100"  # "uda": the UDA train files stand in for EPIC_100_train.csv
     c.data.on_bad_sample = "error"  # or "skip" (counted and logged)
     c.data.worker_count = 0  # Grain worker processes per host
     c.data.seed = 0

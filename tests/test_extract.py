@@ -248,7 +248,7 @@ def test_bad_inputs_exit_2_with_a_message(tmp_path, capsys):
     assert f"{jsonl}:2: uid 'x' already used on line 1" in capsys.readouterr().err
     assert cli.main(["extract-frames", "--jsonl", str(jsonl), "--video-root", ".", "--out", str(tmp_path / "o"),
                      "--layout", "chunked"]) == 2
-    assert "--layout chunked applies to --ek100-csv" in capsys.readouterr().err
+    assert "--layout chunked needs the ek100 sampling rule" in capsys.readouterr().err
 
 
 def test_help_explains_the_command(capsys):

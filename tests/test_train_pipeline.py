@@ -31,7 +31,7 @@ BAD = {  # sample id -> (what is wrong, the words its error must contain)
     "missing": ({"uid": "nope"}, "clip uid 'nope' is not in"),
     "undecodable": ({"uid": "bad_jpeg"}, "clip 'bad_jpeg': frame 0 (video frame 0) is not a decodable jpeg image"),
     "wrong_count": ({"uid": "three"}, "clip 'three' has 3 frames, more than the pipeline's 2"),
-    "no_placeholder": ({"uid": "c0", "human": "What?"}, "no message contains the <image> placeholder"),
+    "no_question_type": ({"uid": "c0", "human": "What?"}, "an EK100 sample needs a 'question_type' string"),
     "two_placeholders": ({"uid": "c1", "human": "<image>\n<image> What?"}, "2 <image> placeholders"),
 }
 

@@ -281,6 +281,8 @@ Sources (one of):
                              "{video}" or "{video}_{start:.2f}_{end:.2f}"). Other keys are kept in the record.
                              A video may be any file decord or PyAV reads (MP4, WebM, GIF, ...) or a folder
                              of JPEG / PNG frames, read in name order at 3 fps (lmms-eval's rule for MVBench).
+                             With --sampling ek100 --layout chunked, "video" is the {pid}/{vid}.MP4 folder of
+                             chunks (build-train's clips.jsonl).
 
 Sampling (--sampling; default ek100 for CSVs, llava-video for JSONL):
   ek100        upstream get_frame_ids: midpoints of --num-frames equal segments of
@@ -348,8 +350,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> dict:
     sampling_rule = args.sampling or ("ek100" if args.ek100_csv else "llava-video")
-    if args.layout == "chunked" and (args.jsonl or sampling_rule != "ek100"):
-        raise ValueError("--layout chunked applies to --ek100-csv with the ek100 sampling rule")
+    if args.layout == "chunked" and sampling_rule != "ek100":
+        raise ValueError("--layout chunked needs the ek100 sampling rule")
     if args.fps == "video" or sampling_rule == "llava-video":
         fps = None  # read from each video (llava-video always uses the video's own rate, as upstream)
     else:

@@ -33,7 +33,8 @@ from llavaction_jax.data.batching import QWEN_PAD_ID, PaddedBatchIterDataset, po
 from llavaction_jax.data.length_grouping import LengthGroupedEpochs, modality_lengths
 from llavaction_jax.data.frames import ClipRecord, FrameShards, decode_frames
 from llavaction_jax.data.image import SIGLIP_SIZE, normalize_frames, resize_frames
-from llavaction_jax.data.train_sample import EncodeTrainSample, cached_tokenizer
+from llavaction_jax.data.train_prompt import EK100PromptSettings
+from llavaction_jax.data.train_sample import EncodeTrainSample, TagEpoch, cached_tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +148,8 @@ class TrainPipelineConfig:
     length_group_steps: int = 1  # steps per sorted megabatch; 1 = upstream, more = less padding (ours)
     drop_remainder: bool = True  # static batch shapes for jit
     on_bad_sample: str = "error"  # "error" raises naming the sample; "skip" drops it, logs it, counts it
-    add_time_instruction: bool = True  # LLaVA-Video's time prompt on non-EK100 videos (upstream default)
+    add_time_instruction: bool = True  # the time instruction on every video (upstream default)
+    ek100_prompt: EK100PromptSettings = EK100PromptSettings()  # EK100 prompts built at load time (train_prompt.py)
     tokenizer_path: str | None = None  # None: the bundled Qwen2 tokenizer
     pad_id: int = QWEN_PAD_ID
     # Parallelism: reader threads scale (JPEG decoding and the normalization lookup release the GIL); worker
@@ -183,12 +185,15 @@ def train_dataset(
         raise ValueError("data.num_frames is not set and the shards' manifest gives no frame count (neither "
                          "frames_per_clip nor settings.frames_upbound)")
     encode = EncodeTrainSample(source, cached_tokenizer(config.tokenizer_path), num_frames, config.frame_size,
-                               config.max_length, config.add_time_instruction, config.on_bad_sample)
+                               config.max_length, config.add_time_instruction, config.on_bad_sample,
+                               config.ek100_prompt)
     grouping = None
     if config.group_by_length:  # one optimizer step = batch_size samples from each process
         grouping = (modality_lengths(samples), config.batch_size * process_count, config.length_group_steps)
     dataset = _this_process_slice(grain.MapDataset.source(samples), config.seed, config.shuffle, config.num_epochs,
                                   process_index, process_count, f"the sample list ({len(samples)} samples)", grouping)
+    per_epoch = len(samples) // process_count * process_count
+    dataset = dataset.map_with_index(TagEpoch(per_epoch, process_index, process_count))  # for per-epoch coins
     elements = dataset.map(encode).to_iter_dataset(
         grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=max(2, 2 * config.batch_size)))
     if config.worker_count > 0:

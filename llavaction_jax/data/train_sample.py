@@ -3,7 +3,7 @@
 The join between a sample and the frame shards (``clip_uid``), first rule that applies:
 
 1. ``sample["uid"]``: explicit;
-2. ``sample["narration_id"]``: EK100 samples from ``ek100_train`` show the annotated segment, which
+2. ``sample["narration_id"]``: EK100 samples from ``build-train`` show the annotated segment, which
    ``extract-frames --ek100-csv`` stores under its narration id; except ``temporal_detection`` samples, whose clip
    is a padded window around the segment, so they fall through to rule 3;
 3. ``f"{video}_{start:.2f}_{end:.2f}"`` from ``start``/``end`` (or upstream's ``start_timestamp``/
@@ -14,10 +14,10 @@ A sample without ``video`` (and without ``uid``) is text-only: ``has_video`` Fal
 zero pixels. When the sample gives times, the stored clip must cover the same window (to 0.01 s), which catches a
 sample joined to the wrong clip.
 
-Text follows upstream's ``_get_item`` (llavaction/train/train.py: LazySupervisedDataset._get_item): non-EK100 videos
-get LLaVA-Video's time
-instruction (``add_time_instruction``, on by default as upstream), then ``preprocess_multimodal`` moves a lone
-``<image>`` to the front, then ``preprocess_qwen`` gives ids and labels, truncated to ``max_length``.
+Text follows upstream's ``_get_item`` (llavaction/train/train.py: LazySupervisedDataset._get_item): an EK100 sample
+stored as upstream's question gets its prompt built from the loaded clip (train_prompt.py); other videos get
+LLaVA-Video's time instruction (``add_time_instruction``, on by default as upstream); then ``preprocess_multimodal``
+moves a lone ``<image>`` to the front, then ``preprocess_qwen`` gives ids and labels, truncated to ``max_length``.
 """
 
 from __future__ import annotations
@@ -35,10 +35,12 @@ from llavaction_jax.data.frames import ClipRecord, FrameShards, decode_frames
 from llavaction_jax.data.image import SIGLIP_SIZE, resize_frames
 from llavaction_jax.data.mixture import SOURCE_KEY
 from llavaction_jax.data.tokenizer import load_qwen_tokenizer
+from llavaction_jax.data.train_prompt import EK100PromptSettings, ek100_user_prompt, is_ek100, needs_prompt
 
 NO_ACTIONS = (-1, -1, -1)  # upstream's actions for samples without verb/noun/action ids
 ON_BAD_SAMPLE = ("error", "skip")
 WINDOW_TOLERANCE_SEC = 0.011  # uids round times to 2 decimals
+EPOCH_KEY = "_epoch"  # the epoch a sample is read in, set by the pipeline (TagEpoch)
 
 
 class SampleError(ValueError):
@@ -120,6 +122,7 @@ class EncodeTrainSample(grain.transforms.Map):
     max_length: int | None = None
     add_time_instruction: bool = True
     on_bad_sample: str = "error"
+    ek100_prompt: EK100PromptSettings = EK100PromptSettings()  # EK100 samples stored as upstream's questions
 
     def __post_init__(self):
         if self.on_bad_sample not in ON_BAD_SAMPLE:
@@ -143,7 +146,15 @@ class EncodeTrainSample(grain.transforms.Map):
         if uid is not None:
             record = self._read_clip(uid, sample, where)
             element["frames"] = self._frames(record, where)
-            if self.add_time_instruction and sample.get("dataset_name") != "EK100":
+            if needs_prompt(sample):
+                try:
+                    user = ek100_user_prompt(sample, record.num_frames, self.ek100_prompt, self.add_time_instruction,
+                                             sample.get(EPOCH_KEY, 0))
+                except ValueError as error:
+                    raise SampleError(f"{where}: {error}") from None
+                key = "value" if "value" in conversations[0] else "content"
+                conversations = [{**conversations[0], key: user}, *conversations[1:]]
+            elif self.add_time_instruction and not is_ek100(sample):
                 conversations = _with_time_instruction(conversations, record)
         try:
             tokens = chat.preprocess_qwen(chat.move_placeholder_to_front(conversations), self.tokenizer,
@@ -187,3 +198,16 @@ def _with_time_instruction(conversations: list, record: ClipRecord) -> list:
     key = "value" if "value" in first else "content"
     first[key] = prompts.llava_video_time_prompt(first[key], record.duration_sec, record.num_frames)
     return [first, *conversations[1:]]
+
+
+@dataclasses.dataclass(frozen=True)
+class TagEpoch(grain.transforms.MapWithIndex):
+    """Adds ``EPOCH_KEY`` to a sample of this process's slice: element ``index`` is global element
+    ``index * process_count + process_index`` of epochs of ``per_epoch`` elements (pipeline._this_process_slice)."""
+
+    per_epoch: int
+    process_index: int = 0
+    process_count: int = 1
+
+    def map_with_index(self, index: int, sample: dict) -> dict:
+        return {**sample, EPOCH_KEY: (index * self.process_count + self.process_index) // self.per_epoch}

@@ -71,10 +71,11 @@ def _cli(argv: list[str]) -> None:
         raise SystemExit(f"demo: stage `{' '.join(argv[:2])}` failed with exit status {code}")
 
 
-def make_training_samples(annotations: pathlib.Path, frames: int, out: pathlib.Path) -> int:
+def make_training_samples(annotations: pathlib.Path, out: pathlib.Path) -> int:
+    """MC samples in upstream's layout; the pipeline builds the prompt (time instruction included) at load time."""
     maps = ek100.load_label_maps(annotations, train_csvs=[annotations / ek100.TRAIN_CSV])
     segments = ek100.read_annotation_csv(annotations / ek100.TRAIN_CSV)
-    settings = ek100_train.TrainSampleSettings(n_options=5, include_time_instruction=True, n_frames=frames)
+    settings = ek100_train.TrainSampleSettings(n_options=5)
     samples = ek100_train.training_samples("mc", segments, maps, settings)
     ek100_train.write_samples_jsonl(samples, out)
     return len(samples)
@@ -121,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         str(questions), "--n-options", "5", "--time-instruction", "--n-frames", str(args.frames), "--seed", "0"])
 
     samples = out / "train_samples.jsonl"
-    n_samples = stages.run("4. training samples + tokenizer", make_training_samples, ann, args.frames, samples)
+    n_samples = stages.run("4. training samples + tokenizer", make_training_samples, ann, samples)
     # The tiny preset with 8 px patches: a 8x8 grid per frame, pooled to 4x4, so position (the verb) survives.
     cfg = load_preset("tiny", {"vision.patch_size": 8})
     vocab = make_tokenizer(samples, questions, out / "tokenizer", cfg.text.vocab_size)

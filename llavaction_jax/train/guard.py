@@ -20,7 +20,9 @@ RUNTIME_MODEL_FIELDS = ("compute_dtype", "remat_policy", "attention", "vision_fr
                         "loss_skip_empty_chunks", "loop_collectives", "platform", "extra")
 DATA_FIELDS = ("train.batch_size", "data.samples", "data.shards", "data.seed", "data.num_frames", "data.max_length",
                "data.length_buckets", "data.group_by_modality_length", "data.length_group_steps",
-               "data.add_time_instruction", "data.tokenizer", "data.pad_id")
+               "data.add_time_instruction", "data.tokenizer", "data.pad_id", "data.perspective",
+               "data.learn_neighbor_actions", "data.ek100_annotations", "data.action_representation",
+               "data.label_space")
 ALLOW_FLAG = "--config.train.allow_changed_data=true"
 
 
@@ -47,6 +49,13 @@ def validate(cfg) -> None:
         (d.length_group_steps >= 1, f"data.length_group_steps={d.length_group_steps}: must be at least 1"),
         (d.worker_count >= 0, f"data.worker_count={d.worker_count}: must be 0 or more"),
         (d.on_bad_sample in ("error", "skip"), f"data.on_bad_sample={d.on_bad_sample!r}: must be 'error' or 'skip'"),
+        (d.perspective in ("first_person", "third_person"),
+         f"data.perspective={d.perspective!r}: must be 'first_person' or 'third_person'"),
+        (d.learn_neighbor_actions in ("", "prior"), f"data.learn_neighbor_actions={d.learn_neighbor_actions!r}: must "
+                                                    "be '' or 'prior'"),
+        (d.learn_neighbor_actions != "prior" or d.ek100_annotations,
+         "data.learn_neighbor_actions='prior' needs data.ek100_annotations (the folder with EPIC_100_train.csv, "
+         "whose consecutive actions the prompts name)"),
         (0.0 <= o.warmup_ratio <= 1.0, f"optim.warmup_ratio={o.warmup_ratio}: must be in [0, 1]"),
     ]
     for name in ("learning_rate", "vision_lr", "projector_lr", "weight_decay", "max_grad_norm"):

@@ -21,10 +21,12 @@ import jax.numpy as jnp
 from jax.experimental import multihost_utils
 
 from llavaction_jax import checkpoint_io, distributed, integrity
-from llavaction_jax.config import ModelConfig
+from llavaction_jax.config import ConfigError, ModelConfig
 from llavaction_jax.data.batching import make_global_batch
+from llavaction_jax.data.ek100 import AnnotationError
 from llavaction_jax.data.mixture import load_mixture
 from llavaction_jax.data.pipeline import TrainPipelineConfig, train_dataset
+from llavaction_jax.data.train_prompt import EK100PromptSettings, load_prior_table
 from llavaction_jax.model import llava
 from llavaction_jax.model.params import abstract_params
 from llavaction_jax.recipes import model_config
@@ -93,8 +95,20 @@ def make_data(cfg, model_cfg: ModelConfig, per_process_batch: int):
         max_length=d.max_length, length_buckets=tuple(d.length_buckets) or None, seed=d.seed,
         group_by_length=d.group_by_modality_length, length_group_steps=d.length_group_steps,
         on_bad_sample=d.on_bad_sample, add_time_instruction=d.add_time_instruction,
-        tokenizer_path=d.tokenizer or None, pad_id=d.pad_id, worker_count=d.worker_count)
+        tokenizer_path=d.tokenizer or None, pad_id=d.pad_id, worker_count=d.worker_count,
+        ek100_prompt=ek100_prompt_settings(d))
     return train_dataset(samples, d.shards or None, pipeline), len(samples)
+
+
+def ek100_prompt_settings(d) -> EK100PromptSettings:
+    """How EK100 samples stored as questions become prompts (data.perspective, data.learn_neighbor_actions, ...)."""
+    table = None
+    if d.learn_neighbor_actions == "prior":
+        try:
+            table = load_prior_table(d.ek100_annotations, d.action_representation, d.label_space)
+        except AnnotationError as error:
+            raise ConfigError(f"data.ek100_annotations: {error}") from None
+    return EK100PromptSettings(d.perspective, d.learn_neighbor_actions, table, d.seed)
 
 
 class Preemption:
