@@ -27,7 +27,9 @@ def get_config():
 
     c.data = ml_collections.ConfigDict()
     c.data.samples = ""  # upstream data YAML, or a LLaVA JSON / JSONL of samples
-    c.data.shards = ""  # frame-shard directory (python -m llavaction_jax extract-frames)
+    # frame-shard directory (python -m llavaction_jax extract-frames), or several, comma-separated (EK100 clips and
+    # LLaVA-Video-178K videos are extracted with different sampling into different folders)
+    c.data.shards = ""
     # The batch's frame count: shorter clips are padded and keep their own count (1-fps LLaVA-Video-178K clips), a
     # longer one is a bad sample. 0: the shards' frames_per_clip, else their 1-fps cap (frames_upbound).
     c.data.num_frames = 0

@@ -303,12 +303,13 @@ def mixed_data(tmp_path_factory):
     return root, samples
 
 
-def _pipeline(root, samples, **kw):
+def _pipeline(root, samples, shards=None, **kw):
     from llavaction_jax.data.pipeline import TrainPipelineConfig, train_dataset
 
+    shards = root if shards is None else shards
     config = TrainPipelineConfig(batch_size=4, tokenizer_path=str(root / "tokenizer"), pad_id=0, max_length=64,
                                  length_buckets=(64,), shuffle=False, num_epochs=1, frame_size=64, **kw)
-    return iter(train_dataset(samples, root, config, process_index=0, process_count=1))
+    return iter(train_dataset(samples, shards, config, process_index=0, process_count=1))
 
 
 def test_pipeline_keeps_each_clips_frame_count(mixed_data):
@@ -350,3 +351,22 @@ def test_a_mixed_image_video_text_batch_trains(mixed_data):
         losses.append(float(metrics["loss"]))
     assert np.isfinite(losses).all()
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_two_shard_folders_feed_one_mixture(mixed_data, tmp_path):
+    """EK100 clips and LLaVA-Video-178K videos come from two extractions: `data.shards=a,b` reads both."""
+    from llavaction_jax.data import frames as fs
+
+    root, samples = mixed_data
+    writer = fs.ShardWriter(tmp_path / "more.array_record")
+    pixels = np.random.default_rng(1).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    writer.write(fs.ClipRecord("other", "w", 0.0, 2.0, 1.0, (0, 1), fs.encode_frames(pixels, "png"), "png", 2.0))
+    fs.write_manifest(tmp_path, [writer.commit()], {}, frames_per_clip=2)
+    extra = {"id": "o", "uid": "other", "conversations": samples[0]["conversations"]}
+    shards = fs.open_shards(f"{root},{tmp_path}")
+    assert isinstance(shards, fs.ShardSet) and shards.max_frames_per_clip == 3 and shards.frames_per_clip is None
+    batch = next(_pipeline(root, [samples[0], extra, samples[1], samples[3]], shards=shards))
+    np.testing.assert_array_equal(batch["num_frames"], [3, 2, 2, 1])
+    np.testing.assert_array_equal(batch["pixel_values"][1, :2].shape, (2, 3, 64, 64))
+    with pytest.raises(ValueError, match=r"clip uid 'c0' is in two shard directories"):
+        fs.open_shards([root, root])

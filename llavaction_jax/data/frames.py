@@ -316,3 +316,56 @@ class FrameShards:
 
     def __repr__(self) -> str:
         return f"FrameShards({str(self.directory)!r}, clips={len(self)}, shards={len(self.paths)})"
+
+
+class ShardSet:
+    """Several shard directories read as one: a training mixture's EK100 clips (ek100 sampling) and its
+    LLaVA-Video-178K videos (1-fps sampling) are extracted with different rules into different folders.
+
+    Offers what the training pipeline uses of ``FrameShards``: ``lookup(uid)``, ``in``, ``directory`` (for
+    messages), ``frames_per_clip`` (when every folder agrees) and ``max_frames_per_clip`` (the largest). A uid held by
+    two folders is refused, naming both. Picklable like its parts."""
+
+    def __init__(self, directories: Sequence[str | os.PathLike]):
+        if not directories:
+            raise ValueError("ShardSet needs at least one shard directory")
+        self.parts = [FrameShards(d) for d in directories]
+        self.directory = ", ".join(str(p.directory) for p in self.parts)
+        counts = {p.frames_per_clip for p in self.parts}
+        self.frames_per_clip: int | None = counts.pop() if len(counts) == 1 else None
+        maxima = [p.max_frames_per_clip for p in self.parts]
+        self.max_frames_per_clip: int | None = None if None in maxima else max(maxima)
+        self._part_of: dict[str, int] = {}
+        for i, part in enumerate(self.parts):
+            for uid in part.uids:
+                other = self._part_of.setdefault(uid, i)
+                if other != i:
+                    raise ValueError(f"clip uid {uid!r} is in two shard directories: {self.parts[other].directory} "
+                                     f"and {part.directory}")
+
+    def __len__(self) -> int:
+        return len(self._part_of)
+
+    def lookup(self, uid: str) -> ClipRecord:
+        if uid not in self._part_of:
+            raise KeyError(f"clip uid {uid!r} is not in {self.directory}")
+        return self.parts[self._part_of[uid]].lookup(uid)
+
+    def __contains__(self, uid: str) -> bool:
+        return uid in self._part_of
+
+    def __repr__(self) -> str:
+        return f"ShardSet({[str(p.directory) for p in self.parts]}, clips={len(self)})"
+
+
+def open_shards(spec) -> FrameShards | ShardSet | None:
+    """A shard directory, a comma-separated list of them (``data.shards=a,b``) or a sequence -> one reader; None or
+    "" -> None (text-only data)."""
+    if spec is None or isinstance(spec, (FrameShards, ShardSet)):
+        return spec
+    if isinstance(spec, (str, os.PathLike)):
+        spec = [s.strip() for s in str(spec).split(",") if s.strip()]
+    directories = list(spec)
+    if not directories:
+        return None
+    return FrameShards(directories[0]) if len(directories) == 1 else ShardSet(directories)

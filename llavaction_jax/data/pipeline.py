@@ -31,7 +31,7 @@ import numpy as np
 
 from llavaction_jax.data.batching import QWEN_PAD_ID, PaddedBatchIterDataset, power_of_two_buckets
 from llavaction_jax.data.length_grouping import LengthGroupedEpochs, modality_lengths
-from llavaction_jax.data.frames import ClipRecord, FrameShards, decode_frames
+from llavaction_jax.data.frames import ClipRecord, FrameShards, ShardSet, decode_frames, open_shards
 from llavaction_jax.data.image import SIGLIP_SIZE, normalize_frames, resize_frames
 from llavaction_jax.data.train_prompt import EK100PromptSettings
 from llavaction_jax.data.train_sample import EncodeTrainSample, TagEpoch, cached_tokenizer
@@ -168,18 +168,19 @@ class TrainPipelineConfig:
 
 
 def train_dataset(
-    samples: list[dict], shards: FrameShards | str | None, config: TrainPipelineConfig,
+    samples: list[dict], shards: FrameShards | ShardSet | str | None, config: TrainPipelineConfig,
     process_index: int | None = None, process_count: int | None = None,
 ) -> grain.IterDataset:
     """This process's training batches (schema in ``batching.py``); iterate with ``it = iter(ds)``.
 
-    ``samples`` come from ``mixture.load_mixture``; ``shards`` hold their clips (None for text-only data). The
+    ``samples`` come from ``mixture.load_mixture``; ``shards`` hold their clips: a directory, several (comma-separated or a list:
+    e.g. EK100 clips and LLaVA-Video-178K videos extracted with different sampling), or None for text-only data. The
     order depends only on the seed, the epoch and the process layout (not on worker or thread counts);
     ``it.get_state()`` / ``it.set_state(state)`` save and restore the position, including the skip count.
     The process layout defaults to ``jax.process_index()`` / ``jax.process_count()``.
     """
     process_index, process_count = _process_layout(process_index, process_count)
-    source = shards if shards is None or isinstance(shards, FrameShards) else FrameShards(shards)
+    source = open_shards(shards)
     num_frames = config.num_frames or (source.max_frames_per_clip if source is not None else None)
     if num_frames is None:
         raise ValueError("data.num_frames is not set and the shards' manifest gives no frame count (neither "

@@ -31,7 +31,7 @@ import grain
 import numpy as np
 
 from llavaction_jax.data import chat, prompts
-from llavaction_jax.data.frames import ClipRecord, FrameShards, decode_frames
+from llavaction_jax.data.frames import ClipRecord, FrameShards, ShardSet, decode_frames
 from llavaction_jax.data.image import SIGLIP_SIZE, resize_frames
 from llavaction_jax.data.mixture import SOURCE_KEY
 from llavaction_jax.data.tokenizer import load_qwen_tokenizer
@@ -115,7 +115,7 @@ class EncodeTrainSample(grain.transforms.Map):
     frozen so Grain can pickle it into worker processes.
     """
 
-    shards: FrameShards | None
+    shards: FrameShards | ShardSet | None
     tokenizer: Any  # a Qwen2 tokenizer (``cached_tokenizer``); pickled into workers, faster than loading it there
     num_frames: int
     frame_size: int = SIGLIP_SIZE
