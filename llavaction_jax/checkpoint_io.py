@@ -84,3 +84,16 @@ def restore_params(path: str | pathlib.Path, abstract: dict) -> dict:
     the directory's checksums.json when it has one (integrity.IntegrityError otherwise)."""
     integrity.verify_manifest(path, required=False)
     return ocp.StandardCheckpointer().restore(pathlib.Path(path).absolute() / PARAMS_DIR, abstract)
+
+
+def stored_param_shapes(path: str | pathlib.Path) -> dict[str, tuple[int, ...]]:
+    """{"text/layers/0/...": shape} of the params a model directory stores (from Orbax's metadata, no array read)."""
+    meta = ocp.StandardCheckpointer().metadata(pathlib.Path(path).absolute() / PARAMS_DIR).item_metadata
+    leaves = jax.tree_util.tree_leaves_with_path(getattr(meta, "tree", meta), is_leaf=lambda x: hasattr(x, "shape"))
+    return {param_path(p): tuple(leaf.shape) for p, leaf in leaves}
+
+
+def param_path(path) -> str:
+    """A pytree key path as "heads/verb/kernel"."""
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+

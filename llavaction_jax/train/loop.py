@@ -28,7 +28,7 @@ from llavaction_jax.data.mixture import load_mixture
 from llavaction_jax.data.pipeline import TrainPipelineConfig, train_dataset
 from llavaction_jax.data.train_prompt import EK100PromptSettings, load_prior_table
 from llavaction_jax.model import llava
-from llavaction_jax.model.params import abstract_params
+from llavaction_jax.model.params import abstract_params, init_params
 from llavaction_jax.recipes import model_config
 from llavaction_jax.sharding import make_mesh, resolve_config
 from llavaction_jax.train import checkpoint, guard, metrics
@@ -65,17 +65,43 @@ def maybe_initialize_distributed(cfg) -> None:
     distributed.maybe_initialize(cfg.get("distributed", "auto"))
 
 
-def initial_params(cfg, model_cfg: ModelConfig, shardings) -> dict:
-    """The source's params (checkpoint or random init) cast to `train.master_dtype`."""
+# What a config may add to its `init_from` checkpoint: LLaVAction's action token(s) and verb / noun / action heads,
+# when LLaVA-Video is fine-tuned into LLaVAction (upstream builds them at model construction and trains them from
+# there: llavaction/model/llava_arch.py: LlavaMetaModel.__init__, llava_qwen.py: LlavaQwenForCausalLM.__init__).
+NEW_PARTS = ("action_tokens", "heads")
+
+
+def initial_params(cfg, model_cfg: ModelConfig, shardings, log=print) -> dict:
+    """The source's params (checkpoint or random init) cast to `train.master_dtype`. Parts of `NEW_PARTS` that the
+    config has and the checkpoint lacks start from the model's random init (logged); anything else missing, or a
+    stored shape that differs, is refused naming the parameter."""
     master = cfg.train.master_dtype
-    if cfg.model.init_from:
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                abstract_params(llava.param_specs(model_cfg), jnp.dtype(model_cfg.param_dtype)),
-                                shardings)
-        params = checkpoint_io.restore_params(cfg.model.init_from, abstract)
-        return jax.jit(lambda p: cast_tree(p, master), out_shardings=shardings)(params)
-    init = jax.jit(lambda key: llava.init(model_cfg.replace(param_dtype=master), key), out_shardings=shardings)
-    return init(jax.random.key(cfg.train.seed))
+    specs = llava.param_specs(model_cfg)
+    if not cfg.model.init_from:
+        init = jax.jit(lambda key: llava.init(model_cfg.replace(param_dtype=master), key), out_shardings=shardings)
+        return init(jax.random.key(cfg.train.seed))
+    stored = checkpoint_io.stored_param_shapes(cfg.model.init_from)
+    new = sorted(k for k in specs if k in NEW_PARTS and not any(p.split("/")[0] == k for p in stored))
+    kept = {k: v for k, v in specs.items() if k not in new}
+    abstract = abstract_params(kept, jnp.dtype(model_cfg.param_dtype))
+    for path, leaf in jax.tree_util.tree_leaves_with_path(abstract):
+        name = checkpoint_io.param_path(path)
+        if stored.get(name) != tuple(leaf.shape):
+            found = "is missing" if name not in stored else f"has shape {stored[name]}"
+            raise ConfigError(f"model.init_from={cfg.model.init_from}: parameter {name} {found}, the model config "
+                              f"needs {tuple(leaf.shape)}")
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                            {k: shardings[k] for k in kept})
+    params = checkpoint_io.restore_params(cfg.model.init_from, abstract)
+    params = jax.jit(lambda p: cast_tree(p, master), out_shardings={k: shardings[k] for k in kept})(params)
+    if new:
+        fresh_specs = {k: specs[k] for k in new}
+        fresh = jax.jit(lambda key: init_params(fresh_specs, key, jnp.dtype(master)),
+                        out_shardings={k: shardings[k] for k in new})(jax.random.key(cfg.train.seed))
+        params = {**params, **fresh}
+        log(f"not in {cfg.model.init_from}, initialised randomly for this config: {', '.join(new)} "
+            "(fine-tuning into LLaVAction adds the action token and heads, as upstream does)")
+    return params
 
 
 def cast_tree(tree, dtype: str):
@@ -168,7 +194,7 @@ def train(cfg) -> dict:
         log(f"resumed from step {start} ({out_dir / 'checkpoints' / str(start)})")
     else:
         start = 0
-        params = initial_params(cfg, model_cfg, shardings["params"])
+        params = initial_params(cfg, model_cfg, shardings["params"], log)
         state = jax.jit(lambda p: init_state(p, tx), out_shardings=shardings)(params)
         log(f"starting from {'checkpoint ' + cfg.model.init_from if cfg.model.init_from else 'random init'}")
 
