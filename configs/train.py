@@ -3,7 +3,7 @@ llavaction/train/llava_trainer.py: LLaVATrainer.create_optimizer) on a mesh.
 
     python -m llavaction_jax train --config configs/train.py \
         --config.model.init_from=ckpt/llava-video-7b --config.data.samples=data/mix.yaml \
-        --config.data.shards=shards/ek100 --config.train.output_dir=runs/llavaction_7b
+        --config.data.shards=shards/ek100 --out runs/llavaction_7b
 
 Defaults follow the authors' 7B run where they apply at any scale: lr 1e-5 (vision tower 2e-6), AdamW
 (0.9, 0.999, 1e-8), weight decay 0, cosine with 3% warm-up, clip 1.0, all three parts tunable, 64 frames,

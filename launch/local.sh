@@ -6,7 +6,7 @@
 #
 # Examples (run from anywhere; paths are relative to the repository root):
 #   launch/local.sh --config.data.samples=data/mix.yaml --config.data.shards=shards/ek100 \
-#       --config.model.init_from=ckpt/llava-video-7b --config.train.output_dir=runs/llavaction_7b
+#       --config.model.init_from=ckpt/llava-video-7b --out runs/llavaction_7b
 #   launch/local.sh --config configs/train.py --config.train.steps=10      # a short run of the tiny default
 #   DRY_RUN=1 launch/local.sh --config.train.steps=10                      # print the command, run nothing
 #   JAX_EXTRA=cuda12 launch/local.sh ...                                   # first run on a GPU host: jax[cuda12]

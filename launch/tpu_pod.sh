@@ -9,7 +9,7 @@
 # gcsfuse mount or a persistent disk attached read-only to all workers):
 #   TPU_NAME=llavaction-v5p-64 ZONE=us-east5-a PROJECT=my-project launch/tpu_pod.sh \
 #       --config.model.init_from=/mnt/data/ckpt/llava-video-7b --config.data.samples=/mnt/data/mix.yaml \
-#       --config.data.shards=/mnt/data/shards/ek100 --config.train.output_dir=/mnt/data/runs/llavaction_7b \
+#       --config.data.shards=/mnt/data/shards/ek100 --out /mnt/data/runs/llavaction_7b \
 #       --config.train.batch_size=256 --config.mesh.fsdp=-1
 #   PHASES=train TPU_NAME=... ZONE=... PROJECT=... launch/tpu_pod.sh ...   # code and venv already in place
 #   DRY_RUN=1 TPU_NAME=t ZONE=z PROJECT=p launch/tpu_pod.sh ...            # print the gcloud commands only

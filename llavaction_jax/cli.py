@@ -2,7 +2,12 @@
 
 Each command lives in its own module that defines ``add_arguments(parser)`` and ``run(args) -> int``. Modules
 are imported only when their command runs, so ``--help`` stays fast and a command's heavy imports (torch,
-decord, ...) never slow down another.
+decord, ...) never slow down another. Flags shared by several commands are defined once in cli_flags.py.
+
+Errors are handled here, once, for every command: bad arguments or inputs (ValueError, KeyError, OSError, and
+every exception class defined in this package) print one line, ``<command>: error: <message>``, and exit with
+status 2, the status argparse uses for a bad command line. ``LLAVACTION_TRACEBACK=1`` shows the traceback instead.
+Other exceptions are bugs and keep their traceback.
 """
 
 from __future__ import annotations
@@ -10,11 +15,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 
 from absl import flags
 
 # command -> (module, one-line help)
+EXIT_ERROR = 2  # any handled error, in every command (argparse's own usage errors exit 2 too)
+
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("llavaction_jax.demo", "run the end-to-end demo on an embedded synthetic default"),
     "extract-frames": ("llavaction_jax.data.extract", "decode videos once into ArrayRecord frame shards"),
@@ -52,7 +60,26 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.config_overrides = extra
     _parse_absl_flags()
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except Exception as error:
+        if not is_user_error(error) or os.environ.get("LLAVACTION_TRACEBACK") == "1":
+            raise
+        print(f"{args.command}: error: {error_message(error)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def is_user_error(error: BaseException) -> bool:
+    """Bad input or refused work (reported in one line), as opposed to a bug (reported with its traceback)."""
+    return (isinstance(error, (ValueError, KeyError, OSError))
+            or type(error).__module__.split(".")[0] == "llavaction_jax")
+
+
+def error_message(error: BaseException) -> str:
+    """The error's own text on one line (KeyError's str() would quote it; the lines of a multi-line message are
+    joined with "; ")."""
+    text = error.args[0] if len(error.args) == 1 and isinstance(error.args[0], str) else str(error)
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip()) or type(error).__name__
 
 
 def _parse_absl_flags() -> None:

@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 
+from llavaction_jax import cli_flags
 from llavaction_jax.data import frames as fs
 from llavaction_jax.data import sampling
 from llavaction_jax.data.image import SIGLIP_SIZE, resize_frames
@@ -305,7 +306,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--ek100-csv", nargs="+", metavar="CSV", help="EK100 annotation CSV file(s)")
     source.add_argument("--jsonl", metavar="FILE", help="JSONL list of clips {video, start?, end?, uid?}")
     parser.add_argument("--video-root", required=True, help="directory the video paths are relative to")
-    parser.add_argument("--out", required=True, help="output directory for shards, manifest.json, failures.jsonl")
+    cli_flags.add_out(parser, "output directory for shards, manifest.json, failures.jsonl")
     parser.add_argument("--layout", choices=("whole", "chunked"), default="whole",
                         help="EK100 video layout: whole {pid}/videos/{vid}.MP4 or chunked {pid}/{vid}.MP4/{s}.MP4 "
                              "(default: whole)")
@@ -313,9 +314,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds per chunk file in the chunked layout (default: %(default)s)")
     parser.add_argument("--sampling", choices=("ek100", "llava-video"),
                         help="frame sampling rule (default: ek100 for --ek100-csv, llava-video for --jsonl)")
-    parser.add_argument("--num-frames", type=int, default=16,
-                        help="ek100 rule: frames per clip, upstream clip_length (16 eval, 64 final training; "
-                             "default: %(default)s)")
+    cli_flags.add_num_frames(parser, "ek100 rule: frames per clip, upstream clip_length (16 eval, 64 final "
+                                     "training; default: %(default)s)", default=16)
     parser.add_argument("--fps", default="video",
                         help="frame numbers always use each video's own rate from its container (EK100 originals "
                              "run at 50 or 59.94 fps, upstream's re-encodes at 30); a number is the rate you "
@@ -369,17 +369,13 @@ def settings_from_args(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     started = time.time()
-    try:
-        settings = settings_from_args(args)
-        if args.ek100_csv:
-            clips = [c for path in args.ek100_csv for c in read_ek100_csv(path, args.video_root, args.layout)]
-        else:
-            clips = read_clip_jsonl(args.jsonl, args.video_root)
-        clips = clips[: args.limit] if args.limit else clips
-        manifest = run_extraction(clips, args.out, settings)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"extract-frames: error: {error}", file=sys.stderr)
-        return 2
+    settings = settings_from_args(args)
+    if args.ek100_csv:
+        clips = [c for path in args.ek100_csv for c in read_ek100_csv(path, args.video_root, args.layout)]
+    else:
+        clips = read_clip_jsonl(args.jsonl, args.video_root)
+    clips = clips[: args.limit] if args.limit else clips
+    manifest = run_extraction(clips, args.out, settings)
     failed = manifest["num_failed_clips"]
     frames = (manifest["frames_per_clip"] or 0) * manifest["num_clips"]
     print(f"extract-frames: {manifest['num_clips']} clips{f' ({frames} frames)' if frames else ''} in "
