@@ -83,6 +83,17 @@ def whole_args(root, csv, out, *extra):
             "--frame-size", "32", "--num-frames", "8", "--workers", "1", "--clips-per-shard", "1", *extra]
 
 
+def test_progress_is_printed_while_a_long_shard_is_written(ek100_whole, tmp_path, capsys, monkeypatch):
+    # One shard holds all five clips; progress lines must not wait for it (at least every PROGRESS_EVERY_S).
+    monkeypatch.setattr(extract, "PROGRESS_EVERY_S", 0.001)
+    root, csv = ek100_whole
+    assert cli.main(whole_args(root, csv, tmp_path / "one", "--clips-per-shard", "256")) == 3
+    lines = [line for line in capsys.readouterr().err.splitlines() if "clips/s" in line]
+    during = [line for line in lines if "shards 0/1" in line]
+    assert during and all("written" in line and "clips/s" in line for line in during), lines
+    assert "shards 1/1  clips 5/5 (3 written, 2 failed)" in lines[-1]
+
+
 def test_ek100_whole_videos_end_to_end_resume_and_failures(ek100_whole, tmp_path, capsys):
     root, csv = ek100_whole
     out = tmp_path / "shards"

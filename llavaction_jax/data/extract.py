@@ -17,6 +17,7 @@ import csv
 import dataclasses
 import json
 import multiprocessing
+import multiprocessing.pool
 import os
 import pathlib
 import sys
@@ -172,6 +173,7 @@ def extract_shard(task: tuple[str, str, list[ClipSpec], dict]) -> dict:
             except Exception as error:  # one bad video must not stop the run: record it and go on
                 failures.append({"uid": clip.uid, "video": clip.path, "shard": name,
                                  "error": f"{type(error).__name__}: {error}"})
+            _count_clip()
         entry = writer.commit()
     except BaseException:
         writer.abort()
@@ -209,11 +211,28 @@ def _prepare_out_dir(out: pathlib.Path, plan: dict, overwrite: bool) -> None:
     plan_path.write_text(json.dumps(plan))
 
 
-def _progress(done: int, total: int, clips: int, failed: int, started: float) -> None:
-    rate = clips / max(time.time() - started, 1e-9)
-    end = "\r" if sys.stderr.isatty() and done < total else "\n"
-    print(f"[extract-frames] shards {done}/{total}  clips {clips} written, {failed} failed  {rate:.1f} clips/s",
-          end=end, file=sys.stderr, flush=True)
+def _progress(shards_done: int, shards: int, clips_done: int, clips: int, written: int, failed: int,
+              started: float) -> None:
+    elapsed = time.time() - started
+    rate = clips_done / max(elapsed, 1e-9)
+    end = "\r" if sys.stderr.isatty() and shards_done < shards else "\n"
+    print(f"[extract-frames] shards {shards_done}/{shards}  clips {clips_done}/{clips} ({written} written, {failed} "
+          f"failed)  {rate:.1f} clips/s  {elapsed:.0f} s", end=end, file=sys.stderr, flush=True)
+
+
+PROGRESS_EVERY_S = 10.0  # a progress line at least this often, even while one long shard is being written
+_clips_done = None  # a shared counter of clips finished, set in every worker by _init_worker
+
+
+def _init_worker(counter) -> None:
+    global _clips_done
+    _clips_done = counter
+
+
+def _count_clip() -> None:
+    if _clips_done is not None:
+        with _clips_done.get_lock():
+            _clips_done.value += 1
 
 
 def run_extraction(clips: list[ClipSpec], out_dir: str, settings: dict) -> dict:
@@ -236,21 +255,31 @@ def run_extraction(clips: list[ClipSpec], out_dir: str, settings: dict) -> dict:
     print(f"[extract-frames] {len(clips)} clips in {len(shards)} shards; {len(results)} shards already done, "
           f"{len(pending)} to write with {settings['workers']} worker(s)"
           + (f" ({retried} retrying failed clips)" if retried else ""), file=sys.stderr)
+    # spawn, not fork: the parent may hold JAX / decoder threads, which fork would copy in a broken state.
+    context = multiprocessing.get_context("spawn")
+    counter = context.Value("q", 0)
     if settings["workers"] > 1 and len(pending) > 1:
-        # spawn, not fork: the parent may hold JAX / decoder threads, which fork would copy in a broken state.
-        context = multiprocessing.get_context("spawn")
-        pool = context.Pool(min(settings["workers"], len(pending)), maxtasksperchild=8)  # bounds decord's leaks
-        finished = pool.imap_unordered(extract_shard, pending)
-    else:
-        pool, finished = None, map(extract_shard, pending)
+        pool = context.Pool(min(settings["workers"], len(pending)), maxtasksperchild=8,  # bounds decord's leaks
+                            initializer=_init_worker, initargs=(counter,))
+    else:  # in this process, on a thread, so progress still prints while a shard is written
+        pool = multiprocessing.pool.ThreadPool(1, initializer=_init_worker, initargs=(counter,))
+    total_clips = sum(len(s) for _, _, s, _ in pending)
     try:
-        for count, done in enumerate(finished, start=1):
+        finished = pool.imap_unordered(extract_shard, pending)
+        count = 0
+        while count < len(pending):
+            try:
+                done = finished.next(timeout=PROGRESS_EVERY_S)
+            except multiprocessing.TimeoutError:
+                _progress(count, len(pending), counter.value, total_clips, written, failed, started)
+                continue
+            count += 1
             results[done["file"]] = done
             written, failed = written + done["num_records"], failed + len(done["failures"])
-            _progress(count, len(pending), written, failed, started)
+            _progress(count, len(pending), counter.value, total_clips, written, failed, started)
     finally:
-        if pool is not None:
-            pool.terminate()
+        pool.terminate()
+        _init_worker(None)
 
     entries = [results[n] for n in names]
     failures = [f for e in entries for f in e["failures"]]
