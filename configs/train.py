@@ -68,6 +68,10 @@ def get_config():
     c.train.async_checkpoint = True
     c.train.save_model = True  # write output_dir/model (our format) at the end
     c.train.peak_flops = 0.0  # per device, for MFU; 0 = known accelerators' table, or measured on CPU
+    # Scalars go to output_dir/tensorboard (tensorboardX); a project name also sends them to Weights & Biases
+    # (needs `pip install wandb`; refused without it). wandb_run names the run ("" = W&B's own name).
+    c.train.wandb_project = ""
+    c.train.wandb_run = ""
 
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
     return c

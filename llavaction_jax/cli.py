@@ -40,7 +40,7 @@ def _module_exists(name: str) -> bool:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(
-        prog="python -m llavaction_jax",
+        prog=_prog(),
         description="LLaVAction in JAX: convert checkpoints, evaluate on EK100-MQA, train on a mesh.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -67,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"{args.command}: error: {error_message(error)}", file=sys.stderr)
         return EXIT_ERROR
+
+
+def _prog() -> str:
+    # the console script installed by `pip install .`, or the module
+    return "llavaction-jax" if os.path.basename(sys.argv[0]) == "llavaction-jax" else "python -m llavaction_jax"
 
 
 def is_user_error(error: BaseException) -> bool:

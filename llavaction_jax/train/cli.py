@@ -9,6 +9,7 @@ from llavaction_jax.config import ConfigError
 from llavaction_jax.recipes import load_recipe, model_config
 from llavaction_jax.train.guard import validate
 from llavaction_jax.train.loop import train
+from llavaction_jax.train.metrics import check_wandb
 
 ACCEPTS_CONFIG_OVERRIDES = True
 
@@ -49,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_recipe(args.config, shared_flag_overrides(args) + args.config_overrides)
     model_config(cfg)  # validates every model field before anything runs
     validate(cfg)
+    check_wandb(cfg.train.wandb_project)
     if args.print_config:
         print(cfg)
         return 0
