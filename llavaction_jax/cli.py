@@ -20,6 +20,8 @@ import sys
 
 from absl import flags
 
+from llavaction_jax import cli_flags
+
 # command -> (module, one-line help)
 EXIT_ERROR = 2  # any handled error, in every command (argparse's own usage errors exit 2 too)
 
@@ -61,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     args.config_overrides = extra
     _parse_absl_flags()
     try:
+        cli_flags.refuse_url_args(args)
         return int(args._run(args) or 0)
     except Exception as error:
         if not is_user_error(error) or os.environ.get("LLAVACTION_TRACEBACK") == "1":

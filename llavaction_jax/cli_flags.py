@@ -20,11 +20,37 @@ extract-frames' spawned decoder workers re-import their command module, where JA
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 MESH_AXES = ("data", "fsdp", "tensor")  # sharding.MESH_AXES, checked equal in tests/test_cli_flags.py
 DISTRIBUTED_MODES = ("auto", "on", "off")  # distributed.MODES, likewise
 DEFAULT_MESH = "data=-1,fsdp=1,tensor=1"
+
+
+# Flags and train config fields that name files or folders. They must be local paths (a mounted bucket is one):
+# outputs are staged and renamed into place, shards are ArrayRecord files read with local I/O, and Python's own
+# file calls would turn "gs://b/x" into a local folder "gs:". docs/remote-storage.md says how to use buckets.
+PATH_DESTS = ("out", "dst", "src", "model", "questions", "shards", "annotations", "tokenizer", "video_root", "jsonl",
+              "ek100_csv", "vision_config", "predictions", "validation_csv", "train_csv")
+PATH_CONFIG_FIELDS = ("train.output_dir", "model.init_from", "data.samples", "data.shards", "data.tokenizer")
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def refuse_urls(named_values) -> None:
+    """Raise ValueError for the first (name, value) whose value is a URL (gs://, s3://, file://, ...)."""
+    for name, value in named_values:
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, (str, bytes)) or hasattr(item, "__fspath__"):
+                text = str(item)
+                if _URL.match(text):
+                    raise ValueError(
+                        f"{name} {text}: URL paths are not supported; mount the bucket (e.g. gcsfuse, s3fs) and pass "
+                        "the mounted path (docs/remote-storage.md)")
+
+
+def refuse_url_args(args: argparse.Namespace) -> None:
+    refuse_urls((f"--{dest.replace('_', '-')}", getattr(args, dest)) for dest in PATH_DESTS if hasattr(args, dest))
 
 
 class CommandError(RuntimeError):

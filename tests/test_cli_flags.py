@@ -111,3 +111,19 @@ def test_bugs_keep_their_traceback_and_user_errors_can_show_theirs(monkeypatch):
     monkeypatch.setenv("LLAVACTION_TRACEBACK", "1")
     with pytest.raises(ValueError):
         main(["train", "--print-config", "--out", "a", "--config.train.output_dir=b"])
+
+
+@pytest.mark.parametrize("argv", [
+    ["convert", "from-torch", "src", "--out", "gs://bucket/llavaction-7b"],
+    ["convert", "to-torch", "ours", "gs://bucket/exported"],  # the old positional DST too
+    ["eval", "--preset", "tiny", "--questions", "q.jsonl", "--shards", "s3://b/shards", "--out", "o"],
+    ["extract-frames", "--jsonl", "c.jsonl", "--video-root", "v", "--out", "file:///tmp/x"],
+    ["train", "--print-config", "--config.model.init_from=gs://bucket/llava-video-7b"],
+    ["train", "--print-config", "--out", "gs://bucket/run"],
+])
+def test_url_paths_are_refused_in_one_line_before_anything_is_written(argv, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("warning:")]
+    assert len(err) == 1 and "URL paths are not supported; mount the bucket" in err[0], err
+    assert list(tmp_path.iterdir()) == []  # no local "gs:" folder

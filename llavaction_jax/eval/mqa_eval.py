@@ -8,6 +8,7 @@ needed), checked to cover the question file exactly once, and written with the m
     OUT/predictions.jsonl   one record per question, in file order (schema: runner.py)
     OUT/results.json        settings, run facts and metrics (schema: ``metrics.compute_metrics`` + header)
     OUT/report.md           tables + OUT/accuracy.png
+    OUT/lmms_eval/          the same results and per-question records in lmms-eval's layout (eval/lmms_layout.py)
 
 Answer modes: ``generate`` (upstream: greedy decoding, parsed with upstream's rules) and ``score`` (the option
 with the highest log-likelihood, eval/scoring.py); ``both`` runs both on the same batches.
@@ -47,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--seed", type=int, default=0, help="seed of a --preset model's random weights")
     a("--questions", required=True, help="question file: build-mqa JSONL (ek100) or generic video QA JSONL")
     a("--shards", required=True, help="frame-shard directory (extract-frames output) holding every question's clip")
-    cli_flags.add_out(parser, "output directory (predictions.jsonl, results.json, report.md, accuracy.png)")
+    cli_flags.add_out(parser, "output directory (predictions.jsonl, results.json, report.md, accuracy.png, "
+                              "lmms_eval/: the same in lmms-eval's layout)")
     a("--format", choices=("auto", "ek100", "videoqa"), default="auto", help="question-file format")
     a("--label-space", choices=("ek100", "uda"), default="ek100",
       help="uda: accept a build-mqa file built with --label-space uda (otherwise refused: its action ids are not "

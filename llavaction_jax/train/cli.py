@@ -47,7 +47,11 @@ def shared_flag_overrides(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     """Errors (bad recipe values or inputs, a rerun that does not match the run in output_dir, a NaN loss) are
     reported by cli.main: one line, exit status 2."""
-    cfg = load_recipe(args.config, shared_flag_overrides(args) + args.config_overrides)
+    overrides = shared_flag_overrides(args) + args.config_overrides
+    cli_flags.refuse_urls(tuple(o.split("=", 1)) for o in overrides
+                          if "=" in o and o.split("=", 1)[0][len("--config."):] in cli_flags.PATH_CONFIG_FIELDS)
+    cfg = load_recipe(args.config, overrides)
+    cli_flags.refuse_urls((f"config.{f}", cfg[f.split(".")[0]][f.split(".")[1]]) for f in cli_flags.PATH_CONFIG_FIELDS)
     model_config(cfg)  # validates every model field before anything runs
     validate(cfg)
     check_wandb(cfg.train.wandb_project)
