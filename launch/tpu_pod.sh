@@ -57,7 +57,8 @@ has_phase() { [[ ",$PHASES," == *",$1,"* ]]; }
 if has_phase copy; then
   tarball="${TMPDIR:-/tmp}/llavaction_jax-$$.tar.gz"
   if git -C "$REPO" rev-parse --git-dir > /dev/null 2>&1; then
-    run bash -c "cd $(printf '%q' "$REPO") && git ls-files -z --cached | tar -czf $(printf '%q' "$tarball") --ignore-failed-read --null -T -"
+    run bash -c "cd $(printf '%q' "$REPO") && git ls-files -z --cached \
+      | tar -czf $(printf '%q' "$tarball") --ignore-failed-read --null -T -"
   else
     run tar -czf "$tarball" -C "$REPO" --exclude=.venv --exclude=__pycache__ --exclude=.jax_cache --exclude=.whl \
       --exclude=./runs --exclude=./ckpt --exclude=./shards --exclude=./questions --exclude=./results \

@@ -62,19 +62,21 @@ def test_mesh_and_multi_host_flags_are_the_same_everywhere(command, capsys):
 
 def test_train_flags_become_config_fields_and_clash_with_the_same_field_given_twice(tmp_path, capsys):
     assert main(["train", "--print-config", "--out", str(tmp_path / "run"), "--mesh", "data=2,fsdp=-1,tensor=1",
-                 "--distributed", "off"]) == 0
+                 "--distributed", "off", "--num-frames", "8"]) == 0
     printed = capsys.readouterr().out
+    assert "num_frames: 8" in printed
     assert f"output_dir: {tmp_path / 'run'}" in printed and "distributed: 'off'" in printed
     assert "data: 2" in printed
     assert main(["train", "--print-config", "--out", "a", "--config.train.output_dir=b"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["train: error: --config.train.output_dir is also set by --out / --mesh / --distributed; "
-                   "give it once"]
+    assert err == ["train: error: --config.train.output_dir is also set by --out / --num-frames / --mesh / "
+                   "--distributed; give it once"]
 
 
 def test_old_spellings_still_run_with_one_warning_each(tmp_path, capsys):
     out = tmp_path / "q.jsonl"
-    assert main(["build-mqa", "--annotations", str(write_fake_annotations(tmp_path / "ann")), "--output", str(out), "--n-frames", "8",
+    ann = write_fake_annotations(tmp_path / "ann")
+    assert main(["build-mqa", "--annotations", str(ann), "--output", str(out), "--n-frames", "8",
                  "--time-instruction", "--num-processes", "1", "--process-index", "0"]) == 0
     err = capsys.readouterr().err
     for old, new in (("--output", "--out"), ("--n-frames", "--num-frames"), ("--process-index", "--process-id")):

@@ -84,8 +84,8 @@ def test_hf_onevision_import_matches_transformers_and_exports_back(hf_checkpoint
     in_memory = llavaction_jax.load_pretrained(src)  # a torch directory converts on the fly
     assert all(np.array_equal(a, leaves(ours)[k]) for k, a in leaves(in_memory).items())
 
-    assert main(["convert", "to-torch", str(tmp_path / "ours"), "--out", str(tmp_path / "hf"), "--layout", "hf-onevision",
-                 "--no-progress"]) == 0
+    assert main(["convert", "to-torch", str(tmp_path / "ours"), "--out", str(tmp_path / "hf"),
+                 "--layout", "hf-onevision", "--no-progress"]) == 0
     back, info = LlavaOnevisionForConditionalGeneration.from_pretrained(tmp_path / "hf", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     np.testing.assert_array_equal(hf_logits(back.eval(), before, after, pixels, n_video), ref)
@@ -309,7 +309,8 @@ def test_converted_models_and_exports_carry_checksums_that_loaders_verify(tmp_pa
     data[len(data) // 2] ^= 0xFF
     stored.write_bytes(bytes(data))
     capsys.readouterr()
-    assert main(["convert", "to-torch", str(tmp_path / "ours"), "--out", str(tmp_path / "torch2"), "--no-progress"]) == 2
+    assert main(["convert", "to-torch", str(tmp_path / "ours"), "--out", str(tmp_path / "torch2"),
+                 "--no-progress"]) == 2
     assert stored.name in capsys.readouterr().err and not (tmp_path / "torch2").exists()
     with pytest.raises(integrity.IntegrityError, match=stored.name):
         llavaction_jax.load_pretrained(tmp_path / "ours")

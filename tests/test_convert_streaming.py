@@ -170,7 +170,8 @@ def test_from_torch_refuses_a_non_empty_destination_and_changes_nothing(tmp_path
     assert not staging.staging_dir(dst).exists()
     # an empty folder is fine, and so is a new one
     (tmp_path / "empty").mkdir()
-    assert main(["convert", "from-torch", str(tmp_path / "src"), "--out", str(tmp_path / "empty"), "--no-progress"]) == 0
+    assert main(["convert", "from-torch", str(tmp_path / "src"), "--out", str(tmp_path / "empty"),
+                 "--no-progress"]) == 0
     assert checkpoint_io.is_model_dir(tmp_path / "empty")
     assert main(["convert", "to-torch", str(tmp_path / "empty"), "--out", str(dst), "--no-progress"]) == 2
     assert {p.name: p.read_text() for p in dst.iterdir()} == files

@@ -36,7 +36,8 @@ def build():
 def test_results_json_has_lmms_evals_fields_and_metrics():
     content, _ = build()
     assert {"results", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better", "n-samples", "config",
-            "date", "task_hashes", "model_name", "model_name_sanitized", "total_evaluation_time_seconds"} <= set(content)
+            "date", "task_hashes", "model_name", "model_name_sanitized",
+            "total_evaluation_time_seconds"} <= set(content)
     assert set(content["results"]) == {"ek100_mqa", "ek100_mqa_score"}
     gen = content["results"]["ek100_mqa"]
     # 2 of 4 right: mean 0.5; sample std sqrt(4 * 0.25 / 3) = sqrt(1/3), stderr = that / 2
@@ -75,6 +76,7 @@ def test_files_are_named_as_lmms_eval_names_them(tmp_path):
     stamp = "20261128_000000"  # 1795824000 s = 2026-11-28 00:00:00 UTC
     assert sorted(p.name for p in paths) == sorted(
         [f"{stamp}_results.json", f"{stamp}_samples_ek100_mqa.jsonl", f"{stamp}_samples_ek100_mqa_score.jsonl"])
-    assert json.loads((folder / f"{stamp}_results.json").read_text())["results"]["ek100_mqa"]["accuracy_text,none"] == 0.5
+    written = json.loads((folder / f"{stamp}_results.json").read_text())
+    assert written["results"]["ek100_mqa"]["accuracy_text,none"] == 0.5
     lines = (folder / f"{stamp}_samples_ek100_mqa.jsonl").read_text().splitlines()
     assert [json.loads(line)["doc_id"] for line in lines] == [0, 1, 2, 3]

@@ -34,7 +34,8 @@ TEST_ONLY = {"torch"}  # the PyTorch side of benchmarks; never imported by the l
 
 
 def requirements(group: str | None = None) -> list[Requirement]:
-    deps = PYPROJECT["project"]["dependencies"] if group is None else PYPROJECT["project"]["optional-dependencies"][group]
+    project = PYPROJECT["project"]
+    deps = project["dependencies"] if group is None else project["optional-dependencies"][group]
     return [Requirement(r) for r in deps]
 
 

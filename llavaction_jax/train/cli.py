@@ -24,23 +24,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # The flags every command shares, as shorthands for their config fields.
     cli_flags.add_out(parser, "run directory: checkpoints, final model, metrics (= --config.train.output_dir)",
                       required=False)
+    cli_flags.add_num_frames(parser, "frames per clip (= --config.data.num_frames; default: the shards')", default=None)
     cli_flags.add_mesh(parser, default=None, help="device mesh, e.g. data=1,fsdp=-1,tensor=1 (= --config.mesh.*)")
     cli_flags.add_distributed(parser, explicit=False)
     parser.set_defaults(distributed=None)  # unset: the recipe's config.distributed decides
 
 
 def shared_flag_overrides(args: argparse.Namespace) -> list[str]:
-    """--out / --mesh / --distributed as --config overrides; giving a field both ways is refused."""
+    """--out / --num-frames / --mesh / --distributed as --config overrides; giving a field both ways is refused."""
     fields = {}
     if args.out is not None:
         fields["train.output_dir"] = args.out
+    if args.num_frames is not None:
+        fields["data.num_frames"] = args.num_frames
     for axis, size in (args.mesh or {}).items():
         fields[f"mesh.{axis}"] = size
     if args.distributed is not None:
         fields["distributed"] = args.distributed
     twice = [f for f in fields if any(o.startswith(f"--config.{f}=") for o in args.config_overrides)]
     if twice:
-        raise ConfigError(f"--config.{twice[0]} is also set by --out / --mesh / --distributed; give it once")
+        raise ConfigError(f"--config.{twice[0]} is also set by --out / --num-frames / --mesh / --distributed; give it "
+                          "once")
     return [f"--config.{field}={value}" for field, value in fields.items()]
 
 
