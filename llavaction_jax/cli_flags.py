@@ -2,9 +2,10 @@
 
 | concept                | flag                                           | old spellings (hidden, warn once)        |
 | ---------------------- | ---------------------------------------------- | ---------------------------------------- |
-| where results go       | `--out PATH`                                   | `--output` (build-mqa), positional DST   |
-|                        |                                                | (convert), `--config.train.output_dir`   |
+| where results go       | `--out PATH` (train: = config.train.output_dir) | `--output` (build-mqa), positional DST  |
+|                        |                                                | (convert)                                |
 | frames per clip        | `--num-frames N`                               | `--n-frames` (build-mqa), `--frames`     |
+|                        |                                                | (demo, benchmarks)                       |
 | device mesh            | `--mesh data=-1,fsdp=1,tensor=1`               | `--mesh 1,-1,1` (convert)                |
 | multi-host             | `--distributed auto|on|off` (+ `--coordinator  | `--coordinator auto` (eval), bare        |
 |                        | HOST:PORT --num-processes N --process-id I`)   | `--distributed` (convert) = on           |
@@ -20,6 +21,7 @@ extract-frames' spawned decoder workers re-import their command module, where JA
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 
@@ -34,16 +36,17 @@ DEFAULT_MESH = "data=-1,fsdp=1,tensor=1"
 PATH_DESTS = ("out", "dst", "src", "model", "questions", "shards", "annotations", "tokenizer", "video_root", "jsonl",
               "ek100_csv", "vision_config", "predictions", "validation_csv", "train_csv")
 PATH_CONFIG_FIELDS = ("train.output_dir", "model.init_from", "data.samples", "data.shards", "data.tokenizer")
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
+_PATH_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # what pathlib.Path makes of one: "gs://b" -> "gs:/b"
 
 
 def refuse_urls(named_values) -> None:
     """Raise ValueError for the first (name, value) whose value is a URL (gs://, s3://, file://, ...)."""
     for name, value in named_values:
         for item in value if isinstance(value, (list, tuple)) else [value]:
-            if isinstance(item, (str, bytes)) or hasattr(item, "__fspath__"):
-                text = str(item)
-                if _URL.match(text):
+            if isinstance(item, str) or isinstance(item, os.PathLike):
+                text = os.fspath(item)
+                if (_URL if isinstance(item, str) else _PATH_URL).match(text):
                     raise ValueError(
                         f"{name} {text}: URL paths are not supported; mount the bucket (e.g. gcsfuse, s3fs) and pass "
                         "the mounted path (docs/remote-storage.md)")

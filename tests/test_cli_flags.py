@@ -118,6 +118,7 @@ def test_bugs_keep_their_traceback_and_user_errors_can_show_theirs(monkeypatch):
 @pytest.mark.parametrize("argv", [
     ["convert", "from-torch", "src", "--out", "gs://bucket/llavaction-7b"],
     ["convert", "to-torch", "ours", "gs://bucket/exported"],  # the old positional DST too
+    ["build-mqa", "--annotations", "ann", "--out", "gs://bucket/q.jsonl"],  # a pathlib.Path flag: "gs:/bucket"
     ["eval", "--preset", "tiny", "--questions", "q.jsonl", "--shards", "s3://b/shards", "--out", "o"],
     ["extract-frames", "--jsonl", "c.jsonl", "--video-root", "v", "--out", "file:///tmp/x"],
     ["train", "--print-config", "--config.model.init_from=gs://bucket/llava-video-7b"],
