@@ -41,7 +41,7 @@ def _module_exists(name: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog=_prog(),
         description="LLaVAction in JAX: convert checkpoints, evaluate on EK100-MQA, train on a mesh.",
     )
@@ -70,6 +70,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"{args.command}: error: {error_message(error)}", file=sys.stderr)
         return EXIT_ERROR
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Usage errors in one line too (argparse prints the whole usage first), with the same exit status 2. The
+    commands' sub-parsers are of this class as well (argparse makes sub-parsers of the parent's class)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _prog() -> str:

@@ -99,6 +99,15 @@ def test_errors_are_one_line_with_exit_status_2_in_every_command(tmp_path, capsy
         assert len(err) == 1 and err[0].startswith(f"{command}: error: ") and "missing" in err[0], (command, err)
 
 
+def test_usage_errors_are_one_line_too(capsys):
+    for argv in (["eval", "--questions", "q"], ["convert", "from-torch", "src", "--dtype", "int3"], ["no-such"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and ": error: " in err[0] and err[0].endswith("--help)"), err
+
+
 def test_the_demo_refuses_a_folder_it_did_not_write(tmp_path, capsys):
     (tmp_path / "keep.txt").write_text("user data")
     assert main(["demo", "--out", str(tmp_path), "--steps", "1"]) == 2
