@@ -83,6 +83,21 @@ def whole_args(root, csv, out, *extra):
             "--frame-size", "32", "--num-frames", "8", "--workers", "1", "--clips-per-shard", "1", *extra]
 
 
+def test_without_decord_auto_decodes_with_pyav(ek100_whole, monkeypatch):
+    # decord is only installed where it has wheels (pyproject.toml); elsewhere "auto" must still work.
+    import sys
+
+    from llavaction_jax.data import video
+
+    monkeypatch.setitem(sys.modules, "decord", None)  # `import decord` raises ImportError
+    root, _ = ek100_whole
+    path = str(root / "P01" / "videos" / "P01_01.MP4")
+    frames = video.VideoCache("auto").read(path, [0, 45, 89])
+    np.testing.assert_array_equal(frames, decode_all_pyav(path)[[0, 45, 89]])
+    with pytest.raises(RuntimeError, match="decord: ModuleNotFoundError"):
+        video.VideoCache("decord").open(path)
+
+
 def test_progress_is_printed_while_a_long_shard_is_written(ek100_whole, tmp_path, capsys, monkeypatch):
     # One shard holds all five clips; progress lines must not wait for it (at least every PROGRESS_EVERY_S).
     monkeypatch.setattr(extract, "PROGRESS_EVERY_S", 0.001)
