@@ -3,7 +3,7 @@ llavaction/train/llava_trainer.py: LLaVATrainer.create_optimizer) on a mesh.
 
     python -m llavaction_jax train --config configs/train.py \
         --config.model.init_from=ckpt/llava-video-7b --config.data.samples=data/mix.yaml \
-        --config.data.shards=shards/ek100 --config.train.output_dir=runs/llavaction_7b
+        --config.data.shards=shards/ek100 --out runs/llavaction_7b
 
 Defaults follow the authors' 7B run where they apply at any scale: lr 1e-5 (vision tower 2e-6), AdamW
 (0.9, 0.999, 1e-8), weight decay 0, cosine with 3% warm-up, clip 1.0, all three parts tunable, 64 frames,
@@ -78,6 +78,10 @@ def get_config():
     c.train.async_checkpoint = True
     c.train.save_model = True  # write output_dir/model (our format) at the end
     c.train.peak_flops = 0.0  # per device, for MFU; 0 = known accelerators' table, or measured on CPU
+    # Scalars go to output_dir/tensorboard (tensorboardX); a project name also sends them to Weights & Biases
+    # (needs `pip install wandb`; refused without it). wandb_run names the run ("" = W&B's own name).
+    c.train.wandb_project = ""
+    c.train.wandb_run = ""
 
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
     return c

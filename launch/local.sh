@@ -6,13 +6,15 @@
 #
 # Examples (run from anywhere; paths are relative to the repository root):
 #   launch/local.sh --config.data.samples=data/mix.yaml --config.data.shards=shards/ek100 \
-#       --config.model.init_from=ckpt/llava-video-7b --config.train.output_dir=runs/llavaction_7b
+#       --config.model.init_from=ckpt/llava-video-7b --out runs/llavaction_7b
 #   launch/local.sh --config configs/train.py --config.train.steps=10      # a short run of the tiny default
 #   DRY_RUN=1 launch/local.sh --config.train.steps=10                      # print the command, run nothing
-#   JAX_EXTRA=cuda12 launch/local.sh ...                                   # first run on a GPU host: jax[cuda12]
+#   JAX_EXTRA=cuda12 launch/local.sh ...                                   # on a GPU host: jax[cuda12]
 #
-# What it does: creates the virtual environment $VENV from requirements.txt if it is missing (plus
-# jax[$JAX_EXTRA] at the pinned JAX version when JAX_EXTRA is set, e.g. cuda12 or tpu), then runs
+# What it does: creates the virtual environment $VENV from requirements.txt if it is missing; with JAX_EXTRA
+# (cuda12 or tpu) installs jax[$JAX_EXTRA] at the pinned JAX version, also into an existing $VENV (once: a marker
+# file $VENV/.jax-$JAX_EXTRA-<version> remembers it); prints JAX's backend and device count
+# (python -m llavaction_jax.probe), stopping when JAX_EXTRA asks for an accelerator that JAX does not see; then runs
 #   $VENV/bin/python -m llavaction_jax train --config $CONFIG "$@"
 # Re-running the same command resumes from the newest good checkpoint in <output_dir>/checkpoints.
 #
@@ -21,7 +23,7 @@
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-source "$REPO/launch/common.sh"  # run (print with DRY_RUN=1, else execute), exit_with_usage_if_asked
+source "$REPO/launch/common.sh"  # run, exit_with_usage_if_asked, install_jax_extra, print_backend
 exit_with_usage_if_asked "${BASH_SOURCE[0]}" "$@"
 cd "$REPO"
 CONFIG="${CONFIG:-configs/train.py}"
@@ -34,11 +36,9 @@ if [[ ! -x "$VENV/bin/python" ]]; then
   run "$PYTHON" -m venv "$VENV"
   run "$VENV/bin/python" -m pip install --quiet --upgrade pip
   run "$VENV/bin/python" -m pip install --quiet -r requirements.txt
-  if [[ -n "${JAX_EXTRA:-}" ]]; then
-    jax_version="$(sed -n 's/^jax==//p' requirements.txt)"
-    run "$VENV/bin/python" -m pip install --quiet "jax[$JAX_EXTRA]==$jax_version"
-  fi
 fi
+install_jax_extra "$VENV" "${JAX_EXTRA:-}"
+print_backend "$VENV/bin/python" "${JAX_EXTRA:-}"
 
 if [[ "$DRY_RUN" == "1" ]]; then
   run "$VENV/bin/python" -m llavaction_jax train --config "$CONFIG" "$@"

@@ -9,17 +9,20 @@
 # gcsfuse mount or a persistent disk attached read-only to all workers):
 #   TPU_NAME=llavaction-v5p-64 ZONE=us-east5-a PROJECT=my-project launch/tpu_pod.sh \
 #       --config.model.init_from=/mnt/data/ckpt/llava-video-7b --config.data.samples=/mnt/data/mix.yaml \
-#       --config.data.shards=/mnt/data/shards/ek100 --config.train.output_dir=/mnt/data/runs/llavaction_7b \
+#       --config.data.shards=/mnt/data/shards/ek100 --out /mnt/data/runs/llavaction_7b \
 #       --config.train.batch_size=256 --config.mesh.fsdp=-1
 #   PHASES=train TPU_NAME=... ZONE=... PROJECT=... launch/tpu_pod.sh ...   # code and venv already in place
 #   DRY_RUN=1 TPU_NAME=t ZONE=z PROJECT=p launch/tpu_pod.sh ...            # print the gcloud commands only
 #
 # Phases (PHASES, comma list, default copy,setup,train):
-#   copy   tar the repository (git-tracked and untracked-not-ignored files; no .venv, runs or caches), then
+#   copy   tar the repository's git-tracked files as they are in the working tree (so no untracked checkpoints,
+#          shards or results written into the checkout travel; commit or `git add` a new file to send it), then
 #          `gcloud compute tpus tpu-vm scp` it to all workers and unpack it into $REMOTE_DIR
 #   setup  on all workers: create $REMOTE_DIR/.venv if missing and install requirements.txt (without torch, which
 #          training does not use) plus jax[tpu] at the pinned JAX version
-#   train  on all workers: `python -m llavaction_jax train --config $CONFIG "$@"`. The run detects the pod slice
+#   train  on all workers: print JAX's backend and device count (python -m llavaction_jax.probe tpu: a worker
+#          whose JAX sees no TPU stops there), then `python -m llavaction_jax train --config $CONFIG "$@"`. The
+#          run detects the pod slice
 #          itself (llavaction_jax/distributed.py: TPU chips attached and several workers in the GCE metadata)
 #          and calls jax.distributed.initialize(), which finds the coordinator, process count and id there;
 #          every worker feeds its slice of the global batch. --config.distributed=on (or off) still overrides
@@ -54,9 +57,12 @@ has_phase() { [[ ",$PHASES," == *",$1,"* ]]; }
 if has_phase copy; then
   tarball="${TMPDIR:-/tmp}/llavaction_jax-$$.tar.gz"
   if git -C "$REPO" rev-parse --git-dir > /dev/null 2>&1; then
-    run bash -c "cd $(printf '%q' "$REPO") && git ls-files -z --cached --others --exclude-standard | tar -czf $(printf '%q' "$tarball") --null -T -"
+    run bash -c "cd $(printf '%q' "$REPO") && git ls-files -z --cached \
+      | tar -czf $(printf '%q' "$tarball") --ignore-failed-read --null -T -"
   else
-    run tar -czf "$tarball" -C "$REPO" --exclude=.venv --exclude=runs --exclude=__pycache__ .
+    run tar -czf "$tarball" -C "$REPO" --exclude=.venv --exclude=__pycache__ --exclude=.jax_cache --exclude=.whl \
+      --exclude=./runs --exclude=./ckpt --exclude=./shards --exclude=./questions --exclude=./results \
+      --exclude=./exported --exclude=./demo_out .
   fi
   run gcloud "${TPU[@]}" scp "$tarball" "$TPU_NAME:llavaction_jax.tar.gz" "${WHERE[@]}" --worker=all
   on_all_workers "mkdir -p $REMOTE_DIR && tar -xzf llavaction_jax.tar.gz -C $REMOTE_DIR && rm llavaction_jax.tar.gz"
@@ -73,9 +79,9 @@ fi
 
 if has_phase train; then
   args="$(printf '%q ' --config "$CONFIG" "$@")"
-  train=".venv/bin/python -m llavaction_jax train ${args% }"
+  train=".venv/bin/python -m llavaction_jax.probe tpu && .venv/bin/python -m llavaction_jax train ${args% }"
   if [[ "${DETACH:-0}" == "1" ]]; then
-    on_all_workers "cd $REMOTE_DIR && nohup $train > train-\$(hostname).log 2>&1 < /dev/null &"
+    on_all_workers "cd $REMOTE_DIR && nohup bash -c $(printf '%q' "$train") > train-\$(hostname).log 2>&1 < /dev/null &"
   else
     on_all_workers "cd $REMOTE_DIR && $train"
   fi

@@ -2,7 +2,12 @@
 
 Each command lives in its own module that defines ``add_arguments(parser)`` and ``run(args) -> int``. Modules
 are imported only when their command runs, so ``--help`` stays fast and a command's heavy imports (torch,
-decord, ...) never slow down another.
+decord, ...) never slow down another. Flags shared by several commands are defined once in cli_flags.py.
+
+Errors are handled here, once, for every command: bad arguments or inputs (ValueError, KeyError, OSError, and
+every exception class defined in this package) print one line, ``<command>: error: <message>``, and exit with
+status 2, the status argparse uses for a bad command line. ``LLAVACTION_TRACEBACK=1`` shows the traceback instead.
+Other exceptions are bugs and keep their traceback.
 """
 
 from __future__ import annotations
@@ -10,11 +15,16 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 
 from absl import flags
 
+from llavaction_jax import cli_flags
+
 # command -> (module, one-line help)
+EXIT_ERROR = 2  # any handled error, in every command (argparse's own usage errors exit 2 too)
+
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("llavaction_jax.demo", "run the end-to-end demo on an embedded synthetic default"),
     "extract-frames": ("llavaction_jax.data.extract", "decode videos once into ArrayRecord frame shards"),
@@ -34,8 +44,8 @@ def _module_exists(name: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(
-        prog="python -m llavaction_jax",
+    parser = OneLineErrorParser(
+        prog=_prog(),
         description="LLaVAction in JAX: convert checkpoints, evaluate on EK100-MQA, train on a mesh.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -55,7 +65,40 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.config_overrides = extra
     _parse_absl_flags()
-    return int(args._run(args) or 0)
+    try:
+        cli_flags.refuse_url_args(args)
+        return int(args._run(args) or 0)
+    except Exception as error:
+        if not is_user_error(error) or os.environ.get("LLAVACTION_TRACEBACK") == "1":
+            raise
+        print(f"{args.command}: error: {error_message(error)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Usage errors in one line too (argparse prints the whole usage first), with the same exit status 2. The
+    commands' sub-parsers are of this class as well (argparse makes sub-parsers of the parent's class)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _prog() -> str:
+    # the console script installed by `pip install .`, or the module
+    return "llavaction-jax" if os.path.basename(sys.argv[0]) == "llavaction-jax" else "python -m llavaction_jax"
+
+
+def is_user_error(error: BaseException) -> bool:
+    """Bad input or refused work (reported in one line), as opposed to a bug (reported with its traceback)."""
+    return (isinstance(error, (ValueError, KeyError, OSError))
+            or type(error).__module__.split(".")[0] == "llavaction_jax")
+
+
+def error_message(error: BaseException) -> str:
+    """The error's own text on one line (KeyError's str() would quote it; the lines of a multi-line message are
+    joined with "; ")."""
+    text = error.args[0] if len(error.args) == 1 and isinstance(error.args[0], str) else str(error)
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip()) or type(error).__name__
 
 
 def _parse_absl_flags() -> None:

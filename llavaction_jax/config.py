@@ -504,7 +504,9 @@ def _from_hf_onevision(cls, cfg: dict, **overrides: Any) -> ModelConfig:
 # ---------------------------------------------------------------------------------------------- presets
 # Model presets live in configs/<name>.py as ml_collections `get_config()` files (executable documentation);
 # `load_preset` turns one into a ModelConfig, with dotted overrides ("text.num_layers=2").
-CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+# In a checkout they sit beside the package; `pip install .` puts them inside it (pyproject.toml, package-dir).
+_PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
+CONFIGS_DIR = (_PACKAGE_DIR / "configs" if (_PACKAGE_DIR / "configs").is_dir() else _PACKAGE_DIR.parent / "configs")
 
 def model_config_dict(**fields: Any):
     """A ConfigDict with every ModelConfig field (defaults filled in), for configs/*.py files."""

@@ -61,7 +61,7 @@ def test_hf_onevision_import_matches_transformers_and_exports_back(hf_checkpoint
     from transformers import LlavaOnevisionForConditionalGeneration
 
     model, src = hf_checkpoint
-    assert main(["convert", "from-torch", str(src), str(tmp_path / "ours"), "--no-progress"]) == 0
+    assert main(["convert", "from-torch", str(src), "--out", str(tmp_path / "ours"), "--no-progress"]) == 0
     ours = llavaction_jax.load_pretrained(tmp_path / "ours")
     assert ours.cfg.newline_position == "one_token" and ours.cfg.param_dtype == "float32"
     assert (tmp_path / "ours" / "config.json").read_text() == (src / "config.json").read_text()
@@ -84,8 +84,8 @@ def test_hf_onevision_import_matches_transformers_and_exports_back(hf_checkpoint
     in_memory = llavaction_jax.load_pretrained(src)  # a torch directory converts on the fly
     assert all(np.array_equal(a, leaves(ours)[k]) for k, a in leaves(in_memory).items())
 
-    assert main(["convert", "to-torch", str(tmp_path / "ours"), str(tmp_path / "hf"), "--layout", "hf-onevision",
-                 "--no-progress"]) == 0
+    assert main(["convert", "to-torch", str(tmp_path / "ours"), "--out", str(tmp_path / "hf"),
+                 "--layout", "hf-onevision", "--no-progress"]) == 0
     back, info = LlavaOnevisionForConditionalGeneration.from_pretrained(tmp_path / "hf", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     np.testing.assert_array_equal(hf_logits(back.eval(), before, after, pixels, n_video), ref)
@@ -136,7 +136,7 @@ def test_a_trained_model_exports_and_comes_back(tmp_path):
     assert config["vision_supervision"] == "one_token" and config["torch_dtype"] == "float32"
     with pytest.raises(ConfigError, match="mm_hidden_size"):  # the tiny preset names so400m but is 64 wide
         from_torch.open_source(tmp_path / "torch")
-    assert main(["convert", "from-torch", str(tmp_path / "torch"), str(tmp_path / "again"), "--no-progress",
+    assert main(["convert", "from-torch", str(tmp_path / "torch"), "--out", str(tmp_path / "again"), "--no-progress",
                  "--vision-config", str(write_json(tmp_path / "siglip.json", SIGLIP))]) == 0
     again = llavaction_jax.load_pretrained(tmp_path / "again")
     # execution fields are ours, not upstream keys: a converted checkpoint computes in "auto" precision
@@ -151,7 +151,7 @@ def write_json(path: pathlib.Path, value) -> pathlib.Path:
 
 def test_dtype_cast_and_in_memory_load(tmp_path):
     _, tensors = make_upstream_checkpoint(tmp_path / "src", dtype="bfloat16")
-    assert main(["convert", "from-torch", str(tmp_path / "src"), str(tmp_path / "fp32"), "--dtype", "float32",
+    assert main(["convert", "from-torch", str(tmp_path / "src"), "--out", str(tmp_path / "fp32"), "--dtype", "float32",
                  "--no-progress"]) == 0
     cast = llavaction_jax.load_pretrained(tmp_path / "fp32")
     assert cast.cfg.param_dtype == "float32"
@@ -242,7 +242,7 @@ def test_truncated_shard_is_named(tmp_path, capsys):
     shard.write_bytes(shard.read_bytes()[:-100])
     with pytest.raises(SafetensorsError, match=r"model-00002-of-00002\.safetensors: truncated"):
         from_torch.import_checkpoint(tmp_path / "src", tmp_path / "ours", progress=False)
-    assert main(["convert", "from-torch", str(tmp_path / "src"), "--check"]) == 1
+    assert main(["convert", "from-torch", str(tmp_path / "src"), "--check"]) == 2
     assert "model-00002-of-00002.safetensors: truncated" in capsys.readouterr().err
 
 
@@ -280,7 +280,7 @@ def test_index_naming_a_missing_shard_is_an_error(tmp_path):
 
 def test_model_config_overrides_as_in_train_and_eval(tmp_path, capsys):
     make_upstream_checkpoint(tmp_path / "src", dtype="bfloat16")
-    assert main(["convert", "from-torch", str(tmp_path / "src"), str(tmp_path / "ours"), "--no-progress",
+    assert main(["convert", "from-torch", str(tmp_path / "src"), "--out", str(tmp_path / "ours"), "--no-progress",
                  "--config.model.param_dtype=float32", "--config.model.attention=flash",
                  "--config.model.remat_policy=full"]) == 0
     model = llavaction_jax.load_pretrained(tmp_path / "ours")
@@ -288,10 +288,10 @@ def test_model_config_overrides_as_in_train_and_eval(tmp_path, capsys):
     assert model.params["text"]["embed"].dtype == np.float32  # a param_dtype override casts like --dtype
     capsys.readouterr()
     # a field that changes parameter shapes is refused, and nothing is written
-    assert main(["convert", "from-torch", str(tmp_path / "src"), str(tmp_path / "bad"), "--no-progress",
-                 "--config.model.text.num_layers=1"]) == 1
+    assert main(["convert", "from-torch", str(tmp_path / "src"), "--out", str(tmp_path / "bad"), "--no-progress",
+                 "--config.model.text.num_layers=1"]) == 2
     assert "change the shapes" in capsys.readouterr().err and not (tmp_path / "bad").exists()
-    assert main(["convert", "to-torch", str(tmp_path / "ours"), str(tmp_path / "t"),
+    assert main(["convert", "to-torch", str(tmp_path / "ours"), "--out", str(tmp_path / "t"),
                  "--config.model.attention=xla"]) == 2
 
 
@@ -299,9 +299,9 @@ def test_converted_models_and_exports_carry_checksums_that_loaders_verify(tmp_pa
     from llavaction_jax import integrity
 
     make_upstream_checkpoint(tmp_path / "src")
-    assert main(["convert", "from-torch", str(tmp_path / "src"), str(tmp_path / "ours"), "--no-progress"]) == 0
+    assert main(["convert", "from-torch", str(tmp_path / "src"), "--out", str(tmp_path / "ours"), "--no-progress"]) == 0
     assert integrity.verify_manifest(tmp_path / "ours")  # every file listed, the staging marker excluded
-    assert main(["convert", "to-torch", str(tmp_path / "ours"), str(tmp_path / "torch"), "--no-progress"]) == 0
+    assert main(["convert", "to-torch", str(tmp_path / "ours"), "--out", str(tmp_path / "torch"), "--no-progress"]) == 0
     assert integrity.verify_manifest(tmp_path / "torch")
     # flip one byte of a stored array: export and load both name the corrupt file instead of using it
     stored = max((p for p in (tmp_path / "ours" / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
@@ -309,7 +309,8 @@ def test_converted_models_and_exports_carry_checksums_that_loaders_verify(tmp_pa
     data[len(data) // 2] ^= 0xFF
     stored.write_bytes(bytes(data))
     capsys.readouterr()
-    assert main(["convert", "to-torch", str(tmp_path / "ours"), str(tmp_path / "torch2"), "--no-progress"]) == 1
+    assert main(["convert", "to-torch", str(tmp_path / "ours"), "--out", str(tmp_path / "torch2"),
+                 "--no-progress"]) == 2
     assert stored.name in capsys.readouterr().err and not (tmp_path / "torch2").exists()
     with pytest.raises(integrity.IntegrityError, match=stored.name):
         llavaction_jax.load_pretrained(tmp_path / "ours")

@@ -77,7 +77,7 @@ def test_an_lm_head_aliasing_the_embedding_is_refused_with_one_line(tmp_path, ca
     write_raw(file, header, bytes(data))
     with pytest.raises(SafetensorError):
         safe_open(file, "np")
-    assert main(["convert", "from-torch", str(tmp_path / "src"), str(tmp_path / "ours"), "--no-progress"]) == 1
+    assert main(["convert", "from-torch", str(tmp_path / "src"), "--out", str(tmp_path / "ours"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "model.safetensors" in err and "overlaps" in err
     assert "lm_head.weight" in err or "model.embed_tokens.weight" in err

@@ -163,14 +163,15 @@ def test_from_torch_refuses_a_non_empty_destination_and_changes_nothing(tmp_path
     files = {"config.json": '{"user": "config"}', "tokenizer.json": '{"user": "tokenizer"}', "notes.txt": "x"}
     for name, text in files.items():
         (dst / name).write_text(text)
-    assert main(["convert", "from-torch", str(tmp_path / "src"), str(dst), "--no-progress"]) == 1
+    assert main(["convert", "from-torch", str(tmp_path / "src"), "--out", str(dst), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(dst) in err and "not empty" in err
     assert {p.name: p.read_text() for p in dst.iterdir()} == files
     assert not staging.staging_dir(dst).exists()
     # an empty folder is fine, and so is a new one
     (tmp_path / "empty").mkdir()
-    assert main(["convert", "from-torch", str(tmp_path / "src"), str(tmp_path / "empty"), "--no-progress"]) == 0
+    assert main(["convert", "from-torch", str(tmp_path / "src"), "--out", str(tmp_path / "empty"),
+                 "--no-progress"]) == 0
     assert checkpoint_io.is_model_dir(tmp_path / "empty")
-    assert main(["convert", "to-torch", str(tmp_path / "empty"), str(dst), "--no-progress"]) == 1
+    assert main(["convert", "to-torch", str(tmp_path / "empty"), "--out", str(dst), "--no-progress"]) == 2
     assert {p.name: p.read_text() for p in dst.iterdir()} == files

@@ -83,6 +83,32 @@ def whole_args(root, csv, out, *extra):
             "--frame-size", "32", "--num-frames", "8", "--workers", "1", "--clips-per-shard", "1", *extra]
 
 
+def test_without_decord_auto_decodes_with_pyav(ek100_whole, monkeypatch):
+    # decord is only installed where it has wheels (pyproject.toml); elsewhere "auto" must still work.
+    import sys
+
+    from llavaction_jax.data import video
+
+    monkeypatch.setitem(sys.modules, "decord", None)  # `import decord` raises ImportError
+    root, _ = ek100_whole
+    path = str(root / "P01" / "videos" / "P01_01.MP4")
+    frames = video.VideoCache("auto").read(path, [0, 45, 89])
+    np.testing.assert_array_equal(frames, decode_all_pyav(path)[[0, 45, 89]])
+    with pytest.raises(RuntimeError, match="decord: ModuleNotFoundError"):
+        video.VideoCache("decord").open(path)
+
+
+def test_progress_is_printed_while_a_long_shard_is_written(ek100_whole, tmp_path, capsys, monkeypatch):
+    # One shard holds all five clips; progress lines must not wait for it (at least every PROGRESS_EVERY_S).
+    monkeypatch.setattr(extract, "PROGRESS_EVERY_S", 0.001)
+    root, csv = ek100_whole
+    assert cli.main(whole_args(root, csv, tmp_path / "one", "--clips-per-shard", "256")) == 3
+    lines = [line for line in capsys.readouterr().err.splitlines() if "clips/s" in line]
+    during = [line for line in lines if "shards 0/1" in line]
+    assert during and all("written" in line and "clips/s" in line for line in during), lines
+    assert "shards 1/1  clips 5/5 (3 written, 2 failed)" in lines[-1]
+
+
 def test_ek100_whole_videos_end_to_end_resume_and_failures(ek100_whole, tmp_path, capsys):
     root, csv = ek100_whole
     out = tmp_path / "shards"

@@ -43,13 +43,41 @@ def fake_venv(tmp_path):
     return tmp_path / "venv"
 
 
-def test_local_dry_run_prints_the_train_command(fake_venv):
+def test_local_dry_run_prints_the_backend_then_the_train_command(fake_venv):
     out = run("local.sh", "--config.train.steps=3", "--config.data.samples=my data.jsonl",
               DRY_RUN="1", VENV=str(fake_venv))
     assert out.returncode == 0, out.stderr
-    assert shlex.split(out.stdout.strip()) == [
-        f"{fake_venv}/bin/python", "-m", "llavaction_jax", "train", "--config", "configs/train.py",
-        "--config.train.steps=3", "--config.data.samples=my data.jsonl"]
+    assert [shlex.split(line) for line in out.stdout.strip().splitlines()] == [
+        [f"{fake_venv}/bin/python", "-m", "llavaction_jax.probe"],
+        [f"{fake_venv}/bin/python", "-m", "llavaction_jax", "train", "--config", "configs/train.py",
+         "--config.train.steps=3", "--config.data.samples=my data.jsonl"]]
+
+
+def test_local_installs_the_accelerator_jax_into_an_existing_venv_once(fake_venv):
+    out = run("local.sh", DRY_RUN="1", VENV=str(fake_venv), JAX_EXTRA="cuda12")
+    assert out.returncode == 0, out.stderr
+    lines = [shlex.split(line) for line in out.stdout.strip().splitlines()]
+    version = next(line for line in (LAUNCH.parent / "requirements.txt").read_text().splitlines()
+                   if line.startswith("jax=="))[len("jax=="):]
+    assert lines[0] == [f"{fake_venv}/bin/python", "-m", "pip", "install", "--quiet", f"jax[cuda12]=={version}"]
+    assert lines[1] == ["touch", f"{fake_venv}/.jax-cuda12-{version}"]
+    assert lines[2] == [f"{fake_venv}/bin/python", "-m", "llavaction_jax.probe", "cuda12"]  # fails on a CPU
+    (fake_venv / f".jax-cuda12-{version}").touch()  # installed before: not again
+    again = run("local.sh", DRY_RUN="1", VENV=str(fake_venv), JAX_EXTRA="cuda12")
+    assert [shlex.split(line)[:3] for line in again.stdout.strip().splitlines()] == [
+        [f"{fake_venv}/bin/python", "-m", "llavaction_jax.probe"], [f"{fake_venv}/bin/python", "-m", "llavaction_jax"]]
+
+
+def test_the_backend_probe_prints_the_devices_and_refuses_a_cpu_when_an_accelerator_was_asked_for():
+    # (without JAX_EXTRA the same line is printed and the launch goes on: llavaction_jax/probe.py returns 0)
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    probe = "source launch/common.sh && print_backend \"$0\" \"$1\""
+    gpu = subprocess.run(["bash", "-c", probe, sys.executable, "cuda12"], cwd=LAUNCH.parent, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert gpu.returncode == 1 and "backend cpu, 1 local device(s) (cpu), process 0" in gpu.stdout
+    assert "JAX_EXTRA=cuda12 asks for an accelerator but JAX sees only the CPU" in gpu.stderr
 
 
 def test_local_dry_run_sets_up_a_missing_venv(tmp_path):
@@ -60,6 +88,7 @@ def test_local_dry_run_sets_up_a_missing_venv(tmp_path):
     assert lines[0][1:] == ["-m", "venv", str(venv)]
     assert ["-r", "requirements.txt"] == lines[2][-2:]
     assert lines[3][-1].startswith("jax[cuda12]==")
+    assert lines[-2] == [f"{venv}/bin/python", "-m", "llavaction_jax.probe", "cuda12"]
     assert lines[-1][:4] == [f"{venv}/bin/python", "-m", "llavaction_jax", "train"]
     assert not venv.exists()  # a dry run creates nothing
 
@@ -74,9 +103,60 @@ def test_tpu_pod_dry_run_runs_on_all_workers():
     assert all("--worker=all" in line for line in gcloud)
     assert all(line[line.index("--zone") + 1] == "us-east5-a" for line in gcloud)
     train = gcloud[-1][gcloud[-1].index("--command") + 1]
-    assert train == ("cd llavaction_jax && .venv/bin/python -m llavaction_jax train --config configs/train.py "
+    assert train == ("cd llavaction_jax && .venv/bin/python -m llavaction_jax.probe tpu && "
+                     ".venv/bin/python -m llavaction_jax train --config configs/train.py "
                      "--config.train.steps=3")  # the run detects the pod slice itself (llavaction_jax/distributed.py)
     assert "jax[tpu]" in gcloud[2][-1]
+
+
+def test_tpu_pod_copies_only_tracked_files(tmp_path):
+    """A real copy phase on a scratch git checkout: gcloud is a stand-in (there is no TPU here) that keeps the tarball
+    it is asked to send; the tarball holds the tracked files (edits included), not checkpoints written beside them."""
+    import shutil
+    import tarfile
+
+    repo = tmp_path / "repo"
+    shutil.copytree(LAUNCH, repo / "launch")
+    (repo / "llavaction_jax").mkdir()
+    (repo / "llavaction_jax" / "x.py").write_text("v = 1\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], check=True)
+    (repo / "llavaction_jax" / "x.py").write_text("v = 2\n")  # an uncommitted edit of a tracked file travels
+    (repo / "ckpt").mkdir()
+    (repo / "ckpt" / "big.bin").write_bytes(b"0" * 1000)  # written by the README's examples: stays home
+    (repo / "notes.txt").write_text("untracked")
+    bin_dir, sent = tmp_path / "bin", tmp_path / "sent"
+    bin_dir.mkdir()
+    sent.mkdir()
+    (bin_dir / "gcloud").write_text(f"""#!/bin/sh
+for a in "$@"; do if [ -f "$a" ]; then cp "$a" {sent}/; fi; done
+""")
+    (bin_dir / "gcloud").chmod(0o755)
+    out = subprocess.run(["bash", str(repo / "launch" / "tpu_pod.sh")], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PHASES="copy", TPU_NAME="t",
+                                  ZONE="z", PROJECT="p", DRY_RUN="0"))
+    assert out.returncode == 0, out.stderr
+    (tarball,) = sent.iterdir()
+    with tarfile.open(tarball) as tar:
+        names = sorted(tar.getnames())
+        assert tar.extractfile("llavaction_jax/x.py").read() == b"v = 2\n"
+    tracked = subprocess.run([*git, "ls-files"], capture_output=True, text=True, check=True).stdout.split()
+    assert names == sorted(tracked) and not any(n.startswith(("ckpt", "notes")) for n in names)
+
+
+def test_gitignore_covers_every_output_folder_of_the_readme():
+    import re
+
+    root = LAUNCH.parent
+    readme = (root / "README.md").read_text()
+    outputs = {m.split("/")[0] for m in re.findall(r"--out[ =]([a-z_][\w./:-]*)", readme) if "://" not in m}
+    outputs |= {"demo_out", "runs"}
+    assert {"ckpt", "shards", "questions", "results", "exported"} <= outputs, outputs
+    for folder in sorted(outputs):
+        check = subprocess.run(["git", "-C", str(root), "check-ignore", "-q", f"{folder}/x"])
+        assert check.returncode == 0, f"{folder}/ (a README output folder) is not in .gitignore"
 
 
 def test_tpu_pod_requires_its_environment():
@@ -87,9 +167,12 @@ def test_tpu_pod_requires_its_environment():
 def test_slurm_dry_run_prints_srun(fake_venv):
     out = run("slurm_gpu.sbatch", "--config.train.steps=3", DRY_RUN="1", VENV=str(fake_venv))
     assert out.returncode == 0, out.stderr
-    assert shlex.split(out.stdout.strip()) == [
+    lines = [shlex.split(line) for line in out.stdout.strip().splitlines()]
+    assert lines[-2] == [f"{fake_venv}/bin/python", "-m", "llavaction_jax.probe", "cuda12"]  # the GPUs, before srun
+    assert lines[-1] == [
         "srun", "--kill-on-bad-exit=1", "--export=ALL", f"{fake_venv}/bin/python", "-m", "llavaction_jax", "train",
         "--config", "configs/train.py", "--config.train.steps=3"]
+    assert lines[0][-1].startswith("jax[cuda12]==")  # into the existing venv too
     node = run("slurm_gpu.sbatch", DRY_RUN="1", VENV=str(fake_venv), MODE="node", SLURM_GPUS_ON_NODE="4",
                SLURM_NTASKS_PER_NODE="1")
     assert node.returncode == 0 and "GPUs 0,1,2,3" in node.stderr

@@ -18,7 +18,7 @@ def fake_dir(tmp_path):
 
 
 def build(ann, out, *extra):
-    return main(["build-mqa", "--annotations", str(ann), "--output", str(out), *extra])
+    return main(["build-mqa", "--annotations", str(ann), "--out", str(out), *extra])
 
 
 def read(path):
@@ -40,8 +40,8 @@ def test_same_file_twice_and_same_questions_from_two_slices(fake_dir, tmp_path, 
     assert build(fake_dir, tmp_path / "a.jsonl", "--seed", "7") == 0
     assert build(fake_dir, tmp_path / "b.jsonl", "--seed", "7") == 0
     assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
-    assert build(fake_dir, tmp_path / "p0.jsonl", "--seed", "7", "--num-processes", "2", "--process-index", "0") == 0
-    assert build(fake_dir, tmp_path / "p1.jsonl", "--seed", "7", "--num-processes", "2", "--process-index", "1") == 0
+    assert build(fake_dir, tmp_path / "p0.jsonl", "--seed", "7", "--num-processes", "2", "--process-id", "0") == 0
+    assert build(fake_dir, tmp_path / "p1.jsonl", "--seed", "7", "--num-processes", "2", "--process-id", "1") == 0
     merged = (tmp_path / "p0.jsonl").read_bytes() + (tmp_path / "p1.jsonl").read_bytes()
     assert merged == (tmp_path / "a.jsonl").read_bytes()
     meta, questions = read(tmp_path / "p1.jsonl")
@@ -79,7 +79,7 @@ def test_option_counts_and_gt_exactly_once(fake_dir, tmp_path, k):
 
 
 def test_question_record_and_prompt(fake_dir, tmp_path):
-    assert build(fake_dir, tmp_path / "q.jsonl", "--time-instruction", "--n-frames", "16") == 0
+    assert build(fake_dir, tmp_path / "q.jsonl", "--time-instruction", "--num-frames", "16") == 0
     q = read(tmp_path / "q.jsonl")[1][0]
     assert (q["uid"], q["row_index"], q["video"], q["start"], q["end"]) == ("P91_01_0", 0, "P91-P91_01", 0.0, 1.03)
     assert (q["verb_id"], q["noun_id"], q["gt_vn"], q["narration"]) == (2, 1, "2:1", "open door")
@@ -146,9 +146,9 @@ def test_help_explains_every_flag(capsys):
         main(["build-mqa", "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for flag in ["--annotations", "--output", "--validation-csv", "--train-csv", "--distractors", "--predictions",
+    for flag in ["--annotations", "--out", "--validation-csv", "--train-csv", "--distractors", "--predictions",
                  "--n-options", "--benchmark-testing", "--representation", "--perspective", "--time-instruction",
-                 "--n-frames", "--seed", "--distinct-options", "--num-processes", "--process-index"]:
+                 "--num-frames", "--seed", "--distinct-options", "--num-processes", "--process-id"]:
         assert flag in text
     assert "GT_random_narration" in text and "(default: 42)" in text
 

@@ -212,6 +212,21 @@ def read_predictions(out):
     return [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
 
 
+def test_eval_also_writes_lmms_evals_layout(single_process):
+    out, results = single_process
+    (folder,) = (out / "lmms_eval").iterdir()
+    (results_file,) = folder.glob("*_results.json")
+    lmms = json.loads(results_file.read_text())
+    stamp = results_file.name[: -len("_results.json")]
+    for mode, task in (("generate", "ek100_mqa"), ("score", "ek100_mqa_score")):
+        for metric in ("accuracy_text", "accuracy_letter"):
+            assert lmms["results"][task][f"{metric},none"] == pytest.approx(results["modes"][mode][metric])
+        samples = [json.loads(line) for line in (folder / f"{stamp}_samples_{task}.jsonl").read_text().splitlines()]
+        assert [s["doc_id"] for s in samples] == list(range(results["num_questions"]))
+        assert all(s["input"].startswith("<image>\n") and {"target", "filtered_resps", "doc_hash"} <= set(s)
+                   for s in samples)
+
+
 def test_single_process_eval_writes_predictions_results_and_report(single_process, data_dir):
     out, results = single_process
     preds = read_predictions(out)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llavaction_jax import cli_flags
 from llavaction_jax.bench.common import median, record, time_calls
 from llavaction_jax.config import ModelConfig
 from llavaction_jax.convert.keys import torch_to_params
@@ -49,17 +50,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per framework (median reported)")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--frames", type=int, default=8)
+    cli_flags.add_num_frames(parser, "frames per clip", old=("--frames",), default=8)
     parser.add_argument("--no-write", action="store_true", help="print only; do not append to BENCHMARKS.md")
     args = parser.parse_args(argv)
 
     import torch  # heavy optional dependency (the PyTorch side of the comparison), imported where used
 
     torch.set_num_threads(os.cpu_count())
-    hf_cfg, model, pixels, before, after = build(args.batch, args.frames)
+    hf_cfg, model, pixels, before, after = build(args.batch, args.num_frames)
     cfg = resolve_config(ModelConfig.from_upstream(hf_cfg.to_dict()))  # this machine's execution choices
     params = jax.device_put(torch_to_params({k: v.numpy() for k, v in model.state_dict().items()}, cfg))
-    n_video = cfg.tokens_per_video(args.frames)
+    n_video = cfg.tokens_per_video(args.num_frames)
     hf_ids = torch.tensor(np.concatenate([before, np.full((args.batch, n_video), 32001), after], axis=1))
     ids = jnp.asarray(np.concatenate([before, np.full((args.batch, 1), -200), after], axis=1))
     px_t, px_j = torch.tensor(pixels), jnp.asarray(pixels)
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
     seq = ids.shape[1] - 1 + n_video
     cmd = "python -m llavaction_jax.bench.forward " + " ".join(argv if argv is not None else sys.argv[1:])
     record("forward: mini LLaVA-OneVision, 8 frames x 384 px", cmd.strip(), [
-        f"- shapes: batch {args.batch}, {args.frames} frames, {seq} tokens ({n_video} visual); SigLIP 4x256, Qwen2 4x512, vocab 32768; fp32",
+        f"- shapes: batch {args.batch}, {args.num_frames} frames, {seq} tokens ({n_video} visual); SigLIP 4x256, Qwen2 4x512, vocab 32768; fp32",
         f"- JAX compile: {compile_s:.2f} s",
         f"- steady state (median of {args.repeats}): JAX {jax_s * 1e3:.0f} ms, PyTorch {torch_s * 1e3:.0f} ms "
         f"(torch {torch.__version__}, {torch.get_num_threads()} threads)",

@@ -14,7 +14,7 @@ real prompts do).
 Reports compile time, questions/s of each, the ratios (target >= 5x), and how many questions got exactly the same
 greedy tokens from both.
 
-    python -m llavaction_jax.bench.generate [--questions 16] [--new-tokens 16] [--frames 8] [--no-score] [--no-write]
+    python -m llavaction_jax.bench.generate [--questions 16] [--new-tokens 16] [--num-frames 8] [--no-score] [--no-write]
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llavaction_jax import cli_flags
 from llavaction_jax.bench.common import record
 from llavaction_jax.bench.forward import build
 from llavaction_jax.config import ModelConfig
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--questions", type=int, default=16, help="questions answered by each contender")
     parser.add_argument("--new-tokens", type=int, default=16, help="max_new_tokens (an MQA answer is ~8 tokens)")
-    parser.add_argument("--frames", type=int, default=8)
+    cli_flags.add_num_frames(parser, "frames per clip", old=("--frames",), default=8)
     parser.add_argument("--batches", default="8,16", help="our batch sizes")
     parser.add_argument("--no-score", action="store_true", help="skip option scoring")
     parser.add_argument("--no-write", action="store_true", help="print only; do not append to BENCHMARKS.md")
@@ -102,11 +103,11 @@ def main(argv=None) -> int:
     import torch  # heavy optional dependency (the PyTorch side of the comparison), imported where used
 
     torch.set_num_threads(os.cpu_count())
-    hf_cfg, model, *_ = build(1, args.frames)
+    hf_cfg, model, *_ = build(1, args.num_frames)
     cfg = resolve_config(ModelConfig.from_upstream(hf_cfg.to_dict()))  # this machine's execution choices
     params = jax.device_put(torch_to_params({k: v.numpy() for k, v in model.state_dict().items()}, cfg))
-    n_video = cfg.tokens_per_video(args.frames)
-    questions = make_questions(args.questions, args.frames)
+    n_video = cfg.tokens_per_video(args.num_frames)
+    questions = make_questions(args.questions, args.num_frames)
     width = PREFIX_LEN + 1 + 112  # fixed prompt length: longest text rounded up, as the eval command pads
     eos = 32767  # a random model rarely emits it: answers run to the budget on both sides, as intended
     gen = GenerationConfig(max_new_tokens=args.new_tokens, eos_ids=(eos,), pad_id=0)
@@ -140,7 +141,7 @@ def main(argv=None) -> int:
     torch_qps = len(questions) / torch_s
 
     n = len(questions)
-    lines.append(f"- workload: {n} questions, {args.frames} frames x 384 px ({n_video} visual tokens) + "
+    lines.append(f"- workload: {n} questions, {args.num_frames} frames x 384 px ({n_video} visual tokens) + "
                  f"{PREFIX_LEN + 60}-{PREFIX_LEN + 100} text tokens, greedy, {args.new_tokens} new tokens; fp32; "
                  "SigLIP 4x256, Qwen2 4x512, vocab 32768")
     lines.append(f"- upstream style (transformers generate, batch 1, torch {torch.__version__}, "

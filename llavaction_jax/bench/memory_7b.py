@@ -44,6 +44,7 @@ else:
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from llavaction_jax import cli_flags  # noqa: E402
 from llavaction_jax.bench.common import record  # noqa: E402
 from llavaction_jax.config import load_preset  # noqa: E402
 from llavaction_jax.model import llava  # noqa: E402
@@ -141,7 +142,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--policies", default="full,dots_no_batch", help="comma list of remat policies")
     parser.add_argument("--meshes", default="fsdp8,fsdp4_tp2", help=f"comma list of {sorted(MESHES)}")
-    parser.add_argument("--frames", type=int, default=64)
+    cli_flags.add_num_frames(parser, "frames per clip", old=("--frames",), default=64)
     parser.add_argument("--seq", type=int, default=16384, help="spliced sequence length (visual + text tokens)")
     parser.add_argument("--micro-batches", type=int, default=1, help="gradient-accumulation micro-batches (lax.scan)")
     parser.add_argument("--top-buffers", type=int, default=0, metavar="N",
@@ -156,7 +157,7 @@ def main(argv=None) -> int:
     results, dumped = [], set()
     for policy in args.policies.split(","):
         for mesh_name in args.meshes.split(","):
-            facts, _ = compile_step(policy.strip(), mesh_name.strip(), args.frames, args.seq, args.micro_batches)
+            facts, _ = compile_step(policy.strip(), mesh_name.strip(), args.num_frames, args.seq, args.micro_batches)
             if args.top_buffers and _DUMP_DIR:
                 facts["top"] = largest_temp_buffers(_DUMP_DIR, dumped, args.top_buffers)
             print(describe(facts), flush=True)
@@ -170,7 +171,7 @@ def main(argv=None) -> int:
         f"- model: llavaction_7b preset, {f0['n_params'] / 1e9:.2f} B params fp32 (master) + AdamW mu/nu fp32 = "
         f"{f0['state_bytes'] / GIB:.1f} GiB of state in all; compute bf16; attention flash; all parts trained",
         f"- batch: micro-batch 1 per data-parallel device ({args.micro_batches} micro-batch(es) per step), "
-        f"{args.frames} frames x 384 px ({f0['visual']} visual tokens) + {f0['text_len'] - 1} text tokens = "
+        f"{args.num_frames} frames x 384 px ({f0['visual']} visual tokens) + {f0['text_len'] - 1} text tokens = "
         f"{f0['seq']} tokens per sample",
         *[describe(f) for f in results],
         "- total = argument + output - aliased + temp, from `compiled.memory_analysis()` of the per-device SPMD "

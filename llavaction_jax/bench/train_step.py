@@ -11,7 +11,7 @@ Reports median step times, tokens/s (text + visual tokens through the LLM), the 
 PyTorch's time), model FLOP/s (`train.metrics.train_flops` x batch / step time) as a fraction of this machine's
 measured matmul peak, and the difference of the first step's losses and gradient norms.
 
-    python -m llavaction_jax.bench.train_step [--steps 5] [--batch 2] [--frames 4] [--no-write]
+    python -m llavaction_jax.bench.train_step [--steps 5] [--batch 2] [--num-frames 4] [--no-write]
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import time
 import jax
 import numpy as np
 
+from llavaction_jax import cli_flags
 from llavaction_jax.bench.common import median, record
 from llavaction_jax.bench.forward import build
 from llavaction_jax.config import ModelConfig
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per framework (median reported)")
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--frames", type=int, default=4)
+    cli_flags.add_num_frames(parser, "frames per clip", old=("--frames",), default=4)
     parser.add_argument("--no-write", action="store_true", help="print only; do not append to BENCHMARKS.md")
     args = parser.parse_args(argv)
     load_start = os.getloadavg()
@@ -94,8 +95,8 @@ def main(argv=None) -> int:
     hf_cfg, model, _, _, _ = build(args.batch, 1)
     cfg = resolve_config(ModelConfig.from_upstream(hf_cfg.to_dict()))  # this machine's execution choices
     opt_cfg = OptimizerConfig(total_steps=1000)  # upstream's AdamW / LR groups / warm-up cosine / clipping
-    raw = make_batch(args.batch, args.frames)
-    n_video = cfg.tokens_per_video(args.frames)
+    raw = make_batch(args.batch, args.num_frames)
+    n_video = cfg.tokens_per_video(args.num_frames)
     jb, tb = jax_batch(raw), torch_batch(raw, n_video, hf_cfg.video_token_index)
     seq = jb["input_ids"].shape[1] - 1 + n_video
     tokens_per_step = args.batch * seq
@@ -159,13 +160,13 @@ def main(argv=None) -> int:
 
     # ----------------------------------------------------------------- report
     peak = max(peaks + [metrics.measure_matmul_peak(2048, 5)])  # best of before / after the timed steps
-    flops = metrics.train_flops(cfg, jb["input_ids"].shape[1], args.frames) * args.batch
+    flops = metrics.train_flops(cfg, jb["input_ids"].shape[1], args.num_frames) * args.batch
     jax_s, torch_s, foreach_s = median(jax_times), median(torch_times), median(torch_foreach_times)
     best_torch = min(torch_s, foreach_s)
     load_end = os.getloadavg()
     cmd = "python -m llavaction_jax.bench.train_step " + " ".join(argv if argv is not None else sys.argv[1:])
     record("train step: mini LLaVA-OneVision, AdamW, vs PyTorch", cmd.strip(), [
-        f"- shapes: batch {args.batch}, {args.frames} frames x 384 px, {seq} tokens per sample ({n_video} visual, "
+        f"- shapes: batch {args.batch}, {args.num_frames} frames x 384 px, {seq} tokens per sample ({n_video} visual, "
         f"{ANSWER} targets); SigLIP 4x256, Qwen2 4x512, vocab 32768; fp32; all parameters trained",
         f"- optimizer: AdamW (0.9, 0.999, 1e-8), wd 0, LR 1e-5 / vision 2e-6, warm-up cosine, clip 1.0 (both)",
         f"- JAX compile: {compile_s:.1f} s",

@@ -4,25 +4,21 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 
 import jax
 
-from llavaction_jax.config import ConfigError
+from llavaction_jax import cli_flags
 from llavaction_jax.convert import from_torch, to_torch
-from llavaction_jax.convert.keys import ConversionError
-from llavaction_jax.convert.safetensors_io import SafetensorsError
-from llavaction_jax.integrity import IntegrityError
 from llavaction_jax.sharding import make_mesh
 
 DESCRIPTION = """\
 Convert checkpoints between PyTorch (safetensors + config.json) and our Orbax format.
 
-  convert from-torch SRC DST   import a downloaded checkpoint, e.g. MLAdaptiveIntelligence/LLaVAction-7B,
-                               lmms-lab/LLaVA-Video-7B-Qwen2 (upstream LLaVA-NeXT layout) or
-                               llava-hf/llava-onevision-qwen2-0.5b-ov-hf (HF layout)
-  convert to-torch SRC DST     export one of our models (e.g. after fine-tuning) for the PyTorch tools
-                               (upstream demo, lmms-eval), or for transformers with --layout hf-onevision
+  convert from-torch SRC --out DST   import a downloaded checkpoint, e.g. MLAdaptiveIntelligence/LLaVAction-7B,
+                                     lmms-lab/LLaVA-Video-7B-Qwen2 (upstream LLaVA-NeXT layout) or
+                                     llava-hf/llava-onevision-qwen2-0.5b-ov-hf (HF layout)
+  convert to-torch SRC --out DST     export one of our models (e.g. after fine-tuning) for the PyTorch tools
+                                     (upstream demo, lmms-eval), or for transformers with --layout hf-onevision
 
 Both directions stream: at most --buffer-size of weights (default 256MiB) is held in flight, so peak memory
 stays flat whatever the model size. The import copies config.json, tokenizer files and generation_config.json
@@ -37,7 +33,7 @@ at load time; pass vocab_limit=151646 to LlavaModel.__call__ / llava.forward to 
 
 FROM_TORCH_HELP = """\
 Import SRC (a directory with config.json and model.safetensors or shards + model.safetensors.index.json)
-into DST (new). The layout is read from config.json: upstream LLaVA-NeXT / LLaVAction (model_type qwen2,
+into --out DST (new). The layout is read from config.json: upstream LLaVA-NeXT / LLaVAction (model_type qwen2,
 llava_qwen or llava, with mm_vision_tower) or HF llava-onevision (model_type llava_onevision).
 
 The upstream config only names the vision tower; its dimensions come from a built-in preset
@@ -45,8 +41,9 @@ The upstream config only names the vision tower; its dimensions come from a buil
 --vision-config. Every tensor is checked against the config (names, shapes) before anything is written;
 present-but-unused tensors (SigLIP post_layernorm / head, the deleted last SigLIP layer) are skipped.
 
-Pod mode: run the same command on every host with --distributed and a --mesh over all devices; each host
-reads only the tensor slices its devices hold and all hosts write one sharded checkpoint.
+Pod mode: run the same command on every host with a --mesh over all devices (--distributed auto, the default,
+detects a TPU pod slice, SLURM step or Open MPI job; --distributed on forces it); each host reads only the tensor
+slices its devices hold and all hosts write one sharded checkpoint.
 
 Model config fields of the written llavaction_config.json can be set as in `train` and `eval`,
 --config.model.<field>=VALUE (e.g. --config.model.compute_dtype=bfloat16 --config.model.attention=flash);
@@ -65,17 +62,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("from-torch", help="PyTorch safetensors -> our Orbax model directory",
                        description=FROM_TORCH_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", metavar="SRC", help="PyTorch checkpoint directory (config.json + *.safetensors)")
-    p.add_argument("dst", metavar="DST", nargs="?", help="new output directory (not needed with --check)")
+    _add_dst(p, "new output directory (not needed with --check)", required=False)
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="cast every parameter to this dtype (default: keep each tensor's stored dtype)")
     p.add_argument("--vision-config", metavar="PATH",
                    help="SigLIP config.json giving the vision tower's dimensions (upstream layout only)")
     p.add_argument("--check", action="store_true",
                    help="print the key mapping and every problem, write nothing; exit 1 if there are problems")
-    p.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
-                   help="write sharded over a (data, fsdp, tensor) mesh of all devices, e.g. 1,-1,1")
-    p.add_argument("--distributed", action="store_true",
-                   help="call jax.distributed.initialize() first (multi-host pods; run on every host)")
+    cli_flags.add_mesh(p, default=None, help="write sharded over this mesh of all devices of all processes, e.g. "
+                                             "data=1,fsdp=-1,tensor=1 (default: one device)")
+    cli_flags.add_distributed(p)
     p.add_argument("--compress", action="store_true",
                    help="zstd-compress the stored arrays (smaller for real weights; slower to write)")
     p.add_argument("--buffer-size", default="256MiB", metavar="SIZE",
@@ -83,10 +79,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     q = sub.add_parser("to-torch", help="our Orbax model directory -> PyTorch safetensors",
-                       description="Export SRC (one of our model directories) to DST (new) as safetensors + config.json.",
+                       description="Export SRC (one of our model directories) to --out DST (new) as safetensors + "
+                                   "config.json.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     q.add_argument("src", metavar="SRC", help="our model directory (llavaction_config.json + params/)")
-    q.add_argument("dst", metavar="DST", help="new output directory")
+    _add_dst(q, "new output directory")
     q.add_argument("--layout", choices=("upstream", "hf-onevision"), default="upstream",
                    help="upstream: LLaVA-NeXT / LLaVAction state dict for the upstream loader (default); "
                         "hf-onevision: transformers LlavaOnevisionForConditionalGeneration (one_token models only)")
@@ -95,6 +92,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--buffer-size", default="256MiB", metavar="SIZE",
                    help="weights in flight at once; peak memory is about twice this (default 256MiB)")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_dst(parser, help: str, required: bool = True) -> None:
+    # --out, as in every command; the old positional DST still works (hidden, with a deprecation warning).
+    cli_flags.add_out(parser, help, required=False)
+    parser.add_argument("dst", nargs="?", help=argparse.SUPPRESS)
+    parser.set_defaults(_out_required=required)
+
+
+def _resolve_dst(args) -> None:
+    if args.dst is not None:
+        if args.out is not None:
+            raise ValueError(f"give the output once: --out {args.out} or the old positional DST {args.dst}, not both")
+        cli_flags.warn_deprecated("the positional DST", "--out DST")
+        args.out = args.dst
+    if args._out_required and args.out is None:
+        raise ValueError("--out is required")
 
 
 def parse_size(text: str) -> int:
@@ -107,15 +121,11 @@ def parse_size(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Errors are reported by cli.main (one line, exit 2); `--check` exits 1 when it finds problems."""
     if args.config_overrides and args.direction != "from-torch":
-        print(f"convert {args.direction}: error: --config.model overrides apply to from-torch only "
-              f"(got {' '.join(args.config_overrides)})", file=sys.stderr)
-        return 2
-    try:
-        return _from_torch(args) if args.direction == "from-torch" else _to_torch(args)
-    except (ConversionError, SafetensorsError, ConfigError, FileExistsError, FileNotFoundError, IntegrityError) as e:
-        print(f"convert {args.direction}: error: {e}", file=sys.stderr)
-        return 1
+        raise ValueError(f"--config.model overrides apply to from-torch only (got {' '.join(args.config_overrides)})")
+    _resolve_dst(args)
+    return _from_torch(args) if args.direction == "from-torch" else _to_torch(args)
 
 
 def _from_torch(args) -> int:
@@ -124,34 +134,25 @@ def _from_torch(args) -> int:
         plan = from_torch.plan_import(source)
         print("\n".join(from_torch.describe(source, plan)))
         return 1 if plan.problems else 0
-    if args.dst is None:
-        print("convert from-torch: DST is required (or pass --check)", file=sys.stderr)
-        return 2
+    if args.out is None:
+        raise ValueError("from-torch needs --out DST (or --check)")
 
-    if args.distributed:
-        jax.distributed.initialize()
-    mesh = None
-    if args.mesh:
-        try:
-            data, fsdp, tensor = (int(x) for x in args.mesh.split(","))
-        except ValueError:
-            print(f"convert from-torch: --mesh wants three integers DATA,FSDP,TENSOR, got {args.mesh!r}", file=sys.stderr)
-            return 2
-        mesh = make_mesh(data, fsdp, tensor)
-    report = from_torch.import_checkpoint(args.src, args.dst, dtype=args.dtype, vision_config=args.vision_config,
+    cli_flags.init_distributed(args)
+    mesh = make_mesh(**args.mesh) if args.mesh else None
+    report = from_torch.import_checkpoint(args.src, args.out, dtype=args.dtype, vision_config=args.vision_config,
                                           mesh=mesh, progress=not args.no_progress, compress=args.compress,
                                           buffer_bytes=parse_size(args.buffer_size),
                                           model_overrides=args.config_overrides)
     if jax.process_index() == 0:
         skipped = f", skipped {len(report.plan.skipped)} unused tensors" if report.plan.skipped else ""
-        print(f"wrote {args.dst} ({report.cfg.param_dtype}{skipped}); "
-              f"load it with llavaction_jax.load_pretrained({args.dst!r})")
+        print(f"wrote {args.out} ({report.cfg.param_dtype}{skipped}); "
+              f"load it with llavaction_jax.load_pretrained({args.out!r})")
     return 0
 
 
 def _to_torch(args) -> int:
-    files = to_torch.export_checkpoint(args.src, args.dst, layout=args.layout,
+    files = to_torch.export_checkpoint(args.src, args.out, layout=args.layout,
                                        max_shard_bytes=parse_size(args.max_shard_size), progress=not args.no_progress,
                                        buffer_bytes=parse_size(args.buffer_size))
-    print(f"wrote {len(files)} safetensors file(s) and config.json to {args.dst} ({args.layout} layout)")
+    print(f"wrote {len(files)} safetensors file(s) and config.json to {args.out} ({args.layout} layout)")
     return 0

@@ -17,6 +17,7 @@ import csv
 import dataclasses
 import json
 import multiprocessing
+import multiprocessing.pool
 import os
 import pathlib
 import sys
@@ -24,6 +25,7 @@ import time
 
 import numpy as np
 
+from llavaction_jax import cli_flags
 from llavaction_jax.data import frames as fs
 from llavaction_jax.data import sampling
 from llavaction_jax.data.image import SIGLIP_SIZE, resize_frames
@@ -171,6 +173,7 @@ def extract_shard(task: tuple[str, str, list[ClipSpec], dict]) -> dict:
             except Exception as error:  # one bad video must not stop the run: record it and go on
                 failures.append({"uid": clip.uid, "video": clip.path, "shard": name,
                                  "error": f"{type(error).__name__}: {error}"})
+            _count_clip()
         entry = writer.commit()
     except BaseException:
         writer.abort()
@@ -208,11 +211,28 @@ def _prepare_out_dir(out: pathlib.Path, plan: dict, overwrite: bool) -> None:
     plan_path.write_text(json.dumps(plan))
 
 
-def _progress(done: int, total: int, clips: int, failed: int, started: float) -> None:
-    rate = clips / max(time.time() - started, 1e-9)
-    end = "\r" if sys.stderr.isatty() and done < total else "\n"
-    print(f"[extract-frames] shards {done}/{total}  clips {clips} written, {failed} failed  {rate:.1f} clips/s",
-          end=end, file=sys.stderr, flush=True)
+def _progress(shards_done: int, shards: int, clips_done: int, clips: int, written: int, failed: int,
+              started: float) -> None:
+    elapsed = time.time() - started
+    rate = clips_done / max(elapsed, 1e-9)
+    end = "\r" if sys.stderr.isatty() and shards_done < shards else "\n"
+    print(f"[extract-frames] shards {shards_done}/{shards}  clips {clips_done}/{clips} ({written} written, {failed} "
+          f"failed)  {rate:.1f} clips/s  {elapsed:.0f} s", end=end, file=sys.stderr, flush=True)
+
+
+PROGRESS_EVERY_S = 10.0  # a progress line at least this often, even while one long shard is being written
+_clips_done = None  # a shared counter of clips finished, set in every worker by _init_worker
+
+
+def _init_worker(counter) -> None:
+    global _clips_done
+    _clips_done = counter
+
+
+def _count_clip() -> None:
+    if _clips_done is not None:
+        with _clips_done.get_lock():
+            _clips_done.value += 1
 
 
 def run_extraction(clips: list[ClipSpec], out_dir: str, settings: dict) -> dict:
@@ -235,21 +255,31 @@ def run_extraction(clips: list[ClipSpec], out_dir: str, settings: dict) -> dict:
     print(f"[extract-frames] {len(clips)} clips in {len(shards)} shards; {len(results)} shards already done, "
           f"{len(pending)} to write with {settings['workers']} worker(s)"
           + (f" ({retried} retrying failed clips)" if retried else ""), file=sys.stderr)
+    # spawn, not fork: the parent may hold JAX / decoder threads, which fork would copy in a broken state.
+    context = multiprocessing.get_context("spawn")
+    counter = context.Value("q", 0)
     if settings["workers"] > 1 and len(pending) > 1:
-        # spawn, not fork: the parent may hold JAX / decoder threads, which fork would copy in a broken state.
-        context = multiprocessing.get_context("spawn")
-        pool = context.Pool(min(settings["workers"], len(pending)), maxtasksperchild=8)  # bounds decord's leaks
-        finished = pool.imap_unordered(extract_shard, pending)
-    else:
-        pool, finished = None, map(extract_shard, pending)
+        pool = context.Pool(min(settings["workers"], len(pending)), maxtasksperchild=8,  # bounds decord's leaks
+                            initializer=_init_worker, initargs=(counter,))
+    else:  # in this process, on a thread, so progress still prints while a shard is written
+        pool = multiprocessing.pool.ThreadPool(1, initializer=_init_worker, initargs=(counter,))
+    total_clips = sum(len(s) for _, _, s, _ in pending)
     try:
-        for count, done in enumerate(finished, start=1):
+        finished = pool.imap_unordered(extract_shard, pending)
+        count = 0
+        while count < len(pending):
+            try:
+                done = finished.next(timeout=PROGRESS_EVERY_S)
+            except multiprocessing.TimeoutError:
+                _progress(count, len(pending), counter.value, total_clips, written, failed, started)
+                continue
+            count += 1
             results[done["file"]] = done
             written, failed = written + done["num_records"], failed + len(done["failures"])
-            _progress(count, len(pending), written, failed, started)
+            _progress(count, len(pending), counter.value, total_clips, written, failed, started)
     finally:
-        if pool is not None:
-            pool.terminate()
+        pool.terminate()
+        _init_worker(None)
 
     entries = [results[n] for n in names]
     failures = [f for e in entries for f in e["failures"]]
@@ -309,7 +339,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--ek100-csv", nargs="+", metavar="CSV", help="EK100 annotation CSV file(s)")
     source.add_argument("--jsonl", metavar="FILE", help="JSONL list of clips {video, start?, end?, uid?}")
     parser.add_argument("--video-root", required=True, help="directory the video paths are relative to")
-    parser.add_argument("--out", required=True, help="output directory for shards, manifest.json, failures.jsonl")
+    cli_flags.add_out(parser, "output directory for shards, manifest.json, failures.jsonl")
     parser.add_argument("--layout", choices=("whole", "chunked"), default="whole",
                         help="EK100 video layout: whole {pid}/videos/{vid}.MP4 or chunked {pid}/{vid}.MP4/{s}.MP4 "
                              "(default: whole)")
@@ -317,9 +347,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds per chunk file in the chunked layout (default: %(default)s)")
     parser.add_argument("--sampling", choices=("ek100", "llava-video"),
                         help="frame sampling rule (default: ek100 for --ek100-csv, llava-video for --jsonl)")
-    parser.add_argument("--num-frames", type=int, default=16,
-                        help="ek100 rule: frames per clip, upstream clip_length (16 eval, 64 final training; "
-                             "default: %(default)s)")
+    cli_flags.add_num_frames(parser, "ek100 rule: frames per clip, upstream clip_length (16 eval, 64 final "
+                                     "training; default: %(default)s)", default=16)
     parser.add_argument("--fps", default="video",
                         help="frame numbers always use each video's own rate from its container (EK100 originals "
                              "run at 50 or 59.94 fps, upstream's re-encodes at 30); a number is the rate you "
@@ -373,17 +402,13 @@ def settings_from_args(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     started = time.time()
-    try:
-        settings = settings_from_args(args)
-        if args.ek100_csv:
-            clips = [c for path in args.ek100_csv for c in read_ek100_csv(path, args.video_root, args.layout)]
-        else:
-            clips = read_clip_jsonl(args.jsonl, args.video_root)
-        clips = clips[: args.limit] if args.limit else clips
-        manifest = run_extraction(clips, args.out, settings)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"extract-frames: error: {error}", file=sys.stderr)
-        return 2
+    settings = settings_from_args(args)
+    if args.ek100_csv:
+        clips = [c for path in args.ek100_csv for c in read_ek100_csv(path, args.video_root, args.layout)]
+    else:
+        clips = read_clip_jsonl(args.jsonl, args.video_root)
+    clips = clips[: args.limit] if args.limit else clips
+    manifest = run_extraction(clips, args.out, settings)
     failed = manifest["num_failed_clips"]
     frames = (manifest["frames_per_clip"] or 0) * manifest["num_clips"]
     print(f"extract-frames: {manifest['num_clips']} clips{f' ({frames} frames)' if frames else ''} in "

@@ -23,6 +23,7 @@ import os
 import pathlib
 import sys
 
+from llavaction_jax import cli_flags
 from llavaction_jax.data import ek100, prompts
 
 SCHEMA_VERSION = 1
@@ -196,7 +197,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--annotations", required=True, type=pathlib.Path,
       help="folder of the EPIC-KITCHENS-100 annotation CSVs (class CSVs and, by default, train/validation CSVs)")
-    a("--output", required=True, type=pathlib.Path, help="question file to write (JSONL); give each process its own")
+    cli_flags.add_out(parser, "question file to write (JSONL); give each process its own", old=("--output",),
+                      type=pathlib.Path)
     a("--validation-csv", type=pathlib.Path, default=None,
       help="CSV the questions are built from (also part of the label maps); "
            "default ANNOTATIONS/EPIC_100_validation.csv")
@@ -218,26 +220,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--perspective", choices=sorted(prompts.PERSPECTIVES), default="first_person", help="prompt perspective")
     a("--time-instruction", action=argparse.BooleanOptionalAction, default=False,
       help="prepend 'The provided video lasts for D seconds, and N frames are uniformly sampled from it.'")
-    a("--n-frames", type=int, default=16, help="frame count N stated in the time instruction")
+    cli_flags.add_num_frames(parser, "frame count N stated in the time instruction", old=("--n-frames",), default=16)
     a("--seed", type=int, default=42, help="seed of every question's RNG")
     a("--distinct-options", action=argparse.BooleanOptionalAction, default=True,
       help="never show the same option text twice in a question (upstream can)")
     a("--num-processes", type=int, default=1, help="build only a contiguous 1/N slice of the questions ...")
-    a("--process-index", type=int, default=0, help="... namely slice number I (0-based); concatenating the "
-                                                    "slices' files in order gives the single-process file")
+    cli_flags.add_flag(parser, "--process-id", old=("--process-index",), type=int, default=0, metavar="I",
+                       help="... namely slice number I (0-based); concatenating the slices' files in order gives "
+                            "the single-process file")
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except (ek100.AnnotationError, ValueError) as e:  # bad inputs: one clear line, no traceback
-        print(f"build-mqa: error: {e}", file=sys.stderr)
-        return 2
-
-
-def _run(args: argparse.Namespace) -> int:
     settings = MQASettings(args.n_options, args.distractors, args.benchmark_testing, args.representation,
-                           args.perspective, args.time_instruction, args.n_frames, args.seed, args.distinct_options)
+                           args.perspective, args.time_instruction, args.num_frames, args.seed, args.distinct_options)
     if (args.distractors == "random") != (args.predictions is None):
         raise ValueError(f"--distractors {args.distractors} {'takes no' if args.distractors == 'random' else 'needs'}"
                          " --predictions")
@@ -246,7 +241,7 @@ def _run(args: argparse.Namespace) -> int:
     maps = ek100.load_label_maps(args.annotations, train_csvs, validation_csv)
     segments = ek100.read_annotation_csv(validation_csv)
     _check_unique_uids(segments)
-    start, stop = slice_bounds(len(segments), args.process_index, args.num_processes)
+    start, stop = slice_bounds(len(segments), args.process_id, args.num_processes)
     predictions = ek100.load_predictions(args.predictions) if args.predictions else None
     total = stop - start
     every = max(1, total // 10)
@@ -257,8 +252,8 @@ def _run(args: argparse.Namespace) -> int:
 
     questions = list(build_questions(segments[start:stop], maps, settings, predictions, str(args.predictions or ""),
                                      progress))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(args.output, (json.dumps(q, ensure_ascii=False) for q in questions))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomically(args.out, (json.dumps(q, ensure_ascii=False) for q in questions))
     outside = sum(vn not in maps.vn2narrations for q in questions for vn in q["option_vns"])
     counts = {"questions": len(questions), "with_gt": sum(q["gt_letter"] is not None for q in questions),
               "options_outside_label_maps": outside}
@@ -269,14 +264,14 @@ def _run(args: argparse.Namespace) -> int:
                        "predictions": str(args.predictions) if args.predictions else None},
             "label_space": {"name": "custom" if args.train_csv else args.label_space, "actions": len(maps.vn2act),
                             "verbs": len(maps.verb_keys), "nouns": len(maps.noun_keys)},
-            "slice": {"process_index": args.process_index, "num_processes": args.num_processes,
+            "slice": {"process_index": args.process_id, "num_processes": args.num_processes,
                       "rows": [start, stop], "total_rows": len(segments)},
             "counts": counts}
-    _write_atomically(meta_path(args.output), [json.dumps(meta, indent=1)])
+    _write_atomically(meta_path(args.out), [json.dumps(meta, indent=1)])
     print(f"[build-mqa] wrote {counts['questions']} questions ({settings.n_options} options, {settings.distractors} "
           f"distractors, {settings.representation}), {counts['with_gt']} with the GT among the options, label space "
-          f"{len(maps.vn2act)} actions; {outside} option(s) outside the label maps -> {args.output} "
-          f"(+ {meta_path(args.output).name})")
+          f"{len(maps.vn2act)} actions; {outside} option(s) outside the label maps -> {args.out} "
+          f"(+ {meta_path(args.out).name})")
     return 0
 
 

@@ -19,6 +19,7 @@ import pathlib
 import shutil
 import time
 
+from llavaction_jax import cli_flags
 from llavaction_jax.api import LlavaModel
 from llavaction_jax.cli import main as cli_main
 from llavaction_jax.config import load_preset
@@ -40,14 +41,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training segments per verb-noun action, 16 actions (default: 30)")
     parser.add_argument("--steps", type=int, default=800, help="training steps (default: 800)")
     parser.add_argument("--batch-size", type=int, default=16, help="training batch size (default: 16)")
-    parser.add_argument("--frames", type=int, default=4, help="frames per clip (default: 4)")
+    cli_flags.add_num_frames(parser, "frames per clip (default: 4)", old=("--frames",), default=4)
     parser.add_argument("--seed", type=int, default=0)
 
 
 def prepare_out_dir(out: pathlib.Path) -> None:
     if out.exists() and any(out.iterdir()):
         if not (out / MARKER).exists():
-            raise SystemExit(f"demo: error: {out} exists and was not written by the demo; pass another --out")
+            raise cli_flags.CommandError(f"{out} exists and was not written by the demo; pass another --out")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("written by python -m llavaction_jax demo; replaced on the next demo run\n")
@@ -68,7 +69,7 @@ class Stages:
 def _cli(argv: list[str]) -> None:
     code = cli_main(argv)
     if code != 0:
-        raise SystemExit(f"demo: stage `{' '.join(argv[:2])}` failed with exit status {code}")
+        raise cli_flags.CommandError(f"stage `{' '.join(argv[:2])}` failed with exit status {code}")
 
 
 def make_training_samples(annotations: pathlib.Path, out: pathlib.Path) -> int:
@@ -110,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{counts['train']} training and {counts['validation']} validation segments, "
           f"{len(VERBS)} verbs x {len(NOUNS)} nouns, videos in {data / 'videos'}")
 
-    extract = ["--video-root", str(data / "videos"), "--num-frames", str(args.frames), "--frame-size", "64",
+    extract = ["--video-root", str(data / "videos"), "--num-frames", str(args.num_frames), "--frame-size", "64",
                "--codec", "png", "--workers", "2"]
     stages.run("2. extract-frames", lambda: [
         _cli(["extract-frames", "--ek100-csv", str(ann / f"EPIC_100_{split}.csv"), "--out", str(out / "shards" / split),
@@ -118,8 +119,8 @@ def run(args: argparse.Namespace) -> int:
 
     questions = out / "mqa_validation.jsonl"
     stages.run("3. build-mqa", _cli, [
-        "build-mqa", "--annotations", str(ann), "--train-csv", str(ann / "EPIC_100_train.csv"), "--output",
-        str(questions), "--n-options", "5", "--time-instruction", "--n-frames", str(args.frames), "--seed", "0"])
+        "build-mqa", "--annotations", str(ann), "--train-csv", str(ann / "EPIC_100_train.csv"), "--out",
+        str(questions), "--n-options", "5", "--time-instruction", "--num-frames", str(args.num_frames), "--seed", "0"])
 
     samples = out / "train_samples.jsonl"
     n_samples = stages.run("4. training samples + tokenizer", make_training_samples, ann, samples)

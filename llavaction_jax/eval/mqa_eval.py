@@ -8,6 +8,7 @@ needed), checked to cover the question file exactly once, and written with the m
     OUT/predictions.jsonl   one record per question, in file order (schema: runner.py)
     OUT/results.json        settings, run facts and metrics (schema: ``metrics.compute_metrics`` + header)
     OUT/report.md           tables + OUT/accuracy.png
+    OUT/lmms_eval/          the same results and per-question records in lmms-eval's layout (eval/lmms_layout.py)
 
 Answer modes: ``generate`` (upstream: greedy decoding, parsed with upstream's rules) and ``score`` (the option
 with the highest log-likelihood, eval/scoring.py); ``both`` runs both on the same batches.
@@ -16,20 +17,19 @@ with the highest log-likelihood, eval/scoring.py); ``both`` runs both on the sam
 from __future__ import annotations
 
 import argparse
-import sys
 
 import jax
 from jax.experimental import multihost_utils
 
+from llavaction_jax import cli_flags
 from llavaction_jax.api import load_pretrained
 from llavaction_jax.checkpoint_io import is_model_dir, load_config
-from llavaction_jax.config import ConfigError, load_preset
+from llavaction_jax.config import load_preset
 from llavaction_jax.eval.questions import resolve_tokenizer
 from llavaction_jax.eval.runner import EvalSettings, check_tokenizer_fits, evaluate
-from llavaction_jax.integrity import IntegrityError
 from llavaction_jax.model import llava
 from llavaction_jax.recipes import model_config_with_overrides
-from llavaction_jax.sharding import make_mesh, param_shardings, parse_mesh
+from llavaction_jax.sharding import make_mesh, param_shardings
 
 
 ACCEPTS_CONFIG_OVERRIDES = True  # --config.model.<field>=value, as in `train`
@@ -48,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--seed", type=int, default=0, help="seed of a --preset model's random weights")
     a("--questions", required=True, help="question file: build-mqa JSONL (ek100) or generic video QA JSONL")
     a("--shards", required=True, help="frame-shard directory (extract-frames output) holding every question's clip")
-    a("--out", required=True, help="output directory (predictions.jsonl, results.json, report.md, accuracy.png)")
+    cli_flags.add_out(parser, "output directory (predictions.jsonl, results.json, report.md, accuracy.png, "
+                              "lmms_eval/: the same in lmms-eval's layout)")
     a("--format", choices=("auto", "ek100", "videoqa"), default="auto", help="question-file format")
     a("--label-space", choices=("ek100", "uda"), default="ek100",
       help="uda: accept a build-mqa file built with --label-space uda (otherwise refused: its action ids are not "
@@ -57,10 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--mode", choices=("generate", "score", "both"), default="generate",
       help="generate: greedy answer + upstream parsing; score: option log-likelihoods; both")
     a("--max-new-tokens", type=int, default=4096, help="generation budget (upstream: 4096; 32 is plenty for MQA)")
-    a("--mesh", default="data=-1,fsdp=1,tensor=1", help="mesh shape over all devices of all processes")
+    cli_flags.add_mesh(parser)
     a("--limit", type=int, default=None, help="evaluate only the first N questions")
     a("--tokenizer", default=None, help="tokenizer directory (default: the model directory's, else bundled Qwen2)")
-    a("--num-frames", type=int, default=None, help="frames per clip fed to the model (default: the shards')")
+    cli_flags.add_num_frames(parser, "frames per clip fed to the model (default: the shards')", default=None)
     a("--prompt-len", type=int, default=None, help="padded prompt length (default: longest prompt, rounded up)")
     a("--time-instruction", action=argparse.BooleanOptionalAction, default=True,
       help="videoqa: prepend LLaVA-Video's 'The video lasts for ...' instruction")
@@ -72,22 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--options-per-pass", type=int, default=None,
       help="score mode: options scored per pass over the prompt's KV cache, which is copied that many times "
            "(default: all options in one pass; 1 uses the least memory)")
-    a("--coordinator", default=None, help="multi-process: coordinator HOST:PORT for jax.distributed.initialize, or "
-                                           "'auto' to let JAX detect the cluster (TPU pod, SLURM)")
-    a("--num-processes", type=int, default=None, help="multi-process: number of processes")
-    a("--process-id", type=int, default=None, help="multi-process: this process's id")
-
-
-def _init_distributed(args) -> None:
-    if args.coordinator is None:
-        return
-    if args.coordinator == "auto":  # TPU pods, SLURM, ...: JAX reads the process layout from the environment
-        jax.distributed.initialize()
-        return
-    # CPU processes need a collectives backend for cross-process arrays; the setting does not touch GPU / TPU.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
-                               process_id=args.process_id)
+    cli_flags.add_distributed(parser)
 
 
 def model_config(args):
@@ -118,29 +104,25 @@ def load_model(args, mesh, cfg=None):
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        cfg = model_config(args)
-        if args.print_config:
-            print(cfg.to_dict() if cfg is not None else "a PyTorch checkpoint: its config comes with the weights")
-            return 0
-        _init_distributed(args)
-        mesh = make_mesh(**parse_mesh(args.mesh))
-        tokenizer, tokenizer_name = resolve_tokenizer(args.tokenizer, args.model)
-        if cfg is not None:
-            check_tokenizer_fits(cfg, tokenizer)
-        params, cfg, name = load_model(args, mesh, cfg)
-        modes = ("generate", "score") if args.mode == "both" else (args.mode,)
-        settings = EvalSettings(batch_size=args.batch_size, modes=modes, max_new_tokens=args.max_new_tokens,
-                                num_frames=args.num_frames, prompt_len=args.prompt_len, limit=args.limit,
-                                fmt=args.format, label_space=args.label_space, time_instruction=args.time_instruction,
-                                instruction=args.videoqa_instruction, threads=args.threads,
-                                options_per_pass=args.options_per_pass)
-        results = evaluate(params, cfg, tokenizer, args.questions, args.shards, args.out, settings, mesh,
-                           model_name=name, model_dir=args.model, tokenizer_name=tokenizer_name,
-                           annotations=args.annotations)
-    except (ValueError, KeyError, FileNotFoundError, ConfigError, IntegrityError) as e:  # bad inputs: one line
-        print(f"eval: error: {e}", file=sys.stderr)
-        return 2
+    cfg = model_config(args)
+    if args.print_config:
+        print(cfg.to_dict() if cfg is not None else "a PyTorch checkpoint: its config comes with the weights")
+        return 0
+    cli_flags.init_distributed(args)
+    mesh = make_mesh(**args.mesh)
+    tokenizer, tokenizer_name = resolve_tokenizer(args.tokenizer, args.model)
+    if cfg is not None:
+        check_tokenizer_fits(cfg, tokenizer)
+    params, cfg, name = load_model(args, mesh, cfg)
+    modes = ("generate", "score") if args.mode == "both" else (args.mode,)
+    settings = EvalSettings(batch_size=args.batch_size, modes=modes, max_new_tokens=args.max_new_tokens,
+                            num_frames=args.num_frames, prompt_len=args.prompt_len, limit=args.limit,
+                            fmt=args.format, label_space=args.label_space, time_instruction=args.time_instruction,
+                            instruction=args.videoqa_instruction, threads=args.threads,
+                            options_per_pass=args.options_per_pass)
+    results = evaluate(params, cfg, tokenizer, args.questions, args.shards, args.out, settings, mesh,
+                       model_name=name, model_dir=args.model, tokenizer_name=tokenizer_name,
+                       annotations=args.annotations)
     if results is not None:
         summary = ", ".join(f"{m}: text {_fmt(s.get('accuracy_text'))} letter {_fmt(s.get('accuracy_letter'))}"
                             for m, s in results["modes"].items())

@@ -34,7 +34,7 @@ from jax.experimental import multihost_utils
 
 from llavaction_jax.data.frames import FrameShards
 from llavaction_jax.data.mqa import slice_bounds
-from llavaction_jax.eval import batching, metrics, questions as qs, report
+from llavaction_jax.eval import batching, lmms_layout, metrics, questions as qs, report
 from llavaction_jax.eval.benchmarks import score as benchmark_score
 from llavaction_jax.eval.generate import GenerationConfig, generate
 from llavaction_jax.eval.parsing import score_answer
@@ -318,6 +318,14 @@ def evaluate(params, cfg, tokenizer, questions_path, shards_dir, out_dir, settin
     _write_atomically(out_dir / "results.json", json.dumps(results, indent=1, ensure_ascii=False) + "\n")
     report.write_report(results, out_dir)
     benchmark_score.write_outputs(results, out_dir)
+    instruction = settings.instruction or qs.DEFAULT_VIDEOQA_INSTRUCTION
+    lmms_content, lmms_samples = lmms_layout.build(
+        ordered, [questions[r["index"]].user_message(0.0, num_frames, False, instruction) for r in ordered], fmt=fmt,
+        modes=settings.modes, questions_path=str(questions_path), total_questions=len(questions),
+        model_name=model_name, batch_size=settings.batch_size, limit=settings.limit,
+        gen_kwargs={"max_new_tokens": settings.max_new_tokens, "do_sample": False, "temperature": 0},
+        device=mesh.devices.flat[0].platform, wall_s=results["run"]["wall_s"], date=time.time())
+    lmms_layout.write(out_dir, lmms_content, lmms_samples)
     _remove_partial_after_all(partial)
     return results
 

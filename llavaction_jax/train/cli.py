@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
+from llavaction_jax import cli_flags
 from llavaction_jax.config import ConfigError
-from llavaction_jax.data.mixture import MixtureError
-from llavaction_jax.integrity import IntegrityError
 from llavaction_jax.recipes import load_recipe, model_config
-from llavaction_jax.train.checkpoint import CheckpointError
 from llavaction_jax.train.guard import validate
-from llavaction_jax.train.loop import NonFiniteLoss, train
+from llavaction_jax.train.loop import train
+from llavaction_jax.train.metrics import check_wandb
 
 ACCEPTS_CONFIG_OVERRIDES = True
 
@@ -23,32 +21,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Any config field can be overridden: --config.train.steps=1000 --config.mesh.fsdp=8 ...")
     parser.add_argument("--config", default="train", help="recipe file or name in configs/ (default: train)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    # The flags every command shares, as shorthands for their config fields.
+    cli_flags.add_out(parser, "run directory: checkpoints, final model, metrics (= --config.train.output_dir)",
+                      required=False)
+    cli_flags.add_num_frames(parser, "frames per clip (= --config.data.num_frames; default: the shards')", default=None)
+    cli_flags.add_mesh(parser, default=None, help="device mesh, e.g. data=1,fsdp=-1,tensor=1 (= --config.mesh.*)")
+    cli_flags.add_distributed(parser, explicit=False)
+    parser.set_defaults(distributed=None)  # unset: the recipe's config.distributed decides
 
 
-EXIT_REFUSED = 2  # bad recipe values or inputs, or a rerun that does not match the run in output_dir
+def shared_flag_overrides(args: argparse.Namespace) -> list[str]:
+    """--out / --num-frames / --mesh / --distributed as --config overrides; giving a field both ways is refused."""
+    fields = {}
+    if args.out is not None:
+        fields["train.output_dir"] = args.out
+    if args.num_frames is not None:
+        fields["data.num_frames"] = args.num_frames
+    for axis, size in (args.mesh or {}).items():
+        fields[f"mesh.{axis}"] = size
+    if args.distributed is not None:
+        fields["distributed"] = args.distributed
+    twice = [f for f in fields if any(o.startswith(f"--config.{f}=") for o in args.config_overrides)]
+    if twice:
+        raise ConfigError(f"--config.{twice[0]} is also set by --out / --num-frames / --mesh / --distributed; give it "
+                          "once")
+    return [f"--config.{field}={value}" for field, value in fields.items()]
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_recipe(args.config, args.config_overrides)
-        model_config(cfg)  # validates every model field before anything runs
-        validate(cfg)
-    except ConfigError as e:
-        print(f"train: error: {e}", file=sys.stderr)
-        return EXIT_REFUSED
+    """Errors (bad recipe values or inputs, a rerun that does not match the run in output_dir, a NaN loss) are
+    reported by cli.main: one line, exit status 2."""
+    overrides = shared_flag_overrides(args) + args.config_overrides
+    cli_flags.refuse_urls(tuple(o.split("=", 1)) for o in overrides
+                          if "=" in o and o.split("=", 1)[0][len("--config."):] in cli_flags.PATH_CONFIG_FIELDS)
+    cfg = load_recipe(args.config, overrides)
+    cli_flags.refuse_urls((f"config.{f}", cfg[f.split(".")[0]][f.split(".")[1]]) for f in cli_flags.PATH_CONFIG_FIELDS)
+    model_config(cfg)  # validates every model field before anything runs
+    validate(cfg)
+    check_wandb(cfg.train.wandb_project)
     if args.print_config:
         print(cfg)
         return 0
     if not cfg.data.samples:
-        print("train: error: set --config.data.samples (a data YAML or a JSON/JSONL of samples) and, for video "
-              "samples, --config.data.shards", file=sys.stderr)
-        return EXIT_REFUSED
-    try:
-        train(cfg)
-    except NonFiniteLoss as e:
-        print(f"train: error: {e}", file=sys.stderr)
-        return 1
-    except (ConfigError, MixtureError, CheckpointError, IntegrityError) as e:  # one line, no traceback
-        print(f"train: error: {e}", file=sys.stderr)
-        return EXIT_REFUSED
+        raise ConfigError("set --config.data.samples (a data YAML or a JSON/JSONL of samples) and, for video "
+                          "samples, --config.data.shards")
+    train(cfg)
     return 0

@@ -203,7 +203,8 @@ def train(cfg) -> dict:
                               abstract_state, model_cfg, mesh)  # compiles once per length bucket
 
     # ----------------------------------------------------------------- metrics
-    writer = metrics.EventWriter(out_dir / "tensorboard") if is_main else None
+    writer = (metrics.MetricsWriter(out_dir / "tensorboard", cfg.train.wandb_project, cfg.train.wandb_run,
+                                    cfg.to_dict()) if is_main else None)
     peak = cfg.train.peak_flops or metrics.peak_flops_per_device(jax.devices()[0])
     if peak is None and jax.devices()[0].platform == "cpu":
         peak = metrics.measure_matmul_peak()
@@ -235,8 +236,9 @@ def train(cfg) -> dict:
                 flops = metrics.train_flops(model_cfg, batch["input_ids"].shape[1], batch["pixel_values"].shape[1]) * global_batch
                 progress = metrics.Progress(total_steps, flops / jax.device_count(), peak)
             if is_main and (step % cfg.train.log_every == 0 or step == total_steps):
-                log(progress.line(step, m))
-                writer.scalars(step, {k: v for k, v in m.items()})
+                rates = progress.rates(step, m)
+                log(progress.line(step, m, rates))
+                writer.scalars(step, {**m, **rates})
             if step % cfg.train.checkpoint_every == 0 or step == last or preemption.requested:
                 ckpts.save(step, state, dict(meta, step=step, loss=m["loss"]), data_iter)
             if preemption.requested:

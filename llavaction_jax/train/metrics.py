@@ -1,103 +1,75 @@
-"""Training metrics: a progress line on stdout, TensorBoard event files, and the FLOPs / MFU estimate.
+"""Training metrics: a progress line on stdout, scalars for TensorBoard (and Weights & Biases), FLOPs and MFU.
 
-TensorBoard's event format is written directly (TFRecord framing of `Event` protos with scalar summaries), so
-training needs neither TensorFlow nor the tensorboard package; `tensorboard --logdir` reads the files.
+Scalars go through tensorboardX's `SummaryWriter` (a maintained writer of TensorBoard's event files, no TensorFlow
+needed) under grouped tags, so TensorBoard shows one section per group:
+
+    train/   loss, lm_loss, aux_loss, tokens (LM target tokens in the step's global batch)
+    optim/   grad_norm, lr_<group> (one learning rate per optimizer group)
+    perf/    tokens_per_s, step_time_s, mfu (measured between two logged steps, as on the progress line)
+
+With `train.wandb_project` set, the same scalars also go to Weights & Biases (`wandb`, not a dependency: installed
+by the user when wanted; asking for it without it installed is refused before training starts).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
-import pathlib
-import socket
-import struct
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llavaction_jax.config import ModelConfig
+from llavaction_jax.config import ConfigError, ModelConfig
 
-# ----------------------------------------------------------------------------------------------- event files
-
-
-def _crc32c_table() -> list[int]:
-    table = []
-    for i in range(256):
-        crc = i
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-        table.append(crc)
-    return table
+# ----------------------------------------------------------------------------------------------- scalar writers
+GROUPS = {"loss": "train", "lm_loss": "train", "aux_loss": "train", "tokens": "train", "grad_norm": "optim",
+          "tokens_per_s": "perf", "step_time_s": "perf", "mfu": "perf"}
 
 
-_CRC_TABLE = _crc32c_table()
+def tag(name: str) -> str:
+    """"loss" -> "train/loss", "lr_vision" -> "optim/lr_vision"; a name not in GROUPS goes to train/."""
+    group = "optim" if name.startswith("lr_") else GROUPS.get(name, "train")
+    return f"{group}/{name}"
 
 
-def crc32c(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc = _CRC_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
+def check_wandb(project: str) -> None:
+    if project and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"train.wandb_project={project!r} asks for Weights & Biases, but wandb is not installed "
+                          "(pip install wandb), or leave train.wandb_project empty")
 
 
-def _masked_crc(data: bytes) -> int:
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+class MetricsWriter:
+    """Grouped scalars to `<logdir>` (TensorBoard event files) and, when `wandb_project` is set, to W&B."""
 
+    def __init__(self, logdir: str | os.PathLike, wandb_project: str = "", wandb_run: str = "",
+                 config: dict | None = None):
+        # tensorboardX is pinned in requirements.txt; imported here so the FLOPs helpers below also load on machines
+        # without it (the device benchmarks import this module).
+        from tensorboardX import SummaryWriter
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
+        self._tb = SummaryWriter(str(logdir))
+        self._wandb = None
+        if wandb_project:
+            check_wandb(wandb_project)
+            import wandb  # optional, checked above
 
-
-def _field(number: int, wire_type: int, payload: bytes) -> bytes:
-    return _varint((number << 3) | wire_type) + payload
-
-
-def _length_delimited(number: int, payload: bytes) -> bytes:
-    return _field(number, 2, _varint(len(payload)) + payload)
-
-
-def encode_event(step: int, wall_time: float, scalars: dict[str, float] | None = None,
-                 file_version: str | None = None) -> bytes:
-    """Event{wall_time=1 (double), step=2 (int64), file_version=3 (string), summary=5 {value=1 {tag=1, simple_value=2}}}."""
-    msg = _field(1, 1, struct.pack("<d", wall_time)) + _field(2, 0, _varint(step))
-    if file_version is not None:
-        msg += _length_delimited(3, file_version.encode())
-    if scalars:
-        values = b"".join(
-            _length_delimited(1, _length_delimited(1, tag.encode()) + _field(2, 5, struct.pack("<f", float(v))))
-            for tag, v in scalars.items())
-        msg += _length_delimited(5, values)
-    return msg
-
-
-def tfrecord(data: bytes) -> bytes:
-    length = struct.pack("<Q", len(data))
-    return length + struct.pack("<I", _masked_crc(length)) + data + struct.pack("<I", _masked_crc(data))
-
-
-class EventWriter:
-    """Appends scalar summaries to `events.out.tfevents.<time>.<host>` in `logdir`."""
-
-    def __init__(self, logdir: str | os.PathLike):
-        path = pathlib.Path(logdir)
-        path.mkdir(parents=True, exist_ok=True)
-        self.path = path / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
-        self._file = open(self.path, "ab")
-        self._file.write(tfrecord(encode_event(0, time.time(), file_version="brain.Event:2")))
+            self._wandb = wandb.init(project=wandb_project, name=wandb_run or None, dir=str(logdir),
+                                     config=config, resume="allow")
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        self._file.write(tfrecord(encode_event(step, time.time(), values)))
-        self._file.flush()
+        tagged = {tag(k): float(v) for k, v in values.items()}
+        for name, value in tagged.items():
+            self._tb.add_scalar(name, value, step)
+        self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(tagged, step=step)
 
     def close(self) -> None:
-        self._file.close()
+        self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
 
 
 # ----------------------------------------------------------------------------------------------- FLOPs and MFU
@@ -151,16 +123,25 @@ class Progress:
         self.total, self.flops, self.peak = total_steps, flops_per_step, peak_flops
         self.t_last, self.step_last = time.perf_counter(), None
 
-    def line(self, step: int, m: dict) -> str:
-        """Throughput is measured between two printed lines, so the first line (after compiling) has none."""
+    def rates(self, step: int, m: dict) -> dict[str, float]:
+        """tokens_per_s, step_time_s and mfu since the previous call; empty on the first call (it includes
+        compiling) and when no step was taken since."""
         now = time.perf_counter()
-        parts = [f"step {step}/{self.total}", f"loss {m['loss']:.4f}", f"lm {m['lm_loss']:.4f}",
-                 f"aux {m['aux_loss']:.4f}", f"gnorm {m['grad_norm']:.3f}", f"lr {m.get('lr_llm', np.nan):.2e}"]
+        out = {}
         if self.step_last is not None and step > self.step_last:
             dt = (now - self.t_last) / (step - self.step_last)
-            parts += [f"tok/s {m['tokens'] / dt:,.0f}", f"{dt:.2f} s/step"]
+            out = {"tokens_per_s": m["tokens"] / dt, "step_time_s": dt}
             if self.flops and self.peak:
-                parts.append(f"MFU {self.flops / dt / self.peak:.1%}")
-            parts.append(f"ETA {dt * (self.total - step) / 60:.1f} min")
+                out["mfu"] = self.flops / dt / self.peak
         self.t_last, self.step_last = now, step
+        return out
+
+    def line(self, step: int, m: dict, rates: dict[str, float]) -> str:
+        parts = [f"step {step}/{self.total}", f"loss {m['loss']:.4f}", f"lm {m['lm_loss']:.4f}",
+                 f"aux {m['aux_loss']:.4f}", f"gnorm {m['grad_norm']:.3f}", f"lr {m.get('lr_llm', np.nan):.2e}"]
+        if rates:
+            parts += [f"tok/s {rates['tokens_per_s']:,.0f}", f"{rates['step_time_s']:.2f} s/step"]
+            if "mfu" in rates:
+                parts.append(f"MFU {rates['mfu']:.1%}")
+            parts.append(f"ETA {rates['step_time_s'] * (self.total - step) / 60:.1f} min")
         return " | ".join(parts)

@@ -1,0 +1,141 @@
+"""One CLI language (cli_flags.py, cli.main): the shared flags, their deprecated old spellings, one-line errors
+with one exit status in every command."""
+
+import argparse
+import json
+
+import pytest
+
+from llavaction_jax import cli, cli_flags, distributed, sharding
+from llavaction_jax.cli import main
+from test_ek100 import write_fake_annotations
+
+
+def test_the_constants_match_the_modules_they_mirror():
+    assert cli_flags.MESH_AXES == sharding.MESH_AXES and cli_flags.DISTRIBUTED_MODES == distributed.MODES
+
+
+def test_mesh_accepts_the_named_syntax_and_the_old_positional_one_with_a_warning(capsys):
+    assert cli_flags.mesh_shape("data=2,fsdp=-1,tensor=1") == {"data": 2, "fsdp": -1, "tensor": 1}
+    assert capsys.readouterr().err == ""
+    assert cli_flags.mesh_shape("1,-1,2") == {"data": 1, "fsdp": -1, "tensor": 2}
+    assert capsys.readouterr().err.strip() == (
+        "warning: --mesh 1,-1,2 is deprecated; use --mesh data=1,fsdp=-1,tensor=2")
+    for bad in ("1,2", "data=x", "pipeline=2", "a,b,c"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            cli_flags.mesh_shape(bad)
+
+
+def test_a_required_flag_is_satisfied_by_its_old_spelling_which_is_hidden_and_warns(capsys):
+    parser = argparse.ArgumentParser(prog="x")
+    cli_flags.add_out(parser, "where", old=("--output",))
+    assert parser.parse_args(["--out", "a"]).out == "a"
+    assert parser.parse_args(["--output", "b"]).out == "b"
+    assert "warning: --output is deprecated; use --out" in capsys.readouterr().err
+    assert "--output" not in parser.format_help()
+    with pytest.raises(SystemExit):
+        parser.parse_args([])
+    assert "--out" in capsys.readouterr().err
+
+
+def _help(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--help"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", [["extract-frames"], ["build-mqa"], ["eval"], ["train"], ["demo"],
+                                     ["convert", "from-torch"], ["convert", "to-torch"]])
+def test_every_command_names_its_output_out_and_hides_the_old_spellings(command, capsys):
+    text = _help(command, capsys)
+    assert "--out" in text
+    for old in ("--output", "--n-frames", "--frames ", "--process-index", "DST]"):
+        assert old not in text, (command, old)
+
+
+@pytest.mark.parametrize("command", [["eval"], ["train"], ["convert", "from-torch"]])
+def test_mesh_and_multi_host_flags_are_the_same_everywhere(command, capsys):
+    text = _help(command, capsys)
+    assert "--mesh data=D,fsdp=F,tensor=T" in text and "--distributed [{auto,on,off}]" in text
+
+
+def test_train_flags_become_config_fields_and_clash_with_the_same_field_given_twice(tmp_path, capsys):
+    assert main(["train", "--print-config", "--out", str(tmp_path / "run"), "--mesh", "data=2,fsdp=-1,tensor=1",
+                 "--distributed", "off", "--num-frames", "8"]) == 0
+    printed = capsys.readouterr().out
+    assert "num_frames: 8" in printed
+    assert f"output_dir: {tmp_path / 'run'}" in printed and "distributed: 'off'" in printed
+    assert "data: 2" in printed
+    assert main(["train", "--print-config", "--out", "a", "--config.train.output_dir=b"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["train: error: --config.train.output_dir is also set by --out / --num-frames / --mesh / "
+                   "--distributed; give it once"]
+
+
+def test_old_spellings_still_run_with_one_warning_each(tmp_path, capsys):
+    out = tmp_path / "q.jsonl"
+    ann = write_fake_annotations(tmp_path / "ann")
+    assert main(["build-mqa", "--annotations", str(ann), "--output", str(out), "--n-frames", "8",
+                 "--time-instruction", "--num-processes", "1", "--process-index", "0"]) == 0
+    err = capsys.readouterr().err
+    for old, new in (("--output", "--out"), ("--n-frames", "--num-frames"), ("--process-index", "--process-id")):
+        assert f"warning: {old} is deprecated; use {new}" in err
+    assert "8 frames are uniformly sampled" in json.loads(out.read_text().splitlines()[0])["prompt"]
+
+
+def test_errors_are_one_line_with_exit_status_2_in_every_command(tmp_path, capsys):
+    missing = str(tmp_path / "missing")
+    runs = {
+        "extract-frames": ["--jsonl", missing, "--video-root", str(tmp_path), "--out", str(tmp_path / "o")],
+        "build-mqa": ["--annotations", missing, "--out", str(tmp_path / "q.jsonl")],
+        "eval": ["--model", missing, "--questions", missing, "--shards", missing, "--out", str(tmp_path / "e")],
+        "train": ["--config", missing],
+        "convert": ["to-torch", missing, "--out", str(tmp_path / "t")],
+    }
+    for command, args in runs.items():
+        assert main([command, *args]) == cli.EXIT_ERROR == 2, command
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"{command}: error: ") and "missing" in err[0], (command, err)
+
+
+def test_usage_errors_are_one_line_too(capsys):
+    for argv in (["eval", "--questions", "q"], ["convert", "from-torch", "src", "--dtype", "int3"], ["no-such"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and ": error: " in err[0] and err[0].endswith("--help)"), err
+
+
+def test_the_demo_refuses_a_folder_it_did_not_write(tmp_path, capsys):
+    (tmp_path / "keep.txt").write_text("user data")
+    assert main(["demo", "--out", str(tmp_path), "--steps", "1"]) == 2
+    assert "was not written by the demo" in capsys.readouterr().err
+    assert (tmp_path / "keep.txt").read_text() == "user data"
+
+
+def test_bugs_keep_their_traceback_and_user_errors_can_show_theirs(monkeypatch):
+    assert cli.is_user_error(ValueError("x")) and cli.is_user_error(FileNotFoundError("x"))
+    assert cli.is_user_error(cli_flags.CommandError("x")) and not cli.is_user_error(TypeError("x"))
+    assert cli.error_message(KeyError("no key 'a'\n  second line")) == "no key 'a'; second line"
+    monkeypatch.setenv("LLAVACTION_TRACEBACK", "1")
+    with pytest.raises(ValueError):
+        main(["train", "--print-config", "--out", "a", "--config.train.output_dir=b"])
+
+
+@pytest.mark.parametrize("argv", [
+    ["convert", "from-torch", "src", "--out", "gs://bucket/llavaction-7b"],
+    ["convert", "to-torch", "ours", "gs://bucket/exported"],  # the old positional DST too
+    ["build-mqa", "--annotations", "ann", "--out", "gs://bucket/q.jsonl"],  # a pathlib.Path flag: "gs:/bucket"
+    ["eval", "--preset", "tiny", "--questions", "q.jsonl", "--shards", "s3://b/shards", "--out", "o"],
+    ["extract-frames", "--jsonl", "c.jsonl", "--video-root", "v", "--out", "file:///tmp/x"],
+    ["train", "--print-config", "--config.model.init_from=gs://bucket/llava-video-7b"],
+    ["train", "--print-config", "--out", "gs://bucket/run"],
+])
+def test_url_paths_are_refused_in_one_line_before_anything_is_written(argv, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("warning:")]
+    assert len(err) == 1 and "URL paths are not supported; mount the bucket" in err[0], err
+    assert list(tmp_path.iterdir()) == []  # no local "gs:" folder
