@@ -60,7 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--mesh", default="data=-1,fsdp=1,tensor=1", help="mesh shape over all devices of all processes")
     a("--limit", type=int, default=None, help="evaluate only the first N questions")
     a("--tokenizer", default=None, help="tokenizer directory (default: the model directory's, else bundled Qwen2)")
-    a("--num-frames", type=int, default=None, help="frames per clip fed to the model (default: the shards')")
+    a("--num-frames", type=int, default=None,
+      help="most frames per clip fed to the model: a clip with more is subsampled, one with fewer keeps its own "
+           "(default: the most a clip of the shards has)")
     a("--prompt-len", type=int, default=None, help="padded prompt length (default: longest prompt, rounded up)")
     a("--time-instruction", action=argparse.BooleanOptionalAction, default=True,
       help="videoqa: prepend LLaVA-Video's 'The video lasts for ...' instruction")
