@@ -18,8 +18,7 @@ from llavaction_jax.data import chat
 from llavaction_jax.data.frames import FrameShards
 from llavaction_jax.eval import batching, mqa_eval, questions as qs, runner
 from llavaction_jax.eval.benchmarks import VARIANTS, longvideobench, mvbench, parsers, score, suite, videomme
-from llavaction_jax.eval.generate import generate
-from llavaction_jax.eval.scoring import score_options
+from llavaction_jax.model import llava
 from llavaction_jax.sharding import local_rows, make_mesh, resolve_config, shard_batch, use_mesh
 from _video_fixtures import known_frames, write_mp4
 
@@ -401,8 +400,9 @@ def test_suite_scores_every_benchmark_the_official_way_and_writes_one_table(suit
 def test_a_padded_batch_of_clips_with_different_frame_counts_answers_as_each_clip_alone(built, suite_model):
     """MVBench's clips have 1 (GIF, 1 fps), 4 (frame folder) and 2 (WebM) frames. One eval batch pads them to 4 (and
     fills its other rows): the greedy answer and option scores of each padded clip equal those of the clip run
-    alone, unpadded; with lmms-eval's time instruction each prompt states the clip's own frames. The batch has the
-    suite's shapes, so its steps are already compiled (test order only saves time)."""
+    alone (its own frames, an uncached forward pass); with lmms-eval's time instruction each prompt states the
+    clip's own frames. The batch has the suite's shapes, so its generate step is already compiled (test order only
+    saves time)."""
     _, params, cfg, _, mesh = suite_model
     tokenizer = qs.default_tokenizer()
     _, _, questions = qs.load_questions(built / "data" / "mvbench" / "questions.jsonl")
@@ -425,20 +425,36 @@ def test_a_padded_batch_of_clips_with_different_frame_counts_answers_as_each_cli
 
     gen = runner.generation_config(tokenizer, 3, cfg.text.vocab_size, None)
     steps = runner.make_steps(params, cfg, mesh, layout, gen, ("generate", "score"))
-    batch = shard_batch(arrays, mesh)
-    padded = {m: local_rows(fn(batch), mesh) for m, fn in steps.items()}
+    padded = {m: local_rows(fn(shard_batch(arrays, mesh)), mesh) for m, fn in steps.items()}
     run_cfg = resolve_config(cfg, mesh)
+    for row, n in ((0, 1), (2, 2)):  # the padded clips alone: their own frames only
+        prompt = arrays["input_ids"][row][arrays["attention_mask"][row]].tolist()
+        answer = padded["generate"]["tokens"][row, : padded["generate"]["num_tokens"][row]].tolist()
+        options = [ids[mask].tolist() for ids, mask in zip(arrays["option_ids"][row], arrays["option_mask"][row])]
+        options = [o for o in options if o]
+        greedy, logprobs = alone_reference(params, run_cfg, mesh, prompt, arrays["pixel_values"][row, :n],
+                                           [answer] + options, gen.vocab_limit)
+        assert answer == greedy[0][: len(answer)]  # each generated token is the alone model's argmax
+        np.testing.assert_allclose(padded["score"]["logprob_sum"][row, : len(options)],
+                                   [sum(lp) for lp in logprobs[1:]], rtol=1e-5, atol=1e-5)
+
+
+def alone_reference(params, cfg, mesh, prompt, frames, continuations, vocab_limit):
+    """One clip alone, without padding or KV cache: one forward pass over prompt + each continuation (a row each,
+    the clip's frames repeated), then per row the argmax token and the log-probability of the continuation's
+    tokens at each of its positions."""
+    width = len(prompt) + max(map(len, continuations))
+    ids = np.zeros((len(continuations), width), np.int32)
+    for r, tokens in enumerate(continuations):
+        ids[r, : len(prompt) + len(tokens)] = prompt + tokens
+    mask = np.arange(width)[None] < np.asarray([len(prompt) + len(t) for t in continuations])[:, None]
+    pixels = np.repeat(frames[None], len(continuations), axis=0)
     with use_mesh(mesh):
-        for row, n in ((0, 1), (2, 2)):  # the clip alone: its own frames, no padding, no num_frames
-            one = {k: v[row:row + 1] for k, v in arrays.items()}
-            tokens, num = generate(params, run_cfg, gen, one["input_ids"], one["pixel_values"][:, :n],
-                                   one["attention_mask"])
-            scores = score_options(params, run_cfg, one["input_ids"], one["pixel_values"][:, :n],
-                                   one["attention_mask"], one["option_ids"], one["option_mask"],
-                                   vocab_limit=gen.vocab_limit)
-            k = len(questions[row].options)
-            assert padded["generate"]["tokens"][row].tolist() == np.asarray(tokens)[0].tolist()
-            assert padded["generate"]["num_tokens"][row] == int(num[0])
-            np.testing.assert_allclose(padded["score"]["logprob_sum"][row, :k], np.asarray(scores["logprob_sum"])[0, :k],
-                                       rtol=1e-5, atol=1e-5)
-            assert np.isfinite(padded["score"]["logprob_sum"][row, :k]).all()
+        hidden = jax.jit(llava.forward, static_argnames="cfg")(params, cfg, ids, pixels, mask).hidden
+        logprobs = np.asarray(jax.nn.log_softmax(llava.lm_logits(params, hidden, vocab_limit), axis=-1))
+    start = len(prompt) - 2 + cfg.tokens_per_video(len(frames))  # predicts the first token after the prompt
+    steps = [range(start, start + len(t)) for t in continuations]
+    greedy = [[int(logprobs[r, p].argmax()) for p in ps] for r, ps in enumerate(steps)]
+    picked = [[float(logprobs[r, p, t]) for p, t in zip(ps, tokens)]
+              for r, (ps, tokens) in enumerate(zip(steps, continuations))]
+    return greedy, picked

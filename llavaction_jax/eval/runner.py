@@ -298,8 +298,8 @@ def evaluate(params, cfg, tokenizer, questions_path, shards_dir, out_dir, settin
     loader = batching.ClipLoader(shards, num_frames, cfg.vision.image_size, settings.threads)
     if jax.process_index() == 0:
         log(f"[eval] {len(questions)} {fmt} questions, {jax.process_count()} process(es), steps of "
-            f"{settings.batch_size} per process; modes {'+'.join(settings.modes)}; up to {num_frames} frames per clip; prompts "
-            f"padded to {layout.prompt_len} tokens, {layout.num_options} options x {layout.option_len} tokens"
+            f"{settings.batch_size} per process; modes {'+'.join(settings.modes)}; up to {num_frames} frames per "
+            f"clip; prompts padded to {layout.prompt_len} tokens, {layout.num_options} options x {layout.option_len} tokens"
             + (f"; resuming: {len(questions) - len(todo)} already answered" if len(todo) < len(questions) else ""))
     if not partial.is_file():
         partial.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
