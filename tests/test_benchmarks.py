@@ -16,9 +16,10 @@ from PIL import Image
 from llavaction_jax import cli
 from llavaction_jax.data import chat
 from llavaction_jax.data.frames import FrameShards
-from llavaction_jax.eval import batching, mqa_eval, questions as qs
+from llavaction_jax.eval import batching, mqa_eval, questions as qs, runner
 from llavaction_jax.eval.benchmarks import VARIANTS, longvideobench, mvbench, parsers, score, suite, videomme
-from llavaction_jax.sharding import make_mesh
+from llavaction_jax.model import llava
+from llavaction_jax.sharding import local_rows, make_mesh, resolve_config, shard_batch, use_mesh
 from _video_fixtures import known_frames, write_mp4
 
 VOCAB = 151680  # the tiny preset with a vocabulary that covers the bundled Qwen2 tokenizer
@@ -136,8 +137,8 @@ def built(tmp_path_factory):
             folder = root / "data" / variant.name
             assert cli.main(["extract-frames", "--jsonl", str(folder / "clips.jsonl"), "--video-root",
                              str(root / "videos" / videos), "--out", str(folder / "shards"), "--sampling",
-                             "llava-video", "--frames-upbound", str(NUM_FRAMES), "--force-sample", "--frame-size",
-                             "64", "--workers", "1"]) == 0
+                             "llava-video", "--frames-upbound", str(NUM_FRAMES), "--frame-size", "64", "--workers",
+                             "1"]) == 0  # lmms-eval's sampling: the 2 s videos get 1 frame per second
     return root
 
 
@@ -243,11 +244,13 @@ def test_videomme_subtitles_follow_the_sampled_frames(tmp_path):
 def test_frame_folders_and_gifs_become_clips_with_lmms_eval_frame_times(built):
     shards = FrameShards(built / "data" / "mvbench" / "shards")
     tv = shards.lookup("tvqa/video_fps3_hq_segment/tv1")
-    assert tv.fps == 3.0 and tv.frame_indices == (0, 1, 3, 5)  # linspace(0, 5, 4) over 6 JPEGs at 3 fps
-    gif = shards.lookup("Moments_in_Time_Raw/videos/mit1.gif")
-    assert gif.fps == 10.0 and gif.frame_indices == (0, 2, 4, 7)
+    # a folder: linspace(0, 5, 4) over 6 JPEGs at 3 fps, though 1 fps would give 2 (llava_vid's MVBench branch)
+    assert tv.fps == 3.0 and tv.frame_indices == (0, 1, 3, 5)
+    gif = shards.lookup("Moments_in_Time_Raw/videos/mit1.gif")  # 8 frames at 10 fps: one per second
+    assert gif.fps == 10.0 and gif.frame_indices == (0,)
     webm = shards.lookup("ssv2_video_mp4/ssv2_1.webm")  # VP9 in WebM, as Something-Something v2 ships
-    assert webm.fps == 10.0 and webm.frame_indices == (0, 6, 12, 19)
+    assert webm.fps == 10.0 and webm.frame_indices == (0, 10)
+    assert shards.frames_per_clip is None and shards.max_frames_per_clip == NUM_FRAMES
     _, _, questions = qs.load_questions(built / "data" / "mvbench" / "questions.jsonl")
     loader = batching.ClipLoader(shards, NUM_FRAMES, 64, threads=1)
     uid, pixels, duration, times = loader.load(questions[1])
@@ -337,9 +340,9 @@ def test_egoschema_full_set_writes_the_server_submission(tmp_path):
 
 # ------------------------------------------------------------------------------- the suite, end to end
 @pytest.fixture(scope="module")
-def suite_run(built):
-    """eval-suite --suite paper over all built variants with one tiny random model on one device, one compiled
-    step for every benchmark (same prompt length, option layout, frames and budget)."""
+def suite_model(built):
+    """eval-suite's arguments and its tiny random model (a vocabulary that covers the bundled tokenizer), on one
+    device."""
     overrides = [f"text.vocab_size={VOCAB}", "text.tie_word_embeddings=true", "text.hidden_size=64",
                  "text.intermediate_size=128"]
     parser = argparse.ArgumentParser()
@@ -350,6 +353,14 @@ def suite_run(built):
          *[f"--config.model.{o}" for o in overrides]])
     mesh = make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
     params, cfg, name = mqa_eval.load_model(args, mesh)
+    return args, params, cfg, name, mesh
+
+
+@pytest.fixture(scope="module")
+def suite_run(built, suite_model):
+    """eval-suite --suite paper over all built variants with one tiny random model on one device, one compiled
+    step for every benchmark (same prompt length, option layout, frames and budget)."""
+    args, params, cfg, name, mesh = suite_model
     logs = []
     suite.run_suite(args, params, cfg, name, mesh, qs.default_tokenizer(), "bundled",
                     log=lambda *a, **k: logs.append(" ".join(map(str, a))))
@@ -371,6 +382,11 @@ def test_suite_scores_every_benchmark_the_official_way_and_writes_one_table(suit
                         == p["gt_letter"] for p in preds]
             assert stats["correct"] == sum(expected) and set(stats["breakdowns"]) == set(VARIANTS[variant].groups)
         assert f"## {variant} (official scoring" in (out / variant / "report.md").read_text()
+    by_variant = {v: [json.loads(line) for line in (out / v / "predictions.jsonl").read_text().splitlines()]
+                  for v in ("mvbench", "nextqa_mc_test")}
+    assert [p["num_frames"] for p in by_variant["mvbench"]] == [1, 4, 2]  # each clip its own frames, padded to 4
+    assert [p["num_frames"] for p in by_variant["nextqa_mc_test"]] == [2, 2]  # a 2 s video at 1 fps
+    assert json.loads((out / "mvbench" / "results.json").read_text())["settings"]["layout"]["num_frames"] == 4
     submission = json.loads((out / "egoschema" / "egoschema_submission.json").read_text())
     assert set(submission) == {"ego0", "ego1", "ego2"} and all(-1 <= v < 5 for v in submission.values())
     assert cli.main(["eval-suite", "--data", str(built / "data"), "--out", str(out), "--table-only"]) == 0
@@ -379,3 +395,66 @@ def test_suite_scores_every_benchmark_the_official_way_and_writes_one_table(suit
     assert all(r["status"] == "ok" for r in table["rows"] if r["variant"] != "egoschema")
     markdown = (out / "suite.md").read_text()
     assert "| MVBench |" in markdown and "61.1" in markdown and "NExT-QA (MC)" in capsys.readouterr().out
+
+
+def test_a_padded_batch_of_clips_with_different_frame_counts_answers_as_each_clip_alone(built, suite_model):
+    """MVBench's clips have 1 (GIF, 1 fps), 4 (frame folder) and 2 (WebM) frames. One eval batch pads them to 4 (and
+    fills its other rows): the greedy answer and option scores of each padded clip equal those of the clip run
+    alone (its own frames, an uncached forward pass); with lmms-eval's time instruction each prompt states the
+    clip's own frames. The batch has the suite's shapes, so its generate step is already compiled (test order only
+    saves time)."""
+    _, params, cfg, _, mesh = suite_model
+    tokenizer = qs.default_tokenizer()
+    _, _, questions = qs.load_questions(built / "data" / "mvbench" / "questions.jsonl")
+    questions = [dataclasses.replace(q, time_style="lmms-eval") for q in questions]
+    builder = batching.PromptBuilder(tokenizer, True, INSTRUCTION)
+    layout = builder.layout(questions, 8, NUM_FRAMES, cfg.vision.image_size, prompt_len=288, options_per_pass=5)
+    loader = batching.ClipLoader(FrameShards(built / "data" / "mvbench" / "shards"), NUM_FRAMES,
+                                 cfg.vision.image_size, threads=1)
+    arrays, info = batching.build_batch([0, 1, 2], questions, 0, layout, builder, loader)
+    loader.pool.shutdown()
+    counts = [1, 4, 2]
+    assert arrays["num_frames"].tolist() == counts + [1] * 5 and [r["num_frames"] for r in info] == counts
+    assert arrays["pixel_values"].shape[1] == NUM_FRAMES
+    assert not arrays["pixel_values"][0, 1:].any() and not arrays["pixel_values"][2, 2:].any()
+    prompts = [tokenizer.decode(ids[mask & (ids >= 0)]) for ids, mask in zip(arrays["input_ids"],
+                                                                            arrays["attention_mask"])]
+    assert "and 1 frames are uniformly sampled from it. These frames are located at 0.00s.Please" in prompts[0]
+    assert "and 2 frames are uniformly sampled from it. These frames are located at 0.00s,1.00s.Please" in prompts[2]
+    assert "and 4 frames are uniformly sampled" in prompts[1]
+
+    gen = runner.generation_config(tokenizer, 3, cfg.text.vocab_size, None)
+    steps = runner.make_steps(params, cfg, mesh, layout, gen, ("generate", "score"))
+    padded = {m: local_rows(fn(shard_batch(arrays, mesh)), mesh) for m, fn in steps.items()}
+    run_cfg = resolve_config(cfg, mesh)
+    for row, n in ((0, 1), (2, 2)):  # the padded clips alone: their own frames only
+        prompt = arrays["input_ids"][row][arrays["attention_mask"][row]].tolist()
+        answer = padded["generate"]["tokens"][row, : padded["generate"]["num_tokens"][row]].tolist()
+        options = [ids[mask].tolist() for ids, mask in zip(arrays["option_ids"][row], arrays["option_mask"][row])]
+        options = [o for o in options if o]
+        greedy, logprobs = alone_reference(params, run_cfg, mesh, prompt, arrays["pixel_values"][row, :n],
+                                           [answer] + options, gen.vocab_limit)
+        assert answer == greedy[0][: len(answer)]  # each generated token is the alone model's argmax
+        np.testing.assert_allclose(padded["score"]["logprob_sum"][row, : len(options)],
+                                   [sum(lp) for lp in logprobs[1:]], rtol=1e-5, atol=1e-5)
+
+
+def alone_reference(params, cfg, mesh, prompt, frames, continuations, vocab_limit):
+    """One clip alone, without padding or KV cache: one forward pass over prompt + each continuation (a row each,
+    the clip's frames repeated), then per row the argmax token and the log-probability of the continuation's
+    tokens at each of its positions."""
+    width = len(prompt) + max(map(len, continuations))
+    ids = np.zeros((len(continuations), width), np.int32)
+    for r, tokens in enumerate(continuations):
+        ids[r, : len(prompt) + len(tokens)] = prompt + tokens
+    mask = np.arange(width)[None] < np.asarray([len(prompt) + len(t) for t in continuations])[:, None]
+    pixels = np.repeat(frames[None], len(continuations), axis=0)
+    with use_mesh(mesh):
+        hidden = jax.jit(llava.forward, static_argnames="cfg")(params, cfg, ids, pixels, mask).hidden
+        logprobs = np.asarray(jax.nn.log_softmax(llava.lm_logits(params, hidden, vocab_limit), axis=-1))
+    start = len(prompt) - 2 + cfg.tokens_per_video(len(frames))  # predicts the first token after the prompt
+    steps = [range(start, start + len(t)) for t in continuations]
+    greedy = [[int(logprobs[r, p].argmax()) for p in ps] for r, ps in enumerate(steps)]
+    picked = [[float(logprobs[r, p, t]) for p, t in zip(ps, tokens)]
+              for r, (ps, tokens) in enumerate(zip(steps, continuations))]
+    return greedy, picked

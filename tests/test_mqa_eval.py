@@ -18,7 +18,7 @@ from PIL import Image
 
 from llavaction_jax.data import frames as fs
 from llavaction_jax.data import prompts
-from llavaction_jax.eval import metrics, mqa_eval, questions as qs, runner
+from llavaction_jax.eval import batching, metrics, mqa_eval, questions as qs, runner
 from llavaction_jax.eval.parsing import score_answer
 from llavaction_jax.sharding import make_mesh
 from conftest import COLLECTIVE_FLAGS
@@ -345,6 +345,16 @@ def test_a_killed_eval_resumes_and_writes_what_an_uninterrupted_run_writes(data_
     for r in results:
         r.pop("run")
     assert results[0] == results[1] and reference["num_questions"] == N_QUESTIONS
+
+
+def test_the_run_frame_count_subsamples_longer_clips_and_keeps_shorter_ones(data_dir):
+    shards = fs.FrameShards(data_dir / "shards")  # every clip 2 frames
+    assert runner.run_frame_count(shards, None) == N_FRAMES and runner.run_frame_count(shards, 1) == 1
+    with pytest.raises(ValueError, match=r"--num-frames 3: every clip in .*shards has 2 frames"):
+        runner.run_frame_count(shards, 3)
+    assert batching.select_positions(3, 4).tolist() == [0, 1, 2]  # a short clip keeps its own frames
+    assert batching.select_positions(8, 4).tolist() == [0, 2, 4, 6]  # upstream EK100's stride
+    assert batching.select_positions(10, 4).tolist() == [0, 3, 6, 9]  # linspace(0, 9, 4) truncated
 
 
 def test_a_question_without_gt_letter_is_rejected_when_the_file_is_loaded(data_dir, tmp_path):

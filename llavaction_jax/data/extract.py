@@ -128,8 +128,11 @@ def extract_clip(clip: ClipSpec, settings: dict, videos: VideoCache) -> fs.ClipR
             duration = end - start  # upstream reports the requested (unclamped) duration
         else:
             first, stop = int(round(start * fps)), min(int(round(end * fps)), video.num_frames)
-            ids = sampling.llava_video_frame_ids(first, stop, fps, settings["frames_upbound"],
-                                                 settings["force_sample"], settings["video_fps"])
+            # lmms-eval's llava_vid spreads --frames-upbound frames over a folder of frames (MVBench's TVQA
+            # clips) whatever its length: a folder is always force-sampled.
+            force = settings["force_sample"] or os.path.isdir(clip.path)
+            ids = sampling.llava_video_frame_ids(first, stop, fps, settings["frames_upbound"], force,
+                                                 settings["video_fps"])
             duration = (stop - first) / fps  # upstream video_time = frames / avg_fps
         ids = [int(i) for i in ids]
         frames = videos.read(clip.path, ids)
@@ -321,7 +324,9 @@ Sampling (--sampling; default ek100 for CSVs, llava-video for JSONL):
                --fps N only states the rate you expect: a video that disagrees is warned about and listed
                in manifest.json's fps_mismatches {video: its rate}.
   llava-video  upstream LLaVA-Video: every round(avg_fps / --video-fps)-th frame, switching to
-               --frames-upbound frames spread with np.linspace when there are more (or with --force-sample).
+               --frames-upbound frames spread with np.linspace when there are more (or with --force-sample,
+               and always for a folder of frames, as lmms-eval's llava_vid reads MVBench's). Without
+               --force-sample a short video keeps fewer frames; eval pads them per clip.
 
 Frames are stored squashed to --frame-size x --frame-size with PIL bicubic (upstream's SigLIP preprocessing;
 0 keeps the source size). Decoding uses decord, falling back to PyAV (--decoder). Work runs in --workers
@@ -357,7 +362,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames-upbound", type=int, default=64,
                         help="llava-video rule: most frames per clip, 0 = no cap (default: %(default)s)")
     parser.add_argument("--force-sample", action="store_true",
-                        help="llava-video rule: always take exactly --frames-upbound frames")
+                        help="llava-video rule: always take exactly --frames-upbound frames (frame folders "
+                             "always do)")
     parser.add_argument("--video-fps", type=float, default=1.0,
                         help="llava-video rule: frames per second to sample (default: %(default)s)")
     parser.add_argument("--frame-size", type=int, default=SIGLIP_SIZE,

@@ -3,7 +3,9 @@ process's rows onto the global mesh and back.
 
 One compiled step serves the whole run because every shape is fixed up front from the *whole* question file (so
 all processes agree): the prompt length is the longest prompt rounded up, the option layout is the most options
-times the longest option, and a short batch is filled with copies of a real question whose answers are dropped.
+times the longest option, every clip is padded to the run's frame count (the most frames a clip of the shards
+has, or ``--num-frames``) with its own count in ``num_frames``, and a short batch is filled with copies of a real
+question whose answers are dropped.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def round_up(n: int, multiple: int) -> int:
 class BatchLayout:
     batch_size: int  # questions per process per step
     prompt_len: int  # text tokens, including the one -200 placeholder
-    num_frames: int
+    num_frames: int  # frames per clip in the batch: a clip with fewer is zero-padded (its own count in num_frames)
     image_size: int
     num_options: int
     option_len: int  # tokens of the longest option continuation (with <|im_end|>)
@@ -73,8 +75,9 @@ class PromptBuilder:
 
 
 class ClipLoader:
-    """Model-ready frames of a question's clip: read from the shards, subsampled to the run's frame count, resized
-    and normalised like upstream. Thread-safe; decoding (PIL releases the GIL) runs in a thread pool."""
+    """Model-ready frames of a question's clip: read from the shards, subsampled to at most the run's frame count,
+    resized and normalised like upstream, and zero-padded to the run's frame count. Thread-safe; decoding (PIL
+    releases the GIL) runs in a thread pool."""
 
     def __init__(self, shards: FrameShards, num_frames: int, image_size: int, threads: int = 4):
         self.shards, self.num_frames, self.image_size = shards, num_frames, image_size
@@ -89,25 +92,31 @@ class ClipLoader:
                        f"{self.shards.directory}")
 
     def load(self, question: EvalQuestion) -> tuple[str, np.ndarray, float, tuple[float, ...]]:
-        """(clip uid, float32 (T, 3, S, S), duration in seconds, each frame's time in the clip in seconds)."""
+        """(clip uid, float32 (T, 3, S, S), duration in seconds, each frame's time in the clip in seconds).
+
+        T is the run's frame count; the clip's own frames are the first ``len(times)``, the rest zeros."""
         uid = self.clip_uid(question)
         index = self.shards.index_of(uid)
         with self._lock:  # the record reader is opened lazily and shared
             data = self.shards.read_bytes(index)
         record = self.shards.parse(data, index)
-        positions = select_positions(record.num_frames, self.num_frames, uid)
+        positions = select_positions(record.num_frames, self.num_frames)
         frames = decode_frames(record)[positions]
         start = round(record.start_sec * record.fps)
         times = tuple((record.frame_indices[p] - start) / record.fps for p in positions)
-        return uid, preprocess_frames(frames, self.image_size), float(record.duration_sec), times
+        pixels = preprocess_frames(frames, self.image_size)
+        padded = np.zeros((self.num_frames, *pixels.shape[1:]), pixels.dtype)
+        padded[: len(pixels)] = pixels
+        return uid, padded, float(record.duration_sec), times
 
 
-def select_positions(n: int, num_frames: int, uid: str) -> np.ndarray:
-    """Which ``num_frames`` of a clip's ``n`` stored frames the model sees: every k-th when the count divides
-    (upstream EK100's ``video_frames[::clip_length // num_frames]``), else LLaVA-Video's
-    ``linspace(0, n - 1, num_frames)``."""
-    if n < num_frames:
-        raise ValueError(f"clip {uid!r} has {n} frames, fewer than the {num_frames} the run uses")
+def select_positions(n: int, num_frames: int) -> np.ndarray:
+    """Which of a clip's ``n`` stored frames the model sees: all of them when there are at most ``num_frames``
+    (a short video sampled at 1 fps keeps its own count, as in lmms-eval's llava_vid), else ``num_frames`` of
+    them: every k-th when the count divides (upstream EK100's ``video_frames[::clip_length // num_frames]``), else
+    LLaVA-Video's ``linspace(0, n - 1, num_frames)``."""
+    if n <= num_frames:
+        return np.arange(n)
     if n % num_frames == 0:
         return np.arange(0, n, n // num_frames)
     return np.linspace(0, n - 1, num_frames, dtype=int)
@@ -117,24 +126,27 @@ def build_batch(indices: list[int], questions: list[EvalQuestion], fill_index: i
                 builder: PromptBuilder, loader: ClipLoader) -> tuple[dict, list[dict]]:
     """Host arrays for one step of ``layout.batch_size`` rows and, per real row, what the prediction record needs.
 
-    Rows past ``indices`` repeat question ``fill_index`` (a real question, so the step computes nothing odd)."""
+    Rows past ``indices`` repeat question ``fill_index`` (a real question, so the step computes nothing odd). The
+    prompt of a clip states its own frame count (lmms-eval's llava_vid: ``len(video)``), ``num_frames`` (B,) holds
+    it for the model."""
     rows = indices + [fill_index] * (layout.batch_size - len(indices))
     loaded = list(loader.pool.map(lambda i: loader.load(questions[i]), rows))
     ids = np.zeros((len(rows), layout.prompt_len), np.int32)
     mask = np.zeros(ids.shape, bool)
+    counts = np.asarray([len(times) for *_, times in loaded], np.int32)
     option_lists, info = [], []
     for r, (i, (clip_uid, _, duration, times)) in enumerate(zip(rows, loaded)):
-        prompt = builder.prompt_ids(questions[i], duration, layout.num_frames, times)
+        prompt = builder.prompt_ids(questions[i], duration, len(times), times)
         if len(prompt) > layout.prompt_len:
             raise ValueError(f"question {questions[i].uid!r}: prompt of {len(prompt)} tokens is longer than the run's "
                              f"prompt length {layout.prompt_len} (set --prompt-len)")
         ids[r, : len(prompt)], mask[r, : len(prompt)] = prompt, True
         option_lists.append(builder.option_ids(questions[i]))
         if r < len(indices):
-            info.append({"index": i, "clip_uid": clip_uid, "prompt_tokens": len(prompt)})
+            info.append({"index": i, "clip_uid": clip_uid, "num_frames": len(times), "prompt_tokens": len(prompt)})
     option_ids, option_mask = pad_options(option_lists, layout.num_options, layout.option_len)
     arrays = {"input_ids": ids, "attention_mask": mask, "pixel_values": np.stack([p for _, p, _, _ in loaded]),
-              "option_ids": option_ids, "option_mask": option_mask}
+              "num_frames": counts, "option_ids": option_ids, "option_mask": option_mask}
     return arrays, info
 
 

@@ -65,9 +65,11 @@ class DecodeState:
 
 @functools.partial(jax.jit, static_argnames=("cfg", "gen", "out_len"))
 def generate(params: dict, cfg: ModelConfig, gen: GenerationConfig, input_ids, pixel_values, attention_mask,
-             key: jax.Array | None = None, out_len: int | None = None):
-    """Returns (tokens (B, max_new_tokens) int32 with pad after EOS, num_tokens (B,) including the EOS)."""
-    s = llava.embed_inputs(params, cfg, input_ids, pixel_values, attention_mask, out_len=out_len)
+             key: jax.Array | None = None, out_len: int | None = None, num_frames=None):
+    """Returns (tokens (B, max_new_tokens) int32 with pad after EOS, num_tokens (B,) including the EOS).
+    num_frames (B,) int: row i's video is its first num_frames[i] frames of pixel_values (default: all T)."""
+    s = llava.embed_inputs(params, cfg, input_ids, pixel_values, attention_mask, out_len=out_len,
+                           num_frames=num_frames)
     text = params["text"]
     b, s_len = s.valid.shape
     lengths = s.valid.sum(axis=1).astype(jnp.int32)

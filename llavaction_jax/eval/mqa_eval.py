@@ -61,7 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cli_flags.add_mesh(parser)
     a("--limit", type=int, default=None, help="evaluate only the first N questions")
     a("--tokenizer", default=None, help="tokenizer directory (default: the model directory's, else bundled Qwen2)")
-    cli_flags.add_num_frames(parser, "frames per clip fed to the model (default: the shards')", default=None)
+    cli_flags.add_num_frames(parser, "most frames per clip fed to the model: a clip with more is subsampled, one "
+                             "with fewer keeps its own (default: the most a clip of the shards has)", default=None)
     a("--prompt-len", type=int, default=None, help="padded prompt length (default: longest prompt, rounded up)")
     a("--time-instruction", action=argparse.BooleanOptionalAction, default=True,
       help="videoqa: prepend LLaVA-Video's 'The video lasts for ...' instruction")

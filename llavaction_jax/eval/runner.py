@@ -3,7 +3,8 @@ records of all processes gathered on process 0, checked, scored and written (see
 
 Prediction record (one line of predictions.jsonl, :func:`prediction_record`): index (0-based line in the question
 file), uid, clip_uid, options, gt_letter, gt_text, groups, the question file's extra keys (EK100: gt_vn,
-option_vns, top1_text, source, narration), prompt_tokens, and per mode
+option_vns, top1_text, source, narration), num_frames (the frames of the clip the model saw), prompt_tokens, and
+per mode
   generate: raw (decoded, special tokens skipped), parsed (upstream's parse), letter, correct_text (upstream's
             metric), correct_letter, num_tokens (including the EOS);
   score:    letter (highest logprob_sum), correct_letter, correct_text, letter_normalized (highest logprob_mean),
@@ -50,7 +51,7 @@ class EvalSettings:
     batch_size: int = 8  # questions per process per step
     modes: tuple[str, ...] = ("generate",)
     max_new_tokens: int = 4096  # upstream's budget
-    num_frames: int | None = None  # default: the shards' frames per clip
+    num_frames: int | None = None  # most frames per clip (default: the shards' most); shorter clips keep their own
     prompt_len: int | None = None  # default: the longest prompt rounded up to 32
     limit: int | None = None  # evaluate the first N questions only
     fmt: str = "auto"
@@ -69,6 +70,22 @@ def check_tokenizer_fits(cfg, tokenizer) -> None:
             f"prompt ids up to {len(tokenizer) - 1} cannot be embedded. Use the checkpoint's own tokenizer "
             "(--tokenizer DIR), or, for a random preset, a vocabulary that covers the tokenizer "
             "(--override text.vocab_size=151680).")
+
+
+def run_frame_count(shards: FrameShards, requested: int | None) -> int:
+    """Frames per clip of the run's batches: ``requested`` (a clip with more is subsampled to it), else the most a
+    clip of the shards has (their fixed count, or the 1-fps cap they were extracted with). Clips with fewer frames
+    keep their own and are padded to it."""
+    if requested is not None and requested < 1:
+        raise ValueError(f"--num-frames must be at least 1, got {requested}")
+    if requested and shards.frames_per_clip and requested > shards.frames_per_clip:
+        raise ValueError(f"--num-frames {requested}: every clip in {shards.directory} has {shards.frames_per_clip} "
+                         "frames; extract more frames per clip to feed more")
+    num_frames = requested or shards.max_frames_per_clip
+    if num_frames is None:
+        raise ValueError(f"{shards.directory}: clips have varying frame counts without a cap in manifest.json "
+                         "(extracted with --frames-upbound 0); pass --num-frames")
+    return num_frames
 
 
 def generation_config(tokenizer, max_new_tokens: int, vocab_size: int, model_dir: str | None):
@@ -108,14 +125,14 @@ def make_steps(params, cfg, mesh, layout, gen, modes):
         return run
 
     # Generation gets no option arrays, so one compiled step serves question files with other option layouts.
-    keys = {"generate": ("input_ids", "pixel_values", "attention_mask"), "score": None}
+    keys = {"generate": ("input_ids", "pixel_values", "attention_mask", "num_frames"), "score": None}
     return {m: under_mesh(steps[m], keys[m]) for m in modes}
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "gen", "out_len"))
 def generate_step(params, batch, *, cfg, gen, out_len):
     tokens, num = generate(params, cfg, gen, batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
-                           out_len=out_len)
+                           out_len=out_len, num_frames=batch["num_frames"])
     return constrain_batch({"tokens": tokens, "num_tokens": num})
 
 
@@ -123,7 +140,7 @@ def generate_step(params, batch, *, cfg, gen, out_len):
 def score_step(params, batch, *, cfg, out_len, vocab_limit, options_per_pass):
     scores = score_options(params, cfg, batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
                            batch["option_ids"], batch["option_mask"], out_len=out_len, vocab_limit=vocab_limit,
-                           options_per_pass=options_per_pass)
+                           options_per_pass=options_per_pass, num_frames=batch["num_frames"])
     return constrain_batch(scores)
 
 
@@ -136,7 +153,8 @@ def prediction_record(question, info: dict, outputs: dict, row: int, tokenizer, 
     """One line of predictions.jsonl: the question's identity and GT, then per mode what the model answered."""
     record = {"index": info["index"], "uid": question.uid, "clip_uid": info["clip_uid"],
               "options": list(question.options), "gt_letter": question.gt_letter, "gt_text": question.gt_text,
-              "groups": question.groups, **question.extra, "prompt_tokens": info["prompt_tokens"]}
+              "groups": question.groups, **question.extra, "num_frames": info["num_frames"],
+              "prompt_tokens": info["prompt_tokens"]}
     if "generate" in modes:
         n = int(outputs["generate"]["num_tokens"][row])
         raw = tokenizer.decode(outputs["generate"]["tokens"][row, :n].tolist(), skip_special_tokens=True)
@@ -259,9 +277,7 @@ def evaluate(params, cfg, tokenizer, questions_path, shards_dir, out_dir, settin
     missing = [q.uid for q in questions if not any(uid in shards for uid in q.clip_uids)]
     if missing:
         raise KeyError(f"{len(missing)} questions have no clip in {shards_dir} (first: {missing[:5]})")
-    num_frames = settings.num_frames or shards.frames_per_clip
-    if num_frames is None:
-        raise ValueError(f"{shards_dir}: clips have varying frame counts; pass --num-frames")
+    num_frames = run_frame_count(shards, settings.num_frames)
     stated = (meta or {}).get("settings", {})
     if stated.get("include_time_instruction") and stated.get("n_frames") != num_frames and jax.process_index() == 0:
         log(f"[eval] warning: the prompts state {stated.get('n_frames')} frames, the model sees {num_frames}")
@@ -282,8 +298,8 @@ def evaluate(params, cfg, tokenizer, questions_path, shards_dir, out_dir, settin
     loader = batching.ClipLoader(shards, num_frames, cfg.vision.image_size, settings.threads)
     if jax.process_index() == 0:
         log(f"[eval] {len(questions)} {fmt} questions, {jax.process_count()} process(es), steps of "
-            f"{settings.batch_size} per process; modes {'+'.join(settings.modes)}; {num_frames} frames; prompts "
-            f"padded to {layout.prompt_len} tokens, {layout.num_options} options x {layout.option_len} tokens"
+            f"{settings.batch_size} per process; modes {'+'.join(settings.modes)}; up to {num_frames} frames per "
+            f"clip; prompts padded to {layout.prompt_len} tokens, {layout.num_options} options x {layout.option_len} tokens"
             + (f"; resuming: {len(questions) - len(todo)} already answered" if len(todo) < len(questions) else ""))
     if not partial.is_file():
         partial.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")

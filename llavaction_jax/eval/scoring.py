@@ -67,16 +67,18 @@ def _token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("cfg", "out_len", "vocab_limit", "options_per_pass"))
 def score_options(params: dict, cfg: ModelConfig, input_ids, pixel_values, attention_mask, option_ids, option_mask,
                   out_len: int | None = None, vocab_limit: int | None = None,
-                  options_per_pass: int | None = None) -> dict:
+                  options_per_pass: int | None = None, num_frames=None) -> dict:
     """Log-likelihood of each option continuation.
 
     input_ids (B, L) prompts with one -200 each (right-padded, ``attention_mask`` marks real tokens); pixel_values
     (B, T, C, H, W) or None; option_ids / option_mask (B, K, M) from :func:`pad_options`; ``options_per_pass`` C
-    (a divisor of K; default K) options share one pass over the broadcast cache.
+    (a divisor of K; default K) options share one pass over the broadcast cache; ``num_frames`` (B,) int: row i's
+    video is its first num_frames[i] frames (default: all T).
     Returns {"token_logprobs" (B, K, M) (0 at padding), "logprob_sum" (B, K), "logprob_mean" (B, K),
     "num_tokens" (B, K)}; options without tokens score -inf.
     """
-    s = llava.embed_inputs(params, cfg, input_ids, pixel_values, attention_mask, out_len=out_len)
+    s = llava.embed_inputs(params, cfg, input_ids, pixel_values, attention_mask, out_len=out_len,
+                           num_frames=num_frames)
     text = params["text"]
     b, s_len = s.valid.shape
     k, m = option_ids.shape[1:]

@@ -14,9 +14,10 @@ Build question files from a benchmark's official annotation files. Writes, per l
 OUT/<variant>/questions.jsonl (+ .meta.json) and OUT/<variant>/clips.jsonl. Then decode the frames once:
 
   python -m llavaction_jax extract-frames --jsonl OUT/<variant>/clips.jsonl --video-root VIDEOS \\
-      --out OUT/<variant>/shards --sampling llava-video --frames-upbound 64 --force-sample
+      --out OUT/<variant>/shards --sampling llava-video --frames-upbound 64
 
-and evaluate (or run several with eval-suite):
+(lmms-eval's llava_vid sampling: 1 frame per second, 64 spread over a longer video; add --force-sample for 64
+frames from every video) and evaluate (or run several with eval-suite; a clip keeps its own frame count):
 
   python -m llavaction_jax eval --model MODEL --questions OUT/<variant>/questions.jsonl \\
       --shards OUT/<variant>/shards --out RESULTS --max-new-tokens 16

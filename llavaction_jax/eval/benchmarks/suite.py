@@ -56,7 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--mesh", default="data=-1,fsdp=1,tensor=1", help="mesh shape over all devices of all processes")
     a("--limit", type=int, default=None, help="evaluate only the first N questions of each benchmark")
     a("--tokenizer", default=None, help="tokenizer directory (default: the model directory's, else bundled Qwen2)")
-    a("--num-frames", type=int, default=None, help="frames per clip fed to the model (default: the shards')")
+    a("--num-frames", type=int, default=None,
+      help="most frames per clip fed to the model: a clip with more is subsampled, one with fewer keeps its own "
+           "(default: the most a clip of the shards has)")
     a("--prompt-len", type=int, default=None,
       help="padded prompt length for every benchmark, so one compiled step serves them all (default: each file's "
            "longest prompt, rounded up)")
