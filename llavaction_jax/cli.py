@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build-mqa": ("llavaction_jax.data.mqa", "build an EK100-MQA question file from annotation CSVs"),
     "train": ("llavaction_jax.train.cli", "train or fine-tune on a mesh (resumable; config file + --config.x=y overrides)"),
     "eval": ("llavaction_jax.eval.mqa_eval", "evaluate a model on an EK100-MQA (or generic video QA) question file"),
+    "predict": ("llavaction_jax.eval.predict", "answer a question about a video file (or many: --batch FILE.jsonl)"),
     "convert": ("llavaction_jax.convert.cli", "convert checkpoints between PyTorch (upstream / HF) and our Orbax format"),
 }
 

@@ -125,7 +125,7 @@ def _first(record: dict, *keys):
 
 
 def videoqa_question(record: dict, line: int) -> EvalQuestion:
-    texts = _option_texts(_first(record, "options", "candidates"))
+    texts = option_texts(_first(record, "options", "candidates"))
     options = tuple(prompts.letter_options(texts))
     answer = _first(record, "answer", "gt_letter", "answer_idx")
     index = _answer_index(answer, texts)
@@ -143,7 +143,8 @@ def videoqa_question(record: dict, line: int) -> EvalQuestion:
                         groups={} if category is None else {"category": category})
 
 
-def _option_texts(options) -> list[str]:
+def option_texts(options) -> list[str]:
+    """Answer texts of an option list: as given, or with the letters of a fully lettered list removed."""
     if not isinstance(options, list) or len(options) < 2:
         raise ValueError(f"'options' must be a list of at least 2 answers, got {options!r}")
     options = [str(o) for o in options]

@@ -20,11 +20,13 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import multihost_utils
 
-from llavaction_jax import checkpoint_io, distributed, integrity
+from llavaction_jax import checkpoint_io, distributed, integrity, model_files
 from llavaction_jax.config import ModelConfig
 from llavaction_jax.data.batching import make_global_batch
+from llavaction_jax.data.frames import read_manifest
 from llavaction_jax.data.mixture import load_mixture
 from llavaction_jax.data.pipeline import TrainPipelineConfig, train_dataset
+from llavaction_jax.data.tokenizer import has_tokenizer
 from llavaction_jax.model import llava
 from llavaction_jax.model.params import abstract_params
 from llavaction_jax.recipes import model_config
@@ -85,6 +87,21 @@ def optimizer_config(cfg, total_steps: int) -> OptimizerConfig:
     return OptimizerConfig(**{k: v for k, v in cfg.optim.items() if k in fields}, total_steps=total_steps)
 
 
+def tokenizer_dir(cfg) -> str | None:
+    """The tokenizer training uses: `data.tokenizer`, else init_from's own (a converted or trained model carries
+    one), else None (Qwen2's, data/tokenizer.qwen2_tokenizer). The final model carries the same one."""
+    if cfg.data.tokenizer:
+        return cfg.data.tokenizer
+    return cfg.model.init_from if has_tokenizer(cfg.model.init_from or None) else None
+
+
+def trained_num_frames(cfg) -> int | None:
+    """Frames per clip the run trains on: `data.num_frames`, else the shards' (None if they vary)."""
+    if cfg.data.num_frames or not cfg.data.shards:
+        return cfg.data.num_frames or None
+    return read_manifest(cfg.data.shards).get("frames_per_clip")
+
+
 def make_data(cfg, model_cfg: ModelConfig, per_process_batch: int):
     d = cfg.data
     samples = load_mixture(d.samples, seed=d.seed)
@@ -93,7 +110,7 @@ def make_data(cfg, model_cfg: ModelConfig, per_process_batch: int):
         max_length=d.max_length, length_buckets=tuple(d.length_buckets) or None, seed=d.seed,
         group_by_length=d.group_by_modality_length, length_group_steps=d.length_group_steps,
         on_bad_sample=d.on_bad_sample, add_time_instruction=d.add_time_instruction,
-        tokenizer_path=d.tokenizer or None, pad_id=d.pad_id, worker_count=d.worker_count)
+        tokenizer_path=tokenizer_dir(cfg), pad_id=d.pad_id, worker_count=d.worker_count)
     return train_dataset(samples, d.shards or None, pipeline), len(samples)
 
 
@@ -217,8 +234,11 @@ def train(cfg) -> dict:
         if final_model_step(final) != step:  # absent, partial, corrupt, or from before the run was extended
             save_dtype = cfg.train.save_dtype or model_cfg.param_dtype  # the source's dtype unless asked
             params = jax.jit(lambda p: cast_tree(p, save_dtype))(state["params"])
-            checkpoint_io.publish_model(final, model_cfg.replace(param_dtype=save_dtype), params,
-                                        extra_files={FINAL_STEP_FILE: json.dumps({"step": step}) + "\n"})
+            save_cfg = model_cfg.replace(param_dtype=save_dtype)
+            files = model_files.companion_files(save_cfg, tokenizer_dir(cfg), cfg.model.init_from or None,
+                                                trained_num_frames(cfg))
+            checkpoint_io.publish_model(final, save_cfg, params,
+                                        extra_files={**files, FINAL_STEP_FILE: json.dumps({"step": step}) + "\n"})
             log(f"final model (step {step}) written to {final}")
     skipped = total_skipped(skipped)
     if skipped:
