@@ -114,8 +114,8 @@ class LlavaModel:
             raise ValueError(f"{len(prompts)} prompts but {len(options)} option lists")
         batch = self._prompt_batch(videos, prompts, prompt_len)
         im_end = tokenizer.convert_tokens_to_ids(chat.IM_END)
-        per_sample = [option_token_ids(tokenizer, list(o), im_end) for o in options]
-        longest = max(len(ids) for sample in per_sample for ids in sample)
+        per_sample = [option_token_ids(tokenizer, list(o), im_end) if len(o) else [] for o in options]
+        longest = max((len(ids) for sample in per_sample for ids in sample), default=1)
         batch["option_ids"], batch["option_mask"] = pad_options(per_sample, max(map(len, options)),
                                                                 round_up(longest, 4))
         n_vis = self.cfg.tokens_per_video(batch["pixel_values"].shape[1])
