@@ -51,10 +51,14 @@ def companion_files(cfg: ModelConfig, tokenizer_dir: str | pathlib.Path | None =
         kept = source / name if source is not None else None
         files[name] = kept.read_text(encoding="utf-8") if kept is not None and kept.is_file() else (
             json.dumps(default(), indent=2) + "\n")
+    config = json.loads(files[TORCH_CONFIG])
+    # Upstream's loader adds an <im_patch> token (and grows the vocabulary by one) unless the config says no, as
+    # every released LLaVA-Video / LLaVAction config does (llavaction/model/builder.py: load_pretrained_model).
+    config.setdefault("mm_use_im_patch_token", False)
+    config.setdefault("mm_use_im_start_end", False)
     if num_frames:
-        config = json.loads(files[TORCH_CONFIG])
         config["frames_upbound"] = int(num_frames)
-        files[TORCH_CONFIG] = json.dumps(config, indent=2) + "\n"
+    files[TORCH_CONFIG] = json.dumps(config, indent=2) + "\n"
     return files
 
 

@@ -189,7 +189,7 @@ def upstream_reference_logits(export: pathlib.Path, ids: np.ndarray, pixels: np.
         return llm(inputs_embeds=embeds[None]).logits[0].numpy()
 
 
-def test_to_torch_export_of_a_trained_model_loads_in_transformers_with_the_same_logits(tmp_path):
+def test_to_torch_export_of_a_trained_model_loads_in_transformers_with_the_same_logits(tmp_path, capsys):
     from transformers import AutoTokenizer, GenerationConfig
 
     from llavaction_jax.api import LlavaModel
@@ -202,6 +202,8 @@ def test_to_torch_export_of_a_trained_model_loads_in_transformers_with_the_same_
     assert main(["convert", "to-torch", str(tmp_path / "trained"), str(tmp_path / "torch"), "--no-progress"]) == 0
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "config.json"):
         assert (tmp_path / "torch" / name).is_file(), name
+    config = json.loads((tmp_path / "torch" / "config.json").read_text())
+    assert config["mm_use_im_patch_token"] is False  # else upstream's loader adds <im_patch> and grows the vocabulary
 
     ours = llavaction_jax.load_pretrained(tmp_path / "trained")
     hf_tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "torch"))  # upstream's loader call
@@ -215,6 +217,12 @@ def test_to_torch_export_of_a_trained_model_loads_in_transformers_with_the_same_
     pixels = np.random.default_rng(0).uniform(-1, 1, (2, 3, 64, 64)).astype(np.float32)
     got = np.asarray(ours(ids[None], [pixels]).logits[0])
     np.testing.assert_allclose(got, upstream_reference_logits(tmp_path / "torch", ids, pixels), atol=TOL, rtol=0)
+
+    # HF's llava-onevision has one newline per video and no action token: refused, saying why, nothing written
+    assert main(["convert", "to-torch", str(tmp_path / "trained"), str(tmp_path / "hf"), "--layout",
+                 "hf-onevision"]) == 2
+    err = capsys.readouterr().err
+    assert "mm_newline_position='grid'" in err and "no action token" in err and not (tmp_path / "hf").exists()
 
 
 def write_json(path: pathlib.Path, value) -> pathlib.Path:

@@ -127,3 +127,18 @@ def test_offline_tokenizer_is_qwen2s_151646_entries():
     assert qwen3.get_vocab_size(with_added_tokens=True) == 151669
     text = "<|im_start|>user\nThe video lasts for 12.345 seconds. Héllo, wörld!  \n\n<|im_end|>\n"
     assert tokenizer(text)["input_ids"] == qwen3.encode(text).ids
+
+
+def test_training_uses_the_tokenizer_of_init_from_by_default(setup, tmp_path):
+    from _train_fixtures import tiny_train_config
+
+    from llavaction_jax.train.loop import tokenizer_dir
+
+    root, _ = setup
+    cfg = tiny_train_config(tmp_path, tmp_path / "out", steps=1, **{"data.tokenizer": "",
+                                                                     "model.init_from": root / "model"})
+    assert tokenizer_dir(cfg) == str(root / "model")  # the model's own, not Qwen2's
+    cfg.data.tokenizer = str(root / "tokenizer")
+    assert tokenizer_dir(cfg) == str(root / "tokenizer")  # an explicit one wins
+    cfg.data.tokenizer, cfg.model.init_from = "", ""
+    assert tokenizer_dir(cfg) is None  # Qwen2's (data/tokenizer.qwen2_tokenizer)
