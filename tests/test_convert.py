@@ -197,7 +197,12 @@ def test_to_torch_export_of_a_trained_model_loads_in_transformers_with_the_same_
 
     prompt = "<image>\nWhat action are you doing? A. take cup, B. open door"
     train_chatml_tokenizer([prompt, "You are a helpful assistant. system user assistant"] * 4, 300, tmp_path / "tok")
-    model = LlavaModel.random(tiny_cfg(heads=True, tied=False), seed=5)
+    import jax
+
+    from llavaction_jax.model import llava
+
+    cfg = tiny_cfg(heads=True, tied=False)  # random weights initialised in jit with rbg keys (fast on CPU)
+    model = LlavaModel(cfg, jax.jit(lambda key: llava.init(cfg, key))(jax.random.key(5, impl="rbg")))
     model.save_pretrained(tmp_path / "trained", tokenizer_dir=tmp_path / "tok")  # what `train` writes too
     assert main(["convert", "to-torch", str(tmp_path / "trained"), str(tmp_path / "torch"), "--no-progress"]) == 0
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "config.json"):

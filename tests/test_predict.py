@@ -16,6 +16,7 @@ from llavaction_jax.data.clip import read_clip
 from llavaction_jax.data.tokenizer import load_qwen_tokenizer, train_chatml_tokenizer
 from llavaction_jax.eval import questions as qs
 from llavaction_jax.eval.runner import EvalSettings, evaluate
+from llavaction_jax.model import llava
 from llavaction_jax.sharding import make_mesh
 
 FRAMES, NEW_TOKENS = 4, 8
@@ -36,7 +37,9 @@ def setup(tmp_path_factory):
     write_mp4(root / "videos" / "b.mp4", known_frames(200, 60))
     texts = [MC_MESSAGE, "What is in my hand? You are a helpful assistant. system user assistant", *OPTIONS]
     train_chatml_tokenizer(texts * 4, vocab_size=400, out_dir=root / "tokenizer")
-    LlavaModel.random(load_preset("tiny"), seed=1).save_pretrained(root / "model", tokenizer_dir=root / "tokenizer")
+    cfg = load_preset("tiny")  # random weights initialised in jit with rbg keys: seconds instead of a minute on CPU
+    model = LlavaModel(cfg, jax.jit(lambda key: llava.init(cfg, key))(jax.random.key(1, impl="rbg")))
+    model.save_pretrained(root / "model", tokenizer_dir=root / "tokenizer")
     return root, load_pretrained(root / "model")
 
 
