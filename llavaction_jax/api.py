@@ -120,7 +120,7 @@ class LlavaModel:
                                                                 round_up(longest, 4))
         n_vis = self.cfg.tokens_per_video(batch["pixel_values"].shape[1])
         out_len = llava.default_out_len(self.cfg, batch["input_ids"].shape[1], n_vis)
-        limit = len(tokenizer) if len(tokenizer) < self.cfg.text.vocab_size else None
+        limit = runner.generation_config(tokenizer, 1, self.cfg.text.vocab_size, None).vocab_limit  # eval's rule
         with use_mesh(self.mesh):
             out = runner.score_step(self.params, shard_batch(batch, self.mesh), cfg=self.run_cfg, out_len=out_len,
                                     vocab_limit=limit, options_per_pass=None)

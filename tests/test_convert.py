@@ -225,7 +225,7 @@ def test_to_torch_export_of_a_trained_model_loads_in_transformers_with_the_same_
 
     # HF's llava-onevision has one newline per video and no action token: refused, saying why, nothing written
     assert main(["convert", "to-torch", str(tmp_path / "trained"), str(tmp_path / "hf"), "--layout",
-                 "hf-onevision"]) == 2
+                 "hf-onevision"]) != 0
     err = capsys.readouterr().err
     assert "mm_newline_position='grid'" in err and "no action token" in err and not (tmp_path / "hf").exists()
 

@@ -175,7 +175,9 @@ def print_answer(rec: dict, out=sys.stdout) -> None:
         print(f"  {option:<{width}}  sum {total:9.3f}  per token {mean:8.3f}{mark}", file=out)
 
 
-DESCRIPTION = __doc__.split("\n\n")[0] + """
+DESCRIPTION = """Ask a model about a video file (no frame shards or question file needed): it prints the answer and, with
+--options, the option it names and the log-likelihood of every option (upstream's MC prompt, time instruction,
+frame sampling and preprocessing; greedy decoding).
 
 Examples:
   python -m llavaction_jax predict --model ckpt/llavaction-7b --video P01_01.MP4 --start 12.5 --end 14.2 \\
