@@ -37,7 +37,7 @@ def get_config():
     c.data.length_buckets = ()  # () = powers of two up to max_length
     c.data.group_by_modality_length = True  # upstream's length-grouped sampler (its LLaVAction scripts set it)
     c.data.length_group_steps = 1  # steps per length-sorted megabatch: 1 = upstream; more = less padding (ours)
-    c.data.tokenizer = ""  # tokenizer directory; "" = the bundled Qwen2 tokenizer
+    c.data.tokenizer = ""  # tokenizer directory; "" = init_from's own, else Qwen2's (built offline)
     c.data.pad_id = 151643  # <|endoftext|>
     c.data.add_time_instruction = True
     # EK100 samples stored as upstream's questions get their prompt when loaded (llavaction_jax/data/train_prompt.py)

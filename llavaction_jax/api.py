@@ -3,12 +3,18 @@
     model = llavaction_jax.load_pretrained("ckpt/llavaction-7b")          # or LlavaModel.random(cfg)
     out = model(input_ids, pixel_values, attention_mask=None, labels=None, actions=None)
     out.logits, out.loss
+    model.generate([clip.pixels], ["<image>\nWhat am I doing?"])       # -> ["..."]; clip = data.clip.read_clip(...)
+    model.score_options([clip.pixels], [prompt], [["A. open door", ...]])  # -> option log-likelihoods
 
 `input_ids` carry one -200 placeholder per video sample (as `tokenizer_image_token` makes them); `pixel_values`
 are frames `(T_i, 3, H, W)` per sample: a list (videos of different lengths, a `(3, H, W)` image as a 1-frame video,
 None for a text-only sample), or one `(B, T, 3, H, W)` array. A list is padded to its longest video with a
 per-sample frame count, and each sample gets the visual tokens of its own frames, as upstream's list of videos.
 Inputs are checked on the host first so mistakes fail with a message, not deep inside XLA.
+
+`generate` / `score_options` take user messages (upstream's ``"<image>\n" + question``; ``<image>`` is put in front
+when missing), wrap them in upstream's ChatML prompt, tokenize them with the model's own tokenizer (the one in its
+directory, else Qwen2's) and run the very jitted steps of `eval` (eval/runner.py: generate_step, score_step).
 """
 
 from __future__ import annotations
@@ -21,12 +27,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from llavaction_jax import checkpoint_io, losses
+from llavaction_jax import checkpoint_io, losses, model_files
 from llavaction_jax.config import ModelConfig
 from llavaction_jax.convert import from_torch
+from llavaction_jax.data import chat
+from llavaction_jax.data.tokenizer import QWEN2_VOCAB, has_tokenizer
+from llavaction_jax.eval import runner
+from llavaction_jax.eval.batching import round_up
+from llavaction_jax.eval.questions import resolve_tokenizer
+from llavaction_jax.eval.scoring import option_token_ids, pad_options
 from llavaction_jax.model import llava
 from llavaction_jax.model.params import abstract_params
-from llavaction_jax.sharding import param_shardings, resolve_config, shard_batch, use_mesh
+from llavaction_jax.sharding import local_rows, param_shardings, resolve_config, shard_batch, use_mesh
 
 IMAGE_TOKEN_INDEX = llava.IMAGE_TOKEN_INDEX
 
@@ -51,17 +63,108 @@ class LlavaModel:
     `cfg` is the model's config as given (and as saved); `run_cfg` is the same config with its execution fields
     resolved for the mesh's devices, which every call uses."""
 
-    def __init__(self, cfg: ModelConfig, params: dict, mesh: Mesh | None = None):
-        self.cfg, self.mesh = cfg, mesh
+    def __init__(self, cfg: ModelConfig, params: dict, mesh: Mesh | None = None, path=None):
+        self.cfg, self.mesh, self.path = cfg, mesh, path  # path: the directory it was loaded from, if any
         self.run_cfg = resolve_config(cfg, mesh)
         self.params = shard_params(params, cfg, mesh) if mesh is not None else params
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        """The model's own tokenizer (the tokenizer files in its directory), else Qwen2's; loaded on first use."""
+        if self._tokenizer is None:
+            self._tokenizer, _ = resolve_tokenizer(None, None if self.path is None else str(self.path))
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer) -> None:
+        self._tokenizer = tokenizer
+
+    def generate(self, videos, prompts: list[str], *, max_new_tokens: int = 4096, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0, prompt_len: int | None = None) -> list[str]:
+        """Answer each user message about its video: one batched prefill, then KV-cache decoding (greedy by
+        default, as upstream). Returns the decoded answers, special tokens skipped.
+
+        ``videos``: per-sample pixel values as `__call__` takes them (e.g. ``read_clip(...).pixels``);
+        ``max_new_tokens`` (upstream: 4096) is capped by the positions the model has left after the prompt, and
+        the KV cache holds exactly the prompt plus those tokens. ``prompt_len`` pads prompts to a fixed length
+        (default: rounded up to 32), so calls with similar prompts reuse one compiled program."""
+        tokenizer = self.tokenizer
+        batch = self._prompt_batch(videos, prompts, prompt_len)
+        n_vis = self.cfg.tokens_per_video(batch["pixel_values"].shape[1])
+        out_len = llava.default_out_len(self.cfg, batch["input_ids"].shape[1], n_vis)
+        room = min(self.cfg.text.max_position_embeddings, self.cfg.tokenizer_model_max_length or 1 << 62) - out_len
+        if room < 1:
+            raise ValueError(f"prompts of {out_len} positions (video included) leave no room to generate in the "
+                             f"model's {self.cfg.text.max_position_embeddings} positions")
+        gen = runner.generation_config(tokenizer, min(max_new_tokens, room), self.cfg.text.vocab_size,
+                                       None if self.path is None else str(self.path))
+        gen = dataclasses.replace(gen, temperature=temperature, top_p=top_p)
+        with use_mesh(self.mesh):
+            out = runner.generate_step(self.params, shard_batch(batch, self.mesh), cfg=self.run_cfg, gen=gen,
+                                       out_len=out_len, key=jax.random.key(seed))
+        tokens, num = (np.asarray(x) for x in local_rows((out["tokens"], out["num_tokens"]), self.mesh))
+        return [tokenizer.decode(row[:n].tolist(), skip_special_tokens=True) for row, n in zip(tokens, num)]
+
+    def score_options(self, videos, prompts: list[str], options: list[list[str]], *,
+                      prompt_len: int | None = None) -> list[dict]:
+        """The log-likelihood of each option as the answer to its prompt (eval/scoring.py), per sample
+        ``{"logprob_sum": [...], "logprob_mean": [...], "num_tokens": [...]}`` in option order. Options are scored
+        as written (``"A. open door"`` when the prompt lists lettered options, as upstream trains)."""
+        tokenizer = self.tokenizer
+        if len(options) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(options)} option lists")
+        batch = self._prompt_batch(videos, prompts, prompt_len)
+        im_end = tokenizer.convert_tokens_to_ids(chat.IM_END)
+        per_sample = [option_token_ids(tokenizer, list(o), im_end) if len(o) else [] for o in options]
+        longest = max((len(ids) for sample in per_sample for ids in sample), default=1)
+        batch["option_ids"], batch["option_mask"] = pad_options(per_sample, max(map(len, options)),
+                                                                round_up(longest, 4))
+        n_vis = self.cfg.tokens_per_video(batch["pixel_values"].shape[1])
+        out_len = llava.default_out_len(self.cfg, batch["input_ids"].shape[1], n_vis)
+        limit = runner.generation_config(tokenizer, 1, self.cfg.text.vocab_size, None).vocab_limit  # eval's rule
+        with use_mesh(self.mesh):
+            out = runner.score_step(self.params, shard_batch(batch, self.mesh), cfg=self.run_cfg, out_len=out_len,
+                                    vocab_limit=limit, options_per_pass=None)
+        out = local_rows(out, self.mesh)
+        return [{k: [float(x) for x in out[k][b, : len(o)]] for k in ("logprob_sum", "logprob_mean", "num_tokens")}
+                for b, o in enumerate(options)]
+
+    def prompt_ids(self, prompts: list[str]) -> list[list[int]]:
+        """Token ids of upstream's ChatML prompt around each user message, -200 where the video goes."""
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a list of strings, one per video")
+        return [chat.tokenizer_image_token(chat.build_inference_prompt(with_placeholder(p)), self.tokenizer)
+                for p in prompts]
+
+    def _prompt_batch(self, videos, prompts: list[str], prompt_len: int | None) -> dict:
+        """Host arrays of `eval`'s batch layout: right-padded prompt ids, their mask, stacked frames."""
+        ids = self.prompt_ids(prompts)
+        width = prompt_len or round_up(max(map(len, ids)), 32)
+        if width < max(map(len, ids)):
+            raise ValueError(f"prompt_len={width} is shorter than the longest prompt ({max(map(len, ids))} tokens)")
+        input_ids, mask = np.zeros((len(ids), width), np.int32), np.zeros((len(ids), width), bool)
+        for row, tokens in enumerate(ids):
+            input_ids[row, : len(tokens)], mask[row, : len(tokens)] = tokens, True
+        video = pack_frames(videos, len(ids))  # videos of different lengths: padded, each keeps its own count
+        check_placeholders(input_ids, mask, has_video=video.has_video)
+        return {"input_ids": input_ids, "attention_mask": mask, "pixel_values": video.pixels,
+                "num_frames": video.num_frames}
 
     @classmethod
     def random(cls, cfg: ModelConfig, seed: int = 0, mesh: Mesh | None = None) -> "LlavaModel":
         return cls(cfg, llava.init(cfg, jax.random.key(seed)), mesh)
 
-    def save_pretrained(self, path) -> None:
-        checkpoint_io.save_model(path, self.cfg, self.params)
+    def save_pretrained(self, path, tokenizer_dir=None) -> None:
+        """Write a model directory, with its tokenizer, generation_config.json and config.json (model_files.py):
+        the tokenizer of ``tokenizer_dir``, else the one of the directory this model was loaded from, else Qwen2's
+        when the vocabulary holds it (a tiny random model gets no tokenizer files)."""
+        own = self.path if has_tokenizer(self.path) else None
+        tokenizer_dir = tokenizer_dir or own
+        files = None
+        if tokenizer_dir is not None or self.cfg.text.vocab_size >= QWEN2_VOCAB:
+            files = model_files.companion_files(self.cfg, tokenizer_dir, self.path)
+        checkpoint_io.save_model(path, self.cfg, self.params, extra_files=files)
 
     def __call__(self, input_ids, pixel_values=None, attention_mask=None, labels=None, actions=None, *,
                  truncate: bool = True, vocab_limit: int | None = None) -> Output:
@@ -127,7 +230,7 @@ def load_pretrained(path, mesh: Mesh | None = None, dtype: str | None = None) ->
     """
     if not checkpoint_io.is_model_dir(path) and from_torch.is_torch_dir(path):
         cfg, params = from_torch.load_torch(path, mesh=mesh, dtype=dtype)
-        return LlavaModel(cfg, params, mesh)  # already placed on the mesh: device_put is a no-op
+        return LlavaModel(cfg, params, mesh, path)  # already placed on the mesh: device_put is a no-op
     cfg = checkpoint_io.load_config(path)
     if dtype is not None:
         cfg = cfg.replace(param_dtype=dtype)
@@ -139,7 +242,7 @@ def load_pretrained(path, mesh: Mesh | None = None, dtype: str | None = None) ->
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: device, abstract)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    return LlavaModel(cfg, checkpoint_io.restore_params(path, abstract), mesh)  # already placed: device_put is a no-op
+    return LlavaModel(cfg, checkpoint_io.restore_params(path, abstract), mesh, path)  # placed: device_put is a no-op
 
 
 @dataclasses.dataclass
@@ -184,6 +287,12 @@ def pack_frames(pixel_values, batch: int) -> Frames:
     if pixels.ndim != 5 or len(pixels) != batch:
         raise ValueError(f"pixel_values should be (B={batch}, T, C, H, W) or a list of (T, C, H, W); got {pixels.shape}")
     return Frames(pixels.astype(np.float32), np.full(batch, pixels.shape[1], np.int32), np.ones(batch, bool))
+
+
+def with_placeholder(message: str) -> str:
+    """A user message with the video placeholder: as given when it has one, else ``"<image>\n"`` in front
+    (upstream's format_llava_prompt puts the video first)."""
+    return message if chat.IMAGE_PLACEHOLDER in message else f"{chat.IMAGE_PLACEHOLDER}\n{message}"
 
 
 def check_placeholders(ids: np.ndarray, mask: np.ndarray, has_video: np.ndarray) -> None:

@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build-train": ("llavaction_jax.data.build_train", "write EK100 training files in upstream's layout + a data YAML"),
     "train": ("llavaction_jax.train.cli", "train or fine-tune on a mesh (resumable; config file + --config.x=y overrides)"),
     "eval": ("llavaction_jax.eval.mqa_eval", "evaluate a model on an EK100-MQA (or generic video QA) question file"),
+    "predict": ("llavaction_jax.eval.predict", "answer a question about a video file (or many: --batch FILE.jsonl)"),
     "convert": ("llavaction_jax.convert.cli", "convert checkpoints between PyTorch (upstream / HF) and our Orbax format"),
     "build-bench": ("llavaction_jax.eval.benchmarks.build", "question files from a video benchmark's official annotations"),
     "eval-suite": ("llavaction_jax.eval.benchmarks.suite", "evaluate a suite of benchmarks (--suite paper) into one table"),

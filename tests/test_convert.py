@@ -144,6 +144,92 @@ def test_a_trained_model_exports_and_comes_back(tmp_path):
     assert all(np.array_equal(a, leaves(again)[k]) for k, a in leaves(model).items())
 
 
+def upstream_reference_logits(export: pathlib.Path, ids: np.ndarray, pixels: np.ndarray) -> np.ndarray:
+    """Upstream LLaVAction's forward for one sample, rebuilt from an export's files alone with transformers modules
+    and torch ops (llavaction/model/llava_arch.py: encode_images, get_2dPool, add_token_per_grid,
+    prepare_inputs_labels_for_multimodal): SigLIP up to the selected layer, mlp2x_gelu, bilinear pooling to
+    ceil(g/2), a newline after every pooled row, the action token after the video, spliced at the -200."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+
+    config = json.loads((export / "config.json").read_text())
+    sd = {k: torch.from_numpy(np.array(v)) for k, v in read_exported(export).items()}
+    vision_prefix = "model.vision_tower.vision_tower.vision_model."  # transformers 5 names them without it
+    vision = {k[len(vision_prefix):]: v for k, v in sd.items() if k.startswith(vision_prefix)}
+    width = vision["embeddings.patch_embedding.weight"].shape
+    tower = SiglipVisionModel(SiglipVisionConfig(
+        hidden_size=width[0], patch_size=width[-1], image_size=pixels.shape[-1], vision_use_head=False,
+        intermediate_size=vision["encoder.layers.0.mlp.fc1.weight"].shape[0], num_attention_heads=4,
+        num_hidden_layers=len({k.split(".")[2] for k in vision if ".layers." in k}), layer_norm_eps=1e-6)).eval()
+    missing, unexpected = tower.load_state_dict(vision, strict=False)
+    assert set(missing) == {"post_layernorm.weight", "post_layernorm.bias"} and not unexpected, (missing, unexpected)
+    text_keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "rope_theta", "rms_norm_eps", "tie_word_embeddings")
+    llm = Qwen2ForCausalLM(Qwen2Config(**{k: config[k] for k in text_keys})).eval()
+    llm_sd = {k: v for k, v in sd.items() if k.startswith(("model.embed_tokens", "model.layers.", "model.norm.",
+                                                             "lm_head."))}
+    missing, unexpected = llm.load_state_dict(llm_sd, strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
+    with torch.no_grad():
+        features = tower(pixel_values=torch.from_numpy(pixels), output_hidden_states=True).hidden_states[-1]
+        p = "model.mm_projector."
+        x = F.linear(F.gelu(F.linear(features, sd[p + "0.weight"], sd[p + "0.bias"])), sd[p + "2.weight"],
+                     sd[p + "2.bias"])
+        t, n, h = x.shape
+        g = int(round(n ** 0.5))
+        pooled = F.interpolate(x.view(t, g, g, h).permute(0, 3, 1, 2), size=[(g + 1) // 2] * 2, mode="bilinear",
+                               align_corners=False).permute(0, 2, 3, 1)  # (T, h, h, H)
+        newline = sd["model.image_newline"].expand(t, pooled.shape[1], 1, h)
+        video = torch.cat([pooled, newline], dim=2).reshape(-1, h)
+        video = torch.cat([video, sd["model.action_supervision"].reshape(-1, h)])
+        place = int(np.flatnonzero(ids == -200)[0])
+        embed = llm.get_input_embeddings()
+        embeds = torch.cat([embed(torch.from_numpy(ids[:place])), video, embed(torch.from_numpy(ids[place + 1:]))])
+        return llm(inputs_embeds=embeds[None]).logits[0].numpy()
+
+
+def test_to_torch_export_of_a_trained_model_loads_in_transformers_with_the_same_logits(tmp_path, capsys):
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from llavaction_jax.api import LlavaModel
+    from llavaction_jax.data.tokenizer import train_chatml_tokenizer
+
+    prompt = "<image>\nWhat action are you doing? A. take cup, B. open door"
+    train_chatml_tokenizer([prompt, "You are a helpful assistant. system user assistant"] * 4, 300, tmp_path / "tok")
+    import jax
+
+    from llavaction_jax.model import llava
+
+    cfg = tiny_cfg(heads=True, tied=False)  # random weights initialised in jit with rbg keys (fast on CPU)
+    model = LlavaModel(cfg, jax.jit(lambda key: llava.init(cfg, key))(jax.random.key(5, impl="rbg")))
+    model.save_pretrained(tmp_path / "trained", tokenizer_dir=tmp_path / "tok")  # what `train` writes too
+    assert main(["convert", "to-torch", str(tmp_path / "trained"), str(tmp_path / "torch"), "--no-progress"]) == 0
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "config.json"):
+        assert (tmp_path / "torch" / name).is_file(), name
+    config = json.loads((tmp_path / "torch" / "config.json").read_text())
+    assert config["mm_use_im_patch_token"] is False  # else upstream's loader adds <im_patch> and grows the vocabulary
+
+    ours = llavaction_jax.load_pretrained(tmp_path / "trained")
+    hf_tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "torch"))  # upstream's loader call
+    assert len(hf_tokenizer) == len(ours.tokenizer) == 300
+    ids = np.asarray(ours.prompt_ids([prompt])[0])
+    from llavaction_jax.data.chat import build_inference_prompt, tokenizer_image_token
+    assert tokenizer_image_token(build_inference_prompt(prompt), hf_tokenizer) == ids.tolist()
+    generation = GenerationConfig.from_pretrained(str(tmp_path / "torch"))
+    assert generation.eos_token_id == list(ours.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]))
+
+    pixels = np.random.default_rng(0).uniform(-1, 1, (2, 3, 64, 64)).astype(np.float32)
+    got = np.asarray(ours(ids[None], [pixels]).logits[0])
+    np.testing.assert_allclose(got, upstream_reference_logits(tmp_path / "torch", ids, pixels), atol=TOL, rtol=0)
+
+    # HF's llava-onevision has one newline per video and no action token: refused, saying why, nothing written
+    assert main(["convert", "to-torch", str(tmp_path / "trained"), str(tmp_path / "hf"), "--layout",
+                 "hf-onevision"]) != 0
+    err = capsys.readouterr().err
+    assert "mm_newline_position='grid'" in err and "no action token" in err and not (tmp_path / "hf").exists()
+
+
 def write_json(path: pathlib.Path, value) -> pathlib.Path:
     path.write_text(json.dumps(value))
     return path

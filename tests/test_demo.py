@@ -20,4 +20,7 @@ def test_demo_smallest_setting_learns(tmp_path):
     for path in ("shards/train/manifest.json", "mqa_validation.jsonl", "train/model/llavaction_config.json",
                  "eval_after/report.md", "eval_after/accuracy.png", "torch_export/config.json"):
         assert (out / path).exists(), path
+    for model_dir in ("train/model", "torch_export"):  # usable elsewhere: upstream's loader reads the tokenizer there
+        for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "config.json"):
+            assert (out / model_dir / name).is_file(), f"{model_dir}/{name}"
     # (refusing a folder the demo did not write: tests/test_cli_flags.py)

@@ -27,7 +27,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # Meshes of 2-4 fake devices and a 2-process eval: the module runs in a child process, each test with a
 # deadline (tests/_watchdog.py); the first one's includes building the module fixtures.
 pytestmark = pytest.mark.watchdog(900)
-VOCAB = 151680  # the tiny preset with a vocabulary that covers the bundled Qwen2 tokenizer (151669 tokens)
+VOCAB = 151680  # the tiny preset with a vocabulary that covers the offline Qwen2 tokenizer (151646 tokens)
 N_QUESTIONS, N_FRAMES = 10, 2
 VERB_NAMES, NOUN_NAMES = {1: "open", 2: "take", 3: "wash"}, {10: "door", 20: "cup", 30: "mug", 40: "plate",
                                                               50: "drawer"}
@@ -307,7 +307,7 @@ def test_a_model_vocabulary_smaller_than_the_tokenizer_is_a_clear_error(data_dir
     code = main(["eval", "--preset", "tiny", "--questions", str(data_dir / "q.jsonl"), "--shards",
                  str(data_dir / "shards"), "--out", str(data_dir / "bad"), "--mesh", "data=1,fsdp=-1,tensor=1"])
     assert code == 2
-    assert "vocabulary has 512 rows but the tokenizer has 151669 tokens" in capsys.readouterr().err
+    assert "vocabulary has 512 rows but the tokenizer has 151646 tokens" in capsys.readouterr().err
 
 
 def test_a_killed_eval_resumes_and_writes_what_an_uninterrupted_run_writes(data_dir, model_on_mesh):

@@ -1,5 +1,6 @@
 """The training loop: exact resume, SIGTERM preemption, NaN stop, truncated checkpoints, 2-process training."""
 
+import json
 import pathlib
 import shutil
 import signal
@@ -40,7 +41,7 @@ def restore_state(out: pathlib.Path):
     return step, mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
 
 
-def test_uninterrupted_run_learns_and_writes_artifacts(uninterrupted):
+def test_uninterrupted_run_learns_and_writes_artifacts(data, uninterrupted):
     out, summary = uninterrupted
     assert summary["stopped"] == "completed" and summary["step"] == 6
     assert summary["losses"][-1] < summary["losses"][0]
@@ -49,6 +50,13 @@ def test_uninterrupted_run_learns_and_writes_artifacts(uninterrupted):
     assert [step for step, _ in scalars["train/loss"]] == list(range(1, 7))
     assert [v for _, v in scalars["train/loss"]] == pytest.approx(summary["losses"])
     assert {"optim/grad_norm", "optim/lr_llm", "perf/tokens_per_s", "perf/mfu"} <= set(scalars)
+    # the final model carries the tokenizer it was trained with (data.tokenizer), so eval / predict / to-torch use it
+    model_dir = out / "model"
+    assert (model_dir / "tokenizer.json").read_text() == (data / "tokenizer" / "tokenizer.json").read_text()
+    assert json.loads((model_dir / "generation_config.json").read_text())["eos_token_id"] == [2, 0]
+    assert json.loads((model_dir / "config.json").read_text())["frames_upbound"] == 2  # the shards' frames
+    events = list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 100
 
 
 def test_three_steps_restart_three_steps_equals_six(data, uninterrupted, tmp_path):

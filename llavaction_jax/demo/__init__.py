@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{n_samples} MQA training samples; tokenizer with {vocab} tokens in {out / 'tokenizer'}")
 
     model_init = out / "model_init"
-    LlavaModel.random(cfg, seed=args.seed).save_pretrained(model_init)
+    LlavaModel.random(cfg, seed=args.seed).save_pretrained(model_init, tokenizer_dir=out / "tokenizer")
     evaluate = ["--questions", str(questions), "--shards", str(out / "shards" / "validation"), "--tokenizer",
                 str(out / "tokenizer"), "--batch-size", "16", "--max-new-tokens", "12", "--mode", "both"]
     stages.run("5. eval before training", _cli, ["eval", "--model", str(model_init), "--out", str(out / "eval_before"),

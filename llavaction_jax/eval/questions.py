@@ -147,7 +147,7 @@ def _first(record: dict, *keys):
 
 
 def videoqa_question(record: dict, line: int) -> EvalQuestion:
-    texts = _option_texts(_first(record, "options", "candidates"))
+    texts = option_texts(_first(record, "options", "candidates"))
     options = tuple(prompts.letter_options(texts))
     answer = _first(record, "answer", "gt_letter", "answer_idx")
     withheld = answer is None and "answer" in record  # null: the benchmark keeps its answers (EgoSchema full set)
@@ -176,7 +176,8 @@ def videoqa_question(record: dict, line: int) -> EvalQuestion:
                         prompt_text=prompt, time_style=style)
 
 
-def _option_texts(options) -> list[str]:
+def option_texts(options) -> list[str]:
+    """Answer texts of an option list: as given, or with the letters of a fully lettered list removed."""
     if not isinstance(options, list) or len(options) < 2:
         raise ValueError(f"'options' must be a list of at least 2 answers, got {options!r}")
     options = [str(o) for o in options]

@@ -130,9 +130,9 @@ def make_steps(params, cfg, mesh, layout, gen, modes):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "gen", "out_len"))
-def generate_step(params, batch, *, cfg, gen, out_len):
+def generate_step(params, batch, *, cfg, gen, out_len, key=None):
     tokens, num = generate(params, cfg, gen, batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
-                           out_len=out_len, num_frames=batch["num_frames"])
+                           key=key, out_len=out_len, num_frames=batch["num_frames"])
     return constrain_batch({"tokens": tokens, "num_tokens": num})
 
 

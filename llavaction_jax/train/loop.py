@@ -20,12 +20,14 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import multihost_utils
 
-from llavaction_jax import checkpoint_io, distributed, integrity
+from llavaction_jax import checkpoint_io, distributed, integrity, model_files
 from llavaction_jax.config import ConfigError, ModelConfig
 from llavaction_jax.data.batching import make_global_batch
 from llavaction_jax.data.ek100 import AnnotationError
+from llavaction_jax.data.frames import open_shards
 from llavaction_jax.data.mixture import load_mixture
 from llavaction_jax.data.pipeline import TrainPipelineConfig, train_dataset
+from llavaction_jax.data.tokenizer import has_tokenizer
 from llavaction_jax.data.train_prompt import EK100PromptSettings, load_prior_table
 from llavaction_jax.model import llava
 from llavaction_jax.model.params import abstract_params, init_params
@@ -113,6 +115,21 @@ def optimizer_config(cfg, total_steps: int) -> OptimizerConfig:
     return OptimizerConfig(**{k: v for k, v in cfg.optim.items() if k in fields}, total_steps=total_steps)
 
 
+def tokenizer_dir(cfg) -> str | None:
+    """The tokenizer training uses: `data.tokenizer`, else init_from's own (a converted or trained model carries
+    one), else None (Qwen2's, data/tokenizer.qwen2_tokenizer). The final model carries the same one."""
+    if cfg.data.tokenizer:
+        return cfg.data.tokenizer
+    return cfg.model.init_from if has_tokenizer(cfg.model.init_from or None) else None
+
+
+def trained_num_frames(cfg) -> int | None:
+    """The most frames per clip the run trains on: `data.num_frames`, else the shards' (None without shards)."""
+    if cfg.data.num_frames or not cfg.data.shards:
+        return cfg.data.num_frames or None
+    return open_shards(cfg.data.shards).max_frames_per_clip
+
+
 def make_data(cfg, model_cfg: ModelConfig, per_process_batch: int):
     d = cfg.data
     samples = load_mixture(d.samples, seed=d.seed)
@@ -121,7 +138,7 @@ def make_data(cfg, model_cfg: ModelConfig, per_process_batch: int):
         max_length=d.max_length, length_buckets=tuple(d.length_buckets) or None, seed=d.seed,
         group_by_length=d.group_by_modality_length, length_group_steps=d.length_group_steps,
         on_bad_sample=d.on_bad_sample, add_time_instruction=d.add_time_instruction,
-        tokenizer_path=d.tokenizer or None, pad_id=d.pad_id, worker_count=d.worker_count,
+        tokenizer_path=tokenizer_dir(cfg), pad_id=d.pad_id, worker_count=d.worker_count,
         ek100_prompt=ek100_prompt_settings(d))
     return train_dataset(samples, d.shards or None, pipeline), len(samples)
 
@@ -259,8 +276,11 @@ def train(cfg) -> dict:
         if final_model_step(final) != step:  # absent, partial, corrupt, or from before the run was extended
             save_dtype = cfg.train.save_dtype or model_cfg.param_dtype  # the source's dtype unless asked
             params = jax.jit(lambda p: cast_tree(p, save_dtype))(state["params"])
-            checkpoint_io.publish_model(final, model_cfg.replace(param_dtype=save_dtype), params,
-                                        extra_files={FINAL_STEP_FILE: json.dumps({"step": step}) + "\n"})
+            save_cfg = model_cfg.replace(param_dtype=save_dtype)
+            files = model_files.companion_files(save_cfg, tokenizer_dir(cfg), cfg.model.init_from or None,
+                                                trained_num_frames(cfg))
+            checkpoint_io.publish_model(final, save_cfg, params,
+                                        extra_files={**files, FINAL_STEP_FILE: json.dumps({"step": step}) + "\n"})
             log(f"final model (step {step}) written to {final}")
     skipped = total_skipped(skipped)
     if skipped:
