@@ -1,18 +1,21 @@
 """Checkpoint conversion: HF llava-onevision parity, upstream-layout round trips, and errors that name the keys."""
 
+import dataclasses
 import json
 import pathlib
 
 import ml_dtypes
 import numpy as np
 import pytest
-from _convert_fixtures import make_upstream_checkpoint, tiny_cfg, upstream_config, write_checkpoint
+from _convert_fixtures import (make_upstream_checkpoint, tiny_cfg, upstream_config, upstream_tensors, write_checkpoint,
+                               write_vision_tower)
 from safetensors.numpy import load_file, save_file
 
 import llavaction_jax
 from llavaction_jax.cli import main
 from llavaction_jax.config import ConfigError
 from llavaction_jax.convert import from_torch, to_torch
+from llavaction_jax.convert.hf_onevision import grid_pinpoints, processor_files
 from llavaction_jax.convert.keys import ConversionError
 from llavaction_jax.convert.safetensors_io import SafetensorsCheckpoint, SafetensorsError
 from llavaction_jax.model.params import flatten_paths
@@ -242,7 +245,6 @@ def test_hf_onevision_export_of_an_upstream_import_writes_the_processor_files(tm
     from transformers.processing_utils import VideosKwargs
     from transformers.video_processing_utils import BaseVideoProcessor
 
-    from _convert_fixtures import upstream_tensors, write_vision_tower
     from llavaction_jax.data.image import preprocess_frames
     from llavaction_jax.data.tokenizer import train_chatml_tokenizer
 
@@ -307,10 +309,13 @@ def test_hf_onevision_export_of_an_upstream_import_writes_the_processor_files(tm
         ref = hf(input_ids=hf_ids, pixel_values_videos=torch.from_numpy(video_pixels[None])).logits[0].numpy()
     np.testing.assert_allclose(ours, ref, atol=TOL, rtol=0)
 
+    # ids the model has no embedding rows for are refused, naming the tokenizer
+    small = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=301))
+    with pytest.raises(ConversionError, match=r"src puts <image> / <video> at ids 300 / 301, beyond .* 301 embedding"):
+        processor_files(small, tmp_path / "src")
+
 
 def test_hf_grid_pinpoints_from_upstream_configs():
-    from llavaction_jax.convert.hf_onevision import grid_pinpoints
-
     cfg = tiny_cfg(heads=False)  # 64 px tiles
     assert grid_pinpoints(cfg.replace(extra={"image_grid_pinpoints": [[384, 768], [768, 384]]})) == [
         [384, 768], [768, 384]]
@@ -398,8 +403,6 @@ ERRORS = {  # mutation -> (exception, regex the message must match)
 def test_errors_name_the_keys_and_nothing_is_written(case, tmp_path):
     mutate, exc, pattern = ERRORS[case]
     cfg = tiny_cfg()
-    from _convert_fixtures import upstream_tensors, write_vision_tower
-
     config = upstream_config(cfg, str(write_vision_tower(tmp_path / "siglip")), "float32")
     tensors = upstream_tensors(cfg, "float32")
     mutate(tmp_path / "src", config, tensors)
