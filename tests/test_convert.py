@@ -1,18 +1,21 @@
 """Checkpoint conversion: HF llava-onevision parity, upstream-layout round trips, and errors that name the keys."""
 
+import dataclasses
 import json
 import pathlib
 
 import ml_dtypes
 import numpy as np
 import pytest
-from _convert_fixtures import make_upstream_checkpoint, tiny_cfg, upstream_config, write_checkpoint
+from _convert_fixtures import (make_upstream_checkpoint, tiny_cfg, upstream_config, upstream_tensors, write_checkpoint,
+                               write_vision_tower)
 from safetensors.numpy import load_file, save_file
 
 import llavaction_jax
 from llavaction_jax.cli import main
 from llavaction_jax.config import ConfigError
 from llavaction_jax.convert import from_torch, to_torch
+from llavaction_jax.convert.hf_onevision import grid_pinpoints, processor_files
 from llavaction_jax.convert.keys import ConversionError
 from llavaction_jax.convert.safetensors_io import SafetensorsCheckpoint, SafetensorsError
 from llavaction_jax.model.params import flatten_paths
@@ -230,6 +233,95 @@ def test_to_torch_export_of_a_trained_model_loads_in_transformers_with_the_same_
     assert "mm_newline_position='grid'" in err and "no action token" in err and not (tmp_path / "hf").exists()
 
 
+def test_hf_onevision_export_of_an_upstream_import_writes_the_processor_files(tmp_path):
+    """A model imported from upstream's LLaVA-NeXT layout (as lmms-lab's llava-onevision-qwen2-*-ov) exports with
+    the tokenizer, chat template and processor configs transformers' LlavaOnevisionProcessor reads, consistent with
+    config.json, and HF's model on the ids they give returns our logits."""
+    import torch
+    from huggingface_hub.dataclasses import validate_typed_dict
+    from PIL import Image
+    from transformers import (AutoImageProcessor, AutoTokenizer, LlavaOnevisionForConditionalGeneration,
+                              LlavaOnevisionProcessor)
+    from transformers.processing_utils import VideosKwargs
+    from transformers.video_processing_utils import BaseVideoProcessor
+
+    from llavaction_jax.data.image import preprocess_frames
+    from llavaction_jax.data.tokenizer import train_chatml_tokenizer
+
+    cfg = tiny_cfg(heads=False).replace(newline_position="one_token")
+    config = upstream_config(cfg, str(write_vision_tower(tmp_path / "siglip")), "float32")
+    config.update(mm_newline_position="one_token", image_grid_pinpoints="(1x1),...,(2x3)")  # 64 px tiles
+    tensors = {k: (0.1 * v).astype(np.float32) for k, v in upstream_tensors(cfg, "float32").items()}
+    write_checkpoint(tmp_path / "src", config, tensors, shards=1)
+    train_chatml_tokenizer(["What is the person doing?", "You are a helpful assistant. system user assistant"] * 4,
+                           300, tmp_path / "src")  # upstream's directories carry Qwen2's tokenizer, no <image>
+    assert main(["convert", "from-torch", str(tmp_path / "src"), "--out", str(tmp_path / "ours"), "--no-progress"]) == 0
+    out = tmp_path / "hf"
+    assert main(["convert", "to-torch", str(tmp_path / "ours"), "--out", str(out), "--layout", "hf-onevision",
+                 "--no-progress"]) == 0
+    config = json.loads((out / "config.json").read_text())
+
+    # the tokenizer holds <image> / <video> as single special tokens at the ids config.json names
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    assert tokenizer.convert_tokens_to_ids(["<image>", "<video>"]) == [300, 301]
+    assert (config["image_token_index"], config["video_token_index"]) == (300, 301)  # below vocab_size 512
+    assert tokenizer("a<video>b")["input_ids"] == tokenizer("a")["input_ids"] + [301] + tokenizer("b")["input_ids"]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "video"},
+                                             {"type": "text", "text": "What is the person doing?"}]}]
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert prompt == ("<|im_start|>user\n<image>\n<video>\nWhat is the person doing?<|im_end|>\n"
+                      "<|im_start|>assistant\n")  # as llava-hf's onevision repos render it
+
+    # the image processor loads (PIL backend: torchvision is not installed here) with the model's size and grid, and
+    # its base tile of any image is our frame preprocessing, bit for bit
+    image_processor = AutoImageProcessor.from_pretrained(str(out))
+    assert image_processor.image_grid_pinpoints == config["image_grid_pinpoints"]
+    assert config["image_grid_pinpoints"] == [[64, 64], [64, 128], [64, 192], [128, 64], [128, 128], [128, 192]]
+    frame = np.random.default_rng(0).integers(0, 256, (80, 48, 3), dtype=np.uint8)
+    pixels = image_processor(images=Image.fromarray(frame), return_tensors="np")["pixel_values"]
+    np.testing.assert_array_equal(pixels[0, 0], preprocess_frames(frame[None], 64)[0])
+
+    # the video processor needs torchvision to build: its settings are checked against the kwargs it accepts, as
+    # transformers reads them from the file it looks for
+    settings, _ = BaseVideoProcessor.get_video_processor_dict(str(out))
+    assert settings.pop("video_processor_type") == "LlavaOnevisionVideoProcessor"
+    assert settings.pop("processor_class") == "LlavaOnevisionProcessor"
+    validate_typed_dict(VideosKwargs, settings)  # raises on unknown keys or wrong types
+    assert settings["size"] == {"height": 64, "width": 64} and settings["image_mean"] == [0.5] * 3
+
+    # the processor's <video> expansion (its own method, on processor_config.json's values) gives our token count,
+    # and HF's model fed those ids gives our logits
+    processor_config = json.loads((out / "processor_config.json").read_text())
+    frames = 3
+    video = np.random.default_rng(1).integers(0, 256, (frames, 64, 64, 3), dtype=np.uint8)
+    video_pixels = preprocess_frames(video, 64)
+    fields = type("ProcessorConfig", (), processor_config)()
+    expanded = LlavaOnevisionProcessor.replace_video_token(fields, {"pixel_values_videos": [video_pixels]}, 0)
+    assert expanded == "<video>" * cfg.tokens_per_video(frames)
+    video_only = [{"role": "user", "content": messages[0]["content"][1:]}]
+    text = tokenizer.apply_chat_template(video_only, tokenize=False, add_generation_prompt=True)
+    ids = np.asarray(tokenizer(text)["input_ids"])
+    ours = np.asarray(llavaction_jax.load_pretrained(tmp_path / "ours")(
+        np.where(ids == 301, -200, ids)[None], [video_pixels]).logits[0])
+    hf_ids = tokenizer(text.replace("<video>", expanded), return_tensors="pt")["input_ids"]
+    hf = LlavaOnevisionForConditionalGeneration.from_pretrained(out).eval()
+    with torch.no_grad():
+        ref = hf(input_ids=hf_ids, pixel_values_videos=torch.from_numpy(video_pixels[None])).logits[0].numpy()
+    np.testing.assert_allclose(ours, ref, atol=TOL, rtol=0)
+
+    # ids the model has no embedding rows for are refused, naming the tokenizer
+    small = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=301))
+    with pytest.raises(ConversionError, match=r"src puts <image> / <video> at ids 300 / 301, beyond .* 301 embedding"):
+        processor_files(small, tmp_path / "src")
+
+
+def test_hf_grid_pinpoints_from_upstream_configs():
+    cfg = tiny_cfg(heads=False)  # 64 px tiles
+    assert grid_pinpoints(cfg.replace(extra={"image_grid_pinpoints": [[384, 768], [768, 384]]})) == [
+        [384, 768], [768, 384]]
+    assert grid_pinpoints(cfg) == [[64 * i, 64 * j] for i in range(1, 7) for j in range(1, 7)]  # HF's default grid
+
+
 def write_json(path: pathlib.Path, value) -> pathlib.Path:
     path.write_text(json.dumps(value))
     return path
@@ -311,8 +403,6 @@ ERRORS = {  # mutation -> (exception, regex the message must match)
 def test_errors_name_the_keys_and_nothing_is_written(case, tmp_path):
     mutate, exc, pattern = ERRORS[case]
     cfg = tiny_cfg()
-    from _convert_fixtures import upstream_tensors, write_vision_tower
-
     config = upstream_config(cfg, str(write_vision_tower(tmp_path / "siglip")), "float32")
     tensors = upstream_tensors(cfg, "float32")
     mutate(tmp_path / "src", config, tensors)

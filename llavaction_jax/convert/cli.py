@@ -86,7 +86,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_dst(q, "new output directory")
     q.add_argument("--layout", choices=("upstream", "hf-onevision"), default="upstream",
                    help="upstream: LLaVA-NeXT / LLaVAction state dict for the upstream loader (default); "
-                        "hf-onevision: transformers LlavaOnevisionForConditionalGeneration (one_token models only)")
+                        "hf-onevision: transformers LlavaOnevisionForConditionalGeneration (one_token models only) "
+                        "with the processor files AutoProcessor reads (image / video processor configs, the tokenizer "
+                        "with <image> / <video>, the onevision chat template)")
     q.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                    help="split files above this size, with model.safetensors.index.json (e.g. 5GB, 500MB, 2GiB)")
     q.add_argument("--buffer-size", default="256MiB", metavar="SIZE",

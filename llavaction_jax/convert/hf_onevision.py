@@ -4,14 +4,41 @@ These are the names the transformers conversion script writes for the hub's llav
 (transformers `models/llava_onevision/convert_llava_onevision_weights_to_hf.py`), which transformers 4.x and 5.x
 both load. Reading such checkpoints needs nothing from here: `keys.normalise_key` already maps every HF spelling
 onto the upstream names.
+
+`processor_files` writes what `transformers.AutoProcessor` / `LlavaOnevisionProcessor.from_pretrained` reads beside
+the weights, with the values that script saves for the hub's llava-hf/llava-onevision-* repos: SigLIP's image and
+video processor settings (bicubic resize to the tower's image size, x/255, mean = std = 0.5) with the anyres grid of
+the model config, the processor's token counts, and a tokenizer holding `<image>` / `<video>` as special tokens whose
+ids are the config's image_token_index / video_token_index, with the onevision chat template.
 """
 
 from __future__ import annotations
+
+import json
+import pathlib
+import re
 
 from llavaction_jax.config import ModelConfig
 from llavaction_jax.convert.keys import VISION_PREFIX, ConversionError
 
 HF_VISION_PREFIX = "vision_tower.vision_model."
+IMAGE_TOKEN, VIDEO_TOKEN = "<image>", "<video>"
+PROCESSOR_CLASS = "LlavaOnevisionProcessor"
+DEFAULT_ASPECT_RATIO = "anyres_max_9"  # upstream's onevision configs and transformers' default
+# The template of the hub's llava-hf onevision repos: images, then videos, then the text of each message.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n'}}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\\n' }}{% endfor %}"
+    "{# Render all video then #}{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}"
+    "{{ '<video>\\n' }}{% endfor %}"
+    "{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] }}{% endgeneration %}{% endfor %}{% endif %}"
+    "{{'<|im_end|>' + '\\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 def hf_key(upstream_key: str) -> str:
@@ -85,4 +112,75 @@ def hf_config(cfg: ModelConfig) -> dict:
     )
     out.setdefault("image_token_index", 151646)  # transformers' LlavaOnevisionConfig defaults
     out.setdefault("video_token_index", 151647)
+    out.setdefault("image_grid_pinpoints", grid_pinpoints(cfg))
+    out.setdefault("vision_aspect_ratio", aspect_ratio(cfg))
     return out
+
+
+def grid_pinpoints(cfg: ModelConfig) -> list[list[int]]:
+    """The anyres resolutions of the model config (upstream's `image_grid_pinpoints`), as HF lists them.
+
+    Upstream writes either a list of [height, width] pairs or a range "(1x1),...,(6x6)" of tile counts, which
+    it multiplies by the tower's image size (llava/mm_utils.py: process_anyres_image); absent, the 1x1..6x6
+    tiles of transformers' default."""
+    raw = cfg.extra.get("image_grid_pinpoints", cfg.extra.get("hf_onevision", {}).get("image_grid_pinpoints"))
+    if isinstance(raw, list):
+        return [[int(h), int(w)] for h, w in raw]
+    tiles = re.findall(r"\((\d+)x(\d+)\)", raw) if isinstance(raw, str) else []
+    (h0, w0), (h1, w1) = ((int(a), int(b)) for a, b in (tiles[0], tiles[-1])) if tiles else ((1, 1), (6, 6))
+    size = cfg.vision.image_size
+    return [[size * i, size * j] for i in range(h0, h1 + 1) for j in range(w0, w1 + 1)]
+
+
+def aspect_ratio(cfg: ModelConfig) -> str:
+    """HF's `vision_aspect_ratio` (the most tiles an anyres image keeps), from upstream's `image_aspect_ratio`."""
+    raw = cfg.extra.get("image_aspect_ratio", cfg.extra.get("hf_onevision", {}).get("vision_aspect_ratio"))
+    return raw if isinstance(raw, str) and raw.startswith("anyres_max_") else DEFAULT_ASPECT_RATIO
+
+
+def processor_configs(cfg: ModelConfig) -> dict[str, dict]:
+    """name -> content of the image processor, video processor and processor configs for `cfg`'s tower."""
+    size = {"height": cfg.vision.image_size, "width": cfg.vision.image_size}
+    pixels = dict(do_convert_rgb=True, do_resize=True, size=size, resample=3,  # PIL bicubic
+                  do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+                  image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])  # SigLIP's
+    return {
+        "preprocessor_config.json": dict(image_processor_type="LlavaOnevisionImageProcessor", **pixels,
+                                         do_pad=True, image_grid_pinpoints=grid_pinpoints(cfg),
+                                         processor_class=PROCESSOR_CLASS),
+        # frames are given already sampled (the EK100 rule is not one of transformers' samplers)
+        "video_preprocessor_config.json": dict(video_processor_type="LlavaOnevisionVideoProcessor", **pixels,
+                                               do_sample_frames=False, processor_class=PROCESSOR_CLASS),
+        "processor_config.json": dict(processor_class=PROCESSOR_CLASS,
+                                      num_image_tokens=(cfg.vision.image_size // cfg.vision.patch_size) ** 2,
+                                      vision_feature_select_strategy="full", image_token=IMAGE_TOKEN,
+                                      video_token=VIDEO_TOKEN, vision_aspect_ratio=aspect_ratio(cfg)),
+    }
+
+
+def processor_files(cfg: ModelConfig, tokenizer_dir: pathlib.Path | None) -> tuple[dict[str, str], dict]:
+    """(name -> text of the processor files, config.json keys that must agree with them).
+
+    With a tokenizer in `tokenizer_dir`: its files again, `<image>` and `<video>` added as special tokens where
+    missing (after the last entry, as transformers' conversion script adds them) and the onevision chat template,
+    plus the config's image_token_index / video_token_index set to their ids. Without one: the image and video
+    processor configs only (`AutoProcessor` needs a tokenizer)."""
+    files = {name: json.dumps(value, indent=2) + "\n" for name, value in processor_configs(cfg).items()}
+    if tokenizer_dir is None:
+        del files["processor_config.json"]
+        return files, {}
+    from tokenizers import AddedToken  # heavy imports, only when exporting a tokenizer
+
+    from llavaction_jax.data.tokenizer import load_qwen_tokenizer, tokenizer_files
+
+    tokenizer = load_qwen_tokenizer(tokenizer_dir)
+    missing = [t for t in (IMAGE_TOKEN, VIDEO_TOKEN) if t not in tokenizer.get_vocab()]
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
+    ids = tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, VIDEO_TOKEN])
+    if max(ids) >= cfg.text.vocab_size:
+        raise ConversionError(
+            f"the tokenizer in {tokenizer_dir} puts {IMAGE_TOKEN} / {VIDEO_TOKEN} at ids {ids[0]} / {ids[1]}, beyond "
+            f"the model's {cfg.text.vocab_size} embedding rows; HF llava-onevision needs them in its vocabulary")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    files.update(tokenizer_files(tokenizer))
+    return files, {"image_token_index": ids[0], "video_token_index": ids[1]}

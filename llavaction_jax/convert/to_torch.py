@@ -4,7 +4,8 @@
 `llavaction/model/language_model/llava_qwen.py: LlavaQwenForCausalLM`) and a config.json that upstream's
 `llavaction/model/builder.py: load_pretrained_model` reads (model_type qwen2, LlavaQwenForCausalLM);
 `layout="hf-onevision"` writes what `transformers.LlavaOnevisionForConditionalGeneration.from_pretrained` reads
-(one_token models only).
+(one_token models only), and the processor files `AutoProcessor.from_pretrained` reads (`hf_onevision.processor_files`;
+an HF import's own are copied instead).
 
 Streaming: every output file's header is written first (names, shapes and dtypes come from the config, through
 the same key rules as the import, and the checkpoint's metadata); then each stored array is read through
@@ -32,6 +33,7 @@ from llavaction_jax.convert.import_plan import copy_into, detect_layout
 from llavaction_jax.convert.keys import ConversionError, expected_keys, to_torch, torch_row_axis, torch_shape
 from llavaction_jax.convert.safetensors_io import (SafetensorsWriter, TensorSpec, plan_shards, shard_names,
                                                    write_index)
+from llavaction_jax.data.tokenizer import has_tokenizer
 from llavaction_jax.model import llava
 from llavaction_jax.model.params import flatten_paths
 
@@ -61,10 +63,12 @@ def export_checkpoint(src, dst, layout: str = "upstream", max_shard_bytes: int =
     cfg = checkpoint_io.load_config(src)
     stored = orbax_stream.StoredArrays(src / checkpoint_io.PARAMS_DIR)
     table = export_table(cfg, stored.params)
-    rename, constants = (lambda k: k), {}
+    rename, constants, processor, agreed = (lambda k: k), {}, {}, {}
     if layout == "hf-onevision":
         hf_onevision.check_exportable(cfg)
         rename, constants = hf_onevision.hf_key, hf_onevision.identity_post_layernorm(cfg)
+        if not (src / "preprocessor_config.json").is_file():  # else an HF import's own processor files are copied
+            processor, agreed = hf_onevision.processor_files(cfg, src if has_tokenizer(src) else None)
     specs = []
     for key, path, layer, tf in table:
         shape = stored.params[path][0][1:] if layer is not None else stored.params[path][0]
@@ -95,12 +99,15 @@ def export_checkpoint(src, dst, layout: str = "upstream", max_shard_bytes: int =
     config = hf_onevision.hf_config(cfg) if layout == "hf-onevision" else upstream_config(cfg)
     if original is not None and _layout_of(original) == layout:
         _add_missing(config, original)  # keys we do not model travel back unchanged
+    config.update(agreed)  # the token ids of the tokenizer written beside it
     dtype_key = next((k for k in ("torch_dtype", "dtype") if k in config), "torch_dtype")
     config[dtype_key] = np.dtype(dtype).name  # what the tensors are now (an import may have cast them)
     (stage / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for name in COPIED_FILES:
-        if name != "config.json" and (src / name).is_file():
+        if name != "config.json" and name not in processor and (src / name).is_file():
             shutil.copyfile(src / name, stage / name)
+    for name, text in processor.items():
+        (stage / name).write_text(text, encoding="utf-8")
     staging.commit(stage, dst)
     return [dst / f.name for f in files]
 
