@@ -26,6 +26,7 @@ from llavaction_jax.config import load_preset
 from llavaction_jax.data import ek100, ek100_train
 from llavaction_jax.data.chat import SYSTEM_MESSAGE
 from llavaction_jax.data.tokenizer import load_qwen_tokenizer, train_chatml_tokenizer
+from llavaction_jax.data.train_prompt import EK100PromptSettings, ek100_user_prompt
 from llavaction_jax.demo.synthetic import NOUNS, VERBS, SyntheticSpec, write_dataset
 from llavaction_jax.recipes import load_recipe
 from llavaction_jax.train.loop import train
@@ -82,10 +83,15 @@ def make_training_samples(annotations: pathlib.Path, out: pathlib.Path) -> int:
     return len(samples)
 
 
-def make_tokenizer(samples: pathlib.Path, questions: pathlib.Path, out: pathlib.Path, vocab_size: int) -> int:
+def make_tokenizer(samples: pathlib.Path, questions: pathlib.Path, out: pathlib.Path, vocab_size: int,
+                   num_frames: int) -> int:
+    """A small BPE trained on the texts the model reads: the training prompts as the pipeline builds them at load
+    time (not the stored option lists), the answers, and the validation prompts."""
     texts = [SYSTEM_MESSAGE, "system user assistant"]
+    settings = EK100PromptSettings("first_person", "", None, 0)
     for line in samples.read_text().splitlines():
-        texts += [turn["value"] for turn in json.loads(line)["conversations"]]
+        sample = json.loads(line)
+        texts += [ek100_user_prompt(sample, num_frames, settings), sample["conversations"][1]["value"]]
     for line in questions.read_text().splitlines():
         q = json.loads(line)
         texts += [q["prompt"], *q["options"]]
@@ -126,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     n_samples = stages.run("4. training samples + tokenizer", make_training_samples, ann, samples)
     # The tiny preset with 8 px patches: a 8x8 grid per frame, pooled to 4x4, so position (the verb) survives.
     cfg = load_preset("tiny", {"vision.patch_size": 8})
-    vocab = make_tokenizer(samples, questions, out / "tokenizer", cfg.text.vocab_size)
+    vocab = make_tokenizer(samples, questions, out / "tokenizer", cfg.text.vocab_size, args.num_frames)
     print(f"{n_samples} MQA training samples; tokenizer with {vocab} tokens in {out / 'tokenizer'}")
 
     model_init = out / "model_init"
