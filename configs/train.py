@@ -40,7 +40,7 @@ def get_config():
     c.data.tokenizer = ""  # tokenizer directory; "" = init_from's own, else Qwen2's (built offline)
     c.data.pad_id = 151643  # <|endoftext|>
     c.data.add_time_instruction = True
-    # EK100 samples stored as upstream's questions get their prompt when loaded (llavaction_jax/data/train_prompt.py)
+    # EK100 samples stored as upstream's questions get their prompt when loaded (llavaction_jax/ek100/train_prompt.py)
     c.data.perspective = "first_person"  # or "third_person"
     c.data.learn_neighbor_actions = ""  # "prior": 30% of MC prompts name the two previous actions (the final run)
     c.data.ek100_annotations = ""  # folder with EPIC_100_train.csv: the prior-action table ("prior" needs it)

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from llavaction_jax.data import frames as fs
-from llavaction_jax.data import prompts
+from llavaction_jax.ek100 import prompts
 from llavaction_jax.eval import batching, metrics, mqa_eval, questions as qs, runner
 from llavaction_jax.eval.parsing import score_answer
 from llavaction_jax.sharding import make_mesh

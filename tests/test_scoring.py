@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from llavaction_jax.config import load_preset
-from llavaction_jax.model import llava
 from llavaction_jax.eval.scoring import option_token_ids, pad_options, score_options
+from llavaction_jax.model import llava
 
 CFG = load_preset("tiny")
 FRAMES = 2
@@ -79,7 +79,8 @@ def test_scores_equal_full_forward_of_prompt_plus_option(params, batch):
 
 
 def test_option_continuation_tokenizes_the_same_alone_and_after_the_prompt():
-    from llavaction_jax.data import chat, prompts
+    from llavaction_jax.data import chat
+    from llavaction_jax.ek100 import prompts
     from llavaction_jax.eval.questions import default_tokenizer
 
     tok = default_tokenizer()

@@ -55,7 +55,7 @@ from llavaction_jax.train.step import init_state, make_train_step
 
 EK100_QUESTIONS = 9668  # EPIC-KITCHENS-100 validation segments = EK100-MQA questions
 # The real EK100-MQA prompt: ChatML system + user turn with <image>, the 64-frame time instruction and five lettered
-# options, then "<|im_start|>assistant\n" = 127 tokens with the Qwen2 tokenizer (data/prompts.py, data/chat.py).
+# options, then "<|im_start|>assistant\n" = 127 tokens with the Qwen2 tokenizer (ek100/prompts.py, data/chat.py).
 PROMPT_TOKENS, NUM_OPTIONS, OPTION_TOKENS, ANSWER_TOKENS = 127, 5, 8, 8
 GIB = 2**30
 

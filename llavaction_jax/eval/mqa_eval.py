@@ -1,7 +1,7 @@
 """``python -m llavaction_jax eval``: a model + a question file + frame shards -> answers, metrics and a report.
 
 Flow: every process reads the whole question file (so all agree on the fixed batch shapes), answers its contiguous
-slice (``data.mqa.slice_bounds``) in steps of ``--batch-size`` questions on the global mesh (its rows go to its
+slice (``ek100.mqa.slice_bounds``) in steps of ``--batch-size`` questions on the global mesh (its rows go to its
 own devices), then the prediction records are gathered to process 0 with a collective (no shared filesystem
 needed), checked to cover the question file exactly once, and written with the metrics:
 

@@ -4,7 +4,7 @@ What upstream's inference does for one clip (llavaction/action/llava_inference.p
 
 1. decode ``--num-frames`` frames of ``--start``..``--end`` (data/clip.py: upstream's segment-midpoint sampling,
    PIL bicubic resize, [-1, 1] normalisation; decord, PyAV as the fallback);
-2. build upstream's prompt: with ``--options`` the EK100 multiple-choice prompt (data/prompts.mc_prompt) behind the
+2. build upstream's prompt: with ``--options`` the EK100 multiple-choice prompt (ek100/prompts.mc_prompt) behind the
    time instruction, byte for byte what `build-mqa --time-instruction` stores; with ``--question`` that question;
    with neither, upstream's direct-narration prompt ("What action are you performing? ...");
 3. greedy decoding (`LlavaModel.generate`, the jitted step of `eval`), and with options the log-likelihood of each
@@ -31,10 +31,10 @@ import jax
 from llavaction_jax.api import LlavaModel, load_pretrained
 from llavaction_jax.checkpoint_io import is_model_dir
 from llavaction_jax.config import ConfigError
-from llavaction_jax.data import prompts
 from llavaction_jax.data.clip import read_clip
 from llavaction_jax.data.tokenizer import load_qwen_tokenizer
 from llavaction_jax.data.video import VideoCache
+from llavaction_jax.ek100 import prompts
 from llavaction_jax.eval.parsing import answer_letter, parse_answer
 from llavaction_jax.eval.questions import option_texts
 from llavaction_jax.integrity import IntegrityError

@@ -2,7 +2,7 @@
 
 Two formats:
 
-* ``ek100``: the JSONL written by ``build-mqa`` (data/mqa.py). The user message is stored in the file byte for byte
+* ``ek100``: the JSONL written by ``build-mqa`` (ek100/mqa.py). The user message is stored in the file byte for byte
   (``"<image>\\n"`` + ``prompt``); the clip is the frame-shard record whose uid is the question uid (narration_id).
 * ``videoqa``: generic multiple-choice video QA (MVBench / NExT-QA style), one JSON object a line:
   ``question``; ``options`` (or ``candidates``): a list, lettered ("A. cup") or not ("cup"); ``answer``: a letter,
@@ -11,7 +11,7 @@ Two formats:
   ``"{video}_{start:.2f}_{end:.2f}"`` (the first that is a frame-shard uid; these are the names ``extract-frames
   --jsonl`` gives); optional ``category`` / ``task_type`` / ``type`` for a per-category breakdown.
   The prompt is the question, the lettered options one per line and a closing instruction, behind LLaVA-Video's
-  time instruction (data/prompts.llava_video_time_prompt; upstream llavaction/train/train.py:
+  time instruction (data/chat.llava_video_time_prompt; upstream llavaction/train/train.py:
   LazySupervisedDataset._get_item) stating the clip's duration and the
   number of frames the model sees. Files written by ``build-bench`` (eval/benchmarks/) add ``prompt`` (the
   benchmark's own user text, used verbatim instead), ``groups`` (its official breakdown keys), ``time_instruction``
@@ -26,8 +26,9 @@ import functools
 import pathlib
 import re
 
-from llavaction_jax.data import ek100, prompts
-from llavaction_jax.data.mqa import read_question_file
+from llavaction_jax.data import chat
+from llavaction_jax.ek100 import labels, prompts
+from llavaction_jax.ek100.mqa import read_question_file
 
 FORMATS = ("ek100", "videoqa")
 TIME_STYLES = ("none", "lmms-eval", "llava-video")  # videoqa "time_instruction": none, lmms-eval's, LLaVA-Video's
@@ -67,7 +68,7 @@ class EvalQuestion:
             return body
         if self.time_style == "lmms-eval":
             return lmms_eval_time_prompt(body, duration, num_frames, frame_times)
-        return prompts.llava_video_time_prompt(body, duration, num_frames)
+        return chat.llava_video_time_prompt(body, duration, num_frames)
 
 
 def lmms_eval_time_prompt(body: str, duration: float, num_frames: int, frame_times: tuple[float, ...]) -> str:
@@ -91,7 +92,7 @@ def detect_format(meta: dict | None, records: list[dict]) -> str:
 def load_questions(path: str | pathlib.Path, fmt: str = "auto",
                    label_space: str = "ek100") -> tuple[str, dict | None, list[EvalQuestion]]:
     """(format, meta or None, questions) of a question file; errors name the file and line. A build-mqa file
-    whose action ids come from the UDA stand-ins is refused unless `label_space` is "uda" (see ek100.LABEL_SPACES)."""
+    whose action ids come from the UDA stand-ins is refused unless `label_space` is "uda" (see labels.LABEL_SPACES)."""
     meta, records = read_question_file(path)
     if not records:
         raise ValueError(f"{path}: no questions")
@@ -229,7 +230,7 @@ def class_names(meta: dict | None, annotations: str | None) -> dict[str, dict]:
     folder = pathlib.Path(annotations) if annotations else None
     if folder is None and meta and meta.get("inputs", {}).get("validation_csv"):
         folder = pathlib.Path(meta["inputs"]["validation_csv"]).parent
-    if folder is None or not (folder / ek100.VERB_CLASSES_CSV).is_file():
+    if folder is None or not (folder / labels.VERB_CLASSES_CSV).is_file():
         return {}
-    return {"verb": ek100.read_class_keys(folder / ek100.VERB_CLASSES_CSV, False),
-            "noun": ek100.read_class_keys(folder / ek100.NOUN_CLASSES_CSV, True)}
+    return {"verb": labels.read_class_keys(folder / labels.VERB_CLASSES_CSV, False),
+            "noun": labels.read_class_keys(folder / labels.NOUN_CLASSES_CSV, True)}

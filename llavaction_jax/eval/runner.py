@@ -34,7 +34,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from llavaction_jax.data.frames import FrameShards
-from llavaction_jax.data.mqa import slice_bounds
+from llavaction_jax.ek100.mqa import slice_bounds
 from llavaction_jax.eval import batching, lmms_layout, metrics, questions as qs, report
 from llavaction_jax.eval.benchmarks import score as benchmark_score
 from llavaction_jax.eval.generate import GenerationConfig, generate

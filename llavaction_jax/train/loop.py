@@ -23,12 +23,12 @@ from jax.experimental import multihost_utils
 from llavaction_jax import checkpoint_io, distributed, integrity, model_files
 from llavaction_jax.config import ConfigError, ModelConfig
 from llavaction_jax.data.batching import make_global_batch
-from llavaction_jax.data.ek100 import AnnotationError
 from llavaction_jax.data.frames import open_shards
 from llavaction_jax.data.mixture import load_mixture
 from llavaction_jax.data.pipeline import TrainPipelineConfig, train_dataset
 from llavaction_jax.data.tokenizer import has_tokenizer
-from llavaction_jax.data.train_prompt import EK100PromptSettings, load_prior_table
+from llavaction_jax.ek100.labels import AnnotationError
+from llavaction_jax.ek100.train_prompt import EK100PromptSettings, load_prior_table
 from llavaction_jax.model import llava
 from llavaction_jax.model.params import abstract_params, init_params
 from llavaction_jax.recipes import model_config
@@ -139,7 +139,7 @@ def make_data(cfg, model_cfg: ModelConfig, per_process_batch: int):
         group_by_length=d.group_by_modality_length, length_group_steps=d.length_group_steps,
         on_bad_sample=d.on_bad_sample, add_time_instruction=d.add_time_instruction,
         tokenizer_path=tokenizer_dir(cfg), pad_id=d.pad_id, worker_count=d.worker_count,
-        ek100_prompt=ek100_prompt_settings(d))
+        question_prompts=ek100_prompt_settings(d))
     return train_dataset(samples, d.shards or None, pipeline), len(samples)
 
 

@@ -5,7 +5,7 @@ Upstream re-derives its questions at evaluation time from one global RNG stream,
 the number of processes and on the order in which they consume the stream (``random.seed(42)`` at import of
 llavaction/action/utils.py, one stream per rank in ek_eval.py: evaluate_on_EK100). We build the questions once and
 store them. Each question draws from its own generator, ``np.random.default_rng([seed, sha256(uid)])``
-(:func:`ek100.item_rng`): the file is a function of the seed and the inputs only, whatever the slicing. This is a
+(:func:`labels.item_rng`): the file is a function of the seed and the inputs only, whatever the slicing. This is a
 deliberate difference from upstream, and it comes with two fixes of upstream bugs (utils.py:
 RandomMultiChoiceGenerator): random distractors never include the ground truth (upstream's may, giving the GT
 twice), and no two options of a question show the same text (``--no-distinct-options`` turns that off).
@@ -24,7 +24,7 @@ import pathlib
 import sys
 
 from llavaction_jax import cli_flags
-from llavaction_jax.data import ek100, prompts
+from llavaction_jax.ek100 import labels, prompts
 
 SCHEMA_VERSION = 1
 DISTRACTOR_SOURCES = ("random", "avion", "tim")
@@ -47,12 +47,12 @@ class MQASettings:
             raise ValueError(f"n_options must be in [2, {len(prompts.LETTERS)}], got {self.n_options}")
         if self.distractors not in DISTRACTOR_SOURCES:
             raise ValueError(f"distractors must be one of {DISTRACTOR_SOURCES}, got {self.distractors!r}")
-        if self.representation not in ek100.REPRESENTATIONS:
-            raise ValueError(f"representation must be one of {ek100.REPRESENTATIONS}, got {self.representation!r}")
+        if self.representation not in labels.REPRESENTATIONS:
+            raise ValueError(f"representation must be one of {labels.REPRESENTATIONS}, got {self.representation!r}")
         prompts.perspective_prefix(self.perspective)  # validates
 
 
-def random_distractors(gt_vn: str, maps: ek100.LabelMaps, k: int, rng) -> list[str]:
+def random_distractors(gt_vn: str, maps: labels.LabelMaps, k: int, rng) -> list[str]:
     """``k - 1`` distinct actions drawn uniformly from the label space, excluding the GT."""
     actions = maps.actions
     if k > len(actions):
@@ -70,25 +70,25 @@ def benchmark_answer_ids(gt_vn: str, ranked: list[str], k: int, benchmark_testin
     return answer_ids
 
 
-def render_options(answer_ids: list[str], segment: ek100.Segment, maps: ek100.LabelMaps, representation: str,
+def render_options(answer_ids: list[str], segment: labels.Segment, maps: labels.LabelMaps, representation: str,
                    distinct: bool, rng) -> tuple[dict[str, str], str]:
     """(text of every answer id, GT text). The GT is rendered first, even when it is not an option, so that with
     ``distinct`` no distractor shows its text (a question without the GT then has truly no right option)."""
-    gt_text = ek100.render_action(segment.vn, representation, maps, rng, segment.vn, segment.narration)
+    gt_text = labels.render_action(segment.vn, representation, maps, rng, segment.vn, segment.narration)
     texts = {segment.vn: gt_text} if segment.vn in answer_ids else {}
     taken = {gt_text}
     for vn in answer_ids:
         if vn != segment.vn:
-            texts[vn] = ek100.render_action(vn, representation, maps, rng, segment.vn, segment.narration,
+            texts[vn] = labels.render_action(vn, representation, maps, rng, segment.vn, segment.narration,
                                             taken if distinct else frozenset())
             taken.add(texts[vn])
     if distinct and len(taken) < len(answer_ids) + (segment.vn not in answer_ids):
-        raise ek100.AnnotationError(f"uid {segment.narration_id}: cannot render distinct option texts for actions "
+        raise labels.AnnotationError(f"uid {segment.narration_id}: cannot render distinct option texts for actions "
                                     f"{answer_ids} (GT {segment.vn})")
     return texts, gt_text
 
 
-def build_question(segment: ek100.Segment, maps: ek100.LabelMaps, settings: MQASettings,
+def build_question(segment: labels.Segment, maps: labels.LabelMaps, settings: MQASettings,
                    ranked: list[str] | None = None) -> dict:
     """One question record (a line of the question file).
 
@@ -99,14 +99,14 @@ def build_question(segment: ek100.Segment, maps: ek100.LabelMaps, settings: MQAS
     (random / avion / tim), top1_text / top1_vn (the action model's top-1, rendered; None for random), and prompt:
     the user message after "<image>\\n" (time instruction, if on, + task prompt), byte for byte.
     """
-    rng = ek100.item_rng(settings.seed, segment.narration_id)
+    rng = labels.item_rng(settings.seed, segment.narration_id)
     k = settings.n_options
     if ranked is None:
         answer_ids = [segment.vn] + random_distractors(segment.vn, maps, k, rng)
     else:
         answer_ids = benchmark_answer_ids(segment.vn, ranked, k, settings.benchmark_testing)
         if len(set(answer_ids)) < k:
-            raise ek100.AnnotationError(f"uid {segment.narration_id} (row {segment.row_index}): the top-{k} "
+            raise labels.AnnotationError(f"uid {segment.narration_id} (row {segment.row_index}): the top-{k} "
                                         f"predictions repeat an action: {answer_ids}")
     texts, gt_text = render_options(answer_ids, segment, maps, settings.representation, settings.distinct_options,
                                     rng)
@@ -148,13 +148,13 @@ def slice_bounds(n_items: int, process_index: int, num_processes: int) -> tuple[
 
 def build_questions(segments, maps, settings: MQASettings, predictions=None, predictions_path: str = "",
                     progress=None):
-    """Yield the question of every segment; ``predictions`` (from :func:`ek100.load_predictions`) for avion/tim."""
+    """Yield the question of every segment; ``predictions`` (from :func:`labels.load_predictions`) for avion/tim."""
     if (settings.distractors == "random") != (predictions is None):
         raise ValueError(f"distractors={settings.distractors!r} needs predictions exactly when it is not 'random'")
     for i, segment in enumerate(segments):
         ranked = None
         if predictions is not None:
-            ranked = ek100.predictions_for(segment, predictions, predictions_path, settings.n_options)
+            ranked = labels.predictions_for(segment, predictions, predictions_path, settings.n_options)
         yield build_question(segment, maps, settings, ranked)
         if progress:
             progress(i + 1)
@@ -204,7 +204,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
            "default ANNOTATIONS/EPIC_100_validation.csv")
     a("--train-csv", type=pathlib.Path, action="append", default=None,
       help="train CSV(s) for the label maps (repeatable); default those of --label-space")
-    a("--label-space", choices=ek100.LABEL_SPACES, default="ek100",
+    a("--label-space", choices=labels.LABEL_SPACES, default="ek100",
       help="ek100: EPIC_100_train.csv, the released 3806-way action head (refused when missing); uda: the labelled "
            "UDA train files stand in for it (2684 actions: other ids, distractors and options)")
     a("--distractors", choices=DISTRACTOR_SOURCES, default="random",
@@ -214,7 +214,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--n-options", type=int, default=5, help="options per question (k), at most 26")
     a("--benchmark-testing", action=argparse.BooleanOptionalAction, default=True,
       help="with predictions: put the GT in place of the k-th prediction when the top-k misses it")
-    a("--representation", choices=ek100.REPRESENTATIONS, default="GT_random_narration",
+    a("--representation", choices=labels.REPRESENTATIONS, default="GT_random_narration",
       help="option text: GT_random_narration = GT's own narration and a random real narration per distractor; "
            "official_key = 'verb_key noun_key'")
     a("--perspective", choices=sorted(prompts.PERSPECTIVES), default="first_person", help="prompt perspective")
@@ -236,13 +236,13 @@ def run(args: argparse.Namespace) -> int:
     if (args.distractors == "random") != (args.predictions is None):
         raise ValueError(f"--distractors {args.distractors} {'takes no' if args.distractors == 'random' else 'needs'}"
                          " --predictions")
-    validation_csv = args.validation_csv or args.annotations / ek100.VALIDATION_CSV
-    train_csvs = args.train_csv or ek100.default_train_csvs(args.annotations, args.label_space)
-    maps = ek100.load_label_maps(args.annotations, train_csvs, validation_csv)
-    segments = ek100.read_annotation_csv(validation_csv)
+    validation_csv = args.validation_csv or args.annotations / labels.VALIDATION_CSV
+    train_csvs = args.train_csv or labels.default_train_csvs(args.annotations, args.label_space)
+    maps = labels.load_label_maps(args.annotations, train_csvs, validation_csv)
+    segments = labels.read_annotation_csv(validation_csv)
     _check_unique_uids(segments)
     start, stop = slice_bounds(len(segments), args.process_id, args.num_processes)
-    predictions = ek100.load_predictions(args.predictions) if args.predictions else None
+    predictions = labels.load_predictions(args.predictions) if args.predictions else None
     total = stop - start
     every = max(1, total // 10)
 
@@ -279,6 +279,6 @@ def _check_unique_uids(segments) -> None:
     seen = {}
     for s in segments:
         if s.narration_id in seen:
-            raise ek100.AnnotationError(f"{s.source}: narration_id {s.narration_id!r} appears in data rows "
+            raise labels.AnnotationError(f"{s.source}: narration_id {s.narration_id!r} appears in data rows "
                                         f"{seen[s.narration_id]} and {s.row_index}; question uids must be unique")
         seen[s.narration_id] = s.row_index
