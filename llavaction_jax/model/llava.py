@@ -29,6 +29,10 @@ from llavaction_jax.sharding import constrain
 IMAGE_TOKEN_INDEX = -200  # the placeholder each video sample carries (upstream's constants.IMAGE_TOKEN_INDEX)
 IGNORE_INDEX = -100  # label of positions without a target (upstream's constants.IGNORE_INDEX)
 HEAD_NAMES = ("verb", "noun", "action")
+# New verb / noun / action heads start as upstream's do: nn.Linear layers that transformers' _init_weights draws
+# from N(0, initializer_range), Qwen2's 0.02 (llavaction/model/language_model/llava_qwen.py:
+# LlavaQwenForCausalLM.__init__, then post_init; upstream commit bd9f465).
+HEAD_INIT_STD = 0.02
 
 
 def param_specs(cfg: ModelConfig) -> dict:
@@ -44,7 +48,8 @@ def param_specs(cfg: ModelConfig) -> dict:
         specs["action_tokens"] = ParamSpec((cfg.num_action_tokens, h), ("tokens", "embed"), normal(h**-0.5))
     if cfg.vision_supervision is not None:
         specs["heads"] = {
-            name: dense(h, n, "embed", "classes", bias=False) for name, n in zip(HEAD_NAMES, cfg.action_types)
+            name: dense(h, n, "embed", "classes", bias=False, std=HEAD_INIT_STD)
+            for name, n in zip(HEAD_NAMES, cfg.action_types)
         }
     return specs
 
