@@ -192,6 +192,12 @@ def build_question(segment: labels.Segment, maps: labels.LabelMaps, settings: MQ
     }
 
 
+def with_prior(question: dict, prior: dict, settings: MQASettings) -> dict:
+    """``question`` with other prior actions (pseudo: the model's earlier answers) and its prompt rebuilt."""
+    return {**question, "prior_actions": prior,
+            "prompt": question_prompt(question["options"], question["end"] - question["start"], settings, prior)}
+
+
 def slice_bounds(n_items: int, process_index: int, num_processes: int) -> tuple[int, int]:
     """Contiguous ``[start, stop)`` of process ``process_index``: the parts, concatenated in order, are the whole."""
     if not 0 <= process_index < num_processes:

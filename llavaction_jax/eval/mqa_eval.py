@@ -22,6 +22,7 @@ eval/caption_then_answer.py).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 
 import jax
@@ -125,6 +126,13 @@ def model_config(args):
     return model_config_with_overrides(base, args.config_overrides)
 
 
+@functools.lru_cache(maxsize=4)
+def random_init(cfg, mesh):
+    """Random weights for smoke runs, initialised inside jit straight into the mesh's shardings (identical on every
+    process, no host copy); one compiled initialiser per (config, mesh), however many commands a process runs."""
+    return jax.jit(lambda key: llava.init(cfg, key), out_shardings=param_shardings(llava.param_specs(cfg), mesh))
+
+
 def load_model(args, mesh, cfg=None):
     """(params on the mesh, cfg, name)."""
     cfg = cfg or model_config(args)
@@ -133,11 +141,8 @@ def load_model(args, mesh, cfg=None):
         params, name = model.params, str(args.model)
         cfg = cfg or model_config_with_overrides(model.cfg, args.config_overrides)
     else:
-        shardings = param_shardings(llava.param_specs(cfg), mesh)
-        # Random weights for smoke runs, initialised inside jit straight into the mesh's shardings (identical on
-        # every process, no host copy). The rbg generator compiles in a fraction of threefry's time on CPU.
-        key = jax.random.key(args.seed, impl="rbg")
-        params = jax.jit(lambda k: llava.init(cfg, k), out_shardings=shardings)(key)
+        # The rbg generator compiles in a fraction of threefry's time on CPU.
+        params = random_init(cfg, mesh)(jax.random.key(args.seed, impl="rbg"))
         name = f"preset {args.preset} (random, rbg seed {args.seed})"
     return params, cfg, name
 

@@ -22,6 +22,7 @@ import sys
 import jax
 from jax.experimental import multihost_utils
 
+from llavaction_jax import cli_flags
 from llavaction_jax.config import POOL_MODES, ConfigError
 from llavaction_jax.eval import ek100_suite, mqa_eval
 from llavaction_jax.eval.caption_then_answer import evaluate_caption_then_answer
@@ -77,9 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="add the time instruction each question file asks for (build-bench --time-instruction)")
     a("--threads", type=int, default=4, help="frame-decoding threads per process")
     a("--options-per-pass", type=int, default=None, help="score mode: options per pass (default: all)")
-    a("--coordinator", default=None, help="multi-process: coordinator HOST:PORT, or 'auto'")
-    a("--num-processes", type=int, default=None, help="multi-process: number of processes")
-    a("--process-id", type=int, default=None, help="multi-process: this process's id")
+    cli_flags.add_distributed(parser)
 
 
 def suite_table(suite: str, out_dir) -> dict:
@@ -164,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.table_only:
             if not (args.model or args.preset):
                 raise ValueError("give --model or --preset (or --table-only)")
-            mqa_eval._init_distributed(args)
+            cli_flags.init_distributed(args)
             mesh = make_mesh(**parse_mesh(args.mesh))
             tokenizer, tokenizer_name = resolve_tokenizer(args.tokenizer, args.model)
             cfg = mqa_eval.model_config(args)
