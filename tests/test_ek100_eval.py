@@ -2,7 +2,7 @@
 eval's recognition metrics (results.json, report.md, lmms-eval records), pseudo prior actions built from a real
 eval run, caption_then_answer's two passes, a question file's own budget and pooling, and ``eval-suite --suite
 ek100`` with its table. The commands run in one child process with one CPU device, so they share its jit cache:
-one compiled generation step and one random initialiser for all of them."""
+two compiled generation steps (bilinear and average pooling) and one random initialiser for all of them."""
 
 import json
 import os
@@ -74,9 +74,9 @@ def runs(tmp_path_factory):
                  *[[*build, "--out", str(data / v / "questions.jsonl"), "--distractors", "tim", "--predictions",
                     str(tim), *extra] for v, extra in suite_builds.items()]):
         assert main(argv) == 0
-    # a question file asking for its own budget (as build-bench's meta does)
+    # a question file asking for its own budget and pooling (as build-bench's meta does)
     meta = json.loads(mqa.meta_path(root / "random.jsonl").read_text())
-    meta["settings"]["max_new_tokens"] = 3
+    meta["settings"].update(max_new_tokens=3, pool_mode="average")
     (root / "asks").mkdir()
     (root / "asks" / "q.jsonl").write_text((root / "random.jsonl").read_text())
     mqa.meta_path(root / "asks" / "q.jsonl").write_text(json.dumps(meta))
@@ -86,7 +86,7 @@ def runs(tmp_path_factory):
         ["eval", *TINY, *RUN, "--questions", str(root / "cta.jsonl"), "--shards", str(root / "shards"), "--out",
          str(root / "out_cta"), "--max-new-tokens", "3"],
         ["eval-suite", "--suite", "ek100", "--data", str(data), "--out", str(root / "suite"), *TINY, *RUN[:4],
-         "--max-new-tokens", "3"],
+         "--max-new-tokens", "3", "--pool-mode", "average"],
         ["eval-suite", "--suite", "ek100", "--data", str(data), "--out", str(root / "suite"), "--table-only"],
         ["eval", *TINY, *RUN, "--questions", str(root / "asks" / "q.jsonl"), "--shards", str(root / "shards"),
          "--out", str(root / "out_asks"), "--limit", "5"],
@@ -147,11 +147,12 @@ def test_caption_then_answer_runs_two_passes(runs):
     assert json.loads((root / "out_cta" / "results.json").read_text())["num_questions"] == 10
 
 
-def test_a_question_file_sets_the_budget(runs):
-    root, _ = runs
+def test_a_question_file_sets_the_budget_and_the_pooling(runs):
+    root, logs = runs
     asked = json.loads((root / "out_asks" / "results.json").read_text())
     assert asked["settings"]["max_new_tokens"] == 3 and asked["num_questions"] == 5  # no --max-new-tokens given
-    assert asked["model"]["pool_mode"] == "bilinear"  # the tiny preset's own: the file asks for none
+    assert asked["model"]["pool_mode"] == "average" and "pooling: average (the question file's" in logs
+    assert json.loads((root / "out_random" / "results.json").read_text())["model"]["pool_mode"] == "bilinear"
 
 
 def test_a_question_files_pooling_applies_unless_the_command_line_sets_one():
@@ -175,6 +176,8 @@ def test_suite_ek100_runs_what_is_built_and_writes_one_table(runs):
     for variant in ("ek100_mqa_tim_16f", "ek100_mqa_tim_16f_prior_oracle", "ek100_mqa_tim_16f_prior_pseudo"):
         assert rows[variant]["status"] == "ok" and rows[variant]["n"] == 10, variant
         assert 0 < rows[variant]["candidates_recall"] == 1.0
+        results = json.loads((root / "suite" / variant / "results.json").read_text())
+        assert results["model"]["pool_mode"] == "average"  # --pool-mode (EK100 files ask for none)
     assert rows["ek100_mqa_random_16f"]["status"] == "not run"
     assert rows["ek100_mqa_tim_16f"]["paper_llavaction_7b"] == 74.1 and "Fig. 1" in rows["ek100_mqa_tim_16f"]["source"]
     # the pseudo variant was derived from the oracle questions and the suite's own TIM answers
