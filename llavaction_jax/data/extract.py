@@ -392,7 +392,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frame-size", type=int, default=SIGLIP_SIZE,
                         help="store frames squashed to this square size, 0 = source size (default: %(default)s)")
     parser.add_argument("--codec", choices=fs.CODECS, default="jpeg",
-                        help="frame encoding: jpeg (lossy, small) or png (lossless) (default: %(default)s)")
+                        help="frame encoding: jpeg (lossy, small) or png (lossless: upstream's per-step decoding "
+                             "gives the same pixels bit for bit) (default: %(default)s)")
     parser.add_argument("--jpeg-quality", type=int, default=fs.DEFAULT_JPEG_QUALITY,
                         help="JPEG quality 1-100 (default: %(default)s)")
     parser.add_argument("--decoder", choices=("auto", "decord", "pyav"), default="auto",

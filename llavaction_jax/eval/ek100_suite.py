@@ -76,7 +76,9 @@ def run(args, evaluate_variant, log=print) -> None:
             questions = pseudo_question_file(data, out, row)
             shards = data / row.pseudo_of[0] / "shards"
         if questions is None or not questions.is_file():
-            log(f"[eval-suite] {row.title}: no {data / row.variant / QUESTIONS_NAME}, skipped")
+            missing = (f"{data / row.pseudo_of[0] / QUESTIONS_NAME} or {out / row.pseudo_of[1] / 'predictions.jsonl'}"
+                       if row.pseudo_of else str(data / row.variant / QUESTIONS_NAME))
+            log(f"[eval-suite] {row.title}: no {missing}, skipped")
             continue
         log(f"[eval-suite] {row.title}: {questions}")
         evaluate_variant(questions, shards, out / row.variant)

@@ -219,7 +219,8 @@ def _fingerprint(questions_path, model_name: str, cfg, tokenizer_len: int, setti
     with open(questions_path, "rb") as f:
         questions_sha = hashlib.file_digest(f, "sha256").hexdigest()
     what = {"questions": questions_sha, "model": model_name, "vocab_size": cfg.text.vocab_size,
-            "dtypes": [cfg.param_dtype, cfg.compute_dtype], "tokenizer_len": tokenizer_len,
+            "dtypes": [cfg.param_dtype, cfg.compute_dtype], "pool_mode": cfg.pool_mode,
+            "tokenizer_len": tokenizer_len,
             "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("threads", "progress_every_s")},
             "layout": dataclasses.asdict(layout), "generation": dataclasses.asdict(gen)}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
