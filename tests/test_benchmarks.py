@@ -184,6 +184,19 @@ def test_builders_write_lmms_eval_prompts_answers_and_groups(built):
     assert nq[1]["prompt"] == "what is next\nA. f\nB. g\nC. h\nD. i\nE. j"  # no closing instruction in lmms-eval
     assert nq[0]["clip_uid"] == "1006/4010069381.mp4" and nq[0]["answer"] == "C"
     assert nq[0]["groups"] == {"type_group": "causal", "type": "CW"}
+    # the meta records llava_vid's settings as the authors ran it (max_frames_num=64, mm_spatial_pool_mode=average)
+    for variant in VARIANTS:
+        settings = json.loads((built / "data" / variant / "questions.jsonl.meta.json").read_text())["settings"]
+        assert settings == {"time_instruction": "none", "pool_mode": "average", "max_frames_num": 64}
+
+
+def test_build_bench_pooling_and_frame_cap_are_overridable(built):
+    assert cli.main(["build-bench", "nextqa", "--annotations", str(built / "ann" / "test.csv"), "--video-map",
+                     str(built / "ann" / "map_vid_vidorID.json"), "--out", str(built / "bilinear"), "--pool-mode",
+                     "bilinear", "--max-frames-num", "32"]) == 0
+    meta = json.loads((built / "bilinear" / "nextqa_mc_test" / "questions.jsonl.meta.json").read_text())
+    assert meta["settings"]["pool_mode"] == "bilinear" and meta["settings"]["max_frames_num"] == 32
+    assert mqa_eval.file_settings(meta)["max_new_tokens"] == VARIANTS["nextqa_mc_test"].max_new_tokens
 
 
 def test_eval_prompts_are_lmms_eval_llava_vid_prompts(built):
@@ -387,6 +400,8 @@ def test_suite_scores_every_benchmark_the_official_way_and_writes_one_table(suit
     assert [p["num_frames"] for p in by_variant["mvbench"]] == [1, 4, 2]  # each clip its own frames, padded to 4
     assert [p["num_frames"] for p in by_variant["nextqa_mc_test"]] == [2, 2]  # a 2 s video at 1 fps
     assert json.loads((out / "mvbench" / "results.json").read_text())["settings"]["layout"]["num_frames"] == 4
+    # each file's pooling (build-bench's default: llava_vid's average, as the authors ran lmms-eval)
+    assert {json.loads((out / v / "results.json").read_text())["model"]["pool_mode"] for v in VARIANTS} == {"average"}
     submission = json.loads((out / "egoschema" / "egoschema_submission.json").read_text())
     assert set(submission) == {"ego0", "ego1", "ego2"} and all(-1 <= v < 5 for v in submission.values())
     assert cli.main(["eval-suite", "--data", str(built / "data"), "--out", str(out), "--table-only"]) == 0
@@ -404,6 +419,7 @@ def test_a_padded_batch_of_clips_with_different_frame_counts_answers_as_each_cli
     clip's own frames. The batch has the suite's shapes, so its generate step is already compiled (test order only
     saves time)."""
     _, params, cfg, _, mesh = suite_model
+    cfg = cfg.replace(pool_mode="average")  # the suite's, from the question file
     tokenizer = qs.default_tokenizer()
     _, _, questions = qs.load_questions(built / "data" / "mvbench" / "questions.jsonl")
     questions = [dataclasses.replace(q, time_style="lmms-eval") for q in questions]

@@ -144,8 +144,17 @@ def test_render_action(fake_dir):
     assert render("1:10", "GT_random_narration", avoid={"put down"}) == "put knife"
     assert render("4:10", "GT_random_narration") == "wash knife"  # pair outside the label maps
     assert render("0:2", "top1_narration") == "take cup"
+    # GT_key: the keys, the GT as its own narration (upstream's parse_vn_ids)
+    assert render("2:1", "GT_key") == "open the door" and render("0:2", "GT_key") == "take cup"
+    # topk_narration_cut_key: key, marker, the n most frequent narrations (0:2: "take cup" twice in train, then
+    # "pick up cup" (train) before "grab cup" (validation) at one each); no GT substitution
+    assert render("0:2", "topk_narration_cut_key", n_narrations=2) == (
+        "take cup, example usages could be, take cup, pick up cup")
+    assert render("2:1", "topk_narration_cut_key", n_narrations=3) == "open door, example usages could be, open door"
+    with pytest.raises(ValueError, match="n_narrations > 0"):
+        render("0:2", "topk_narration_cut_key")
     with pytest.raises(ValueError, match="representation"):
-        render("0:2", "GT_key")
+        render("0:2", "GT_random_narration_cut")
 
 
 def test_item_rng_depends_on_seed_and_uid_only():

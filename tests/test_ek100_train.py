@@ -11,8 +11,8 @@ import pytest
 from test_ek100 import FAKE_TRAIN, write_fake_annotations
 
 from llavaction_jax.ek100 import labels
-from llavaction_jax.ek100.train_files import (TrainSampleSettings, prior_action_key, prior_action_table,
-                                             training_samples, write_samples_jsonl)
+from llavaction_jax.ek100.prior_actions import prior_action_key, prior_action_table
+from llavaction_jax.ek100.train_files import TrainSampleSettings, training_samples, write_samples_jsonl
 
 # The keys upstream's generators write, in their order (generate_description.py: generate_train_ann), + ours last.
 UPSTREAM_KEYS = ["video", "conversations", "id", "split", "task_instruction", "num_samples", "question_type",
@@ -106,7 +106,9 @@ def test_prior_action_table(data):
     assert set(table) == {prior_action_key("P90-P90_01", s.start, s.end) for s in segments[2:6] + segments[8:]}
     assert table["P90-P90_01_3.5_4.2"] == {"prev2_narration": "take cup", "prev2_offset": 3.0,
                                            "prev1_narration": "pick up cup", "prev1_offset": 1.5,
-                                           "cur_narration": "open door"}
+                                           "cur_narration": "open door", "prev2_id": "P90_01_0",
+                                           "prev1_id": "P90_01_1", "prev2_key": "P90-P90_01_0.5_1.5",
+                                           "prev1_key": "P90-P90_01_2.0_3.0"}
     assert table["P90-P90_01_23.0_24.0"]["prev2_narration"] == "wash hands"
     keys = prior_action_table(segments, maps, "official_key")
     assert keys["P90-P90_01_3.5_4.2"]["prev1_narration"] == "take cup"  # the key of 0:2

@@ -68,7 +68,7 @@ def test_a_question_depends_only_on_seed_and_uid(fake_dir):
 def test_option_counts_and_gt_exactly_once(fake_dir, tmp_path, k):
     assert build(fake_dir, tmp_path / "q.jsonl", "--n-options", str(k)) == 0
     meta, questions = read(tmp_path / "q.jsonl")
-    assert meta["counts"] == {"questions": 10, "with_gt": 10, "options_outside_label_maps": 0}
+    assert meta["counts"] == {"questions": 10, "with_gt": 10, "with_prior_actions": 0, "options_outside_label_maps": 0}
     for q, row in zip(questions, FAKE_VALIDATION):
         assert [o[:3] for o in q["options"]] == [f"{chr(65 + i)}. " for i in range(k)]
         assert len(set(q["option_vns"])) == k and q["option_vns"].count(q["gt_vn"]) == 1

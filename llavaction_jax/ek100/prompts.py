@@ -79,6 +79,14 @@ def caption_prompt(perspective: str = "first_person") -> str:
             "in the first person perspective. Try to focus on what you are doing. ")
 
 
+def caption_then_answer_message(caption: str, answer_prompt: str) -> str:
+    """The second pass of upstream's ``caption_then_answer`` test (llavaction/action/llava_inference.py): the first
+    pass's caption as notes, *then* ``"<image>\n"`` and the MC prompt (``answer_prompt``, the text that follows the
+    placeholder); so the video sits after the notes, as upstream tokenizes it."""
+    return (f"You observed the video before and wrote down the notes: {caption}. Now you watch the same video again "
+            f"and you can do better. {IMAGE_TOKEN}\n{answer_prompt}")
+
+
 def open_ended_prompt(question: str) -> str:
     return f"You are seeing this video from egocentric view and you are the person. {question}"
 

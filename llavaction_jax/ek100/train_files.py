@@ -1,7 +1,7 @@
 """EK100 training samples in upstream's released layout (llavaction/action/generate_description.py:
 generate_train_ann, llavaction/action/generate_temporal_detection_data.py: get_temporal_detection,
-llavaction/action/utils.py: AvionMultiChoiceGenerator.train_generate, llavaction/action/generate_interval_pred.py:
-get_lookup_dict).
+llavaction/action/utils.py: AvionMultiChoiceGenerator.train_generate); the prior-action lookup table
+(generate_interval_pred.py: get_lookup_dict) is in prior_actions.py.
 
 Upstream writes a sample's *question*, not its prompt: an MC human turn is the Python repr of the lettered option
 list (``"['A. open door', 'B. ...']"``), a direct-narration human turn is empty, a temporal-detection human turn is
@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-from collections import defaultdict
 
 from llavaction_jax.ek100 import labels, mqa, prompts
 
@@ -43,37 +42,6 @@ class TrainSampleSettings:
 
     def __post_init__(self):
         mqa.MQASettings(n_options=self.n_options, representation=self.representation)  # same validation
-
-
-def prior_action_key(video: str, start: float, end: float) -> str:
-    """Upstream's lookup key ``f"{video}_{round(start,2)}_{round(end,2)}"`` (Python float repr: ``3.0``)."""
-    return f"{video}_{round(start, 2)}_{round(end, 2)}"
-
-
-def prior_action_table(segments: list[labels.Segment], maps: labels.LabelMaps, representation: str,
-                       max_gap: float = 3.0) -> dict[str, dict]:
-    """Upstream's ``get_lookup_dict``: the two previous actions of every segment that has close predecessors.
-
-    Per video, segments sorted by end time (stable); for each consecutive triple whose gaps (next start - previous
-    end) are both at most ``max_gap`` seconds, the third segment's key maps to the first two narrations and their
-    start offsets. Narrations are raw (``*narration`` representations) or ``"verb_key noun_key"`` (official_key).
-    """
-    by_video: dict[str, list[labels.Segment]] = defaultdict(list)
-    for segment in segments:
-        by_video[segment.video].append(segment)
-    def name(s: labels.Segment) -> str:
-        return maps.key_text(s.vn) if representation == "official_key" else s.narration
-
-    table = {}
-    for video, items in by_video.items():
-        items = sorted(items, key=lambda s: s.end)
-        for prev2, prev1, cur in zip(items, items[1:], items[2:]):
-            if prev1.start - prev2.end <= max_gap and cur.start - prev1.end <= max_gap:
-                table[prior_action_key(video, cur.start, cur.end)] = {
-                    "prev2_narration": name(prev2), "prev2_offset": round(cur.start - prev2.start, 2),
-                    "prev1_narration": name(prev1), "prev1_offset": round(cur.start - prev1.start, 2),
-                    "cur_narration": name(cur)}
-    return table
 
 
 def train_answer_ids(gt_vn: str, ranked: list[str], k: int, rng) -> list[str]:

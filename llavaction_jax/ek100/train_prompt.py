@@ -26,7 +26,7 @@ from collections.abc import Mapping
 
 from llavaction_jax.data.mixture import SOURCE_KEY
 from llavaction_jax.ek100 import labels, prompts
-from llavaction_jax.ek100.train_files import prior_action_key, prior_action_table
+from llavaction_jax.ek100.prior_actions import prior_action_key, prior_action_table
 
 NEIGHBOR_MODES = ("", "prior")  # upstream's learn_neighbor_actions values used in training
 

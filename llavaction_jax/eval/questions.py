@@ -136,11 +136,14 @@ def ek100_question(record: dict, line: int) -> EvalQuestion:
     gt_letter = record["gt_letter"]
     if gt_letter is not None and gt_letter not in [o.split(". ", 1)[0] for o in options]:
         raise ValueError(f"gt_letter {gt_letter!r} is not one of the option letters")
-    extra = {k: record[k] for k in ("gt_vn", "option_vns", "top1_text", "source", "narration") if k in record}
+    extra = {k: record[k] for k in ("gt_vn", "option_vns", "top1_text", "top1_vn", "source", "narration", "test_type")
+             if k in record}
     groups = {k: record[f"{k}_id"] for k in ("verb", "noun") if record.get(f"{k}_id") is not None}
+    # "user_message": the whole message, for a prompt whose video is not first (caption_then_answer's second pass)
+    message = record.get("user_message") or f"{prompts.IMAGE_TOKEN}\n{record['prompt']}"
     return EvalQuestion(uid=str(record["uid"]), clip_uids=(str(record["uid"]),), options=options,
-                        gt_letter=gt_letter, gt_text=record["gt_text"],
-                        fixed_user_message=f"{prompts.IMAGE_TOKEN}\n{record['prompt']}", groups=groups, extra=extra)
+                        gt_letter=gt_letter, gt_text=record["gt_text"], fixed_user_message=message, groups=groups,
+                        extra=extra)
 
 
 def _first(record: dict, *keys):

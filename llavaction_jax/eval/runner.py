@@ -219,7 +219,8 @@ def _fingerprint(questions_path, model_name: str, cfg, tokenizer_len: int, setti
     with open(questions_path, "rb") as f:
         questions_sha = hashlib.file_digest(f, "sha256").hexdigest()
     what = {"questions": questions_sha, "model": model_name, "vocab_size": cfg.text.vocab_size,
-            "dtypes": [cfg.param_dtype, cfg.compute_dtype], "tokenizer_len": tokenizer_len,
+            "dtypes": [cfg.param_dtype, cfg.compute_dtype], "pool_mode": cfg.pool_mode,
+            "tokenizer_len": tokenizer_len,
             "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("threads", "progress_every_s")},
             "layout": dataclasses.asdict(layout), "generation": dataclasses.asdict(gen)}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
@@ -319,7 +320,8 @@ def evaluate(params, cfg, tokenizer, questions_path, shards_dir, out_dir, settin
         "schema": RESULTS_SCHEMA, "questions": str(questions_path), "format": fmt,
         "question_settings": (meta or {}).get("settings"),
         "model": {"name": model_name, "vocab_size": cfg.text.vocab_size, "param_dtype": cfg.param_dtype,
-                  "compute_dtype": cfg.compute_dtype, "tokenizer": tokenizer_name, "tokenizer_len": len(tokenizer)},
+                  "compute_dtype": cfg.compute_dtype, "tokenizer": tokenizer_name, "tokenizer_len": len(tokenizer),
+                  "pool_mode": cfg.pool_mode},
         "settings": {**dataclasses.asdict(settings), "modes": list(settings.modes),
                      "layout": dataclasses.asdict(layout), "generation": dataclasses.asdict(gen)},
         "run": {"process_count": jax.process_count(), "mesh": dict(mesh.shape), "devices": mesh.size,

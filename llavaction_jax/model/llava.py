@@ -29,6 +29,11 @@ from llavaction_jax.sharding import constrain
 IMAGE_TOKEN_INDEX = -200  # the placeholder each video sample carries (upstream's constants.IMAGE_TOKEN_INDEX)
 IGNORE_INDEX = -100  # label of positions without a target (upstream's constants.IGNORE_INDEX)
 HEAD_NAMES = ("verb", "noun", "action")
+# Heads added to a checkpoint that lacks them start as upstream's do: nn.Linear layers that transformers'
+# _init_weights draws from N(0, initializer_range), Qwen2's 0.02 (llavaction/model/language_model/llava_qwen.py:
+# LlavaQwenForCausalLM.__init__, then post_init; upstream commit bd9f465). A model initialised whole keeps LeCun
+# normal (params.dense), under which tiny models learn from scratch.
+HEAD_INIT_STD = 0.02
 
 
 def param_specs(cfg: ModelConfig) -> dict:
@@ -46,6 +51,16 @@ def param_specs(cfg: ModelConfig) -> dict:
         specs["heads"] = {
             name: dense(h, n, "embed", "classes", bias=False) for name, n in zip(HEAD_NAMES, cfg.action_types)
         }
+    return specs
+
+
+def new_part_specs(cfg: ModelConfig, names) -> dict:
+    """Specs of the parts ``names`` that fine-tuning adds to a checkpoint lacking them (train's ``init_from``),
+    initialised as upstream initialises its new modules: the heads from N(0, ``HEAD_INIT_STD``)."""
+    specs = {name: param_specs(cfg)[name] for name in names}
+    if "heads" in specs:
+        specs["heads"] = jax.tree.map(lambda s: dataclasses.replace(s, init=normal(HEAD_INIT_STD)), specs["heads"],
+                                      is_leaf=lambda x: isinstance(x, ParamSpec))
     return specs
 
 

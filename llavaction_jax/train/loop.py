@@ -97,7 +97,7 @@ def initial_params(cfg, model_cfg: ModelConfig, shardings, log=print) -> dict:
     params = checkpoint_io.restore_params(cfg.model.init_from, abstract)
     params = jax.jit(lambda p: cast_tree(p, master), out_shardings={k: shardings[k] for k in kept})(params)
     if new:
-        fresh_specs = {k: specs[k] for k in new}
+        fresh_specs = llava.new_part_specs(model_cfg, new)
         fresh = jax.jit(lambda key: init_params(fresh_specs, key, jnp.dtype(master)),
                         out_shardings={k: shardings[k] for k in new})(jax.random.key(cfg.train.seed))
         params = {**params, **fresh}
