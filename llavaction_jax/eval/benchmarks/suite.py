@@ -18,9 +18,9 @@ import jax
 from jax.experimental import multihost_utils
 
 from llavaction_jax.config import ConfigError
+from llavaction_jax.data.tokenizer import resolve_tokenizer
 from llavaction_jax.eval import mqa_eval
 from llavaction_jax.eval.benchmarks import VARIANTS, common
-from llavaction_jax.eval.questions import resolve_tokenizer
 from llavaction_jax.eval.runner import EvalSettings, check_tokenizer_fits, evaluate
 from llavaction_jax.integrity import IntegrityError
 from llavaction_jax.sharding import make_mesh, parse_mesh
@@ -112,7 +112,7 @@ def write_table(suite: str, out_dir) -> dict:
     return table
 
 
-def run_suite(args, params, cfg, name, mesh, tokenizer, tokenizer_name, log=print) -> None:
+def run_suite(args, params, cfg, name, mesh, tokenizer, tokenizer_name, log=print, execution=None) -> None:
     modes = ("generate", "score") if args.mode == "both" else (args.mode,)
     for variant, title in SUITES[args.suite]:
         folder = pathlib.Path(args.data) / variant
@@ -128,7 +128,7 @@ def run_suite(args, params, cfg, name, mesh, tokenizer, tokenizer_name, log=prin
                                 options_per_pass=args.options_per_pass)
         evaluate(params, cfg, tokenizer, folder / common.QUESTIONS_NAME, folder / "shards",
                  pathlib.Path(args.out) / variant, settings, mesh, model_name=name, model_dir=args.model,
-                 tokenizer_name=tokenizer_name, log=log)
+                 tokenizer_name=tokenizer_name, log=log, execution=execution)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -139,11 +139,11 @@ def run(args: argparse.Namespace) -> int:
             mqa_eval._init_distributed(args)
             mesh = make_mesh(**parse_mesh(args.mesh))
             tokenizer, tokenizer_name = resolve_tokenizer(args.tokenizer, args.model)
-            cfg = mqa_eval.model_config(args)
-            if cfg is not None:
-                check_tokenizer_fits(cfg, tokenizer)
-            params, cfg, name = mqa_eval.load_model(args, mesh, cfg)
-            run_suite(args, params, cfg, name, mesh, tokenizer, tokenizer_name)
+            configs = mqa_eval.model_config(args)
+            if configs is not None:
+                check_tokenizer_fits(configs[0], tokenizer)
+            params, cfg, execution, name = mqa_eval.load_model(args, mesh, configs)
+            run_suite(args, params, cfg, name, mesh, tokenizer, tokenizer_name, execution=execution)
         if jax.process_index() == 0:
             pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
             table = write_table(args.suite, args.out)
