@@ -196,17 +196,18 @@ def model_on_mesh(data_dir):
     parser = argparse.ArgumentParser()
     mqa_eval.add_arguments(parser)
     args, args.config_overrides = parser.parse_known_args(eval_args(data_dir, data_dir / "out1")[1:])
-    params, cfg, name = mqa_eval.load_model(args, mesh)
-    return params, cfg, name, mesh
+    params, cfg, execution, name = mqa_eval.load_model(args, mesh)
+    return params, cfg, execution, name, mesh
 
 
 @pytest.fixture(scope="module")
 def single_process(data_dir, model_on_mesh):
     """One process, 8 questions a step."""
-    params, cfg, name, mesh = model_on_mesh
+    params, cfg, execution, name, mesh = model_on_mesh
     settings = runner.EvalSettings(batch_size=8, modes=("generate", "score"), max_new_tokens=4)
     results = runner.evaluate(params, cfg, default_tokenizer(), data_dir / "q.jsonl", data_dir / "shards",
-                                data_dir / "out1", settings, mesh, model_name=name, log=lambda *a, **k: None)
+                                data_dir / "out1", settings, mesh, model_name=name, execution=execution,
+                              log=lambda *a, **k: None)
     return data_dir / "out1", results
 
 
@@ -254,7 +255,7 @@ def test_single_process_eval_writes_predictions_results_and_report(single_proces
 
 def test_videoqa_file_end_to_end(data_dir, model_on_mesh, single_process):
     """Generic QA over the same clips (found by "video"); same shapes as the EK100 run, so no new compilation."""
-    params, cfg, name, mesh = model_on_mesh
+    params, cfg, execution, name, mesh = model_on_mesh
     rows = [{"id": f"v{i}", "video": f"P01_1{i:02d}", "question": "What happens?", "type": ["pour", "cut"][i % 2],
              "options": ["pour milk", "cut bread", "open jar", "stir soup", "wash cup"], "answer": i % 5}
             for i in range(5)]
@@ -262,7 +263,8 @@ def test_videoqa_file_end_to_end(data_dir, model_on_mesh, single_process):
     settings = runner.EvalSettings(batch_size=8, modes=("score",), max_new_tokens=4,
                                      prompt_len=single_process[1]["settings"]["layout"]["prompt_len"])
     results = runner.evaluate(params, cfg, default_tokenizer(), data_dir / "qa.jsonl", data_dir / "shards",
-                                data_dir / "out_qa", settings, mesh, model_name=name, log=lambda *a, **k: None)
+                                data_dir / "out_qa", settings, mesh, model_name=name, execution=execution,
+                              log=lambda *a, **k: None)
     assert results["format"] == "videoqa" and results["modes"]["score"]["n"] == 5
     assert [r["key"] for r in results["breakdowns"]["category"]["score"]] == ["pour", "cut"]
     preds = read_predictions(data_dir / "out_qa")
@@ -315,7 +317,7 @@ def test_a_model_vocabulary_smaller_than_the_tokenizer_is_a_clear_error(data_dir
 def test_a_killed_eval_resumes_and_writes_what_an_uninterrupted_run_writes(data_dir, model_on_mesh):
     """SIGKILL a real eval after its first steps; the rerun answers only the rest, and its outputs equal an
     uninterrupted run's with the same settings (two questions a step, so five steps)."""
-    params, cfg, name, mesh = model_on_mesh
+    params, cfg, execution, name, mesh = model_on_mesh
     out = data_dir / "killed"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4 " + COLLECTIVE_FLAGS,
                JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest", PYTHONPATH=str(REPO))
@@ -334,7 +336,8 @@ def test_a_killed_eval_resumes_and_writes_what_an_uninterrupted_run_writes(data_
 
     settings = runner.EvalSettings(batch_size=2, modes=("generate", "score"), max_new_tokens=4)
     run = lambda o: runner.evaluate(params, cfg, default_tokenizer(), data_dir / "q.jsonl", data_dir / "shards",
-                                    o, settings, mesh, model_name=name, log=lambda *a, **k: None)
+                                    o, settings, mesh, model_name=name, execution=execution,
+                                    log=lambda *a, **k: None)
     resumed = run(out)
     assert resumed["run"]["resumed_questions"] == len(answered) and not partial.exists()
     reference = run(data_dir / "uninterrupted")
