@@ -14,12 +14,14 @@ import pytest
 from PIL import Image
 
 from llavaction_jax import cli
+from llavaction_jax.api import generation_config
 from llavaction_jax.data import chat
 from llavaction_jax.data.frames import FrameShards
+from llavaction_jax.data.tokenizer import default_tokenizer
 from llavaction_jax.eval import batching, mqa_eval, questions as qs, runner
 from llavaction_jax.eval.benchmarks import VARIANTS, longvideobench, mvbench, parsers, score, suite, videomme
 from llavaction_jax.model import llava
-from llavaction_jax.sharding import local_rows, make_mesh, resolve_config, shard_batch, use_mesh
+from llavaction_jax.sharding import local_rows, make_mesh, resolve_execution, shard_batch, use_mesh
 from _video_fixtures import known_frames, write_mp4
 
 VOCAB = 151680  # the tiny preset with a vocabulary that covers the bundled Qwen2 tokenizer
@@ -365,18 +367,18 @@ def suite_model(built):
          "--max-new-tokens", "3", "--prompt-len", "288", "--options-per-pass", "5",
          *[f"--config.model.{o}" for o in overrides]])
     mesh = make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
-    params, cfg, name = mqa_eval.load_model(args, mesh)
-    return args, params, cfg, name, mesh
+    params, cfg, execution, name = mqa_eval.load_model(args, mesh)
+    return args, params, cfg, execution, name, mesh
 
 
 @pytest.fixture(scope="module")
 def suite_run(built, suite_model):
     """eval-suite --suite paper over all built variants with one tiny random model on one device, one compiled
     step for every benchmark (same prompt length, option layout, frames and budget)."""
-    args, params, cfg, name, mesh = suite_model
+    args, params, cfg, execution, name, mesh = suite_model
     logs = []
-    suite.run_suite(args, params, cfg, name, mesh, qs.default_tokenizer(), "bundled",
-                    log=lambda *a, **k: logs.append(" ".join(map(str, a))))
+    suite.run_suite(args, params, cfg, name, mesh, default_tokenizer(), "bundled",
+                    log=lambda *a, **k: logs.append(" ".join(map(str, a))), execution=execution)
     return built / "out", logs
 
 
@@ -418,9 +420,9 @@ def test_a_padded_batch_of_clips_with_different_frame_counts_answers_as_each_cli
     alone (its own frames, an uncached forward pass); with lmms-eval's time instruction each prompt states the
     clip's own frames. The batch has the suite's shapes, so its generate step is already compiled (test order only
     saves time)."""
-    _, params, cfg, _, mesh = suite_model
+    _, params, cfg, execution, _, mesh = suite_model
     cfg = cfg.replace(pool_mode="average")  # the suite's, from the question file
-    tokenizer = qs.default_tokenizer()
+    tokenizer = default_tokenizer()
     _, _, questions = qs.load_questions(built / "data" / "mvbench" / "questions.jsonl")
     questions = [dataclasses.replace(q, time_style="lmms-eval") for q in questions]
     builder = batching.PromptBuilder(tokenizer, True, INSTRUCTION)
@@ -439,23 +441,23 @@ def test_a_padded_batch_of_clips_with_different_frame_counts_answers_as_each_cli
     assert "and 2 frames are uniformly sampled from it. These frames are located at 0.00s,1.00s.Please" in prompts[2]
     assert "and 4 frames are uniformly sampled" in prompts[1]
 
-    gen = runner.generation_config(tokenizer, 3, cfg.text.vocab_size, None)
-    steps = runner.make_steps(params, cfg, mesh, layout, gen, ("generate", "score"))
+    gen = generation_config(tokenizer, 3, cfg.text.vocab_size, None)
+    steps = runner.make_steps(params, cfg, mesh, layout, gen, ("generate", "score"), execution)
     padded = {m: local_rows(fn(shard_batch(arrays, mesh)), mesh) for m, fn in steps.items()}
-    run_cfg = resolve_config(cfg, mesh)
+    resolved = resolve_execution(execution, mesh)
     for row, n in ((0, 1), (2, 2)):  # the padded clips alone: their own frames only
         prompt = arrays["input_ids"][row][arrays["attention_mask"][row]].tolist()
         answer = padded["generate"]["tokens"][row, : padded["generate"]["num_tokens"][row]].tolist()
         options = [ids[mask].tolist() for ids, mask in zip(arrays["option_ids"][row], arrays["option_mask"][row])]
         options = [o for o in options if o]
-        greedy, logprobs = alone_reference(params, run_cfg, mesh, prompt, arrays["pixel_values"][row, :n],
+        greedy, logprobs = alone_reference(params, cfg, resolved, mesh, prompt, arrays["pixel_values"][row, :n],
                                            [answer] + options, gen.vocab_limit)
         assert answer == greedy[0][: len(answer)]  # each generated token is the alone model's argmax
         np.testing.assert_allclose(padded["score"]["logprob_sum"][row, : len(options)],
                                    [sum(lp) for lp in logprobs[1:]], rtol=1e-5, atol=1e-5)
 
 
-def alone_reference(params, cfg, mesh, prompt, frames, continuations, vocab_limit):
+def alone_reference(params, cfg, execution, mesh, prompt, frames, continuations, vocab_limit):
     """One clip alone, without padding or KV cache: one forward pass over prompt + each continuation (a row each,
     the clip's frames repeated), then per row the argmax token and the log-probability of the continuation's
     tokens at each of its positions."""
@@ -466,7 +468,7 @@ def alone_reference(params, cfg, mesh, prompt, frames, continuations, vocab_limi
     mask = np.arange(width)[None] < np.asarray([len(prompt) + len(t) for t in continuations])[:, None]
     pixels = np.repeat(frames[None], len(continuations), axis=0)
     with use_mesh(mesh):
-        hidden = jax.jit(llava.forward, static_argnames="cfg")(params, cfg, ids, pixels, mask).hidden
+        hidden = jax.jit(llava.forward, static_argnums=(1, 2))(params, cfg, execution, ids, pixels, mask).hidden
         logprobs = np.asarray(jax.nn.log_softmax(llava.lm_logits(params, hidden, vocab_limit), axis=-1))
     start = len(prompt) - 2 + cfg.tokens_per_video(len(frames))  # predicts the first token after the prompt
     steps = [range(start, start + len(t)) for t in continuations]

@@ -18,7 +18,7 @@ from llavaction_jax.convert import from_torch, to_torch
 from llavaction_jax.convert.hf_onevision import grid_pinpoints, processor_files
 from llavaction_jax.convert.keys import ConversionError
 from llavaction_jax.convert.safetensors_io import SafetensorsCheckpoint, SafetensorsError
-from llavaction_jax.model.params import flatten_paths
+from llavaction_jax.tree import flatten_paths
 
 TOL = 1e-4
 
@@ -142,8 +142,8 @@ def test_a_trained_model_exports_and_comes_back(tmp_path):
     assert main(["convert", "from-torch", str(tmp_path / "torch"), "--out", str(tmp_path / "again"), "--no-progress",
                  "--vision-config", str(write_json(tmp_path / "siglip.json", SIGLIP))]) == 0
     again = llavaction_jax.load_pretrained(tmp_path / "again")
-    # execution fields are ours, not upstream keys: a converted checkpoint computes in "auto" precision
-    assert again.cfg == model.cfg.replace(compute_dtype="auto")
+    # execution choices are ours, not upstream keys: a converted checkpoint computes in "auto" precision
+    assert again.cfg == model.cfg and again.execution.compute_dtype == "auto"
     assert all(np.array_equal(a, leaves(again)[k]) for k, a in leaves(model).items())
 
 
@@ -460,7 +460,8 @@ def test_model_config_overrides_as_in_train_and_eval(tmp_path, capsys):
                  "--config.model.param_dtype=float32", "--config.model.attention=flash",
                  "--config.model.remat_policy=full"]) == 0
     model = llavaction_jax.load_pretrained(tmp_path / "ours")
-    assert (model.cfg.param_dtype, model.cfg.attention, model.cfg.remat_policy) == ("float32", "flash", "full")
+    assert (model.cfg.param_dtype, model.execution.attention, model.execution.remat_policy) == ("float32", "flash",
+                                                                                                "full")
     assert model.params["text"]["embed"].dtype == np.float32  # a param_dtype override casts like --dtype
     capsys.readouterr()
     # a field that changes parameter shapes is refused, and nothing is written

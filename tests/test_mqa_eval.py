@@ -18,6 +18,7 @@ from PIL import Image
 
 from llavaction_jax.data import frames as fs
 from llavaction_jax.ek100 import prompts
+from llavaction_jax.data.tokenizer import default_tokenizer
 from llavaction_jax.eval import batching, metrics, mqa_eval, questions as qs, runner
 from llavaction_jax.eval.parsing import score_answer
 from llavaction_jax.sharding import make_mesh
@@ -124,18 +125,19 @@ def test_videoqa_questions_are_normalised_and_prompted_with_the_time_instruction
 def test_command_line_parsing_and_batch_layout_errors():
     from llavaction_jax.eval.batching import check_batch_layout
 
-    from llavaction_jax.config import ConfigError, load_preset
-    from llavaction_jax.recipes import model_config_with_overrides
+    from llavaction_jax.config import ConfigError, ExecutionConfig, load_preset
+    from llavaction_jax.recipes import configs_with_overrides
     from llavaction_jax.sharding import parse_mesh
 
     assert parse_mesh("data=2,tensor=-1") == {"data": 2, "tensor": -1}
     with pytest.raises(ValueError, match="expected axis=N"):
         parse_mesh("dp=2")
-    cfg = model_config_with_overrides(load_preset("tiny"), ["--config.model.text.vocab_size=151680",
-                                                            "--config.model.compute_dtype=bfloat16"])
-    assert cfg.text.vocab_size == 151680 and cfg.compute_dtype == "bfloat16"
+    cfg, execution = configs_with_overrides(load_preset("tiny"), ExecutionConfig(),
+                                            ["--config.model.text.vocab_size=151680",
+                                             "--config.model.compute_dtype=bfloat16"])
+    assert cfg.text.vocab_size == 151680 and execution.compute_dtype == "bfloat16"
     with pytest.raises(ConfigError, match="no such field"):
-        model_config_with_overrides(load_preset("tiny"), ["--config.model.text.vocab=3"])
+        configs_with_overrides(load_preset("tiny"), ExecutionConfig(), ["--config.model.text.vocab=3"])
     with pytest.raises(ValueError, match="does not split over data x fsdp = 2"):
         check_batch_layout(make_mesh(data=2, fsdp=1, tensor=1, devices=jax.devices()[:2]), 3, 1)
 
@@ -194,17 +196,18 @@ def model_on_mesh(data_dir):
     parser = argparse.ArgumentParser()
     mqa_eval.add_arguments(parser)
     args, args.config_overrides = parser.parse_known_args(eval_args(data_dir, data_dir / "out1")[1:])
-    params, cfg, name = mqa_eval.load_model(args, mesh)
-    return params, cfg, name, mesh
+    params, cfg, execution, name = mqa_eval.load_model(args, mesh)
+    return params, cfg, execution, name, mesh
 
 
 @pytest.fixture(scope="module")
 def single_process(data_dir, model_on_mesh):
     """One process, 8 questions a step."""
-    params, cfg, name, mesh = model_on_mesh
+    params, cfg, execution, name, mesh = model_on_mesh
     settings = runner.EvalSettings(batch_size=8, modes=("generate", "score"), max_new_tokens=4)
-    results = runner.evaluate(params, cfg, qs.default_tokenizer(), data_dir / "q.jsonl", data_dir / "shards",
-                                data_dir / "out1", settings, mesh, model_name=name, log=lambda *a, **k: None)
+    results = runner.evaluate(params, cfg, default_tokenizer(), data_dir / "q.jsonl", data_dir / "shards",
+                                data_dir / "out1", settings, mesh, model_name=name, execution=execution,
+                              log=lambda *a, **k: None)
     return data_dir / "out1", results
 
 
@@ -252,15 +255,16 @@ def test_single_process_eval_writes_predictions_results_and_report(single_proces
 
 def test_videoqa_file_end_to_end(data_dir, model_on_mesh, single_process):
     """Generic QA over the same clips (found by "video"); same shapes as the EK100 run, so no new compilation."""
-    params, cfg, name, mesh = model_on_mesh
+    params, cfg, execution, name, mesh = model_on_mesh
     rows = [{"id": f"v{i}", "video": f"P01_1{i:02d}", "question": "What happens?", "type": ["pour", "cut"][i % 2],
              "options": ["pour milk", "cut bread", "open jar", "stir soup", "wash cup"], "answer": i % 5}
             for i in range(5)]
     (data_dir / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     settings = runner.EvalSettings(batch_size=8, modes=("score",), max_new_tokens=4,
                                      prompt_len=single_process[1]["settings"]["layout"]["prompt_len"])
-    results = runner.evaluate(params, cfg, qs.default_tokenizer(), data_dir / "qa.jsonl", data_dir / "shards",
-                                data_dir / "out_qa", settings, mesh, model_name=name, log=lambda *a, **k: None)
+    results = runner.evaluate(params, cfg, default_tokenizer(), data_dir / "qa.jsonl", data_dir / "shards",
+                                data_dir / "out_qa", settings, mesh, model_name=name, execution=execution,
+                              log=lambda *a, **k: None)
     assert results["format"] == "videoqa" and results["modes"]["score"]["n"] == 5
     assert [r["key"] for r in results["breakdowns"]["category"]["score"]] == ["pour", "cut"]
     preds = read_predictions(data_dir / "out_qa")
@@ -313,7 +317,7 @@ def test_a_model_vocabulary_smaller_than_the_tokenizer_is_a_clear_error(data_dir
 def test_a_killed_eval_resumes_and_writes_what_an_uninterrupted_run_writes(data_dir, model_on_mesh):
     """SIGKILL a real eval after its first steps; the rerun answers only the rest, and its outputs equal an
     uninterrupted run's with the same settings (two questions a step, so five steps)."""
-    params, cfg, name, mesh = model_on_mesh
+    params, cfg, execution, name, mesh = model_on_mesh
     out = data_dir / "killed"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4 " + COLLECTIVE_FLAGS,
                JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest", PYTHONPATH=str(REPO))
@@ -331,8 +335,9 @@ def test_a_killed_eval_resumes_and_writes_what_an_uninterrupted_run_writes(data_
     assert 2 <= len(answered) < N_QUESTIONS and not (out / "results.json").exists()
 
     settings = runner.EvalSettings(batch_size=2, modes=("generate", "score"), max_new_tokens=4)
-    run = lambda o: runner.evaluate(params, cfg, qs.default_tokenizer(), data_dir / "q.jsonl", data_dir / "shards",
-                                    o, settings, mesh, model_name=name, log=lambda *a, **k: None)
+    run = lambda o: runner.evaluate(params, cfg, default_tokenizer(), data_dir / "q.jsonl", data_dir / "shards",
+                                    o, settings, mesh, model_name=name, execution=execution,
+                                    log=lambda *a, **k: None)
     resumed = run(out)
     assert resumed["run"]["resumed_questions"] == len(answered) and not partial.exists()
     reference = run(data_dir / "uninterrupted")

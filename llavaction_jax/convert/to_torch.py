@@ -26,16 +26,17 @@ import shutil
 import numpy as np
 
 from llavaction_jax import checkpoint_io, integrity
-from llavaction_jax.config import VISION_TOWERS, ModelConfig, vision_from_hf
+from llavaction_jax.config import ModelConfig
 from llavaction_jax.convert import hf_onevision, orbax_stream, staging
 from llavaction_jax.convert.from_torch import COPIED_FILES, progress_bar
 from llavaction_jax.convert.import_plan import copy_into, detect_layout
 from llavaction_jax.convert.keys import ConversionError, expected_keys, to_torch, torch_row_axis, torch_shape
 from llavaction_jax.convert.safetensors_io import (SafetensorsWriter, TensorSpec, plan_shards, shard_names,
                                                    write_index)
+from llavaction_jax.convert.upstream_config import export_config
 from llavaction_jax.data.tokenizer import has_tokenizer
 from llavaction_jax.model import llava
-from llavaction_jax.model.params import flatten_paths
+from llavaction_jax.tree import flatten_paths
 
 LAYOUTS = ("upstream", "hf-onevision")
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
@@ -96,7 +97,7 @@ def export_checkpoint(src, dst, layout: str = "upstream", max_shard_bytes: int =
         write_index(stage, shards)
 
     original = _original_config(src)
-    config = hf_onevision.hf_config(cfg) if layout == "hf-onevision" else upstream_config(cfg)
+    config = hf_onevision.hf_config(cfg) if layout == "hf-onevision" else export_config(cfg)
     if original is not None and _layout_of(original) == layout:
         _add_missing(config, original)  # keys we do not model travel back unchanged
     config.update(agreed)  # the token ids of the tokenizer written beside it
@@ -126,17 +127,6 @@ def _write_param(store, keys: dict, writer_of: dict, buffer_bytes: int, bar) -> 
             copy_into(tensor, view)  # tiled: a transposed copy element by element thrashes the cache
             writer_of[key].write(key, tensor, row=start)
             bar.update(tensor.nbytes)
-
-
-def upstream_config(cfg: ModelConfig) -> dict:
-    out = cfg.to_upstream()
-    out.pop("hf_onevision", None)  # our record of an imported HF config; meaningless upstream
-    if cfg.vision_tower not in VISION_TOWERS:
-        # An HF-imported tower has no upstream name; upstream loads towers by name, so name a matching preset.
-        for name, preset in VISION_TOWERS.items():
-            if vision_from_hf(preset, out.get("mm_vision_select_layer", -2)) == cfg.vision:
-                out["mm_vision_tower"] = name
-    return out
 
 
 def _original_config(src: pathlib.Path) -> dict | None:

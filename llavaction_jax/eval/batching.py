@@ -12,25 +12,20 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import math
 import threading
 
 import numpy as np
 from jax.sharding import Mesh
 
 from llavaction_jax.data import chat
+from llavaction_jax.data.option_tokens import option_token_ids, pad_options, round_up
 from llavaction_jax.data.frames import FrameShards, decode_frames
 from llavaction_jax.data.image import preprocess_frames
 from llavaction_jax.eval.questions import EvalQuestion
-from llavaction_jax.eval.scoring import option_token_ids, pad_options
 from llavaction_jax.sharding import batch_sharding, batch_ways
 # Upper bound for a duration in the videoqa time instruction: Qwen2 tokenizes digits one by one, so a prompt's
 # length depends on the number of digits only, and 5 integer digits cover any clip shorter than a day.
 _WIDEST_DURATION = 99999.99
-
-
-def round_up(n: int, multiple: int) -> int:
-    return max(multiple, math.ceil(n / multiple) * multiple)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,7 @@ needed), checked to cover the question file exactly once, and written with the m
     OUT/lmms_eval/          the same results and per-question records in lmms-eval's layout (eval/lmms_layout.py)
 
 Answer modes: ``generate`` (upstream: greedy decoding, parsed with upstream's rules) and ``score`` (the option
-with the highest log-likelihood, eval/scoring.py); ``both`` runs both on the same batches.
+with the highest log-likelihood, model/decode.py); ``both`` runs both on the same batches.
 
 What the question file's sidecar meta asks for, unless the command line says otherwise: its generation budget
 (``max_new_tokens``, build-bench: the lmms-eval task's), its pooling (``pool_mode``, build-bench: llava_vid's
@@ -30,14 +30,14 @@ from jax.experimental import multihost_utils
 
 from llavaction_jax import cli_flags
 from llavaction_jax.api import load_pretrained
-from llavaction_jax.checkpoint_io import is_model_dir, load_config
-from llavaction_jax.config import load_preset
+from llavaction_jax.checkpoint_io import is_model_dir, load_config, load_execution
+from llavaction_jax.config import config_fields, preset_configs
+from llavaction_jax.data.tokenizer import resolve_tokenizer
 from llavaction_jax.ek100.mqa import meta_path
 from llavaction_jax.eval.caption_then_answer import evaluate_caption_then_answer
-from llavaction_jax.eval.questions import resolve_tokenizer
 from llavaction_jax.eval.runner import EvalSettings, check_tokenizer_fits, evaluate
 from llavaction_jax.model import llava
-from llavaction_jax.recipes import model_config_with_overrides, parse_overrides
+from llavaction_jax.recipes import configs_with_overrides, parse_overrides
 
 DEFAULT_MAX_NEW_TOKENS = 4096  # upstream's budget (llavaction/action/llava_inference.py)
 from llavaction_jax.sharding import make_mesh, param_shardings
@@ -117,13 +117,13 @@ def with_file_pooling(cfg, asked: dict, overrides: list[str], log=print):
 
 
 def model_config(args):
-    """The model's config with the command line's --config.model overrides, read before any weights so a mismatch
-    fails fast; None for a PyTorch checkpoint directory (load_pretrained converts it in memory and the config
-    comes with the weights)."""
+    """(model config, execution choices) with the command line's --config.model overrides, read before any weights
+    so a mismatch fails fast; None for a PyTorch checkpoint directory (load_pretrained converts it in memory and
+    the config comes with the weights)."""
     if args.model and not is_model_dir(args.model):
         return None
-    base = load_config(args.model) if args.model else load_preset(args.preset)
-    return model_config_with_overrides(base, args.config_overrides)
+    base = (load_config(args.model), load_execution(args.model)) if args.model else preset_configs(args.preset)
+    return configs_with_overrides(*base, args.config_overrides)
 
 
 @functools.lru_cache(maxsize=4)
@@ -133,31 +133,33 @@ def random_init(cfg, mesh):
     return jax.jit(lambda key: llava.init(cfg, key), out_shardings=param_shardings(llava.param_specs(cfg), mesh))
 
 
-def load_model(args, mesh, cfg=None):
-    """(params on the mesh, cfg, name)."""
-    cfg = cfg or model_config(args)
+def load_model(args, mesh, configs=None):
+    """(params on the mesh, cfg, execution, name); `configs`: `model_config(args)` when already read."""
+    configs = configs or model_config(args)
     if args.model:
-        model = load_pretrained(args.model, mesh, dtype=cfg.param_dtype if cfg is not None else None)
+        model = load_pretrained(args.model, mesh, dtype=configs[0].param_dtype if configs is not None else None)
         params, name = model.params, str(args.model)
-        cfg = cfg or model_config_with_overrides(model.cfg, args.config_overrides)
+        cfg, execution = configs or configs_with_overrides(model.cfg, model.execution, args.config_overrides)
     else:
+        cfg, execution = configs
         # The rbg generator compiles in a fraction of threefry's time on CPU.
         params = random_init(cfg, mesh)(jax.random.key(args.seed, impl="rbg"))
         name = f"preset {args.preset} (random, rbg seed {args.seed})"
-    return params, cfg, name
+    return params, cfg, execution, name
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = model_config(args)
+    configs = model_config(args)
     if args.print_config:
-        print(cfg.to_dict() if cfg is not None else "a PyTorch checkpoint: its config comes with the weights")
+        print(config_fields(*configs) if configs is not None else
+              "a PyTorch checkpoint: its config comes with the weights")
         return 0
     cli_flags.init_distributed(args)
     mesh = make_mesh(**args.mesh)
     tokenizer, tokenizer_name = resolve_tokenizer(args.tokenizer, args.model)
-    if cfg is not None:
-        check_tokenizer_fits(cfg, tokenizer)
-    params, cfg, name = load_model(args, mesh, cfg)
+    if configs is not None:
+        check_tokenizer_fits(configs[0], tokenizer)
+    params, cfg, execution, name = load_model(args, mesh, configs)
     asked = file_settings(question_meta(args.questions))
     cfg = with_file_pooling(cfg, asked, args.config_overrides)
     modes = ("generate", "score") if args.mode == "both" else (args.mode,)
@@ -170,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
     run_eval = evaluate_caption_then_answer if asked.get("test_type") == "caption_then_answer" else evaluate
     results = run_eval(params, cfg, tokenizer, args.questions, args.shards, args.out, settings, mesh,
                        model_name=name, model_dir=args.model, tokenizer_name=tokenizer_name,
-                       annotations=args.annotations)
+                       annotations=args.annotations, execution=execution)
     if results is not None:
         summary = ", ".join(f"{m}: text {_fmt(s.get('accuracy_text'))} letter {_fmt(s.get('accuracy_letter'))}"
                             for m, s in results["modes"].items())

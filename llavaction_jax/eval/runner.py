@@ -33,15 +33,15 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from llavaction_jax.api import generate_step, generation_config, score_step
+from llavaction_jax.config import ExecutionConfig
 from llavaction_jax.data.frames import FrameShards
 from llavaction_jax.ek100.mqa import slice_bounds
 from llavaction_jax.eval import batching, lmms_layout, metrics, questions as qs, report
 from llavaction_jax.eval.benchmarks import score as benchmark_score
-from llavaction_jax.eval.generate import GenerationConfig, generate
 from llavaction_jax.eval.parsing import score_answer
-from llavaction_jax.eval.scoring import score_options
 from llavaction_jax.model import llava
-from llavaction_jax.sharding import constrain, local_rows, resolve_config, shard_batch, use_mesh
+from llavaction_jax.sharding import local_rows, resolve_execution, shard_batch, use_mesh
 
 RESULTS_SCHEMA = "llavaction_jax.eval_results/1"
 
@@ -88,34 +88,19 @@ def run_frame_count(shards: FrameShards, requested: int | None) -> int:
     return num_frames
 
 
-def generation_config(tokenizer, max_new_tokens: int, vocab_size: int, model_dir: str | None):
-    """Greedy, EOS = <|im_end|> and <|endoftext|> (+ the checkpoint's generation_config.json eos ids), logits cut to
-    len(tokenizer) as upstream's resize at load does (llavaction/model/builder.py:
-    load_pretrained_model)."""
-
-    im_end, endoftext = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
-    eos = [im_end, endoftext]
-    gen_file = pathlib.Path(model_dir) / "generation_config.json" if model_dir else None
-    if gen_file is not None and gen_file.is_file():
-        extra = json.loads(gen_file.read_text()).get("eos_token_id")
-        eos += [extra] if isinstance(extra, int) else list(extra or [])
-    limit = len(tokenizer) if len(tokenizer) < vocab_size else None
-    return GenerationConfig(max_new_tokens=max_new_tokens, eos_ids=tuple(dict.fromkeys(eos)), pad_id=endoftext,
-                            vocab_limit=limit)
-
-
-def make_steps(params, cfg, mesh, layout, gen, modes):
-    """Per-mode step functions: this process's host batch in global form -> global outputs (batch split like the
-    inputs). `cfg` is resolved for the mesh here, once; JAX's jit cache reuses the executables across runs with
-    the same (config, shapes)."""
+def make_steps(params, cfg, mesh, layout, gen, modes, execution: ExecutionConfig | None = None):
+    """Per-mode step functions (api.generate_step, api.score_step): this process's host batch in global form ->
+    global outputs (batch split like the inputs). `execution` is resolved for the mesh here, once; JAX's jit cache
+    reuses the executables across runs with the same (config, shapes)."""
     n_vis = cfg.tokens_per_video(layout.num_frames)
     out_len = llava.default_out_len(cfg, layout.prompt_len, n_vis)
     if out_len < layout.prompt_len - 1 + n_vis:
         raise ValueError(f"prompts of {layout.prompt_len} tokens + {n_vis} visual tokens exceed "
                          f"tokenizer_model_max_length={cfg.tokenizer_model_max_length}")
-    run_cfg = resolve_config(cfg, mesh)
-    steps = {"generate": functools.partial(generate_step, cfg=run_cfg, gen=gen, out_len=out_len),
-             "score": functools.partial(score_step, cfg=run_cfg, out_len=out_len, vocab_limit=gen.vocab_limit,
+    resolved = resolve_execution(execution or ExecutionConfig(), mesh)
+    steps = {"generate": functools.partial(generate_step, cfg=cfg, execution=resolved, gen=gen, out_len=out_len),
+             "score": functools.partial(score_step, cfg=cfg, execution=resolved, out_len=out_len,
+                                        vocab_limit=gen.vocab_limit,
                                         options_per_pass=layout.options_per_pass)}
 
     def under_mesh(step, keys):
@@ -127,26 +112,6 @@ def make_steps(params, cfg, mesh, layout, gen, modes):
     # Generation gets no option arrays, so one compiled step serves question files with other option layouts.
     keys = {"generate": ("input_ids", "pixel_values", "attention_mask", "num_frames"), "score": None}
     return {m: under_mesh(steps[m], keys[m]) for m in modes}
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "gen", "out_len"))
-def generate_step(params, batch, *, cfg, gen, out_len, key=None):
-    tokens, num = generate(params, cfg, gen, batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
-                           key=key, out_len=out_len, num_frames=batch["num_frames"])
-    return constrain_batch({"tokens": tokens, "num_tokens": num})
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "out_len", "vocab_limit", "options_per_pass"))
-def score_step(params, batch, *, cfg, out_len, vocab_limit, options_per_pass):
-    scores = score_options(params, cfg, batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
-                           batch["option_ids"], batch["option_mask"], out_len=out_len, vocab_limit=vocab_limit,
-                           options_per_pass=options_per_pass, num_frames=batch["num_frames"])
-    return constrain_batch(scores)
-
-
-def constrain_batch(outputs: dict) -> dict:
-    """Outputs split over the batch axes like the inputs, so each process reads back its own rows."""
-    return {k: constrain(v, ("batch",) + (None,) * (v.ndim - 1)) for k, v in outputs.items()}
 
 
 def prediction_record(question, info: dict, outputs: dict, row: int, tokenizer, modes) -> dict:
@@ -214,12 +179,13 @@ def _write_atomically(path: pathlib.Path, text: str) -> None:
 PARTIAL_NAME = "predictions.partial.p{}.jsonl"
 
 
-def _fingerprint(questions_path, model_name: str, cfg, tokenizer_len: int, settings: EvalSettings, layout, gen) -> str:
+def _fingerprint(questions_path, model_name: str, cfg, execution, tokenizer_len: int, settings: EvalSettings, layout,
+                 gen) -> str:
     """What the answers depend on: a partial file written under another fingerprint is not reused."""
     with open(questions_path, "rb") as f:
         questions_sha = hashlib.file_digest(f, "sha256").hexdigest()
     what = {"questions": questions_sha, "model": model_name, "vocab_size": cfg.text.vocab_size,
-            "dtypes": [cfg.param_dtype, cfg.compute_dtype], "pool_mode": cfg.pool_mode,
+            "dtypes": [cfg.param_dtype, execution.compute_dtype], "pool_mode": cfg.pool_mode,
             "tokenizer_len": tokenizer_len,
             "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("threads", "progress_every_s")},
             "layout": dataclasses.asdict(layout), "generation": dataclasses.asdict(gen)}
@@ -265,9 +231,9 @@ def _answered_anywhere(records: list[dict], num_questions: int) -> np.ndarray:
 
 def evaluate(params, cfg, tokenizer, questions_path, shards_dir, out_dir, settings: EvalSettings, mesh, *,
              model_name: str = "model", model_dir: str | None = None, tokenizer_name: str = "",
-             annotations: str | None = None, log=print) -> dict | None:
-    """Answer every question of the file on ``mesh`` and write the outputs; returns the results on process 0,
-    None on the others. Everything before the first collective is checked identically by every process, so bad
+             annotations: str | None = None, execution: ExecutionConfig | None = None, log=print) -> dict | None:
+    """Answer every question of the file on ``mesh`` (with the model's `execution` choices) and write the outputs;
+    returns the results on process 0, None on the others. Everything before the first collective is checked identically by every process, so bad
     inputs fail everywhere at once instead of leaving peers waiting."""
 
     t_start = time.perf_counter()
@@ -288,10 +254,11 @@ def evaluate(params, cfg, tokenizer, questions_path, shards_dir, out_dir, settin
     layout = builder.layout(questions, settings.batch_size, num_frames, cfg.vision.image_size, settings.prompt_len,
                             settings.options_per_pass)
     gen = generation_config(tokenizer, settings.max_new_tokens, cfg.text.vocab_size, model_dir)
-    steps = make_steps(params, cfg, mesh, layout, gen, settings.modes)
+    execution = execution or ExecutionConfig()
+    steps = make_steps(params, cfg, mesh, layout, gen, settings.modes, execution)
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fingerprint = _fingerprint(questions_path, model_name, cfg, len(tokenizer), settings, layout, gen)
+    fingerprint = _fingerprint(questions_path, model_name, cfg, execution, len(tokenizer), settings, layout, gen)
     partial = out_dir / PARTIAL_NAME.format(jax.process_index())
     kept = {r["index"]: r for r in load_partial(partial, fingerprint, len(questions), log)}
     done = _answered_anywhere(list(kept.values()), len(questions))
@@ -320,7 +287,7 @@ def evaluate(params, cfg, tokenizer, questions_path, shards_dir, out_dir, settin
         "schema": RESULTS_SCHEMA, "questions": str(questions_path), "format": fmt,
         "question_settings": (meta or {}).get("settings"),
         "model": {"name": model_name, "vocab_size": cfg.text.vocab_size, "param_dtype": cfg.param_dtype,
-                  "compute_dtype": cfg.compute_dtype, "tokenizer": tokenizer_name, "tokenizer_len": len(tokenizer),
+                  "compute_dtype": execution.compute_dtype, "tokenizer": tokenizer_name, "tokenizer_len": len(tokenizer),
                   "pool_mode": cfg.pool_mode},
         "settings": {**dataclasses.asdict(settings), "modes": list(settings.modes),
                      "layout": dataclasses.asdict(layout), "generation": dataclasses.asdict(gen)},

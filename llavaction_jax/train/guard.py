@@ -13,11 +13,12 @@ from __future__ import annotations
 import json
 import math
 
-from llavaction_jax.config import ConfigError
+from llavaction_jax.config import EXECUTION_FIELDS, ConfigError
 
-# ModelConfig fields that change how the step runs, not what the state is
-RUNTIME_MODEL_FIELDS = ("compute_dtype", "remat_policy", "attention", "vision_frames_per_step", "loss_chunk_tokens",
-                        "loss_skip_empty_chunks", "loop_collectives", "platform", "extra")
+# Fields of a model section that change how the step runs, not what the state is: the execution choices (also in
+# the model configs stored by checkpoints written before ModelConfig and ExecutionConfig were split) and the
+# upstream keys carried in `extra`
+RUNTIME_MODEL_FIELDS = EXECUTION_FIELDS + ("extra",)
 DATA_FIELDS = ("train.batch_size", "data.samples", "data.shards", "data.seed", "data.num_frames", "data.max_length",
                "data.length_buckets", "data.group_by_modality_length", "data.length_group_steps",
                "data.add_time_instruction", "data.tokenizer", "data.pad_id", "data.perspective",

@@ -31,8 +31,8 @@ from llavaction_jax.ek100.labels import AnnotationError
 from llavaction_jax.ek100.train_prompt import EK100PromptSettings, load_prior_table
 from llavaction_jax.model import llava
 from llavaction_jax.model.params import abstract_params, init_params
-from llavaction_jax.recipes import model_config
-from llavaction_jax.sharding import make_mesh, resolve_config
+from llavaction_jax.recipes import execution_config, model_config
+from llavaction_jax.sharding import make_mesh, resolve_execution
 from llavaction_jax.train import checkpoint, guard, metrics
 from llavaction_jax.train.optim import OptimizerConfig, make_optimizer, param_groups
 from llavaction_jax.train.step import init_state, jit_train_step, make_train_step, state_shardings
@@ -178,7 +178,7 @@ def train(cfg) -> dict:
     log = (lambda *a: print(*a, flush=True)) if is_main else (lambda *a: None)
 
     # ----------------------------------------------------------------- model, optimizer, step
-    model_cfg = model_config(cfg)
+    model_cfg, execution = model_config(cfg), execution_config(cfg)
     total_steps = cfg.train.steps
     opt_cfg = optimizer_config(cfg, total_steps)
     specs = llava.param_specs(model_cfg)
@@ -187,7 +187,7 @@ def train(cfg) -> dict:
     abstract_state = jax.eval_shape(lambda p: init_state(p, tx), abstract)
     shardings = state_shardings(abstract_state, model_cfg, mesh)
     groups = param_groups(abstract, opt_cfg)
-    run_cfg = resolve_config(model_cfg, mesh)  # execution fields fixed for these devices
+    resolved = resolve_execution(execution, mesh)  # execution choices fixed for these devices
 
     # ----------------------------------------------------------------- data
     global_batch = cfg.train.batch_size
@@ -215,7 +215,7 @@ def train(cfg) -> dict:
         state = jax.jit(lambda p: init_state(p, tx), out_shardings=shardings)(params)
         log(f"starting from {'checkpoint ' + cfg.model.init_from if cfg.model.init_from else 'random init'}")
 
-    run_step = jit_train_step(make_train_step(run_cfg, tx, groups, cfg.train.micro_batches, schedules,
+    run_step = jit_train_step(make_train_step(model_cfg, resolved, tx, groups, cfg.train.micro_batches, schedules,
                                               cfg.train.loss_reduction),
                               abstract_state, model_cfg, mesh)  # compiles once per length bucket
 
@@ -280,7 +280,8 @@ def train(cfg) -> dict:
             files = model_files.companion_files(save_cfg, tokenizer_dir(cfg), cfg.model.init_from or None,
                                                 trained_num_frames(cfg))
             checkpoint_io.publish_model(final, save_cfg, params,
-                                        extra_files={**files, FINAL_STEP_FILE: json.dumps({"step": step}) + "\n"})
+                                        extra_files={**files, FINAL_STEP_FILE: json.dumps({"step": step}) + "\n"},
+                                        execution=execution)
             log(f"final model (step {step}) written to {final}")
     skipped = total_skipped(skipped)
     if skipped:

@@ -24,10 +24,10 @@ from jax.experimental import multihost_utils
 
 from llavaction_jax import cli_flags
 from llavaction_jax.config import POOL_MODES, ConfigError
+from llavaction_jax.data.tokenizer import resolve_tokenizer
 from llavaction_jax.eval import ek100_suite, mqa_eval
 from llavaction_jax.eval.caption_then_answer import evaluate_caption_then_answer
 from llavaction_jax.eval.benchmarks import VARIANTS, common
-from llavaction_jax.eval.questions import resolve_tokenizer
 from llavaction_jax.eval.runner import EvalSettings, check_tokenizer_fits, evaluate
 from llavaction_jax.integrity import IntegrityError
 from llavaction_jax.sharding import make_mesh, parse_mesh
@@ -122,7 +122,7 @@ def write_table(suite: str, out_dir) -> dict:
     return table
 
 
-def run_suite(args, params, cfg, name, mesh, tokenizer, tokenizer_name, log=print) -> None:
+def run_suite(args, params, cfg, name, mesh, tokenizer, tokenizer_name, log=print, execution=None) -> None:
     modes = ("generate", "score") if args.mode == "both" else (args.mode,)
     if args.suite == "ek100":
         settings = EvalSettings(batch_size=args.batch_size, modes=modes,
@@ -135,7 +135,7 @@ def run_suite(args, params, cfg, name, mesh, tokenizer, tokenizer_name, log=prin
             test_type = mqa_eval.file_settings(mqa_eval.question_meta(questions)).get("test_type")
             run = evaluate_caption_then_answer if test_type == "caption_then_answer" else evaluate
             run(params, model, tokenizer, questions, shards, out, settings, mesh, model_name=name,
-                model_dir=args.model, tokenizer_name=tokenizer_name, log=log)
+                model_dir=args.model, tokenizer_name=tokenizer_name, log=log, execution=execution)
         ek100_suite.run(args, evaluate_variant, log)
         return
     for variant, title in SUITES[args.suite]:
@@ -155,7 +155,7 @@ def run_suite(args, params, cfg, name, mesh, tokenizer, tokenizer_name, log=prin
         evaluate(params, cfg if pool is None else cfg.replace(pool_mode=pool), tokenizer,
                  folder / common.QUESTIONS_NAME, folder / "shards",
                  pathlib.Path(args.out) / variant, settings, mesh, model_name=name, model_dir=args.model,
-                 tokenizer_name=tokenizer_name, log=log)
+                 tokenizer_name=tokenizer_name, log=log, execution=execution)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -166,11 +166,11 @@ def run(args: argparse.Namespace) -> int:
             cli_flags.init_distributed(args)
             mesh = make_mesh(**parse_mesh(args.mesh))
             tokenizer, tokenizer_name = resolve_tokenizer(args.tokenizer, args.model)
-            cfg = mqa_eval.model_config(args)
-            if cfg is not None:
-                check_tokenizer_fits(cfg, tokenizer)
-            params, cfg, name = mqa_eval.load_model(args, mesh, cfg)
-            run_suite(args, params, cfg, name, mesh, tokenizer, tokenizer_name)
+            configs = mqa_eval.model_config(args)
+            if configs is not None:
+                check_tokenizer_fits(configs[0], tokenizer)
+            params, cfg, execution, name = mqa_eval.load_model(args, mesh, configs)
+            run_suite(args, params, cfg, name, mesh, tokenizer, tokenizer_name, execution=execution)
         if jax.process_index() == 0:
             pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
             if args.suite == "ek100":
