@@ -122,8 +122,22 @@ def checkpoint_files(directory: pathlib.Path) -> tuple[list[pathlib.Path], dict[
         return [directory / SINGLE_FILE], None
     files = sorted(directory.glob("*.safetensors"))
     if not files:
-        raise SafetensorsError(f"{directory}: no {SINGLE_FILE}, {INDEX_FILE} or *.safetensors files")
+        raise SafetensorsError(pickles_not_read(directory) or
+                               f"{directory}: no {SINGLE_FILE}, {INDEX_FILE} or *.safetensors files")
     return files, None
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def pickles_not_read(directory: pathlib.Path) -> str | None:
+    """The refusal for a directory whose weights are only in PyTorch pickle files, None if it has none."""
+    pickles = sorted(p.name for p in pathlib.Path(directory).glob("*") if p.suffix in PICKLE_SUFFIXES and p.is_file())
+    if not pickles:
+        return None
+    return (f"{directory} holds PyTorch pickle files ({', '.join(pickles[:3])}{' ...' if len(pickles) > 3 else ''}) "
+            "but no safetensors: pickles are not read (loading one can run arbitrary code). Convert them to "
+            "safetensors where you trust them, e.g. transformers' save_pretrained(..., safe_serialization=True)")
 
 
 class SafetensorsCheckpoint:

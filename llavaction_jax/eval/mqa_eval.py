@@ -12,6 +12,9 @@ needed), checked to cover the question file exactly once, and written with the m
 
 Answer modes: ``generate`` (upstream: greedy decoding, parsed with upstream's rules) and ``score`` (the option
 with the highest log-likelihood, eval/scoring.py); ``both`` runs both on the same batches.
+
+The run holds the lock of OUT (locks.py): a second eval into the same OUT is refused. A clip that is missing from
+the shards or does not decode is recorded as failed (counted wrong, listed in results.json), unless ``--strict``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import argparse
 import jax
 from jax.experimental import multihost_utils
 
-from llavaction_jax import cli_flags
+from llavaction_jax import cli_flags, locks
 from llavaction_jax.api import load_pretrained
 from llavaction_jax.checkpoint_io import is_model_dir, load_config
 from llavaction_jax.config import load_preset
@@ -71,6 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
            "choices directly.\")")
     a("--annotations", default=None, help="EK100 annotation folder for verb/noun names (default: from the meta)")
     a("--threads", type=int, default=4, help="frame-decoding threads per process")
+    a("--strict", action="store_true",
+      help="stop at the first question whose clip is missing from the shards or does not decode (default: record it "
+           "as failed, count it wrong, list it in results.json, go on; a rerun retries it)")
     a("--options-per-pass", type=int, default=None,
       help="score mode: options scored per pass over the prompt's KV cache, which is copied that many times "
            "(default: all options in one pass; 1 uses the least memory)")
@@ -110,6 +116,11 @@ def run(args: argparse.Namespace) -> int:
         print(cfg.to_dict() if cfg is not None else "a PyTorch checkpoint: its config comes with the weights")
         return 0
     cli_flags.init_distributed(args)
+    with locks.output_lock(args.out, "eval", log=print if jax.process_index() == 0 else None):
+        return _evaluate(args, cfg)
+
+
+def _evaluate(args: argparse.Namespace, cfg) -> int:
     mesh = make_mesh(**args.mesh)
     tokenizer, tokenizer_name = resolve_tokenizer(args.tokenizer, args.model)
     if cfg is not None:
@@ -120,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
                             num_frames=args.num_frames, prompt_len=args.prompt_len, limit=args.limit,
                             fmt=args.format, label_space=args.label_space, time_instruction=args.time_instruction,
                             instruction=args.videoqa_instruction, threads=args.threads,
-                            options_per_pass=args.options_per_pass)
+                            options_per_pass=args.options_per_pass, strict=args.strict)
     results = evaluate(params, cfg, tokenizer, args.questions, args.shards, args.out, settings, mesh,
                        model_name=name, model_dir=args.model, tokenizer_name=tokenizer_name,
                        annotations=args.annotations)
@@ -130,6 +141,9 @@ def run(args: argparse.Namespace) -> int:
         rate = results["run"]["questions_per_second"]
         print(f"[eval] {results['num_questions']} questions; {summary}; "
               f"{'n/a' if rate is None else f'{rate:.2f}'} questions/s -> {args.out}")
+        if results["failed"]:
+            print(f"[eval] {len(results['failed'])} questions FAILED (clip unreadable; counted wrong, listed in "
+                  f"results.json); rerun the same command to retry them")
         official = results.get("benchmark", {})
         if official.get("modes"):  # a build-bench file: its score as lmms-eval computes it
             print(f"[eval] {official['variant']}: " + ", ".join(f"{m} {_fmt(stats['headline'])}"

@@ -4,7 +4,8 @@ once, then one table like the paper's.
 Input layout (what ``build-bench`` + ``extract-frames`` make): ``DATA/<variant>/questions.jsonl`` and
 ``DATA/<variant>/shards``. Each variant's full evaluation (predictions.jsonl, results.json, report.md) goes to
 ``OUT/<variant>/``; the table to ``OUT/suite.md`` and ``OUT/suite.json``. A variant whose folder is missing is
-listed as not run; ``--table-only`` rebuilds the table from the results already in OUT.
+listed as not run; ``--table-only`` rebuilds the table from the results already in OUT. The run holds the lock of
+OUT (locks.py); a clip that cannot be read is recorded as failed and counted wrong, unless ``--strict``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 import jax
 from jax.experimental import multihost_utils
 
+from llavaction_jax import cli_flags, locks
 from llavaction_jax.config import ConfigError
 from llavaction_jax.eval import mqa_eval
 from llavaction_jax.eval.benchmarks import VARIANTS, common
@@ -65,10 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--time-instruction", action=argparse.BooleanOptionalAction, default=True,
       help="add the time instruction each question file asks for (build-bench --time-instruction)")
     a("--threads", type=int, default=4, help="frame-decoding threads per process")
+    a("--strict", action="store_true", help="stop at the first clip that is missing or does not decode (default: "
+                                            "record its question as failed, count it wrong, go on)")
     a("--options-per-pass", type=int, default=None, help="score mode: options per pass (default: all)")
-    a("--coordinator", default=None, help="multi-process: coordinator HOST:PORT, or 'auto'")
-    a("--num-processes", type=int, default=None, help="multi-process: number of processes")
-    a("--process-id", type=int, default=None, help="multi-process: this process's id")
+    cli_flags.add_distributed(parser)
 
 
 def suite_table(suite: str, out_dir) -> dict:
@@ -125,7 +127,7 @@ def run_suite(args, params, cfg, name, mesh, tokenizer, tokenizer_name, log=prin
                                 num_frames=args.num_frames, prompt_len=args.prompt_len, limit=args.limit,
                                 fmt="videoqa",
                                 time_instruction=args.time_instruction, threads=args.threads,
-                                options_per_pass=args.options_per_pass)
+                                options_per_pass=args.options_per_pass, strict=args.strict)
         evaluate(params, cfg, tokenizer, folder / common.QUESTIONS_NAME, folder / "shards",
                  pathlib.Path(args.out) / variant, settings, mesh, model_name=name, model_dir=args.model,
                  tokenizer_name=tokenizer_name, log=log)
@@ -134,23 +136,29 @@ def run_suite(args, params, cfg, name, mesh, tokenizer, tokenizer_name, log=prin
 def run(args: argparse.Namespace) -> int:
     try:
         if not args.table_only:
-            if not (args.model or args.preset):
-                raise ValueError("give --model or --preset (or --table-only)")
-            mqa_eval._init_distributed(args)
-            mesh = make_mesh(**parse_mesh(args.mesh))
-            tokenizer, tokenizer_name = resolve_tokenizer(args.tokenizer, args.model)
-            cfg = mqa_eval.model_config(args)
-            if cfg is not None:
-                check_tokenizer_fits(cfg, tokenizer)
-            params, cfg, name = mqa_eval.load_model(args, mesh, cfg)
-            run_suite(args, params, cfg, name, mesh, tokenizer, tokenizer_name)
-        if jax.process_index() == 0:
-            pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
-            table = write_table(args.suite, args.out)
-            print(table_markdown(table))
-    except (ValueError, KeyError, FileNotFoundError, ConfigError, IntegrityError) as e:
+            cli_flags.init_distributed(args)
+        with locks.output_lock(args.out, "eval-suite", log=print if jax.process_index() == 0 else None):
+            _run(args)
+    except (ValueError, KeyError, FileNotFoundError, ConfigError, IntegrityError, locks.LockHeld) as e:
         print(f"eval-suite: error: {e}", file=sys.stderr)
         return 2
     if not args.table_only:
         multihost_utils.sync_global_devices("eval-suite finished")
     return 0
+
+
+def _run(args: argparse.Namespace) -> None:
+    if not args.table_only:
+        if not (args.model or args.preset):
+            raise ValueError("give --model or --preset (or --table-only)")
+        mesh = make_mesh(**parse_mesh(args.mesh))
+        tokenizer, tokenizer_name = resolve_tokenizer(args.tokenizer, args.model)
+        cfg = mqa_eval.model_config(args)
+        if cfg is not None:
+            check_tokenizer_fits(cfg, tokenizer)
+        params, cfg, name = mqa_eval.load_model(args, mesh, cfg)
+        run_suite(args, params, cfg, name, mesh, tokenizer, tokenizer_name)
+    if jax.process_index() == 0:
+        pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
+        table = write_table(args.suite, args.out)
+        print(table_markdown(table))
