@@ -34,6 +34,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from llavaction_jax import checkpoint_io, integrity
+from llavaction_jax.locks import allgather_text
 from llavaction_jax.pause_points import pause_point
 from llavaction_jax.train import state_check
 
@@ -167,9 +168,7 @@ class Checkpoints:
             self._sealer.join()
             self._sealer = None
         if jax.process_count() > 1:
-            from llavaction_jax.locks import allgather_text  # every process learns any process's failure
-
-            failed = [text for text in allgather_text(self._failure_text()) if text]
+            failed = [text for text in allgather_text(self._failure_text()) if text]  # any process's failure
             if failed and self._failure is None:
                 raise CheckpointSaveError(f"another process: {failed[0]}")
         self._raise_failure()
