@@ -233,7 +233,10 @@ class Checkpoints:
     # ----------------------------------------------------------------------------------------------- restoring
     def move_aside(self, step: int, problem: str) -> pathlib.Path:
         """Rename a broken step directory into `<dir>.broken/` so its step number can be written again."""
-        target = self.directory.with_name(self.directory.name + ".broken") / f"{step}-{time.strftime('%Y%m%dT%H%M%S')}"
+        broken, stamp = self.directory.with_name(self.directory.name + ".broken"), time.strftime("%Y%m%dT%H%M%S")
+        target, n = broken / f"{step}-{stamp}", 1
+        while target.exists():  # the same step moved aside again within the second
+            target, n = broken / f"{step}-{stamp}-{n}", n + 1
         if jax.process_index() == 0:
             target.parent.mkdir(exist_ok=True)
             self.step_dir(step).rename(target)
