@@ -22,9 +22,11 @@ step's partial files are removed; every earlier checkpoint is kept.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import pathlib
+import re
 import shutil
 import threading
 import time
@@ -57,9 +59,23 @@ def _say(message: str) -> None:
         print(f"warning: {message}", flush=True)
 
 
+# tensorstore's OS errors: ... Failed writing: "PATH": Failed to write N bytes to file 17: No space left on device
+# [os_error_code='28']
+_TENSORSTORE_OS_ERROR = re.compile(r'"([^"]+)": [^"]*?: ([^:\[\]"]+?) \[os_error_code=\'(\d+)\'\]')
+
+
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0][:400] if text else ''}"
+    """The error in one line: an OS error as `[Errno 28] No space left on device (ENOSPC): 'PATH'`, wherever it
+    came from (Python's own, or tensorstore's inside Orbax's message), else the first line of the message."""
+    if isinstance(error, OSError) and error.errno:
+        return f"[Errno {error.errno}] {error.strerror} ({errno.errorcode.get(error.errno, '?')}): '{error.filename}'"
+    text = str(error)
+    found = _TENSORSTORE_OS_ERROR.search(text)
+    if found:
+        path, reason, code = found.group(1), found.group(2).strip(), int(found.group(3))
+        return f"[Errno {code}] {reason} ({errno.errorcode.get(code, '?')}): '{path}'"
+    lines = text.strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:400] if lines else ''}"
 
 
 def _bytes(n: int) -> str:
