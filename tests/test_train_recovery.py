@@ -10,6 +10,7 @@ import pathlib
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import jax
@@ -20,7 +21,6 @@ import pytest
 from _pause import kill, pause_env, resume, wait_until_stopped
 from _train_fixtures import (assert_same_tree, corrupt_record, make_training_data, subprocess_env, tiny_train_config,
                              train_command)
-from conftest import COLLECTIVE_FLAGS
 from llavaction_jax import checkpoint_io, integrity, locks
 from llavaction_jax.config import ConfigError
 from llavaction_jax.recipes import model_config
@@ -379,34 +379,48 @@ def test_every_checkpoint_broken_is_refused_naming_what_was_moved_unless_a_resta
 
 
 # ------------------------------------------------------------------------------ sealing, and an unsealed checkpoint
-def test_checkpoints_are_sealed_when_saved_and_an_unsealed_one_is_read_back_against_its_digest(data, tmp_path, capsys):
-    """Async saves on one device: the run stops itself once step 1 is sealed (its checksums exist before step 2 is
-    saved), then once step 2's save is complete but not sealed, and is SIGKILLed there. The unsealed step is
-    resumed from after every array matched its digest; with flipped bytes it is moved aside and step 1 is used."""
-    out = tmp_path / "run"
-    cfg = tiny_train_config(data, out, steps=3, **{"train.checkpoint_every": 1, "train.async_checkpoint": True,
-                                                   "mesh.fsdp": 1, "mesh.tensor": 1})
-    env = dict(subprocess_env(), XLA_FLAGS="--xla_force_host_platform_device_count=1 " + COLLECTIVE_FLAGS)
-    proc = subprocess.Popen(train_command(cfg), cwd=REPO, env=pause_env(env, "checkpoint-sealed:1,checkpoint-saved:2"),
+SAVES = """
+import sys
+import jax, jax.numpy as jnp, orbax.checkpoint as ocp
+from llavaction_jax.train.checkpoint import Checkpoints
+state = ocp.CheckpointManager(sys.argv[1]).restore(3, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+ckpts = Checkpoints(sys.argv[2], async_save=True)
+for step in (1, 2, 3):
+    ckpts.save(step, state, {"step": step, "loss": 1.0})
+    state = jax.tree.map(lambda x: x + 1 if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+    ckpts.check()
+ckpts.close()
+"""
+
+
+def test_checkpoints_are_sealed_when_saved_and_an_unsealed_one_is_read_back_against_its_digest(base_run, tmp_path,
+                                                                                              capsys):
+    """Real async saves of the train state in a child process, which stops itself once step 1 is sealed (its
+    checksums exist before step 2 is saved), then once step 2's save is complete but not sealed, and is SIGKILLed
+    there. The unsealed step is resumed from after every array matched its digest; with flipped bytes it is moved
+    aside and step 1 is used."""
+    out = tmp_path / "checkpoints"
+    proc = subprocess.Popen([sys.executable, "-c", SAVES, str(base_run / "checkpoints"), str(out)], cwd=REPO,
+                            env=pause_env(subprocess_env(), "checkpoint-sealed:1,checkpoint-saved:2"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_until_stopped(proc)
-        assert integrity.verify_manifest(out / "checkpoints" / "1")
+        assert integrity.verify_manifest(out / "1") and not (out / "2").exists()
         resume(proc)
         wait_until_stopped(proc)
     finally:
         kill(proc)
-    unsealed = out / "checkpoints" / "2"
+    unsealed = out / "2"
     assert unsealed.is_dir() and not integrity.has_manifest(unsealed)
-    abstract, _ = abstract_of(out / "checkpoints", 1)
-    copy = tmp_path / "copy" / "checkpoints"
-    shutil.copytree(out / "checkpoints", copy)
+    abstract, _ = abstract_of(out, 1)
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
     step, _, _ = Checkpoints(copy).restore_latest(abstract)
     assert step == 2
     assert (f"checkpoint {copy / '2'} has no checksums.json (the run stopped after its save, before it was sealed): "
             "every array was read back and matches the digest saved with it") in capsys.readouterr().out
     flip_bits(largest_file(unsealed / "state"), n=3)
-    step, _, _ = Checkpoints(out / "checkpoints").restore_latest(abstract)
+    step, _, _ = Checkpoints(out).restore_latest(abstract)
     assert step == 1 and f"skipping checkpoint {unsealed}: " in capsys.readouterr().out
 
 
