@@ -45,7 +45,7 @@ from llavaction_jax.convert import orbax_stream, source_digests, staging
 from llavaction_jax.convert.import_plan import (Param, Plan, Source, copy_into, describe, detect_layout, is_torch_dir,
                                                 open_source, plan_import, read_param)
 from llavaction_jax.convert.keys import PERMS, ConversionError, torch_row_axis, torch_shape
-from llavaction_jax.convert.safetensors_io import SafetensorsCheckpoint, SafetensorsError
+from llavaction_jax.convert.safetensors_io import SafetensorsCheckpoint, SafetensorsError, refuse_pickles
 from llavaction_jax.model import llava
 from llavaction_jax.model.params import flatten_paths, unflatten_paths
 from llavaction_jax.recipes import model_config_with_overrides, parse_overrides
@@ -98,6 +98,7 @@ def progress_bar(total: int | None, enabled: bool, desc: str):
 
 def load_torch(src, mesh=None, dtype: str | None = None, vision_config=None, progress: bool = False):
     """(ModelConfig, params) of a PyTorch checkpoint directory, converted in memory (sharded over `mesh`)."""
+    refuse_pickles(src)
     source_digests.verify_source(src)
     source = open_source(src, vision_config)
     with source.tensors:
@@ -146,6 +147,7 @@ def import_checkpoint(src, dst, dtype: str | None = None, vision_config=None, me
     """
     if jax.process_count() > 1 and mesh is None:
         raise ValueError("under jax.distributed every process must pass the same mesh over all devices (--mesh)")
+    refuse_pickles(src)
     verified = source_digests.verify_source(src)  # before anything is read; every process reads its own copy
     source = open_source(src, vision_config)
     plan = plan_import(source)

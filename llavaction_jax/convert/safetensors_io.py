@@ -131,13 +131,21 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 def pickles_not_read(directory: pathlib.Path) -> str | None:
-    """The refusal for a directory whose weights are only in PyTorch pickle files, None if it has none."""
-    pickles = sorted(p.name for p in pathlib.Path(directory).glob("*") if p.suffix in PICKLE_SUFFIXES and p.is_file())
-    if not pickles:
+    """The refusal for a directory whose weights are only in PyTorch pickle files (no safetensors), else None."""
+    directory = pathlib.Path(directory)
+    pickles = sorted(p.name for p in directory.glob("*") if p.suffix in PICKLE_SUFFIXES and p.is_file())
+    if not pickles or any(directory.glob("*.safetensors")):
         return None
     return (f"{directory} holds PyTorch pickle files ({', '.join(pickles[:3])}{' ...' if len(pickles) > 3 else ''}) "
             "but no safetensors: pickles are not read (loading one can run arbitrary code). Convert them to "
             "safetensors where you trust them, e.g. transformers' save_pretrained(..., safe_serialization=True)")
+
+
+def refuse_pickles(directory) -> None:
+    """Raise SafetensorsError for a directory of pickled weights, before any of its files is read."""
+    message = pickles_not_read(pathlib.Path(directory)) if pathlib.Path(directory).is_dir() else None
+    if message:
+        raise SafetensorsError(message)
 
 
 class SafetensorsCheckpoint:
