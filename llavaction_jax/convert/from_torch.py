@@ -148,12 +148,12 @@ def import_checkpoint(src, dst, dtype: str | None = None, vision_config=None, me
     if jax.process_count() > 1 and mesh is None:
         raise ValueError("under jax.distributed every process must pass the same mesh over all devices (--mesh)")
     refuse_pickles(src)
+    dst = pathlib.Path(dst).absolute()
+    staging.check(dst)  # on every process, before any of them waits for the others
     verified = source_digests.verify_source(src)  # before anything is read; every process reads its own copy
     source = open_source(src, vision_config)
     plan = plan_import(source)
     plan.raise_if_problems()
-    dst = pathlib.Path(dst).absolute()
-    staging.check(dst)  # on every process, before any of them waits for the others
     cfg = overridden(source.cfg, model_overrides)
     if dtype is None and any(key == "model.param_dtype" for key, _ in parse_overrides(list(model_overrides))):
         dtype = cfg.param_dtype
