@@ -200,8 +200,9 @@ def record(item: Item, clip, message: str, raw: str, scores: dict | None) -> dic
     return out
 
 
-def print_answer(rec: dict, out=sys.stdout) -> None:
-    """The human-readable answer of one clip."""
+def print_answer(rec: dict, out=None) -> None:
+    """The human-readable answer of one clip (to `out`, default: the current sys.stdout)."""
+    out = out or sys.stdout
     print(f"answer: {rec['answer']}", file=out)
     if "options" not in rec:
         return
