@@ -13,18 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import sys
 
 import jax
 from jax.experimental import multihost_utils
 
 from llavaction_jax import cli_flags, locks
-from llavaction_jax.config import ConfigError
 from llavaction_jax.eval import mqa_eval
 from llavaction_jax.eval.benchmarks import VARIANTS, common
 from llavaction_jax.eval.questions import resolve_tokenizer
 from llavaction_jax.eval.runner import EvalSettings, check_tokenizer_fits, evaluate
-from llavaction_jax.integrity import IntegrityError
 from llavaction_jax.sharding import make_mesh, parse_mesh
 
 ACCEPTS_CONFIG_OVERRIDES = True  # --config.model.<field>=value, as in `eval`
@@ -134,14 +131,11 @@ def run_suite(args, params, cfg, name, mesh, tokenizer, tokenizer_name, log=prin
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        if not args.table_only:
-            cli_flags.init_distributed(args)
-        with locks.output_lock(args.out, "eval-suite", log=print if jax.process_index() == 0 else None):
-            _run(args)
-    except (ValueError, KeyError, FileNotFoundError, ConfigError, IntegrityError, locks.LockHeld) as e:
-        print(f"eval-suite: error: {e}", file=sys.stderr)
-        return 2
+    """Errors (bad inputs, a held lock, an unreadable clip with --strict) are reported by cli.main in one line."""
+    if not args.table_only:
+        cli_flags.init_distributed(args)
+    with locks.output_lock(args.out, "eval-suite", log=print if jax.process_index() == 0 else None):
+        _run(args)
     if not args.table_only:
         multihost_utils.sync_global_devices("eval-suite finished")
     return 0
