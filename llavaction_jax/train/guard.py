@@ -14,6 +14,7 @@ field's default (configs/train.py), which is what that older run computed with.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -110,9 +111,10 @@ def _flatten(d: dict, prefix: str) -> dict:
     return out
 
 
-def recipe_defaults() -> dict:
-    """configs/train.py as a dict: what a field a checkpoint predates meant when that run was started."""
-    return run_config_file(CONFIGS_DIR / "train.py").to_dict()
+@functools.lru_cache(maxsize=1)
+def recipe_defaults() -> str:
+    """configs/train.py as JSON: what a field a checkpoint predates meant when that run was started."""
+    return json.dumps(run_config_file(CONFIGS_DIR / "train.py").to_dict())
 
 
 def _merged(defaults: dict, config: dict) -> dict:
@@ -125,7 +127,7 @@ def _merged(defaults: dict, config: dict) -> dict:
 def identity(config: dict, model_config: dict, num_samples) -> tuple[dict, dict]:
     """(state fields, data fields) of a run, from its config dicts as stored in checkpoint metadata."""
     config, model_config = json.loads(json.dumps(config)), json.loads(json.dumps(model_config))  # tuples -> lists
-    flat = _flatten(_merged(json.loads(json.dumps(recipe_defaults())), config), "")
+    flat = _flatten(_merged(json.loads(recipe_defaults()), config), "")
     model = {k: v for k, v in model_config.items() if k not in RUNTIME_MODEL_FIELDS}
     # the model section of the config repeats the model config's fields: those are compared from model_config
     state = {**_flatten(model, "model."), "model.init_from": flat.get("model.init_from")}
