@@ -1,12 +1,12 @@
 """Upstream and HF `config.json` <-> `ModelConfig`: the keys read by llavaction/model/llava_arch.py and
 llavaction/model/language_model/llava_qwen.py (LLaVA-NeXT / LLaVAction), and HF llava-onevision's.
 
-One table of (our field, upstream key, default) pairs per part (`TEXT_KEYS`, `VISION_KEYS`, `MODEL_KEYS`,
-`SUPERVISION_KEYS`) drives both directions: `from_upstream` reads every pair (the default when the key is
-missing), `to_upstream` writes every pair back, and every key outside the tables travels in `ModelConfig.extra`,
-so a round trip loses nothing. The upstream config only *names* the vision tower; its dimensions come from
-`resolve_vision_tower` (the size table, the local Hugging Face cache, or an explicit vision config) because head
-counts cannot be inferred from weight shapes.
+One table of (our field, upstream key, default) pairs per part (`TEXT_KEYS`, `MODEL_KEYS`, `SUPERVISION_KEYS`, and
+the vision tower's hub config keys from its registry entry, `vision_keys`) drives both directions: `from_upstream`
+reads every pair (the default when the key is missing), `to_upstream` writes every pair back, and every key outside
+the tables travels in `ModelConfig.extra`, so a round trip loses nothing. The upstream config only *names* the
+vision tower; its dimensions come from `resolve_vision_tower` (the registered towers' sizes, the local Hugging Face
+cache, or an explicit vision config) because head counts cannot be inferred from weight shapes.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import os
 import pathlib
 from typing import Any
 
-from llavaction_jax.config import (VISION_TOWERS, ConfigError, ModelConfig, TextConfig, VisionConfig,
-                                   selected_layers, tower_vision)
+from llavaction_jax import vision_towers
+from llavaction_jax.config import ConfigError, ModelConfig, TextConfig, VisionConfig, selected_layers, tower_vision
+from llavaction_jax.vision_towers import VisionTower
 
 REQUIRED = object()  # a key without a default: its absence is an error
 
@@ -41,16 +42,6 @@ TEXT_KEYS = (  # Qwen2's keys (transformers' Qwen2Config)
     Key("rope_theta", "rope_theta", None),  # None: transformers v5's rope_parameters, else 10000
     Key("tie_word_embeddings", "tie_word_embeddings", False),
     Key("max_position_embeddings", "max_position_embeddings", 32768),
-)
-VISION_KEYS = (  # SigLIP's keys; defaults are transformers' SiglipVisionConfig's (diffed configs omit them)
-    Key("hidden_size", "hidden_size", 768),
-    Key("intermediate_size", "intermediate_size", 3072),
-    Key("num_layers", "num_hidden_layers", 12),  # the tower's depth; the select-layer rule decides how many run
-    Key("num_heads", "num_attention_heads", 12),
-    Key("image_size", "image_size", 224),
-    Key("patch_size", "patch_size", 16),
-    Key("num_channels", "num_channels", 3),
-    Key("layer_norm_eps", "layer_norm_eps", 1e-6),
 )
 MODEL_KEYS = (  # LLaVA's keys; defaults are the upstream model code's when a key is missing
     Key("vision_tower", "mm_vision_tower"),
@@ -100,26 +91,37 @@ def text_from_hf(cfg: dict) -> TextConfig:
     return TextConfig(**fields)
 
 
-def vision_from_hf(cfg: dict, select_layer: int = -1) -> VisionConfig:
-    """A SigLIP vision config dict (hub `config.json` or its `vision_config`) + LLaVA's select-layer rule
-    (config.selected_layers)."""
-    fields = _read(VISION_KEYS, cfg.get("vision_config", cfg), "SigLIP")
+def vision_keys(tower: VisionTower) -> tuple[Key, ...]:
+    """The tower's hub config.json keys (`VisionTower.config_keys`); `num_layers` is the tower's whole depth, the
+    select-layer rule decides how many run."""
+    return tuple(Key(*triple) for triple in tower.config_keys)
+
+
+def vision_from_hf(cfg: dict, select_layer: int = -1, tower: VisionTower | None = None) -> VisionConfig:
+    """A vision tower's config dict (hub `config.json` or its `vision_config`) + LLaVA's select-layer rule
+    (config.selected_layers). `tower`: whose keys to read; default the one of the dict's `model_type`."""
+    cfg = cfg.get("vision_config", cfg)
+    tower = tower or vision_towers.by_hf_model_type(cfg.get("model_type"))
+    fields = _read(vision_keys(tower), cfg, tower.title)
     fields["num_layers"] = selected_layers(fields["num_layers"], select_layer)
     return VisionConfig(**fields)
 
 
 def resolve_vision_tower(name: str, select_layer: int = -2) -> VisionConfig:
-    """Vision dimensions for a tower name: the size table, else a local HF cache/dir, else a clear error."""
-    if name in VISION_TOWERS:
+    """Vision dimensions for a tower name: the registered towers' sizes, else a local HF cache/dir, else a clear
+    error."""
+    known = vision_towers.known_sizes()
+    if name in known:
         return tower_vision(name, select_layer)
+    tower = vision_towers.lookup(name)
     local = pathlib.Path(name) / "config.json"
     if local.is_file():
-        return vision_from_hf(json.loads(local.read_text()), select_layer)
+        return vision_from_hf(json.loads(local.read_text()), select_layer, tower)
     cached = _find_in_hf_cache(name)
     if cached is not None:
-        return vision_from_hf(json.loads(cached.read_text()), select_layer)
+        return vision_from_hf(json.loads(cached.read_text()), select_layer, tower)
     raise ConfigError(
-        f"unknown vision tower {name!r}: it is not a built-in preset ({', '.join(VISION_TOWERS)}), not a local "
+        f"unknown vision tower {name!r}: it is not a built-in preset ({', '.join(known)}), not a local "
         f"directory with config.json, and not in the local Hugging Face cache (HF_HOME). Head counts cannot be "
         f"inferred from weight shapes: pass an explicit vision config (e.g. --vision-config path/to/config.json)."
     )
@@ -147,7 +149,7 @@ def from_upstream(cfg: dict, vision: VisionConfig | dict | None = None, **overri
     fields = _read(MODEL_KEYS, cfg, "LLaVA")
     select_layer = cfg.get("mm_vision_select_layer", -2)
     if isinstance(vision, dict):
-        vision = vision_from_hf(vision, select_layer)
+        vision = vision_from_hf(vision, select_layer, vision_towers.lookup(fields["vision_tower"]))
     vision = vision or resolve_vision_tower(fields["vision_tower"], select_layer)
     if "mm_hidden_size" in cfg and cfg["mm_hidden_size"] != vision.hidden_size:
         raise ConfigError(
@@ -183,10 +185,11 @@ def to_upstream(cfg: ModelConfig) -> dict:
 
 def export_config(cfg: ModelConfig) -> dict:
     """`to_upstream` for an export (`convert to-torch`, model directories' config.json): an HF-imported tower has
-    no upstream name, and upstream loads towers by name, so a size-table tower of the same dimensions is named."""
+    no upstream name, and upstream loads towers by name, so a registered tower of the same dimensions is named."""
     out = to_upstream(cfg)
-    if cfg.vision_tower not in VISION_TOWERS:
-        for name in VISION_TOWERS:
+    known = vision_towers.known_sizes()
+    if cfg.vision_tower not in known:
+        for name in known:
             if tower_vision(name, out.get("mm_vision_select_layer", -2)) == cfg.vision:
                 out["mm_vision_tower"] = name
     return out
@@ -208,7 +211,8 @@ def _from_hf_onevision(cfg: dict, **overrides: Any) -> ModelConfig:
     fields = dict(
         vision=vision_from_hf(cfg["vision_config"], layer),
         text=text_from_hf(dict(text, model_type="qwen2")),
-        vision_tower=cfg["vision_config"].get("_name_or_path") or "siglip",
+        vision_tower=(cfg["vision_config"].get("_name_or_path")
+                      or vision_towers.by_hf_model_type(cfg["vision_config"].get("model_type")).family),
         projector_type="mlp2x_gelu",
         pool_mode="bilinear",
         patch_merge_type="spatial_unpad",
