@@ -113,7 +113,7 @@ class _Rule:
     def stacked(self) -> bool:
         return "{i}" in self.key
 
-    def fill_key(self, choices: list[str], layer: int | None) -> str:
+    def fill_key(self, choices: list[str], layer: int | str | None) -> str:
         """The upstream key for our path's `choices` (as matched by path_rx) and layer."""
         it = iter(choices)
 
@@ -185,6 +185,7 @@ class Target:
     stacked: bool
     names: tuple[str, ...]  # upstream keys, one per layer when stacked
     rank: tuple[int, ...]  # (index in rules(tower), index of each choice in its {a|b}): orders the keys
+    stack: tuple[str, str] | None = None  # a stacked key's text before and after its layer index
 
 
 def targets(specs: Mapping, tower: VisionTower | None = None) -> dict[str, Target]:
@@ -200,7 +201,8 @@ def targets(specs: Mapping, tower: VisionTower | None = None) -> dict[str, Targe
                 names = tuple(rule.fill_key(list(m.groups()), i) for i in layers)
                 fields = [f for f in _FIELD.findall(rule.path)]
                 rank = tuple(int(c) if f == "p" else f.split("|").index(c) for f, c in zip(fields, m.groups()))
-                out[path] = Target(path, rule.transform, stacked, names, (rule.index, *rank))
+                stack = tuple(rule.fill_key(list(m.groups()), "\0").split("\0")) if stacked else None
+                out[path] = Target(path, rule.transform, stacked, names, (rule.index, *rank), stack)
                 break
         else:
             raise ConversionError(f"no key rule produces our parameter {path} (convert/keys.py rules, the vision "
@@ -212,31 +214,29 @@ def expected_keys(specs: Mapping, tower: VisionTower | None = None) -> list[tupl
     """(upstream key, our path, layer, transform) of every tensor a checkpoint for `specs` holds, in upstream
     state-dict order: module by module as the rules list them, layer-major inside the decoder stacks, weight before
     bias (what `torch.nn.Module.state_dict` yields)."""
-    entries = [(name, t.path, i if t.stacked else None, t.transform, t.rank)
+    entries = [(name, t.path, i if t.stacked else None, t.transform, t.rank, t.stack)
                for t in targets(specs, tower).values() for i, name in enumerate(t.names)]
     first: dict[str, int] = {}  # module -> rank of its first appearance in the rules
-    for name, _, layer, _, rank in sorted(entries, key=lambda e: (e[4], e[2] or 0)):
-        first.setdefault(_module(name), len(first))
-    block: dict[str, int] = {}  # a decoder stack (key text before the layer index) -> rank of its first module
-    for name, _, layer, _, _ in entries:
-        if layer is not None:
-            prefix = _stack_prefix(name)
-            block[prefix] = min(block.get(prefix, 1 << 30), first[_module(name)])
+    for name, _, layer, _, rank, stack in sorted(entries, key=lambda e: (e[4], e[2] or 0)):
+        first.setdefault(_module(name, stack), len(first))
+    block: dict[str, int] = {}  # a layer stack (key text before the layer index) -> rank of its first module
+    for name, _, layer, _, _, stack in entries:
+        if stack is not None:
+            block[stack[0]] = min(block.get(stack[0], 1 << 30), first[_module(name, stack)])
 
     def order(e):
-        name, _, layer, _, rank = e
-        module = first[_module(name)]
-        return (module if layer is None else block[_stack_prefix(name)], layer or 0, module, rank)
+        name, _, layer, _, rank, stack = e
+        module = first[_module(name, stack)]
+        return (module if stack is None else block[stack[0]], layer or 0, module, rank)
 
     return [e[:4] for e in sorted(entries, key=order)]
 
 
-def _module(key: str) -> str:
-    return re.sub(r"\.layers\.\d+\.", ".layers.*.", key.rsplit(".", 1)[0] if key.endswith((".weight", ".bias")) else key)
-
-
-def _stack_prefix(key: str) -> str:
-    return key[:re.search(r"\.layers\.\d+\.", key).start()]
+def _module(key: str, stack: tuple[str, str] | None) -> str:
+    """The torch module holding `key` (the key without .weight / .bias), every layer of a stack as one ("*")."""
+    if stack is not None:
+        key = stack[0] + "*" + stack[1]
+    return key.rsplit(".", 1)[0] if key.endswith((".weight", ".bias")) else key
 
 
 def upstream_keys(cfg: ModelConfig) -> Iterable[str]:
