@@ -143,7 +143,7 @@ def init_distributed(args: argparse.Namespace) -> None:
     """Start jax.distributed as `add_distributed`'s flags ask. Call before any JAX computation."""
     import jax  # see the module docstring
 
-    from llavaction_jax import distributed
+    from llavaction_jax import distributed  # imports JAX too (the module docstring)
     coordinator = getattr(args, "coordinator", None)
     if coordinator == "auto":  # the old eval spelling of "let JAX find the cluster"
         warn_deprecated("--coordinator auto", "--distributed on")

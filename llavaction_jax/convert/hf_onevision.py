@@ -22,9 +22,11 @@ import pathlib
 import re
 
 from PIL import Image
+from tokenizers import AddedToken
 
 from llavaction_jax.config import ModelConfig
 from llavaction_jax.convert.keys import ConversionError, default_tower, tower_of
+from llavaction_jax.data.tokenizer import load_qwen_tokenizer, tokenizer_files
 from llavaction_jax.vision_towers import VisionTower
 
 IMAGE_TOKEN, VIDEO_TOKEN = "<image>", "<video>"
@@ -174,10 +176,6 @@ def processor_files(cfg: ModelConfig, tokenizer_dir: pathlib.Path | None) -> tup
     if tokenizer_dir is None:
         del files["processor_config.json"]
         return files, {}
-    from tokenizers import AddedToken  # heavy imports, only when exporting a tokenizer
-
-    from llavaction_jax.data.tokenizer import load_qwen_tokenizer, tokenizer_files
-
     tokenizer = load_qwen_tokenizer(tokenizer_dir)
     missing = [t for t in (IMAGE_TOKEN, VIDEO_TOKEN) if t not in tokenizer.get_vocab()]
     tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)

@@ -169,7 +169,7 @@ def train_chatml_tokenizer(texts, vocab_size: int, out_dir: str | pathlib.Path) 
     pre-tokenizer and decoder are Qwen2's (read from the bundled tokenizer.json), so the files load with the same
     ids through transformers' ``Qwen2Tokenizer``, which ``AutoTokenizer`` picks beside a qwen2 ``config.json``.
     """
-    from tokenizers import Tokenizer, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, pre_tokenizers, trainers  # with transformers: heavy, only when building one
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer.from_str(json.dumps(_qwen2_text_pipeline()))
