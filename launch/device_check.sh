@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Accelerator readiness check for a lent GPU machine (its own Python and JAX, no package registry): install any
+# Accelerator readiness check for a GPU host with its own Python and JAX and no package registry: install any
 # missing pure-Python wheels carried in .whl/, print the backend and device count, then run
 # `python -m llavaction_jax.bench.device_check` under a time limit (results: BENCHMARKS.md, "Device check").
 #

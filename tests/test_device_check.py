@@ -1,5 +1,5 @@
 """bench/device_check.py: the --smoke run (every section, sane values, no data-pipeline or ml_collections import,
-as on the GPU machine), the model sizes against configs/*.py, and the guards (a failing or late section is
+as on a bare accelerator host), the model sizes against configs/*.py, and the guards (a failing or late section is
 recorded and the run goes on)."""
 
 import json
@@ -13,7 +13,7 @@ from llavaction_jax.bench import device_check as dc
 from llavaction_jax.config import preset_configs
 from llavaction_jax.sharding import resolve_execution
 
-# Not installed on the GPU machine (or not needed there): the check must run without them.
+# Not installed on a bare accelerator host (or not needed there): the check must run without them.
 BLOCKED = ("ml_collections", "grain", "array_record", "decord", "av", "transformers", "torch")
 RUN = f"""
 import sys, runpy

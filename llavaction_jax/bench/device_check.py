@@ -21,7 +21,7 @@ The check imports only JAX, optax, numpy and the model code: no data pipeline, n
 from llavaction_jax.config's tables; tests/test_device_check.py checks them against configs/*.py).
 
     python -m llavaction_jax.bench.device_check [--out FILE.json] [--markdown FILE.md] [--time-limit S] [--smoke]
-    bash launch/device_check.sh --out $OUT/device_check.json --markdown $OUT/device_check.md   # on a GPU machine
+    bash launch/device_check.sh --out $OUT/device_check.json --markdown $OUT/device_check.md   # on a GPU host
 """
 
 from __future__ import annotations

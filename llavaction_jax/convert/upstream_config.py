@@ -48,7 +48,7 @@ MODEL_KEYS = (  # LLaVA's keys; defaults are the upstream model code's when a ke
     Key("projector_type", "mm_projector_type", "linear"),
     Key("pool_mode", "mm_spatial_pool_mode", "bilinear"),
     Key("patch_merge_type", "mm_patch_merge_type", "flat"),
-    # llavaction/model/llava_arch.py:302 (prepare_inputs_labels_for_multimodal) defaults to "one_token"
+    # llavaction/model/llava_arch.py:302 @bd9f465 (prepare_inputs_labels_for_multimodal) defaults to "one_token"
     Key("newline_position", "mm_newline_position", "one_token"),
     Key("tokenizer_model_max_length", "tokenizer_model_max_length", None),
     Key("tokenizer_padding_side", "tokenizer_padding_side", "right"),
@@ -80,7 +80,7 @@ def _write(keys: tuple[Key, ...], obj) -> dict:
 
 def text_from_hf(cfg: dict) -> TextConfig:
     """Qwen2 keys; `rope_theta` may sit in transformers v5's `rope_parameters`. `rope_scaling` is ignored:
-    upstream forces it to None for llava_qwen (llavaction/model/language_model/llava_qwen.py:56)."""
+    upstream forces it to None for llava_qwen (llavaction/model/language_model/llava_qwen.py:56 @bd9f465)."""
     fields = _read(TEXT_KEYS, cfg, "Qwen2")
     if fields["num_kv_heads"] is None:
         fields["num_kv_heads"] = fields["num_heads"]

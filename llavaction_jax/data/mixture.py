@@ -1,6 +1,6 @@
 """Training data mixtures: upstream's data YAML and LLaVA conversation JSON / JSONL files -> one list of samples.
 
-Accepted ``data_path`` forms (upstream ``LazySupervisedDataset.__init__``, llavaction/train/train.py:998-1066):
+Accepted ``data_path`` forms (upstream ``LazySupervisedDataset.__init__``, llavaction/train/train.py:998-1066 @bd9f465):
 
 * ``mix.yaml``::
 

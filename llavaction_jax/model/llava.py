@@ -36,7 +36,7 @@ IGNORE_INDEX = -100  # label of positions without a target (upstream's constants
 HEAD_NAMES = ("verb", "noun", "action")
 # Heads added to a checkpoint that lacks them start as upstream's do: nn.Linear layers that transformers'
 # _init_weights draws from N(0, initializer_range), Qwen2's 0.02 (llavaction/model/language_model/llava_qwen.py:
-# LlavaQwenForCausalLM.__init__, then post_init; upstream commit bd9f465). A model initialised whole keeps LeCun
+# LlavaQwenForCausalLM.__init__, then post_init; upstream @bd9f465). A model initialised whole keeps LeCun
 # normal (params.dense), under which tiny models learn from scratch.
 HEAD_INIT_STD = 0.02
 
@@ -153,7 +153,7 @@ def keep_frames(tokens: jax.Array, num_frames: jax.Array, cfg: ModelConfig) -> t
 def splice_visual_tokens(text_embeds, input_ids, labels, attention_mask, visual, has_video, out_len: int,
                          num_action_positions: int, num_visual: jax.Array | None = None) -> Spliced:
     """Replace each sample's single -200 placeholder by its visual tokens (upstream
-    llavaction/model/llava_arch.py: prepare_inputs_labels_for_multimodal, lines 437-588).
+    llavaction/model/llava_arch.py: prepare_inputs_labels_for_multimodal, lines 437-588 @bd9f465).
 
     Padding is removed with the attention mask first (any side), the result is right-padded to `out_len` and
     truncated there. Visual positions get label -100. Positions run 0..len-1 on real tokens.
