@@ -67,6 +67,9 @@ class VisionTower:
     # (key under hf_prefix, fill): (hidden_size,) tensors HF's module has and LLaVA never applies; the HF export
     # writes them with that constant so the HF model loads without missing keys
     hf_identity_tensors: tuple[tuple[str, float], ...]
+    # regexes of its parameters (under "vision/") that are torch LayerNorm weights: upstream's Trainer excludes
+    # them, like every bias, from weight decay (train/optim.py)
+    no_weight_decay: tuple[str, ...]
     preprocessing: Preprocessing
 
 
@@ -116,6 +119,7 @@ SIGLIP = VisionTower(
     ),
     layer_key=r"encoder\.layers\.(\d+)\.",
     hf_identity_tensors=(("post_layernorm.weight", 1.0), ("post_layernorm.bias", 0.0)),
+    no_weight_decay=(r"layers/ln[12]/",),
     # upstream's SigLipImageProcessor (siglip_encoder.py): bicubic resize, x/255, mean = std = 0.5
     preprocessing=Preprocessing(resample="bicubic", rescale=1 / 255, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
 )

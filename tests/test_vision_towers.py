@@ -19,6 +19,7 @@ from llavaction_jax.data.image import preprocess_frames
 from llavaction_jax.model import llava, projector, siglip
 from llavaction_jax.model.params import ParamSpec, dense, stacked
 from llavaction_jax.model.video import layout_tokens, pool_features
+from llavaction_jax.train import optim
 from llavaction_jax.tree import flatten_paths
 from llavaction_jax.vision_towers import Preprocessing, VisionTower
 
@@ -66,6 +67,7 @@ TOY = VisionTower(
     unused_keys=((r"final_norm\.", "the toy's final norm, never applied"),),
     layer_key=r"blocks\.(\d+)\.",
     hf_identity_tensors=(("final_norm.weight", 1.0),),
+    no_weight_decay=(r"gain$",),  # as if it were a LayerNorm scale
     preprocessing=Preprocessing(resample="bilinear", rescale=1 / 255, mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3)),
 )
 
@@ -153,6 +155,15 @@ def test_the_toy_tower_in_config_json(toy):
     processor = hf_onevision.processor_configs(cfg)["preprocessor_config.json"]
     assert (processor["resample"], processor["image_mean"], processor["image_std"]) == (2, [0.4, 0.5, 0.6],
                                                                                      [0.2, 0.25, 0.3])
+
+
+def test_weight_decay_skips_each_towers_layer_norms(toy):
+    cfg, params = toy
+    siglip_params = llava.init(load_preset("tiny"), jax.random.key(0))
+    decays = {**flatten_paths(optim.decay_mask(params)), **flatten_paths(optim.decay_mask(siglip_params))}
+    assert not decays["vision/gain"] and decays["vision/stem/kernel"] and not decays["vision/stem/bias"]
+    assert not decays["vision/layers/ln1/scale"] and not decays["vision/layers/ln2/bias"]
+    assert decays["vision/layers/attn/q/kernel"] and decays["text/layers/input_norm/scale"]  # Qwen2RMSNorm is no nn.LayerNorm
 
 
 def test_the_toy_towers_preprocessing(toy):
