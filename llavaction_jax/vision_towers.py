@@ -10,14 +10,15 @@ The module (SigLIP's is `llavaction_jax/model/siglip.py`) computes the tower:
 The entry (a `VisionTower` in `TOWERS`) is everything the rest of the package knows of the tower without running
 it: the sizes of its released checkpoints by hub name (config.py's presets and defaults), the keys of its hub
 `config.json` (convert/upstream_config.py), where its tensors sit in upstream's and HF llava-onevision's state
-dicts and how each maps onto our parameters (convert/keys.py, convert/hf_onevision.py), and how frames become its
-pixels (data/image.py). `model/llava.py` runs the module the entry names.
+dicts and how each maps onto our parameters (convert/keys.py, convert/hf_onevision.py), which of its parameters
+are not weight-decayed (train/optim.py), and how frames become its pixels (data/image.py). `model/llava.py` runs
+the module the entry names. docs/architecture.md: adding a tower.
 
-A model's tower is found from `ModelConfig.vision_tower`, the name upstream's config.json gives
-(`mm_vision_tower`), as upstream's `build_vision_tower` finds it (llavaction/model/multimodal_encoder/builder.py):
-a family name, a hub name of an entry's `sizes`, else the first entry whose `claims` pattern occurs in the name
-(upstream: `"siglip" in vision_tower`). A name no entry claims (a local directory, `--vision-config` with another
-name) is read as the default tower, SigLIP, the only one LLaVA-Video and LLaVAction ship with.
+A model's tower is found from `ModelConfig.vision_tower`, the name upstream's config.json gives (`mm_vision_tower`),
+by name as upstream's `build_vision_tower` picks one (llavaction/model/multimodal_encoder/ builder.py): a family
+name, a hub name of an entry's `sizes`, else the first entry whose `claims` pattern occurs in the name (upstream:
+`"siglip" in vision_tower`). A name no entry claims (a local directory, `--vision-config` with another name) is read
+as the default tower, SigLIP, the only one LLaVA-Video and LLaVAction ship with.
 
 This module imports nothing from the package, so config.py, data/ and convert/ all read it.
 """

@@ -3,13 +3,13 @@
 Every source layout is first normalised to the upstream LLaVA-NeXT / LLaVAction key names (the state dict of
 upstream `llavaction/model/language_model/llava_qwen.py: LlavaQwenForCausalLM`); one table of templates then maps
 those onto our parameter paths: the language model's and LLaVA's rules here, the vision tower's from its registry
-entry (vision_towers.py: `VisionTower.key_rules`, under its `upstream_prefix`), so the table depends on the tower
-(`rules(tower)`; functions take `tower`, default the default tower, or a config). Each rule is written once, as an
-(upstream key template, our path template, transform) triple, and read both ways: `map_key` matches a key and fills
-in our path; `expected_keys` starts from our parameter specs (`llava.param_specs(cfg)`) and fills in the upstream
-keys, so the list of keys a checkpoint must hold is derived, never written by hand. Per-layer tensors land in
-stacked arrays (leading "layers" axis). Linear weights are [out, in] in torch and [in, out] here; the patch conv is
-[out, in, kh, kw] in torch and [kh, kw, in, out] here.
+entry (vision_towers.py: `VisionTower.key_rules`, under its `upstream_prefix`), so the table is the tower's
+(`rules(tower)`; the functions take the tower, SigLIP when none is given, or a model config). Each rule is written
+once, as an (upstream key template, our path template, transform) triple, and read both ways: `map_key` matches a
+key and fills in our path; `expected_keys` starts from our parameter specs (`llava.param_specs(cfg)`) and fills in
+the upstream keys, so the list of keys a checkpoint must hold is derived, never written by hand. Per-layer tensors
+land in stacked arrays (leading "layers" axis). Linear weights are [out, in] in torch and [in, out] here; the patch
+conv is [out, in, kh, kw] in torch and [kh, kw, in, out] here.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ _NORMALISE: list[tuple[re.Pattern, str]] = [
 
 
 def default_tower() -> VisionTower:
+    """The tower of callers that name none: the registry's default (SigLIP)."""
     return vision_towers.TOWERS[vision_towers.DEFAULT_FAMILY]
 
 
