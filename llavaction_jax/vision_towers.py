@@ -15,7 +15,7 @@ are not weight-decayed (train/optim.py), and how frames become its pixels (data/
 the module the entry names. docs/architecture.md: adding a tower.
 
 A model's tower is found from `ModelConfig.vision_tower`, the name upstream's config.json gives (`mm_vision_tower`),
-by name as upstream's `build_vision_tower` picks one (llavaction/model/multimodal_encoder/ builder.py): a family
+by name as upstream's `build_vision_tower` picks one (llavaction/model/multimodal_encoder/builder.py): a family
 name, a hub name of an entry's `sizes`, else the first entry whose `claims` pattern occurs in the name (upstream:
 `"siglip" in vision_tower`). A name no entry claims (a local directory, `--vision-config` with another name) is read
 as the default tower, SigLIP, the only one LLaVA-Video and LLaVAction ship with.
