@@ -18,6 +18,7 @@ from jax.experimental import multihost_utils
 
 from llavaction_jax import integrity
 from llavaction_jax.config import ModelConfig
+from llavaction_jax.pause_point import pause_at
 
 CONFIG_FILE = "llavaction_config.json"
 PARAMS_DIR = "params"
@@ -37,6 +38,7 @@ def save_model(path: str | pathlib.Path, cfg: ModelConfig, params: dict, extra_f
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(path / PARAMS_DIR, params)
     ckpt.wait_until_finished()
+    pause_at("model-save")  # interruption tests only (pause_point.py)
     if jax.process_index() == 0:
         cfg.save(path / CONFIG_FILE)
         for name, text in (extra_files or {}).items():

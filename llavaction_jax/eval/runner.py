@@ -41,6 +41,7 @@ from llavaction_jax.eval.generate import GenerationConfig, generate
 from llavaction_jax.eval.parsing import score_answer
 from llavaction_jax.eval.scoring import score_options
 from llavaction_jax.model import llava
+from llavaction_jax.pause_point import pause_at
 from llavaction_jax.sharding import constrain, local_rows, resolve_config, shard_batch, use_mesh
 
 RESULTS_SCHEMA = "llavaction_jax.eval_results/1"
@@ -384,6 +385,7 @@ def answer_slice(questions, todo, layout, builder, loader, steps, mesh, tokenize
                 sink.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new))
                 sink.flush()
                 os.fsync(sink.fileno())
+                pause_at("eval-step-written")  # interruption tests only (pause_point.py)
             now, done = time.perf_counter(), sum(min(b - a, (step + 1) * size) for a, b in bounds)
             if step == 0:
                 t_first, done_first = now, done
