@@ -88,9 +88,12 @@ def test_rows_stop_at_eos_and_pad_afterwards(params, batch, batched):
     free, n_free = batched
     eos, steps = GEN.eos_ids[0], GEN.max_new_tokens
     assert np.all(n_free == steps) and eos not in free  # without the relabelling, no row meets an EOS
-    row, k = next((r, k) for r in range(3) for k in range(1, steps - 1)
+    # a token that first appears in one row at a step k with tokens after it, and in no other row
+    found = next(((r, k) for r in range(3) for k in range(1, steps - 1)
                   if free[r, k] not in free[r, :k] and free[r, k] not in np.delete(free, r, axis=0)
-                  and np.any(free[r, k + 1:] != GEN.pad_id))
+                  and np.any(free[r, k + 1:] != GEN.pad_id)), None)
+    assert found is not None, free
+    row, k = found
     crafted, perm = swap_token_ids(params, eos, int(free[row, k]))
     relabelled = np.where(ids == llava.IMAGE_TOKEN_INDEX, ids, perm[np.maximum(ids, 0)])
     tokens, n = generate(crafted, CFG, GEN, jnp.asarray(relabelled), jnp.asarray(pixels), jnp.asarray(mask))
