@@ -6,7 +6,7 @@ metadata, and its methods hand that tree to the functions: `__call__` is `llava.
 `llava.lm_logits`, `compute_losses` is `losses.compute_losses`. Nothing is computed twice in two ways.
 
     model = LlavaNNX(cfg, params)        # params: llava.init(cfg, key), load_pretrained(path).params, Orbax, ...
-    out = model(input_ids, pixel_values, attention_mask, labels)        # = llava.forward(params, run_cfg, ...)
+    out = model(input_ids, pixel_values, attention_mask, labels)        # = llava.forward(params, cfg, resolved, ...)
     to_params(model)                     # the plain dict again (the converter's and Orbax's tree), same arrays
     graphdef, state = nnx.split(model)   # state: that tree of Params; nnx.to_pure_dict(state) == to_params(model)
     optimizer = nnx.Optimizer(model, optax.adamw(1e-5), wrt=nnx.Param)
@@ -26,7 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from llavaction_jax import losses, sharding
-from llavaction_jax.config import ModelConfig
+from llavaction_jax.config import ExecutionConfig, ModelConfig, ResolvedExecution
 from llavaction_jax.model import llava
 from llavaction_jax.model.params import ParamSpec, check_shapes, is_spec
 
@@ -38,45 +38,48 @@ class LlavaNNX(nnx.Module):
     """`llava`'s parameter tree as `nnx.Param`s (the top-level keys "vision", "projector", "text", ... are the
     module's attributes) and its config.
 
-    `cfg` is the model's config as given; `run_cfg` is the same config with its execution fields resolved for the
-    mesh's devices (`sharding.resolve_config`), which every method passes to the functions. With `mesh`, the
+    `cfg` is the model's config (the architecture); `resolved` is `execution` (default: `ExecutionConfig()`)
+    resolved for the mesh's devices (`sharding.resolve_execution`), which every method passes to the functions
+    with `cfg`. With `mesh`, the
     params are placed by their logical axes (`sharding.param_shardings`); without, they stay where they are.
     Eager sharding is off for these Params: their metadata names logical axes, which need the rules above.
     """
 
-    def __init__(self, cfg: ModelConfig, params: dict, mesh: Mesh | None = None):
+    def __init__(self, cfg: ModelConfig, params: dict, mesh: Mesh | None = None,
+                 execution: ExecutionConfig | None = None):
         specs = llava.param_specs(cfg)
         check_shapes(specs, params)
         if mesh is not None:
             params = jax.tree.map(jax.device_put, params, sharding.param_shardings(specs, mesh))
         self.cfg = cfg
-        self.run_cfg = sharding.resolve_config(cfg, mesh)
+        self.resolved = sharding.resolve_execution(execution or ExecutionConfig(), mesh)
         for name, subtree in params.items():
             if hasattr(type(self), name):  # a future top-level key must not shadow a method
                 raise ValueError(f"params key {name!r} is an attribute of {type(self).__name__}")
             setattr(self, name, nnx.data(jax.tree.map(_as_param, specs[name], subtree, is_leaf=is_spec)))
 
-    def _functional(self) -> tuple[dict, ModelConfig]:
-        """What every method hands to the functions: the plain parameter tree and the config they run with."""
-        return to_params(self), self.run_cfg
+    def _functional(self) -> tuple[dict, ModelConfig, ResolvedExecution]:
+        """What every method hands to the functions: the plain parameter tree, the config and the resolved
+        execution choices."""
+        return to_params(self), self.cfg, self.resolved
 
     def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None, attention_mask: jax.Array | None = None,
                  labels: jax.Array | None = None, has_video: jax.Array | None = None, out_len: int | None = None,
                  num_frames: jax.Array | None = None) -> llava.ModelOutput:
         """`llava.forward` with this module's params and config (its docstring has the arguments)."""
-        params, cfg = self._functional()
-        return llava.forward(params, cfg, input_ids, pixel_values, attention_mask, labels, has_video, out_len,
+        params, cfg, resolved = self._functional()
+        return llava.forward(params, cfg, resolved, input_ids, pixel_values, attention_mask, labels, has_video, out_len,
                              num_frames)
 
     def lm_logits(self, hidden: jax.Array, vocab_limit: int | None = None) -> jax.Array:
         """`llava.lm_logits`: fp32 next-token logits of hidden states."""
-        params, _ = self._functional()
+        params, _, _ = self._functional()
         return llava.lm_logits(params, hidden, vocab_limit)
 
     def compute_losses(self, out: llava.ModelOutput, actions: jax.Array | None = None, **kwargs) -> losses.Losses:
         """`losses.compute_losses` of a forward pass (`reduction`, `logits`, `num_samples` as there)."""
-        params, cfg = self._functional()
-        return losses.compute_losses(params, cfg, out, actions, **kwargs)
+        params, cfg, resolved = self._functional()
+        return losses.compute_losses(params, cfg, resolved, out, actions, **kwargs)
 
 
 def _as_param(spec: ParamSpec, value) -> nnx.Param:

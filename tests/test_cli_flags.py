@@ -110,7 +110,7 @@ def test_errors_are_one_line_with_exit_status_2_in_every_command(tmp_path, capsy
         "convert": (["to-torch", missing, "--out", str(tmp_path / "t")], missing),
         "build-bench": (["egoschema", "--questions", missing, "--answers", missing, "--out", str(tmp_path / "b")],
                         missing),
-        "eval-suite": (["--table-only", "--data", missing, "--out", str(user_file)], str(user_file)),
+        "eval-suite": (["--model", missing, "--data", missing, "--out", str(user_file)], missing),
     }
     assert sorted(runs) == sorted(listed_commands(capsys)), "every command of --help needs a case here"
     for command, (args, named) in runs.items():
@@ -119,6 +119,7 @@ def test_errors_are_one_line_with_exit_status_2_in_every_command(tmp_path, capsy
         assert len(err) == 1 and err[0].startswith(f"{command}: error: ") and named in err[0], (command, err)
     assert list(user_dir.iterdir()) == [user_dir / "notes.txt"]
     assert (user_dir / "notes.txt").read_text() == "a user's file"
+    assert user_file.read_text() == "a file where a folder should go"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "not_by_the_demo"]  # nothing written
 
 

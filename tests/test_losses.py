@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llavaction_jax.config import ModelConfig, TextConfig, VisionConfig
+from llavaction_jax.config import ExecutionConfig, ModelConfig, TextConfig, VisionConfig
 from llavaction_jax import losses
 from llavaction_jax.api import forward_with_losses
 from llavaction_jax.model import llava, qwen2
@@ -131,8 +131,9 @@ def random_params(cfg, seed=0, std=0.3):
                         llava.param_specs(cfg), is_leaf=is_spec)
 
 
-FORWARD = lambda params, cfg, *args: forward_with_losses(params, *args, cfg=cfg)
-ENCODE = jax.jit(llava.encode_videos, static_argnums=2)
+EX = ExecutionConfig().resolve("cpu", 1)
+FORWARD = lambda params, cfg, *args: forward_with_losses(params, *args, cfg=cfg, execution=EX)
+ENCODE = jax.jit(llava.encode_videos, static_argnums=(2, 3))
 
 
 def torch_text_model(cfg, seed=0):
@@ -140,7 +141,7 @@ def torch_text_model(cfg, seed=0):
     our layout (the converter's key table)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from llavaction_jax.convert.keys import torch_to_params
+    from llavaction_jax.convert.import_plan import torch_to_params
 
     t = cfg.text
     hf_cfg = Qwen2Config(vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
@@ -220,7 +221,7 @@ def test_forward_losses_vs_torch(supervision, training, actions):
 
     # Independent route to the hidden states at the action token(s).
     n_pos = 3 if supervision == "three_tokens" else 1
-    visual = np.asarray(ENCODE(params, pix, cfg))
+    visual = np.asarray(ENCODE(params, pix, cfg, EX))
     embeds = np.asarray(params["text"]["embed"])[np.where(ids == IMG, 0, ids)]
     out_len = out.logits.shape[1]
     assert out_len == length - 1 + cfg.tokens_per_video(2)
@@ -300,7 +301,7 @@ def test_chunked_lm_loss_equals_the_full_logits_loss(chunk, skip_empty):
 def test_training_forward_skips_the_logits_with_the_same_loss():
     from llavaction_jax.config import load_preset
 
-    cfg = load_preset("tiny").replace(loss_chunk_tokens=16)
+    cfg, execution = load_preset("tiny"), ExecutionConfig(loss_chunk_tokens=16).resolve("cpu", 1)
     params = llava.init(cfg, jax.random.key(0))
     size = cfg.vision.image_size
     pixels = jax.random.uniform(jax.random.key(1), (2, 2, 3, size, size), minval=-1, maxval=1)
@@ -311,9 +312,9 @@ def test_training_forward_skips_the_logits_with_the_same_loss():
 
     @functools.partial(jax.jit, static_argnames="with_logits")
     def run(with_logits):  # the API reads its logits; the train step computes them in chunks from hidden states
-        out = llava.forward(params, cfg, jnp.asarray(ids), pixels, labels=jnp.asarray(labels))
+        out = llava.forward(params, cfg, execution, jnp.asarray(ids), pixels, labels=jnp.asarray(labels))
         logits = llava.lm_logits(params, out.hidden) if with_logits else None
-        return losses.compute_losses(params, cfg, out, actions, logits=logits)
+        return losses.compute_losses(params, cfg, execution, out, actions, logits=logits)
 
     full, chunked = run(True), run(False)
     assert full.lm_loss > 0 and full.aux_loss > 0
@@ -346,7 +347,7 @@ def reduction_batch(seed=11, supervision="one_token", training="all_layers"):
 def ours(logits, labels, states, heads, actions, supervision, training, reduction):
     cfg = tiny_cfg(vision_supervision=supervision, vision_token_training=training)
     out = llava.ModelOutput(hidden=None, labels=jnp.asarray(labels), valid=None, action_states=jnp.asarray(states))
-    return losses.compute_losses({"heads": jax.tree.map(jnp.asarray, heads)}, cfg, out, jnp.asarray(actions),
+    return losses.compute_losses({"heads": jax.tree.map(jnp.asarray, heads)}, cfg, EX, out, jnp.asarray(actions),
                                  logits=jnp.asarray(logits), reduction=reduction)
 
 
@@ -390,7 +391,7 @@ def test_sample_reduction_with_a_global_divisor_adds_up_over_micro_batches():
     for rows in ([0, 2], [1, 3]):
         out = llava.ModelOutput(hidden=None, labels=jnp.asarray(labels[rows]), valid=None,
                                 action_states=jnp.asarray(states[:, rows]))
-        parts += float(losses.compute_losses({"heads": jax.tree.map(jnp.asarray, heads)}, cfg, out,
+        parts += float(losses.compute_losses({"heads": jax.tree.map(jnp.asarray, heads)}, cfg, EX, out,
                                              jnp.asarray(actions[rows]), logits=jnp.asarray(logits[rows]),
                                              reduction="sample", num_samples=n).loss)
     np.testing.assert_allclose(parts, float(whole.loss), rtol=1e-6)

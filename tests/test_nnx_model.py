@@ -19,13 +19,14 @@ from flax import nnx
 
 import llavaction_jax
 from llavaction_jax import losses, nnx_model, sharding
-from llavaction_jax.config import load_preset
+from llavaction_jax.config import ExecutionConfig, load_preset
 from llavaction_jax.model import llava
-from llavaction_jax.model.params import flatten_paths, is_spec, logical_axes
+from llavaction_jax.model.params import is_spec, logical_axes
+from llavaction_jax.tree import flatten_paths
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CFG = load_preset("tiny")
-RUN_CFG = sharding.resolve_config(CFG)  # what the module resolves for itself without a mesh
+RESOLVED = sharding.resolve_execution(ExecutionConfig())  # what the module resolves for itself without a mesh
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +51,8 @@ def batch():
 # The train step's loss (train/step.py: loss_fn) written with the functions and with the module, returning the
 # forward's output and logits too, so that one compilation of each checks the forward and the gradients.
 def functional_loss(params, b):
-    out = llava.forward(params, RUN_CFG, b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"])
-    loss = losses.compute_losses(params, RUN_CFG, out, b["actions"], reduction="sample").loss
+    out = llava.forward(params, CFG, RESOLVED, b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"])
+    loss = losses.compute_losses(params, CFG, RESOLVED, out, b["actions"], reduction="sample").loss
     return loss, (out, llava.lm_logits(params, out.hidden))
 
 
@@ -99,7 +100,7 @@ def test_gradients_are_the_functions_gradients(results):
 
 def test_split_merge_round_trip_the_plain_tree(params, batch):
     model = nnx_model.LlavaNNX(CFG, params)
-    assert model.run_cfg == RUN_CFG
+    assert model.resolved == RESOLVED
     assert_trees_equal(nnx_model.to_params(model), params)
     graphdef, state = nnx.split(model)
     assert_trees_equal(nnx.to_pure_dict(state), params)
@@ -111,7 +112,7 @@ def test_split_merge_round_trip_the_plain_tree(params, batch):
     other = jax.tree.map(lambda x: x * 0.5 + 0.25, params)
     nnx.replace_by_pure_dict(state, other)
     merged = nnx.merge(graphdef, state)
-    assert (merged.cfg, merged.run_cfg) == (CFG, RUN_CFG)
+    assert (merged.cfg, merged.resolved) == (CFG, RESOLVED)
     assert_trees_equal(nnx_model.to_params(merged), other)
     assert_trees_equal(nnx_model.to_params(model), params)  # the original module is untouched
     (_, (got, _)), _ = value_and_grad_nnx(merged, batch)
@@ -144,7 +145,7 @@ def test_params_shard_by_their_metadata_as_param_shardings(params):
     # built on the mesh: placed the same way, execution fields resolved for 8 CPU devices
     on_mesh = nnx_model.LlavaNNX(CFG, params, mesh)
     assert {p: x.sharding for p, x in flatten_paths(nnx_model.to_params(on_mesh)).items()} == want
-    assert on_mesh.run_cfg == sharding.resolve_config(CFG, mesh) and on_mesh.run_cfg.loop_collectives == "off"
+    assert on_mesh.resolved == sharding.resolve_execution(ExecutionConfig(), mesh) and on_mesh.resolved.loop_collectives == "off"
     assert_trees_equal(nnx_model.to_params(on_mesh), params)
 
 
@@ -179,8 +180,8 @@ def test_the_docs_fine_tuning_example_runs_as_written(params, tmp_path, monkeypa
     @jax.jit
     def optax_step(p, opt_state, input_ids, pixel_values, labels, actions):
         def loss_fn(p):
-            out = llava.forward(p, RUN_CFG, input_ids, pixel_values, labels=labels)
-            return losses.compute_losses(p, RUN_CFG, out, actions, reduction="sample").loss
+            out = llava.forward(p, CFG, RESOLVED, input_ids, pixel_values, labels=labels)
+            return losses.compute_losses(p, CFG, RESOLVED, out, actions, reduction="sample").loss
 
         loss, grads = jax.value_and_grad(loss_fn)(p)
         updates, opt_state = tx.update(grads, opt_state, p)
