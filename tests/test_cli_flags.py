@@ -3,6 +3,7 @@ with one exit status in every command."""
 
 import argparse
 import json
+import re
 
 import pytest
 
@@ -84,19 +85,42 @@ def test_old_spellings_still_run_with_one_warning_each(tmp_path, capsys):
     assert "8 frames are uniformly sampled" in json.loads(out.read_text().splitlines()[0])["prompt"]
 
 
+def listed_commands(capsys) -> list[str]:
+    """The subcommands `python -m llavaction_jax --help` lists."""
+    section = _help([], capsys).split("positional arguments:")[1].split("options:")[0]
+    return re.findall(r"^    (\S+)", section, flags=re.M)
+
+
 def test_errors_are_one_line_with_exit_status_2_in_every_command(tmp_path, capsys):
+    """A bad input of each command of --help: one line naming it, exit status 2, nothing written."""
     missing = str(tmp_path / "missing")
-    runs = {
-        "extract-frames": ["--jsonl", missing, "--video-root", str(tmp_path), "--out", str(tmp_path / "o")],
-        "build-mqa": ["--annotations", missing, "--out", str(tmp_path / "q.jsonl")],
-        "eval": ["--model", missing, "--questions", missing, "--shards", missing, "--out", str(tmp_path / "e")],
-        "train": ["--config", missing],
-        "convert": ["to-torch", missing, "--out", str(tmp_path / "t")],
+    user_dir, user_file = tmp_path / "not_by_the_demo", tmp_path / "a_file"
+    user_dir.mkdir()
+    (user_dir / "notes.txt").write_text("a user's file")
+    user_file.write_text("a file where a folder should go")
+    runs = {  # command: (arguments, the path its error must name)
+        "demo": (["--out", str(user_dir), "--steps", "1"], str(user_dir)),
+        "extract-frames": (["--jsonl", missing, "--video-root", str(tmp_path), "--out", str(tmp_path / "o")], missing),
+        "build-mqa": (["--annotations", missing, "--out", str(tmp_path / "q.jsonl")], missing),
+        "build-train": (["--annotations", missing, "--out", str(tmp_path / "bt")], missing),
+        "train": (["--config", missing], missing),
+        "eval": (["--model", missing, "--questions", missing, "--shards", missing, "--out", str(tmp_path / "e")],
+                 missing),
+        "predict": (["--model", missing, "--video", missing + ".mp4", "--question", "what?"], missing),
+        "convert": (["to-torch", missing, "--out", str(tmp_path / "t")], missing),
+        "build-bench": (["egoschema", "--questions", missing, "--answers", missing, "--out", str(tmp_path / "b")],
+                        missing),
+        "eval-suite": (["--model", missing, "--data", missing, "--out", str(user_file)], missing),
     }
-    for command, args in runs.items():
+    assert sorted(runs) == sorted(listed_commands(capsys)), "every command of --help needs a case here"
+    for command, (args, named) in runs.items():
         assert main([command, *args]) == cli.EXIT_ERROR == 2, command
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith(f"{command}: error: ") and "missing" in err[0], (command, err)
+        assert len(err) == 1 and err[0].startswith(f"{command}: error: ") and named in err[0], (command, err)
+    assert list(user_dir.iterdir()) == [user_dir / "notes.txt"]
+    assert (user_dir / "notes.txt").read_text() == "a user's file"
+    assert user_file.read_text() == "a file where a folder should go"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "not_by_the_demo"]  # nothing written
 
 
 def test_usage_errors_are_one_line_too(capsys):

@@ -82,7 +82,7 @@ def test_sigterm_writes_a_checkpoint_and_resume_finishes_the_same(data, uninterr
         lines.append(line)
         if line.startswith("step 2/6"):
             proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=300) == 0, "".join(lines)
+    assert proc.wait() == 0, "".join(lines)  # no timeout of its own: the watchdog bounds the test
     assert any("SIGTERM" in line for line in lines), "".join(lines)
     step, _ = restore_state(tmp_path)
     assert 2 <= step < 6

@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     stages.run("7. eval after training", _cli, ["eval", "--model", str(model_final), "--out", str(out / "eval_after"),
                                                  *evaluate])
     stages.run("8. export to the upstream PyTorch layout", _cli,
-               ["convert", "to-torch", str(model_final), str(out / "torch_export")])
+               ["convert", "to-torch", str(model_final), "--out", str(out / "torch_export")])
 
     before, after = accuracy(out / "eval_before"), accuracy(out / "eval_after")
     print("\n=== report")

@@ -45,6 +45,7 @@ from llavaction_jax.eval import batching, clip_failures, lmms_layout, metrics, q
 from llavaction_jax.eval.benchmarks import score as benchmark_score
 from llavaction_jax.eval.parsing import score_answer
 from llavaction_jax.model import llava
+from llavaction_jax.pause_points import pause_point
 from llavaction_jax.sharding import local_rows, resolve_execution, shard_batch, use_mesh
 
 RESULTS_SCHEMA = "llavaction_jax.eval_results/1"
@@ -356,6 +357,7 @@ def answer_slice(questions, todo, layout, builder, loader, steps, mesh, tokenize
                 sink.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new))
                 sink.flush()
                 os.fsync(sink.fileno())
+                pause_point("eval-step-written", step)  # a step's answers are on disk (tests stop here)
             now, done = time.perf_counter(), sum(min(b - a, (step + 1) * size) for a, b in bounds)
             if step == 0:
                 t_first, done_first = now, done
