@@ -79,7 +79,7 @@ def generate(params: dict, cfg: ModelConfig, gen: GenerationConfig, input_ids, p
     cache = qwen2.init_cache(cfg.text, b, s_len + gen.max_new_tokens - 1, s.embeds.dtype)
     decode = functools.partial(qwen2.forward_cached, text, cfg=cfg.text, attn_impl=cfg.attention,
                                platform=cfg.platform)
-    h, cache = decode(s.embeds, jnp.zeros((b,), jnp.int32), cache)
+    h, cache = decode(s.embeds, jnp.zeros((b,), jnp.int32), cache, prefill=True)
     last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)[:, 0]
     key, sub = jax.random.split(key)
     first = select_token(qwen2.lm_head(text, last, gen.vocab_limit), gen, sub)

@@ -90,7 +90,7 @@ def score_options(params: dict, cfg: ModelConfig, input_ids, pixel_values, atten
     cache = qwen2.init_cache(cfg.text, b, s_len + m, s.embeds.dtype)  # room for one option after the longest prompt
     decode = functools.partial(qwen2.forward_cached, text, cfg=cfg.text, attn_impl=cfg.attention,
                                platform=cfg.platform)
-    h, cache = decode(s.embeds, jnp.zeros((b,), jnp.int32), cache)
+    h, cache = decode(s.embeds, jnp.zeros((b,), jnp.int32), cache, prefill=True)
     # lm_head is always given (B, T, H): its sharding constraint names three axes.
     last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)  # (B, 1, H) predicts each option's 1st token
     first = _token_logprobs(qwen2.lm_head(text, last, vocab_limit), option_ids[:, :, 0])  # (B, K)
