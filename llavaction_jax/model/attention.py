@@ -56,15 +56,19 @@ def attention(q, k, v, *, q_pos=None, k_pos=None, k_valid=None, causal: bool = F
         q_pos, k_pos = jnp.broadcast_to(jnp.arange(t), (b, t)), jnp.broadcast_to(jnp.arange(s), (b, s))
     if impl == "auto":
         impl = auto_impl(q, k, causal, platform)
-    if impl == "xla":
-        return xla_attention(q, k, v, dense_mask(q_pos, k_pos, k_valid, causal))
-    if impl == "flash":
-        return flash_attention(q, k, v, q_pos=q_pos, k_pos=k_pos, k_valid=k_valid, causal=causal, platform=platform)
-    if impl == "cudnn":
-        return cudnn_attention(q, k, v, q_pos=q_pos, k_valid=k_valid, causal=causal, platform=platform)
-    if impl == "splash":
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {impl!r} is not available; choose one of {IMPLEMENTATIONS}")
+    # The kernel is named in the program (op metadata, profiles): bench.aot reads from the compiled text which
+    # kernel each tower's attention became. Attention over a longer KV cache (decode, option scoring) is told apart.
+    with jax.named_scope(f"{impl}_{'attention' if q.shape[1] == k.shape[1] else 'cache_attention'}"):
+        if impl == "xla":
+            return xla_attention(q, k, v, dense_mask(q_pos, k_pos, k_valid, causal))
+        if impl == "flash":
+            return flash_attention(q, k, v, q_pos=q_pos, k_pos=k_pos, k_valid=k_valid, causal=causal,
+                                   platform=platform)
+        if impl == "cudnn":
+            return cudnn_attention(q, k, v, q_pos=q_pos, k_valid=k_valid, causal=causal, platform=platform)
         return splash_attention(q, k, v, k_valid=k_valid, causal=causal, platform=platform)
-    raise ValueError(f"attention implementation {impl!r} is not available; choose one of {IMPLEMENTATIONS}")
 
 
 def auto_impl(q, k, causal: bool, platform: str = "auto") -> str:

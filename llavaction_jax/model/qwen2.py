@@ -66,6 +66,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotated * sin
 
 
+@jax.named_scope("qwen2")  # names the tower in profiles and compiled programs (bench.aot)
 def decoder_layer(p: dict, x: jax.Array, cos, sin, mask: dict, cfg: TextConfig, attn_impl: str, platform: str,
                   kv=None, write_pos=None, attend_cache: bool = True):
     """One pre-norm block; `mask` holds attention's mask arguments (q_pos, k_pos, k_valid).

@@ -1,0 +1,71 @@
+"""What a compiled program does, read from its optimized HLO text (`compiled.as_text()`).
+
+- `attention_kernels`: per tower, the attention kernel each of its attention calls became. `model.attention`
+  names every call's scope `<impl>_attention` (self-attention, T == S) or `<impl>_cache_attention` (queries over a
+  longer KV cache: decode steps, option scoring), and the towers' layers are scoped `siglip` / `qwen2`; XLA keeps
+  these names in each instruction's `op_name` metadata through fusion, remat, scans and the backward pass. A
+  hardware kernel counts only when its custom call is in the program: Mosaic (`tpu_custom_call`, splash's
+  `splash_mha_*` kernels) or cuDNN (`__cudnn$fmha*`).
+- `gpu_kernels`: library and generated kernels a GPU program calls (cuDNN attention, cuBLAS GEMMs, Triton
+  fusions), counted by custom-call target and fusion kind.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+
+TOWERS = {"siglip": "vision", "qwen2": "language"}
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_SCOPE = re.compile(r"^(xla|flash|cudnn|splash)_(attention|cache_attention)$")
+_CUSTOM_CALL = re.compile(r'custom_call_target="([^"]+)"')
+_FUSION_KIND = re.compile(r'"kind":"(__[A-Za-z0-9_$]+)"')
+HARDWARE_KERNELS = {"splash": ("tpu_custom_call",), "cudnn": ("__cudnn$fmha",)}
+
+
+def _scopes(op_name: str) -> list[str]:
+    """Name-stack components, unwrapped from transformations: "transpose(jvp(qwen2))" -> "qwen2"."""
+    out = []
+    for part in re.split(r"[/;]", op_name):
+        out.append(re.sub(r"^(?:[a-z_]+\()+|\)+$", "", part))
+    return out
+
+
+def _instructions(hlo_text: str) -> list[str]:
+    """The text split into instructions (a custom call's kernel metadata can span several lines)."""
+    return re.split(r"\n(?=\s*(?:ROOT\s+)?%)", hlo_text)
+
+
+def attention_kernels(hlo_text: str) -> dict[str, dict[str, list[str]]]:
+    """{tower: {"attention" | "cache_attention": sorted kernel names}} for every tower with attention calls.
+    A splash / cudnn scope without its hardware custom call is reported as "<impl> (no kernel call)"."""
+    found = collections.defaultdict(set)  # (tower, kind) -> impls named by scopes
+    with_call = set()  # (tower, kind, impl) whose scope holds the hardware kernel's custom call
+    for line in _instructions(hlo_text):
+        match = _OP_NAME.search(line)
+        if not match:
+            continue
+        scopes = _scopes(match.group(1))
+        towers = [TOWERS[s] for s in scopes if s in TOWERS]
+        kernels = [m.groups() for s in scopes if (m := _SCOPE.match(s))]
+        if not towers or not kernels:
+            continue
+        impl, kind = kernels[-1]
+        found[towers[-1], kind].add(impl)
+        call = _CUSTOM_CALL.search(line)
+        if call and any(call.group(1).startswith(p) for p in HARDWARE_KERNELS.get(impl, ())):
+            with_call.add((towers[-1], kind, impl))
+    out: dict[str, dict[str, list[str]]] = {}
+    for (tower, kind), impls in sorted(found.items()):
+        names = [impl if impl not in HARDWARE_KERNELS or (tower, kind, impl) in with_call else f"{impl} (no kernel call)"
+                 for impl in sorted(impls)]
+        out.setdefault(tower, {})[kind] = names
+    return out
+
+
+def gpu_kernels(hlo_text: str) -> dict[str, int]:
+    """{custom-call target or fusion kind: count}, e.g. {"__cudnn$fmhaSoftmax": 2, "__cublas$gemm": 40,
+    "__triton_gemm": 12}: the library calls and generated kernels of a compiled GPU program."""
+    counts = collections.Counter(_CUSTOM_CALL.findall(hlo_text))
+    counts.update(_FUSION_KIND.findall(hlo_text))
+    return dict(sorted(counts.items()))
