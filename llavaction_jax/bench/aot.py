@@ -147,17 +147,25 @@ def merge_kernels(found: list[dict], cfg: ModelConfig) -> dict:
     return out
 
 
+def _bytes(n: float) -> str:
+    return f"{n / GIB:.1f} GiB" if n >= GIB / 10 else f"{n / 2**20:.1f} MiB"
+
+
+def _seconds(s: float) -> str:
+    return f"{s:.2f} s" if s >= 1 else f"{s * 1e3:.2f} ms" if s >= 1e-3 else f"{s * 1e6:.1f} us"
+
+
 def describe(row: dict) -> str:
     b = row["bytes_per_chip"]
-    g = lambda n: f"{n / GIB:.1f}"
-    fit = "fits" if row["fits"] else f"DOES NOT FIT (over by {g(row['over_by_bytes'])} GiB)"
+    fit = "fits" if row["fits"] else f"DOES NOT FIT (over by {_bytes(row['over_by_bytes'])})"
     kernels = "; ".join(f"{tower} {text}" for tower, text in row["attention"].items())
     line = (f"{row['job']:5} {row['model']} on {row['topology']} ({row['chips']} x {row['chip']}), mesh "
-            f"{','.join(f'{k}={v}' for k, v in row['mesh'].items())}, remat {row['settings']['remat']}: "
-            f"{g(b['total'])} GiB per chip (arguments {g(b['arguments'])}, temporaries {g(b['temporaries'])}, outputs "
-            f"{g(b['outputs'])}, aliased {g(b['aliased'])}) of {g(row['chip_hbm_bytes'])} -> {fit}; attention "
-            f"{row['attention_requested']}: {kernels}; compile {row['compile_s']:.0f} s; {row['flops'] / 1e12:.1f} "
-            f"TFLOP (model) -> roofline >= {row['roofline_s_estimate'] * 1e3:.0f} ms (estimate)")
+            f"{','.join(f'{k}={v}' for k, v in row['mesh'].items())}"
+            f"{', remat ' + row['settings']['remat'] if row['job'] == 'train' else ''}: "
+            f"{_bytes(b['total'])} per chip (arguments {_bytes(b['arguments'])}, temporaries {_bytes(b['temporaries'])}, "
+            f"outputs {_bytes(b['outputs'])}, aliased {_bytes(b['aliased'])}) of {_bytes(row['chip_hbm_bytes'])} -> "
+            f"{fit}; attention {row['attention_requested']}: {kernels}; compile {row['compile_s']:.0f} s; "
+            f"{row['flops'] / 1e12:.3g} TFLOP (model) -> roofline >= {_seconds(row['roofline_s_estimate'])} (estimate)")
     if "gpu_kernels" in row:
         line += "; GPU kernels " + ", ".join(f"{k} x{n}" for k, n in row["gpu_kernels"].items())
     return line
