@@ -145,3 +145,27 @@ def test_cli_on_a_host_without_accelerators_keeps_libtpu_silent():
     assert run.stdout.split() == ["cpu", "cpu"], run.stderr
     assert "TPU" not in run.stderr and "libtpu" not in run.stderr
     np.testing.assert_equal(run.returncode, 0)
+
+
+def test_kernels_are_read_from_op_names_and_hardware_calls():
+    """bench.aot_hlo on instructions shaped like XLA's: scopes under transformations, fused names joined by ';',
+    a custom call whose metadata follows a multi-line attribute, and a splash scope without its Mosaic call."""
+    from llavaction_jax.bench.aot_hlo import attention_kernels, gpu_kernels
+
+    hlo = "\n".join([
+        '  %fusion.1 = bf16[2,4] fusion(%p), kind=kLoop, metadata={op_name="jit(step)/transpose(jvp(siglip))/'
+        'xla_attention/dot_general"}',
+        '  %splash_mha_fwd.3 = (f32[8,128]) custom-call(%a), custom_call_target="tpu_custom_call", '
+        'frontend_attributes={kernel_metadata={\n"xprof_metadata":"{}"\n}}, metadata={op_name="jit(step)/while/body/'
+        'qwen2/splash_attention/shard_map/vmap(static_sparsity_splash)/pallas_call"}',
+        '  ROOT %add.2 = f32[8] add(%x, %y), metadata={op_name="jit(score_step)/reshape;qwen2/xla_cache_attention/add"}',
+        '  %cp.4 = f32[8] copy(%z), metadata={op_name="jit(generate_step)/qwen2/splash_attention/copy"}',
+        '  %gemm.5 = bf16[8,8] custom-call(%u, %w), custom_call_target="__cudnn$fmhaSoftmax", '
+        'backend_config={"fusion_backend_config":{"kind":"__triton_gemm"}}, metadata={op_name="jit(f)/dot"}',
+    ])
+    assert attention_kernels(hlo) == {"language": {"attention": ["splash"], "cache_attention": ["xla"]},
+                                      "vision": {"attention": ["xla"]}}
+    assert attention_kernels(hlo.split("\n  %splash_mha_fwd.3")[0] + hlo.split('pallas_call"}')[1]) == {
+        "language": {"attention": ["splash (no kernel call)"], "cache_attention": ["xla"]},
+        "vision": {"attention": ["xla"]}}
+    assert gpu_kernels(hlo) == {"__cudnn$fmhaSoftmax": 1, "__triton_gemm": 1, "tpu_custom_call": 1}

@@ -43,6 +43,7 @@ from llavaction_jax.sharding import make_mesh, parse_mesh  # noqa: E402
 GIB = 2**30
 JOBS = ("train", "eval")
 REMAT_BY_COST = ("none", "dots", "dots_no_batch", "full")  # least recomputation first
+FSDP_ALL = {"data": 1, "fsdp": -1, "tensor": 1}
 XLA_FLOPS_CAVEAT = "XLA cost analysis, per chip; loop bodies (layers, micro-batches, decode steps) counted once"
 
 
@@ -172,22 +173,22 @@ def describe(row: dict) -> str:
 
 
 def search(args, base, label, job, topology, mesh_axes) -> list[dict]:
-    """The smallest slice of the generation (from `topology` up) where the job fits with the most frugal remat
-    policy, then on that slice the cheapest policy that still fits. Every compiled row is returned."""
+    """The smallest slice of the generation (from `topology` up) where the job fits: training with the most frugal
+    remat policy, then on that slice the cheapest policy that still fits; evaluation with the given mesh, then with
+    its params sharded (FSDP over every chip). Every compiled row is returned."""
     chip, start = aot_targets.parse_topology(topology)
     slices = [start] + [s for s in chip.slices if aot_targets.chip_count(s) > aot_targets.chip_count(start)]
+    meshes = [mesh_axes] + ([FSDP_ALL] if job == "eval" and mesh_axes != FSDP_ALL else [])
     rows = []
-    for slice_name in slices:
-        rows.append(compile_job(args, base, label, job, slice_name, mesh_axes, "full" if job == "train" else args.remat))
+
+    def attempt(slice_name, mesh, remat):
+        rows.append(compile_job(args, base, label, job, slice_name, mesh, remat))
         print(describe(rows[-1]), flush=True)
-        if rows[-1]["fits"]:
-            break
-    if job == "train" and rows[-1]["fits"]:
-        for policy in REMAT_BY_COST[:-1]:
-            rows.append(compile_job(args, base, label, job, rows[-1]["topology"], mesh_axes, policy))
-            print(describe(rows[-1]), flush=True)
-            if rows[-1]["fits"]:
-                break
+        return rows[-1]["fits"]
+
+    fit = next(((s, m) for s in slices for m in meshes if attempt(s, m, "full" if job == "train" else args.remat)), None)
+    if job == "train" and fit:
+        next((p for p in REMAT_BY_COST[:-1] if attempt(*fit, p)), None)
     return rows
 
 
