@@ -22,6 +22,7 @@ generation's slices (and, for training, the remat policies) to the smallest slic
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import pathlib
 import sys
@@ -99,8 +100,9 @@ def compile_job(args, base: ModelConfig, label: str, job: str, topology: str, me
                      "compute_dtype": cfg.compute_dtype},
         "programs": {p.pop("name"): p for p in parts},
     }
-    if chip.platform == "gpu":
-        row["gpu_kernels"] = worst["gpu_kernels"]
+    if chip.platform == "gpu":  # over the job's programs (each program's own counts are under `programs`)
+        row["gpu_kernels"] = dict(sorted(sum((collections.Counter(p["gpu_kernels"]) for p in parts),
+                                             collections.Counter()).items()))
     return row
 
 
