@@ -169,3 +169,13 @@ def test_kernels_are_read_from_op_names_and_hardware_calls():
         "language": {"attention": ["splash (no kernel call)"], "cache_attention": ["xla"]},
         "vision": {"attention": ["xla"]}}
     assert gpu_kernels(hlo) == {"__cudnn$fmhaSoftmax": 1, "__triton_gemm": 1, "tpu_custom_call": 1}
+
+
+def test_tpu_compiler_refusal_says_by_how_much():
+    from llavaction_jax.bench.aot_hlo import tpu_out_of_memory
+
+    message = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. Used "
+               "20.50G of 15.75G hbm. Exceeded hbm capacity by 4.75G.\n\nTotal hbm usage >= 20.50G:")
+    assert tpu_out_of_memory(message) == {"used": int(20.5 * 2**30), "limit": int(15.75 * 2**30),
+                                          "message": message.splitlines()[0]}
+    assert tpu_out_of_memory("INVALID_ARGUMENT: something else") is None

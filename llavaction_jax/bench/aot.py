@@ -92,8 +92,11 @@ def compile_job(args, base: ModelConfig, label: str, job: str, topology: str, me
         "mesh": dict(mesh.shape), "attention_requested": args.attention,
         "attention": merge_kernels([p.pop("attention") for p in parts], cfg),
         "bytes_per_chip": worst["bytes_per_chip"], "chip_hbm_bytes": chip.hbm_bytes,
-        "fits": worst["bytes_per_chip"]["total"] <= chip.hbm_bytes,
-        "over_by_bytes": max(0, worst["bytes_per_chip"]["total"] - chip.hbm_bytes),
+        # a TPU program over the compiler's own limit (the chip's memory less what the runtime keeps) is refused
+        "fits": all(p["bytes_per_chip"]["total"] <= p.get("compiler_limit_bytes", chip.hbm_bytes)
+                    and "compiler_message" not in p for p in parts),
+        "over_by_bytes": max(max(0, p["bytes_per_chip"]["total"] - p.get("compiler_limit_bytes", chip.hbm_bytes))
+                             for p in parts),
         "compile_s": round(sum(p["compile_s"] for p in parts), 1),
         "flops": flops, "roofline_s_estimate": flops / (len(devices) * chip.peak_bf16_flops),
         "settings": {**programs[0].facts, "remat": cfg.remat_policy, "param_dtype": cfg.param_dtype,
@@ -111,7 +114,16 @@ def compile_program(program: aot_programs.Program, mesh, chip) -> dict:
     with jax.set_mesh(mesh):
         lowered = program.jitted.lower(*program.args, **program.static)
     lower_s = time.perf_counter() - t0
-    compiled = lowered.compile()
+    try:
+        compiled = lowered.compile()
+    except Exception as error:  # the TPU compiler refuses a program that does not fit: that is a result too
+        used = aot_hlo.tpu_out_of_memory(str(error))
+        if used is None:
+            raise
+        return {"name": program.name, "attention": aot_hlo.attention_kernels(lowered.as_text(dialect="hlo")),
+                "flops": program.flops, "bytes_per_chip": {"total": used["used"]}, "compiler_limit_bytes": used["limit"],
+                "compiler_message": used["message"], "lower_s": round(lower_s, 1),
+                "compile_s": round(time.perf_counter() - t0, 1), "gpu_kernels": {}}
     compile_s = time.perf_counter() - t0
     ma = compiled.memory_analysis()
     total = ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes + ma.temp_size_in_bytes
@@ -162,11 +174,12 @@ def describe(row: dict) -> str:
     b = row["bytes_per_chip"]
     fit = "fits" if row["fits"] else f"DOES NOT FIT (over by {_bytes(row['over_by_bytes'])})"
     kernels = "; ".join(f"{tower} {text}" for tower, text in row["attention"].items())
+    parts = ", ".join(f"{k} {_bytes(b[k])}" for k in ("arguments", "temporaries", "outputs", "aliased") if k in b)
     line = (f"{row['job']:5} {row['model']} on {row['topology']} ({row['chips']} x {row['chip']}), mesh "
             f"{','.join(f'{k}={v}' for k, v in row['mesh'].items())}"
             f"{', remat ' + row['settings']['remat'] if row['job'] == 'train' else ''}: "
-            f"{_bytes(b['total'])} per chip (arguments {_bytes(b['arguments'])}, temporaries {_bytes(b['temporaries'])}, "
-            f"outputs {_bytes(b['outputs'])}, aliased {_bytes(b['aliased'])}) of {_bytes(row['chip_hbm_bytes'])} -> "
+            f"{_bytes(b['total'])} per chip ({parts or 'the TPU compiler refused it'}) of "
+            f"{_bytes(row['chip_hbm_bytes'])} -> "
             f"{fit}; attention {row['attention_requested']}: {kernels}; compile {row['compile_s']:.0f} s; "
             f"{row['flops'] / 1e12:.3g} TFLOP (model) -> roofline >= {_seconds(row['roofline_s_estimate'])} (estimate)")
     if "gpu_kernels" in row:

@@ -8,6 +8,7 @@
   `splash_mha_*` kernels) or cuDNN (`__cudnn$fmha*`).
 - `gpu_kernels`: library and generated kernels a GPU program calls (cuDNN attention, cuBLAS GEMMs, Triton
   fusions), counted by custom-call target and fusion kind.
+- `tpu_out_of_memory`: the TPU compiler refuses a program that does not fit the chip; its message says by how much.
 """
 
 from __future__ import annotations
@@ -69,3 +70,20 @@ def gpu_kernels(hlo_text: str) -> dict[str, int]:
     counts = collections.Counter(_CUSTOM_CALL.findall(hlo_text))
     counts.update(_FUSION_KIND.findall(hlo_text))
     return dict(sorted(counts.items()))
+
+
+_TPU_OOM = re.compile(r"Ran out of memory in memory space hbm\. Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm")
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def tpu_out_of_memory(message: str) -> dict | None:
+    """The TPU compiler's refusal of a program larger than the chip's memory ("Ran out of memory in memory space
+    hbm. Used 20.50G of 15.75G hbm. Exceeded hbm capacity by 4.75G. ...") -> {"used", "limit": bytes, "message":
+    its first line}; None for any other error."""
+    match = _TPU_OOM.search(message)
+    if match is None:
+        return None
+    used, used_unit, limit, limit_unit = match.groups()
+    first = next(line for line in message.splitlines() if "Ran out of memory" in line).strip()
+    return {"used": int(float(used) * _UNITS[used_unit]), "limit": int(float(limit) * _UNITS[limit_unit]),
+            "message": first}
