@@ -174,8 +174,12 @@ def test_kernels_are_read_from_op_names_and_hardware_calls():
 def test_tpu_compiler_refusal_says_by_how_much():
     from llavaction_jax.bench.aot_hlo import tpu_out_of_memory
 
-    message = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. Used "
-               "20.50G of 15.75G hbm. Exceeded hbm capacity by 4.75G.\n\nTotal hbm usage >= 20.50G:")
-    assert tpu_out_of_memory(message) == {"used": int(20.5 * 2**30), "limit": int(15.75 * 2**30),
-                                          "message": message.splitlines()[0]}
+    total = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. Used "
+             "20.50G of 15.75G hbm. Exceeded hbm capacity by 4.75G.\n\nTotal hbm usage >= 20.50G:")
+    assert tpu_out_of_memory(total) == {"used": int(20.5 * 2**30), "counts": "total", "limit": int(15.75 * 2**30),
+                                        "message": total.splitlines()[0]}
+    temps = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (22.86G) "
+             "exceeds available HBM (15.75G).")  # seen compiling the 0.5B train step for v5e:2x2
+    assert tpu_out_of_memory(temps) == {"used": int(22.86 * 2**30), "counts": "temporaries",
+                                        "limit": int(15.75 * 2**30), "message": temps}
     assert tpu_out_of_memory("INVALID_ARGUMENT: something else") is None

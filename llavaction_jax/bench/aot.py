@@ -103,6 +103,9 @@ def compile_job(args, base: ModelConfig, label: str, job: str, topology: str, me
                      "compute_dtype": cfg.compute_dtype},
         "programs": {p.pop("name"): p for p in parts},
     }
+    refused = [p for p in parts if "compiler_message" in p]
+    if refused:  # the TPU compiler's own words and figures (its limit is the chip's memory less the runtime's)
+        row.update(compiler_message=refused[0]["compiler_message"], total_is_at_least=worst.get("total_is_at_least", False))
     if chip.platform == "gpu":  # over the job's programs (each program's own counts are under `programs`)
         row["gpu_kernels"] = dict(sorted(sum((collections.Counter(p["gpu_kernels"]) for p in parts),
                                              collections.Counter()).items()))
@@ -121,7 +124,8 @@ def compile_program(program: aot_programs.Program, mesh, chip) -> dict:
         if used is None:
             raise
         return {"name": program.name, "attention": aot_hlo.attention_kernels(lowered.as_text(dialect="hlo")),
-                "flops": program.flops, "bytes_per_chip": {"total": used["used"]}, "compiler_limit_bytes": used["limit"],
+                "flops": program.flops, "bytes_per_chip": {used["counts"]: used["used"], "total": used["used"]},
+                "total_is_at_least": used["counts"] != "total", "compiler_limit_bytes": used["limit"],
                 "compiler_message": used["message"], "lower_s": round(lower_s, 1),
                 "compile_s": round(time.perf_counter() - t0, 1), "gpu_kernels": {}}
     compile_s = time.perf_counter() - t0
@@ -178,10 +182,12 @@ def describe(row: dict) -> str:
     line = (f"{row['job']:5} {row['model']} on {row['topology']} ({row['chips']} x {row['chip']}), mesh "
             f"{','.join(f'{k}={v}' for k, v in row['mesh'].items())}"
             f"{', remat ' + row['settings']['remat'] if row['job'] == 'train' else ''}: "
-            f"{_bytes(b['total'])} per chip ({parts or 'the TPU compiler refused it'}) of "
+            f"{'>= ' * bool(row.get('total_is_at_least'))}{_bytes(b['total'])} per chip ({parts}) of "
             f"{_bytes(row['chip_hbm_bytes'])} -> "
             f"{fit}; attention {row['attention_requested']}: {kernels}; compile {row['compile_s']:.0f} s; "
             f"{row['flops'] / 1e12:.3g} TFLOP (model) -> roofline >= {_seconds(row['roofline_s_estimate'])} (estimate)")
+    if row.get("compiler_message"):
+        line += f"; TPU compiler: {row['compiler_message']}"
     if "gpu_kernels" in row:
         line += "; GPU kernels " + ", ".join(f"{k} x{n}" for k, n in row["gpu_kernels"].items())
     return line

@@ -72,18 +72,25 @@ def gpu_kernels(hlo_text: str) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-_TPU_OOM = re.compile(r"Ran out of memory in memory space hbm\. Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm")
+_TPU_OOM = (  # (pattern, what the first figure counts): the TPU compiler's two ways of saying it
+    (re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm"), "total"),
+    (re.compile(r"required for HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)"),
+     "temporaries"),
+)
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
 def tpu_out_of_memory(message: str) -> dict | None:
     """The TPU compiler's refusal of a program larger than the chip's memory ("Ran out of memory in memory space
-    hbm. Used 20.50G of 15.75G hbm. Exceeded hbm capacity by 4.75G. ...") -> {"used", "limit": bytes, "message":
-    its first line}; None for any other error."""
-    match = _TPU_OOM.search(message)
-    if match is None:
-        return None
-    used, used_unit, limit, limit_unit = match.groups()
-    first = next(line for line in message.splitlines() if "Ran out of memory" in line).strip()
-    return {"used": int(float(used) * _UNITS[used_unit]), "limit": int(float(limit) * _UNITS[limit_unit]),
-            "message": first}
+    hbm. Used 20.50G of 15.75G hbm. ..." or "Ran out of memory on HBM, the total memory required for HLO
+    temporaries (22.86G) exceeds available HBM (15.75G)") -> {"used": bytes, "counts": "total" or "temporaries"
+    (then the program needs at least that), "limit": the compiler's limit in bytes, "message": its line}; None for
+    any other error."""
+    for pattern, counts in _TPU_OOM:
+        match = pattern.search(message)
+        if match:
+            used, used_unit, limit, limit_unit = match.groups()
+            line = next(line for line in message.splitlines() if match.group(0) in line).strip()
+            return {"used": int(float(used) * _UNITS[used_unit]), "counts": counts,
+                    "limit": int(float(limit) * _UNITS[limit_unit]), "message": line}
+    return None
