@@ -72,7 +72,8 @@ def test_cli_compiles_both_jobs_with_splash_and_they_fit(cli_rows):
     rows, stdout = cli_rows
     assert [r["job"] for r in rows] == ["train", "eval"] and stdout.count(" -> fits;") == 2
     for row in rows:
-        assert {"job", "model", "topology", "attention", "bytes_per_chip", "chip_hbm_bytes", "fits", "flops"} <= set(row)
+        assert {"job", "model", "topology", "attention", "bytes_per_chip", "chip_hbm_bytes", "fits",
+                "flops"} <= set(row)
         assert row["model"] == "tiny" and row["topology"] == TOPOLOGY and row["chips"] == CHIPS
         assert row["chip_hbm_bytes"] == 16 * 2**30 and row["fits"] is True
         b = row["bytes_per_chip"]
@@ -112,7 +113,8 @@ def test_cli_memory_is_the_sharded_state_and_batch(cli_rows):
                   ((e["batch"], e["frames"], 3, size, size), 4), ((e["batch"],), 4),
                   ((e["batch"], ap.EVAL_OPTIONS, ap.EVAL_OPTION_TOKENS), 4),
                   ((e["batch"], ap.EVAL_OPTIONS, ap.EVAL_OPTION_TOKENS), 1)]
-    for row, arrays, raw in ((train, train_batch, s["state_bytes"] / CHIPS), (evaluation, eval_batch, 2 * s["n_params"])):
+    for row, arrays, raw in ((train, train_batch, s["state_bytes"] / CHIPS),
+                             (evaluation, eval_batch, 2 * s["n_params"])):
         batch = sum(tpu_tiled_bytes((shape[0] // CHIPS, *shape[1:]), itemsize) for shape, itemsize in arrays)
         state = row["bytes_per_chip"]["arguments"] - batch
         assert raw <= state <= 2 * raw, (row["job"], state, raw)
@@ -158,7 +160,8 @@ def test_kernels_are_read_from_op_names_and_hardware_calls():
         '  %splash_mha_fwd.3 = (f32[8,128]) custom-call(%a), custom_call_target="tpu_custom_call", '
         'frontend_attributes={kernel_metadata={\n"xprof_metadata":"{}"\n}}, metadata={op_name="jit(step)/while/body/'
         'qwen2/splash_attention/shard_map/vmap(static_sparsity_splash)/pallas_call"}',
-        '  ROOT %add.2 = f32[8] add(%x, %y), metadata={op_name="jit(score_step)/reshape;qwen2/xla_cache_attention/add"}',
+        '  ROOT %add.2 = f32[8] add(%x, %y), metadata={op_name="jit(score_step)/reshape;qwen2/'
+        'xla_cache_attention/add"}',
         '  %cp.4 = f32[8] copy(%z), metadata={op_name="jit(generate_step)/qwen2/splash_attention/copy"}',
         '  %gemm.5 = bf16[8,8] custom-call(%u, %w), custom_call_target="__cudnn$fmhaSoftmax", '
         'backend_config={"fusion_backend_config":{"kind":"__triton_gemm"}}, metadata={op_name="jit(f)/dot"}',
@@ -183,3 +186,13 @@ def test_tpu_compiler_refusal_says_by_how_much():
     assert tpu_out_of_memory(temps) == {"used": int(22.86 * 2**30), "counts": "temporaries",
                                         "limit": int(15.75 * 2**30), "message": temps}
     assert tpu_out_of_memory("INVALID_ARGUMENT: something else") is None
+
+
+def test_gpu_topology_without_the_cuda_plugin_is_a_one_line_error():
+    chip, _ = aot_targets.parse_topology("h100:8")
+    if aot_targets.target_problem(chip) is None:
+        pytest.skip("the CUDA plugin is installed in this environment: GPU topologies compile here")
+    run = subprocess.run([sys.executable, "-m", "llavaction_jax.bench.aot", "--topology", "h100:8", "--model", "tiny"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr.count("\n") == 1 and "CUDA plugin" in run.stderr and 'pip install ".[cuda12]"' in run.stderr

@@ -37,7 +37,8 @@ import jax  # noqa: E402
 from llavaction_jax import cli_flags  # noqa: E402
 from llavaction_jax.bench import aot_hlo, aot_programs  # noqa: E402
 from llavaction_jax.bench.common import record  # noqa: E402
-from llavaction_jax.config import REMAT_POLICIES, ATTENTION_IMPLS, ModelConfig, from_config_dict, load_preset, run_config_file  # noqa: E402
+from llavaction_jax.config import (ATTENTION_IMPLS, REMAT_POLICIES, ModelConfig, from_config_dict,  # noqa: E402
+                                   load_preset, run_config_file)
 from llavaction_jax.recipes import load_recipe  # noqa: E402
 from llavaction_jax.sharding import make_mesh, parse_mesh  # noqa: E402
 
@@ -105,7 +106,8 @@ def compile_job(args, base: ModelConfig, label: str, job: str, topology: str, me
     }
     refused = [p for p in parts if "compiler_message" in p]
     if refused:  # the TPU compiler's own words and figures (its limit is the chip's memory less the runtime's)
-        row.update(compiler_message=refused[0]["compiler_message"], total_is_at_least=worst.get("total_is_at_least", False))
+        row.update(compiler_message=refused[0]["compiler_message"],
+                   total_is_at_least=worst.get("total_is_at_least", False))
     if chip.platform == "gpu":  # over the job's programs (each program's own counts are under `programs`)
         row["gpu_kernels"] = dict(sorted(sum((collections.Counter(p["gpu_kernels"]) for p in parts),
                                              collections.Counter()).items()))
@@ -157,7 +159,8 @@ def merge_kernels(found: list[dict], cfg: ModelConfig) -> dict:
         if tower == "vision":
             v = cfg.vision
             if "splash" in text and v.head_dim % 128:
-                text = text.replace("splash", f"splash (head dim {v.head_dim} zero-padded to {-(-v.head_dim // 128) * 128})")
+                lanes = -(-v.head_dim // 128) * 128
+                text = text.replace("splash", f"splash (head dim {v.head_dim} zero-padded to {lanes})")
             if "cudnn" in text and v.num_patches % 2:
                 text = text.replace("cudnn", f"cudnn ({v.num_patches} patches padded to {v.num_patches + 1})")
         if "cache_attention" in kinds:
@@ -207,7 +210,8 @@ def search(args, base, label, job, topology, mesh_axes) -> list[dict]:
         print(describe(rows[-1]), flush=True)
         return rows[-1]["fits"]
 
-    fit = next(((s, m) for s in slices for m in meshes if attempt(s, m, "full" if job == "train" else args.remat)), None)
+    frugal = "full" if job == "train" else args.remat
+    fit = next(((s, m) for s in slices for m in meshes if attempt(s, m, frugal)), None)
     if job == "train" and fit:
         next((p for p in REMAT_BY_COST[:-1] if attempt(*fit, p)), None)
     return rows
@@ -236,7 +240,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        aot_targets.parse_topology(args.topology)
+        chip, _ = aot_targets.parse_topology(args.topology)
+        problem = aot_targets.target_problem(chip)
+        if problem:
+            raise aot_targets.TargetError(problem)
         base, label = load_model(args.model)
     except ValueError as error:
         print(f"bench.aot: error: {error}", file=sys.stderr)
@@ -257,13 +264,15 @@ def main(argv=None) -> int:
             failed = True
             message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             rows.append({"job": job, "model": label, "topology": args.topology, "error": message})
-            print(f"{job:5} {label} on {args.topology}: does not compile: {type(error).__name__}: {message}", flush=True)
+            print(f"{job:5} {label} on {args.topology}: does not compile: {type(error).__name__}: {message}",
+                  flush=True)
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
     if args.record:
         command = "python -m llavaction_jax.bench.aot " + " ".join(argv if argv is not None else sys.argv[1:])
         record(f"ahead-of-time compile: {label} on {args.topology}", command,
-               [f"- {describe(r)}" if "error" not in r else f"- {r['job']}: does not compile: {r['error']}" for r in rows])
+               [f"- {describe(r)}" if "error" not in r else f"- {r['job']}: does not compile: {r['error']}"
+                for r in rows])
     return 1 if failed else 0
 
 

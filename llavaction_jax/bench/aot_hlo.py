@@ -58,8 +58,8 @@ def attention_kernels(hlo_text: str) -> dict[str, dict[str, list[str]]]:
             with_call.add((towers[-1], kind, impl))
     out: dict[str, dict[str, list[str]]] = {}
     for (tower, kind), impls in sorted(found.items()):
-        names = [impl if impl not in HARDWARE_KERNELS or (tower, kind, impl) in with_call else f"{impl} (no kernel call)"
-                 for impl in sorted(impls)]
+        names = [impl if impl not in HARDWARE_KERNELS or (tower, kind, impl) in with_call
+                 else f"{impl} (no kernel call)" for impl in sorted(impls)]
         out.setdefault(tower, {})[kind] = names
     return out
 

@@ -88,7 +88,8 @@ def train_program(cfg: ModelConfig, mesh: Mesh, frames: int, seq: int, global_ba
     state = jax.eval_shape(lambda p: init_state(p, tx), params)
     state = sharded(state, state_shardings(state, cfg, mesh))
     rows = batch_sharding(mesh)  # every batch array split over the batch axes on its leading dimension
-    b = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rows), abstract_batch(cfg, batch, text_len, frames))
+    b = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rows),
+                     abstract_batch(cfg, batch, text_len, frames))
     step = make_train_step(cfg, tx, param_groups(params, opt_cfg), micro_batches, schedules)
     jitted = jit_train_step(step, state, cfg, mesh).jitted
     n_params = sum(x.size for x in jax.tree.leaves(params))

@@ -87,11 +87,21 @@ def prepare_environment() -> None:
         os.environ.setdefault(name, value)
 
 
-def gpu_plugin_problem() -> str | None:
-    """Why GPU targets cannot be described in this environment, or None."""
-    if importlib.util.find_spec("jax_cuda12_plugin") is None and importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
+
+
+def target_problem(chip: Chip) -> str | None:
+    """Why this chip's slices cannot be described in this environment, or None."""
+    if chip.platform == "tpu" and not _installed("libtpu"):
+        return ("TPU topologies need libtpu: pip install -r requirements.txt (it pins the libtpu of jax[tpu] for "
+                "this jax; wheels for x86-64 Linux only)")
+    if chip.platform == "gpu" and not (_installed("jax_cuda12_plugin") or _installed("jax_plugins.xla_cuda12")):
         return ("GPU topologies need the CUDA plugin (several GB, not in the test requirements): "
-                "pip install \".[cuda12]\" (or \"jax[cuda12]==<the jax version>\") in a separate venv")
+                "pip install \".[cuda12]\" (or \"jax[cuda12]==<the jax version>\") in a separate venv, docs/aot.md")
     return None
 
 
@@ -100,14 +110,11 @@ def target_devices(topology: str) -> tuple[Chip, list]:
     from jax.experimental import topologies
 
     chip, name = parse_topology(topology)
-    if chip.platform == "tpu":
-        if importlib.util.find_spec("libtpu") is None:
-            raise TargetError("TPU topologies need libtpu: pip install -r requirements.txt (it pins the libtpu of "
-                              "jax[tpu] for this jax)")
-        return chip, list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
-    problem = gpu_plugin_problem()
+    problem = target_problem(chip)
     if problem:
         raise TargetError(problem)
+    if chip.platform == "tpu":
+        return chip, list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
     count = chip_count(name)
     hosts, per_host = (1, count) if count <= GPUS_PER_HOST else (count // GPUS_PER_HOST, GPUS_PER_HOST)
     config = (GPU_TARGETS_DIR / chip.target_config).read_text()
