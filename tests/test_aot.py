@@ -172,6 +172,10 @@ def test_kernels_are_read_from_op_names_and_hardware_calls():
         "language": {"attention": ["splash (no kernel call)"], "cache_attention": ["xla"]},
         "vision": {"attention": ["xla"]}}
     assert gpu_kernels(hlo) == {"__cudnn$fmhaSoftmax": 1, "__triton_gemm": 1, "tpu_custom_call": 1}
+    # lowered (unoptimized) HLO names a nested computation's calls relative to it: a call anywhere counts there
+    relative = hlo.replace("qwen2/splash_attention/shard_map/", "")
+    assert attention_kernels(relative)["language"]["attention"] == ["splash (no kernel call)"]
+    assert attention_kernels(relative, calls_in_scope=False)["language"]["attention"] == ["splash"]
 
 
 def test_tpu_compiler_refusal_says_by_how_much():

@@ -125,7 +125,8 @@ def compile_program(program: aot_programs.Program, mesh, chip) -> dict:
         used = aot_hlo.tpu_out_of_memory(str(error))
         if used is None:
             raise
-        return {"name": program.name, "attention": aot_hlo.attention_kernels(lowered.as_text(dialect="hlo")),
+        unoptimized = lowered.as_text(dialect="hlo", debug_info=True)  # kernels as far as lowering shows them
+        return {"name": program.name, "attention": aot_hlo.attention_kernels(unoptimized, calls_in_scope=False),
                 "flops": program.flops, "bytes_per_chip": {used["counts"]: used["used"], "total": used["used"]},
                 "total_is_at_least": used["counts"] != "total", "compiler_limit_bytes": used["limit"],
                 "compiler_message": used["message"], "lower_s": round(lower_s, 1),

@@ -21,7 +21,7 @@ _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _SCOPE = re.compile(r"^(xla|flash|cudnn|splash)_(attention|cache_attention)$")
 _CUSTOM_CALL = re.compile(r'custom_call_target="([^"]+)"')
 _FUSION_KIND = re.compile(r'"kind":"(__[A-Za-z0-9_$]+)"')
-HARDWARE_KERNELS = {"splash": ("tpu_custom_call",), "cudnn": ("__cudnn$fmha",)}
+HARDWARE_KERNELS = ("splash", "cudnn")  # implementations that must show their custom call
 
 
 def _scopes(op_name: str) -> list[str]:
@@ -34,15 +34,30 @@ def _scopes(op_name: str) -> list[str]:
 
 def _instructions(hlo_text: str) -> list[str]:
     """The text split into instructions (a custom call's kernel metadata can span several lines)."""
-    return re.split(r"\n(?=\s*(?:ROOT\s+)?%)", hlo_text)
+    return re.split(r"\n(?=\s*(?:ROOT\s+)?%?[\w.-]+ = )", hlo_text)  # "%name = " (optimized), "name = " (lowered)
 
 
-def attention_kernels(hlo_text: str) -> dict[str, dict[str, list[str]]]:
+def _hardware_kernel(instruction: str) -> str | None:
+    """"splash" / "cudnn" for an instruction that calls that kernel, else None."""
+    call = _CUSTOM_CALL.search(instruction)
+    if call is None:
+        return None
+    if call.group(1) == "tpu_custom_call" and "splash_mha" in instruction:
+        return "splash"
+    return "cudnn" if call.group(1).startswith("__cudnn$fmha") else None
+
+
+def attention_kernels(hlo_text: str, calls_in_scope: bool = True) -> dict[str, dict[str, list[str]]]:
     """{tower: {"attention" | "cache_attention": sorted kernel names}} for every tower with attention calls.
-    A splash / cudnn scope without its hardware custom call is reported as "<impl> (no kernel call)"."""
+    A splash / cudnn scope without its hardware custom call is reported as "<impl> (no kernel call)". The call must
+    sit in the scope in an optimized program; `calls_in_scope=False` accepts a call anywhere in the program (a
+    lowered, unoptimized program names the inside of nested computations relative to them)."""
     found = collections.defaultdict(set)  # (tower, kind) -> impls named by scopes
     with_call = set()  # (tower, kind, impl) whose scope holds the hardware kernel's custom call
+    anywhere = set()  # hardware kernels called somewhere in the program
     for line in _instructions(hlo_text):
+        hardware = _hardware_kernel(line)
+        anywhere.add(hardware)
         match = _OP_NAME.search(line)
         if not match:
             continue
@@ -53,13 +68,13 @@ def attention_kernels(hlo_text: str) -> dict[str, dict[str, list[str]]]:
             continue
         impl, kind = kernels[-1]
         found[towers[-1], kind].add(impl)
-        call = _CUSTOM_CALL.search(line)
-        if call and any(call.group(1).startswith(p) for p in HARDWARE_KERNELS.get(impl, ())):
+        if hardware == impl:
             with_call.add((towers[-1], kind, impl))
     out: dict[str, dict[str, list[str]]] = {}
     for (tower, kind), impls in sorted(found.items()):
-        names = [impl if impl not in HARDWARE_KERNELS or (tower, kind, impl) in with_call
-                 else f"{impl} (no kernel call)" for impl in sorted(impls)]
+        verified = lambda impl: (impl not in HARDWARE_KERNELS or (tower, kind, impl) in with_call
+                                 or (not calls_in_scope and impl in anywhere))
+        names = [impl if verified(impl) else f"{impl} (no kernel call)" for impl in sorted(impls)]
         out.setdefault(tower, {})[kind] = names
     return out
 
