@@ -36,15 +36,17 @@ def lowered_text(program, mesh):
 def test_tiny_programs_lower_to_splash_inside_shard_map(tpu_devices):
     """Lowering only (seconds): every splash call is a Mosaic kernel on per-device blocks inside shard_map."""
     from llavaction_jax.bench import aot_programs
-    from llavaction_jax.config import load_preset
+    from llavaction_jax.config import preset_configs
     from llavaction_jax.sharding import make_mesh
 
     mesh = make_mesh(data=1, fsdp=2, tensor=2, devices=tpu_devices)
-    base = load_preset("tiny").replace(compute_dtype="bfloat16", attention="auto")
-    train_cfg = base.replace(param_dtype="float32", remat_policy="full").resolved("tpu", CHIPS)
-    train = aot_programs.train_program(train_cfg, mesh, frames=2, seq=64, micro_batches=1)
-    eval_cfg = base.replace(param_dtype="bfloat16").resolved("tpu", CHIPS)
-    generate, score = aot_programs.eval_programs(eval_cfg, mesh, frames=2, batch=2, max_new_tokens=4)
+    cfg, execution = preset_configs("tiny")
+    execution = execution.replace(compute_dtype="bfloat16", attention="auto")
+    train_ex = execution.replace(remat_policy="full").resolve("tpu", CHIPS)
+    train = aot_programs.train_program(cfg.replace(param_dtype="float32"), train_ex, mesh, frames=2, seq=64,
+                                       micro_batches=1)
+    generate, score = aot_programs.eval_programs(cfg.replace(param_dtype="bfloat16"), execution.resolve("tpu", CHIPS),
+                                                 mesh, frames=2, batch=2, max_new_tokens=4)
     out_len = generate.static["out_len"]  # prompt + visual tokens of an eval row
     for program, kernels, lm_tokens in ((train, {"splash_mha_fwd", "splash_mha_dq", "splash_mha_dkv"}, 64),
                                         (generate, {"splash_mha_fwd"}, out_len), (score, {"splash_mha_fwd"}, out_len)):

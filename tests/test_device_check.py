@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from llavaction_jax.bench import device_check as dc
-from llavaction_jax.config import load_preset
-from llavaction_jax.sharding import resolve_config
+from llavaction_jax.config import preset_configs
+from llavaction_jax.sharding import resolve_execution
 
 # Not installed on the GPU machine (or not needed there): the check must run without them.
 BLOCKED = ("ml_collections", "grain", "array_record", "decord", "av", "transformers", "torch")
@@ -76,9 +76,9 @@ def test_smoke_prints_a_table_and_writes_markdown(smoke):
 
 @pytest.mark.parametrize("name", ["llavaction_7b", "llavaction_0_5b", "tiny"])
 def test_sizes_equal_the_config_files(name):
-    preset = load_preset(name)
-    got = dc.model_config(name, param_dtype=preset.param_dtype, compute_dtype=preset.compute_dtype)
-    assert got == resolve_config(preset)  # the entry point's resolution of the same architecture
+    preset, execution = preset_configs(name)
+    got = dc.model_config(name, param_dtype=preset.param_dtype, compute_dtype=execution.compute_dtype)
+    assert got == (preset, resolve_execution(execution))  # the entry point's resolution of the same architecture
 
 
 def test_failing_and_late_sections_are_recorded_and_the_run_goes_on(tmp_path):

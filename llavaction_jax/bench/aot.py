@@ -37,8 +37,8 @@ import jax  # noqa: E402
 from llavaction_jax import cli_flags  # noqa: E402
 from llavaction_jax.bench import aot_hlo, aot_programs  # noqa: E402
 from llavaction_jax.bench.common import record  # noqa: E402
-from llavaction_jax.config import (ATTENTION_IMPLS, REMAT_POLICIES, ModelConfig, from_config_dict,  # noqa: E402
-                                   load_preset, run_config_file)
+from llavaction_jax.config import (ATTENTION_IMPLS, REMAT_POLICIES, ExecutionConfig, ModelConfig,  # noqa: E402
+                                   ResolvedExecution, from_config_dict, preset_configs, run_config_file)
 from llavaction_jax.recipes import load_recipe  # noqa: E402
 from llavaction_jax.sharding import make_mesh, parse_mesh  # noqa: E402
 
@@ -49,20 +49,25 @@ FSDP_ALL = {"data": 1, "fsdp": -1, "tensor": 1}
 XLA_FLOPS_CAVEAT = "XLA cost analysis, per chip; loop bodies (layers, micro-batches, decode steps) counted once"
 
 
-def load_model(name: str) -> tuple[ModelConfig, str]:
-    """A preset name (configs/<name>.py) or a model config file path -> (config, label)."""
+def load_model(name: str) -> tuple[tuple[ModelConfig, ExecutionConfig], str]:
+    """A preset name (configs/<name>.py) or a model config file path -> ((model config, its execution choices),
+    label)."""
     path = pathlib.Path(name)
     if path.suffix == ".py" and path.is_file():
         return from_config_dict(run_config_file(path)), path.stem
-    return load_preset(name), name
+    return preset_configs(name), name
 
 
-def job_config(base: ModelConfig, job: str, attention: str, remat: str, platform: str, chips: int) -> ModelConfig:
-    """The recipe's numerics for a job, resolved for the target: training keeps fp32 masters (the train command's
-    master_dtype) and computes in bf16; evaluation loads bf16 params (the released checkpoints')."""
+def job_config(base: tuple[ModelConfig, ExecutionConfig], job: str, attention: str, remat: str, platform: str,
+               chips: int) -> tuple[ModelConfig, ResolvedExecution]:
+    """The recipe's numerics for a job, the execution resolved for the target: training keeps fp32 masters (the
+    train command's master_dtype) and computes in bf16; evaluation loads bf16 params (the released checkpoints')."""
+    cfg, execution = base
     fields = dict(compute_dtype="bfloat16", attention=attention)
-    fields.update(dict(param_dtype="float32", remat_policy=remat) if job == "train" else dict(param_dtype="bfloat16"))
-    return base.replace(**fields).resolved(platform, chips)
+    if job == "train":
+        fields["remat_policy"] = remat
+    cfg = cfg.replace(param_dtype="float32" if job == "train" else "bfloat16")
+    return cfg, execution.replace(**fields).resolve(platform, chips)
 
 
 def default_mesh(job: str) -> dict:
@@ -71,20 +76,21 @@ def default_mesh(job: str) -> dict:
     return parse_mesh(cli_flags.DEFAULT_MESH)
 
 
-def compile_job(args, base: ModelConfig, label: str, job: str, topology: str, mesh_axes: dict,
-                remat: str) -> dict:
+def compile_job(args, base: tuple[ModelConfig, ExecutionConfig], label: str, job: str, topology: str,
+                mesh_axes: dict, remat: str) -> dict:
     """Lower and compile one job for one slice; returns its row (see the module docstring)."""
     chip, devices = aot_targets.target_devices(topology)
     mesh = make_mesh(**mesh_axes, devices=devices)
-    cfg = job_config(base, job, args.attention, remat, chip.platform, len(devices))
+    cfg, execution = job_config(base, job, args.attention, remat, chip.platform, len(devices))
     if job == "train":
         seq = args.seq or aot_programs.length_bucket(cfg.tokens_per_video(args.num_frames) + aot_programs.TEXT_TOKENS,
                                                      cfg.tokenizer_model_max_length)
-        programs = [aot_programs.train_program(cfg, mesh, args.num_frames, seq, global_batch=args.global_batch)]
+        programs = [aot_programs.train_program(cfg, execution, mesh, args.num_frames, seq,
+                                               global_batch=args.global_batch)]
     else:
         ways = mesh.shape["data"] * mesh.shape["fsdp"]
         batch = -(-args.eval_batch // ways) * ways  # the smallest multiple of the batch axes that holds it
-        programs = aot_programs.eval_programs(cfg, mesh, args.num_frames, batch, args.max_new_tokens)
+        programs = aot_programs.eval_programs(cfg, execution, mesh, args.num_frames, batch, args.max_new_tokens)
     parts = [compile_program(p, mesh, chip) for p in programs]
     worst = max(parts, key=lambda p: p["bytes_per_chip"]["total"])
     flops = sum(p["flops"] for p in parts)
@@ -100,8 +106,8 @@ def compile_job(args, base: ModelConfig, label: str, job: str, topology: str, me
                              for p in parts),
         "compile_s": round(sum(p["compile_s"] for p in parts), 1),
         "flops": flops, "roofline_s_estimate": flops / (len(devices) * chip.peak_bf16_flops),
-        "settings": {**programs[0].facts, "remat": cfg.remat_policy, "param_dtype": cfg.param_dtype,
-                     "compute_dtype": cfg.compute_dtype},
+        "settings": {**programs[0].facts, "remat": execution.remat_policy, "param_dtype": cfg.param_dtype,
+                     "compute_dtype": execution.compute_dtype},
         "programs": {p.pop("name"): p for p in parts},
     }
     refused = [p for p in parts if "compiler_message" in p]
@@ -225,7 +231,8 @@ def main(argv=None) -> int:
     parser.add_argument("--job", choices=JOBS + ("all",), default="all")
     parser.add_argument("--mesh", type=cli_flags.mesh_shape, default=None, metavar="data=D,fsdp=F,tensor=T",
                         help="mesh over the slice's chips (default: train configs/train.py's, eval the eval command's)")
-    parser.add_argument("--attention", choices=ATTENTION_IMPLS, default="auto", help="the model's attention setting")
+    parser.add_argument("--attention", choices=ATTENTION_IMPLS, default="auto",
+                        help="the attention setting (ExecutionConfig.attention)")
     parser.add_argument("--remat", choices=REMAT_POLICIES, default="full", help="train: remat policy")
     cli_flags.add_num_frames(parser, "frames per clip", default=64)
     parser.add_argument("--seq", type=int, default=0,

@@ -1,11 +1,12 @@
 """The project's jobs as programs to compile ahead of time: jitted functions + abstract, sharded arguments.
 
 No parameter is ever materialised: the state and batches are `jax.ShapeDtypeStruct`s carrying their shardings on
-the mesh, built from the same functions the real runs use (`train.step` for the fine-tuning step,
-`eval.runner.generate_step` / `score_step` for evaluation), so what compiles here is what a run would compile.
+the mesh, built from the same functions the real runs use (`train.step` for the fine-tuning step, `api.generate_step`
+/ `score_step`, which `eval.runner` jits, for evaluation), so what compiles here is what a run would compile. Each
+takes a `ModelConfig` and the `ResolvedExecution` of the target (its platform and chip count), as the runs do.
 
 - `train_program`: the fine-tuning step of the paper's recipe (configs/train.py; llavaction/train/llava_trainer.py:
-  LLaVATrainer.create_optimizer): fp32 master params, the config's compute dtype and remat policy, AdamW over all
+  LLaVATrainer.create_optimizer): fp32 master params, the execution's compute dtype and remat policy, AdamW over all
   three parts, a global batch of samples of `frames` frames padded to `seq` tokens, accumulated in micro-batches of
   one sample per data-parallel device (`lax.scan`).
 - `eval_programs`: the batched EK100-MQA evaluation (`python -m llavaction_jax eval --mode both`): bf16 params,
@@ -20,10 +21,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from llavaction_jax.config import ModelConfig
-from llavaction_jax.eval import runner
-from llavaction_jax.eval.generate import GenerationConfig
+from llavaction_jax import api
+from llavaction_jax.config import ModelConfig, ResolvedExecution, require_resolved
 from llavaction_jax.model import llava
+from llavaction_jax.model.decode import GenerationConfig
 from llavaction_jax.model.params import abstract_params
 from llavaction_jax.sharding import batch_sharding, batch_ways, param_shardings
 from llavaction_jax.train.metrics import train_flops
@@ -68,11 +69,13 @@ def abstract_batch(cfg: ModelConfig, batch: int, text_len: int, frames: int) -> 
     return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in shapes.items()}
 
 
-def train_program(cfg: ModelConfig, mesh: Mesh, frames: int, seq: int, global_batch: int | None = None,
-                  micro_batches: int | None = None) -> Program:
-    """The fine-tuning step on `mesh` for `cfg` (resolved for the mesh's platform; its param_dtype is ignored:
-    masters are fp32). Give `global_batch` (micro-batches of one sample per data-parallel device) or
-    `micro_batches` (global batch = that many x the data-parallel devices)."""
+def train_program(cfg: ModelConfig, execution: ResolvedExecution, mesh: Mesh, frames: int, seq: int,
+                  global_batch: int | None = None, micro_batches: int | None = None) -> Program:
+    """The fine-tuning step on `mesh` for `cfg` (its param_dtype is ignored: masters are fp32, the train command's
+    master_dtype) computed as `execution` says (resolved for the mesh's platform and size). Give `global_batch`
+    (micro-batches of one sample per data-parallel device) or `micro_batches` (global batch = that many x the
+    data-parallel devices)."""
+    execution = require_resolved(execution, "aot_programs.train_program")
     dp = batch_ways(mesh)
     if micro_batches is None:
         micro_batches = max(1, -(-(global_batch or dp) // dp))
@@ -90,17 +93,20 @@ def train_program(cfg: ModelConfig, mesh: Mesh, frames: int, seq: int, global_ba
     rows = batch_sharding(mesh)  # every batch array split over the batch axes on its leading dimension
     b = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rows),
                      abstract_batch(cfg, batch, text_len, frames))
-    step = make_train_step(cfg, tx, param_groups(params, opt_cfg), micro_batches, schedules)
+    step = make_train_step(cfg, execution, tx, param_groups(params, opt_cfg), micro_batches, schedules)
     jitted = jit_train_step(step, state, cfg, mesh).jitted
     n_params = sum(x.size for x in jax.tree.leaves(params))
     state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
     facts = dict(global_batch=batch, micro_batches=micro_batches, seq=seq, text_len=text_len, visual=visual,
-                 frames=frames, n_params=n_params, state_bytes=state_bytes, remat=cfg.remat_policy)
+                 frames=frames, n_params=n_params, state_bytes=state_bytes, remat=execution.remat_policy)
     return Program("train_step", jitted, (state, b), {}, batch * train_flops(cfg, text_len, frames), facts)
 
 
-def eval_programs(cfg: ModelConfig, mesh: Mesh, frames: int, batch: int, max_new_tokens: int) -> list[Program]:
-    """The eval command's generate and score steps for `batch` questions of `frames` frames (cfg resolved)."""
+def eval_programs(cfg: ModelConfig, execution: ResolvedExecution, mesh: Mesh, frames: int, batch: int,
+                  max_new_tokens: int) -> list[Program]:
+    """The eval command's generate and score steps for `batch` questions of `frames` frames (`execution` resolved
+    for the mesh, as eval.runner.make_steps resolves it)."""
+    execution = require_resolved(execution, "aot_programs.eval_programs")
     params = abstract_params(llava.param_specs(cfg), jnp.dtype(cfg.param_dtype))
     params = sharded(params, param_shardings(llava.param_specs(cfg), mesh))
     s = cfg.vision.image_size
@@ -120,12 +126,12 @@ def eval_programs(cfg: ModelConfig, mesh: Mesh, frames: int, batch: int, max_new
     facts = dict(batch=batch, prompt_tokens=EVAL_PROMPT_TOKENS, visual=n_vis, frames=frames, out_len=out_len,
                  max_new_tokens=max_new_tokens, options=EVAL_OPTIONS, option_tokens=EVAL_OPTION_TOKENS)
     return [
-        Program("generate", runner.generate_step, (params, {k: arrays[k] for k in generate_keys}),
-                dict(cfg=cfg, gen=gen, out_len=out_len),
+        Program("generate", api.generate_step, (params, {k: arrays[k] for k in generate_keys}),
+                dict(cfg=cfg, execution=execution, gen=gen, out_len=out_len),
                 batch * (prefill + EVAL_ANSWER_TOKENS * decode_token_flops(cfg, context)),
                 {**facts, "answer_tokens_counted": EVAL_ANSWER_TOKENS}),
-        Program("score", runner.score_step, (params, arrays),
-                dict(cfg=cfg, out_len=out_len, vocab_limit=None, options_per_pass=None),
+        Program("score", api.score_step, (params, arrays),
+                dict(cfg=cfg, execution=execution, out_len=out_len, vocab_limit=None, options_per_pass=None),
                 batch * (prefill + EVAL_OPTIONS * EVAL_OPTION_TOKENS * decode_token_flops(cfg, out_len)), facts),
     ]
 

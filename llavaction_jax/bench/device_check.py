@@ -43,19 +43,19 @@ import numpy as np
 
 from llavaction_jax.bench.common import median
 from llavaction_jax.bench.device_report import format_table, markdown_block
-from llavaction_jax.config import ModelConfig, TextConfig, VisionConfig, text_size, vision_size
-from llavaction_jax.eval.generate import GenerationConfig, generate
-from llavaction_jax.eval.scoring import score_options
+from llavaction_jax.config import (ExecutionConfig, ModelConfig, ResolvedExecution, TextConfig, VisionConfig, text_size,
+                                   vision_size)
 from llavaction_jax.model import attention, llava
+from llavaction_jax.model.decode import GenerationConfig, generate, score_options
 from llavaction_jax.model.params import abstract_params
-from llavaction_jax.sharding import platform_of, resolve_config
+from llavaction_jax.sharding import platform_of, resolve_execution
 from llavaction_jax.train.metrics import train_flops
 from llavaction_jax.train.optim import OptimizerConfig, make_optimizer, param_groups
 from llavaction_jax.train.step import init_state, make_train_step
 
 EK100_QUESTIONS = 9668  # EPIC-KITCHENS-100 validation segments = EK100-MQA questions
 # The real EK100-MQA prompt: ChatML system + user turn with <image>, the 64-frame time instruction and five lettered
-# options, then "<|im_start|>assistant\n" = 127 tokens with the Qwen2 tokenizer (data/prompts.py, data/chat.py).
+# options, then "<|im_start|>assistant\n" = 127 tokens with the Qwen2 tokenizer (ek100/prompts.py, data/chat.py).
 PROMPT_TOKENS, NUM_OPTIONS, OPTION_TOKENS, ANSWER_TOKENS = 127, 5, 8, 8
 GIB = 2**30
 
@@ -93,12 +93,13 @@ PRESETS = {  # configs/<name>.py without ml_collections (tests/test_device_check
 }
 
 
-def model_config(name: str, **execution) -> ModelConfig:
-    """The preset's architecture (LLaVAction layout: grid newlines, one action token, three heads) + execution,
-    resolved for this machine's devices as every entry point does."""
+def model_config(name: str, param_dtype: str = "float32", **execution) -> tuple[ModelConfig, ResolvedExecution]:
+    """The preset's architecture (LLaVAction layout: grid newlines, one action token, three heads) and execution
+    choices resolved for this machine's devices, as every entry point does."""
     p = dict(PRESETS[name])
-    cfg = ModelConfig(vision=VisionConfig(**p.pop("vision")), text=TextConfig(**p.pop("text")), **p, **execution)
-    return resolve_config(cfg)
+    cfg = ModelConfig(vision=VisionConfig(**p.pop("vision")), text=TextConfig(**p.pop("text")), **p,
+                      param_dtype=param_dtype)
+    return cfg, resolve_execution(ExecutionConfig(**execution))
 
 
 # ============================================================================================ model entry points
@@ -121,21 +122,21 @@ def count_params(cfg: ModelConfig) -> int:
     return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract_params(llava.param_specs(cfg))))
 
 
-def generate_fn(cfg: ModelConfig, new_tokens: int):
+def generate_fn(cfg: ModelConfig, execution: ResolvedExecution, new_tokens: int):
     gen = GenerationConfig(max_new_tokens=new_tokens, eos_ids=(-1,), pad_id=0)  # never stops early: 8 real steps
-    return lambda params, ids, pixels, mask: generate(params, cfg, gen, ids, pixels, mask)[0]
+    return lambda params, ids, pixels, mask: generate(params, cfg, execution, gen, ids, pixels, mask)[0]
 
 
-def score_fn(cfg: ModelConfig):
+def score_fn(cfg: ModelConfig, execution: ResolvedExecution):
     return lambda params, ids, pixels, mask, opt_ids, opt_mask: score_options(
-        params, cfg, ids, pixels, mask, opt_ids, opt_mask, options_per_pass=1)["logprob_sum"]
+        params, cfg, execution, ids, pixels, mask, opt_ids, opt_mask, options_per_pass=1)["logprob_sum"]
 
 
-def train_step_fn(cfg: ModelConfig, params):
+def train_step_fn(cfg: ModelConfig, execution: ResolvedExecution, params):
     """(jitted step with the state donated, initial state)."""
     opt_cfg = OptimizerConfig()  # AdamW over all parts, as upstream
     tx, schedules = make_optimizer(params, opt_cfg)
-    step = make_train_step(cfg, tx, param_groups(params, opt_cfg), 1, schedules)
+    step = make_train_step(cfg, execution, tx, param_groups(params, opt_cfg), 1, schedules)
     return jax.jit(step, donate_argnums=0), jax.jit(lambda p: init_state(p, tx))(params)
 # ===============================================================================================================
 
@@ -286,15 +287,15 @@ def forward_flops(cfg: ModelConfig, sizes: Sizes) -> float:
 
 def big_inference_model(sizes: Sizes, state: dict):
     if "big_params" not in state:
-        cfg = model_config(sizes.big, param_dtype="bfloat16", compute_dtype="bfloat16")
-        state["big_params"] = (cfg, init_params(cfg))
+        cfg, execution = model_config(sizes.big, param_dtype="bfloat16", compute_dtype="bfloat16")
+        state["big_params"] = (cfg, execution, init_params(cfg))
     return state["big_params"]
 
 
 def check_forward(sizes: Sizes, ctx: Section, state: dict) -> dict:
-    cfg, params = big_inference_model(sizes, state)
+    cfg, execution, params = big_inference_model(sizes, state)
     b = video_batch(cfg, 1, sizes)
-    timed = compile_and_time(generate_fn(cfg, 1), (params, b["ids"], b["pixels"], b["mask"]), sizes.repeats)
+    timed = compile_and_time(generate_fn(cfg, execution, 1), (params, b["ids"], b["pixels"], b["mask"]), sizes.repeats)
     flops = forward_flops(cfg, sizes)
     seq = sizes.prompt - 1 + cfg.tokens_per_video(sizes.frames)
     return {"model": sizes.big, "frames": sizes.frames, "tokens": seq, "prefill_s": timed["seconds"],
@@ -303,7 +304,7 @@ def check_forward(sizes: Sizes, ctx: Section, state: dict) -> dict:
 
 
 def check_eval(sizes: Sizes, ctx: Section, state: dict) -> dict:
-    cfg, params = big_inference_model(sizes, state)
+    cfg, execution, params = big_inference_model(sizes, state)
     cases = []
     out = {"model": sizes.big, "frames": sizes.frames, "options": NUM_OPTIONS, "answer_tokens": ANSWER_TOKENS,
            "questions": EK100_QUESTIONS, "cases": cases}
@@ -317,10 +318,10 @@ def check_eval(sizes: Sizes, ctx: Section, state: dict) -> dict:
                 continue
             try:
                 if mode == "score":
-                    timed = compile_and_time(score_fn(cfg), (params, b["ids"], b["pixels"], b["mask"], b["opt_ids"],
+                    timed = compile_and_time(score_fn(cfg, execution), (params, b["ids"], b["pixels"], b["mask"], b["opt_ids"],
                                                              b["opt_mask"]), sizes.repeats)
                 else:
-                    timed = compile_and_time(generate_fn(cfg, ANSWER_TOKENS), (params, b["ids"], b["pixels"], b["mask"]),
+                    timed = compile_and_time(generate_fn(cfg, execution, ANSWER_TOKENS), (params, b["ids"], b["pixels"], b["mask"]),
                                              sizes.repeats)
                 qps = batch / timed["seconds"]
                 case.update(status="ok", seconds=timed["seconds"], compile_s=timed["compile_s"], questions_per_s=qps,
@@ -337,7 +338,7 @@ def check_eval(sizes: Sizes, ctx: Section, state: dict) -> dict:
 def check_train(section: str, name: str, sizes: Sizes, ctx: Section, state: dict, remat: str) -> dict:
     state.pop("big_params", None)
     gc.collect()
-    cfg = model_config(name, param_dtype="float32", compute_dtype="bfloat16", remat_policy=remat)
+    cfg, execution = model_config(name, param_dtype="float32", compute_dtype="bfloat16", remat_policy=remat)
     n_params = count_params(cfg)
     need = 16 * n_params  # fp32 params + grads + AdamW mu and nu, before any activation
     limit = sizes.assumed_memory.get(section, memory_limit())
@@ -350,7 +351,7 @@ def check_train(section: str, name: str, sizes: Sizes, ctx: Section, state: dict
     b = video_batch(cfg, 1, sizes)
     batch = {"input_ids": b["ids"], "attention_mask": b["mask"], "labels": b["labels"], "pixel_values": b["pixels"],
              "actions": np.zeros((1, 3), np.int32), "has_video": np.ones((1,), bool)}
-    step, train_state = train_step_fn(cfg, init_params(cfg))
+    step, train_state = train_step_fn(cfg, execution, init_params(cfg))
     t0 = time.perf_counter()
     compiled = step.lower(train_state, batch).compile()
     out.update(compile_s=time.perf_counter() - t0, compiled_bytes=compiled_bytes(compiled))

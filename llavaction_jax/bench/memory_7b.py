@@ -46,7 +46,7 @@ import jax  # noqa: E402
 from llavaction_jax import cli_flags  # noqa: E402
 from llavaction_jax.bench.aot_programs import train_program  # noqa: E402
 from llavaction_jax.bench.common import record  # noqa: E402
-from llavaction_jax.config import load_preset  # noqa: E402
+from llavaction_jax.config import ResolvedExecution, load_preset  # noqa: E402
 from llavaction_jax.sharding import make_mesh  # noqa: E402
 
 MESHES = {"fsdp8": dict(data=1, fsdp=8, tensor=1), "fsdp4_tp2": dict(data=1, fsdp=4, tensor=2)}
@@ -58,11 +58,11 @@ def compile_step(policy: str, mesh_name: str, frames: int, seq: int, micro_batch
     """AOT-compile the 7B step; returns (facts dict, compiled)."""
     # Compiled for accelerator-like use, never run: the execution fields are set as a GPU run resolves them
     # (chunked loss, sharded work inside loops, every frame at once), not as this CPU would.
-    cfg = load_preset("llavaction_7b", {"param_dtype": "float32", "compute_dtype": "bfloat16", "attention": "flash",
-                                         "remat_policy": policy, "vision_frames_per_step": -1,
-                                         "loop_collectives": "on", "platform": "gpu"})
+    cfg = load_preset("llavaction_7b", {"param_dtype": "float32"})
+    execution = ResolvedExecution(compute_dtype="bfloat16", attention="flash", remat_policy=policy,
+                                  vision_frames_per_step=-1, loop_collectives="on", platform="gpu")
     mesh = make_mesh(**MESHES[mesh_name])
-    program = train_program(cfg, mesh, frames, seq, micro_batches=micro_batches)  # what bench.aot compiles
+    program = train_program(cfg, execution, mesh, frames, seq, micro_batches=micro_batches)  # what bench.aot compiles
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
         lowered = program.jitted.lower(*program.args)
