@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from llavaction_jax.config import preset_configs
-from llavaction_jax.model import decode, llava
+from llavaction_jax.model import decode, llava, qwen2
 from llavaction_jax.model.decode import GenerationConfig, select_token
 from llavaction_jax.sharding import resolve_execution
 
@@ -48,6 +48,24 @@ def test_cached_decoding_equals_recomputing_the_full_forward(params):
     ref = greedy_by_recompute(params, ids, pixels, GEN.max_new_tokens)
     assert list(np.asarray(tokens[0, : len(ref)])) == ref
     assert int(n[0]) == len(ref)
+
+
+@pytest.mark.parametrize("impl", ["xla", "flash"])
+def test_prefill_over_its_own_keys_equals_attending_the_whole_cache(params, impl):
+    """prefill=True (T == S self-attention, what cuDNN and splash take) writes the same cache and gives the same
+    hidden states as attending over the empty cache (S = T + room for new tokens)."""
+    x = jax.random.normal(jax.random.key(2), (2, 12, CFG.text.hidden_size))
+    cache = qwen2.init_cache(CFG.text, 2, 20)
+
+    def run(prefill):
+        return jax.jit(qwen2.forward_cached, static_argnames=("cfg", "attn_impl", "prefill"))(
+            params["text"], x, jnp.zeros((2,), jnp.int32), cache, cfg=CFG.text, attn_impl=impl, prefill=prefill)
+
+    (h_own, cache_own), (h_all, cache_all) = run(True), run(False)
+    np.testing.assert_allclose(h_own, h_all, atol=1e-5, rtol=1e-5)
+    for own, full in ((cache_own.k, cache_all.k), (cache_own.v, cache_all.v)):
+        np.testing.assert_allclose(own, full, atol=1e-6)
+    assert float(jnp.abs(cache_own.k[:, :, :12]).max()) > 0 and float(jnp.abs(cache_own.k[:, :, 12:]).max()) == 0
 
 
 @pytest.fixture(scope="module")

@@ -134,6 +134,7 @@ def test_a_fresh_venv_with_the_wheel_runs_the_console_script(wheel, tmp_path):
         metadata = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode()
         names = z.namelist()
     assert "llavaction_jax/configs/train.py" in names and "llavaction_jax/configs/tiny.py" in names
+    assert "llavaction_jax/bench/gpu_targets/h100_sxm.txtpb" in names  # bench.aot's GPU descriptions
     declared = [Requirement(line.split(":", 1)[1].strip()) for line in metadata.splitlines()
                 if line.startswith("Requires-Dist:")]
     for req in declared:  # this environment, which the new venv borrows, satisfies what the wheel declares
