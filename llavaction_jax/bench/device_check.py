@@ -165,9 +165,13 @@ def run_checks(sizes: Sizes, budget: float, write, sections=ORDER, attention: st
                     write(results)
                     continue
                 if worker is None:
-                    worker, workers = Worker(sizes.name, attention, remat, pathlib.Path(events_dir), workers), workers + 1
+                    worker = Worker(sizes.name, attention, remat, pathlib.Path(events_dir), workers)
+                    workers += 1
                 t0 = time.monotonic()
-                worker.send({"section": name, "seconds": limit, **peaks})
+                try:
+                    worker.send({"section": name, "seconds": limit, **peaks})
+                except OSError:  # the worker died starting up: wait_for_section reports it crashed
+                    pass
                 status = wait_for_section(worker, name, out, t0 + limit, results, write, say)
                 out["section_s"] = time.monotonic() - t0
                 if status in ("timeout", "crashed"):

@@ -40,8 +40,7 @@ def case_facts(c: dict) -> str:
     if "prefill_s" in c:
         parts.append(f"prefill {c['prefill_s']:.3f} s")
     if "questions_per_s" in c:
-        parts.append(f"{c['questions_per_s']:.2f} questions/s, all {_fmt(c.get('questions'), 'd')} in "
-                     f"{c['projected_s'] / 60:.1f} min" if c.get("questions") else f"{c['questions_per_s']:.2f} questions/s")
+        parts.append(f"{c['questions_per_s']:.2f} questions/s, all of EK100-MQA in {c['projected_s'] / 60:.1f} min")
     if "step_s" in c:
         parts.append(f"{c['step_s']:.3f} s/step, {c['tokens_per_s']:,.0f} tokens/s, loss {c['loss']:.3f}")
     if "max_diff" in c:
@@ -53,8 +52,8 @@ def case_facts(c: dict) -> str:
         parts.append(f"compile {c['compile_s']:.0f} s, {c['calls']} call(s)")
     if c.get("compiled_bytes") is not None:
         parts.append(f"compiled {_gib(c['compiled_bytes'])}")
-    if c.get("peak_bytes") is not None:
-        parts.append(f"peak {_gib(c['peak_bytes'])}")
+    if c.get("peak_bytes") is not None:  # the worker's peak so far: earlier sections in it count too
+        parts.append(f"worker peak {_gib(c['peak_bytes'])}")
     return ", ".join(parts)
 
 

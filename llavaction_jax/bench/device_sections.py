@@ -231,8 +231,8 @@ def check_forward(sec: Section) -> None:
     sec.facts({"model": sizes.big, "frames": sizes.frames, "tokens": spliced_length(cfg, sizes)})
 
     def measure(impl):
-        timed = compile_and_time(generate_fn(cfg.replace(attention=impl), 1), (params, b["ids"], b["pixels"], b["mask"]),
-                                 sizes.repeats)
+        args = (params, b["ids"], b["pixels"], b["mask"])
+        timed = compile_and_time(generate_fn(cfg.replace(attention=impl), 1), args, sizes.repeats)
         return {**timed, "prefill_s": timed["seconds"], "peak_bytes": memory_stat("peak_bytes_in_use"),
                 **sec.mfu(flops, timed["seconds"])}
 
@@ -242,7 +242,8 @@ def check_forward(sec: Section) -> None:
 def check_eval(sec: Section) -> None:
     sizes = sec.sizes
     cfg, params = big_inference_model(sec)
-    sec.facts({"model": sizes.big, "frames": sizes.frames, "answer_tokens": ANSWER_TOKENS, "questions": EK100_QUESTIONS})
+    sec.facts({"model": sizes.big, "frames": sizes.frames, "answer_tokens": ANSWER_TOKENS,
+               "questions": EK100_QUESTIONS})
     for batch in sizes.eval_batches:
         b = sec.put(video_batch(cfg, batch, sizes))
 
@@ -280,8 +281,8 @@ def check_train(sec: Section, name: str) -> None:
             f"fp32 params + grads + AdamW moments need {need / GIB:.3g} GiB, the device holds {limit / GIB:.3g} GiB")})
         sec.emit({"kind": "case", "case": case})
         return
-    batch = sec.put({"input_ids": b["ids"], "attention_mask": b["mask"], "labels": b["labels"],
-                     "pixel_values": b["pixels"], "actions": np.zeros((1, 3), np.int32), "has_video": np.ones((1,), bool)})
+    batch = sec.put({"input_ids": b["ids"], "attention_mask": b["mask"], "labels": b["labels"], "pixel_values": b["pixels"],
+                     "actions": np.zeros((1, 3), np.int32), "has_video": np.ones((1,), bool)})
 
     def measure(impl):
         step, state = train_step_fn(cfg.replace(attention=impl), init_params(cfg))
@@ -296,9 +297,9 @@ def check_train(sec: Section, name: str) -> None:
 
         timed = timed_calls(call, sizes.repeats)
         del box["state"]
-        return {**timed, "compile_s": compile_s, "compiled_bytes": compiled_bytes(compiled), "step_s": timed["seconds"],
-                "loss": box["loss"], "tokens_per_s": seq / timed["seconds"], "peak_bytes": memory_stat("peak_bytes_in_use"),
-                **sec.mfu(flops, timed["seconds"])}
+        return {**timed, "compile_s": compile_s, "compiled_bytes": compiled_bytes(compiled),
+                "step_s": timed["seconds"], "loss": box["loss"], "tokens_per_s": seq / timed["seconds"],
+                "peak_bytes": memory_stat("peak_bytes_in_use"), **sec.mfu(flops, timed["seconds"])}
 
     sec.case("step", measure, sizes.case_expected.get(f"{sec.name}/step", 0.0))
 
