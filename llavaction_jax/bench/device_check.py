@@ -15,7 +15,8 @@ with the reason, so the valuable ones always run):
 
 How it keeps to its budget: the sections run one after another in a worker process (bench/device_sections.py);
 each has an expected time (compile + run, `Sizes.expected`). A section is started only when its expected time fits
-in what is left of the budget, and it gets a deadline of `ALLOWANCE` x that (at most what is left): a section
+in what is left of the budget, and it gets a deadline of `ALLOWANCE` x that (at most what is left; the last
+section may use all that is left): a section
 still running then (a hung compile) is stopped by killing the worker, recorded as `timeout`, and the next section
 runs in a fresh worker. Inside a section, each case is started only when its own expected time fits before the
 deadline. Every measured case is printed and written to the JSON / markdown the moment the worker reports it, so a
@@ -26,7 +27,7 @@ whose first attempt fails is retried once with `flash`, and both attempts are re
 device before anything is timed; a case is compiled once and called once, repeated (up to `Sizes.repeats` calls,
 median) only while a call takes under a second. MFU counts the LM head only where the program computes it.
 
-`--smoke` runs the same code at tiny sizes on CPU, with expected times for this 2-core machine
+`--smoke` runs the same code at tiny sizes on CPU, with expected times for a 2-core machine
 (tests/test_device_check.py). Test hooks: `--attention cudnn` makes every model case's first attempt fail on a CPU
 (cuDNN cannot run there), which exercises the retry with flash; the environment variable
 `LLAVACTION_DEVICE_CHECK_HANG=<section>` makes the worker sleep at the start of that section, as a hung compile
@@ -90,12 +91,12 @@ SMOKE = Sizes(name="smoke", matmul=256, attn_length=48, attn_heads=(8, 2, 16), r
 SIZES = {"full": Sizes(), "smoke": SMOKE}
 
 
-def plan(name: str, expected_s: float, left_s: float) -> tuple[float | None, str]:
+def plan(expected_s: float, left_s: float, last: bool = False) -> tuple[float | None, str]:
     """(deadline in seconds, "") to run a section expected to take `expected_s` with `left_s` of the budget left,
-    or (None, why it is skipped)."""
+    or (None, why it is skipped). The last section may use all that is left (nothing after it can lose time)."""
     if expected_s > left_s:
         return None, (f"needs about {expected_s:.0f} s (compile + run), {max(left_s, 0):.0f} s of the budget left")
-    return min(left_s, ALLOWANCE * expected_s), ""
+    return left_s if last else min(left_s, ALLOWANCE * expected_s), ""
 
 
 class Worker:
@@ -158,7 +159,7 @@ def run_checks(sizes: Sizes, budget: float, write, sections=ORDER, attention: st
             for name in results["order"]:
                 out = results["sections"][name] = {"status": "pending", "cases": []}
                 expected = sizes.expected[name] + (sizes.worker_start if worker is None and workers else 0.0)
-                limit, why = plan(name, expected, budget - (time.monotonic() - start))
+                limit, why = plan(expected, budget - (time.monotonic() - start), name == results["order"][-1])
                 if limit is None:
                     out.update(status="skipped", reason=why, section_s=0.0)
                     say(f"[device_check] {name}: skipped: {why}")
