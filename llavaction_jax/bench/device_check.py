@@ -74,9 +74,10 @@ class Sizes:
     repeats: int = 3  # timed calls of a case at most (only calls under a second are repeated)
     assumed_memory: dict = dataclasses.field(default_factory=dict)  # section -> device bytes for the fit check
     # Seconds of compile + run per section on one H100 (worker start-up included in the first), and per case where
-    # a section has several; from the compile and step times the 7B / 0.5B programs need, with margin.
+    # a section has several: estimates with margin, to be replaced by the section_s / compile_s a GPU run reports.
+    # train_0_5b leaves room for a cuDNN compile that fails and the retry with flash.
     expected: dict = dataclasses.field(default_factory=lambda: dict(
-        devices=30, forward_7b=75, eval_7b=110, train_0_5b=100, attention=45, train_7b=20))
+        devices=30, forward_7b=75, eval_7b=110, train_0_5b=120, attention=45, train_7b=20))
     case_expected: dict = dataclasses.field(default_factory=lambda: {
         "eval_7b/batch 1": 45, "eval_7b/batch 8": 60, "train_7b/step": 150})
     worker_start: float = 15.0  # a fresh worker's start-up (interpreter, JAX, CUDA), added after a restart
