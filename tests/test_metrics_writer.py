@@ -81,7 +81,7 @@ def test_loop_clock_times_one_step_after_a_log_line_and_not_beside_a_checkpoint(
     assert started is not None and clock.probe_starts(2) is None  # once per sync
     time.sleep(0.02)
     clock.probe_ends(started, {"loss": 0.0})
-    assert clock.alone[0] >= 0.02
+    assert clock.alone[0][0] >= 0.02 and 0 <= clock.alone[0][1] < 0.02  # wall, CPU (a sleep costs no CPU)
     clock.synced(3, logged=True, saved=False)
     assert clock.probe_starts(4) is None  # fewer than probe_every steps since the last timed one
     clock.synced(5, logged=True, saved=True)
@@ -91,6 +91,7 @@ def test_loop_clock_times_one_step_after_a_log_line_and_not_beside_a_checkpoint(
     assert len(clock.walls) == 3  # the intervals 1-3, 3-5, 5-8 (not the first, which compiles)
     s = clock.summary()
     assert s["loop_overhead"] == pytest.approx((s["step_time_s"] - s["jitted_step_s"]) / s["jitted_step_s"])
+    assert {"step_cpu_s", "jitted_step_cpu_s", "loop_cpu_overhead"} <= set(s)
     assert clock.line(s).startswith("loop: ") and "loop overhead" in clock.line(s)
 
 

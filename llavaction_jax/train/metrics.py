@@ -192,7 +192,8 @@ class StepOutputs:
 class LoopClock:
     """What the loop costs on top of the jitted step: wall seconds per step between log lines against the jitted
     step's own time, both as medians over the run (so the interval that compiles, or one that writes a checkpoint,
-    does not count).
+    does not count). The same in this process's CPU time (all its threads): the loop's own work as it would cost
+    where no core is idle to hide it, which a machine busy with other jobs does not change.
 
     The jitted step is timed alone on the first step after a log line (the sync there waited for the device, so it
     is idle; the clock waits for that step's outputs before the next batch is loaded), at most once every
@@ -201,44 +202,54 @@ class LoopClock:
 
     def __init__(self, probe_every: int = 10):
         self.probe_every = probe_every
-        self.walls: list[float] = []  # seconds per step of each log interval after the first
-        self.alone: list[float] = []  # seconds of each step timed alone
+        self.walls: list[tuple[float, float]] = []  # (wall, CPU) seconds per step of each log interval but the first
+        self.alone: list[tuple[float, float]] = []  # (wall, CPU) seconds of each step timed alone
         self._last_probe = None
-        self._mark = None  # (time, step) of the previous log line
+        self._mark = None  # (wall, CPU, step) at the previous log line
         self._probe_next = False
 
-    def probe_starts(self, step: int) -> float | None:
-        """Before dispatching step `step` (1-based): a start time when this step is to be timed alone, else None."""
+    @staticmethod
+    def _now() -> tuple[float, float]:
+        return time.perf_counter(), time.process_time()
+
+    def probe_starts(self, step: int) -> tuple[float, float] | None:
+        """Before dispatching step `step` (1-based): the start when this step is to be timed alone, else None."""
         if not self._probe_next or (self._last_probe is not None and step - self._last_probe < self.probe_every):
             return None
         self._probe_next, self._last_probe = False, step
-        return time.perf_counter()
+        return self._now()
 
-    def probe_ends(self, started: float | None, outputs) -> None:
+    def probe_ends(self, started: tuple[float, float] | None, outputs) -> None:
         """After dispatching the step `probe_starts` gave `started` for: wait for its outputs and record its time."""
         if started is not None:
             jax.block_until_ready(outputs)
-            self.alone.append(time.perf_counter() - started)
+            self.alone.append(tuple(b - a for a, b in zip(started, self._now())))
 
     def synced(self, step: int, logged: bool, saved: bool) -> None:
         """After a sync point at `step` (its outputs fetched): a log line closes a wall-time interval; the next step
         is timed alone unless a checkpoint is being written beside it."""
-        now = time.perf_counter()
+        now = self._now()
         if logged:
-            if self._mark is not None and step > self._mark[1]:
-                self.walls.append((now - self._mark[0]) / (step - self._mark[1]))
-            self._mark = (now, step)
+            if self._mark is not None and step > self._mark[2]:
+                self.walls.append(tuple((b - a) / (step - self._mark[2]) for a, b in zip(self._mark[:2], now)))
+            self._mark = (*now, step)
         self._probe_next = not saved
 
     def summary(self) -> dict[str, float]:
-        """{"step_time_s", "jitted_step_s", "loop_overhead"} (overhead = (wall - alone) / alone); empty until both
-        have been measured."""
+        """step_time_s, jitted_step_s and loop_overhead = (wall - alone) / alone, and the same in CPU seconds
+        (step_cpu_s, jitted_step_cpu_s, loop_cpu_overhead); empty until both have been measured."""
         if not self.walls or not self.alone:
             return {}
-        wall, alone = statistics.median(self.walls), statistics.median(self.alone)
-        return {"step_time_s": wall, "jitted_step_s": alone, "loop_overhead": (wall - alone) / alone}
+        out = {}
+        for i, (loop, alone, overhead) in enumerate((("step_time_s", "jitted_step_s", "loop_overhead"),
+                                                     ("step_cpu_s", "jitted_step_cpu_s", "loop_cpu_overhead"))):
+            out[loop] = statistics.median(w[i] for w in self.walls)
+            out[alone] = statistics.median(a[i] for a in self.alone)
+            out[overhead] = (out[loop] - out[alone]) / out[alone] if out[alone] > 0 else float("nan")
+        return out
 
     @staticmethod
     def line(s: dict[str, float]) -> str:
         return (f"loop: {s['step_time_s']:.3f} s per step between log lines, the jitted step alone "
-                f"{s['jitted_step_s']:.3f} s (medians): loop overhead {s['loop_overhead']:+.1%} of the step")
+                f"{s['jitted_step_s']:.3f} s (medians): loop overhead {s['loop_overhead']:+.1%} of the step; in CPU "
+                f"time {s['step_cpu_s']:.3f} s against {s['jitted_step_cpu_s']:.3f} s ({s['loop_cpu_overhead']:+.1%})")
