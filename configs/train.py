@@ -40,7 +40,7 @@ def get_config():
     c.data.tokenizer = ""  # tokenizer directory; "" = init_from's own, else Qwen2's (built offline)
     c.data.pad_id = 151643  # <|endoftext|>
     c.data.add_time_instruction = True
-    # EK100 samples stored as upstream's questions get their prompt when loaded (llavaction_jax/data/train_prompt.py)
+    # EK100 samples stored as upstream's questions get their prompt when loaded (llavaction_jax/ek100/train_prompt.py)
     c.data.perspective = "first_person"  # or "third_person"
     c.data.learn_neighbor_actions = ""  # "prior": 30% of MC prompts name the two previous actions (the final run)
     c.data.ek100_annotations = ""  # folder with EPIC_100_train.csv: the prior-action table ("prior" needs it)
@@ -75,6 +75,7 @@ def get_config():
     c.train.checkpoint_every = 50
     c.train.keep_checkpoints = 3
     c.train.allow_changed_data = False  # resume although data settings changed or the iterator state is missing
+    c.train.restart_if_all_broken = False  # start over from step 0 when every checkpoint fails verification
     c.train.async_checkpoint = True
     c.train.save_model = True  # write output_dir/model (our format) at the end
     c.train.peak_flops = 0.0  # per device, for MFU; 0 = known accelerators' table, or measured on CPU

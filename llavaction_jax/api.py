@@ -14,13 +14,18 @@ Inputs are checked on the host first so mistakes fail with a message, not deep i
 
 `generate` / `score_options` take user messages (upstream's ``"<image>\n" + question``; ``<image>`` is put in front
 when missing), wrap them in upstream's ChatML prompt, tokenize them with the model's own tokenizer (the one in its
-directory, else Qwen2's) and run the very jitted steps of `eval` (eval/runner.py: generate_step, score_step).
+directory, else Qwen2's) and run the jitted answer steps below (`generate_step`, `score_step`), which `eval`
+runs too: with `forward_with_losses` they are the compile boundaries over the traced functions of model/.
+The model's execution choices (`ExecutionConfig`: attention kernel, compute dtype, ...) are saved with it and
+resolved once for the mesh when the model is built (`LlavaModel.resolved`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -28,17 +33,16 @@ import numpy as np
 from jax.sharding import Mesh
 
 from llavaction_jax import checkpoint_io, losses, model_files
-from llavaction_jax.config import ModelConfig
+from llavaction_jax.config import ExecutionConfig, ModelConfig, ResolvedExecution
 from llavaction_jax.convert import from_torch
+from llavaction_jax.convert.safetensors_io import pickles_not_read
 from llavaction_jax.data import chat
-from llavaction_jax.data.tokenizer import QWEN2_VOCAB, has_tokenizer
-from llavaction_jax.eval import runner
-from llavaction_jax.eval.batching import round_up
-from llavaction_jax.eval.questions import resolve_tokenizer
-from llavaction_jax.eval.scoring import option_token_ids, pad_options
-from llavaction_jax.model import llava
+from llavaction_jax.data.option_tokens import option_token_ids, pad_options, round_up
+from llavaction_jax.data.tokenizer import QWEN2_VOCAB, has_tokenizer, resolve_tokenizer
+from llavaction_jax.model import decode, llava
 from llavaction_jax.model.params import abstract_params
-from llavaction_jax.sharding import local_rows, param_shardings, resolve_config, shard_batch, use_mesh
+from llavaction_jax.sharding import (constrain, local_rows, param_shardings, resolve_execution, shard_batch,
+                                     use_mesh)
 
 IMAGE_TOKEN_INDEX = llava.IMAGE_TOKEN_INDEX
 
@@ -60,12 +64,14 @@ class Output:
 class LlavaModel:
     """A config, a params tree (optionally sharded over a mesh) and the jitted forward.
 
-    `cfg` is the model's config as given (and as saved); `run_cfg` is the same config with its execution fields
-    resolved for the mesh's devices, which every call uses."""
+    `cfg` is the model's config and `execution` its execution choices as given (and as saved); `resolved` is
+    `execution` resolved for the mesh's devices, which every call uses."""
 
-    def __init__(self, cfg: ModelConfig, params: dict, mesh: Mesh | None = None, path=None):
+    def __init__(self, cfg: ModelConfig, params: dict, mesh: Mesh | None = None, path=None,
+                 execution: ExecutionConfig | None = None):
         self.cfg, self.mesh, self.path = cfg, mesh, path  # path: the directory it was loaded from, if any
-        self.run_cfg = resolve_config(cfg, mesh)
+        self.execution = execution or ExecutionConfig()
+        self.resolved: ResolvedExecution = resolve_execution(self.execution, mesh)
         self.params = shard_params(params, cfg, mesh) if mesh is not None else params
         self._tokenizer = None
 
@@ -97,18 +103,18 @@ class LlavaModel:
         if room < 1:
             raise ValueError(f"prompts of {out_len} positions (video included) leave no room to generate in the "
                              f"model's {self.cfg.text.max_position_embeddings} positions")
-        gen = runner.generation_config(tokenizer, min(max_new_tokens, room), self.cfg.text.vocab_size,
-                                       None if self.path is None else str(self.path))
+        gen = generation_config(tokenizer, min(max_new_tokens, room), self.cfg.text.vocab_size,
+                                None if self.path is None else str(self.path))
         gen = dataclasses.replace(gen, temperature=temperature, top_p=top_p)
         with use_mesh(self.mesh):
-            out = runner.generate_step(self.params, shard_batch(batch, self.mesh), cfg=self.run_cfg, gen=gen,
-                                       out_len=out_len, key=jax.random.key(seed))
+            out = generate_step(self.params, shard_batch(batch, self.mesh), cfg=self.cfg, execution=self.resolved,
+                                gen=gen, out_len=out_len, key=jax.random.key(seed))
         tokens, num = (np.asarray(x) for x in local_rows((out["tokens"], out["num_tokens"]), self.mesh))
         return [tokenizer.decode(row[:n].tolist(), skip_special_tokens=True) for row, n in zip(tokens, num)]
 
     def score_options(self, videos, prompts: list[str], options: list[list[str]], *,
                       prompt_len: int | None = None) -> list[dict]:
-        """The log-likelihood of each option as the answer to its prompt (eval/scoring.py), per sample
+        """The log-likelihood of each option as the answer to its prompt (model/decode.py), per sample
         ``{"logprob_sum": [...], "logprob_mean": [...], "num_tokens": [...]}`` in option order. Options are scored
         as written (``"A. open door"`` when the prompt lists lettered options, as upstream trains)."""
         tokenizer = self.tokenizer
@@ -122,10 +128,10 @@ class LlavaModel:
                                                                 round_up(longest, 4))
         n_vis = self.cfg.tokens_per_video(batch["pixel_values"].shape[1])
         out_len = llava.default_out_len(self.cfg, batch["input_ids"].shape[1], n_vis)
-        limit = runner.generation_config(tokenizer, 1, self.cfg.text.vocab_size, None).vocab_limit  # eval's rule
+        limit = generation_config(tokenizer, 1, self.cfg.text.vocab_size, None).vocab_limit  # eval's rule
         with use_mesh(self.mesh):
-            out = runner.score_step(self.params, shard_batch(batch, self.mesh), cfg=self.run_cfg, out_len=out_len,
-                                    vocab_limit=limit, options_per_pass=None)
+            out = score_step(self.params, shard_batch(batch, self.mesh), cfg=self.cfg, execution=self.resolved,
+                             out_len=out_len, vocab_limit=limit, options_per_pass=None)
         out = local_rows(out, self.mesh)
         return [{k: [float(x) for x in out[k][b, : len(o)]] for k in ("logprob_sum", "logprob_mean", "num_tokens")}
                 for b, o in enumerate(options)]
@@ -152,8 +158,9 @@ class LlavaModel:
                 "num_frames": video.num_frames}
 
     @classmethod
-    def random(cls, cfg: ModelConfig, seed: int = 0, mesh: Mesh | None = None) -> "LlavaModel":
-        return cls(cfg, llava.init(cfg, jax.random.key(seed)), mesh)
+    def random(cls, cfg: ModelConfig, seed: int = 0, mesh: Mesh | None = None,
+               execution: ExecutionConfig | None = None) -> "LlavaModel":
+        return cls(cfg, llava.init(cfg, jax.random.key(seed)), mesh, execution=execution)
 
     def save_pretrained(self, path, tokenizer_dir=None) -> None:
         """Write a model directory, with its tokenizer, generation_config.json and config.json (model_files.py):
@@ -164,7 +171,7 @@ class LlavaModel:
         files = None
         if tokenizer_dir is not None or self.cfg.text.vocab_size >= QWEN2_VOCAB:
             files = model_files.companion_files(self.cfg, tokenizer_dir, self.path)
-        checkpoint_io.save_model(path, self.cfg, self.params, extra_files=files)
+        checkpoint_io.save_model(path, self.cfg, self.params, extra_files=files, execution=self.execution)
 
     def __call__(self, input_ids, pixel_values=None, attention_mask=None, labels=None, actions=None, *,
                  truncate: bool = True, vocab_limit: int | None = None) -> Output:
@@ -180,8 +187,8 @@ class LlavaModel:
                      has_video=None if video is None else video.has_video,
                      num_frames=None if video is None else video.num_frames)
         with use_mesh(self.mesh):
-            return forward_with_losses(self.params, **shard_batch(batch, self.mesh), cfg=self.run_cfg,
-                                       out_len=out_len, vocab_limit=vocab_limit)
+            return forward_with_losses(self.params, **shard_batch(batch, self.mesh), cfg=self.cfg,
+                                       execution=self.resolved, out_len=out_len, vocab_limit=vocab_limit)
 
     def _out_len(self, ids, mask, video: "Frames | None", truncate: bool) -> int:
         if video is None:
@@ -198,24 +205,65 @@ class LlavaModel:
         return llava.default_out_len(self.cfg, ids.shape[1], n_vis)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "out_len", "vocab_limit"))
+@functools.partial(jax.jit, static_argnames=("cfg", "execution", "out_len", "vocab_limit"))
 def forward_with_losses(params: dict, input_ids, pixel_values, attention_mask, labels, actions, has_video=None,
-                        num_frames=None, *, cfg: ModelConfig, out_len: int | None = None,
+                        num_frames=None, *, cfg: ModelConfig, execution: ResolvedExecution, out_len: int | None = None,
                         vocab_limit: int | None = None) -> Output:
     """The model's logits (and head logits) and, with labels, the losses of `llavaction_jax.losses`."""
-    out = llava.forward(params, cfg, input_ids, pixel_values, attention_mask, labels, has_video, out_len=out_len,
-                        num_frames=num_frames)
+    out = llava.forward(params, cfg, execution, input_ids, pixel_values, attention_mask, labels, has_video,
+                        out_len=out_len, num_frames=num_frames)
     logits = llava.lm_logits(params, out.hidden, vocab_limit)
     heads = None
     if out.action_states is not None:
         heads = llava.head_logits(params["heads"], out.action_states[-1], cfg.vision_supervision == "three_tokens")
     result = Output(logits=logits, labels=out.labels, valid=out.valid, head_logits=heads)
     if labels is not None:
-        computed = losses.compute_losses(params, cfg, out, actions, logits=logits)
+        computed = losses.compute_losses(params, cfg, execution, out, actions, logits=logits)
         has_aux = out.action_states is not None and actions is not None
         result.loss, result.lm_loss = computed.loss, computed.lm_loss
         result.aux_loss = computed.aux_loss if has_aux else None
     return result
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "execution", "gen", "out_len"))
+def generate_step(params, batch, *, cfg: ModelConfig, execution: ResolvedExecution, gen: decode.GenerationConfig,
+                  out_len: int, key=None) -> dict:
+    """Answers of a batch in `eval`'s layout (input_ids, pixel_values, attention_mask, num_frames):
+    {"tokens" (B, max_new_tokens), "num_tokens" (B,)} (model/decode.generate)."""
+    tokens, num = decode.generate(params, cfg, execution, gen, batch["input_ids"], batch["pixel_values"],
+                                  batch["attention_mask"], key=key, out_len=out_len, num_frames=batch["num_frames"])
+    return constrain_batch({"tokens": tokens, "num_tokens": num})
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "execution", "out_len", "vocab_limit", "options_per_pass"))
+def score_step(params, batch, *, cfg: ModelConfig, execution: ResolvedExecution, out_len: int, vocab_limit,
+               options_per_pass) -> dict:
+    """Option log-likelihoods of a batch in `eval`'s layout (also option_ids, option_mask) (decode.score_options)."""
+    scores = decode.score_options(params, cfg, execution, batch["input_ids"], batch["pixel_values"],
+                                  batch["attention_mask"], batch["option_ids"], batch["option_mask"], out_len=out_len,
+                                  vocab_limit=vocab_limit, options_per_pass=options_per_pass,
+                                  num_frames=batch["num_frames"])
+    return constrain_batch(scores)
+
+
+def constrain_batch(outputs: dict) -> dict:
+    """Outputs split over the batch axes like the inputs, so each process reads back its own rows."""
+    return {k: constrain(v, ("batch",) + (None,) * (v.ndim - 1)) for k, v in outputs.items()}
+
+
+def generation_config(tokenizer, max_new_tokens: int, vocab_size: int, model_dir: str | None):
+    """Greedy, EOS = <|im_end|> and <|endoftext|> (+ the checkpoint's generation_config.json eos ids), logits cut to
+    len(tokenizer) as upstream's resize at load does (llavaction/model/builder.py:
+    load_pretrained_model)."""
+    im_end, endoftext = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    eos = [im_end, endoftext]
+    gen_file = pathlib.Path(model_dir) / model_files.GENERATION_CONFIG if model_dir else None
+    if gen_file is not None and gen_file.is_file():
+        extra = json.loads(gen_file.read_text()).get("eos_token_id")
+        eos += [extra] if isinstance(extra, int) else list(extra or [])
+    limit = len(tokenizer) if len(tokenizer) < vocab_size else None
+    return decode.GenerationConfig(max_new_tokens=max_new_tokens, eos_ids=tuple(dict.fromkeys(eos)),
+                                   pad_id=endoftext, vocab_limit=limit)
 
 
 def shard_params(params: dict, cfg: ModelConfig, mesh: Mesh) -> dict:
@@ -227,11 +275,14 @@ def load_pretrained(path, mesh: Mesh | None = None, dtype: str | None = None) ->
 
     A PyTorch checkpoint directory (config.json + safetensors, upstream or HF llava-onevision layout) is
     converted in memory instead (`convert from-torch` does the same once, to disk); dtype=None keeps its dtypes.
+    Pickled PyTorch weights (pytorch_model.bin, *.pt) are refused: unpickling can run arbitrary code.
     """
     if not checkpoint_io.is_model_dir(path) and from_torch.is_torch_dir(path):
         cfg, params = from_torch.load_torch(path, mesh=mesh, dtype=dtype)
         return LlavaModel(cfg, params, mesh, path)  # already placed on the mesh: device_put is a no-op
-    cfg = checkpoint_io.load_config(path)
+    if not checkpoint_io.is_model_dir(path) and pickles_not_read(pathlib.Path(path)):
+        raise ValueError(pickles_not_read(pathlib.Path(path)))
+    cfg, execution = checkpoint_io.load_config(path), checkpoint_io.load_execution(path)
     if dtype is not None:
         cfg = cfg.replace(param_dtype=dtype)
     specs = llava.param_specs(cfg)
@@ -242,7 +293,8 @@ def load_pretrained(path, mesh: Mesh | None = None, dtype: str | None = None) ->
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: device, abstract)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    return LlavaModel(cfg, checkpoint_io.restore_params(path, abstract), mesh, path)  # placed: device_put is a no-op
+    params = checkpoint_io.restore_params(path, abstract)
+    return LlavaModel(cfg, params, mesh, path, execution)  # placed: device_put is a no-op
 
 
 @dataclasses.dataclass

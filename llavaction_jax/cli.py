@@ -28,8 +28,8 @@ EXIT_ERROR = 2  # any handled error, in every command (argparse's own usage erro
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("llavaction_jax.demo", "run the end-to-end demo on an embedded synthetic default"),
     "extract-frames": ("llavaction_jax.data.extract", "decode videos once into ArrayRecord frame shards"),
-    "build-mqa": ("llavaction_jax.data.mqa", "build an EK100-MQA question file from annotation CSVs"),
-    "build-train": ("llavaction_jax.data.build_train", "write EK100 training files in upstream's layout + a data YAML"),
+    "build-mqa": ("llavaction_jax.ek100.build_mqa", "build an EK100-MQA question file from annotation CSVs"),
+    "build-train": ("llavaction_jax.ek100.build_train", "write EK100 training files in upstream's layout + a data YAML"),
     "train": ("llavaction_jax.train.cli", "train or fine-tune on a mesh (resumable; config file + --config.x=y overrides)"),
     "eval": ("llavaction_jax.eval.mqa_eval", "evaluate a model on an EK100-MQA (or generic video QA) question file"),
     "predict": ("llavaction_jax.eval.predict", "answer a question about a video file (or many: --batch FILE.jsonl)"),

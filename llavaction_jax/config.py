@@ -1,10 +1,21 @@
-"""Model configuration: one type for the LLaVA-NeXT / LLaVAction `config.json` and HF llava-onevision.
+"""Configuration: what the weights mean (`ModelConfig`) and how a program computes with them (`ExecutionConfig`).
 
-`ModelConfig.from_upstream(dict)` reads the upstream keys (those read by
-llavaction/model/llava_arch.py and llavaction/model/language_model/llava_qwen.py) and `to_upstream()` writes them
-back, keeping every key we do not interpret in `extra` so a round trip loses nothing. The upstream config only
-*names* the vision tower; its dimensions come from `resolve_vision_tower` (built-in presets, the local Hugging Face
-cache, or an explicit vision config) because head counts cannot be inferred from weight shapes.
+`ModelConfig` is the architecture of LLaVA-NeXT / LLaVAction: the vision tower, the projector, the token layout,
+the Qwen2 sizes, the vision-supervision heads, and the dtype the weights are stored in. `ExecutionConfig` holds the
+choices that change how the same function is computed (attention kernel, compute dtype, loss chunking, frames per
+vision step, sharded work inside loops, platform, rematerialisation); its "auto" values depend on the devices, so
+each entry point (the API, train, eval, the benchmarks) resolves it once for its mesh with
+`ExecutionConfig.resolve(platform, num_devices)` (`sharding.resolve_execution(execution, mesh)`). Traced code
+(`llava.forward`, the losses, the train step, model/decode.py) takes the `ResolvedExecution` that returns and
+refuses anything else with a line naming the fields still "auto" (`require_resolved`), so an unresolved setting
+never silently builds a slower graph.
+
+Both are written as one flat dict: the model's fields beside the execution fields. Presets (configs/*.py), the
+`model` section of recipes (`--config.model.<field>=value`) and a model directory's llavaction_config.json all use
+it; `ModelConfig.from_dict` reads the model's fields of such a dict and `ExecutionConfig.from_dict` the others.
+Files written before the two were split hold the same flat dict, so they load unchanged.
+
+Reading and writing upstream / HF `config.json` lives beside the converter (convert/upstream_config.py).
 """
 
 from __future__ import annotations
@@ -32,7 +43,8 @@ AUTO_CPU_FRAMES_PER_STEP = 8
 
 # ---------------------------------------------------------------------------------------------- sizes
 # The one size table. Qwen2 sizes are the released checkpoints' config.json values; vision towers are the hub
-# config.json values of the tower a LLaVA config names (`mm_vision_tower`), so no download is ever needed.
+# config.json values of the tower a LLaVA config names (`mm_vision_tower`), in our field names, `num_layers` being
+# the tower's whole depth (the select-layer rule decides how many run), so no download is ever needed.
 QWEN2_SIZES: dict[str, dict] = {
     "7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
                num_kv_heads=4, rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=False,
@@ -43,13 +55,17 @@ QWEN2_SIZES: dict[str, dict] = {
 }
 SIGLIP_SO400M = "google/siglip-so400m-patch14-384"
 VISION_TOWERS: dict[str, dict] = {
-    SIGLIP_SO400M: dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
-                        image_size=384, patch_size=14, layer_norm_eps=1e-6),
+    SIGLIP_SO400M: dict(hidden_size=1152, intermediate_size=4304, num_layers=27, num_heads=16, image_size=384,
+                        patch_size=14, layer_norm_eps=1e-6),
 }
 
 
 class ConfigError(ValueError):
     """A configuration key has a missing or unsupported value."""
+
+
+class UnresolvedExecution(ConfigError):
+    """Traced code was given execution choices that were not resolved for its devices."""
 
 
 def bad_value(key: str, value: Any, allowed: Any) -> ConfigError:
@@ -103,11 +119,32 @@ class TextConfig:
         return self.hidden_size // self.num_heads
 
 
+def selected_layers(total: int, select_layer: int) -> int:
+    """Encoder layers run to read hidden state `select_layer` of a `total`-layer tower.
+
+    `hidden_states` has total + 1 entries (the embeddings, then each layer's output), so entry `k` (negative counts
+    from the end) is the output of `k` (or `total + 1 + k`) layers. Upstream deletes the last SigLIP layer and reads
+    the final hidden state, which is `mm_vision_select_layer=-2` of the 27-layer tower."""
+    used = total + 1 + select_layer if select_layer < 0 else select_layer
+    if not 1 <= used <= total:
+        raise ConfigError(f"mm_vision_select_layer={select_layer} is out of range for a {total}-layer vision tower")
+    return used
+
+
+def tower_vision(name: str = SIGLIP_SO400M, select_layer: int = -2) -> VisionConfig:
+    """The VisionConfig of a tower of the size table, after the select-layer rule (so400m at -2: 26 of 27 layers)."""
+    if name not in VISION_TOWERS:
+        raise ConfigError(f"unknown vision tower {name!r}; built in: {', '.join(VISION_TOWERS)}")
+    size = dict(VISION_TOWERS[name])
+    return VisionConfig(**dict(size, num_layers=selected_layers(size["num_layers"], select_layer)))
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Everything the forward pass reads. Defaults are LLaVAction-7B's (docs/checkpoints.md)."""
+    """What the weights mean: everything that decides the function the model computes (module docstring).
+    Defaults are LLaVAction-7B's (docs/checkpoints.md)."""
 
-    vision: VisionConfig = dataclasses.field(default_factory=lambda: vision_from_hf(VISION_TOWERS[SIGLIP_SO400M], -2))
+    vision: VisionConfig = dataclasses.field(default_factory=tower_vision)
     text: TextConfig = dataclasses.field(default_factory=lambda: TextConfig(**QWEN2_SIZES["7b"]))
     vision_tower: str = SIGLIP_SO400M
     projector_type: str = "mlp2x_gelu"
@@ -122,18 +159,8 @@ class ModelConfig:
     vision_token_training: str = "last_layer"
     tokenizer_model_max_length: int | None = 32768
     tokenizer_padding_side: str = "right"
-    # Execution (ours, not upstream keys): how the same function is computed. "auto" / 0 values are resolved once
-    # at the entry point (`resolved`, from the platform and the mesh size); traced code only reads these fields.
-    param_dtype: str = "float32"
-    compute_dtype: str = "auto"  # "auto": bfloat16 on GPU / TPU, float32 on CPU (`resolved`); float32 if unresolved
-    remat_policy: str = "none"
-    attention: str = "auto"  # model/attention.py: the fastest kernel that fits each call (xla is the reference)
-    vision_frames_per_step: int = 0  # frames of each video per SigLIP step; -1 = all at once, 0 = auto
-    loss_chunk_tokens: int = 256  # training LM loss in chunks of this many positions, no full logits; 0 = off
-    loss_skip_empty_chunks: bool = True  # skip loss chunks without targets (lax.cond)
-    loop_collectives: str = "auto"  # "on" / "off": sharded work inside lax loops and conditionals (off: see resolved)
-    platform: str = "auto"  # the backend the program is built for (cpu / gpu / tpu); set by `resolved`
-    # Upstream keys we carry but do not interpret, written back verbatim by `to_upstream`.
+    param_dtype: str = "float32"  # the dtype the weights are stored (and initialised) in
+    # Upstream keys we carry but do not interpret, written back verbatim by convert/upstream_config.to_upstream.
     extra: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -200,12 +227,7 @@ class ModelConfig:
             "vision_supervision": ("vision_supervision", VISION_SUPERVISION),
             "vision_token_training": ("vision_token_training", VISION_TOKEN_TRAINING),
             "patch_merge_type": ("mm_patch_merge_type", ("flat", "spatial", "spatial_unpad")),
-            "remat_policy": ("remat_policy", REMAT_POLICIES),
-            "attention": ("attention", ATTENTION_IMPLS),
-            "loop_collectives": ("loop_collectives", LOOP_COLLECTIVES),
-            "platform": ("platform", PLATFORMS),
             "param_dtype": ("param_dtype", DTYPES),
-            "compute_dtype": ("compute_dtype", ("auto",) + DTYPES),
         }
         for field, (key, allowed) in choices.items():
             if getattr(self, field) not in allowed:
@@ -223,10 +245,6 @@ class ModelConfig:
             raise bad("tokenizer_padding_side", self.tokenizer_padding_side, "'right' (the only side upstream trains with)")
         if self.vision_supervision is not None and len(self.action_types) != 3:
             raise ConfigError(f"config key 'action_types' must name 3 class counts (verb,noun,action), got {self.action_types!r}")
-        if self.loss_chunk_tokens < 0:
-            raise bad("loss_chunk_tokens", self.loss_chunk_tokens, "0 (off) or a positive token count")
-        if self.vision_frames_per_step < -1:
-            raise bad("vision_frames_per_step", self.vision_frames_per_step, "0 (auto), -1 (all) or a frame count")
         if self.pool_stride != 2:
             raise bad("pool_stride", self.pool_stride,
                       "2 (upstream hard-codes stride 2 for video: llavaction/model/llava_arch.py:"
@@ -238,18 +256,73 @@ class ModelConfig:
         if v.hidden_size % v.num_heads:
             raise ConfigError(f"SigLIP sizes inconsistent: hidden {v.hidden_size}, heads {v.num_heads}")
 
-    @property
-    def effective_compute_dtype(self) -> str:
-        """The dtype activations are computed in; an unresolved "auto" computes in the float32 reference."""
-        return "float32" if self.compute_dtype == "auto" else self.compute_dtype
-
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
-    # ------------------------------------------------------------------ execution
-    def resolved(self, platform: str, num_devices: int) -> "ModelConfig":
-        """The execution fields fixed for one platform and mesh size (entry points call this once; the model
-        reads the result and never asks JAX for the backend).
+    # ------------------------------------------------------------------ the flat dict (module docstring)
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["action_types"] = list(self.action_types)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        """The model's fields of a flat config dict; execution fields beside them are left to ExecutionConfig."""
+        d = {k: v for k, v in d.items() if k not in EXECUTION_FIELDS}
+        d["vision"] = VisionConfig(**d["vision"])
+        d["text"] = TextConfig(**d["text"])
+        d["action_types"] = tuple(d.get("action_types", ()))
+        return cls(**d)
+
+    def save(self, path: str | os.PathLike, execution: "ExecutionConfig | None" = None) -> None:
+        """Write the flat dict of this config, with `execution`'s fields beside it when given."""
+        d = {**self.to_dict(), **(execution.to_dict() if execution is not None else {})}
+        pathlib.Path(path).write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ModelConfig":
+        return cls.from_dict(json.loads(pathlib.Path(path).read_text()))
+
+
+# ---------------------------------------------------------------------------------------------- execution
+@dataclasses.dataclass(frozen=True)
+class ExecutionConfig:
+    """How a program computes the model's function (module docstring). "auto" (0 for the frames) is decided by
+    `resolve` from the platform and the mesh size; nothing here changes what the weights mean."""
+
+    compute_dtype: str = "auto"  # activations' dtype; "auto": bfloat16 on GPU / TPU, float32 on CPU
+    remat_policy: str = "none"
+    attention: str = "auto"  # model/attention.py: the fastest kernel that fits each call (xla is the reference)
+    vision_frames_per_step: int = 0  # frames of each video per SigLIP step; -1 = all at once, 0 = auto
+    loss_chunk_tokens: int = 256  # training LM loss in chunks of this many positions, no full logits; 0 = off
+    loss_skip_empty_chunks: bool = True  # skip loss chunks without targets (lax.cond)
+    loop_collectives: str = "auto"  # "on" / "off": sharded work inside lax loops and conditionals (see resolve)
+    platform: str = "auto"  # the backend the program is built for (cpu / gpu / tpu); set by `resolve`
+
+    def __post_init__(self) -> None:
+        choices = {"remat_policy": REMAT_POLICIES, "attention": ATTENTION_IMPLS, "loop_collectives": LOOP_COLLECTIVES,
+                   "platform": PLATFORMS, "compute_dtype": ("auto",) + DTYPES}
+        for field, allowed in choices.items():
+            if getattr(self, field) not in allowed:
+                raise bad_value(field, getattr(self, field), allowed)
+        if self.loss_chunk_tokens < 0:
+            raise bad_value("loss_chunk_tokens", self.loss_chunk_tokens, "0 (off) or a positive token count")
+        if self.vision_frames_per_step < -1:
+            raise bad_value("vision_frames_per_step", self.vision_frames_per_step,
+                            "0 (auto), -1 (all) or a frame count")
+
+    def unresolved(self) -> tuple[str, ...]:
+        """The fields whose value still depends on the devices ("auto"; 0 frames per step)."""
+        auto = {"compute_dtype": self.compute_dtype == "auto", "vision_frames_per_step": self.vision_frames_per_step == 0,
+                "loop_collectives": self.loop_collectives == "auto", "platform": self.platform == "auto"}
+        return tuple(name for name, is_auto in auto.items() if is_auto)
+
+    def replace(self, **changes: Any):
+        return dataclasses.replace(self, **changes)
+
+    def resolve(self, platform: str, num_devices: int) -> "ResolvedExecution":
+        """These choices fixed for one platform and mesh size (entry points call this once; the model reads the
+        result and never asks JAX for the backend).
 
         - `platform`: always the one given.
         - `loop_collectives`: "off" on a CPU mesh of several devices (tests' fake devices, multi-process CPU runs):
@@ -272,118 +345,47 @@ class ModelConfig:
         compute = self.compute_dtype
         if compute == "auto":
             compute = "float32" if platform == "cpu" else "bfloat16"
-        return self.replace(platform=platform, loop_collectives=loops, vision_frames_per_step=frames,
-                            compute_dtype=compute)
+        fields = dict(self.to_dict(), platform=platform, loop_collectives=loops, vision_frames_per_step=frames,
+                      compute_dtype=compute)
+        return ResolvedExecution(**fields)
 
-    # ------------------------------------------------------------------ upstream config.json
-    @classmethod
-    def from_upstream(cls, cfg: dict, vision: VisionConfig | dict | None = None, **overrides: Any) -> "ModelConfig":
-        """Read an upstream LLaVA-NeXT/LLaVAction `config.json` dict (or an HF llava-onevision one)."""
-        if "text_config" in cfg and "vision_config" in cfg:
-            return _from_hf_onevision(cls, cfg, **overrides)
-        tower = cfg.get("mm_vision_tower") or cfg.get("vision_tower")
-        if tower is None:
-            raise ConfigError("config has no 'mm_vision_tower': not a LLaVA-NeXT/LLaVAction multimodal config")
-        select_layer = cfg.get("mm_vision_select_layer", -2)
-        if isinstance(vision, dict):
-            vision = vision_from_hf(vision, select_layer)
-        vision = vision or resolve_vision_tower(tower, select_layer)
-        if "mm_hidden_size" in cfg and cfg["mm_hidden_size"] != vision.hidden_size:
-            raise ConfigError(
-                f"config key 'mm_hidden_size'={cfg['mm_hidden_size']} disagrees with vision tower {tower!r} "
-                f"(hidden_size {vision.hidden_size})"
-            )
-        action_types = cfg.get("action_types")
-        fields = dict(
-            vision=vision,
-            text=text_from_hf(cfg),
-            vision_tower=tower,
-            projector_type=cfg.get("mm_projector_type", "linear"),
-            pool_mode=cfg.get("mm_spatial_pool_mode", "bilinear"),
-            patch_merge_type=cfg.get("mm_patch_merge_type", "flat"),
-            # The model code's default when the key is missing is "one_token" (llavaction/model/llava_arch.py:302,
-            # prepare_inputs_labels_for_multimodal).
-            newline_position=cfg.get("mm_newline_position", "one_token"),
-            vision_supervision=cfg.get("vision_supervision"),
-            action_types=tuple(int(x) for x in str(action_types).split(",")) if action_types else (),
-            vision_token_training=cfg.get("vision_token_training") or "last_layer",
-            tokenizer_model_max_length=cfg.get("tokenizer_model_max_length"),
-            tokenizer_padding_side=cfg.get("tokenizer_padding_side", "right"),
-            extra={k: v for k, v in cfg.items() if k not in _UPSTREAM_KEYS_WE_WRITE},
-        )
-        fields.update(overrides)
-        return cls(**fields)
-
-    def to_upstream(self) -> dict:
-        """The upstream `config.json` (model_type qwen2, LlavaQwenForCausalLM) that the PyTorch loader reads."""
-        t = self.text
-        out = {k: v for k, v in self.extra.items() if k != "hf_onevision"}  # HF-only record, not an upstream key
-        out.update(
-            architectures=out.get("architectures", ["LlavaQwenForCausalLM"]),
-            model_type=out.get("model_type", "qwen2"),
-            vocab_size=t.vocab_size,
-            hidden_size=t.hidden_size,
-            intermediate_size=t.intermediate_size,
-            num_hidden_layers=t.num_layers,
-            num_attention_heads=t.num_heads,
-            num_key_value_heads=t.num_kv_heads,
-            rms_norm_eps=t.rms_norm_eps,
-            rope_theta=t.rope_theta,
-            tie_word_embeddings=t.tie_word_embeddings,
-            max_position_embeddings=t.max_position_embeddings,
-            hidden_act="silu",
-            mm_vision_tower=self.vision_tower,
-            mm_hidden_size=self.vision.hidden_size,
-            mm_projector_type=self.projector_type,
-            mm_spatial_pool_mode=self.pool_mode,
-            mm_patch_merge_type=self.patch_merge_type,
-            mm_newline_position=self.newline_position,
-            tokenizer_model_max_length=self.tokenizer_model_max_length,
-            tokenizer_padding_side=self.tokenizer_padding_side,
-        )
-        out.setdefault("mm_vision_select_layer", -2)
-        if "rope_parameters" in out:  # transformers v5 keeps theta here too; keep both in step
-            out["rope_parameters"] = {**out["rope_parameters"], "rope_theta": t.rope_theta}
-        if "vision_tower" in out:
-            out["vision_tower"] = self.vision_tower
-        if self.vision_supervision is not None:
-            out.update(
-                vision_supervision=self.vision_supervision,
-                action_types=",".join(str(n) for n in self.action_types),
-                vision_token_training=self.vision_token_training,
-            )
-        return out
-
-    # ------------------------------------------------------------------ our own serialisation
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["action_types"] = list(self.action_types)
-        return d
+        return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        d = dict(d)
-        d["vision"] = VisionConfig(**d["vision"])
-        d["text"] = TextConfig(**d["text"])
-        d["action_types"] = tuple(d.get("action_types", ()))
-        return cls(**d)
-
-    def save(self, path: str | os.PathLike) -> None:
-        pathlib.Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+    def from_dict(cls, d: dict) -> "ExecutionConfig":
+        """The execution fields of a flat config dict (module docstring); absent ones keep their defaults."""
+        return cls(**{k: d[k] for k in EXECUTION_FIELDS if k in d})
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "ModelConfig":
+    def load(cls, path: str | os.PathLike) -> "ExecutionConfig":
         return cls.from_dict(json.loads(pathlib.Path(path).read_text()))
 
 
-# Keys `to_upstream` writes from typed fields; everything else in an upstream config travels in `extra`.
-_UPSTREAM_KEYS_WE_WRITE = {
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "rms_norm_eps", "rope_theta", "tie_word_embeddings",
-    "max_position_embeddings", "mm_vision_tower", "mm_hidden_size", "mm_projector_type",
-    "mm_spatial_pool_mode", "mm_patch_merge_type", "mm_newline_position", "vision_supervision", "action_types",
-    "vision_token_training", "tokenizer_model_max_length", "tokenizer_padding_side",
-}  # fmt: skip
+@dataclasses.dataclass(frozen=True)
+class ResolvedExecution(ExecutionConfig):
+    """Execution choices with nothing left to decide for the devices: what traced code takes."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.unresolved():
+            raise UnresolvedExecution(f"a ResolvedExecution cannot keep {', '.join(self.unresolved())} at 'auto'; "
+                                      "build it with ExecutionConfig.resolve(platform, num_devices)")
+
+
+EXECUTION_FIELDS = tuple(f.name for f in dataclasses.fields(ExecutionConfig))
+
+
+def require_resolved(execution, where: str) -> ResolvedExecution:
+    """`execution` when it is a ResolvedExecution; else an UnresolvedExecution naming what is left to resolve."""
+    if isinstance(execution, ResolvedExecution):
+        return execution
+    if isinstance(execution, ExecutionConfig):
+        left = ", ".join(f"{name}={getattr(execution, name)!r}" for name in execution.unresolved()) or "none"
+        raise UnresolvedExecution(
+            f"{where} needs execution choices resolved for its devices (still auto: {left}); resolve them once at "
+            "the entry point: sharding.resolve_execution(execution, mesh) or execution.resolve(platform, num_devices)")
+    raise TypeError(f"{where} takes a ResolvedExecution, got {type(execution).__name__}")
 
 
 def text_size(name: str) -> dict:
@@ -394,139 +396,43 @@ def text_size(name: str) -> dict:
 
 
 def vision_size(tower: str = SIGLIP_SO400M, select_layer: int = -2) -> dict:
-    """VisionConfig fields of a known tower after LLaVA's select-layer rule (so400m at -2: 26 of 27 layers)."""
-    return dataclasses.asdict(resolve_vision_tower(tower, select_layer))
-
-
-def text_from_hf(cfg: dict) -> TextConfig:
-    """Qwen2 keys; `rope_theta` may sit in transformers v5's `rope_parameters`."""
-    rope = cfg.get("rope_parameters") or {}
-    theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
-    # `rope_scaling` is ignored: upstream forces it to None for llava_qwen (llava_qwen.py:56).
-    try:
-        return TextConfig(
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
-            num_layers=cfg["num_hidden_layers"],
-            num_heads=cfg["num_attention_heads"],
-            num_kv_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=float(theta),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            max_position_embeddings=cfg.get("max_position_embeddings", 32768),
-        )
-    except KeyError as e:
-        raise ConfigError(f"config is missing the Qwen2 key {e.args[0]!r}") from None
-
-
-def vision_from_hf(cfg: dict, select_layer: int = -1) -> VisionConfig:
-    """A SigLIP vision config dict (hub `config.json` or its `vision_config`) + LLaVA's select-layer rule.
-
-    `hidden_states` has num_hidden_layers + 1 entries (the embeddings, then each layer's output), so selecting
-    entry `k` (negative counts from the end) means running `k` (or `n + 1 + k`) layers. Upstream deletes the last
-    SigLIP layer and reads the final hidden state, which is `mm_vision_select_layer=-2` of the 27-layer tower.
-    """
-    cfg = cfg.get("vision_config", cfg)
-    n = cfg.get("num_hidden_layers", 12)  # transformers' SiglipVisionConfig default (diffed configs omit it)
-    used = n + 1 + select_layer if select_layer < 0 else select_layer
-    if not 1 <= used <= n:
-        raise ConfigError(f"mm_vision_select_layer={select_layer} is out of range for a {n}-layer vision tower")
-    return VisionConfig(
-        hidden_size=cfg.get("hidden_size", 768),
-        intermediate_size=cfg.get("intermediate_size", 3072),
-        num_layers=used,
-        num_heads=cfg.get("num_attention_heads", 12),
-        image_size=cfg.get("image_size", 224),
-        patch_size=cfg.get("patch_size", 16),
-        num_channels=cfg.get("num_channels", 3),
-        layer_norm_eps=cfg.get("layer_norm_eps", 1e-6),
-    )
-
-
-def resolve_vision_tower(name: str, select_layer: int = -2) -> VisionConfig:
-    """Vision dimensions for a tower name: built-in preset, else a local HF cache/dir, else a clear error."""
-    if name in VISION_TOWERS:
-        return vision_from_hf(VISION_TOWERS[name], select_layer)
-    local = pathlib.Path(name) / "config.json"
-    if local.is_file():
-        return vision_from_hf(json.loads(local.read_text()), select_layer)
-    cached = _find_in_hf_cache(name)
-    if cached is not None:
-        return vision_from_hf(json.loads(cached.read_text()), select_layer)
-    raise ConfigError(
-        f"unknown vision tower {name!r}: it is not a built-in preset ({', '.join(VISION_TOWERS)}), not a local "
-        f"directory with config.json, and not in the local Hugging Face cache (HF_HOME). Head counts cannot be "
-        f"inferred from weight shapes: pass an explicit vision config (e.g. --vision-config path/to/config.json)."
-    )
-
-
-def _find_in_hf_cache(repo_id: str) -> pathlib.Path | None:
-    hf_home = pathlib.Path(os.environ.get("HF_HOME", pathlib.Path.home() / ".cache" / "huggingface"))
-    hub = pathlib.Path(os.environ.get("HF_HUB_CACHE", hf_home / "hub"))
-    snapshots = hub / ("models--" + repo_id.replace("/", "--")) / "snapshots"
-    if not snapshots.is_dir():
-        return None
-    found = sorted(snapshots.glob("*/config.json"), key=lambda p: p.stat().st_mtime, reverse=True)
-    return found[0] if found else None
-
-
-def _from_hf_onevision(cls, cfg: dict, **overrides: Any) -> ModelConfig:
-    """HF `LlavaOnevisionConfig`: one newline per video, bilinear pooling, hidden state at `vision_feature_layer`."""
-    text = cfg["text_config"]
-    if "vocab_size" not in text and "vocab_size" in cfg:
-        text = dict(text, vocab_size=cfg["vocab_size"])
-    if "tie_word_embeddings" in cfg:
-        text = dict(text, tie_word_embeddings=cfg["tie_word_embeddings"])
-    layer = cfg.get("vision_feature_layer", -1)
-    if isinstance(layer, list):
-        raise ConfigError(f"config key 'vision_feature_layer'={layer!r}: several layers are not supported")
-    act = cfg.get("projector_hidden_act", "gelu")
-    if act != "gelu":
-        raise ConfigError(f"config key 'projector_hidden_act'={act!r}: only exact 'gelu' is supported")
-    fields = dict(
-        vision=vision_from_hf(cfg["vision_config"], layer),
-        text=text_from_hf(dict(text, model_type="qwen2")),
-        vision_tower=cfg["vision_config"].get("_name_or_path") or "siglip",
-        projector_type="mlp2x_gelu",
-        pool_mode="bilinear",
-        patch_merge_type="spatial_unpad",
-        newline_position="one_token",
-        vision_supervision=None,
-        action_types=(),
-        tokenizer_model_max_length=None,
-        extra={"hf_onevision": {k: v for k, v in cfg.items() if k not in ("text_config", "vision_config")}},
-    )
-    fields.update(overrides)
-    return cls(**fields)
+    """VisionConfig fields of a built-in tower after LLaVA's select-layer rule, for presets."""
+    return dataclasses.asdict(tower_vision(tower, select_layer))
 
 
 # ---------------------------------------------------------------------------------------------- presets
-# Model presets live in configs/<name>.py as ml_collections `get_config()` files (executable documentation);
-# `load_preset` turns one into a ModelConfig, with dotted overrides ("text.num_layers=2").
+# Model presets live in configs/<name>.py as ml_collections `get_config()` files (executable documentation) of the
+# flat dict (module docstring); `preset_configs` turns one into its configs, with dotted overrides.
 # In a checkout they sit beside the package; `pip install .` puts them inside it (pyproject.toml, package-dir).
 _PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
 CONFIGS_DIR = (_PACKAGE_DIR / "configs" if (_PACKAGE_DIR / "configs").is_dir() else _PACKAGE_DIR.parent / "configs")
 
+
+def config_fields(cfg: ModelConfig, execution: ExecutionConfig | None = None) -> dict:
+    """The flat dict of a model config and its execution choices, without the upstream keys carried in `extra`."""
+    d = {**cfg.to_dict(), **(execution or ExecutionConfig()).to_dict()}
+    d.pop("extra")
+    return d
+
+
 def model_config_dict(**fields: Any):
-    """A ConfigDict with every ModelConfig field (defaults filled in), for configs/*.py files."""
-    # Imported here, not at the top: the GPU machine that runs some benchmarks has no ml_collections, and
-    # everything else in this module works without it.
+    """A ConfigDict with every ModelConfig and ExecutionConfig field (defaults filled in), for configs/*.py files."""
+    # Imported here, not at the top: some benchmark machines run without ml_collections, and everything else in
+    # this module works without it.
     import ml_collections
 
-    d = ModelConfig().to_dict()
+    d = config_fields(ModelConfig())
     for key, value in fields.items():
         if key in ("vision", "text"):
             d[key].update(value)
         else:
             d[key] = list(value) if isinstance(value, tuple) else value
-    d.pop("extra")
     return ml_collections.ConfigDict(d)
 
 
-def from_config_dict(cd) -> ModelConfig:
+def from_config_dict(cd) -> tuple[ModelConfig, ExecutionConfig]:
     d = cd.to_dict() if hasattr(cd, "to_dict") else dict(cd)
-    return ModelConfig.from_dict(d)
+    return ModelConfig.from_dict(d), ExecutionConfig.from_dict(d)
 
 
 def available_presets() -> list[str]:
@@ -544,12 +450,12 @@ def run_config_file(file: pathlib.Path):
     return module.get_config()
 
 
-def load_preset(name: str, overrides: dict[str, Any] | None = None) -> ModelConfig:
-    """ModelConfig of configs/<name>.py, with optional dotted overrides {"text.num_layers": 2}."""
+def preset_configs(name: str, overrides: dict[str, Any] | None = None) -> tuple[ModelConfig, ExecutionConfig]:
+    """The model config and execution choices of configs/<name>.py, with optional dotted overrides
+    {"text.num_layers": 2, "attention": "flash"}."""
     if name not in available_presets():  # a name, never a path: a preset file is executed
         raise ConfigError(f"unknown model preset {name!r}; available: {', '.join(available_presets())}")
-    file = CONFIGS_DIR / f"{name}.py"
-    cd = run_config_file(file)
+    cd = run_config_file(CONFIGS_DIR / f"{name}.py")
     for key, value in (overrides or {}).items():
         node = cd
         *parents, last = key.split(".")
@@ -559,3 +465,12 @@ def load_preset(name: str, overrides: dict[str, Any] | None = None) -> ModelConf
             raise ConfigError(f"override {key!r}: no such config field in preset {name!r}")
         node[last] = value
     return from_config_dict(cd)
+
+
+def load_preset(name: str, overrides: dict[str, Any] | None = None) -> ModelConfig:
+    """ModelConfig of configs/<name>.py, with optional dotted overrides {"text.num_layers": 2} of model fields
+    (execution fields: `preset_configs`)."""
+    execution = sorted(set(overrides or {}) & set(EXECUTION_FIELDS))
+    if execution:
+        raise ConfigError(f"overrides {execution} are execution choices, not model fields: use preset_configs")
+    return preset_configs(name, overrides)[0]

@@ -21,8 +21,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from llavaction_jax.config import ModelConfig
+from llavaction_jax.config import ModelConfig, ResolvedExecution, require_resolved
 from llavaction_jax.model import llava
+from llavaction_jax.model.layers import token_nll
 from llavaction_jax.model.llava import IGNORE_INDEX
 
 REDUCTIONS = ("sample", "token")
@@ -39,22 +40,23 @@ class Losses:
     targets: jax.Array  # LM target tokens the loss averaged over
 
 
-def compute_losses(params: dict, cfg: ModelConfig, out: llava.ModelOutput, actions: jax.Array | None = None, *,
-                   logits: jax.Array | None = None, reduction: str = "token",
+def compute_losses(params: dict, cfg: ModelConfig, execution: ResolvedExecution, out: llava.ModelOutput,
+                   actions: jax.Array | None = None, *, logits: jax.Array | None = None, reduction: str = "token",
                    num_samples: jax.Array | None = None) -> Losses:
     """Losses of a forward pass under `reduction` (module docstring). With `logits` (the API, which returns them
     anyway) the LM loss reads them; without, it computes them from `out.hidden`: in chunks of
-    `cfg.loss_chunk_tokens` positions (never the whole (B, S, vocab) array) unless that is 0 or
-    `cfg.loop_collectives` is "off". `num_samples` ("sample" only): the divisor, by default this batch's
+    `execution.loss_chunk_tokens` positions (never the whole (B, S, vocab) array) unless that is 0 or
+    `execution.loop_collectives` is "off". `num_samples` ("sample" only): the divisor, by default this batch's
     `count_samples`; the train step passes the global batch's so that micro-batch losses add up to its mean."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"loss reduction {reduction!r}; expected one of {REDUCTIONS}")
+    execution = require_resolved(execution, "losses.compute_losses")
     logits_fn = lambda states: llava.lm_logits(params, states)
     if logits is not None:
         total, count = lm_row_sums(logits, out.labels)
-    elif cfg.loss_chunk_tokens > 0 and cfg.loop_collectives != "off":
-        total, count = chunked_lm_row_sums(out.hidden, out.labels, logits_fn, cfg.loss_chunk_tokens,
-                                           cfg.loss_skip_empty_chunks)
+    elif execution.loss_chunk_tokens > 0 and execution.loop_collectives != "off":
+        total, count = chunked_lm_row_sums(out.hidden, out.labels, logits_fn, execution.loss_chunk_tokens,
+                                           execution.loss_skip_empty_chunks)
     else:
         total, count = lm_row_sums(logits_fn(out.hidden), out.labels)
     has_target = count > 0
@@ -85,37 +87,12 @@ def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(mask, values, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
 
 
-def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Per-position CE, logsumexp(logits) - logits[target], in fp32; the target logit picked with a
-    compare-and-select rather than a gather: the gather's backward is a scatter into a (tokens, vocab) array, which
-    cost XLA:CPU 0.5 s of a 1.5 s lm_head + CE step at 1770 tokens x 32k vocab; the select's backward fuses with
-    the softmax."""
-    logits = logits.astype(jnp.float32)
-    picked = jnp.sum(jnp.where(jnp.arange(logits.shape[-1]) == targets[..., None], logits, 0.0), axis=-1)
-    return jax.nn.logsumexp(logits, axis=-1) - picked
-
-
 def lm_row_sums(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Per row: the CE sum of logits[:, t] against labels[:, t + 1] over non-ignored targets, and their count."""
     targets = labels[:, 1:]
     valid = targets != IGNORE_INDEX
     nll = token_nll(logits[:, :-1], targets)
     return jnp.sum(jnp.where(valid, nll, 0.0), axis=1), jnp.sum(valid, axis=1)
-
-
-def lm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean CE of logits[:, t] against labels[:, t + 1] over non-ignored targets of the whole batch.
-
-    Deviation: a batch with no target gives 0 instead of torch's NaN, so a fully masked batch cannot poison a run.
-    """
-    total, count = lm_row_sums(logits, labels)
-    return jnp.sum(total) / jnp.maximum(jnp.sum(count), 1)
-
-
-def chunked_lm_loss(hidden: jax.Array, labels: jax.Array, logits_fn, chunk: int, skip_empty: bool = True) -> jax.Array:
-    """`lm_loss(logits_fn(hidden), labels)` without materialising the (B, S, vocab) logits (`chunked_lm_row_sums`)."""
-    total, count = chunked_lm_row_sums(hidden, labels, logits_fn, chunk, skip_empty)
-    return jnp.sum(total) / jnp.maximum(jnp.sum(count), 1)
 
 
 def chunked_lm_row_sums(hidden: jax.Array, labels: jax.Array, logits_fn, chunk: int, skip_empty: bool = True):
@@ -184,12 +161,3 @@ def vision_supervision_rows(heads: dict, gathered: jax.Array, actions: jax.Array
                  + ACTION_WEIGHT * token_nll(action, safe[:, 2]))  # (n_layers, B)
     return jnp.sum(per_layer, axis=0) / (layers.shape[0] + 1)
 
-
-def vision_supervision_loss(heads: dict, gathered: jax.Array, actions: jax.Array, *, vision_token_training: str,
-                            three_tokens: bool) -> jax.Array:
-    """Upstream's aux loss of one device batch before its final 0.1 weight: sum over selected layers of
-    0.5 CE(verb) + 0.5 CE(noun) + 0.1 CE(action), each a mean over rows with action id >= 0, divided by
-    (number of layers + 1); 0 when no row has labels (upstream: 0 x the logits)."""
-    rows = vision_supervision_rows(heads, gathered, actions, vision_token_training=vision_token_training,
-                                   three_tokens=three_tokens)
-    return masked_mean(rows, actions[:, 0] >= 0)

@@ -10,7 +10,7 @@ Every model directory we write carries, next to ``llavaction_config.json`` and `
 * ``generation_config.json``: greedy decoding that stops at ``<|im_end|>`` or ``<|endoftext|>`` of that tokenizer
   (upstream's ``generate`` settings), unless the source model brought its own;
 * ``config.json``: the source's upstream or HF config when there was one (keys we do not model travel back on
-  export), else the upstream config of the model (convert/to_torch.upstream_config); with ``frames_upbound`` set
+  export), else the upstream config of the model (convert/upstream_config.export_config); with ``frames_upbound`` set
   to the frames per clip the model was trained on, as upstream's training saves its model arguments
   (`predict` samples that many frames by default).
 """
@@ -21,7 +21,7 @@ import json
 import pathlib
 
 from llavaction_jax.config import ModelConfig
-from llavaction_jax.convert.to_torch import upstream_config
+from llavaction_jax.convert.upstream_config import export_config
 from llavaction_jax.data.tokenizer import load_qwen_tokenizer, portable_tokenizer_files, tokenizer_files
 
 GENERATION_CONFIG = "generation_config.json"
@@ -47,7 +47,7 @@ def companion_files(cfg: ModelConfig, tokenizer_dir: str | pathlib.Path | None =
     files = tokenizer_files(tokenizer) if tokenizer_dir is None else portable_tokenizer_files(tokenizer_dir)
     source = pathlib.Path(source_dir) if source_dir else None
     for name, default in ((GENERATION_CONFIG, lambda: generation_config(tokenizer)),
-                          (TORCH_CONFIG, lambda: upstream_config(cfg))):
+                          (TORCH_CONFIG, lambda: export_config(cfg))):
         kept = source / name if source is not None else None
         files[name] = kept.read_text(encoding="utf-8") if kept is not None and kept.is_file() else (
             json.dumps(default(), indent=2) + "\n")

@@ -1,11 +1,12 @@
 """Recipe configs (configs/train.py, ...): ml_collections `get_config()` files plus `--config.a.b=value` overrides.
 
 The model section is one language for every command: a recipe's `model` names its source (`preset`, or a
-converted checkpoint in `init_from`), and `load_recipe` fills the section with *every* `ModelConfig` field of that
-source, so `--config.model.<field>=value` (nested: `--config.model.text.num_layers=2`) sets any of them and
-`--print-config` shows them all. `eval` and `convert` take the same `--config.model.<field>=` overrides on top of
-their model (`model_config_with_overrides`). Fields set in a recipe file's `model` section apply before the
-command line's.
+converted checkpoint in `init_from`), and `load_recipe` fills the section with *every* `ModelConfig` and
+`ExecutionConfig` field of that source (config.py: one flat dict), so `--config.model.<field>=value` (nested:
+`--config.model.text.num_layers=2`, execution: `--config.model.attention=flash`) sets any of them and
+`--print-config` shows them all. `model_config` / `execution_config` read the two back. `eval` and `convert` take
+the same `--config.model.<field>=` overrides on top of their model (`configs_with_overrides`). Fields set in a
+recipe file's `model` section apply before the command line's.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import pathlib
 import ml_collections
 
 from llavaction_jax import checkpoint_io
-from llavaction_jax.config import CONFIGS_DIR, ConfigError, ModelConfig, load_preset, run_config_file
+from llavaction_jax.config import (CONFIGS_DIR, ConfigError, ExecutionConfig, ModelConfig, config_fields,
+                                   preset_configs, run_config_file)
 
-MODEL_SOURCE_KEYS = ("preset", "init_from")  # recipe keys of the model section that are not ModelConfig fields
+MODEL_SOURCE_KEYS = ("preset", "init_from")  # recipe keys of the model section that are not config fields
 
 
 def load_recipe(path: str | pathlib.Path, overrides: list[str] | None = None) -> ml_collections.ConfigDict:
@@ -37,7 +39,7 @@ def load_recipe(path: str | pathlib.Path, overrides: list[str] | None = None) ->
     set_values(cfg, [(k, v) for k, v in pairs if not is_field(k)])
     if "model" in cfg:
         recipe_fields = {k: v for k, v in cfg.model.items() if k not in MODEL_SOURCE_KEYS}
-        section = model_section(model_base(cfg.model))
+        section = model_section(*model_base(cfg.model))
         for key, value in recipe_fields.items():
             if key not in section:
                 raise ConfigError(f"{file}: model.{key} is not a model config field; available: {sorted(section)}")
@@ -52,31 +54,37 @@ def load_recipe(path: str | pathlib.Path, overrides: list[str] | None = None) ->
     return cfg
 
 
-def model_base(section) -> ModelConfig:
-    """The model config a recipe's model section starts from: its `init_from` checkpoint's, else its preset's."""
+def model_base(section) -> tuple[ModelConfig, ExecutionConfig]:
+    """The configs a recipe's model section starts from: its `init_from` checkpoint's, else its preset's."""
     if section.get("init_from"):
-        return checkpoint_io.load_config(section.init_from)
-    return load_preset(section.get("preset") or "tiny")
+        return checkpoint_io.load_config(section.init_from), checkpoint_io.load_execution(section.init_from)
+    return preset_configs(section.get("preset") or "tiny")
 
 
-def model_section(cfg: ModelConfig) -> ml_collections.ConfigDict:
-    """Every field of `cfg` (but the upstream keys carried in `extra`) as a ConfigDict."""
-    fields = cfg.to_dict()
-    fields.pop("extra")
-    return ml_collections.ConfigDict(fields)
+def model_section(cfg: ModelConfig, execution: ExecutionConfig) -> ml_collections.ConfigDict:
+    """Every field of `cfg` (but the upstream keys carried in `extra`) and of `execution` as a ConfigDict."""
+    return ml_collections.ConfigDict(config_fields(cfg, execution))
 
 
 def model_config(cfg: ml_collections.ConfigDict) -> ModelConfig:
     """The ModelConfig a loaded recipe describes (its filled model section, plus the source's `extra` keys)."""
     fields = {k: v for k, v in cfg.model.to_dict().items() if k not in MODEL_SOURCE_KEYS}
-    return ModelConfig.from_dict({**fields, "extra": model_base(cfg.model).extra})
+    return ModelConfig.from_dict({**fields, "extra": model_base(cfg.model)[0].extra})
 
 
-def model_config_with_overrides(base: ModelConfig, overrides: list[str]) -> ModelConfig:
-    """`base` with `--config.model.<field>=value` overrides (the same syntax as `train`), for eval and convert."""
-    holder = ml_collections.ConfigDict({"model": model_section(base)})
+def execution_config(cfg: ml_collections.ConfigDict) -> ExecutionConfig:
+    """The execution choices of a loaded recipe's model section."""
+    return ExecutionConfig.from_dict(cfg.model.to_dict())
+
+
+def configs_with_overrides(cfg: ModelConfig, execution: ExecutionConfig,
+                           overrides: list[str]) -> tuple[ModelConfig, ExecutionConfig]:
+    """`cfg` and `execution` with `--config.model.<field>=value` overrides (the same syntax as `train`), for eval
+    and convert."""
+    holder = ml_collections.ConfigDict({"model": model_section(cfg, execution)})
     set_values(holder, parse_overrides(overrides))
-    return ModelConfig.from_dict({**holder.model.to_dict(), "extra": base.extra})
+    fields = holder.model.to_dict()
+    return ModelConfig.from_dict({**fields, "extra": cfg.extra}), ExecutionConfig.from_dict(fields)
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, str]]:

@@ -21,8 +21,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from llavaction_jax.config import ModelConfig
-from llavaction_jax.model.params import flatten_paths, unflatten_paths
+from llavaction_jax.config import ExecutionConfig, ResolvedExecution
+from llavaction_jax.tree import flatten_paths, unflatten_paths
 
 logger = logging.getLogger(__name__)
 
@@ -71,10 +71,10 @@ def platform_of(mesh: Mesh | None = None) -> str:
     return {"cuda": "gpu", "rocm": "gpu"}.get(device.platform, device.platform)
 
 
-def resolve_config(cfg: ModelConfig, mesh: Mesh | None = None) -> ModelConfig:
-    """`cfg` with its execution fields fixed for the devices it will run on (`ModelConfig.resolved`): what entry
-    points (the API, train, eval, generation, benchmarks) call once before tracing."""
-    return cfg.resolved(platform_of(mesh), mesh.devices.size if mesh is not None else 1)
+def resolve_execution(execution: ExecutionConfig, mesh: Mesh | None = None) -> ResolvedExecution:
+    """`execution` fixed for the devices it will run on (`ExecutionConfig.resolve`): what entry points (the API,
+    train, eval, benchmarks) call once before tracing."""
+    return execution.resolve(platform_of(mesh), mesh.devices.size if mesh is not None else 1)
 
 
 def parse_mesh(text: str) -> dict[str, int]:

@@ -18,7 +18,7 @@ from safetensors.numpy import save_file
 from llavaction_jax.config import load_preset
 from llavaction_jax.convert.keys import map_key, torch_shape, upstream_keys
 from llavaction_jax.model import llava
-from llavaction_jax.model.params import flatten_paths
+from llavaction_jax.tree import flatten_paths
 
 # SigLIP hub-style config: 3 layers, of which mm_vision_select_layer=-2 runs 2 (upstream deletes the last).
 SIGLIP = dict(model_type="siglip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=3,

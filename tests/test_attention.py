@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llavaction_jax.config import ConfigError, load_preset
+from llavaction_jax.config import ConfigError, ExecutionConfig, load_preset
 from llavaction_jax.model import attention as attention_module
 from llavaction_jax.model import qwen2
 from llavaction_jax.model.attention import (attention, auto_impl, cudnn_attention, dense_mask, splash_attention,
@@ -262,7 +262,7 @@ def test_splash_wrapper_in_interpreter():
 
 
 def test_config_rejects_unknown_attention():
-    cfg = load_preset("tiny")
+    cfg = ExecutionConfig()
     assert cfg.replace(attention="flash").attention == "flash"
     with pytest.raises(ConfigError, match="'attention'"):
         cfg.replace(attention="flash2")

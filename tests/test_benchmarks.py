@@ -14,12 +14,14 @@ import pytest
 from PIL import Image
 
 from llavaction_jax import cli
+from llavaction_jax.api import generation_config
 from llavaction_jax.data import chat
 from llavaction_jax.data.frames import FrameShards
+from llavaction_jax.data.tokenizer import default_tokenizer
 from llavaction_jax.eval import batching, mqa_eval, questions as qs, runner
 from llavaction_jax.eval.benchmarks import VARIANTS, longvideobench, mvbench, parsers, score, suite, videomme
 from llavaction_jax.model import llava
-from llavaction_jax.sharding import local_rows, make_mesh, resolve_config, shard_batch, use_mesh
+from llavaction_jax.sharding import local_rows, make_mesh, resolve_execution, shard_batch, use_mesh
 from _video_fixtures import known_frames, write_mp4
 
 VOCAB = 151680  # the tiny preset with a vocabulary that covers the bundled Qwen2 tokenizer
@@ -184,6 +186,19 @@ def test_builders_write_lmms_eval_prompts_answers_and_groups(built):
     assert nq[1]["prompt"] == "what is next\nA. f\nB. g\nC. h\nD. i\nE. j"  # no closing instruction in lmms-eval
     assert nq[0]["clip_uid"] == "1006/4010069381.mp4" and nq[0]["answer"] == "C"
     assert nq[0]["groups"] == {"type_group": "causal", "type": "CW"}
+    # the meta records llava_vid's settings as the authors ran it (max_frames_num=64, mm_spatial_pool_mode=average)
+    for variant in VARIANTS:
+        settings = json.loads((built / "data" / variant / "questions.jsonl.meta.json").read_text())["settings"]
+        assert settings == {"time_instruction": "none", "pool_mode": "average", "max_frames_num": 64}
+
+
+def test_build_bench_pooling_and_frame_cap_are_overridable(built):
+    assert cli.main(["build-bench", "nextqa", "--annotations", str(built / "ann" / "test.csv"), "--video-map",
+                     str(built / "ann" / "map_vid_vidorID.json"), "--out", str(built / "bilinear"), "--pool-mode",
+                     "bilinear", "--max-frames-num", "32"]) == 0
+    meta = json.loads((built / "bilinear" / "nextqa_mc_test" / "questions.jsonl.meta.json").read_text())
+    assert meta["settings"]["pool_mode"] == "bilinear" and meta["settings"]["max_frames_num"] == 32
+    assert mqa_eval.file_settings(meta)["max_new_tokens"] == VARIANTS["nextqa_mc_test"].max_new_tokens
 
 
 def test_eval_prompts_are_lmms_eval_llava_vid_prompts(built):
@@ -352,18 +367,18 @@ def suite_model(built):
          "--max-new-tokens", "3", "--prompt-len", "288", "--options-per-pass", "5",
          *[f"--config.model.{o}" for o in overrides]])
     mesh = make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
-    params, cfg, name = mqa_eval.load_model(args, mesh)
-    return args, params, cfg, name, mesh
+    params, cfg, execution, name = mqa_eval.load_model(args, mesh)
+    return args, params, cfg, execution, name, mesh
 
 
 @pytest.fixture(scope="module")
 def suite_run(built, suite_model):
     """eval-suite --suite paper over all built variants with one tiny random model on one device, one compiled
     step for every benchmark (same prompt length, option layout, frames and budget)."""
-    args, params, cfg, name, mesh = suite_model
+    args, params, cfg, execution, name, mesh = suite_model
     logs = []
-    suite.run_suite(args, params, cfg, name, mesh, qs.default_tokenizer(), "bundled",
-                    log=lambda *a, **k: logs.append(" ".join(map(str, a))))
+    suite.run_suite(args, params, cfg, name, mesh, default_tokenizer(), "bundled",
+                    log=lambda *a, **k: logs.append(" ".join(map(str, a))), execution=execution)
     return built / "out", logs
 
 
@@ -387,6 +402,8 @@ def test_suite_scores_every_benchmark_the_official_way_and_writes_one_table(suit
     assert [p["num_frames"] for p in by_variant["mvbench"]] == [1, 4, 2]  # each clip its own frames, padded to 4
     assert [p["num_frames"] for p in by_variant["nextqa_mc_test"]] == [2, 2]  # a 2 s video at 1 fps
     assert json.loads((out / "mvbench" / "results.json").read_text())["settings"]["layout"]["num_frames"] == 4
+    # each file's pooling (build-bench's default: llava_vid's average, as the authors ran lmms-eval)
+    assert {json.loads((out / v / "results.json").read_text())["model"]["pool_mode"] for v in VARIANTS} == {"average"}
     submission = json.loads((out / "egoschema" / "egoschema_submission.json").read_text())
     assert set(submission) == {"ego0", "ego1", "ego2"} and all(-1 <= v < 5 for v in submission.values())
     assert cli.main(["eval-suite", "--data", str(built / "data"), "--out", str(out), "--table-only"]) == 0
@@ -403,8 +420,9 @@ def test_a_padded_batch_of_clips_with_different_frame_counts_answers_as_each_cli
     alone (its own frames, an uncached forward pass); with lmms-eval's time instruction each prompt states the
     clip's own frames. The batch has the suite's shapes, so its generate step is already compiled (test order only
     saves time)."""
-    _, params, cfg, _, mesh = suite_model
-    tokenizer = qs.default_tokenizer()
+    _, params, cfg, execution, _, mesh = suite_model
+    cfg = cfg.replace(pool_mode="average")  # the suite's, from the question file
+    tokenizer = default_tokenizer()
     _, _, questions = qs.load_questions(built / "data" / "mvbench" / "questions.jsonl")
     questions = [dataclasses.replace(q, time_style="lmms-eval") for q in questions]
     builder = batching.PromptBuilder(tokenizer, True, INSTRUCTION)
@@ -423,23 +441,23 @@ def test_a_padded_batch_of_clips_with_different_frame_counts_answers_as_each_cli
     assert "and 2 frames are uniformly sampled from it. These frames are located at 0.00s,1.00s.Please" in prompts[2]
     assert "and 4 frames are uniformly sampled" in prompts[1]
 
-    gen = runner.generation_config(tokenizer, 3, cfg.text.vocab_size, None)
-    steps = runner.make_steps(params, cfg, mesh, layout, gen, ("generate", "score"))
+    gen = generation_config(tokenizer, 3, cfg.text.vocab_size, None)
+    steps = runner.make_steps(params, cfg, mesh, layout, gen, ("generate", "score"), execution)
     padded = {m: local_rows(fn(shard_batch(arrays, mesh)), mesh) for m, fn in steps.items()}
-    run_cfg = resolve_config(cfg, mesh)
+    resolved = resolve_execution(execution, mesh)
     for row, n in ((0, 1), (2, 2)):  # the padded clips alone: their own frames only
         prompt = arrays["input_ids"][row][arrays["attention_mask"][row]].tolist()
         answer = padded["generate"]["tokens"][row, : padded["generate"]["num_tokens"][row]].tolist()
         options = [ids[mask].tolist() for ids, mask in zip(arrays["option_ids"][row], arrays["option_mask"][row])]
         options = [o for o in options if o]
-        greedy, logprobs = alone_reference(params, run_cfg, mesh, prompt, arrays["pixel_values"][row, :n],
+        greedy, logprobs = alone_reference(params, cfg, resolved, mesh, prompt, arrays["pixel_values"][row, :n],
                                            [answer] + options, gen.vocab_limit)
         assert answer == greedy[0][: len(answer)]  # each generated token is the alone model's argmax
         np.testing.assert_allclose(padded["score"]["logprob_sum"][row, : len(options)],
                                    [sum(lp) for lp in logprobs[1:]], rtol=1e-5, atol=1e-5)
 
 
-def alone_reference(params, cfg, mesh, prompt, frames, continuations, vocab_limit):
+def alone_reference(params, cfg, execution, mesh, prompt, frames, continuations, vocab_limit):
     """One clip alone, without padding or KV cache: one forward pass over prompt + each continuation (a row each,
     the clip's frames repeated), then per row the argmax token and the log-probability of the continuation's
     tokens at each of its positions."""
@@ -450,7 +468,7 @@ def alone_reference(params, cfg, mesh, prompt, frames, continuations, vocab_limi
     mask = np.arange(width)[None] < np.asarray([len(prompt) + len(t) for t in continuations])[:, None]
     pixels = np.repeat(frames[None], len(continuations), axis=0)
     with use_mesh(mesh):
-        hidden = jax.jit(llava.forward, static_argnames="cfg")(params, cfg, ids, pixels, mask).hidden
+        hidden = jax.jit(llava.forward, static_argnums=(1, 2))(params, cfg, execution, ids, pixels, mask).hidden
         logprobs = np.asarray(jax.nn.log_softmax(llava.lm_logits(params, hidden, vocab_limit), axis=-1))
     start = len(prompt) - 2 + cfg.tokens_per_video(len(frames))  # predicts the first token after the prompt
     steps = [range(start, start + len(t)) for t in continuations]
@@ -458,3 +476,39 @@ def alone_reference(params, cfg, mesh, prompt, frames, continuations, vocab_limi
     picked = [[float(logprobs[r, p, t]) for p, t in zip(ps, tokens)]
               for r, (ps, tokens) in enumerate(zip(steps, continuations))]
     return greedy, picked
+
+
+def test_eval_suite_on_the_command_line_counts_an_unreadable_clip_wrong_unless_strict(built, tmp_path):
+    """`eval-suite` end to end in its own one-device process: a question whose clip the shards do not hold is a
+    failed record, counted wrong in the official score and listed in results.json; --strict stops instead."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import COLLECTIVE_FLAGS
+
+    data = tmp_path / "data"
+    shutil.copytree(built / "data" / "mvbench", data / "mvbench")
+    file = data / "mvbench" / "questions.jsonl"
+    records = [json.loads(line) for line in file.read_text().splitlines()]
+    for key in ("start", "end"):
+        records[0].pop(key, None)
+    records[0].update(clip_uid="gone", video="gone.mp4")
+    file.write_text("".join(json.dumps(r) + "\n" for r in records))
+    overrides = [f"text.vocab_size={VOCAB}", "text.tie_word_embeddings=true", "text.hidden_size=64",
+                 "text.intermediate_size=128"]
+    command = [sys.executable, "-m", "llavaction_jax", "eval-suite", "--data", str(data), "--preset", "tiny",
+               "--batch-size", "4", "--max-new-tokens", "3", "--mesh", "data=1,fsdp=1,tensor=1",
+               *[f"--config.model.{o}" for o in overrides]]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1 " + COLLECTIVE_FLAGS)
+    run = lambda *extra: subprocess.run(command + list(extra), env=env, capture_output=True, text=True, timeout=600)
+    done = run("--out", str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr
+    results = json.loads((tmp_path / "out" / "mvbench" / "results.json").read_text())
+    assert [f["clip_uid"] for f in results["failed"]] == ["gone"] and "KeyError" in results["failed"][0]["error"]
+    assert results["benchmark"]["modes"]["generate"]["n"] == len(records)  # counted, wrong
+    assert (tmp_path / "out" / "suite.md").is_file()
+    strict = run("--out", str(tmp_path / "strict"), "--strict")
+    assert strict.returncode == 2 and strict.stderr.strip().splitlines()[-1].startswith(
+        f"eval-suite: error: 1 questions have no clip in {data / 'mvbench' / 'shards'}"), strict.stderr

@@ -13,10 +13,10 @@ from test_upstream_train_files import upstream_files
 
 from _train_fixtures import tiny_train_config
 from llavaction_jax import cli
-from llavaction_jax.data import ek100
 from llavaction_jax.data.mixture import load_mixture
 from llavaction_jax.data.tokenizer import train_chatml_tokenizer
 from llavaction_jax.data.train_sample import clip_uid
+from llavaction_jax.ek100 import labels
 from llavaction_jax.train.loop import train
 
 FILES = ["avion_mc_top5_GT_random_narration/train_convs_narration_actionids.jsonl",
@@ -26,8 +26,8 @@ FILES = ["avion_mc_top5_GT_random_narration/train_convs_narration_actionids.json
 
 def write_predictions(path, annotations, shift):
     """{"<row>": {"predictions": [...], "target": "v:n"}}: 10 ranked actions (GT at rank ``shift``)."""
-    maps = ek100.load_label_maps(annotations)
-    segments = ek100.read_annotation_csv(annotations / ek100.TRAIN_CSV)
+    maps = labels.load_label_maps(annotations)
+    segments = labels.read_annotation_csv(annotations / labels.TRAIN_CSV)
     entries = {}
     for s in segments:
         others = [vn for vn in maps.actions if vn != s.vn][:9]

@@ -1,5 +1,6 @@
 """ModelConfig <-> upstream config.json (LLaVA-NeXT / LLaVAction keys read by
-llavaction/model/llava_arch.py and llavaction/model/language_model/llava_qwen.py) and HF llava-onevision.
+llavaction/model/llava_arch.py and llavaction/model/language_model/llava_qwen.py) and HF llava-onevision
+(convert/upstream_config.py); our own flat config file, old and new.
 
 The LLaVAction-7B dict below is written from docs/checkpoints.md (the 0.5B excerpt's key set, the 7B training
 recipe, the LLaVA-Video-7B-Qwen2 base values); the HF llava-onevision dict mirrors llava-hf's
@@ -12,7 +13,8 @@ import json
 
 import pytest
 
-from llavaction_jax.config import ConfigError, ModelConfig, VisionConfig
+from llavaction_jax.config import ConfigError, ExecutionConfig, ModelConfig, VisionConfig, load_preset
+from llavaction_jax.convert.upstream_config import from_upstream, to_upstream
 
 PINPOINTS = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
 
@@ -130,7 +132,7 @@ def empty_hf_home(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------------------------- upstream 7B
 def test_llavaction_7b_resolves(empty_hf_home):
-    cfg = ModelConfig.from_upstream(copy.deepcopy(LLAVACTION_7B))
+    cfg = from_upstream(copy.deepcopy(LLAVACTION_7B))
     v, t = cfg.vision, cfg.text
     # SigLIP so400m with its last layer dropped (mm_vision_select_layer -2 of 27): 26 layers run.
     assert (v.num_layers, v.hidden_size, v.num_heads, v.head_dim) == (26, 1152, 16, 72)
@@ -149,22 +151,22 @@ def test_llavaction_7b_resolves(empty_hf_home):
 
 def test_to_upstream_preserves_every_key(empty_hf_home):
     src = copy.deepcopy(LLAVACTION_7B)
-    out = ModelConfig.from_upstream(copy.deepcopy(src)).to_upstream()
+    out = to_upstream(from_upstream(copy.deepcopy(src)))
     missing = sorted(set(src) - set(out))
     assert not missing, f"to_upstream dropped {missing}"
     changed = {k: (src[k], out[k]) for k in src if out[k] != src[k] or type(out[k]) is not type(src[k])}
     assert not changed, f"to_upstream changed {changed}"
     assert json.loads(json.dumps(out)) == out  # serialisable as config.json
-    assert ModelConfig.from_upstream(out) == ModelConfig.from_upstream(src)
+    assert from_upstream(out) == from_upstream(src)
 
 
 def test_llava_video_7b_without_supervision_roundtrips(empty_hf_home):
     """The base model (no LLaVAction keys): no action token, and no supervision keys invented on the way back."""
     src = {k: v for k, v in LLAVACTION_7B.items() if k not in ("vision_supervision", "action_types", "vision_token_training")}
-    cfg = ModelConfig.from_upstream(copy.deepcopy(src))
+    cfg = from_upstream(copy.deepcopy(src))
     assert cfg.vision_supervision is None and cfg.num_action_tokens == 0 and cfg.num_action_positions == 0
     assert cfg.tokens_per_video(64) == 13440
-    out = cfg.to_upstream()
+    out = to_upstream(cfg)
     assert {k: out.get(k, "<missing>") for k in src} == src
     assert "vision_supervision" not in out and "action_types" not in out
 
@@ -173,10 +175,10 @@ def test_rope_theta_from_transformers_v5_rope_parameters(empty_hf_home):
     src = copy.deepcopy(LLAVACTION_7B)
     del src["rope_theta"]
     src["rope_parameters"] = {"rope_theta": 1000000.0, "rope_type": "default"}
-    cfg = ModelConfig.from_upstream(copy.deepcopy(src))
+    cfg = from_upstream(copy.deepcopy(src))
     assert cfg.text.rope_theta == 1e6
     src["rope_parameters"]["rope_theta"] = 5e5
-    assert ModelConfig.from_upstream(copy.deepcopy(src)).text.rope_theta == 5e5
+    assert from_upstream(copy.deepcopy(src)).text.rope_theta == 5e5
 
 
 def test_to_upstream_preserves_v5_rope_parameters(empty_hf_home):
@@ -184,7 +186,7 @@ def test_to_upstream_preserves_v5_rope_parameters(empty_hf_home):
     src = copy.deepcopy(LLAVACTION_7B)
     del src["rope_theta"]
     src["rope_parameters"] = {"rope_theta": 1000000.0, "rope_type": "default"}
-    out = ModelConfig.from_upstream(copy.deepcopy(src)).to_upstream()
+    out = to_upstream(from_upstream(copy.deepcopy(src)))
     assert out.get("rope_parameters") == src["rope_parameters"]
 
 
@@ -193,9 +195,9 @@ def test_to_upstream_preserves_alternative_vision_tower_key(empty_hf_home):
     build_vision_tower); a config spelled that way keeps the key."""
     src = {k: v for k, v in LLAVACTION_7B.items() if k != "mm_vision_tower"}
     src["vision_tower"] = "google/siglip-so400m-patch14-384"
-    cfg = ModelConfig.from_upstream(copy.deepcopy(src))
+    cfg = from_upstream(copy.deepcopy(src))
     assert cfg.vision.num_layers == 26
-    out = cfg.to_upstream()
+    out = to_upstream(cfg)
     assert out.get("vision_tower") == src["vision_tower"]
 
 
@@ -204,7 +206,7 @@ def test_missing_keys_take_the_model_code_defaults(empty_hf_home):
     prepare_inputs_labels_for_multimodal, e.g. mm_newline_position -> "one_token")."""
     src = {k: v for k, v in LLAVACTION_7B.items()
            if k not in ("mm_newline_position", "mm_spatial_pool_mode", "tokenizer_model_max_length")}
-    cfg = ModelConfig.from_upstream(src)
+    cfg = from_upstream(src)
     assert cfg.newline_position == "one_token"  # llava_arch.py:302, not train.py's "grid"
     assert cfg.pool_mode == "bilinear"
     assert cfg.tokenizer_model_max_length is None  # no truncation
@@ -213,7 +215,7 @@ def test_missing_keys_take_the_model_code_defaults(empty_hf_home):
 
 # ---------------------------------------------------------------------------------------------- HF llava-onevision
 def test_hf_onevision_config():
-    cfg = ModelConfig.from_upstream(copy.deepcopy(HF_ONEVISION_0_5B))
+    cfg = from_upstream(copy.deepcopy(HF_ONEVISION_0_5B))
     assert cfg.newline_position == "one_token" and cfg.pool_mode == "bilinear" and cfg.has_image_newline
     assert cfg.projector_type == "mlp2x_gelu" and cfg.vision_supervision is None
     v, t = cfg.vision, cfg.text
@@ -228,14 +230,14 @@ def test_hf_onevision_config():
 def test_hf_onevision_vision_feature_layer(layer):
     src = copy.deepcopy(HF_ONEVISION_0_5B)
     src["vision_feature_layer"] = layer
-    assert ModelConfig.from_upstream(src).vision.num_layers == 26 + 1 + layer
+    assert from_upstream(src).vision.num_layers == 26 + 1 + layer
 
 
 def test_hf_onevision_v5_rope_parameters():
     src = copy.deepcopy(HF_ONEVISION_0_5B)
     del src["text_config"]["rope_theta"]
     src["text_config"]["rope_parameters"] = {"rope_theta": 1000000.0, "rope_type": "default"}
-    assert ModelConfig.from_upstream(src).text.rope_theta == 1e6
+    assert from_upstream(src).text.rope_theta == 1e6
 
 
 def test_hf_onevision_diffed_vision_config_uses_siglip_defaults():
@@ -246,7 +248,7 @@ def test_hf_onevision_diffed_vision_config_uses_siglip_defaults():
     src = copy.deepcopy(HF_ONEVISION_0_5B)
     src["vision_config"] = {"model_type": "siglip_vision_model", "hidden_size": 1152, "num_attention_heads": 16,
                             "intermediate_size": 4304, "vision_use_head": False}
-    v = ModelConfig.from_upstream(src).vision
+    v = from_upstream(src).vision
     assert (v.hidden_size, v.num_heads, v.image_size, v.patch_size) == (1152, 16, 224, 16)
     assert v.num_layers == 12 + 1 - 1
 
@@ -255,7 +257,7 @@ def test_hf_onevision_diffed_vision_config_uses_siglip_defaults():
 def test_unknown_tower_fails_clearly(empty_hf_home):
     src = dict(LLAVACTION_7B, mm_vision_tower="some-org/some-unknown-siglip")
     with pytest.raises(ConfigError) as e:
-        ModelConfig.from_upstream(src)
+        from_upstream(src)
     msg = str(e.value)
     assert "some-org/some-unknown-siglip" in msg and "HF_HOME" in msg and "explicit vision config" in msg
 
@@ -278,28 +280,28 @@ def test_tower_from_local_hf_cache(empty_hf_home):
     snap = empty_hf_home / "hub" / "models--org--name" / "snapshots" / "abc"
     snap.mkdir(parents=True)
     (snap / "config.json").write_text(json.dumps(TOWER_CONFIG))
-    cfg = ModelConfig.from_upstream(dict(LLAVACTION_7B, mm_vision_tower="org/name"))
+    cfg = from_upstream(dict(LLAVACTION_7B, mm_vision_tower="org/name"))
     _check_tower(cfg.vision, 12 + 1 - 2)  # mm_vision_select_layer -2
     assert cfg.vision_tower == "org/name"
-    assert cfg.to_upstream()["mm_vision_tower"] == "org/name"
+    assert to_upstream(cfg)["mm_vision_tower"] == "org/name"
 
 
 def test_tower_from_local_directory(empty_hf_home):
     d = empty_hf_home / "my_tower"
     d.mkdir()
     (d / "config.json").write_text(json.dumps(TOWER_CONFIG))
-    cfg = ModelConfig.from_upstream(dict(LLAVACTION_7B, mm_vision_tower=str(d), mm_vision_select_layer=-1))
+    cfg = from_upstream(dict(LLAVACTION_7B, mm_vision_tower=str(d), mm_vision_select_layer=-1))
     _check_tower(cfg.vision, 12)
 
 
 def test_tower_from_explicit_vision_config(empty_hf_home):
-    cfg = ModelConfig.from_upstream(dict(LLAVACTION_7B, mm_vision_tower="nowhere/tower"), vision=TOWER_CONFIG)
+    cfg = from_upstream(dict(LLAVACTION_7B, mm_vision_tower="nowhere/tower"), vision=TOWER_CONFIG)
     _check_tower(cfg.vision, 11)
 
 
 def test_mm_hidden_size_must_match_tower(empty_hf_home):
     with pytest.raises(ConfigError, match="mm_hidden_size"):
-        ModelConfig.from_upstream(dict(LLAVACTION_7B, mm_hidden_size=1024))
+        from_upstream(dict(LLAVACTION_7B, mm_hidden_size=1024))
 
 
 # ---------------------------------------------------------------------------------------------- unsupported values
@@ -317,10 +319,48 @@ def test_mm_hidden_size_must_match_tower(empty_hf_home):
 )
 def test_unsupported_values_name_the_key(empty_hf_home, key, value):
     with pytest.raises(ConfigError, match=key) as e:
-        ModelConfig.from_upstream(dict(LLAVACTION_7B, **{key: value}))
+        from_upstream(dict(LLAVACTION_7B, **{key: value}))
     assert repr(value) in str(e.value) or value in str(e.value)
 
 
 def test_supervision_needs_three_action_types(empty_hf_home):
     with pytest.raises(ConfigError, match="action_types"):
-        ModelConfig.from_upstream(dict(LLAVACTION_7B, action_types="97,300"))
+        from_upstream(dict(LLAVACTION_7B, action_types="97,300"))
+
+
+# ---------------------------------------------------------------------------------------------- our config file
+# llavaction_config.json as ModelConfig.save wrote it before the execution choices had their own type (the tiny
+# preset with attention=flash, remat_policy=full, vision_frames_per_step=2): one flat dict of both.
+OLD_TINY_FILE = {
+    "action_types": [8, 8, 16], "attention": "flash", "compute_dtype": "float32", "extra": {},
+    "loop_collectives": "auto", "loss_chunk_tokens": 256, "loss_skip_empty_chunks": True, "newline_position": "grid",
+    "param_dtype": "float32", "patch_merge_type": "spatial_unpad", "platform": "auto", "pool_mode": "bilinear",
+    "pool_stride": 2, "projector_type": "mlp2x_gelu", "remat_policy": "full",
+    "text": {"hidden_size": 128, "intermediate_size": 256, "max_position_embeddings": 4096, "num_heads": 4,
+             "num_kv_heads": 2, "num_layers": 2, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+             "tie_word_embeddings": False, "vocab_size": 512},
+    "tokenizer_model_max_length": 4096, "tokenizer_padding_side": "right",
+    "vision": {"hidden_size": 64, "image_size": 64, "intermediate_size": 128, "layer_norm_eps": 1e-06,
+               "num_channels": 3, "num_heads": 4, "num_layers": 2, "patch_size": 16},
+    "vision_frames_per_step": 2, "vision_supervision": "one_token", "vision_token_training": "last_layer",
+    "vision_tower": "google/siglip-so400m-patch14-384",
+}
+
+
+def test_a_config_file_written_before_the_split_loads_into_both_configs(tmp_path):
+    from llavaction_jax import checkpoint_io
+
+    (tmp_path / checkpoint_io.CONFIG_FILE).write_text(json.dumps(OLD_TINY_FILE, indent=2))
+    cfg, execution = checkpoint_io.load_config(tmp_path), checkpoint_io.load_execution(tmp_path)
+    assert cfg == load_preset("tiny")
+    assert execution == ExecutionConfig(compute_dtype="float32", attention="flash", remat_policy="full",
+                                        vision_frames_per_step=2)
+    # and the file written today is the same flat dict, so older readers load it too
+    cfg.save(tmp_path / "again.json", execution)
+    assert json.loads((tmp_path / "again.json").read_text()) == OLD_TINY_FILE
+
+
+def test_model_config_alone_is_the_architecture():
+    fields = set(ModelConfig.__dataclass_fields__)
+    assert not fields & set(ExecutionConfig.__dataclass_fields__)
+    assert "attention" not in ModelConfig().to_dict() and "param_dtype" in fields  # the weights' dtype is the model's

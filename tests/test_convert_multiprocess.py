@@ -31,7 +31,7 @@ def test_two_processes_write_one_checkpoint_equal_to_single_process(tmp_path):
 
     import llavaction_jax
     from llavaction_jax.convert import from_torch
-    from llavaction_jax.model.params import flatten_paths
+    from llavaction_jax.tree import flatten_paths
     from llavaction_jax.sharding import make_mesh
 
     make_upstream_checkpoint(tmp_path / "src", dtype="bfloat16", unused=True)

@@ -11,10 +11,11 @@ from safetensors.numpy import load_file
 
 from llavaction_jax.cli import main
 from llavaction_jax.convert import from_torch
-from llavaction_jax.convert.keys import ConversionError, expected_keys, map_key, torch_to_params, upstream_keys
+from llavaction_jax.convert.import_plan import torch_to_params
+from llavaction_jax.convert.keys import ConversionError, expected_keys, map_key, upstream_keys
 from llavaction_jax.convert.safetensors_io import SafetensorsCheckpoint, SafetensorsError
 from llavaction_jax.model import llava
-from llavaction_jax.model.params import flatten_paths
+from llavaction_jax.tree import flatten_paths
 
 
 def write_raw(path, header: dict, data: bytes) -> None:

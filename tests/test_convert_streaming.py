@@ -17,7 +17,7 @@ import llavaction_jax
 from llavaction_jax import checkpoint_io
 from llavaction_jax.cli import main
 from llavaction_jax.convert import from_torch, orbax_stream, staging, to_torch
-from llavaction_jax.model.params import flatten_paths
+from llavaction_jax.tree import flatten_paths
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -49,7 +49,7 @@ def test_stored_chunks_fit_the_buffer_and_orbax_reads_the_checkpoint(tmp_path):
     cfg = checkpoint_io.load_config(tmp_path / "ours")
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = {p: jax.ShapeDtypeStruct(s, d, sharding=device) for p, (s, d) in stored.params.items()}
-    from llavaction_jax.model.params import unflatten_paths
+    from llavaction_jax.tree import unflatten_paths
 
     restored = flatten_paths(checkpoint_io.restore_params(tmp_path / "ours", unflatten_paths(abstract)))
     in_memory = flatten_paths(from_torch.load_torch(tmp_path / "src")[1])

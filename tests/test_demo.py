@@ -16,6 +16,12 @@ def test_demo_smallest_setting_learns(tmp_path):
     assert after["score"] >= 3 * chance and after["score"] > before["score"] + 0.3
     assert after["generate"] >= 2 * chance and after["generate"] > before["generate"] + 0.3
     assert summary["last_loss"] < summary["first_loss"] / 10
+    # results.json carries the paper's recognition metrics; with distinct options (and every GT among them) the
+    # chosen option's action is right exactly when its letter is
+    results = json.loads((out / "eval_after" / "results.json").read_text())
+    assert results["ek100"]["candidates_recall"] == 1.0
+    assert results["ek100"]["generate"]["action_top1"] == results["modes"]["generate"]["accuracy_letter"]
+    assert results["ek100"]["generate"]["verb_top1"] >= results["ek100"]["generate"]["action_top1"]
     # every stage left its artifact
     for path in ("shards/train/manifest.json", "mqa_validation.jsonl", "train/model/llavaction_config.json",
                  "eval_after/report.md", "eval_after/accuracy.png", "torch_export/config.json"):

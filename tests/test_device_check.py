@@ -112,7 +112,7 @@ def test_a_cudnn_failure_is_retried_with_flash_and_both_attempts_are_recorded():
     flops = prefill["model_tflops"] * 1e12
     assert prefill["mfu"] == pytest.approx(flops / prefill["prefill_s"] / 1e10)
     assert prefill["mfu_spec"] == pytest.approx(flops / prefill["prefill_s"] / 5e11)
-    cfg, _ = sec.state["big"]
+    cfg, _, _ = sec.state["big"]
     head_all = ds.train_flops(cfg, dc.SMOKE.prompt, dc.SMOKE.frames) / 3
     seq = ds.spliced_length(cfg, dc.SMOKE)
     assert flops == pytest.approx(head_all - 2 * (seq - 1) * cfg.text.hidden_size * cfg.text.vocab_size)
@@ -160,13 +160,31 @@ def test_format_table_and_markdown_say_why_a_section_did_not_run():
 
 
 def test_the_lm_head_is_counted_on_the_loss_chunks_that_hold_targets():
-    from llavaction_jax.config import load_preset
+    from llavaction_jax.config import UnresolvedExecution, preset_configs
     from llavaction_jax.train.metrics import lm_head_positions
 
-    cfg = load_preset("tiny").replace(loss_chunk_tokens=256)
+    _, preset = preset_configs("tiny")
+    chunked = preset.replace(loss_chunk_tokens=256)
+    execution = chunked.resolve("gpu", 1)
     # 999 predicting positions -> 4 balanced chunks of 250; targets at 990-997 are predicted from 989-996: chunk 3
-    assert lm_head_positions(cfg, 1000, range(990, 998)) == 250
-    assert lm_head_positions(cfg, 1000, [10, 990]) == 500  # two chunks hold a target
-    assert lm_head_positions(cfg, 200, [150]) == 200  # one chunk: the whole sequence
-    assert lm_head_positions(cfg.replace(loss_chunk_tokens=0), 1000, [990]) == 1000  # unchunked: every position
-    assert lm_head_positions(cfg.replace(loss_skip_empty_chunks=False), 1000, [990]) == 1000
+    assert lm_head_positions(execution, 1000, range(990, 998)) == 250
+    assert lm_head_positions(execution, 1000, [10, 990]) == 500  # two chunks hold a target
+    assert lm_head_positions(execution, 200, [150]) == 200  # one chunk: the whole sequence
+    assert lm_head_positions(execution.replace(loss_chunk_tokens=0), 1000, [990]) == 1000  # unchunked
+    assert lm_head_positions(execution.replace(loss_skip_empty_chunks=False), 1000, [990]) == 1000
+    # a CPU mesh of several devices turns loop collectives off, and with them the chunked loss
+    assert lm_head_positions(chunked.resolve("cpu", 2), 1000, [990]) == 1000
+    with pytest.raises(UnresolvedExecution):
+        lm_head_positions(chunked, 1000, [990])  # "auto" choices depend on the devices
+
+
+def test_section_models_are_the_config_presets_with_their_execution_resolved_here():
+    from llavaction_jax.bench import device_sections as ds
+    from llavaction_jax.config import ResolvedExecution, preset_configs
+
+    cfg, execution = ds.model_config("llavaction_0_5b", "bfloat16", attention="flash", remat_policy="full")
+    preset, preset_execution = preset_configs("llavaction_0_5b")
+    assert cfg == preset.replace(param_dtype="bfloat16")  # execution changes never reach the model config
+    assert isinstance(execution, ResolvedExecution) and execution.platform == "cpu"
+    assert (execution.attention, execution.remat_policy) == ("flash", "full")
+    assert execution.loss_chunk_tokens == preset_execution.loss_chunk_tokens

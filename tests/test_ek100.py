@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from llavaction_jax.data import ek100
+from llavaction_jax.ek100 import labels
 
 HEADER = ["narration_id", "participant_id", "video_id", "narration_timestamp", "start_timestamp", "stop_timestamp",
           "start_frame", "stop_frame", "narration", "verb", "verb_class", "noun", "noun_class", "all_nouns",
@@ -75,20 +75,20 @@ def fake_dir(tmp_path):
 
 
 def test_datetime2sec():
-    assert ek100.datetime2sec("00:00:01.89") == 1.89
-    assert ek100.datetime2sec("01:02:05.50") == 3725.5
+    assert labels.datetime2sec("00:00:01.89") == 1.89
+    assert labels.datetime2sec("01:02:05.50") == 3725.5
 
 
 def test_action_ids_are_lexicographic_over_strings():
     # Upstream sorts the "v:n" strings with Python's sorted(): character codes, and ':' (58) sorts after the digits
     # (48-57). So "0:10" < "0:2" (numeric order would say the opposite) and "10:1" < "1:0". A chain
     # "0:2" < "1:0" < "10:1" gets the last pair wrong (docs/ek100.md); the released action heads follow sorted().
-    ids = ek100.action_ids_in_lexicographic_order(["10:1", "1:0", "0:2", "0:10", "0:2", "2:0"])
+    ids = labels.action_ids_in_lexicographic_order(["10:1", "1:0", "0:2", "0:10", "0:2", "2:0"])
     assert ids == {"0:10": 0, "0:2": 1, "10:1": 2, "1:0": 3, "2:0": 4}
 
 
 def test_read_annotation_csv(fake_dir):
-    segments = ek100.read_annotation_csv(fake_dir / "EPIC_100_validation.csv")
+    segments = labels.read_annotation_csv(fake_dir / "EPIC_100_validation.csv")
     assert len(segments) == len(FAKE_VALIDATION)
     first, late = segments[0], segments[8]
     assert (first.row_index, first.narration_id, first.video, first.vn) == (0, "P91_01_0", "P91-P91_01", "2:1")
@@ -97,7 +97,7 @@ def test_read_annotation_csv(fake_dir):
 
 
 def test_label_maps_from_train_then_validation(fake_dir):
-    maps = ek100.load_label_maps(fake_dir)
+    maps = labels.load_label_maps(fake_dir)
     assert maps.actions == sorted(maps.actions)
     assert maps.actions[:3] == ["0:10", "0:2", "0:3"]  # "0:10" sorts before "0:2"
     # string order: "0:3" < "10:10" < "10:2" < "1:10" < ... < "2:1"
@@ -111,30 +111,30 @@ def test_label_maps_from_train_then_validation(fake_dir):
 
 
 def test_label_space_refuses_without_train_csv_unless_uda_is_asked(fake_dir):
-    assert [p.name for p in ek100.default_train_csvs(fake_dir)] == ["EPIC_100_train.csv"]
+    assert [p.name for p in labels.default_train_csvs(fake_dir)] == ["EPIC_100_train.csv"]
     # UDA stand-ins: the train rows under another name, one row moved to a file of its own
     (fake_dir / "UDA_annotations").mkdir()
-    names = [pathlib.PurePath(n).name for n in ek100.UDA_TRAIN_STAND_INS]
+    names = [pathlib.PurePath(n).name for n in labels.UDA_TRAIN_STAND_INS]
     write_annotation_csv(fake_dir / "UDA_annotations" / names[0], FAKE_TRAIN[:-1], "P90", "P90_01")
     write_annotation_csv(fake_dir / "UDA_annotations" / names[1], FAKE_TRAIN[-1:], "P90", "P90_01")
     write_annotation_csv(fake_dir / "UDA_annotations" / names[2], [], "P90", "P90_01")
-    full = ek100.load_label_maps(fake_dir)
-    assert [p.name for p in ek100.default_train_csvs(fake_dir, "uda")] == names  # asked for: used even with train
+    full = labels.load_label_maps(fake_dir)
+    assert [p.name for p in labels.default_train_csvs(fake_dir, "uda")] == names  # asked for: used even with train
     (fake_dir / "EPIC_100_train.csv").unlink()
-    for call in (lambda: ek100.default_train_csvs(fake_dir), lambda: ek100.load_label_maps(fake_dir)):
-        with pytest.raises(ek100.AnnotationError, match=r"EPIC_100_train\.csv not found.*--label-space uda") as e:
+    for call in (lambda: labels.default_train_csvs(fake_dir), lambda: labels.load_label_maps(fake_dir)):
+        with pytest.raises(labels.AnnotationError, match=r"EPIC_100_train\.csv not found.*--label-space uda") as e:
             call()
         assert "\n" not in str(e.value)
-    assert ek100.load_label_maps(fake_dir, label_space="uda").vn2act == full.vn2act
+    assert labels.load_label_maps(fake_dir, label_space="uda").vn2act == full.vn2act
     (fake_dir / "UDA_annotations" / names[2]).unlink()
-    with pytest.raises(ek100.AnnotationError, match=names[2]):
-        ek100.load_label_maps(fake_dir, label_space="uda")
+    with pytest.raises(labels.AnnotationError, match=names[2]):
+        labels.load_label_maps(fake_dir, label_space="uda")
 
 
 def test_render_action(fake_dir):
-    maps = ek100.load_label_maps(fake_dir)
+    maps = labels.load_label_maps(fake_dir)
     rng = np.random.default_rng(0)
-    render = lambda vn, rep, **kw: ek100.render_action(vn, rep, maps, rng, "2:1", "open the door", **kw)  # noqa
+    render = lambda vn, rep, **kw: labels.render_action(vn, rep, maps, rng, "2:1", "open the door", **kw)  # noqa
     assert render("2:1", "GT_random_narration") == "open the door"
     assert render("2:1", "official_key") == "open door"
     assert render("0:2", "official_key") == "take cup"
@@ -144,19 +144,28 @@ def test_render_action(fake_dir):
     assert render("1:10", "GT_random_narration", avoid={"put down"}) == "put knife"
     assert render("4:10", "GT_random_narration") == "wash knife"  # pair outside the label maps
     assert render("0:2", "top1_narration") == "take cup"
+    # GT_key: the keys, the GT as its own narration (upstream's parse_vn_ids)
+    assert render("2:1", "GT_key") == "open the door" and render("0:2", "GT_key") == "take cup"
+    # topk_narration_cut_key: key, marker, the n most frequent narrations (0:2: "take cup" twice in train, then
+    # "pick up cup" (train) before "grab cup" (validation) at one each); no GT substitution
+    assert render("0:2", "topk_narration_cut_key", n_narrations=2) == (
+        "take cup, example usages could be, take cup, pick up cup")
+    assert render("2:1", "topk_narration_cut_key", n_narrations=3) == "open door, example usages could be, open door"
+    with pytest.raises(ValueError, match="n_narrations > 0"):
+        render("0:2", "topk_narration_cut_key")
     with pytest.raises(ValueError, match="representation"):
-        render("0:2", "GT_key")
+        render("0:2", "GT_random_narration_cut")
 
 
 def test_item_rng_depends_on_seed_and_uid_only():
-    draw = lambda *a: ek100.item_rng(*a).integers(1 << 30, size=4).tolist()  # noqa: E731
+    draw = lambda *a: labels.item_rng(*a).integers(1 << 30, size=4).tolist()  # noqa: E731
     assert draw(42, "P01_11_0") == draw(42, "P01_11_0")
     assert draw(42, "P01_11_0") != draw(42, "P01_11_1")
     assert draw(42, "P01_11_0") != draw(43, "P01_11_0")
     assert draw(42, "P01_11_0", "mc") != draw(42, "P01_11_0", "detection")
     # the same in a fresh interpreter with another hash seed (a Python hash() would differ)
-    code = ("from llavaction_jax.data import ek100; "
-            "print(ek100.item_rng(42, 'P01_11_0').integers(1 << 30, size=4).tolist())")
+    code = ("from llavaction_jax.ek100 import labels; "
+            "print(labels.item_rng(42, 'P01_11_0').integers(1 << 30, size=4).tolist())")
     env = dict(os.environ, PYTHONHASHSEED="123")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == str(draw(42, "P01_11_0"))
@@ -165,20 +174,20 @@ def test_item_rng_depends_on_seed_and_uid_only():
 def test_bad_csv_errors_name_file_line_and_column(tmp_path, fake_dir):
     bad = tmp_path / "bad.csv"
     bad.write_text("narration_id,participant_id,video_id\nx,P01,P01_01\n")
-    with pytest.raises(ek100.AnnotationError, match=r"bad\.csv: missing column\(s\) \['start_timestamp'"):
-        ek100.read_annotation_csv(bad)
+    with pytest.raises(labels.AnnotationError, match=r"bad\.csv: missing column\(s\) \['start_timestamp'"):
+        labels.read_annotation_csv(bad)
     lines = (fake_dir / "EPIC_100_validation.csv").read_text().splitlines()
     lines[3] = lines[3].replace(",take,0,cup,2,", ",take,zero,cup,2,")
     bad.write_text("\n".join(lines) + "\n")
-    with pytest.raises(ek100.AnnotationError, match=r"bad\.csv:4 \(narration_id 'P91_01_2'\): column 'verb_class'"):
-        ek100.read_annotation_csv(bad)
+    with pytest.raises(labels.AnnotationError, match=r"bad\.csv:4 \(narration_id 'P91_01_2'\): column 'verb_class'"):
+        labels.read_annotation_csv(bad)
     lines = (fake_dir / "EPIC_100_validation.csv").read_text().splitlines()
     lines[2] = lines[2].replace("00:00:01.20", "1.2s")
     bad.write_text("\n".join(lines) + "\n")
-    with pytest.raises(ek100.AnnotationError, match=r"bad\.csv:3 .*HH:MM:SS"):
-        ek100.read_annotation_csv(bad)
-    with pytest.raises(ek100.AnnotationError, match="not found"):
-        ek100.read_annotation_csv(tmp_path / "missing.csv")
+    with pytest.raises(labels.AnnotationError, match=r"bad\.csv:3 .*HH:MM:SS"):
+        labels.read_annotation_csv(bad)
+    with pytest.raises(labels.AnnotationError, match="not found"):
+        labels.read_annotation_csv(tmp_path / "missing.csv")
 
 
 def test_prediction_file_errors_name_file_and_key(tmp_path, fake_dir):
@@ -188,27 +197,27 @@ def test_prediction_file_errors_name_file_and_key(tmp_path, fake_dir):
                              ('{"0": {"target": "1:2"}}', "entry '0'.*'predictions' list"),
                              ('{"0": {"predictions": ["1-2"]}}', "entry '0'.*'1-2'")]:
         path.write_text(content)
-        with pytest.raises(ek100.AnnotationError, match=message):
-            ek100.load_predictions(path)
+        with pytest.raises(labels.AnnotationError, match=message):
+            labels.load_predictions(path)
     path.write_text(json.dumps({"0": {"predictions": ["2:1", "03:1"], "target": "2:1"},
                                 "1": {"predictions": ["0:2", "3:1"], "target": "0:2"}}))
-    predictions = ek100.load_predictions(path)
+    predictions = labels.load_predictions(path)
     assert predictions[0].predictions == ("2:1", "3:1")  # canonical "v:n"
-    segments = ek100.read_annotation_csv(fake_dir / "EPIC_100_validation.csv")
-    assert ek100.predictions_for(segments[0], predictions, str(path), 2) == ["2:1", "3:1"]
-    with pytest.raises(ek100.AnnotationError, match=r"entry '1' \(uid P91_01_1.*target 0:2 differs.*3:1"):
-        ek100.predictions_for(segments[1], predictions, str(path), 2)
-    with pytest.raises(ek100.AnnotationError, match=r"entry '2' \(uid P91_01_2.*no predictions"):
-        ek100.predictions_for(segments[2], predictions, str(path), 2)
-    with pytest.raises(ek100.AnnotationError, match="2 predictions, need at least 5"):
-        ek100.predictions_for(segments[0], predictions, str(path), 5)
+    segments = labels.read_annotation_csv(fake_dir / "EPIC_100_validation.csv")
+    assert labels.predictions_for(segments[0], predictions, str(path), 2) == ["2:1", "3:1"]
+    with pytest.raises(labels.AnnotationError, match=r"entry '1' \(uid P91_01_1.*target 0:2 differs.*3:1"):
+        labels.predictions_for(segments[1], predictions, str(path), 2)
+    with pytest.raises(labels.AnnotationError, match=r"entry '2' \(uid P91_01_2.*no predictions"):
+        labels.predictions_for(segments[2], predictions, str(path), 2)
+    with pytest.raises(labels.AnnotationError, match="2 predictions, need at least 5"):
+        labels.predictions_for(segments[0], predictions, str(path), 5)
 
 
 def test_real_label_maps(ek100_dir):
-    train_csvs = ek100.default_train_csvs(ek100_dir, "uda")
-    if (ek100_dir / ek100.TRAIN_CSV).exists():
+    train_csvs = labels.default_train_csvs(ek100_dir, "uda")
+    if (ek100_dir / labels.TRAIN_CSV).exists():
         pytest.skip("expected counts are those of the UDA stand-ins; EPIC_100_train.csv is present")
-    maps = ek100.load_label_maps(ek100_dir, train_csvs)
+    maps = labels.load_label_maps(ek100_dir, train_csvs)
     # UDA labelled train rows + validation: 2,684 verb:noun pairs (docs/ek100.md)
     assert len(maps.vn2act) == 2684
     assert (len(maps.verb_keys), len(maps.noun_keys)) == (97, 305)
@@ -217,5 +226,5 @@ def test_real_label_maps(ek100_dir):
     assert maps.vn2act["0:10"] == maps.actions.index("0:10") and maps.actions[0].startswith("0:")
     assert sum(len(v) for v in maps.vn2narrations.values()) == 16115 + 5002 + 7906 + 9668
     assert all(":" not in key for key in maps.noun_keys.values())  # "a:b" keys re-ordered to "b a"
-    validation = ek100.read_annotation_csv(ek100_dir / ek100.VALIDATION_CSV)
+    validation = labels.read_annotation_csv(ek100_dir / labels.VALIDATION_CSV)
     assert len(validation) == 9668 and len({s.narration_id for s in validation}) == 9668

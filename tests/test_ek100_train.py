@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from test_ek100 import FAKE_TRAIN, write_fake_annotations
 
-from llavaction_jax.data import ek100
-from llavaction_jax.data.ek100_train import (TrainSampleSettings, prior_action_key, prior_action_table,
-                                             training_samples, write_samples_jsonl)
+from llavaction_jax.ek100 import labels
+from llavaction_jax.ek100.prior_actions import prior_action_key, prior_action_table
+from llavaction_jax.ek100.train_files import TrainSampleSettings, training_samples, write_samples_jsonl
 
 # The keys upstream's generators write, in their order (generate_description.py: generate_train_ann), + ours last.
 UPSTREAM_KEYS = ["video", "conversations", "id", "split", "task_instruction", "num_samples", "question_type",
@@ -22,13 +22,13 @@ UPSTREAM_KEYS = ["video", "conversations", "id", "split", "task_instruction", "n
 @pytest.fixture
 def data(tmp_path):
     folder = write_fake_annotations(tmp_path / "ann")
-    return ek100.load_label_maps(folder), ek100.read_annotation_csv(folder / "EPIC_100_train.csv")
+    return labels.load_label_maps(folder), labels.read_annotation_csv(folder / "EPIC_100_train.csv")
 
 
 def hard_predictions(maps, segments):
     """Ranked lists with the GT at rank 10 (so the top-2k holds 9 distractors)."""
     ranked = {s.row_index: [vn for vn in maps.actions if vn != s.vn][:9] + [s.vn] for s in segments}
-    return ranked, {i: ek100.ActionPredictions(tuple(r), segments[i].vn) for i, r in ranked.items()}
+    return ranked, {i: labels.ActionPredictions(tuple(r), segments[i].vn) for i, r in ranked.items()}
 
 
 def test_mc_samples_have_upstreams_layout(data):
@@ -74,11 +74,11 @@ def test_train_time_prediction_distractors(data):
         assert all(t in names for t in texts if t != segment.narration), texts
         deep += any(t in {n for vn in pool[4:9] for n in maps.vn2narrations[vn]} for t in texts)
     assert deep > 0  # distractors come from the whole top-2k, not just the top-(k-1)
-    short = {i: ek100.ActionPredictions(("0:2", "2:1"), None) for i in ranked}
-    with pytest.raises(ek100.AnnotationError, match=r"tim_train.json: entry '0' .*2 predictions, need at least 5"):
+    short = {i: labels.ActionPredictions(("0:2", "2:1"), None) for i in ranked}
+    with pytest.raises(labels.AnnotationError, match=r"tim_train.json: entry '0' .*2 predictions, need at least 5"):
         training_samples("mc", segments, maps, TrainSampleSettings(), short, "tim_train.json", "tim")
-    repeated = {i: ek100.ActionPredictions(("5:0",) * 10, None) for i in ranked}
-    with pytest.raises(ek100.AnnotationError, match=r"uid P90_01_0 \(row 0\): 1 distinct non-GT"):
+    repeated = {i: labels.ActionPredictions(("5:0",) * 10, None) for i in ranked}
+    with pytest.raises(labels.AnnotationError, match=r"uid P90_01_0 \(row 0\): 1 distinct non-GT"):
         training_samples("mc", segments, maps, TrainSampleSettings(), repeated, "x.json", "avion")
     with pytest.raises(ValueError, match="MC source 'random' with predictions"):
         training_samples("mc", segments, maps, TrainSampleSettings(), predictions, "x.json", "random")
@@ -106,7 +106,9 @@ def test_prior_action_table(data):
     assert set(table) == {prior_action_key("P90-P90_01", s.start, s.end) for s in segments[2:6] + segments[8:]}
     assert table["P90-P90_01_3.5_4.2"] == {"prev2_narration": "take cup", "prev2_offset": 3.0,
                                            "prev1_narration": "pick up cup", "prev1_offset": 1.5,
-                                           "cur_narration": "open door"}
+                                           "cur_narration": "open door", "prev2_id": "P90_01_0",
+                                           "prev1_id": "P90_01_1", "prev2_key": "P90-P90_01_0.5_1.5",
+                                           "prev1_key": "P90-P90_01_2.0_3.0"}
     assert table["P90-P90_01_23.0_24.0"]["prev2_narration"] == "wash hands"
     keys = prior_action_table(segments, maps, "official_key")
     assert keys["P90-P90_01_3.5_4.2"]["prev1_narration"] == "take cup"  # the key of 0:2
@@ -149,9 +151,9 @@ def test_write_samples_jsonl(data, tmp_path):
 
 
 def test_real_training_samples(ek100_dir):
-    train_csv = ek100_dir / ek100.UDA_TRAIN_STAND_INS[0]
-    maps = ek100.load_label_maps(ek100_dir, label_space="uda")
-    segments = ek100.read_annotation_csv(train_csv)
+    train_csv = ek100_dir / labels.UDA_TRAIN_STAND_INS[0]
+    maps = labels.load_label_maps(ek100_dir, label_space="uda")
+    segments = labels.read_annotation_csv(train_csv)
     samples = training_samples("mc", segments, maps, TrainSampleSettings())
     assert len(samples) == 16115
     for sample, segment in zip(samples, segments):

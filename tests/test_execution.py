@@ -1,6 +1,8 @@
-"""Execution choices are config fields resolved once at the entry point; the mesh is JAX's context mesh; batches
-and parameters are placed by one helper each; every model field is settable from the command line."""
+"""Execution choices are their own config, resolved once at the entry point and refused unresolved by traced code;
+the mesh is JAX's context mesh; batches and parameters are placed by one helper each; every model and execution
+field is settable from the command line."""
 
+import dataclasses
 import logging
 import pathlib
 import re
@@ -13,17 +15,18 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from llavaction_jax.config import AUTO_CPU_FRAMES_PER_STEP, ConfigError, ModelConfig, load_preset
+from llavaction_jax.config import (AUTO_CPU_FRAMES_PER_STEP, EXECUTION_FIELDS, ConfigError, ExecutionConfig,
+                                   ModelConfig, ResolvedExecution, UnresolvedExecution, load_preset, preset_configs)
 from llavaction_jax.model import llava
-from llavaction_jax.sharding import (batch_sharding, constrain, make_mesh, param_shardings, resolve_config,
+from llavaction_jax.sharding import (batch_sharding, constrain, make_mesh, param_shardings, resolve_execution,
                                      shard_batch, use_mesh)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_resolution_depends_on_platform_and_mesh_size_only():
-    cfg = ModelConfig()
-    cpu1, cpu8, gpu8, tpu4 = (cfg.resolved(p, n) for p, n in (("cpu", 1), ("cpu", 8), ("gpu", 8), ("tpu", 4)))
+    cfg = ExecutionConfig()
+    cpu1, cpu8, gpu8, tpu4 = (cfg.resolve(p, n) for p, n in (("cpu", 1), ("cpu", 8), ("gpu", 8), ("tpu", 4)))
     assert (cpu1.platform, cpu1.loop_collectives, cpu1.vision_frames_per_step) == ("cpu", "on", AUTO_CPU_FRAMES_PER_STEP)
     # several CPU devices: no sharded work inside loops or conditionals, every frame at once
     assert (cpu8.loop_collectives, cpu8.vision_frames_per_step) == ("off", -1)
@@ -31,18 +34,47 @@ def test_resolution_depends_on_platform_and_mesh_size_only():
     assert (tpu4.platform, tpu4.loop_collectives) == ("tpu", "on")
     # explicit choices are kept; resolving twice changes nothing
     explicit = cfg.replace(loop_collectives="on", vision_frames_per_step=4)
-    assert explicit.resolved("cpu", 8).loop_collectives == "on" and explicit.resolved("cpu", 8).vision_frames_per_step == 4
-    assert cpu8.resolved("cpu", 8) == cpu8
+    assert explicit.resolve("cpu", 8).loop_collectives == "on" and explicit.resolve("cpu", 8).vision_frames_per_step == 4
+    assert cpu8.resolve("cpu", 8) == cpu8
     with pytest.raises(ConfigError, match="platform"):
-        cfg.resolved("cuda", 1)
+        cfg.resolve("cuda", 1)
+    with pytest.raises(UnresolvedExecution, match="compute_dtype, vision_frames_per_step, loop_collectives, platform"):
+        ResolvedExecution()  # only resolve() (or every choice spelled out) makes one
 
 
-def test_resolve_config_reads_the_mesh_devices():
-    cfg = load_preset("tiny")
-    assert resolve_config(cfg) == cfg.resolved("cpu", 1)
+def test_resolve_execution_reads_the_mesh_devices():
+    _, cfg = preset_configs("tiny")
+    assert resolve_execution(cfg) == cfg.resolve("cpu", 1)
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
-    assert resolve_config(cfg, mesh).loop_collectives == "off"
-    assert resolve_config(cfg, make_mesh(devices=jax.devices()[:1])).loop_collectives == "on"
+    assert resolve_execution(cfg, mesh).loop_collectives == "off"
+    assert resolve_execution(cfg, make_mesh(devices=jax.devices()[:1])).loop_collectives == "on"
+
+
+def test_traced_entries_refuse_unresolved_execution_naming_the_auto_fields():
+    """What `load_pretrained(...).execution` holds ("auto" choices) runs nowhere without being resolved: before, a
+    config straight from a model directory passed to make_train_step built a 2.9x slower graph without a word."""
+    import optax
+
+    from llavaction_jax.api import forward_with_losses
+    from llavaction_jax.model import decode
+    from llavaction_jax.train.step import make_train_step
+
+    cfg, unresolved = load_preset("tiny"), ExecutionConfig(compute_dtype="float32")
+    ids, mask = jnp.ones((1, 8), jnp.int32), jnp.ones((1, 8), bool)
+    calls = [
+        ("make_train_step", lambda: make_train_step(cfg, unresolved, optax.sgd(0.1), {})),
+        ("llava.forward", lambda: llava.forward({}, cfg, unresolved, ids, None)),
+        ("llava.forward", lambda: forward_with_losses({}, ids, None, mask, None, None, cfg=cfg, execution=unresolved)),
+        ("decode.generate", lambda: decode.generate({}, cfg, unresolved, decode.GenerationConfig(), ids, None, mask)),
+        ("decode.score_options", lambda: decode.score_options({}, cfg, unresolved, ids, None, mask,
+                                                              jnp.ones((1, 2, 3), jnp.int32), jnp.ones((1, 2, 3), bool))),
+    ]
+    for where, call in calls:
+        with pytest.raises(UnresolvedExecution, match=rf"{where} needs execution choices resolved .*still auto: "
+                           r"vision_frames_per_step=0, loop_collectives='auto', platform='auto'\)"):
+            call()
+    with pytest.raises(TypeError, match="takes a ResolvedExecution, got ModelConfig"):
+        llava.forward({}, cfg, cfg, ids, None)
 
 
 def test_traced_code_never_asks_for_the_backend_or_a_global_mesh():
@@ -92,7 +124,7 @@ def test_print_config_shows_every_model_field_with_overrides():
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     model = out.stdout[out.stdout.index("\nmodel:"):]
-    for field in ModelConfig.__dataclass_fields__:
+    for field in [*ModelConfig.__dataclass_fields__, *EXECUTION_FIELDS]:
         if field != "extra":
             assert re.search(rf"^  {field}:", model, re.M), field
     assert re.search(r"^  loss_chunk_tokens: 0$", model, re.M)
@@ -103,10 +135,12 @@ def test_print_config_shows_every_model_field_with_overrides():
     assert bad.returncode == 2 and "attention" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_recipe_model_section_builds_the_model_config():
-    from llavaction_jax.recipes import load_recipe, model_config
+def test_recipe_model_section_builds_the_model_config_and_the_execution_choices():
+    from llavaction_jax.recipes import execution_config, load_recipe, model_config
 
     cfg = load_recipe("train", ["--config.model.preset=llavaction_0_5b", "--config.model.remat_policy=full",
-                                "--config.model.vision_frames_per_step", "-1"])
-    model = model_config(cfg)
-    assert model == load_preset("llavaction_0_5b").replace(remat_policy="full", vision_frames_per_step=-1)
+                                "--config.model.vision_frames_per_step", "-1", "--config.model.text.num_layers=3"])
+    preset, execution = preset_configs("llavaction_0_5b")
+    assert model_config(cfg) == preset.replace(text=dataclasses.replace(preset.text, num_layers=3))
+    assert execution_config(cfg) == execution.replace(remat_policy="full", vision_frames_per_step=-1)
+    assert execution.compute_dtype == "bfloat16"  # the preset's own choice travels with it

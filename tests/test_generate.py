@@ -5,12 +5,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llavaction_jax.config import load_preset
-from llavaction_jax.eval.generate import GenerationConfig, generate, select_token
-from llavaction_jax.model import llava
+from llavaction_jax.config import preset_configs
+from llavaction_jax.model import decode, llava
+from llavaction_jax.model.decode import GenerationConfig, select_token
+from llavaction_jax.sharding import resolve_execution
 
-CFG = load_preset("tiny")
+CFG, EX = preset_configs("tiny")
+EX = resolve_execution(EX)
 GEN = GenerationConfig(max_new_tokens=6, eos_ids=(7,), pad_id=0)
+generate = jax.jit(decode.generate, static_argnums=(1, 2, 3))  # the entry points' compile boundary
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +30,7 @@ def sample(rng, length, frames=2):
 def greedy_by_recompute(params, ids, pixels, steps):
     """Reference: run the full forward on the growing sequence and take the argmax at the end, every step."""
     out = []
-    fwd = jax.jit(lambda i, x: llava.lm_logits(params, llava.forward(params, CFG, i, x).hidden))
+    fwd = jax.jit(lambda i, x: llava.lm_logits(params, llava.forward(params, CFG, EX, i, x).hidden))
     for _ in range(steps):
         logits = fwd(jnp.asarray(ids)[None], jnp.asarray(pixels)[None])
         nxt = int(jnp.argmax(logits[0, -1]))
@@ -41,7 +44,7 @@ def greedy_by_recompute(params, ids, pixels, steps):
 def test_cached_decoding_equals_recomputing_the_full_forward(params):
     rng = np.random.default_rng(0)
     ids, pixels = sample(rng, 9)
-    tokens, n = generate(params, CFG, GEN, jnp.asarray(ids)[None], jnp.asarray(pixels)[None], jnp.ones((1, 9), bool))
+    tokens, n = generate(params, CFG, EX, GEN, jnp.asarray(ids)[None], jnp.asarray(pixels)[None], jnp.ones((1, 9), bool))
     ref = greedy_by_recompute(params, ids, pixels, GEN.max_new_tokens)
     assert list(np.asarray(tokens[0, : len(ref)])) == ref
     assert int(n[0]) == len(ref)
@@ -56,9 +59,9 @@ def test_batch_of_different_lengths_equals_batch_size_one(params):
     for i, (s, _) in enumerate(samples):
         ids[i, : len(s)], mask[i, : len(s)] = s, True
     pixels = np.stack([p for _, p in samples])
-    batched, _ = generate(params, CFG, GEN, jnp.asarray(ids), jnp.asarray(pixels), jnp.asarray(mask))
+    batched, _ = generate(params, CFG, EX, GEN, jnp.asarray(ids), jnp.asarray(pixels), jnp.asarray(mask))
     for i, (s, p) in enumerate(samples):
-        single, _ = generate(params, CFG, GEN, jnp.asarray(s)[None], jnp.asarray(p)[None], jnp.ones((1, len(s)), bool))
+        single, _ = generate(params, CFG, EX, GEN, jnp.asarray(s)[None], jnp.asarray(p)[None], jnp.ones((1, len(s)), bool))
         np.testing.assert_array_equal(np.asarray(batched[i]), np.asarray(single[0]))
 
 
@@ -80,7 +83,7 @@ def test_greedy_ids_equal_transformers_generate_for_text_only_qwen2():
     torch = pytest.importorskip("torch")
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from llavaction_jax.convert.keys import torch_to_params
+    from llavaction_jax.convert.import_plan import torch_to_params
     from llavaction_jax.model import qwen2
 
     hf_cfg = Qwen2Config(vocab_size=CFG.text.vocab_size, hidden_size=CFG.text.hidden_size,
@@ -100,5 +103,5 @@ def test_greedy_ids_equal_transformers_generate_for_text_only_qwen2():
     with torch.no_grad():
         ref = model.generate(torch.tensor(ids), max_new_tokens=10, do_sample=False,
                              eos_token_id=CFG.text.vocab_size - 1, pad_token_id=0)[0, 8:].numpy()
-    tokens, n = generate(params, CFG, gen, jnp.asarray(ids), None, jnp.ones((1, 8), bool))
+    tokens, n = generate(params, CFG, EX, gen, jnp.asarray(ids), None, jnp.ones((1, 8), bool))
     np.testing.assert_array_equal(np.asarray(tokens[0, : len(ref)]), ref)

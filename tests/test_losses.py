@@ -21,11 +21,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llavaction_jax.config import ModelConfig, TextConfig, VisionConfig
+from llavaction_jax.config import ExecutionConfig, ModelConfig, TextConfig, VisionConfig
 from llavaction_jax import losses
 from llavaction_jax.api import forward_with_losses
 from llavaction_jax.model import llava, qwen2
 from llavaction_jax.model.params import is_spec
+
+from _loss_reference import chunked_lm_loss, lm_loss, vision_supervision_loss
 
 IMG, IGNORE = -200, -100
 N_VERB, N_NOUN, N_ACTION = 5, 7, 11
@@ -77,8 +79,8 @@ def test_vision_supervision_loss_vs_torch(supervision, training):
     actions = np.stack([rng.integers(0, N_VERB, b), rng.integers(0, N_NOUN, b), rng.integers(0, N_ACTION, b)], 1)
     actions[[1, 3]] = -1  # samples without labels
     ref = torch_aux_loss(states, heads, actions, supervision, training)
-    got = losses.vision_supervision_loss(jax.tree.map(jnp.asarray, heads), jnp.asarray(states), jnp.asarray(actions),
-                                         vision_token_training=training, three_tokens=supervision == "three_tokens")
+    got = vision_supervision_loss(jax.tree.map(jnp.asarray, heads), jnp.asarray(states), jnp.asarray(actions),
+                                  vision_token_training=training, three_tokens=supervision == "three_tokens")
     np.testing.assert_allclose(float(got), ref, rtol=1e-5, atol=1e-6)
 
 
@@ -89,14 +91,14 @@ def test_aux_loss_ignores_unlabelled_rows_and_is_zero_without_labels():
              for k, n in (("verb", N_VERB), ("noun", N_NOUN), ("action", N_ACTION))}
     actions = np.array([[1, 2, 3], [-1, -1, -1], [4, 6, 10], [-1, -1, -1]])
     kw = dict(vision_token_training="all_layers", three_tokens=False)
-    base = float(losses.vision_supervision_loss(heads, jnp.asarray(states), jnp.asarray(actions), **kw))
+    base = float(vision_supervision_loss(heads, jnp.asarray(states), jnp.asarray(actions), **kw))
     assert np.isfinite(base) and base > 0
     garbage = states.copy()
     garbage[:, [1, 3]] = 1e3  # unlabelled rows may hold anything
-    np.testing.assert_allclose(float(losses.vision_supervision_loss(heads, jnp.asarray(garbage), jnp.asarray(actions), **kw)),
+    np.testing.assert_allclose(float(vision_supervision_loss(heads, jnp.asarray(garbage), jnp.asarray(actions), **kw)),
                                base, rtol=1e-6)
     none = np.full_like(actions, -1)
-    assert float(losses.vision_supervision_loss(heads, jnp.asarray(states), jnp.asarray(none), **kw)) == 0.0
+    assert float(vision_supervision_loss(heads, jnp.asarray(states), jnp.asarray(none), **kw)) == 0.0
 
 
 def test_lm_loss_vs_torch():
@@ -105,7 +107,7 @@ def test_lm_loss_vs_torch():
     labels = rng.integers(0, 13, (3, 9))
     labels[rng.random((3, 9)) < 0.4] = IGNORE
     labels[:, 1] = 5  # make sure there are targets
-    np.testing.assert_allclose(float(losses.lm_loss(jnp.asarray(logits), jnp.asarray(labels))),
+    np.testing.assert_allclose(float(lm_loss(jnp.asarray(logits), jnp.asarray(labels))),
                                torch_lm_loss(logits, labels), rtol=1e-6)
 
 
@@ -128,8 +130,9 @@ def random_params(cfg, seed=0, std=0.3):
                         llava.param_specs(cfg), is_leaf=is_spec)
 
 
-FORWARD = lambda params, cfg, *args: forward_with_losses(params, *args, cfg=cfg)
-ENCODE = jax.jit(llava.encode_videos, static_argnums=2)
+EX = ExecutionConfig().resolve("cpu", 1)
+FORWARD = lambda params, cfg, *args: forward_with_losses(params, *args, cfg=cfg, execution=EX)
+ENCODE = jax.jit(llava.encode_videos, static_argnums=(2, 3))
 GATHER = jax.jit(qwen2.forward, static_argnums=4)
 
 
@@ -184,7 +187,7 @@ def test_forward_losses_vs_torch(supervision, training, actions):
 
     # Independent route to the hidden states at the action token(s).
     n_pos = 3 if supervision == "three_tokens" else 1
-    visual = np.asarray(ENCODE(params, pix, cfg))
+    visual = np.asarray(ENCODE(params, pix, cfg, EX))
     embeds = np.asarray(params["text"]["embed"])[np.where(ids == IMG, 0, ids)]
     out_len = out.logits.shape[1]
     assert out_len == length - 1 + cfg.tokens_per_video(2)
@@ -199,9 +202,8 @@ def test_forward_losses_vs_torch(supervision, training, actions):
 
     ref_aux = torch_aux_loss(gathered, params["heads"], actions, supervision, training)
     ref_lm = torch_lm_loss(np.asarray(out.logits), lab)
-    got_aux = losses.vision_supervision_loss(params["heads"], jnp.asarray(gathered), jnp.asarray(actions),
-                                             vision_token_training=training,
-                                             three_tokens=supervision == "three_tokens")
+    got_aux = vision_supervision_loss(params["heads"], jnp.asarray(gathered), jnp.asarray(actions),
+                                      vision_token_training=training, three_tokens=supervision == "three_tokens")
     np.testing.assert_allclose(float(got_aux), ref_aux, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(float(out.aux_loss), ref_aux, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(float(out.lm_loss), ref_lm, rtol=1e-5)
@@ -229,7 +231,7 @@ def test_last_layer_weight_is_0_05():
     a = torch.from_numpy(actions)
     ce = lambda name, col: F.cross_entropy(h @ torch.from_numpy(heads[name]["kernel"]), a[:, col])
     closed = 0.05 * float(0.5 * ce("verb", 0) + 0.5 * ce("noun", 1) + 0.1 * ce("action", 2))
-    got = losses.AUX_LOSS_WEIGHT * losses.vision_supervision_loss(
+    got = losses.AUX_LOSS_WEIGHT * vision_supervision_loss(
         jax.tree.map(jnp.asarray, heads), jnp.asarray(states), jnp.asarray(actions),
         vision_token_training="last_layer", three_tokens=False)
     np.testing.assert_allclose(float(got), closed, rtol=1e-5)
@@ -249,10 +251,10 @@ def test_chunked_lm_loss_equals_the_full_logits_loss(chunk, skip_empty):
     labels = jnp.asarray(labels)
 
     def chunked(hidden, w):
-        return losses.chunked_lm_loss(hidden, labels, lambda x: x @ w, chunk, skip_empty)
+        return chunked_lm_loss(hidden, labels, lambda x: x @ w, chunk, skip_empty)
 
     def full(hidden, w):
-        return losses.lm_loss(hidden @ w, labels)
+        return lm_loss(hidden @ w, labels)
 
     want = torch_lm_loss(np.asarray(hidden @ w), np.asarray(labels))
     np.testing.assert_allclose(jax.jit(chunked)(hidden, w), want, rtol=1e-5)
@@ -266,7 +268,7 @@ def test_chunked_lm_loss_equals_the_full_logits_loss(chunk, skip_empty):
 def test_training_forward_skips_the_logits_with_the_same_loss():
     from llavaction_jax.config import load_preset
 
-    cfg = load_preset("tiny").replace(loss_chunk_tokens=16)
+    cfg, execution = load_preset("tiny"), ExecutionConfig(loss_chunk_tokens=16).resolve("cpu", 1)
     params = llava.init(cfg, jax.random.key(0))
     size = cfg.vision.image_size
     pixels = jax.random.uniform(jax.random.key(1), (2, 2, 3, size, size), minval=-1, maxval=1)
@@ -277,9 +279,9 @@ def test_training_forward_skips_the_logits_with_the_same_loss():
 
     @functools.partial(jax.jit, static_argnames="with_logits")
     def run(with_logits):  # the API reads its logits; the train step computes them in chunks from hidden states
-        out = llava.forward(params, cfg, jnp.asarray(ids), pixels, labels=jnp.asarray(labels))
+        out = llava.forward(params, cfg, execution, jnp.asarray(ids), pixels, labels=jnp.asarray(labels))
         logits = llava.lm_logits(params, out.hidden) if with_logits else None
-        return losses.compute_losses(params, cfg, out, actions, logits=logits)
+        return losses.compute_losses(params, cfg, execution, out, actions, logits=logits)
 
     full, chunked = run(True), run(False)
     assert full.lm_loss > 0 and full.aux_loss > 0
@@ -312,7 +314,7 @@ def reduction_batch(seed=11, supervision="one_token", training="all_layers"):
 def ours(logits, labels, states, heads, actions, supervision, training, reduction):
     cfg = tiny_cfg(vision_supervision=supervision, vision_token_training=training)
     out = llava.ModelOutput(hidden=None, labels=jnp.asarray(labels), valid=None, action_states=jnp.asarray(states))
-    return losses.compute_losses({"heads": jax.tree.map(jnp.asarray, heads)}, cfg, out, jnp.asarray(actions),
+    return losses.compute_losses({"heads": jax.tree.map(jnp.asarray, heads)}, cfg, EX, out, jnp.asarray(actions),
                                  logits=jnp.asarray(logits), reduction=reduction)
 
 
@@ -356,7 +358,7 @@ def test_sample_reduction_with_a_global_divisor_adds_up_over_micro_batches():
     for rows in ([0, 2], [1, 3]):
         out = llava.ModelOutput(hidden=None, labels=jnp.asarray(labels[rows]), valid=None,
                                 action_states=jnp.asarray(states[:, rows]))
-        parts += float(losses.compute_losses({"heads": jax.tree.map(jnp.asarray, heads)}, cfg, out,
+        parts += float(losses.compute_losses({"heads": jax.tree.map(jnp.asarray, heads)}, cfg, EX, out,
                                              jnp.asarray(actions[rows]), logits=jnp.asarray(logits[rows]),
                                              reduction="sample", num_samples=n).loss)
     np.testing.assert_allclose(parts, float(whole.loss), rtol=1e-6)

@@ -9,7 +9,7 @@ import pytest
 from _train_fixtures import make_training_data, tiny_train_config
 from llavaction_jax import checkpoint_io
 from llavaction_jax.api import LlavaModel, load_pretrained
-from llavaction_jax.config import load_preset
+from llavaction_jax.config import ExecutionConfig, load_preset
 from llavaction_jax.model import llava
 from llavaction_jax.train.loop import optimizer_config, train
 from llavaction_jax.train.optim import param_groups
@@ -17,12 +17,11 @@ from test_train_loop import restore_state
 
 
 def test_compute_dtype_auto_resolves_per_platform():
-    cfg = load_preset("tiny").replace(compute_dtype="auto")
-    assert cfg.resolved("gpu", 1).compute_dtype == "bfloat16"
-    assert cfg.resolved("tpu", 8).compute_dtype == "bfloat16"
-    assert cfg.resolved("cpu", 1).compute_dtype == "float32"
-    assert cfg.replace(compute_dtype="float32").resolved("gpu", 1).compute_dtype == "float32"  # explicit stays
-    assert cfg.effective_compute_dtype == "float32"  # unresolved: the fp32 reference, no backend query
+    cfg = ExecutionConfig(compute_dtype="auto")
+    assert cfg.resolve("gpu", 1).compute_dtype == "bfloat16"
+    assert cfg.resolve("tpu", 8).compute_dtype == "bfloat16"
+    assert cfg.resolve("cpu", 1).compute_dtype == "float32"
+    assert cfg.replace(compute_dtype="float32").resolve("gpu", 1).compute_dtype == "float32"  # explicit stays
 
 
 def test_one_step_from_a_bf16_checkpoint_moves_every_trainable_tensor(tmp_path):
@@ -72,8 +71,8 @@ def test_bf16_compute_logits_stay_close_to_fp32():
     pixels = jnp.asarray(rng.uniform(-1, 1, (2, 2, 3, cfg.vision.image_size, cfg.vision.image_size)), jnp.float32)
 
     def logits(dtype):
-        c = cfg.replace(compute_dtype=dtype).resolved("cpu", 1)
-        out = llava.forward(params, c, jnp.asarray(ids), pixels, jnp.ones(ids.shape, bool), None)
+        execution = ExecutionConfig(compute_dtype=dtype).resolve("cpu", 1)
+        out = llava.forward(params, cfg, execution, jnp.asarray(ids), pixels, jnp.ones(ids.shape, bool), None)
         return np.asarray(llava.lm_logits(params, out.hidden), np.float32)
 
     ref, low = logits("float32"), logits("bfloat16")

@@ -8,7 +8,7 @@ import pytest
 from test_ek100 import FAKE_VALIDATION, write_fake_annotations
 
 from llavaction_jax.cli import main
-from llavaction_jax.data import ek100, mqa
+from llavaction_jax.ek100 import labels, mqa
 from llavaction_jax.eval.questions import load_questions, question_label_space
 
 
@@ -55,8 +55,8 @@ def test_same_file_twice_and_same_questions_from_two_slices(fake_dir, tmp_path, 
 
 
 def test_a_question_depends_only_on_seed_and_uid(fake_dir):
-    maps = ek100.load_label_maps(fake_dir)
-    segments = ek100.read_annotation_csv(fake_dir / "EPIC_100_validation.csv")
+    maps = labels.load_label_maps(fake_dir)
+    segments = labels.read_annotation_csv(fake_dir / "EPIC_100_validation.csv")
     settings = mqa.MQASettings(seed=3)
     forward = list(mqa.build_questions(segments, maps, settings))
     backward = list(mqa.build_questions(segments[::-1], maps, settings))[::-1]
@@ -68,7 +68,7 @@ def test_a_question_depends_only_on_seed_and_uid(fake_dir):
 def test_option_counts_and_gt_exactly_once(fake_dir, tmp_path, k):
     assert build(fake_dir, tmp_path / "q.jsonl", "--n-options", str(k)) == 0
     meta, questions = read(tmp_path / "q.jsonl")
-    assert meta["counts"] == {"questions": 10, "with_gt": 10, "options_outside_label_maps": 0}
+    assert meta["counts"] == {"questions": 10, "with_gt": 10, "with_prior_actions": 0, "options_outside_label_maps": 0}
     for q, row in zip(questions, FAKE_VALIDATION):
         assert [o[:3] for o in q["options"]] == [f"{chr(65 + i)}. " for i in range(k)]
         assert len(set(q["option_vns"])) == k and q["option_vns"].count(q["gt_vn"]) == 1
@@ -83,7 +83,7 @@ def test_question_record_and_prompt(fake_dir, tmp_path):
     q = read(tmp_path / "q.jsonl")[1][0]
     assert (q["uid"], q["row_index"], q["video"], q["start"], q["end"]) == ("P91_01_0", 0, "P91-P91_01", 0.0, 1.03)
     assert (q["verb_id"], q["noun_id"], q["gt_vn"], q["narration"]) == (2, 1, "2:1", "open door")
-    assert q["action_id"] == ek100.load_label_maps(fake_dir).vn2act["2:1"]
+    assert q["action_id"] == labels.load_label_maps(fake_dir).vn2act["2:1"]
     assert q["prompt"] == (
         "The provided video lasts for 1.030 seconds, and 16 frames are uniformly sampled from it.You are seeing this "
         "video from egocentric view and you are the person. Your hands are sometimes interacting with objects. What "
@@ -101,8 +101,8 @@ def test_question_record_and_prompt(fake_dir, tmp_path):
 
 
 def test_gt_insertion_with_a_prediction_file(fake_dir, tmp_path):
-    segments = ek100.read_annotation_csv(fake_dir / "EPIC_100_validation.csv")
-    actions = ek100.load_label_maps(fake_dir).actions
+    segments = labels.read_annotation_csv(fake_dir / "EPIC_100_validation.csv")
+    actions = labels.load_label_maps(fake_dir).actions
     # even rows: the GT is ranked 3rd; odd rows: the GT is missing from the top 7
     others = lambda s: [vn for vn in actions if vn != s.vn]  # noqa: E731
     top = lambda i, s: others(s)[:2] + [s.vn] + others(s)[2:6] if i % 2 == 0 else others(s)[:7]  # noqa: E731
@@ -126,7 +126,7 @@ def test_gt_insertion_with_a_prediction_file(fake_dir, tmp_path):
 
 
 def test_bad_inputs_give_one_clear_error(fake_dir, tmp_path, capsys):
-    segments = ek100.read_annotation_csv(fake_dir / "EPIC_100_validation.csv")
+    segments = labels.read_annotation_csv(fake_dir / "EPIC_100_validation.csv")
     preds = write_predictions(tmp_path / "p.json", segments[:4], lambda i, s: ["0:2", "2:1", "3:1", "4:4", "5:0"])
     assert build(fake_dir, tmp_path / "q.jsonl", "--distractors", "avion", "--predictions", str(preds)) == 2
     assert "p.json: entry '4' (uid P91_01_4" in capsys.readouterr().err
@@ -160,13 +160,13 @@ def test_build_mqa_refuses_without_train_csv_unless_label_space_uda(fake_dir, tm
     assert len(err) == 1 and "EPIC_100_train.csv not found" in err[0] and "--label-space uda" in err[0]
     assert not (tmp_path / "q.jsonl").exists()
     (fake_dir / "UDA_annotations").mkdir()
-    for name in ek100.UDA_TRAIN_STAND_INS:
+    for name in labels.UDA_TRAIN_STAND_INS:
         shutil.copy(fake_dir / "elsewhere.csv", fake_dir / name)
     assert build(fake_dir, tmp_path / "q.jsonl", "--label-space", "uda") == 0
     meta, _ = read(tmp_path / "q.jsonl")
     assert meta["label_space"]["name"] == "uda"
     assert [pathlib.Path(p).name for p in meta["inputs"]["train_csvs"]] == [
-        pathlib.PurePath(n).name for n in ek100.UDA_TRAIN_STAND_INS]
+        pathlib.PurePath(n).name for n in labels.UDA_TRAIN_STAND_INS]
     # eval: the same rule for the question file
     with pytest.raises(ValueError, match="UDA label space.*--label-space uda"):
         load_questions(tmp_path / "q.jsonl")
@@ -180,7 +180,7 @@ def test_build_mqa_refuses_without_train_csv_unless_label_space_uda(fake_dir, tm
 
 def test_real_validation_questions(ek100_dir, tmp_path, capsys):
     out = tmp_path / "ek100_mqa.jsonl"
-    extra = () if (ek100_dir / ek100.TRAIN_CSV).exists() else ("--label-space", "uda")
+    extra = () if (ek100_dir / labels.TRAIN_CSV).exists() else ("--label-space", "uda")
     assert build(ek100_dir, out, *extra) == 0
     meta, questions = read(out)
     assert len(questions) == 9668 and meta["counts"]["with_gt"] == 9668

@@ -23,7 +23,7 @@ from packaging.requirements import Requirement
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 # import name -> distribution, for the third-party modules the package imports
-DISTRIBUTIONS = {"jax": "jax", "optax": "optax", "orbax": "orbax-checkpoint", "grain": "grain",
+DISTRIBUTIONS = {"jax": "jax", "optax": "optax", "flax": "flax", "orbax": "orbax-checkpoint", "grain": "grain",
                  "array_record": "array-record", "tensorstore": "tensorstore", "etils": "etils",
                  "ml_collections": "ml_collections", "ml_dtypes": "ml_dtypes", "numpy": "numpy", "PIL": "pillow",
                  "absl": "absl-py", "yaml": "PyYAML", "tqdm": "tqdm", "tensorboardX": "tensorboardX",
@@ -54,6 +54,20 @@ def third_party_imports() -> dict[str, set[str]]:
     return found
 
 
+def importers_of(module: str) -> set[str]:
+    """Files of llavaction_jax that import `module` (a dotted name inside the package; the package imports
+    absolutely), as `import a.b`, `from a.b import x` or `from a import b`."""
+    parent, _, name = module.rpartition(".")
+    found = set()
+    for path in (ROOT / "llavaction_jax").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Import) and any(a.name == module for a in node.names)
+                    or isinstance(node, ast.ImportFrom) and node.level == 0
+                    and (node.module == module or node.module == parent and any(a.name == name for a in node.names))):
+                found.add(str(path.relative_to(ROOT)))
+    return found
+
+
 def test_every_imported_package_is_declared_and_torch_is_not_a_runtime_dependency():
     runtime = {r.name.lower() for r in requirements()}
     test = {r.name.lower() for r in requirements("test")}
@@ -68,7 +82,10 @@ def test_every_imported_package_is_declared_and_torch_is_not_a_runtime_dependenc
             assert all(f.startswith("llavaction_jax/bench/") for f in files), files
         else:
             assert dist in runtime, f"{module} is imported by {sorted(files)} but not in pyproject's dependencies"
-    assert "flax" not in runtime and "flax" not in imports  # pinned once, never used: dropped
+    # flax: the NNX module only, and nothing of the package imports that module (the core runs without flax)
+    assert imports["flax"] == {"llavaction_jax/nnx_model.py"}
+    assert importers_of("llavaction_jax.nnx_model") == set()
+    assert "llavaction_jax/__init__.py" in importers_of("llavaction_jax.api")  # (the check sees `from a import b`)
 
 
 def test_the_lock_satisfies_pyproject_and_pins_every_dependency():

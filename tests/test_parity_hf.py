@@ -12,8 +12,9 @@ import torch
 from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config,
                           Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel)
 
-from llavaction_jax.config import ModelConfig, text_from_hf, vision_from_hf
-from llavaction_jax.convert.keys import torch_to_params
+from llavaction_jax.config import ExecutionConfig, ModelConfig
+from llavaction_jax.convert.import_plan import torch_to_params
+from llavaction_jax.convert.upstream_config import from_upstream, text_from_hf, vision_from_hf
 from llavaction_jax.api import forward_with_losses
 from llavaction_jax.model import llava, qwen2, siglip
 from llavaction_jax.model.params import init_params
@@ -103,7 +104,7 @@ def onevision():
         vision_feature_select_strategy="full", tie_word_embeddings=False)
     torch.manual_seed(0)
     model = randomise(LlavaOnevisionForConditionalGeneration(hf_cfg))
-    cfg = ModelConfig.from_upstream(hf_cfg.to_dict())
+    cfg = from_upstream(hf_cfg.to_dict())
     params = torch_to_params(state_numpy(model), cfg)
     return model, cfg, params
 
@@ -123,6 +124,7 @@ def test_onevision_video_logits_match_transformers(onevision):
         ref = model(input_ids=torch.tensor(hf_ids), pixel_values_videos=torch.tensor(pixels)).logits.numpy()
 
     ids = np.concatenate([before, np.full((2, 1), -200), after], axis=1)  # upstream convention
-    out = forward_with_losses(params, jnp.asarray(ids), jnp.asarray(pixels), None, None, None, cfg=cfg)
+    out = forward_with_losses(params, jnp.asarray(ids), jnp.asarray(pixels), None, None, None, cfg=cfg,
+                              execution=ExecutionConfig().resolve("cpu", 1))
     assert out.logits.shape == ref.shape
     assert np.abs(np.asarray(out.logits) - ref).max() <= TOL

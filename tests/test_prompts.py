@@ -4,8 +4,8 @@ llavaction/train/train.py: LazySupervisedDataset._get_item); every expected stri
 import numpy as np
 import pytest
 
-from llavaction_jax.data import prompts
-from llavaction_jax.data.chat import build_inference_prompt
+from llavaction_jax.data.chat import build_inference_prompt, llava_video_time_prompt
+from llavaction_jax.ek100 import prompts
 
 ANSWERS = ["open door", "close door", "take cup", "open cupboard", "wash hands"]
 OPTIONS_TEXT = "A. open door, B. close door, C. take cup, D. open cupboard, E. wash hands"
@@ -105,9 +105,9 @@ def test_temporal_detection_question_is_verbatim():
 
 
 def test_llava_video_time_prompt_for_generic_qa():
-    assert prompts.llava_video_time_prompt("<image>\nWhat is the man doing?", 12.346, 64) == (
+    assert llava_video_time_prompt("<image>\nWhat is the man doing?", 12.346, 64) == (
         "<image>\nThe video lasts for 12.35 seconds, and 64 frames are uniformly sampled from it. Please answer the "
         "following questions related to this video.\n\nWhat is the man doing?")
-    assert prompts.llava_video_time_prompt("Why?", 3.0, 8) == (
+    assert llava_video_time_prompt("Why?", 3.0, 8) == (
         "<image>\nThe video lasts for 3.00 seconds, and 8 frames are uniformly sampled from it. Please answer the "
         "following questions related to this video.\nWhy?")

@@ -6,11 +6,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llavaction_jax.config import load_preset
-from llavaction_jax.model import llava
-from llavaction_jax.eval.scoring import option_token_ids, pad_options, score_options
+from llavaction_jax.config import preset_configs
+from llavaction_jax.data.option_tokens import option_token_ids, pad_options
+from llavaction_jax.model import decode, llava
+from llavaction_jax.sharding import resolve_execution
 
-CFG = load_preset("tiny")
+CFG, EX = preset_configs("tiny")
+EX = resolve_execution(EX)
+# the entry points' compile boundary (api.score_step)
+score_options = jax.jit(decode.score_options, static_argnums=(1, 2), static_argnames="options_per_pass")
 FRAMES = 2
 
 
@@ -51,7 +55,7 @@ def reference_logprobs(params, ids, mask, pixels, options):
             row_pixels.append(pixels[b])
             last_prompt_index = n - 1 + CFG.tokens_per_video(FRAMES) - 1  # after splicing the video in
             where.append((b, k, last_prompt_index, tokens))
-    logits = jax.jit(lambda i, x, m: llava.lm_logits(params, llava.forward(params, CFG, i, x, m).hidden))(
+    logits = jax.jit(lambda i, x, m: llava.lm_logits(params, llava.forward(params, CFG, EX, i, x, m).hidden))(
         jnp.asarray(np.stack(rows)), jnp.asarray(np.stack(row_pixels)), jnp.asarray(np.stack(row_masks)))
     logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
     out = {}
@@ -63,7 +67,7 @@ def reference_logprobs(params, ids, mask, pixels, options):
 def test_scores_equal_full_forward_of_prompt_plus_option(params, batch):
     ids, mask, pixels, options = batch
     option_ids, option_mask = pad_options(options, num_options=4, max_tokens=6)
-    got = score_options(params, CFG, jnp.asarray(ids), jnp.asarray(pixels), jnp.asarray(mask),
+    got = score_options(params, CFG, EX, jnp.asarray(ids), jnp.asarray(pixels), jnp.asarray(mask),
                         jnp.asarray(option_ids), jnp.asarray(option_mask))
     ref = reference_logprobs(params, ids, mask, pixels, options)
     token_lp = np.asarray(got["token_logprobs"])
@@ -73,14 +77,15 @@ def test_scores_equal_full_forward_of_prompt_plus_option(params, batch):
         np.testing.assert_allclose(float(got["logprob_mean"][b, k]), expected.mean(), atol=1e-4, rtol=1e-4)
         assert int(got["num_tokens"][b, k]) == len(expected)
     assert float(got["logprob_sum"][1, 3]) == -np.inf  # question 1 has no 4th option
-    in_pairs = score_options(params, CFG, jnp.asarray(ids), jnp.asarray(pixels), jnp.asarray(mask),
+    in_pairs = score_options(params, CFG, EX, jnp.asarray(ids), jnp.asarray(pixels), jnp.asarray(mask),
                              jnp.asarray(option_ids), jnp.asarray(option_mask), options_per_pass=2)
     np.testing.assert_allclose(np.asarray(in_pairs["token_logprobs"]), token_lp, atol=1e-5, rtol=1e-5)
 
 
 def test_option_continuation_tokenizes_the_same_alone_and_after_the_prompt():
-    from llavaction_jax.data import chat, prompts
-    from llavaction_jax.eval.questions import default_tokenizer
+    from llavaction_jax.data import chat
+    from llavaction_jax.ek100 import prompts
+    from llavaction_jax.data.tokenizer import default_tokenizer
 
     tok = default_tokenizer()
     im_end = tok.convert_tokens_to_ids(chat.IM_END)

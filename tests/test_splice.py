@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llavaction_jax.config import ModelConfig, TextConfig, VisionConfig
+from llavaction_jax.config import ExecutionConfig, ModelConfig, TextConfig, VisionConfig
 from llavaction_jax.api import forward_with_losses
 from llavaction_jax.model import llava, qwen2
 from llavaction_jax.model.params import is_spec
@@ -211,17 +211,18 @@ def random_params(cfg, seed=0, std=0.2):
 
 @pytest.mark.parametrize("limit", [None, 30])
 def test_forward_splices_like_reference(limit):
-    cfg = tiny_cfg(tokenizer_model_max_length=limit)
+    cfg, execution = tiny_cfg(tokenizer_model_max_length=limit), ExecutionConfig().resolve("cpu", 1)
     params = random_params(cfg)
     rows = [([0, 0] + [1] * 8, 4), ([1] * 7 + [0] * 3, 1)]
     _, ids, labels, mask, _, _ = make_batch(rows, d=cfg.text.hidden_size, seed=11, vocab=cfg.text.vocab_size)
     frames = 2
     pix = jax.random.uniform(jax.random.key(1), (2, frames, 3, 14, 14), minval=-1, maxval=1)
-    out = forward_with_losses(params, jnp.asarray(ids), pix, jnp.asarray(mask), jnp.asarray(labels), None, cfg=cfg)
+    out = forward_with_losses(params, jnp.asarray(ids), pix, jnp.asarray(mask), jnp.asarray(labels), None, cfg=cfg,
+                              execution=execution)
 
     v = cfg.tokens_per_video(frames)
     assert v == frames * 4 * 5 + 1
-    visual = np.asarray(jax.jit(llava.encode_videos, static_argnums=2)(params, pix, cfg))
+    visual = np.asarray(jax.jit(llava.encode_videos, static_argnums=(2, 3))(params, pix, cfg, execution))
     assert visual.shape == (2, v, cfg.text.hidden_size)
     embeds = np.asarray(params["text"]["embed"])[np.where(ids == IMG, 0, ids)]
     e, l, m, p, _ = ref_splice(embeds, ids, labels, mask, visual, max_len=limit, n_action_pos=1)

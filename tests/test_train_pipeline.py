@@ -17,16 +17,18 @@ from llavaction_jax.data import frames as fs
 from llavaction_jax.data.batching import (QWEN_PAD_ID, bucket_length, make_global_batch, pad_text_to,
                                           power_of_two_buckets)
 from llavaction_jax.data.chat import preprocess_qwen
+from llavaction_jax.data.chat import llava_video_time_prompt
 from llavaction_jax.data.image import normalize_frames, preprocess_frames
 from llavaction_jax.data.mixture import load_mixture
 from llavaction_jax.data.pipeline import TrainPipelineConfig, train_dataset
-from llavaction_jax.data.prompts import llava_video_time_prompt
 from llavaction_jax.data.train_sample import SampleError, cached_tokenizer, clip_uid
+from llavaction_jax.ek100.train_prompt import EK100PromptSettings
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_VIDEO, NUM_TEXT = 12, 4
 BUCKETS = (64, 128, 256, 512)
-BASE = dict(batch_size=4, num_frames=2, frame_size=16, max_length=512, num_epochs=1, read_threads=1)
+BASE = dict(batch_size=4, num_frames=2, frame_size=16, max_length=512, num_epochs=1, read_threads=1,
+            question_prompts=EK100PromptSettings())
 BAD = {  # sample id -> (what is wrong, the words its error must contain)
     "missing": ({"uid": "nope"}, "clip uid 'nope' is not in"),
     "undecodable": ({"uid": "bad_jpeg"}, "clip 'bad_jpeg': frame 0 (video frame 0) is not a decodable jpeg image"),
@@ -267,10 +269,11 @@ jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processe
 from llavaction_jax.data.batching import make_global_batch
 from llavaction_jax.data.mixture import load_mixture
 from llavaction_jax.data.pipeline import TrainPipelineConfig, train_dataset
+from llavaction_jax.ek100.train_prompt import EK100PromptSettings
 from llavaction_jax.sharding import make_mesh
 
 config = TrainPipelineConfig(batch_size=2, num_frames=2, frame_size=16, max_length=512, num_epochs=1, seed=3,
-                             read_threads=1)
+                             read_threads=1, question_prompts=EK100PromptSettings())
 batches = list(train_dataset(load_mixture(data + "/good.jsonl"), data + "/shards", config))  # layout from jax
 mesh = make_mesh(data=1, fsdp=-1)  # 4 devices over both processes
 arrays = make_global_batch(batches[0], mesh)

@@ -5,13 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llavaction_jax.config import load_preset
+from llavaction_jax.config import preset_configs
 from llavaction_jax.model import llava
-from llavaction_jax.sharding import make_mesh, resolve_config
+from llavaction_jax.sharding import make_mesh, resolve_execution
 from llavaction_jax.train.optim import OptimizerConfig, make_optimizer, param_groups, warmup_cosine
 from llavaction_jax.train.step import init_state, jit_train_step, loss_fn, make_train_step
 
-CFG = load_preset("tiny")
+CFG, EXECUTION = preset_configs("tiny")
 
 
 def make_batch(rng, n=4, length=10, frames=2):
@@ -31,8 +31,8 @@ def run_steps(opt_cfg, batches, n_micro=1, mesh=None, seed=0, reduction="sample"
     params = llava.init(CFG, jax.random.key(seed))
     tx, schedules = make_optimizer(params, opt_cfg)
     state = init_state(params, tx)
-    step = make_train_step(resolve_config(CFG, mesh), tx, param_groups(params, opt_cfg), n_micro, schedules,
-                           reduction)
+    step = make_train_step(CFG, resolve_execution(EXECUTION, mesh), tx, param_groups(params, opt_cfg), n_micro,
+                           schedules, reduction)
     step = jit_train_step(step, state, CFG, mesh)
     metrics = []
     for b in batches:
@@ -126,9 +126,9 @@ def test_sample_reduction_weighs_every_sample_of_the_global_batch_equally():
     np.testing.assert_allclose(mw[0]["loss"], mm[0]["loss"], rtol=1e-6)
     np.testing.assert_allclose(mw[0]["grad_norm"], mm[0]["grad_norm"], rtol=1e-5)
     assert_trees_close(micro["params"], whole["params"], atol=1e-6)
-    params, cfg = llava.init(CFG, jax.random.key(0)), resolve_config(CFG)
+    params, execution = llava.init(CFG, jax.random.key(0)), resolve_execution(EXECUTION)
     rows = lambda r: {k: v[r:r + 1] for k, v in batch.items()}
-    own = [float(loss_fn(params, cfg, rows(r), "token")[0]) for r in range(3)]
+    own = [float(loss_fn(params, CFG, execution, rows(r), "token")[0]) for r in range(3)]
     np.testing.assert_allclose(mw[0]["loss"], np.mean(own), rtol=1e-5)
     _, tw = run_steps(OPT_STABLE, [batch], n_micro=1, reduction="token")
     _, tm = run_steps(OPT_STABLE, [batch], n_micro=2, reduction="token")

@@ -19,8 +19,8 @@ from test_ek100 import write_fake_annotations
 
 from llavaction_jax.data import frames as fs
 from llavaction_jax.data.mixture import load_mixture
-from llavaction_jax.data.train_prompt import EK100PromptSettings, ek100_user_prompt, load_prior_table
 from llavaction_jax.data.train_sample import EPOCH_KEY, EncodeTrainSample, SampleError, cached_tokenizer, clip_uid
+from llavaction_jax.ek100.train_prompt import EK100PromptSettings, ek100_user_prompt, load_prior_table
 
 FRAMES, SIZE = 4, 16  # the shards' frame count: the time instruction must state it (not a fixed 16)
 VIDEO = "P90-P90_01"
@@ -185,7 +185,8 @@ def test_yaml_sampling_strategies_on_upstream_files(data):
 def test_every_question_type_encodes_like_upstream(data, reference_tokenizer):
     """ids, labels (the mask) and frames of each sample == upstream's preprocess_qwen on upstream's prompt."""
     _, samples, shards, _ = data
-    encode = EncodeTrainSample(shards, cached_tokenizer(), FRAMES, frame_size=SIZE)
+    encode = EncodeTrainSample(shards, cached_tokenizer(), FRAMES, frame_size=SIZE,
+                               question_prompts=EK100PromptSettings())
     for sample in samples:
         element = encode.encode(sample)
         conversation = ref_user_turns(sample, FRAMES, 12.5)
@@ -199,7 +200,7 @@ def test_every_question_type_encodes_like_upstream(data, reference_tokenizer):
     # without the time instruction, and in the third person
     settings = EK100PromptSettings(perspective="third_person")
     third = EncodeTrainSample(shards, cached_tokenizer(), FRAMES, frame_size=SIZE, add_time_instruction=False,
-                              ek100_prompt=settings)
+                              question_prompts=settings)
     for sample in samples[:7]:
         ids, labels = reference_preprocess_qwen(ref_user_turns(sample, FRAMES, 0, False, "third_person"),
                                                 reference_tokenizer, has_image=True)
@@ -240,7 +241,8 @@ def test_epoch_comes_from_the_pipeline_position():
 
 def test_bad_upstream_samples_name_the_sample(data):
     _, samples, shards, _ = data
-    encode = EncodeTrainSample(shards, cached_tokenizer(), FRAMES, frame_size=SIZE)
+    encode = EncodeTrainSample(shards, cached_tokenizer(), FRAMES, frame_size=SIZE,
+                               question_prompts=EK100PromptSettings())
     gpt = samples[0]["conversations"][1]
     not_a_list = {**samples[0], "conversations": [{"from": "human", "value": "open door?"}, gpt]}
     with pytest.raises(SampleError, match=r"avion_mc_top5.*:1\): question_type 'mc_GT_random_narration' needs the "

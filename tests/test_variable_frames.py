@@ -24,14 +24,16 @@ from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGener
 
 from llavaction_jax import api
 from llavaction_jax.api import LlavaModel, forward_with_losses, pack_frames
-from llavaction_jax.config import ModelConfig, TextConfig, VisionConfig
-from llavaction_jax.convert.keys import torch_to_params
+from llavaction_jax.config import ExecutionConfig, ModelConfig, TextConfig, VisionConfig
+from llavaction_jax.convert.import_plan import torch_to_params
+from llavaction_jax.convert.upstream_config import from_upstream
 from llavaction_jax.data.batching import collate
 from llavaction_jax.model import llava
 from llavaction_jax.model.params import is_spec
 
 IMG, IGNORE = -200, -100
 HF_VIDEO = 301
+EX = ExecutionConfig().resolve("cpu", 1)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +44,7 @@ def onevision():
         vision_feature_select_strategy="full", tie_word_embeddings=False)
     torch.manual_seed(0)
     model = randomise(LlavaOnevisionForConditionalGeneration(hf_cfg))
-    cfg = ModelConfig.from_upstream(hf_cfg.to_dict())
+    cfg = from_upstream(hf_cfg.to_dict())
     return model, cfg, torch_to_params(state_numpy(model), cfg)
 
 
@@ -118,7 +120,7 @@ def test_padded_batch_matches_transformers_per_sample(onevision, frames):
     batch = jax.tree.map(jnp.asarray, dict(input_ids=ids, attention_mask=mask, labels=labels,
                                            pixel_values=video.pixels, has_video=video.has_video,
                                            num_frames=video.num_frames))
-    grads = jax.grad(lambda p: forward_with_losses(p, actions=None, cfg=cfg, **batch).loss)(params)
+    grads = jax.grad(lambda p: forward_with_losses(p, actions=None, cfg=cfg, execution=EX, **batch).loss)(params)
     for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
         # relative to the tensor's largest gradient: fp32 sums over the batch in two frameworks, ~1e-6 apart
         scale = max(float(np.abs(want).max()), 1e-3)
@@ -149,7 +151,8 @@ def _random_params(cfg, seed=0):
 
 def _run(params, cfg, ids, mask, labels, actions, pixels, has_video, num_frames):
     return forward_with_losses(params, jnp.asarray(ids), jnp.asarray(pixels), jnp.asarray(mask), jnp.asarray(labels),
-                               jnp.asarray(actions), jnp.asarray(has_video), jnp.asarray(num_frames), cfg=cfg)
+                               jnp.asarray(actions), jnp.asarray(has_video), jnp.asarray(num_frames), cfg=cfg,
+                               execution=EX)
 
 
 LAYOUTS = {
@@ -345,7 +348,7 @@ def test_a_mixed_image_video_text_batch_trains(mixed_data):
     params = llava.init(cfg, jax.random.key(0))
     opt = OptimizerConfig(learning_rate=3e-3, vision_lr=3e-3, warmup_ratio=0.0, total_steps=8)
     tx, _ = make_optimizer(params, opt)
-    step = jax.jit(make_train_step(cfg, tx, param_groups(params, opt)), donate_argnums=0)
+    step = jax.jit(make_train_step(cfg, EX, tx, param_groups(params, opt)), donate_argnums=0)
     state = init_state(params, tx)
     losses = []
     for _ in range(8):

@@ -253,35 +253,37 @@ def test_headline_counts():
 
 # ---------------------------------------------------------------------------------------------- frames per step
 def test_frames_per_step_divides_the_video_and_keeps_the_batch():
-    from llavaction_jax.config import AUTO_CPU_FRAMES_PER_STEP
+    from llavaction_jax.config import AUTO_CPU_FRAMES_PER_STEP, ExecutionConfig, UnresolvedExecution
     from llavaction_jax.model.llava import frames_per_step
 
-    cfg = ModelConfig()
+    cfg = ExecutionConfig()
     for setting, batch, frames, want in ((1, 2, 8, 1), (4, 1, 8, 4), (6, 1, 8, 4), (16, 2, 8, 8), (100, 4, 16, 16),
                                          (8, 16, 8, 1), (3, 1, 7, 1)):
-        got = frames_per_step(cfg.replace(vision_frames_per_step=setting), batch, frames)
+        got = frames_per_step(cfg.replace(vision_frames_per_step=setting).resolve("cpu", 1), batch, frames)
         assert got == want and frames % got == 0, (setting, batch, frames, got)
     # auto (0) is resolved at the entry point from the platform and the mesh size
-    assert frames_per_step(cfg.resolved("cpu", 1), 1, 16) == AUTO_CPU_FRAMES_PER_STEP
-    assert frames_per_step(cfg.resolved("gpu", 1), 4, 64) == 64  # accelerators: everything at once
-    assert frames_per_step(cfg.resolved("cpu", 8), 1, 64) == 64  # CPU meshes: no sharded work inside a loop
-    assert frames_per_step(cfg, 1, 16) == 16  # unresolved: everything at once, whatever the backend
-    assert frames_per_step(cfg.replace(vision_frames_per_step=-1), 1, 16) == 16
+    assert frames_per_step(cfg.resolve("cpu", 1), 1, 16) == AUTO_CPU_FRAMES_PER_STEP
+    assert frames_per_step(cfg.resolve("gpu", 1), 4, 64) == 64  # accelerators: everything at once
+    assert frames_per_step(cfg.resolve("cpu", 8), 1, 64) == 64  # CPU meshes: no sharded work inside a loop
+    with pytest.raises(UnresolvedExecution, match="vision_frames_per_step=0"):
+        frames_per_step(cfg, 1, 16)  # unresolved: refused, whatever the backend
+    assert frames_per_step(cfg.replace(vision_frames_per_step=-1).resolve("cpu", 1), 1, 16) == 16
     with pytest.raises(Exception, match="vision_frames_per_step"):
         cfg.replace(vision_frames_per_step=-2)
 
 
 @pytest.mark.parametrize("per_step", [1, 2])
 def test_encoding_frames_in_steps_equals_all_at_once(per_step):
-    from llavaction_jax.config import load_preset
+    from llavaction_jax.config import ExecutionConfig, load_preset
     from llavaction_jax.model import llava
 
     cfg = load_preset("tiny")
+    steps_of = lambda n: ExecutionConfig(vision_frames_per_step=n).resolve("cpu", 1)
     params = llava.init(cfg, jax.random.key(0))
     size = cfg.vision.image_size
     pixels = jax.random.uniform(jax.random.key(1), (2, 4, 3, size, size), minval=-1, maxval=1)
-    whole = llava.encode_videos(params, pixels, cfg.replace(vision_frames_per_step=1000))
-    stepped = llava.encode_videos(params, pixels, cfg.replace(vision_frames_per_step=2 * per_step))  # 2 videos
+    whole = llava.encode_videos(params, pixels, cfg, steps_of(1000))
+    stepped = llava.encode_videos(params, pixels, cfg, steps_of(2 * per_step))  # 2 videos
     assert stepped.shape == whole.shape == (2, cfg.tokens_per_video(4), cfg.text.hidden_size)
     np.testing.assert_allclose(stepped, whole, atol=1e-5, rtol=1e-5)
     # a mix-up of frames across videos or steps would move tokens: each video differs from the other

@@ -31,8 +31,9 @@ from llavaction_jax.config import ModelConfig, TextConfig, VisionConfig
 from llavaction_jax.convert.keys import map_key, torch_shape, upstream_keys
 from llavaction_jax.convert.safetensors_io import (SafetensorsCheckpoint, SafetensorsWriter, TensorSpec, plan_shards,
                                                    shard_names, write_index)
+from llavaction_jax.convert.upstream_config import to_upstream
 from llavaction_jax.model import llava
-from llavaction_jax.model.params import flatten_paths
+from llavaction_jax.tree import flatten_paths
 
 # Runs a command and prints its peak RSS (KiB), so each measurement sees only its own child.
 _WRAPPER = ("import json, resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
@@ -73,7 +74,7 @@ def write_source(directory: pathlib.Path, cfg) -> tuple[int, int]:
                   num_hidden_layers=cfg.vision.num_layers + 1, num_attention_heads=cfg.vision.num_heads,
                   image_size=cfg.vision.image_size, patch_size=cfg.vision.patch_size)
     (directory.parent / "siglip.json").write_text(json.dumps(vision))
-    config = cfg.to_upstream()
+    config = to_upstream(cfg)
     config["torch_dtype"] = "bfloat16"
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     largest = max(int(np.prod(s.shape)) * 2 for p, s in specs.items() if s.axes[:1] == ("layers",))

@@ -32,8 +32,9 @@ from PIL import Image, ImageFilter
 
 from llavaction_jax import cli
 from llavaction_jax.data import sampling
-from llavaction_jax.data.ek100 import datetime2sec
 from llavaction_jax.data.frames import FrameShards
+from llavaction_jax.ek100.labels import datetime2sec
+from llavaction_jax.ek100.train_prompt import EK100PromptSettings
 
 FPS, CHUNK_SECONDS, CHUNKS_PER_VIDEO, VIDEOS = 30, 15, 2, ("P01_01", "P01_02")
 WIDTH, HEIGHT, SIZE = 912, 512, 384
@@ -184,7 +185,7 @@ def time_pipeline(segments: list[dict], shards: pathlib.Path, workers: int, thre
     num_frames = source.frames_per_clip
     epochs = max(1, math.ceil((min_frames + 2 * (workers + 1) * num_frames) / (num_frames * len(segments))))
     config = TrainPipelineConfig(batch_size=1, num_frames=num_frames, max_length=512, num_epochs=epochs,
-                                 worker_count=workers, read_threads=threads)
+                                 worker_count=workers, read_threads=threads, question_prompts=EK100PromptSettings())
     iterator = iter(train_dataset(pipeline_samples(segments), source, config, 0, 1))
     for _ in range(2 * (workers + 1)):  # until every worker has started and delivered
         next(iterator)

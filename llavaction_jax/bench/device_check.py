@@ -69,7 +69,7 @@ class Sizes:
     big: str = "llavaction_7b"  # configs/<name>.py
     small: str = "llavaction_0_5b"
     frames: int = 64
-    prompt: int = 127  # the EK100-MQA prompt at 64 frames with the Qwen2 tokenizer (data/prompts.py, data/chat.py)
+    prompt: int = 127  # the EK100-MQA prompt at 64 frames with the Qwen2 tokenizer (ek100/prompts.py, data/chat.py)
     eval_batches: tuple = (1, 8)
     repeats: int = 3  # timed calls of a case at most (only calls under a second are repeated)
     assumed_memory: dict = dataclasses.field(default_factory=dict)  # section -> device bytes for the fit check

@@ -22,11 +22,11 @@ import numpy as np
 
 from llavaction_jax.bench.common import median
 from llavaction_jax.bench.device_check import HANG_ENV, SIZES, Sizes
-from llavaction_jax.config import ModelConfig, load_preset
-from llavaction_jax.eval.generate import GenerationConfig, generate
+from llavaction_jax.config import ModelConfig, ResolvedExecution, preset_configs
 from llavaction_jax.model import attention, llava
+from llavaction_jax.model.decode import GenerationConfig, generate
 from llavaction_jax.model.params import abstract_params
-from llavaction_jax.sharding import platform_of, resolve_config
+from llavaction_jax.sharding import platform_of, resolve_execution
 from llavaction_jax.train.metrics import lm_head_positions, peak_flops_per_device, train_flops
 from llavaction_jax.train.optim import OptimizerConfig, make_optimizer, param_groups
 from llavaction_jax.train.step import init_state, make_train_step
@@ -37,9 +37,11 @@ PLACEHOLDER_AT = 15  # the <image> placeholder's position in the prompt (after t
 GIB = 2**30
 
 
-def model_config(name: str, **execution) -> ModelConfig:
-    """configs/<name>.py with these execution fields, resolved for this machine's devices as every entry point."""
-    return resolve_config(load_preset(name).replace(**execution))
+def model_config(name: str, param_dtype: str, **execution) -> tuple[ModelConfig, ResolvedExecution]:
+    """configs/<name>.py with this parameter dtype, and its execution choices with these changes resolved for this
+    machine's devices, as every entry point does."""
+    cfg, preset_execution = preset_configs(name, {"param_dtype": param_dtype})
+    return cfg, resolve_execution(preset_execution.replace(**execution))
 
 
 # ============================================================================================ model entry points
@@ -58,16 +60,16 @@ def count_params(cfg: ModelConfig) -> int:
     return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract_params(llava.param_specs(cfg))))
 
 
-def generate_fn(cfg: ModelConfig, new_tokens: int):
+def generate_fn(cfg: ModelConfig, execution: ResolvedExecution, new_tokens: int):
     gen = GenerationConfig(max_new_tokens=new_tokens, eos_ids=(-1,), pad_id=0)  # never stops early
-    return lambda params, ids, pixels, mask: generate(params, cfg, gen, ids, pixels, mask)[0]
+    return lambda params, ids, pixels, mask: generate(params, cfg, execution, gen, ids, pixels, mask)[0]
 
 
-def train_step_fn(cfg: ModelConfig, params):
+def train_step_fn(cfg: ModelConfig, execution: ResolvedExecution, params):
     """(jitted step with the state donated, initial state)."""
     opt_cfg = OptimizerConfig()  # AdamW over all parts, as upstream
     tx, schedules = make_optimizer(params, opt_cfg)
-    step = make_train_step(cfg, tx, param_groups(params, opt_cfg), 1, schedules)
+    step = make_train_step(cfg, execution, tx, param_groups(params, opt_cfg), 1, schedules)
     return jax.jit(step, donate_argnums=0), jax.jit(lambda p: init_state(p, tx))(params)
 # ===============================================================================================================
 
@@ -218,21 +220,21 @@ def forward_flops(cfg: ModelConfig, sizes: Sizes) -> float:
 
 def big_inference_model(sec: Section):
     if "big" not in sec.state:
-        cfg = model_config(sec.sizes.big, param_dtype="bfloat16", compute_dtype="bfloat16")
-        sec.state["big"] = (cfg, init_params(cfg))
+        cfg, execution = model_config(sec.sizes.big, param_dtype="bfloat16", compute_dtype="bfloat16")
+        sec.state["big"] = (cfg, execution, init_params(cfg))
     return sec.state["big"]
 
 
 def check_forward(sec: Section) -> None:
     sizes = sec.sizes
-    cfg, params = big_inference_model(sec)
+    cfg, execution, params = big_inference_model(sec)
     b = sec.put(video_batch(cfg, 1, sizes))
     flops = forward_flops(cfg, sizes)
     sec.facts({"model": sizes.big, "frames": sizes.frames, "tokens": spliced_length(cfg, sizes)})
 
     def measure(impl):
         args = (params, b["ids"], b["pixels"], b["mask"])
-        timed = compile_and_time(generate_fn(cfg.replace(attention=impl), 1), args, sizes.repeats)
+        timed = compile_and_time(generate_fn(cfg, execution.replace(attention=impl), 1), args, sizes.repeats)
         return {**timed, "prefill_s": timed["seconds"], "peak_bytes": memory_stat("peak_bytes_in_use"),
                 **sec.mfu(flops, timed["seconds"])}
 
@@ -241,14 +243,14 @@ def check_forward(sec: Section) -> None:
 
 def check_eval(sec: Section) -> None:
     sizes = sec.sizes
-    cfg, params = big_inference_model(sec)
+    cfg, execution, params = big_inference_model(sec)
     sec.facts({"model": sizes.big, "frames": sizes.frames, "answer_tokens": ANSWER_TOKENS,
                "questions": EK100_QUESTIONS})
     for batch in sizes.eval_batches:
         b = sec.put(video_batch(cfg, batch, sizes))
 
         def measure(impl):
-            timed = compile_and_time(generate_fn(cfg.replace(attention=impl), ANSWER_TOKENS),
+            timed = compile_and_time(generate_fn(cfg, execution.replace(attention=impl), ANSWER_TOKENS),
                                      (params, b["ids"], b["pixels"], b["mask"]), sizes.repeats)
             qps = batch / timed["seconds"]
             return {**timed, "questions_per_s": qps, "projected_s": EK100_QUESTIONS / qps}
@@ -265,14 +267,14 @@ def check_train(sec: Section, name: str) -> None:
     sec.state.pop("big", None)
     gc.collect()
     sizes = sec.sizes
-    cfg = model_config(name, param_dtype="float32", compute_dtype="bfloat16", remat_policy=sec.remat)
+    cfg, execution = model_config(name, param_dtype="float32", compute_dtype="bfloat16", remat_policy=sec.remat)
     n_params = count_params(cfg)
     need = 16 * n_params  # fp32 params + grads + AdamW mu and nu, before any activation
     limit = sizes.assumed_memory.get(sec.name, memory_stat("bytes_limit"))
     seq = spliced_length(cfg, sizes)
     b = video_batch(cfg, 1, sizes)
     targets = [p + cfg.tokens_per_video(sizes.frames) - 1 for p in np.flatnonzero(b["labels"][0] != -100)]
-    head = lm_head_positions(cfg, seq, targets)
+    head = lm_head_positions(execution, seq, targets)
     flops = train_flops(cfg, sizes.prompt, sizes.frames, lm_head_tokens=head)
     sec.facts({"model": name, "frames": sizes.frames, "remat": sec.remat, "params": n_params, "tokens": seq,
                "lm_head_tokens": head, "state_and_grads_bytes": need, "memory_limit_bytes": limit})
@@ -285,7 +287,7 @@ def check_train(sec: Section, name: str) -> None:
                      "actions": np.zeros((1, 3), np.int32), "has_video": np.ones((1,), bool)})
 
     def measure(impl):
-        step, state = train_step_fn(cfg.replace(attention=impl), init_params(cfg))
+        step, state = train_step_fn(cfg, execution.replace(attention=impl), init_params(cfg))
         t0 = time.perf_counter()
         compiled = step.lower(state, batch).compile()
         compile_s = time.perf_counter() - t0

@@ -20,10 +20,11 @@ import numpy as np
 
 from llavaction_jax import cli_flags
 from llavaction_jax.bench.common import median, record, time_calls
-from llavaction_jax.config import ModelConfig
-from llavaction_jax.convert.keys import torch_to_params
+from llavaction_jax.config import ExecutionConfig
+from llavaction_jax.convert.import_plan import torch_to_params
+from llavaction_jax.convert.upstream_config import from_upstream
 from llavaction_jax.model import llava
-from llavaction_jax.sharding import resolve_config
+from llavaction_jax.sharding import resolve_execution
 
 
 def build(batch: int, frames: int, seed: int = 0):
@@ -58,14 +59,15 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(os.cpu_count())
     hf_cfg, model, pixels, before, after = build(args.batch, args.num_frames)
-    cfg = resolve_config(ModelConfig.from_upstream(hf_cfg.to_dict()))  # this machine's execution choices
+    cfg = from_upstream(hf_cfg.to_dict())
+    execution = resolve_execution(ExecutionConfig())  # this machine's execution choices
     params = jax.device_put(torch_to_params({k: v.numpy() for k, v in model.state_dict().items()}, cfg))
     n_video = cfg.tokens_per_video(args.num_frames)
     hf_ids = torch.tensor(np.concatenate([before, np.full((args.batch, n_video), 32001), after], axis=1))
     ids = jnp.asarray(np.concatenate([before, np.full((args.batch, 1), -200), after], axis=1))
     px_t, px_j = torch.tensor(pixels), jnp.asarray(pixels)
 
-    fwd = jax.jit(lambda p, i, x: llava.lm_logits(p, llava.forward(p, cfg, i, x).hidden))
+    fwd = jax.jit(lambda p, i, x: llava.lm_logits(p, llava.forward(p, cfg, execution, i, x).hidden))
     t0 = time.perf_counter()
     compiled = fwd.lower(params, ids, px_j).compile()
     compile_s = time.perf_counter() - t0

@@ -7,7 +7,7 @@ real prompts do).
 
 * upstream style: ``model.generate(input_ids, pixel_values_videos, do_sample=False, max_new_tokens=N)`` with the
   transformers PyTorch model, one question at a time (llava_inference.py: batch 1);
-* ours: ``eval.generate`` (jitted prefill + KV-cache while_loop) on batches of 8 and 16 right-padded prompts,
+* ours: ``model.decode.generate`` (jitted prefill + KV-cache while_loop) on batches of 8 and 16 right-padded prompts,
   padded to one fixed length as the eval command does, host arrays in and tokens back on the host; optionally
   option scoring (5 options of 8 tokens) at batch 8.
 
@@ -31,11 +31,11 @@ import numpy as np
 from llavaction_jax import cli_flags
 from llavaction_jax.bench.common import record
 from llavaction_jax.bench.forward import build
-from llavaction_jax.config import ModelConfig
-from llavaction_jax.convert.keys import torch_to_params
-from llavaction_jax.eval.generate import GenerationConfig, generate
-from llavaction_jax.eval.scoring import score_options
-from llavaction_jax.sharding import resolve_config
+from llavaction_jax.config import ExecutionConfig
+from llavaction_jax.convert.import_plan import torch_to_params
+from llavaction_jax.convert.upstream_config import from_upstream
+from llavaction_jax.model.decode import GenerationConfig, generate, score_options
+from llavaction_jax.sharding import resolve_execution
 
 PREFIX_LEN = 14  # "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
 VIDEO_TOKEN = 32001
@@ -104,7 +104,8 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(os.cpu_count())
     hf_cfg, model, *_ = build(1, args.num_frames)
-    cfg = resolve_config(ModelConfig.from_upstream(hf_cfg.to_dict()))  # this machine's execution choices
+    cfg = from_upstream(hf_cfg.to_dict())
+    execution = resolve_execution(ExecutionConfig())  # this machine's execution choices
     params = jax.device_put(torch_to_params({k: v.numpy() for k, v in model.state_dict().items()}, cfg))
     n_video = cfg.tokens_per_video(args.num_frames)
     questions = make_questions(args.questions, args.num_frames)
@@ -112,8 +113,10 @@ def main(argv=None) -> int:
     eos = 32767  # a random model rarely emits it: answers run to the budget on both sides, as intended
     gen = GenerationConfig(max_new_tokens=args.new_tokens, eos_ids=(eos,), pad_id=0)
 
+    generate_jit = jax.jit(lambda p, i, x, m: generate(p, cfg, execution, gen, i, x, m))
+
     def generate_step(ids, mask, pixels):
-        return generate(params, cfg, gen, jnp.asarray(ids), jnp.asarray(pixels), jnp.asarray(mask))
+        return generate_jit(params, jnp.asarray(ids), jnp.asarray(pixels), jnp.asarray(mask))
 
     lines, ours = [], {}
     for batch in (int(b) for b in args.batches.split(",")):
@@ -128,7 +131,7 @@ def main(argv=None) -> int:
         rng = np.random.default_rng(2)
         options = jnp.asarray(rng.integers(0, 32000, size=(8, 5, 8)), jnp.int32)
         option_mask = jnp.ones(options.shape, bool)
-        score = jax.jit(lambda p, i, x, m: score_options(p, cfg, i, x, m, options, option_mask)["logprob_sum"])
+        score = jax.jit(lambda p, i, x, m: score_options(p, cfg, execution, i, x, m, options, option_mask)["logprob_sum"])
 
         def score_step(ids, mask, pixels):
             return (score(params, jnp.asarray(ids), jnp.asarray(pixels), jnp.asarray(mask)),)

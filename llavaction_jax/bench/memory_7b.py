@@ -46,7 +46,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from llavaction_jax import cli_flags  # noqa: E402
 from llavaction_jax.bench.common import record  # noqa: E402
-from llavaction_jax.config import load_preset  # noqa: E402
+from llavaction_jax.config import ResolvedExecution, load_preset  # noqa: E402
 from llavaction_jax.model import llava  # noqa: E402
 from llavaction_jax.model.params import abstract_params  # noqa: E402
 from llavaction_jax.sharding import batch_sharding, make_mesh  # noqa: E402
@@ -70,9 +70,9 @@ def compile_step(policy: str, mesh_name: str, frames: int, seq: int, micro_batch
     """AOT-compile the 7B step; returns (facts dict, compiled)."""
     # Compiled for accelerator-like use, never run: the execution fields are set as a GPU run resolves them
     # (chunked loss, sharded work inside loops, every frame at once), not as this CPU would.
-    cfg = load_preset("llavaction_7b", {"param_dtype": "float32", "compute_dtype": "bfloat16", "attention": "flash",
-                                         "remat_policy": policy, "vision_frames_per_step": -1,
-                                         "loop_collectives": "on", "platform": "gpu"})
+    cfg = load_preset("llavaction_7b", {"param_dtype": "float32"})
+    execution = ResolvedExecution(compute_dtype="bfloat16", attention="flash", remat_policy=policy,
+                                  vision_frames_per_step=-1, loop_collectives="on", platform="gpu")
     mesh = make_mesh(**MESHES[mesh_name])
     visual = cfg.tokens_per_video(frames)
     text_len = seq - visual + 1  # the -200 placeholder is replaced by the visual tokens
@@ -89,7 +89,7 @@ def compile_step(policy: str, mesh_name: str, frames: int, seq: int, micro_batch
     b = abstract_batch(cfg, batch, text_len, frames)
     b = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=batch_sharding(mesh)), b)
 
-    step = make_train_step(cfg, tx, param_groups(params, opt_cfg), micro_batches, schedules)
+    step = make_train_step(cfg, execution, tx, param_groups(params, opt_cfg), micro_batches, schedules)
     jitted = jit_train_step(step, state, cfg, mesh).jitted
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):

@@ -4,7 +4,7 @@ Same mini model as bench/forward.py (SigLIP 4 x 256 at 384 px + mlp2x_gelu + Qwe
 one_token layout), fp32, everything trainable. Ours: `train.step.make_train_step` + `train.optim.make_optimizer`
 (AdamW, vision tower 2e-6 / rest 1e-5, warm-up cosine, clip 1.0), jitted with the state donated. PyTorch:
 transformers' LlavaOnevisionForConditionalGeneration with the same weights (mapped by
-`convert.keys.torch_to_params`), torch.optim.AdamW with the same groups, betas, eps and schedule,
+`convert.import_plan.torch_to_params`), torch.optim.AdamW with the same groups, betas, eps and schedule,
 `loss.backward()` + `clip_grad_norm_(1.0)` + `step()`. Both measured in the same run.
 
 Reports median step times, tokens/s (text + visual tokens through the LLM), the ratio (target: JAX <= 0.8x
@@ -28,9 +28,10 @@ import numpy as np
 from llavaction_jax import cli_flags
 from llavaction_jax.bench.common import median, record
 from llavaction_jax.bench.forward import build
-from llavaction_jax.config import ModelConfig
-from llavaction_jax.convert.keys import torch_to_params
-from llavaction_jax.sharding import resolve_config
+from llavaction_jax.config import ExecutionConfig
+from llavaction_jax.convert.import_plan import torch_to_params
+from llavaction_jax.convert.upstream_config import from_upstream
+from llavaction_jax.sharding import resolve_execution
 from llavaction_jax.train import metrics
 from llavaction_jax.train.optim import OptimizerConfig, make_optimizer, param_groups
 from llavaction_jax.train.step import init_state, jit_train_step, make_train_step
@@ -93,7 +94,8 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(os.cpu_count())
     hf_cfg, model, _, _, _ = build(args.batch, 1)
-    cfg = resolve_config(ModelConfig.from_upstream(hf_cfg.to_dict()))  # this machine's execution choices
+    cfg = from_upstream(hf_cfg.to_dict())
+    execution = resolve_execution(ExecutionConfig())  # this machine's execution choices
     opt_cfg = OptimizerConfig(total_steps=1000)  # upstream's AdamW / LR groups / warm-up cosine / clipping
     raw = make_batch(args.batch, args.num_frames)
     n_video = cfg.tokens_per_video(args.num_frames)
@@ -105,7 +107,7 @@ def main(argv=None) -> int:
     params = jax.device_put(torch_to_params({k: v.detach().numpy() for k, v in model.state_dict().items()}, cfg))
     tx, schedules = make_optimizer(params, opt_cfg)
     state = init_state(params, tx)
-    step_fn = make_train_step(cfg, tx, param_groups(params, opt_cfg), 1, schedules)
+    step_fn = make_train_step(cfg, execution, tx, param_groups(params, opt_cfg), 1, schedules)
     jitted = jit_train_step(step_fn, state, cfg, None)
     t0 = time.perf_counter()
     compiled = jitted.lower(state, jb).compile()

@@ -16,6 +16,10 @@ included) and checks names and shapes against the config before anything is read
   Orbax merges the processes' writes into one checkpoint. Everything is written into a staging folder beside
   the destination and renamed into place at the end (`staging.py`).
 
+Both first verify the source (`source_digests.py`: our checksums.json, else the Hugging Face hub's own digests); a
+mismatch stops before anything is read. The converted directory gets a checksums.json only when the source was
+verified.
+
 Vocabulary: every embedding row is kept (152064 for 7B). Upstream shrinks `embed_tokens` / `lm_head` to
 `len(tokenizer)` = 151646 at load (upstream `llavaction/model/builder.py: load_pretrained_model` resizes the token
 embeddings); pass `vocab_limit=151646` to `LlavaModel.__call__` / `llava.forward` to slice logits the same way
@@ -36,15 +40,15 @@ from jax.sharding import SingleDeviceSharding
 from tqdm import tqdm
 
 from llavaction_jax import checkpoint_io, sharding
-from llavaction_jax.config import ConfigError, ModelConfig
-from llavaction_jax.convert import orbax_stream, staging
+from llavaction_jax.config import ConfigError, ExecutionConfig, ModelConfig
+from llavaction_jax.convert import orbax_stream, source_digests, staging
 from llavaction_jax.convert.import_plan import (Param, Plan, Source, copy_into, describe, detect_layout, is_torch_dir,
                                                 open_source, plan_import, read_param)
 from llavaction_jax.convert.keys import PERMS, ConversionError, torch_row_axis, torch_shape
-from llavaction_jax.convert.safetensors_io import SafetensorsCheckpoint, SafetensorsError
+from llavaction_jax.convert.safetensors_io import SafetensorsCheckpoint, SafetensorsError, refuse_pickles
 from llavaction_jax.model import llava
-from llavaction_jax.model.params import flatten_paths, unflatten_paths
-from llavaction_jax.recipes import model_config_with_overrides, parse_overrides
+from llavaction_jax.tree import flatten_paths, unflatten_paths
+from llavaction_jax.recipes import configs_with_overrides, parse_overrides
 
 # Copied verbatim next to our checkpoint: the original config, the tokenizer, generation and processor settings.
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
@@ -94,6 +98,8 @@ def progress_bar(total: int | None, enabled: bool, desc: str):
 
 def load_torch(src, mesh=None, dtype: str | None = None, vision_config=None, progress: bool = False):
     """(ModelConfig, params) of a PyTorch checkpoint directory, converted in memory (sharded over `mesh`)."""
+    refuse_pickles(src)
+    source_digests.verify_source(src)
     source = open_source(src, vision_config)
     with source.tensors:
         plan = plan_import(source)
@@ -122,6 +128,7 @@ def _updater(bar, tensors):
 @dataclasses.dataclass
 class ImportReport:
     cfg: ModelConfig  # as written to llavaction_config.json
+    execution: ExecutionConfig  # likewise
     plan: Plan
     bytes_read: int  # by this process (on a pod: only its devices' slices)
 
@@ -136,17 +143,19 @@ def import_checkpoint(src, dst, dtype: str | None = None, vision_config=None, me
     smaller files for real weights, slower to write. Both kinds restore the same way.
 
     Under `jax.distributed` every process calls this with the same arguments and a mesh over all devices.
-    `model_overrides` (`--config.model.<field>=value`, as in `train` and `eval`) change the written config; they
-    may not change parameter shapes, and a `param_dtype` override casts like `dtype`.
+    `model_overrides` (`--config.model.<field>=value`, as in `train` and `eval`) change the written config and
+    execution choices; they may not change parameter shapes, and a `param_dtype` override casts like `dtype`.
     """
     if jax.process_count() > 1 and mesh is None:
         raise ValueError("under jax.distributed every process must pass the same mesh over all devices (--mesh)")
+    refuse_pickles(src)
+    dst = pathlib.Path(dst).absolute()
+    staging.check(dst)  # on every process, before any of them waits for the others
+    verified = source_digests.verify_source(src)  # before anything is read; every process reads its own copy
     source = open_source(src, vision_config)
     plan = plan_import(source)
     plan.raise_if_problems()
-    dst = pathlib.Path(dst).absolute()
-    staging.check(dst)  # on every process, before any of them waits for the others
-    cfg = overridden(source.cfg, model_overrides)
+    cfg, execution = overridden(source.cfg, model_overrides)
     if dtype is None and any(key == "model.param_dtype" for key, _ in parse_overrides(list(model_overrides))):
         dtype = cfg.param_dtype
     dtypes, param_dtype = output_dtype(plan, dtype)
@@ -165,26 +174,25 @@ def import_checkpoint(src, dst, dtype: str | None = None, vision_config=None, me
         orbax_stream.save_streamed(stage / checkpoint_io.PARAMS_DIR, unflatten_paths(tree), buffer_bytes, compress)
     bar.close()
     if jax.process_index() == 0:
-        cfg.save(stage / checkpoint_io.CONFIG_FILE)
+        cfg.save(stage / checkpoint_io.CONFIG_FILE, execution)
         for name in COPIED_FILES:
             if (source.directory / name).is_file():
                 shutil.copyfile(source.directory / name, stage / name)
-        staging.commit(stage, dst)
+        staging.commit(stage, dst, manifest=verified)
     multihost_utils.sync_global_devices("llavaction_import_done")
-    return ImportReport(cfg, plan, source.tensors.bytes_read)
+    return ImportReport(cfg, execution, plan, source.tensors.bytes_read)
 
 
-def overridden(cfg: ModelConfig, overrides: list[str]) -> ModelConfig:
-    """`cfg` with `--config.model.<field>=` overrides; refused where they would change a parameter's shape."""
-    if not overrides:
-        return cfg
-    new = model_config_with_overrides(cfg, list(overrides))
+def overridden(cfg: ModelConfig, overrides: list[str]) -> tuple[ModelConfig, ExecutionConfig]:
+    """`cfg` and the default execution choices with `--config.model.<field>=` overrides; refused where they would
+    change a parameter's shape."""
+    new, execution = configs_with_overrides(cfg, ExecutionConfig(), list(overrides))
     shape = lambda c: {k: s.shape for k, s in flatten_paths(llava.param_specs(c)).items()}
     if shape(new) != shape(cfg):
         changed = sorted(k for k in set(shape(new)) | set(shape(cfg)) if shape(new).get(k) != shape(cfg).get(k))
         raise ConfigError(f"--config.model overrides change the shapes of {len(changed)} parameters of the "
                           f"checkpoint (first: {changed[:3]}); only fields that keep the weights may be overridden")
-    return new
+    return new, execution
 
 
 def _streamed(tensors, p: Param, sharding, dtype: np.dtype, buffer_bytes: int, on_read) -> orbax_stream.StreamedParam:

@@ -1,7 +1,7 @@
 """The conversion plan: which source tensor becomes which of our parameters, checked before anything is read.
 
 One plan serves every path: `from_torch.load_torch` (a PyTorch directory loaded in memory), the streaming
-`from_torch.import_checkpoint`, and `keys.torch_to_params` (a state dict already in memory). `open_source` reads
+`from_torch.import_checkpoint`, and `torch_to_params` (a state dict already in memory). `open_source` reads
 config.json, picks the layout and resolves the vision tower; `plan_conversion` starts from our parameter specs
 (`llava.param_specs(cfg)`), derives the upstream key of every parameter and layer from the rule table
 (`keys.targets`), maps every source tensor (any supported spelling, via `keys.normalise_key`) onto them, and
@@ -23,7 +23,9 @@ from llavaction_jax.config import ConfigError, ModelConfig
 from llavaction_jax.convert.keys import (PERMS, ConversionError, is_unused, map_key, normalise_key, targets,
                                          torch_shape)
 from llavaction_jax.convert.safetensors_io import SafetensorsCheckpoint, TensorEntry
-from llavaction_jax.model.params import flatten_paths
+from llavaction_jax.convert.upstream_config import from_upstream
+from llavaction_jax.model import llava
+from llavaction_jax.tree import flatten_paths, unflatten_paths
 
 UPSTREAM_MODEL_TYPES = ("qwen2", "llava_qwen", "llava")
 HF_MODEL_TYPES = ("llava_onevision",)
@@ -70,7 +72,7 @@ def open_source(src, vision_config: str | pathlib.Path | dict | None = None) -> 
     if isinstance(vision_config, (str, pathlib.Path)):
         vision_config = json.loads(pathlib.Path(vision_config).read_text())
     try:
-        cfg = ModelConfig.from_upstream(raw, vision=vision_config if layout == "upstream" else None)
+        cfg = from_upstream(raw, vision=vision_config if layout == "upstream" else None)
     except ConfigError as e:
         raise ConfigError(f"{file}: {e}") from None
     return Source(directory, raw, layout, cfg, SafetensorsCheckpoint(directory))
@@ -129,8 +131,6 @@ class Plan:
 
 def plan_import(source: Source) -> Plan:
     """The plan for a PyTorch checkpoint directory opened with `open_source`."""
-    from llavaction_jax.model import llava
-
     return plan_conversion(flatten_paths(llava.param_specs(source.cfg)), source.tensors, source.cfg, source.layout)
 
 
@@ -234,15 +234,12 @@ def _read_source(tensors, key: str, bounds, transform: str) -> np.ndarray:
     return tensors.read_slice(key, torch_index).transpose(perm)
 
 
-def params_from_state(state: Mapping[str, np.ndarray], cfg: ModelConfig, expected=None, cast=lambda x: x) -> dict:
+def torch_to_params(state: Mapping[str, np.ndarray], cfg: ModelConfig, expected=None, cast=lambda x: x) -> dict:
     """An in-memory state dict (any supported layout) -> our params tree, through the same plan as a checkpoint.
 
     `expected` is a spec tree (default llava.param_specs(cfg)); tied checkpoints have no lm_head and the 0.5B
     LLaVAction has none either. Names and shapes are checked against the config; errors name the keys.
     """
-    from llavaction_jax.model import llava
-    from llavaction_jax.model.params import unflatten_paths
-
     tensors = ArrayTensors(state)
     plan = plan_conversion(flatten_paths(llava.param_specs(cfg) if expected is None else expected), tensors, cfg)
     plan.raise_if_problems()

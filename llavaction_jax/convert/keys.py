@@ -20,7 +20,7 @@ import numpy as np
 
 from llavaction_jax.config import ModelConfig
 from llavaction_jax.model import llava
-from llavaction_jax.model.params import flatten_paths
+from llavaction_jax.tree import flatten_paths
 
 VISION_PREFIX = "model.vision_tower.vision_tower.vision_model."
 
@@ -268,10 +268,3 @@ def is_unused(key: str, cfg: ModelConfig) -> bool:
         return True
     m = re.match(re.escape(VISION_PREFIX) + r"encoder\.layers\.(\d+)\.", key)
     return bool(m) and int(m.group(1)) >= cfg.vision.num_layers
-
-
-def torch_to_params(state: Mapping[str, np.ndarray], cfg: ModelConfig, expected=None, cast=lambda x: x) -> dict:
-    """An in-memory state dict (any supported layout) -> our params tree; see `import_plan.params_from_state`."""
-    from llavaction_jax.convert.import_plan import params_from_state
-
-    return params_from_state(state, cfg, expected, cast)

@@ -31,7 +31,7 @@ from typing import Callable
 
 import numpy as np
 
-from llavaction_jax.model.params import flatten_paths
+from llavaction_jax.tree import flatten_paths
 
 DEFAULT_BUFFER_BYTES = 256 * 2**20
 

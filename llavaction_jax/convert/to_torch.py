@@ -14,7 +14,9 @@ meanwhile (`orbax_stream.read_blocks`), cut across layers and then across torch 
 written in place. Memory therefore does not grow with the model for checkpoints this converter wrote (a
 checkpoint saved whole by a plain Orbax save has one chunk per array, read whole). Files above `max_shard_bytes`
 are split into `model-0000k-of-0000n.safetensors` with `model.safetensors.index.json`. Dtypes are the stored
-ones. The output is written into a staging folder beside `dst` and renamed into place (`staging.py`).
+ones. The output is written into a staging folder beside `dst` and renamed into place (`staging.py`). The source is
+verified against its checksums.json first; the export gets one only then (a model without one is exported with a
+warning and no manifest).
 """
 
 from __future__ import annotations
@@ -26,16 +28,17 @@ import shutil
 import numpy as np
 
 from llavaction_jax import checkpoint_io, integrity
-from llavaction_jax.config import VISION_TOWERS, ModelConfig, vision_from_hf
+from llavaction_jax.config import ModelConfig
 from llavaction_jax.convert import hf_onevision, orbax_stream, staging
 from llavaction_jax.convert.from_torch import COPIED_FILES, progress_bar
 from llavaction_jax.convert.import_plan import copy_into, detect_layout
 from llavaction_jax.convert.keys import ConversionError, expected_keys, to_torch, torch_row_axis, torch_shape
 from llavaction_jax.convert.safetensors_io import (SafetensorsWriter, TensorSpec, plan_shards, shard_names,
                                                    write_index)
+from llavaction_jax.convert.upstream_config import export_config
 from llavaction_jax.data.tokenizer import has_tokenizer
 from llavaction_jax.model import llava
-from llavaction_jax.model.params import flatten_paths
+from llavaction_jax.tree import flatten_paths
 
 LAYOUTS = ("upstream", "hf-onevision")
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
@@ -59,7 +62,8 @@ def export_checkpoint(src, dst, layout: str = "upstream", max_shard_bytes: int =
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
     src, dst = pathlib.Path(src), pathlib.Path(dst).absolute()
-    integrity.verify_manifest(src, required=False)  # a corrupt model is named before anything is written
+    # A corrupt model is named before anything is written; an unverified one is exported without a manifest
+    verified = integrity.verify_or_warn(src, f"so its export gets no {integrity.MANIFEST} either")
     cfg = checkpoint_io.load_config(src)
     stored = orbax_stream.StoredArrays(src / checkpoint_io.PARAMS_DIR)
     table = export_table(cfg, stored.params)
@@ -96,7 +100,7 @@ def export_checkpoint(src, dst, layout: str = "upstream", max_shard_bytes: int =
         write_index(stage, shards)
 
     original = _original_config(src)
-    config = hf_onevision.hf_config(cfg) if layout == "hf-onevision" else upstream_config(cfg)
+    config = hf_onevision.hf_config(cfg) if layout == "hf-onevision" else export_config(cfg)
     if original is not None and _layout_of(original) == layout:
         _add_missing(config, original)  # keys we do not model travel back unchanged
     config.update(agreed)  # the token ids of the tokenizer written beside it
@@ -108,7 +112,7 @@ def export_checkpoint(src, dst, layout: str = "upstream", max_shard_bytes: int =
             shutil.copyfile(src / name, stage / name)
     for name, text in processor.items():
         (stage / name).write_text(text, encoding="utf-8")
-    staging.commit(stage, dst)
+    staging.commit(stage, dst, manifest=verified)
     return [dst / f.name for f in files]
 
 
@@ -126,17 +130,6 @@ def _write_param(store, keys: dict, writer_of: dict, buffer_bytes: int, bar) -> 
             copy_into(tensor, view)  # tiled: a transposed copy element by element thrashes the cache
             writer_of[key].write(key, tensor, row=start)
             bar.update(tensor.nbytes)
-
-
-def upstream_config(cfg: ModelConfig) -> dict:
-    out = cfg.to_upstream()
-    out.pop("hf_onevision", None)  # our record of an imported HF config; meaningless upstream
-    if cfg.vision_tower not in VISION_TOWERS:
-        # An HF-imported tower has no upstream name; upstream loads towers by name, so name a matching preset.
-        for name, preset in VISION_TOWERS.items():
-            if vision_from_hf(preset, out.get("mm_vision_select_layer", -2)) == cfg.vision:
-                out["mm_vision_tower"] = name
-    return out
 
 
 def _original_config(src: pathlib.Path) -> dict | None:

@@ -7,6 +7,7 @@ llavaction/mm_utils.py: tokenizer_image_token, llavaction/train/train.py: prepro
   ``<|im_start|>{role}\\n{content}<|im_end|>\\n``, the generation prompt ``<|im_start|>assistant\\n``;
 * ``tokenizer_image_token``: the prompt is split on ``<image>``, every chunk tokenized on its own, chunks joined
   with the placeholder id -200 (the model later splices the visual tokens there);
+* ``llava_video_time_prompt``: LLaVA-Video's time instruction on a generic video question;
 * ``preprocess_qwen``: training ids and labels, including upstream's quirk that every standalone ``"\\n"``,
   ``<|im_start|>`` and ``<|im_end|>`` token stays a target even inside system and user turns.
 
@@ -48,6 +49,17 @@ def chatml_message(role: str, content: str) -> str:
 def build_inference_prompt(user_text: str, system_message: str = SYSTEM_MESSAGE) -> str:
     """Upstream's ``conv_qwen.get_prompt()`` for one user message and an open assistant turn."""
     return chatml_message("system", system_message) + chatml_message("user", user_text) + GENERATION_PROMPT
+
+
+def llava_video_time_prompt(human_value: str, video_time: float, num_frames: int) -> str:
+    """LLaVA-Video's time instruction for generic (non-EK100) video QA (train.py:1303-1306).
+
+    ``human_value`` is the first human turn; its own ``<image>`` is removed but the newline after it stays, which
+    leaves a blank line (upstream's behaviour).
+    """
+    return (f"{IMAGE_PLACEHOLDER}\nThe video lasts for {video_time:.2f} seconds, and {num_frames} frames are "
+            "uniformly sampled from it. Please answer the following questions related to this video.\n"
+            + human_value.replace(IMAGE_PLACEHOLDER, ""))
 
 
 def tokenizer_image_token(prompt: str, tokenizer, image_token_index: int = IMAGE_TOKEN_INDEX) -> list[int]:

@@ -6,7 +6,7 @@ each video is opened by one worker; a shard is written under a temporary name an
 ``<shard>.done.json`` sidecar records its uids and failures. A rerun skips shards whose sidecar lists no
 failures, so an interrupted extraction resumes where it stopped, and shards with failed clips are written again
 (after the videos are fixed, the rerun fills them in). ``manifest.json`` and ``failures.jsonl`` are written at the
-end.
+end. The command holds the lock of ``--out`` (locks.py): a second extraction into it is refused.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from llavaction_jax import cli_flags
+from llavaction_jax import cli_flags, locks
 from llavaction_jax.data import frames as fs
 from llavaction_jax.data import sampling
 from llavaction_jax.data.image import SIGLIP_SIZE, resize_frames
@@ -102,6 +102,21 @@ def read_clip_jsonl(jsonl_path: str, video_root: str) -> list[ClipSpec]:
 
 
 # ------------------------------------------------------------------------------------------------ one clip
+def _ek100_rate(videos: VideoCache, path: str, expected: float | None, settings: dict) -> float:
+    """The rate EK100 frame numbers use: the container's, or with ``--assume-fps`` that rate whatever the container
+    says (upstream's training loader calls avion_video_loader with its default fps=30); a container that
+    disagrees is listed in fps_mismatches either way."""
+    assumed = settings.get("assume_fps")
+    if assumed is None:
+        return videos.frame_rate(path, expected)
+    rate = float(videos.open(path).avg_fps)
+    if abs(rate - assumed) > 1e-4 * assumed and path not in videos.fps_mismatches:
+        videos.fps_mismatches[path] = rate
+        print(f"[extract-frames] {path} runs at {rate:g} fps; its frame numbers assume {assumed:g} (--assume-fps, "
+              "as upstream's training loader)", file=sys.stderr, flush=True)
+    return assumed
+
+
 def extract_clip(clip: ClipSpec, settings: dict, videos: VideoCache) -> fs.ClipRecord:
     """Sample, decode, resize and encode one clip according to ``settings`` (see ``settings_from_args``)."""
     fps = settings["fps"]
@@ -113,14 +128,17 @@ def extract_clip(clip: ClipSpec, settings: dict, videos: VideoCache) -> fs.ClipR
             path = chunk_path(chunk_start)
             return videos.open(path).num_frames if os.path.isfile(path) else None
 
-        fps = videos.frame_rate(chunk_path(0), fps)  # upstream ek100_cls reads chunk 0's rate
+        fps = _ek100_rate(videos, chunk_path(0), fps, settings)  # upstream ek100_cls reads chunk 0's rate
         plan = sampling.chunked_clip(clip.start_sec, clip.end_sec, fps, settings["num_frames"], chunk_frame_count,
                                      chunk_len=settings["chunk_len"])
         frames = np.concatenate([videos.read(chunk_path(r.chunk_start), r.frame_ids) for r in plan.reads])
         ids, duration, end = plan.frame_ids, clip.end_sec - clip.start_sec, clip.end_sec
     else:
         video = videos.open(clip.path)
-        fps = videos.frame_rate(clip.path, fps)
+        if settings["sampling"] == "ek100":
+            fps = _ek100_rate(videos, clip.path, fps, settings)
+        else:
+            fps = videos.frame_rate(clip.path, fps)
         start = clip.start_sec or 0.0
         end = clip.end_sec if clip.end_sec is not None else video.num_frames / fps
         if settings["sampling"] == "ek100":
@@ -359,6 +377,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "run at 50 or 59.94 fps, upstream's re-encodes at 30); a number is the rate you "
                              "expect: a video that disagrees is warned about and listed in the manifest's "
                              "fps_mismatches (default: %(default)s)")
+    parser.add_argument("--assume-fps", type=float, default=None, metavar="N",
+                        help="ek100 rule: number frames at N fps whatever the container says, for parity with "
+                             "upstream's EK100 training loader (avion_video_loader's default fps=30, whatever the "
+                             "chunks' rate); videos at another rate are listed in fps_mismatches (default: each "
+                             "video's own rate)")
     parser.add_argument("--frames-upbound", type=int, default=64,
                         help="llava-video rule: most frames per clip, 0 = no cap (default: %(default)s)")
     parser.add_argument("--force-sample", action="store_true",
@@ -369,7 +392,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frame-size", type=int, default=SIGLIP_SIZE,
                         help="store frames squashed to this square size, 0 = source size (default: %(default)s)")
     parser.add_argument("--codec", choices=fs.CODECS, default="jpeg",
-                        help="frame encoding: jpeg (lossy, small) or png (lossless) (default: %(default)s)")
+                        help="frame encoding: jpeg (lossy, small) or png (lossless: upstream's per-step decoding "
+                             "gives the same pixels bit for bit) (default: %(default)s)")
     parser.add_argument("--jpeg-quality", type=int, default=fs.DEFAULT_JPEG_QUALITY,
                         help="JPEG quality 1-100 (default: %(default)s)")
     parser.add_argument("--decoder", choices=("auto", "decord", "pyav"), default="auto",
@@ -394,6 +418,8 @@ def settings_from_args(args: argparse.Namespace) -> dict:
             fps = float(args.fps)
         except ValueError:
             raise ValueError(f'--fps must be a number or "video", got {args.fps!r}') from None
+    if args.assume_fps is not None and (sampling_rule != "ek100" or args.assume_fps <= 0):
+        raise ValueError("--assume-fps goes with the ek100 sampling rule and must be positive")
     if args.num_frames < 1 or args.workers < 1 or args.clips_per_shard < 1 or not 1 <= args.jpeg_quality <= 100:
         raise ValueError("--num-frames, --workers and --clips-per-shard must be >= 1, --jpeg-quality in 1..100")
     return {
@@ -403,6 +429,8 @@ def settings_from_args(args: argparse.Namespace) -> dict:
         "video_fps": args.video_fps, "frame_size": args.frame_size, "codec": args.codec,
         "jpeg_quality": args.jpeg_quality, "decoder": args.decoder, "clips_per_shard": args.clips_per_shard,
         "limit": args.limit, "workers": args.workers, "overwrite": args.overwrite,
+        # only when given, so extractions made before the flag existed still resume
+        **({"assume_fps": args.assume_fps} if args.assume_fps is not None else {}),
     }
 
 
@@ -414,7 +442,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         clips = read_clip_jsonl(args.jsonl, args.video_root)
     clips = clips[: args.limit] if args.limit else clips
-    manifest = run_extraction(clips, args.out, settings)
+    with locks.output_lock(args.out, "extract-frames", log=lambda text: print(text, file=sys.stderr)):
+        manifest = run_extraction(clips, args.out, settings)
     failed = manifest["num_failed_clips"]
     frames = (manifest["frames_per_clip"] or 0) * manifest["num_clips"]
     print(f"extract-frames: {manifest['num_clips']} clips{f' ({frames} frames)' if frames else ''} in "

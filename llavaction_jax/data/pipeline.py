@@ -30,11 +30,10 @@ import jax
 import numpy as np
 
 from llavaction_jax.data.batching import QWEN_PAD_ID, PaddedBatchIterDataset, power_of_two_buckets
-from llavaction_jax.data.length_grouping import LengthGroupedEpochs, modality_lengths
 from llavaction_jax.data.frames import ClipRecord, FrameShards, ShardSet, decode_frames, open_shards
 from llavaction_jax.data.image import SIGLIP_SIZE, normalize_frames, resize_frames
-from llavaction_jax.data.train_prompt import EK100PromptSettings
-from llavaction_jax.data.train_sample import EncodeTrainSample, TagEpoch, cached_tokenizer
+from llavaction_jax.data.length_grouping import LengthGroupedEpochs, modality_lengths
+from llavaction_jax.data.train_sample import EncodeTrainSample, QuestionPrompts, TagEpoch, cached_tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +148,8 @@ class TrainPipelineConfig:
     drop_remainder: bool = True  # static batch shapes for jit
     on_bad_sample: str = "error"  # "error" raises naming the sample; "skip" drops it, logs it, counts it
     add_time_instruction: bool = True  # the time instruction on every video (upstream default)
-    ek100_prompt: EK100PromptSettings = EK100PromptSettings()  # EK100 prompts built at load time (train_prompt.py)
+    # prompts built at load time for datasets that store questions (EK100: ek100.train_prompt.EK100PromptSettings)
+    question_prompts: QuestionPrompts | None = None
     tokenizer_path: str | None = None  # None: the bundled Qwen2 tokenizer
     pad_id: int = QWEN_PAD_ID
     # Parallelism: reader threads scale (JPEG decoding and the normalization lookup release the GIL); worker
@@ -187,7 +187,7 @@ def train_dataset(
                          "frames_per_clip nor settings.frames_upbound)")
     encode = EncodeTrainSample(source, cached_tokenizer(config.tokenizer_path), num_frames, config.frame_size,
                                config.max_length, config.add_time_instruction, config.on_bad_sample,
-                               config.ek100_prompt)
+                               config.question_prompts)
     grouping = None
     if config.group_by_length:  # one optimizer step = batch_size samples from each process
         grouping = (modality_lengths(samples), config.batch_size * process_count, config.length_group_steps)

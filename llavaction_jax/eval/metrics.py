@@ -8,6 +8,11 @@ Per answer mode:
 Breakdowns (per verb / noun for EK100, per category for generic QA) use each mode's headline correctness
 (``generate``: text, ``score``: letter). Confusions count (GT, prediction) pairs over wrong answers, for the answer
 text and, where the question file names the action behind each option, for the verb and the noun.
+
+EK100 (records with ``option_vns`` and ``gt_vn``), the paper's recognition metrics (:func:`ek100_metrics`): per mode
+action / verb / noun top-1 of the chosen option's action (the option the answer names; none chosen counts wrong),
+the candidates' recall (the GT among the options: the ceiling of the recognition protocol, 1 for EK100-MQA) and the
+action model's own top-1 (its first prediction's action, verb and noun; avion / tim files).
 """
 
 from __future__ import annotations
@@ -99,6 +104,51 @@ def letter_distribution(preds: list[dict], mode: str) -> dict:
     return {"gt": dict(sorted(gt.items())), "predicted": dict(sorted(got.items()))}
 
 
+def _vn_of(pred: dict, mode: str) -> str | None:
+    index = predicted_option_index(pred, mode)
+    return pred["option_vns"][index] if index is not None else None
+
+
+def _same(vn: str | None, gt: str, part: int | None) -> bool:
+    """vn == gt (part None), or the same verb (0) / noun (1)."""
+    if vn is None:
+        return False
+    return vn == gt if part is None else _vn_part(vn, part) == _vn_part(gt, part)
+
+
+EK100_FLAGS = ("action_top1", "verb_top1", "noun_top1")
+
+
+def ek100_flags(pred: dict, mode: str) -> dict[str, bool]:
+    """Per question: the chosen option's action / verb / noun equals the GT's; the GT is among the candidates; and,
+    where the file names it, the action model's top-1 is right (``action_model_top1``)."""
+    chosen, gt = _vn_of(pred, mode), pred["gt_vn"]
+    flags = {name: _same(chosen, gt, part) for name, part in zip(EK100_FLAGS, (None, 0, 1))}
+    flags["candidates_recall"] = gt in pred["option_vns"]
+    if pred.get("top1_vn") is not None:
+        flags["action_model_top1"] = pred["top1_vn"] == gt
+    return flags
+
+
+def ek100_metrics(preds: list[dict]) -> dict | None:
+    """The paper's EK100 recognition metrics (module docstring), or None for files without option actions."""
+    rows = [p for p in preds if "option_vns" in p and "gt_vn" in p]
+    if not rows:
+        return None
+    out: dict = {"n": len(rows), "candidates_recall": sum(p["gt_vn"] in p["option_vns"] for p in rows) / len(rows)}
+    for mode in MODES:
+        answered = [p for p in rows if mode in p]
+        if answered:
+            flags = [ek100_flags(p, mode) for p in answered]
+            out[mode] = {"n": len(answered), **{k: sum(f[k] for f in flags) / len(answered) for k in EK100_FLAGS}}
+    with_top1 = [p for p in rows if p.get("top1_vn") is not None]
+    if with_top1:
+        out["action_model"] = {"n": len(with_top1), **{
+            k: sum(_same(p["top1_vn"], p["gt_vn"], part) for p in with_top1) / len(with_top1)
+            for k, part in zip(EK100_FLAGS, (None, 0, 1))}}
+    return out
+
+
 def compute_metrics(preds: list[dict], names: dict | None = None, top: int = 10) -> dict:
     """Everything in results.json that depends on the predictions only."""
     names = names or {}
@@ -116,4 +166,7 @@ def compute_metrics(preds: list[dict], names: dict | None = None, top: int = 10)
     with_top1 = [p for p in preds if p.get("top1_text") is not None]
     if with_top1:  # upstream's "Avion accuracy": the action model's own top-1 (avion / tim question files)
         out["action_model_top1_accuracy"] = sum(p["top1_text"] == p["gt_text"] for p in with_top1) / len(with_top1)
+    ek100 = ek100_metrics(preds)
+    if ek100 is not None:
+        out["ek100"] = ek100
     return out

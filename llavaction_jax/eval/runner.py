@@ -11,10 +11,15 @@ per mode
             correct_letter_normalized, logprob_sum / logprob_mean / num_tokens per option.
 
 Resuming: each process appends its records to ``OUT/predictions.partial.p<i>.jsonl`` as soon as a step is answered
-(after a header line fingerprinting the question file, the model and the settings). A rerun with the same
-fingerprint answers only the questions no process has recorded; one with another fingerprint moves the file
-aside (``.stale``). A row's answer does not depend on the other rows of its batch, so a resumed run writes the
-same predictions.jsonl and results.json (up to the ``run`` timings) as an uninterrupted one.
+(after a header line fingerprinting, by content, the question file, the model, the shards and every setting that
+changes an answer: eval/resume_key.py). A rerun with the same fingerprint answers only the questions no process
+has recorded; one with another fingerprint moves the file aside (``.stale``). A row's answer does not depend on
+the other rows of its batch, so a resumed run writes the same predictions.jsonl and results.json (up to the
+``run`` timings) as an uninterrupted one.
+
+Unreadable clips (missing from the shards, or not decoding) make failed records, counted wrong and listed in
+results.json's ``failed`` (eval/clip_failures.py), unless ``strict``; a rerun retries them (their partial file is
+kept, without them).
 """
 
 from __future__ import annotations
@@ -22,7 +27,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
-import hashlib
 import json
 import math
 import os
@@ -33,15 +37,15 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from llavaction_jax.api import generate_step, generation_config, score_step
+from llavaction_jax.config import ExecutionConfig
 from llavaction_jax.data.frames import FrameShards
-from llavaction_jax.data.mqa import slice_bounds
-from llavaction_jax.eval import batching, lmms_layout, metrics, questions as qs, report
+from llavaction_jax.ek100.mqa import slice_bounds
+from llavaction_jax.eval import batching, clip_failures, lmms_layout, metrics, questions as qs, report, resume_key
 from llavaction_jax.eval.benchmarks import score as benchmark_score
-from llavaction_jax.eval.generate import GenerationConfig, generate
 from llavaction_jax.eval.parsing import score_answer
-from llavaction_jax.eval.scoring import score_options
 from llavaction_jax.model import llava
-from llavaction_jax.sharding import constrain, local_rows, resolve_config, shard_batch, use_mesh
+from llavaction_jax.sharding import local_rows, resolve_execution, shard_batch, use_mesh
 
 RESULTS_SCHEMA = "llavaction_jax.eval_results/1"
 
@@ -61,6 +65,7 @@ class EvalSettings:
     threads: int = 4  # frame-decoding threads
     options_per_pass: int | None = None  # scoring: options per pass over the broadcast prompt cache (None: all)
     progress_every_s: float = 10.0
+    strict: bool = False  # an unreadable clip stops the run (default: recorded as failed, counted wrong)
 
 
 def check_tokenizer_fits(cfg, tokenizer) -> None:
@@ -88,34 +93,19 @@ def run_frame_count(shards: FrameShards, requested: int | None) -> int:
     return num_frames
 
 
-def generation_config(tokenizer, max_new_tokens: int, vocab_size: int, model_dir: str | None):
-    """Greedy, EOS = <|im_end|> and <|endoftext|> (+ the checkpoint's generation_config.json eos ids), logits cut to
-    len(tokenizer) as upstream's resize at load does (llavaction/model/builder.py:
-    load_pretrained_model)."""
-
-    im_end, endoftext = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
-    eos = [im_end, endoftext]
-    gen_file = pathlib.Path(model_dir) / "generation_config.json" if model_dir else None
-    if gen_file is not None and gen_file.is_file():
-        extra = json.loads(gen_file.read_text()).get("eos_token_id")
-        eos += [extra] if isinstance(extra, int) else list(extra or [])
-    limit = len(tokenizer) if len(tokenizer) < vocab_size else None
-    return GenerationConfig(max_new_tokens=max_new_tokens, eos_ids=tuple(dict.fromkeys(eos)), pad_id=endoftext,
-                            vocab_limit=limit)
-
-
-def make_steps(params, cfg, mesh, layout, gen, modes):
-    """Per-mode step functions: this process's host batch in global form -> global outputs (batch split like the
-    inputs). `cfg` is resolved for the mesh here, once; JAX's jit cache reuses the executables across runs with
-    the same (config, shapes)."""
+def make_steps(params, cfg, mesh, layout, gen, modes, execution: ExecutionConfig | None = None):
+    """Per-mode step functions (api.generate_step, api.score_step): this process's host batch in global form ->
+    global outputs (batch split like the inputs). `execution` is resolved for the mesh here, once; JAX's jit cache
+    reuses the executables across runs with the same (config, shapes)."""
     n_vis = cfg.tokens_per_video(layout.num_frames)
     out_len = llava.default_out_len(cfg, layout.prompt_len, n_vis)
     if out_len < layout.prompt_len - 1 + n_vis:
         raise ValueError(f"prompts of {layout.prompt_len} tokens + {n_vis} visual tokens exceed "
                          f"tokenizer_model_max_length={cfg.tokenizer_model_max_length}")
-    run_cfg = resolve_config(cfg, mesh)
-    steps = {"generate": functools.partial(generate_step, cfg=run_cfg, gen=gen, out_len=out_len),
-             "score": functools.partial(score_step, cfg=run_cfg, out_len=out_len, vocab_limit=gen.vocab_limit,
+    resolved = resolve_execution(execution or ExecutionConfig(), mesh)
+    steps = {"generate": functools.partial(generate_step, cfg=cfg, execution=resolved, gen=gen, out_len=out_len),
+             "score": functools.partial(score_step, cfg=cfg, execution=resolved, out_len=out_len,
+                                        vocab_limit=gen.vocab_limit,
                                         options_per_pass=layout.options_per_pass)}
 
     def under_mesh(step, keys):
@@ -127,26 +117,6 @@ def make_steps(params, cfg, mesh, layout, gen, modes):
     # Generation gets no option arrays, so one compiled step serves question files with other option layouts.
     keys = {"generate": ("input_ids", "pixel_values", "attention_mask", "num_frames"), "score": None}
     return {m: under_mesh(steps[m], keys[m]) for m in modes}
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "gen", "out_len"))
-def generate_step(params, batch, *, cfg, gen, out_len, key=None):
-    tokens, num = generate(params, cfg, gen, batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
-                           key=key, out_len=out_len, num_frames=batch["num_frames"])
-    return constrain_batch({"tokens": tokens, "num_tokens": num})
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "out_len", "vocab_limit", "options_per_pass"))
-def score_step(params, batch, *, cfg, out_len, vocab_limit, options_per_pass):
-    scores = score_options(params, cfg, batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
-                           batch["option_ids"], batch["option_mask"], out_len=out_len, vocab_limit=vocab_limit,
-                           options_per_pass=options_per_pass, num_frames=batch["num_frames"])
-    return constrain_batch(scores)
-
-
-def constrain_batch(outputs: dict) -> dict:
-    """Outputs split over the batch axes like the inputs, so each process reads back its own rows."""
-    return {k: constrain(v, ("batch",) + (None,) * (v.ndim - 1)) for k, v in outputs.items()}
 
 
 def prediction_record(question, info: dict, outputs: dict, row: int, tokenizer, modes) -> dict:
@@ -214,17 +184,6 @@ def _write_atomically(path: pathlib.Path, text: str) -> None:
 PARTIAL_NAME = "predictions.partial.p{}.jsonl"
 
 
-def _fingerprint(questions_path, model_name: str, cfg, tokenizer_len: int, settings: EvalSettings, layout, gen) -> str:
-    """What the answers depend on: a partial file written under another fingerprint is not reused."""
-    with open(questions_path, "rb") as f:
-        questions_sha = hashlib.file_digest(f, "sha256").hexdigest()
-    what = {"questions": questions_sha, "model": model_name, "vocab_size": cfg.text.vocab_size,
-            "dtypes": [cfg.param_dtype, cfg.compute_dtype], "tokenizer_len": tokenizer_len,
-            "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("threads", "progress_every_s")},
-            "layout": dataclasses.asdict(layout), "generation": dataclasses.asdict(gen)}
-    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def load_partial(path: pathlib.Path, fingerprint: str, num_questions: int, log) -> list[dict]:
     """Records of an interrupted run with the same fingerprint; a torn last line (killed mid-write) is cut off."""
     if not path.is_file():
@@ -246,7 +205,8 @@ def load_partial(path: pathlib.Path, fingerprint: str, num_questions: int, log) 
             break
         if not isinstance(record, dict) or not 0 <= record.get("index", -1) < num_questions:
             break
-        records.append(record)
+        if not record.get("failed"):  # a question whose clip could not be read is answered again
+            records.append(record)
         good_bytes += len(line) + 1
     with open(path, "r+b") as f:  # drop a torn tail so appends start on a line boundary
         f.truncate(min(good_bytes, path.stat().st_size))
@@ -264,9 +224,9 @@ def _answered_anywhere(records: list[dict], num_questions: int) -> np.ndarray:
 
 def evaluate(params, cfg, tokenizer, questions_path, shards_dir, out_dir, settings: EvalSettings, mesh, *,
              model_name: str = "model", model_dir: str | None = None, tokenizer_name: str = "",
-             annotations: str | None = None, log=print) -> dict | None:
-    """Answer every question of the file on ``mesh`` and write the outputs; returns the results on process 0,
-    None on the others. Everything before the first collective is checked identically by every process, so bad
+             annotations: str | None = None, execution: ExecutionConfig | None = None, log=print) -> dict | None:
+    """Answer every question of the file on ``mesh`` (with the model's `execution` choices) and write the outputs;
+    returns the results on process 0, None on the others. Everything before the first collective is checked identically by every process, so bad
     inputs fail everywhere at once instead of leaving peers waiting."""
 
     t_start = time.perf_counter()
@@ -275,8 +235,11 @@ def evaluate(params, cfg, tokenizer, questions_path, shards_dir, out_dir, settin
     check_tokenizer_fits(cfg, tokenizer)
     shards = FrameShards(shards_dir)
     missing = [q.uid for q in questions if not any(uid in shards for uid in q.clip_uids)]
-    if missing:
+    if missing and settings.strict:
         raise KeyError(f"{len(missing)} questions have no clip in {shards_dir} (first: {missing[:5]})")
+    if missing and jax.process_index() == 0:
+        log(f"[eval] warning: {len(missing)} questions have no clip in {shards_dir} (first: {missing[:5]}): recorded "
+            "as failed and counted wrong (--strict stops instead)")
     num_frames = run_frame_count(shards, settings.num_frames)
     stated = (meta or {}).get("settings", {})
     if stated.get("include_time_instruction") and stated.get("n_frames") != num_frames and jax.process_index() == 0:
@@ -287,10 +250,12 @@ def evaluate(params, cfg, tokenizer, questions_path, shards_dir, out_dir, settin
     layout = builder.layout(questions, settings.batch_size, num_frames, cfg.vision.image_size, settings.prompt_len,
                             settings.options_per_pass)
     gen = generation_config(tokenizer, settings.max_new_tokens, cfg.text.vocab_size, model_dir)
-    steps = make_steps(params, cfg, mesh, layout, gen, settings.modes)
+    execution = execution or ExecutionConfig()
+    steps = make_steps(params, cfg, mesh, layout, gen, settings.modes, execution)
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fingerprint = _fingerprint(questions_path, model_name, cfg, len(tokenizer), settings, layout, gen)
+    fingerprint = resume_key.fingerprint(questions_path, meta, shards_dir, model_dir, model_name, cfg,
+                                         resolve_execution(execution, mesh), tokenizer, settings, layout, gen)
     partial = out_dir / PARTIAL_NAME.format(jax.process_index())
     kept = {r["index"]: r for r in load_partial(partial, fingerprint, len(questions), log)}
     done = _answered_anywhere(list(kept.values()), len(questions))
@@ -310,21 +275,24 @@ def evaluate(params, cfg, tokenizer, questions_path, shards_dir, out_dir, settin
     finally:
         loader.pool.shutdown()
 
+    retry = any(r.get("failed") for r in records)  # this process's partial file stays for a rerun to retry them
     gathered = gather_records(list(kept.values()) + records)
     if gathered is None:
-        _remove_partial_after_all(partial)
+        _remove_partial_after_all(partial, retry)
         return None
     ordered = check_coverage(gathered, questions)
     results = {
         "schema": RESULTS_SCHEMA, "questions": str(questions_path), "format": fmt,
         "question_settings": (meta or {}).get("settings"),
         "model": {"name": model_name, "vocab_size": cfg.text.vocab_size, "param_dtype": cfg.param_dtype,
-                  "compute_dtype": cfg.compute_dtype, "tokenizer": tokenizer_name, "tokenizer_len": len(tokenizer)},
+                  "compute_dtype": execution.compute_dtype, "tokenizer": tokenizer_name, "tokenizer_len": len(tokenizer),
+                  "pool_mode": cfg.pool_mode},
         "settings": {**dataclasses.asdict(settings), "modes": list(settings.modes),
                      "layout": dataclasses.asdict(layout), "generation": dataclasses.asdict(gen)},
         "run": {"process_count": jax.process_count(), "mesh": dict(mesh.shape), "devices": mesh.size,
                 **timing, "wall_s": time.perf_counter() - t_start, "resumed_questions": len(questions) - len(todo)},
         **metrics.compute_metrics(ordered, qs.class_names(meta, annotations)),
+        "failed": clip_failures.failures_summary(ordered),
     }
     official = benchmark_score.benchmark_results(meta, ordered)  # build-bench files: the benchmark's own scoring
     if official is not None:
@@ -342,15 +310,17 @@ def evaluate(params, cfg, tokenizer, questions_path, shards_dir, out_dir, settin
         gen_kwargs={"max_new_tokens": settings.max_new_tokens, "do_sample": False, "temperature": 0},
         device=mesh.devices.flat[0].platform, wall_s=results["run"]["wall_s"], date=time.time())
     lmms_layout.write(out_dir, lmms_content, lmms_samples)
-    _remove_partial_after_all(partial)
+    _remove_partial_after_all(partial, retry)
     return results
 
 
-def _remove_partial_after_all(partial: pathlib.Path) -> None:
-    """Once process 0 has written the outputs, the partial files are redundant."""
+def _remove_partial_after_all(partial: pathlib.Path, keep: bool = False) -> None:
+    """Once process 0 has written the outputs, the partial files are redundant (but those with failed questions,
+    which a rerun retries)."""
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("eval outputs written")
-    partial.unlink(missing_ok=True)
+    if not keep:
+        partial.unlink(missing_ok=True)
 
 
 def answer_slice(questions, todo, layout, builder, loader, steps, mesh, tokenizer, settings: EvalSettings, log,
@@ -365,7 +335,8 @@ def answer_slice(questions, todo, layout, builder, loader, steps, mesh, tokenize
     num_steps = math.ceil(max(b - a for a, b in bounds) / size)
     chunks = [todo[start:stop][s * size:(s + 1) * size] for s in range(num_steps)]
     fill = todo[start] if stop > start else 0  # the question repeated in rows past the slice's end
-    prepare = lambda s: prefetch.submit(batching.build_batch, chunks[s], questions, fill, layout, builder, loader)
+    prepare = lambda s: prefetch.submit(batching.build_batch, chunks[s], questions, fill, layout, builder, loader,
+                                        settings.strict)
 
     records, t_loop, t_last_log = [], time.perf_counter(), None
     t_first, rate = t_loop, None
@@ -377,7 +348,8 @@ def answer_slice(questions, todo, layout, builder, loader, steps, mesh, tokenize
                 future = prepare(step + 1)
             batch = shard_batch(arrays, mesh)
             outputs = {m: local_rows(fn(batch), mesh) for m, fn in steps.items()}
-            new = [prediction_record(questions[r["index"]], r, outputs, row, tokenizer, settings.modes)
+            new = [clip_failures.failed_record(questions[r["index"]], r, settings.modes) if "error" in r else
+                   prediction_record(questions[r["index"]], r, outputs, row, tokenizer, settings.modes)
                    for row, r in enumerate(info)]
             records += new
             if sink is not None and new:

@@ -1,4 +1,4 @@
-"""Small building blocks shared by the vision tower and the decoder."""
+"""Small building blocks shared by the vision tower, the decoder, the losses and decoding."""
 
 from __future__ import annotations
 
@@ -51,3 +51,13 @@ def remat(fn, policy: str):
     if policy not in policies:
         raise ValueError(f"remat_policy {policy!r} is not one of {REMAT_POLICIES}")
     return jax.checkpoint(fn, policy=policies[policy], prevent_cse=False)
+
+
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per-position CE, logsumexp(logits) - logits[target], in fp32; the target logit picked with a
+    compare-and-select rather than a gather: the gather's backward is a scatter into a (tokens, vocab) array, which
+    cost XLA:CPU 0.5 s of a 1.5 s lm_head + CE step at 1770 tokens x 32k vocab; the select's backward fuses with
+    the softmax."""
+    logits = logits.astype(jnp.float32)
+    picked = jnp.sum(jnp.where(jnp.arange(logits.shape[-1]) == targets[..., None], logits, 0.0), axis=-1)
+    return jax.nn.logsumexp(logits, axis=-1) - picked

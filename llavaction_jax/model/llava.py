@@ -8,8 +8,9 @@ step and the public API both call. Splicing (`splice_visual_tokens`) is a gather
 shape, never by the data, so a jitted forward compiles once per (batch, text length, frames) bucket. Videos of
 different lengths share a batch padded to T frames with a per-sample `num_frames`: each keeps the visual tokens of
 its own frames (`keep_frames`); the padded frames are encoded and dropped.
-Execution choices (attention kernel, frames per vision step, ...) are read from the config only: entry points
-resolve them once with `ModelConfig.resolved` (see `sharding.resolve_config`).
+Execution choices (attention kernel, compute dtype, frames per vision step, ...) come as a `ResolvedExecution`
+beside the config: entry points resolve them once for their mesh (`sharding.resolve_execution`), and these
+functions refuse unresolved ones (config.require_resolved).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from llavaction_jax.config import ModelConfig
+from llavaction_jax.config import ModelConfig, ResolvedExecution, require_resolved
 from llavaction_jax.model import projector, qwen2, siglip
 from llavaction_jax.model.params import ParamSpec, dense, init_params, normal
 from llavaction_jax.model.video import layout_tokens, pool_features
@@ -29,6 +30,11 @@ from llavaction_jax.sharding import constrain
 IMAGE_TOKEN_INDEX = -200  # the placeholder each video sample carries (upstream's constants.IMAGE_TOKEN_INDEX)
 IGNORE_INDEX = -100  # label of positions without a target (upstream's constants.IGNORE_INDEX)
 HEAD_NAMES = ("verb", "noun", "action")
+# Heads added to a checkpoint that lacks them start as upstream's do: nn.Linear layers that transformers'
+# _init_weights draws from N(0, initializer_range), Qwen2's 0.02 (llavaction/model/language_model/llava_qwen.py:
+# LlavaQwenForCausalLM.__init__, then post_init; upstream commit bd9f465). A model initialised whole keeps LeCun
+# normal (params.dense), under which tiny models learn from scratch.
+HEAD_INIT_STD = 0.02
 
 
 def param_specs(cfg: ModelConfig) -> dict:
@@ -49,6 +55,16 @@ def param_specs(cfg: ModelConfig) -> dict:
     return specs
 
 
+def new_part_specs(cfg: ModelConfig, names) -> dict:
+    """Specs of the parts ``names`` that fine-tuning adds to a checkpoint lacking them (train's ``init_from``),
+    initialised as upstream initialises its new modules: the heads from N(0, ``HEAD_INIT_STD``)."""
+    specs = {name: param_specs(cfg)[name] for name in names}
+    if "heads" in specs:
+        specs["heads"] = jax.tree.map(lambda s: dataclasses.replace(s, init=normal(HEAD_INIT_STD)), specs["heads"],
+                                      is_leaf=lambda x: isinstance(x, ParamSpec))
+    return specs
+
+
 def init(cfg: ModelConfig, key: jax.Array) -> dict:
     return init_params(param_specs(cfg), key, jnp.dtype(cfg.param_dtype))
 
@@ -65,34 +81,37 @@ class Spliced:
     action_idx: jax.Array  # (B, P) positions of the action token(s) / last visual token
 
 
-def frames_per_step(cfg: ModelConfig, batch: int, frames: int) -> int:
+def frames_per_step(execution: ResolvedExecution, batch: int, frames: int) -> int:
     """How many frames of each video one vision step encodes: a divisor of `frames` (every video advances
-    together, so the batch axis keeps its sharding). `cfg.vision_frames_per_step` frames of the whole batch per
-    step; -1 (or 0, unresolved) or `loop_collectives="off"` encode every frame at once."""
-    total = cfg.vision_frames_per_step
-    if total <= 0 or cfg.loop_collectives == "off":
+    together, so the batch axis keeps its sharding). `execution.vision_frames_per_step` frames of the whole batch
+    per step; -1 or `loop_collectives="off"` encode every frame at once."""
+    execution = require_resolved(execution, "frames_per_step")
+    total = execution.vision_frames_per_step
+    if total < 0 or execution.loop_collectives == "off":
         return frames
     per_video = max(1, min(frames, total // batch))
     return max(c for c in range(1, per_video + 1) if frames % c == 0)
 
 
-def encode_videos(params: dict, pixel_values: jax.Array, cfg: ModelConfig) -> jax.Array:
+def encode_videos(params: dict, pixel_values: jax.Array, cfg: ModelConfig, execution: ResolvedExecution) -> jax.Array:
     """(B, T, C, H, W) frames -> (B, V, H) visual tokens, V = cfg.tokens_per_video(T).
 
     SigLIP, the projector (on all patches, before pooling: llavaction/model/llava_arch.py:
     LlavaMetaForCausalLM.encode_images) and pooling run per frame, `frames_per_step`
     frames of every video at a time in a `lax.map`; the newline layout and action tokens then see whole videos."""
+    execution = require_resolved(execution, "llava.encode_videos")
     b, t = pixel_values.shape[:2]
-    dtype = jnp.dtype(cfg.effective_compute_dtype)
+    dtype = jnp.dtype(execution.compute_dtype)
 
     def pooled_frames(px):  # (B, c, C, H, W) -> (B, c, g', g', H)
         c = px.shape[1]
         feats = siglip.encode(params["vision"], px.reshape(b * c, *px.shape[2:]), cfg.vision, dtype=dtype,
-                              remat_policy=cfg.remat_policy, attn_impl=cfg.attention, platform=cfg.platform)
+                              remat_policy=execution.remat_policy, attn_impl=execution.attention,
+                              platform=execution.platform)
         pooled = pool_features(projector.project(params["projector"], feats), cfg)
         return pooled.reshape(b, c, *pooled.shape[1:])
 
-    c = frames_per_step(cfg, b, t)
+    c = frames_per_step(execution, b, t)
     if c == t:
         pooled = pooled_frames(pixel_values)
     else:
@@ -174,21 +193,25 @@ class ModelOutput:
     action_states: jax.Array | None = None
 
 
-def forward(params: dict, cfg: ModelConfig, input_ids: jax.Array, pixel_values: jax.Array | None,
-            attention_mask: jax.Array | None = None, labels: jax.Array | None = None, has_video: jax.Array | None = None,
-            out_len: int | None = None, num_frames: jax.Array | None = None) -> ModelOutput:
-    """The decoder's hidden states for a batch (jit-able; `cfg` and `out_len` static).
+def forward(params: dict, cfg: ModelConfig, execution: ResolvedExecution, input_ids: jax.Array,
+            pixel_values: jax.Array | None, attention_mask: jax.Array | None = None, labels: jax.Array | None = None,
+            has_video: jax.Array | None = None, out_len: int | None = None,
+            num_frames: jax.Array | None = None) -> ModelOutput:
+    """The decoder's hidden states for a batch (jit-able; `cfg`, `execution` and `out_len` static).
 
     input_ids (B, L) with one -200 per video sample; pixel_values (B, T, C, H, W) or None for a text-only batch;
     attention_mask (B, L) bool; labels (B, L) or None (spliced alongside the inputs, for the losses);
     has_video (B,) bool marks rows whose frames are real (default: all, when pixel_values is given);
     num_frames (B,) int: row i's video is its first num_frames[i] frames, the rest padding (default: all T).
     """
-    s = embed_inputs(params, cfg, input_ids, pixel_values, attention_mask, labels, has_video, out_len, num_frames)
+    execution = require_resolved(execution, "llava.forward")
+    s = embed_inputs(params, cfg, execution, input_ids, pixel_values, attention_mask, labels, has_video, out_len,
+                     num_frames)
     supervised = cfg.num_action_positions > 0 and pixel_values is not None
     h, gathered = qwen2.forward(params["text"], s.embeds, s.positions, s.valid, cfg.text,
                                 gather_idx=s.action_idx if supervised else None,
-                                remat_policy=cfg.remat_policy, attn_impl=cfg.attention, platform=cfg.platform)
+                                remat_policy=execution.remat_policy, attn_impl=execution.attention,
+                                platform=execution.platform)
     return ModelOutput(hidden=h, labels=s.labels, valid=s.valid, action_states=gathered)
 
 
@@ -208,11 +231,13 @@ def head_logits(heads: dict, states: jax.Array, three_tokens: bool) -> tuple[jax
                  for name, i in zip(HEAD_NAMES, pos))
 
 
-def embed_inputs(params: dict, cfg: ModelConfig, input_ids, pixel_values, attention_mask=None, labels=None,
-                 has_video=None, out_len: int | None = None, num_frames=None) -> Spliced:
+def embed_inputs(params: dict, cfg: ModelConfig, execution: ResolvedExecution, input_ids, pixel_values,
+                 attention_mask=None, labels=None, has_video=None, out_len: int | None = None,
+                 num_frames=None) -> Spliced:
     """Token embeddings with the visual tokens spliced in: everything before the decoder."""
+    execution = require_resolved(execution, "llava.embed_inputs")
     b, length = input_ids.shape
-    dtype = jnp.dtype(cfg.effective_compute_dtype)
+    dtype = jnp.dtype(execution.compute_dtype)
     attention_mask = jnp.ones((b, length), bool) if attention_mask is None else attention_mask.astype(bool)
     labels = jnp.full((b, length), IGNORE_INDEX, jnp.int32) if labels is None else labels
     text_embeds = qwen2.embed(params["text"], jnp.where(input_ids == IMAGE_TOKEN_INDEX, 0, input_ids), dtype)
@@ -221,7 +246,7 @@ def embed_inputs(params: dict, cfg: ModelConfig, input_ids, pixel_values, attent
         visual = jnp.zeros((b, 1, text_embeds.shape[-1]), dtype)
         has_video = jnp.zeros((b,), bool)
     else:
-        visual = encode_videos(params, pixel_values, cfg)
+        visual = encode_videos(params, pixel_values, cfg, execution)
         has_video = jnp.ones((b,), bool) if has_video is None else has_video.astype(bool)
         if num_frames is not None:
             visual, num_visual = keep_frames(visual, num_frames, cfg)

@@ -13,6 +13,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from llavaction_jax.tree import flatten_paths
+
 Init = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
 
 
@@ -74,8 +76,8 @@ def abstract_params(specs, dtype=jnp.float32):
 
 def check_shapes(specs, params, where: str = "params") -> None:
     """Raise a KeyError/ValueError naming the first parameter whose presence or shape disagrees with the specs."""
-    spec_flat = dict(_flatten(specs))
-    got_flat = dict(_flatten(params))
+    spec_flat = flatten_paths(specs)
+    got_flat = flatten_paths(params)
     missing = sorted(set(spec_flat) - set(got_flat))
     unexpected = sorted(set(got_flat) - set(spec_flat))
     if missing or unexpected:
@@ -83,27 +85,3 @@ def check_shapes(specs, params, where: str = "params") -> None:
     for path, spec in spec_flat.items():
         if tuple(got_flat[path].shape) != spec.shape:
             raise ValueError(f"{where}: {path} has shape {tuple(got_flat[path].shape)}, config expects {spec.shape}")
-
-
-def _flatten(tree, prefix=""):
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            yield from _flatten(v, f"{prefix}/{k}" if prefix else k)
-    else:
-        yield prefix, tree
-
-
-def flatten_paths(tree) -> dict:
-    """{"a/b/c": leaf} for a nested dict."""
-    return dict(_flatten(tree))
-
-
-def unflatten_paths(flat: dict) -> dict:
-    out: dict = {}
-    for path, leaf in flat.items():
-        node = out
-        *parents, last = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = leaf
-    return out

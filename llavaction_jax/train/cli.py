@@ -6,7 +6,7 @@ import argparse
 
 from llavaction_jax import cli_flags
 from llavaction_jax.config import ConfigError
-from llavaction_jax.recipes import load_recipe, model_config
+from llavaction_jax.recipes import execution_config, load_recipe, model_config
 from llavaction_jax.train.guard import validate
 from llavaction_jax.train.loop import train
 from llavaction_jax.train.metrics import check_wandb
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
                           if "=" in o and o.split("=", 1)[0][len("--config."):] in cli_flags.PATH_CONFIG_FIELDS)
     cfg = load_recipe(args.config, overrides)
     cli_flags.refuse_urls((f"config.{f}", cfg[f.split(".")[0]][f.split(".")[1]]) for f in cli_flags.PATH_CONFIG_FIELDS)
-    model_config(cfg)  # validates every model field before anything runs
+    model_config(cfg), execution_config(cfg)  # validate every model field before anything runs
     validate(cfg)
     check_wandb(cfg.train.wandb_project)
     if args.print_config:

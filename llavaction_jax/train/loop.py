@@ -2,10 +2,12 @@
 
 Everything the run needs is in one ml_collections config (configs/train.py). The loop is resumable: a restart
 with the same config restores params, optimizer state, step and the data iterator from the newest good checkpoint
-and continues exactly where the interrupted run was. SIGTERM (preemption) writes a checkpoint and exits 0; a
-NaN/Inf loss stops the run with an error and leaves the last good checkpoint untouched. A restart with a config
-that defines a different run is refused (train/guard.py); broken checkpoints are moved aside (train/checkpoint.py);
-the final `model/` is always the final step's, swapped in only once complete (checkpoint_io.publish_model).
+and continues exactly where the interrupted run was. SIGTERM (preemption) writes a checkpoint and exits 0 (during the
+final model's save: the save completes, then exit 0); a NaN/Inf loss stops the run with an error naming the last
+good checkpoint. The run holds the lock of its output directory (locks.py), so a second run on it is refused. A
+restart with a config that defines a different run is refused (train/guard.py); broken checkpoints are moved aside,
+and a failed save stops the run with its own error (train/checkpoint.py); the final `model/` is always the final
+step's, swapped in only once complete (checkpoint_io.publish_model).
 """
 
 from __future__ import annotations
@@ -20,19 +22,19 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import multihost_utils
 
-from llavaction_jax import checkpoint_io, distributed, integrity, model_files
+from llavaction_jax import checkpoint_io, distributed, integrity, locks, model_files
 from llavaction_jax.config import ConfigError, ModelConfig
 from llavaction_jax.data.batching import make_global_batch
-from llavaction_jax.data.ek100 import AnnotationError
 from llavaction_jax.data.frames import open_shards
 from llavaction_jax.data.mixture import load_mixture
 from llavaction_jax.data.pipeline import TrainPipelineConfig, train_dataset
 from llavaction_jax.data.tokenizer import has_tokenizer
-from llavaction_jax.data.train_prompt import EK100PromptSettings, load_prior_table
+from llavaction_jax.ek100.labels import AnnotationError
+from llavaction_jax.ek100.train_prompt import EK100PromptSettings, load_prior_table
 from llavaction_jax.model import llava
 from llavaction_jax.model.params import abstract_params, init_params
-from llavaction_jax.recipes import model_config
-from llavaction_jax.sharding import make_mesh, resolve_config
+from llavaction_jax.recipes import execution_config, model_config
+from llavaction_jax.sharding import make_mesh, resolve_execution
 from llavaction_jax.train import checkpoint, guard, metrics
 from llavaction_jax.train.optim import OptimizerConfig, make_optimizer, param_groups
 from llavaction_jax.train.step import init_state, jit_train_step, make_train_step, state_shardings
@@ -97,7 +99,7 @@ def initial_params(cfg, model_cfg: ModelConfig, shardings, log=print) -> dict:
     params = checkpoint_io.restore_params(cfg.model.init_from, abstract)
     params = jax.jit(lambda p: cast_tree(p, master), out_shardings={k: shardings[k] for k in kept})(params)
     if new:
-        fresh_specs = {k: specs[k] for k in new}
+        fresh_specs = llava.new_part_specs(model_cfg, new)
         fresh = jax.jit(lambda key: init_params(fresh_specs, key, jnp.dtype(master)),
                         out_shardings={k: shardings[k] for k in new})(jax.random.key(cfg.train.seed))
         params = {**params, **fresh}
@@ -139,7 +141,7 @@ def make_data(cfg, model_cfg: ModelConfig, per_process_batch: int):
         group_by_length=d.group_by_modality_length, length_group_steps=d.length_group_steps,
         on_bad_sample=d.on_bad_sample, add_time_instruction=d.add_time_instruction,
         tokenizer_path=tokenizer_dir(cfg), pad_id=d.pad_id, worker_count=d.worker_count,
-        ek100_prompt=ek100_prompt_settings(d))
+        question_prompts=ek100_prompt_settings(d))
     return train_dataset(samples, d.shards or None, pipeline), len(samples)
 
 
@@ -152,6 +154,22 @@ def ek100_prompt_settings(d) -> EK100PromptSettings:
         except AnnotationError as error:
             raise ConfigError(f"data.ek100_annotations: {error}") from None
     return EK100PromptSettings(d.perspective, d.learn_neighbor_actions, table, d.seed)
+
+
+def save_final_model(cfg, model_cfg: ModelConfig, execution, state: dict, step: int, final: pathlib.Path,
+                     log) -> None:
+    """Publish the final step's params as `final` (our model format), unless it already holds that step."""
+    if final_model_step(final) == step:  # complete and verified; else absent, partial, corrupt or older: write it
+        return
+    save_dtype = cfg.train.save_dtype or model_cfg.param_dtype  # the source's dtype unless asked
+    params = jax.jit(lambda p: cast_tree(p, save_dtype))(state["params"])
+    save_cfg = model_cfg.replace(param_dtype=save_dtype)
+    files = model_files.companion_files(save_cfg, tokenizer_dir(cfg), cfg.model.init_from or None,
+                                        trained_num_frames(cfg))
+    checkpoint_io.publish_model(final, save_cfg, params,
+                                extra_files={**files, FINAL_STEP_FILE: json.dumps({"step": step}) + "\n"},
+                                execution=execution)
+    log(f"final model (step {step}) written to {final}")
 
 
 class Preemption:
@@ -168,17 +186,23 @@ class Preemption:
 
 
 def train(cfg) -> dict:
-    """Run (or resume) training as configured; returns a summary dict."""
-    # ----------------------------------------------------------------- distributed, mesh
+    """Run (or resume) training as configured, holding the lock of its output directory (locks.py: a second run
+    on it is refused); returns a summary dict."""
     guard.validate(cfg)
     maybe_initialize_distributed(cfg)
+    with locks.output_lock(cfg.train.output_dir, "train", log=print if jax.process_index() == 0 else None):
+        return _train(cfg)
+
+
+def _train(cfg) -> dict:
+    # ----------------------------------------------------------------- distributed, mesh
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     out_dir = pathlib.Path(cfg.train.output_dir).absolute()
     is_main = jax.process_index() == 0
     log = (lambda *a: print(*a, flush=True)) if is_main else (lambda *a: None)
 
     # ----------------------------------------------------------------- model, optimizer, step
-    model_cfg = model_config(cfg)
+    model_cfg, execution = model_config(cfg), execution_config(cfg)
     total_steps = cfg.train.steps
     opt_cfg = optimizer_config(cfg, total_steps)
     specs = llava.param_specs(model_cfg)
@@ -187,7 +211,7 @@ def train(cfg) -> dict:
     abstract_state = jax.eval_shape(lambda p: init_state(p, tx), abstract)
     shardings = state_shardings(abstract_state, model_cfg, mesh)
     groups = param_groups(abstract, opt_cfg)
-    run_cfg = resolve_config(model_cfg, mesh)  # execution fields fixed for these devices
+    resolved = resolve_execution(execution, mesh)  # execution choices fixed for these devices
 
     # ----------------------------------------------------------------- data
     global_batch = cfg.train.batch_size
@@ -205,7 +229,8 @@ def train(cfg) -> dict:
     allow_changed_data = cfg.train.get("allow_changed_data", False)
     restored = ckpts.restore_latest(abstract_sharded, data_iter,
                                     check_meta=guard.meta_checker(run_identity, allow_changed_data, ckpts.directory, log),
-                                    allow_missing_data=allow_changed_data, same_run=guard.same_run(run_identity))
+                                    allow_missing_data=allow_changed_data, same_run=guard.same_run(run_identity),
+                                    restart_if_all_broken=cfg.train.get("restart_if_all_broken", False))
     if restored is not None:
         start, state, _ = restored
         log(f"resumed from step {start} ({out_dir / 'checkpoints' / str(start)})")
@@ -215,7 +240,7 @@ def train(cfg) -> dict:
         state = jax.jit(lambda p: init_state(p, tx), out_shardings=shardings)(params)
         log(f"starting from {'checkpoint ' + cfg.model.init_from if cfg.model.init_from else 'random init'}")
 
-    run_step = jit_train_step(make_train_step(run_cfg, tx, groups, cfg.train.micro_batches, schedules,
+    run_step = jit_train_step(make_train_step(model_cfg, resolved, tx, groups, cfg.train.micro_batches, schedules,
                                               cfg.train.loss_reduction),
                               abstract_state, model_cfg, mesh)  # compiles once per length bucket
 
@@ -258,6 +283,7 @@ def train(cfg) -> dict:
             history.append(m["loss"])
         return m
 
+    failed = True
     try:
         batch = next_batch() if step < last else None
         while step < last:
@@ -266,6 +292,7 @@ def train(cfg) -> dict:
             step += 1
             outputs.add(step, m)
             clock.probe_ends(probe, m)
+            ckpts.check()  # an async save that failed stops the run here, with that save's own error
             if progress is None:
                 flops = metrics.train_flops(model_cfg, batch["input_ids"].shape[1], batch["pixel_values"].shape[1]) * global_batch
                 progress = metrics.Progress(total_steps, flops / jax.device_count(), peak)
@@ -291,26 +318,28 @@ def train(cfg) -> dict:
                 batch = next_batch()
         if clock.summary():
             log(clock.line(clock.summary()))
+        failed = False
     finally:
-        ckpts.seal()
-        preemption.restore()
+        ckpts.close(raise_errors=not failed)  # the last checkpoint is sealed before the run ends
+        if failed:
+            preemption.restore()
         if writer is not None:
-            writer.close()
+            try:
+                writer.close()
+            except OSError:  # e.g. the full disk that stopped the run: its error is the one reported
+                if not failed:
+                    raise
 
     if stopped == "completed" and step < total_steps:
         stopped = "paused"  # stop_at_step: a later run with the same config resumes here
     # ----------------------------------------------------------------- final model
-    if stopped == "completed" and cfg.train.save_model:
-        final = out_dir / "model"
-        if final_model_step(final) != step:  # absent, partial, corrupt, or from before the run was extended
-            save_dtype = cfg.train.save_dtype or model_cfg.param_dtype  # the source's dtype unless asked
-            params = jax.jit(lambda p: cast_tree(p, save_dtype))(state["params"])
-            save_cfg = model_cfg.replace(param_dtype=save_dtype)
-            files = model_files.companion_files(save_cfg, tokenizer_dir(cfg), cfg.model.init_from or None,
-                                                trained_num_frames(cfg))
-            checkpoint_io.publish_model(final, save_cfg, params,
-                                        extra_files={**files, FINAL_STEP_FILE: json.dumps({"step": step}) + "\n"})
-            log(f"final model (step {step}) written to {final}")
+    try:  # SIGTERM during the final model's save only sets the flag: the save completes, and the run exits 0
+        if stopped == "completed" and cfg.train.save_model:
+            save_final_model(cfg, model_cfg, execution, state, step, out_dir / "model", log)
+    finally:
+        preemption.restore()
+    if preemption.requested and stopped == "completed":
+        log("SIGTERM during the final model save: the save was completed first; exiting")
     skipped = total_skipped(skipped)
     if skipped:
         log(f"skipped {skipped} bad sample(s) in all (data.on_bad_sample=skip); each is named in the log above")

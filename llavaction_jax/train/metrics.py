@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llavaction_jax.config import ConfigError, ModelConfig
+from llavaction_jax.config import ConfigError, ModelConfig, ResolvedExecution, require_resolved
 
 # ----------------------------------------------------------------------------------------------- scalar writers
 GROUPS = {"loss": "train", "lm_loss": "train", "aux_loss": "train", "tokens": "train", "grad_norm": "optim",
@@ -123,15 +123,16 @@ def train_flops(cfg: ModelConfig, text_tokens: int, frames: int, vision_trained:
     return float(llm + vision)
 
 
-def lm_head_positions(cfg: ModelConfig, seq: int, targets) -> int:
-    """Positions of a `seq`-long spliced sequence whose LM-head logits the train step computes, when the tokens at
-    positions `targets` are its only targets: with the chunked loss that skips target-free chunks
+def lm_head_positions(execution: ResolvedExecution, seq: int, targets) -> int:
+    """Positions of a `seq`-long spliced sequence whose LM-head logits the train step computes under `execution`,
+    when the tokens at positions `targets` are its only targets: with the chunked loss that skips target-free chunks
     (losses.chunked_lm_row_sums: the seq - 1 predicting positions cut into balanced chunks), the chunks that hold a
     target; otherwise every position."""
+    execution = require_resolved(execution, "metrics.lm_head_positions")
     n = seq - 1
-    if cfg.loss_chunk_tokens <= 0 or cfg.loop_collectives == "off" or not cfg.loss_skip_empty_chunks:
+    if execution.loss_chunk_tokens <= 0 or execution.loop_collectives == "off" or not execution.loss_skip_empty_chunks:
         return seq
-    num = -(-n // cfg.loss_chunk_tokens)
+    num = -(-n // execution.loss_chunk_tokens)
     if num == 1:
         return seq
     chunk = -(-n // num)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from llavaction_jax.model.params import flatten_paths, unflatten_paths
+from llavaction_jax.tree import flatten_paths, unflatten_paths
 
 GROUPS = ("vision", "projector", "llm")
 TUNABLE_PARTS = {"mm_vision_tower": "vision", "mm_mlp_adapter": "projector", "mm_language_model": "llm"}

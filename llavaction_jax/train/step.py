@@ -18,7 +18,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from llavaction_jax import losses
-from llavaction_jax.config import ModelConfig
+from llavaction_jax.config import ModelConfig, ResolvedExecution, require_resolved
 from llavaction_jax.model import llava
 from llavaction_jax.sharding import batch_sharding, param_shardings, use_mesh
 from llavaction_jax.train.optim import freeze
@@ -28,10 +28,12 @@ def init_state(params: dict, tx: optax.GradientTransformation) -> dict:
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
 
-def loss_fn(params: dict, cfg: ModelConfig, batch: dict, reduction: str = "sample", num_samples=None):
-    out = llava.forward(params, cfg, batch["input_ids"], batch.get("pixel_values"), batch.get("attention_mask"),
-                        batch["labels"], batch.get("has_video"), num_frames=batch.get("num_frames"))
-    computed = losses.compute_losses(params, cfg, out, batch.get("actions"), reduction=reduction,
+def loss_fn(params: dict, cfg: ModelConfig, execution: ResolvedExecution, batch: dict, reduction: str = "sample",
+            num_samples=None):
+    out = llava.forward(params, cfg, execution, batch["input_ids"], batch.get("pixel_values"),
+                        batch.get("attention_mask"), batch["labels"], batch.get("has_video"),
+                        num_frames=batch.get("num_frames"))
+    computed = losses.compute_losses(params, cfg, execution, out, batch.get("actions"), reduction=reduction,
                                      num_samples=num_samples)
     metrics = {"loss": computed.loss, "lm_loss": computed.lm_loss, "aux_loss": computed.aux_loss,
                "tokens": computed.targets}
@@ -48,18 +50,21 @@ def split_micro(batch: dict, n_micro: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, groups: dict, n_micro: int = 1,
-                    schedules: dict[str, Callable] | None = None, reduction: str = "sample"):
-    """A pure `step(state, batch) -> (state, metrics)`; `jit_train_step` jits it for a mesh. `cfg` is used as
-    given: resolve it for the mesh first (`sharding.resolve_config`); `groups` are the optimizer groups of
-    `train.optim.param_groups` (frozen parameters get no gradient); `reduction`: "sample" or "token" (above)."""
+def make_train_step(cfg: ModelConfig, execution: ResolvedExecution, tx: optax.GradientTransformation, groups: dict,
+                    n_micro: int = 1, schedules: dict[str, Callable] | None = None, reduction: str = "sample"):
+    """A pure `step(state, batch) -> (state, metrics)`; `jit_train_step` jits it for a mesh. `execution` must be
+    resolved for the mesh (`sharding.resolve_execution`): an unresolved one is refused here, before tracing;
+    `groups` are the optimizer groups of `train.optim.param_groups` (frozen parameters get no gradient);
+    `reduction`: "sample" or "token" (above)."""
+    execution = require_resolved(execution, "make_train_step")
     if reduction not in losses.REDUCTIONS:
         raise ValueError(f"train.loss_reduction={reduction!r}; expected one of {losses.REDUCTIONS}")
     per_sample = reduction == "sample"
 
     def step(state, batch):
         n = losses.count_samples(batch["labels"]) if per_sample else None  # the global batch's, for every micro
-        grad_fn = jax.value_and_grad(lambda p, b: loss_fn(freeze(p, groups), cfg, b, reduction, n), has_aux=True)
+        grad_fn = jax.value_and_grad(lambda p, b: loss_fn(freeze(p, groups), cfg, execution, b, reduction, n),
+                                     has_aux=True)
         micro = split_micro(batch, n_micro)
 
         def accumulate(grads, mb):
@@ -67,7 +72,7 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, groups: 
             return jax.tree.map(jnp.add, grads, g), m
 
         zeros = jax.tree.map(jnp.zeros_like, state["params"])
-        grads, per_micro = jax.lax.scan(accumulate, zeros, micro, unroll=cfg.loop_collectives == "off")
+        grads, per_micro = jax.lax.scan(accumulate, zeros, micro, unroll=execution.loop_collectives == "off")
         if not per_sample:  # each micro-batch loss is a mean of its own: average them
             grads = jax.tree.map(lambda g: g / n_micro, grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])

@@ -7,6 +7,7 @@ import argparse
 import pathlib
 import sys
 
+from llavaction_jax.config import POOL_MODES
 from llavaction_jax.eval.benchmarks import BENCHMARKS, common
 
 DESCRIPTION = """\
@@ -20,9 +21,12 @@ OUT/<variant>/questions.jsonl (+ .meta.json) and OUT/<variant>/clips.jsonl. Then
 frames from every video) and evaluate (or run several with eval-suite; a clip keeps its own frame count):
 
   python -m llavaction_jax eval --model MODEL --questions OUT/<variant>/questions.jsonl \\
-      --shards OUT/<variant>/shards --out RESULTS --max-new-tokens 16
+      --shards OUT/<variant>/shards --out RESULTS
 
-Prompts, answer parsing and metrics follow lmms-eval's task definitions (docs/benchmarks.md)."""
+The question file's meta records the model settings the authors ran lmms-eval's llava_vid with
+(max_frames_num=64, mm_spatial_pool_mode=average: 2x2 average pooling, 169 tokens a frame) and the task's
+generation budget; eval and eval-suite use them unless told otherwise (--config.model.pool_mode, --pool-mode,
+--max-new-tokens). Prompts, answer parsing and metrics follow lmms-eval's task definitions (docs/benchmarks.md)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,13 +42,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="instruction eval prepends: none (lmms-eval's llava_vid default, and the authors' "
                             "runs), lmms-eval (llava_vid add_time_instruction=True: duration, frame count and "
                             "frame times), llava-video (LLaVA-Video / LLaVAction training's) (default: none)")
+        p.add_argument("--pool-mode", choices=POOL_MODES, default="average",
+                       help="pooling eval applies, recorded in the meta: average = lmms-eval llava_vid's "
+                            "mm_spatial_pool_mode as the authors ran it (169 tokens a frame); bilinear = the "
+                            "checkpoint's own (196) (default: average)")
+        p.add_argument("--max-frames-num", type=int, default=64,
+                       help="frames cap to extract with (--frames-upbound), recorded in the meta: the authors' "
+                            "max_frames_num (default: 64)")
         p.add_argument("--overwrite", action="store_true", help="replace question files already in --out")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         built = BENCHMARKS[args.benchmark].build(args)
-        settings = {"time_instruction": args.time_instruction}
+        settings = {"time_instruction": args.time_instruction, "pool_mode": args.pool_mode,
+                    "max_frames_num": args.max_frames_num}
         for item in built:
             folder = common.write_variant(pathlib.Path(args.out), item, settings, args.overwrite)
             print(f"[build-bench] {item.variant.name}: {len(item.questions)} questions over {len(item.clips)} "

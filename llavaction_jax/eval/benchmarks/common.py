@@ -23,7 +23,7 @@ import dataclasses
 import json
 import pathlib
 
-from llavaction_jax.data.mqa import meta_path
+from llavaction_jax.ek100.mqa import meta_path
 from llavaction_jax.eval.questions import TIME_STYLES
 
 FORMAT_NAME = "llavaction_jax.benchmark"

@@ -1,10 +1,16 @@
 """``python -m llavaction_jax eval-suite --suite paper``: one model over several benchmarks' question files, loaded
-once, then one table like the paper's.
+once, then one table like the paper's. ``--suite ek100`` runs the paper's EPIC-KITCHENS-100 evaluations instead
+(eval/ek100_suite.py: its variants, its table OUT/ek100.md).
+
+Model settings as the authors ran lmms-eval's llava_vid (``max_frames_num=64,mm_spatial_pool_mode=average``): the
+pooling each build-bench question file records (``average`` unless built otherwise; ``--pool-mode`` overrides for
+every benchmark), 64 frames at extraction.
 
 Input layout (what ``build-bench`` + ``extract-frames`` make): ``DATA/<variant>/questions.jsonl`` and
 ``DATA/<variant>/shards``. Each variant's full evaluation (predictions.jsonl, results.json, report.md) goes to
 ``OUT/<variant>/``; the table to ``OUT/suite.md`` and ``OUT/suite.json``. A variant whose folder is missing is
-listed as not run; ``--table-only`` rebuilds the table from the results already in OUT.
+listed as not run; ``--table-only`` rebuilds the table from the results already in OUT. The run holds the lock of
+OUT (locks.py); a clip that cannot be read is recorded as failed and counted wrong, unless ``--strict``.
 """
 
 from __future__ import annotations
@@ -12,17 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import sys
 
 import jax
 from jax.experimental import multihost_utils
 
-from llavaction_jax.config import ConfigError
-from llavaction_jax.eval import mqa_eval
+from llavaction_jax import cli_flags, locks
+from llavaction_jax.config import POOL_MODES
+from llavaction_jax.data.tokenizer import resolve_tokenizer
+from llavaction_jax.eval import ek100_suite, mqa_eval
+from llavaction_jax.eval.caption_then_answer import evaluate_caption_then_answer
 from llavaction_jax.eval.benchmarks import VARIANTS, common
-from llavaction_jax.eval.questions import resolve_tokenizer
 from llavaction_jax.eval.runner import EvalSettings, check_tokenizer_fits, evaluate
-from llavaction_jax.integrity import IntegrityError
 from llavaction_jax.sharding import make_mesh, parse_mesh
 
 ACCEPTS_CONFIG_OVERRIDES = True  # --config.model.<field>=value, as in `eval`
@@ -32,6 +38,7 @@ SUITES = {
               ("perceptiontest_val_mc", "PerceptionTest (val MC)"), ("longvideobench_val_v", "LongVideoBench (val)"),
               ("videomme", "VideoMME (w/o subs)"), ("videomme_w_subtitle", "VideoMME (w/ subs)"),
               ("mvbench", "MVBench"), ("nextqa_mc_test", "NExT-QA (MC)")),
+    "ek100": tuple((row.variant, row.title) for row in ek100_suite.ROWS),
 }
 # LLaVAction-7B in the paper's v2 (arXiv 2503.18712): the numbers found; VideoMME / LongVideoBench not found.
 PAPER_LLAVACTION_7B = {"egoschema": 59.0, "perceptiontest_val_mc": 70.2, "mvbench": 61.1, "nextqa_mc_test": 82.8}
@@ -52,7 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--batch-size", type=int, default=8, help="questions per process per step")
     a("--mode", choices=("generate", "score", "both"), default="generate",
       help="generate: lmms-eval's way (greedy + its answer parser); score: option log-likelihoods; both")
-    a("--max-new-tokens", type=int, default=None, help="generation budget (default: each lmms-eval task's)")
+    a("--max-new-tokens", type=int, default=None,
+      help="generation budget (default: each lmms-eval task's; ek100: upstream's 4096)")
+    a("--pool-mode", choices=POOL_MODES, default=None,
+      help="2x2 pooling of each frame's features for every benchmark (default: what each question file records: "
+           "build-bench's average, lmms-eval llava_vid's as the authors ran it; ek100: the model's)")
     a("--mesh", default="data=-1,fsdp=1,tensor=1", help="mesh shape over all devices of all processes")
     a("--limit", type=int, default=None, help="evaluate only the first N questions of each benchmark")
     a("--tokenizer", default=None, help="tokenizer directory (default: the model directory's, else bundled Qwen2)")
@@ -65,10 +76,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--time-instruction", action=argparse.BooleanOptionalAction, default=True,
       help="add the time instruction each question file asks for (build-bench --time-instruction)")
     a("--threads", type=int, default=4, help="frame-decoding threads per process")
+    a("--strict", action="store_true", help="stop at the first clip that is missing or does not decode (default: "
+                                            "record its question as failed, count it wrong, go on)")
     a("--options-per-pass", type=int, default=None, help="score mode: options per pass (default: all)")
-    a("--coordinator", default=None, help="multi-process: coordinator HOST:PORT, or 'auto'")
-    a("--num-processes", type=int, default=None, help="multi-process: number of processes")
-    a("--process-id", type=int, default=None, help="multi-process: this process's id")
+    cli_flags.add_distributed(parser)
 
 
 def suite_table(suite: str, out_dir) -> dict:
@@ -112,45 +123,67 @@ def write_table(suite: str, out_dir) -> dict:
     return table
 
 
-def run_suite(args, params, cfg, name, mesh, tokenizer, tokenizer_name, log=print) -> None:
+def run_suite(args, params, cfg, name, mesh, tokenizer, tokenizer_name, log=print, execution=None) -> None:
     modes = ("generate", "score") if args.mode == "both" else (args.mode,)
+    if args.suite == "ek100":
+        settings = EvalSettings(batch_size=args.batch_size, modes=modes,
+                                max_new_tokens=args.max_new_tokens or mqa_eval.DEFAULT_MAX_NEW_TOKENS,
+                                num_frames=args.num_frames, prompt_len=args.prompt_len, limit=args.limit, fmt="ek100",
+                                threads=args.threads, options_per_pass=args.options_per_pass, strict=args.strict)
+        model = cfg if args.pool_mode is None else cfg.replace(pool_mode=args.pool_mode)
+
+        def evaluate_variant(questions, shards, out):
+            test_type = mqa_eval.file_settings(mqa_eval.question_meta(questions)).get("test_type")
+            run = evaluate_caption_then_answer if test_type == "caption_then_answer" else evaluate
+            run(params, model, tokenizer, questions, shards, out, settings, mesh, model_name=name,
+                model_dir=args.model, tokenizer_name=tokenizer_name, log=log, execution=execution)
+        ek100_suite.run(args, evaluate_variant, log)
+        return
     for variant, title in SUITES[args.suite]:
         folder = pathlib.Path(args.data) / variant
         if not (folder / common.QUESTIONS_NAME).is_file():
             log(f"[eval-suite] {title}: no {folder / common.QUESTIONS_NAME}, skipped")
             continue
         log(f"[eval-suite] {title}: {folder}")
+        pool = args.pool_mode or mqa_eval.file_settings(mqa_eval.question_meta(folder / common.QUESTIONS_NAME)).get(
+            "pool_mode")
         settings = EvalSettings(batch_size=args.batch_size, modes=modes,
                                 max_new_tokens=args.max_new_tokens or VARIANTS[variant].max_new_tokens,
                                 num_frames=args.num_frames, prompt_len=args.prompt_len, limit=args.limit,
                                 fmt="videoqa",
                                 time_instruction=args.time_instruction, threads=args.threads,
-                                options_per_pass=args.options_per_pass)
-        evaluate(params, cfg, tokenizer, folder / common.QUESTIONS_NAME, folder / "shards",
+                                options_per_pass=args.options_per_pass, strict=args.strict)
+        evaluate(params, cfg if pool is None else cfg.replace(pool_mode=pool), tokenizer,
+                 folder / common.QUESTIONS_NAME, folder / "shards",
                  pathlib.Path(args.out) / variant, settings, mesh, model_name=name, model_dir=args.model,
-                 tokenizer_name=tokenizer_name, log=log)
+                 tokenizer_name=tokenizer_name, log=log, execution=execution)
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        if not args.table_only:
-            if not (args.model or args.preset):
-                raise ValueError("give --model or --preset (or --table-only)")
-            mqa_eval._init_distributed(args)
-            mesh = make_mesh(**parse_mesh(args.mesh))
-            tokenizer, tokenizer_name = resolve_tokenizer(args.tokenizer, args.model)
-            cfg = mqa_eval.model_config(args)
-            if cfg is not None:
-                check_tokenizer_fits(cfg, tokenizer)
-            params, cfg, name = mqa_eval.load_model(args, mesh, cfg)
-            run_suite(args, params, cfg, name, mesh, tokenizer, tokenizer_name)
-        if jax.process_index() == 0:
-            pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
-            table = write_table(args.suite, args.out)
-            print(table_markdown(table))
-    except (ValueError, KeyError, FileNotFoundError, ConfigError, IntegrityError) as e:
-        print(f"eval-suite: error: {e}", file=sys.stderr)
-        return 2
+    """Errors (bad inputs, a held lock, an unreadable clip with --strict) are reported by cli.main in one line."""
+    if not args.table_only:
+        cli_flags.init_distributed(args)
+    with locks.output_lock(args.out, "eval-suite", log=print if jax.process_index() == 0 else None):
+        _run(args)
     if not args.table_only:
         multihost_utils.sync_global_devices("eval-suite finished")
     return 0
+
+
+def _run(args: argparse.Namespace) -> None:
+    if not args.table_only:
+        if not (args.model or args.preset):
+            raise ValueError("give --model or --preset (or --table-only)")
+        mesh = make_mesh(**parse_mesh(args.mesh))
+        tokenizer, tokenizer_name = resolve_tokenizer(args.tokenizer, args.model)
+        configs = mqa_eval.model_config(args)
+        if configs is not None:
+            check_tokenizer_fits(configs[0], tokenizer)
+        params, cfg, execution, name = mqa_eval.load_model(args, mesh, configs)
+        run_suite(args, params, cfg, name, mesh, tokenizer, tokenizer_name, execution=execution)
+    if jax.process_index() == 0:
+        pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
+        if args.suite == "ek100":
+            print(ek100_suite.table_markdown(ek100_suite.write_table(args.out)))
+        else:
+            print(table_markdown(write_table(args.suite, args.out)))

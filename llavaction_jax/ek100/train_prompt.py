@@ -1,6 +1,6 @@
 """The user prompt of an EK100 training sample, built when the sample is loaded, as upstream's dataset does.
 
-Upstream's EK100 files store a question, not a prompt (ek100_train.py); ``LazySupervisedDataset._get_item``
+Upstream's EK100 files store a question, not a prompt (train_files.py); ``LazySupervisedDataset._get_item``
 (llavaction/train/train.py) turns it into the user message after loading the clip:
 
 * ``ast.literal_eval`` of the human turn, kept when it gives a list (the MC options), else the text as is;
@@ -24,9 +24,9 @@ import ast
 import dataclasses
 from collections.abc import Mapping
 
-from llavaction_jax.data import ek100, prompts
-from llavaction_jax.data.ek100_train import prior_action_key, prior_action_table
 from llavaction_jax.data.mixture import SOURCE_KEY
+from llavaction_jax.ek100 import labels, prompts
+from llavaction_jax.ek100.prior_actions import prior_action_key, prior_action_table
 
 NEIGHBOR_MODES = ("", "prior")  # upstream's learn_neighbor_actions values used in training
 
@@ -49,14 +49,23 @@ class EK100PromptSettings:
         if self.learn_neighbor_actions == "prior" and self.prior_table is None:
             raise ValueError("learn_neighbor_actions='prior' needs the prior-action table of the train CSV")
 
+    # data.train_sample.QuestionPrompts: how the training pipeline asks for EK100 prompts
+    def owns(self, sample: Mapping) -> bool:
+        return is_ek100(sample)
+
+    def user_prompt(self, sample: Mapping, n_frames: int, include_time_instruction: bool, epoch: int) -> str | None:
+        if not needs_prompt(sample):
+            return None
+        return ek100_user_prompt(sample, n_frames, self, include_time_instruction, epoch)
+
 
 def load_prior_table(annotation_dir: str, representation: str = "GT_random_narration",
                      label_space: str = "ek100") -> dict[str, dict]:
     """Upstream's train-time lookup (``get_lookup_dict`` of ``EPIC_100_train.csv``): narrations for ``*narration``
     representations, ``"verb_key noun_key"`` for official_key."""
-    maps = ek100.load_label_maps(annotation_dir, label_space=label_space)
-    segments = [s for path in ek100.default_train_csvs(annotation_dir, label_space)
-                for s in ek100.read_annotation_csv(path)]
+    maps = labels.load_label_maps(annotation_dir, label_space=label_space)
+    segments = [s for path in labels.default_train_csvs(annotation_dir, label_space)
+                for s in labels.read_annotation_csv(path)]
     return prior_action_table(segments, maps, "official_key" if "official_key" in representation else representation)
 
 
@@ -102,7 +111,7 @@ def ek100_user_prompt(sample: Mapping, n_frames: int, settings: EK100PromptSetti
     prior = None
     if settings.learn_neighbor_actions == "prior":
         prior = settings.prior_table.get(prior_action_key(str(sample.get("video")), start, end))
-    coin = ek100.item_rng(settings.seed, str(sample.get(SOURCE_KEY, sample.get("id", ""))), "prior", epoch)
+    coin = labels.item_rng(settings.seed, str(sample.get(SOURCE_KEY, sample.get("id", ""))), "prior", epoch)
     try:
         task = prompts.task_prompt(question, question_type, settings.perspective, prior, coin)
     except NotImplementedError as error:

@@ -40,7 +40,9 @@ LABEL_SPACES = ("ek100", "uda")
 VERB_CLASSES_CSV = "EPIC_100_verb_classes.csv"
 NOUN_CLASSES_CSV = "EPIC_100_noun_classes_v2.csv"  # upstream reads v2 (utils.py:101-102)
 
-REPRESENTATIONS = ("GT_random_narration", "official_key", "random_narration", "top1_narration")
+REPRESENTATIONS = ("GT_random_narration", "official_key", "random_narration", "top1_narration", "GT_key",
+                   "topk_narration_cut_key")
+EXAMPLES_MARKER = "example usages could be"  # topk_narration_*: between the key and the narrations (parse_vn_ids)
 _VN_PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
@@ -216,20 +218,27 @@ def split_vn(vn: str) -> tuple[int, int]:
 
 
 def render_action(vn: str, representation: str, maps: LabelMaps, rng: np.random.Generator, gt_vn: str | None = None,
-                  gt_narration: str | None = None, avoid: frozenset | set = frozenset()) -> str:
+                  gt_narration: str | None = None, avoid: frozenset | set = frozenset(), n_narrations: int = -1) -> str:
     """One option text for action ``vn`` (upstream's ``parse_vn_ids``).
 
     ``GT_*``: the ground-truth pair renders as the clip's own narration. ``*random_narration``: a frequency-weighted
     draw from the pair's narrations; texts in ``avoid`` (options already rendered for the question) are skipped so a
     question never shows the same text twice (upstream can, which makes exact-text scoring ambiguous). When every
     narration of the pair is taken, or the pair has none (a prediction outside our label maps), the official key
-    text is used instead.
+    text is used instead. ``*key``: ``"verb_key noun_key"`` (``GT_key``: the GT still shows its narration).
+    ``topk_narration_cut_key``: ``"verb_key noun_key, example usages could be, n1, ..., nk"`` with the pair's
+    ``n_narrations`` most frequent narrations (upstream's "cut" spaCy pass returns the text unchanged).
     """
     if representation not in REPRESENTATIONS:
         raise ValueError(f"unknown action representation {representation!r}; expected one of {REPRESENTATIONS}")
     if "GT" in representation and vn == gt_vn:
         return gt_narration
-    if representation == "official_key":
+    if representation == "topk_narration_cut_key":
+        if n_narrations <= 0:
+            raise ValueError("the topk_narration_cut_key representation needs n_narrations > 0 (upstream asserts it)")
+        top = maps.top_narrations(vn)[:n_narrations] if vn in maps.vn2narrations else []
+        return ", ".join([maps.key_text(vn), EXAMPLES_MARKER, *top])
+    if representation in ("official_key", "GT_key"):
         return maps.key_text(vn)
     narrations = maps.vn2narrations.get(vn, [])
     if representation == "top1_narration":

@@ -1,7 +1,7 @@
 """EK100 training samples in upstream's released layout (llavaction/action/generate_description.py:
 generate_train_ann, llavaction/action/generate_temporal_detection_data.py: get_temporal_detection,
-llavaction/action/utils.py: AvionMultiChoiceGenerator.train_generate, llavaction/action/generate_interval_pred.py:
-get_lookup_dict).
+llavaction/action/utils.py: AvionMultiChoiceGenerator.train_generate); the prior-action lookup table
+(generate_interval_pred.py: get_lookup_dict) is in prior_actions.py.
 
 Upstream writes a sample's *question*, not its prompt: an MC human turn is the Python repr of the lettered option
 list (``"['A. open door', 'B. ...']"``), a direct-narration human turn is empty, a temporal-detection human turn is
@@ -25,9 +25,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-from collections import defaultdict
 
-from llavaction_jax.data import ek100, mqa, prompts
+from llavaction_jax.ek100 import labels, mqa, prompts
 
 TASKS = ("mc", "direct_narration", "temporal_detection")
 MC_SOURCES = ("random", "avion", "tim")  # where MC distractors come from
@@ -45,37 +44,6 @@ class TrainSampleSettings:
         mqa.MQASettings(n_options=self.n_options, representation=self.representation)  # same validation
 
 
-def prior_action_key(video: str, start: float, end: float) -> str:
-    """Upstream's lookup key ``f"{video}_{round(start,2)}_{round(end,2)}"`` (Python float repr: ``3.0``)."""
-    return f"{video}_{round(start, 2)}_{round(end, 2)}"
-
-
-def prior_action_table(segments: list[ek100.Segment], maps: ek100.LabelMaps, representation: str,
-                       max_gap: float = 3.0) -> dict[str, dict]:
-    """Upstream's ``get_lookup_dict``: the two previous actions of every segment that has close predecessors.
-
-    Per video, segments sorted by end time (stable); for each consecutive triple whose gaps (next start - previous
-    end) are both at most ``max_gap`` seconds, the third segment's key maps to the first two narrations and their
-    start offsets. Narrations are raw (``*narration`` representations) or ``"verb_key noun_key"`` (official_key).
-    """
-    by_video: dict[str, list[ek100.Segment]] = defaultdict(list)
-    for segment in segments:
-        by_video[segment.video].append(segment)
-    def name(s: ek100.Segment) -> str:
-        return maps.key_text(s.vn) if representation == "official_key" else s.narration
-
-    table = {}
-    for video, items in by_video.items():
-        items = sorted(items, key=lambda s: s.end)
-        for prev2, prev1, cur in zip(items, items[1:], items[2:]):
-            if prev1.start - prev2.end <= max_gap and cur.start - prev1.end <= max_gap:
-                table[prior_action_key(video, cur.start, cur.end)] = {
-                    "prev2_narration": name(prev2), "prev2_offset": round(cur.start - prev2.start, 2),
-                    "prev1_narration": name(prev1), "prev1_offset": round(cur.start - prev1.start, 2),
-                    "cur_narration": name(cur)}
-    return table
-
-
 def train_answer_ids(gt_vn: str, ranked: list[str], k: int, rng) -> list[str]:
     """Upstream's ``train_generate``: top-2k minus the GT, shuffled, k-1 kept, plus the GT.
 
@@ -83,11 +51,12 @@ def train_answer_ids(gt_vn: str, ranked: list[str], k: int, rng) -> list[str]:
     """
     pool = [vn for vn in dict.fromkeys(ranked[:2 * k]) if vn != gt_vn]
     if len(pool) < k - 1:
-        raise ek100.AnnotationError(f"{len(pool)} distinct non-GT actions in the top-{2 * k} predictions, need {k - 1}")
+        raise labels.AnnotationError(f"{len(pool)} distinct non-GT actions in the top-{2 * k} predictions, "
+                                     f"need {k - 1}")
     return [gt_vn] + [pool[i] for i in rng.permutation(len(pool))[:k - 1]]
 
 
-def _sample(segment: ek100.Segment, maps: ek100.LabelMaps, question_type: str, human: str, gpt: str, start,
+def _sample(segment: labels.Segment, maps: labels.LabelMaps, question_type: str, human: str, gpt: str, start,
             end) -> dict:
     return {"video": segment.video, "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": gpt}],
             "id": segment.video, "split": "train", "task_instruction": "", "num_samples": 1,
@@ -96,7 +65,7 @@ def _sample(segment: ek100.Segment, maps: ek100.LabelMaps, question_type: str, h
             "narration_id": segment.narration_id}
 
 
-def mc_sample(segment: ek100.Segment, maps: ek100.LabelMaps, settings: TrainSampleSettings,
+def mc_sample(segment: labels.Segment, maps: labels.LabelMaps, settings: TrainSampleSettings,
               ranked: list[str] | None = None, source: str = "random") -> dict:
     """A multiple-choice sample: human = repr of the lettered options, gpt = ``"C. text"``.
 
@@ -104,15 +73,15 @@ def mc_sample(segment: ek100.Segment, maps: ek100.LabelMaps, settings: TrainSamp
     (random / avion / tim) salts the sample's RNG.
     """
     question_type = f"mc_{settings.representation}"
-    rng = ek100.item_rng(settings.seed, segment.narration_id, question_type, source)
+    rng = labels.item_rng(settings.seed, segment.narration_id, question_type, source)
     k = settings.n_options
     if ranked is None:
         answer_ids = [segment.vn] + mqa.random_distractors(segment.vn, maps, k, rng)
     else:
         try:
             answer_ids = train_answer_ids(segment.vn, ranked, k, rng)
-        except ek100.AnnotationError as e:
-            raise ek100.AnnotationError(f"uid {segment.narration_id} (row {segment.row_index}): {e}") from None
+        except labels.AnnotationError as e:
+            raise labels.AnnotationError(f"uid {segment.narration_id} (row {segment.row_index}): {e}") from None
     texts, _ = mqa.render_options(answer_ids, segment, maps, settings.representation, settings.distinct_options, rng)
     order = [answer_ids[i] for i in rng.permutation(k)]
     options = prompts.letter_options([texts[vn] for vn in order])
@@ -120,19 +89,19 @@ def mc_sample(segment: ek100.Segment, maps: ek100.LabelMaps, settings: TrainSamp
                    segment.end)
 
 
-def direct_narration_sample(segment: ek100.Segment, maps: ek100.LabelMaps) -> dict:
+def direct_narration_sample(segment: labels.Segment, maps: labels.LabelMaps) -> dict:
     """Empty human turn (the prompt is built at load time), the clip's narration as the answer."""
     return _sample(segment, maps, "direct_narration", "", segment.narration, segment.start, segment.end)
 
 
-def temporal_detection_sample(segment: ek100.Segment, maps: ek100.LabelMaps, settings: TrainSampleSettings) -> dict:
+def temporal_detection_sample(segment: labels.Segment, maps: labels.LabelMaps, settings: TrainSampleSettings) -> dict:
     """Locate the action in a window padded by ``detection_padding`` seconds split at random before/after it.
 
     Follows ``get_temporal_detection``: every time is rounded to 2 decimals and stored as a string, relative times
     are computed from the rounded values; the answer is "start, end" (a comma, although the question asks for a
     colon).
     """
-    rng = ek100.item_rng(settings.seed, segment.narration_id, "temporal_detection")
+    rng = labels.item_rng(settings.seed, segment.narration_id, "temporal_detection")
     as_text = lambda x: str(round(x, 2))  # noqa: E731 -- upstream's `process`
     before = float(rng.uniform(0, settings.detection_padding))
     window_start = as_text(max(0.0, segment.start - before))
@@ -144,7 +113,7 @@ def temporal_detection_sample(segment: ek100.Segment, maps: ek100.LabelMaps, set
                    window_end)
 
 
-def training_samples(task: str, segments: list[ek100.Segment], maps: ek100.LabelMaps, settings: TrainSampleSettings,
+def training_samples(task: str, segments: list[labels.Segment], maps: labels.LabelMaps, settings: TrainSampleSettings,
                      predictions: dict | None = None, predictions_path: str = "",
                      source: str | None = None) -> list[dict]:
     """All samples of one task over ``segments`` (one CSV, when ``predictions`` are keyed by its row indices).
@@ -165,7 +134,7 @@ def training_samples(task: str, segments: list[ek100.Segment], maps: ek100.Label
     for s in segments:
         ranked = None
         if predictions is not None:
-            ranked = ek100.predictions_for(s, predictions, predictions_path, settings.n_options)
+            ranked = labels.predictions_for(s, predictions, predictions_path, settings.n_options)
         samples.append(mc_sample(s, maps, settings, ranked, source))
     return samples
 

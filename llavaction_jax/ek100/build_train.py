@@ -18,10 +18,10 @@ import pathlib
 import sys
 import time
 
-from llavaction_jax.data import ek100, ek100_train
 from llavaction_jax.data.mixture import SOURCE_KEY, load_mixture
-from llavaction_jax.data.train_prompt import is_ek100
 from llavaction_jax.data.train_sample import clip_uid
+from llavaction_jax.ek100 import labels, train_files
+from llavaction_jax.ek100.train_prompt import is_ek100
 
 SAMPLES_NAME = "train_convs_narration_actionids.jsonl"  # upstream's file name in each generated folder
 YAML_NAME = "data.yaml"
@@ -120,20 +120,20 @@ def build(args: argparse.Namespace, log=print) -> dict:
     out = pathlib.Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise ValueError(f"{out} is not empty; choose another --out or pass --overwrite")
-    train_csvs = args.train_csv or ek100.default_train_csvs(args.annotations, args.label_space)
-    maps = ek100.load_label_maps(args.annotations, train_csvs=train_csvs, label_space=args.label_space)
-    segments = [s for path in train_csvs for s in ek100.read_annotation_csv(path)]
+    train_csvs = args.train_csv or labels.default_train_csvs(args.annotations, args.label_space)
+    maps = labels.load_label_maps(args.annotations, train_csvs=train_csvs, label_space=args.label_space)
+    segments = [s for path in train_csvs for s in labels.read_annotation_csv(path)]
     if len(train_csvs) > 1 and (args.avion or args.tim):
         raise ValueError("prediction files are keyed by the row index of one CSV; pass a single --train-csv")
-    settings = ek100_train.TrainSampleSettings(args.n_options, args.representation, seed=args.seed)
+    settings = train_files.TrainSampleSettings(args.n_options, args.representation, seed=args.seed)
     log(f"build-train: {len(segments)} segments from {', '.join(map(str, train_csvs))}, {len(maps.vn2act)} actions")
     counts, written = {}, []
     for relative, task, source in planned_files(args):
         started = time.perf_counter()
         path = {"avion": args.avion, "tim": args.tim}.get(source)
-        predictions = ek100.load_predictions(path) if path else None
-        samples = ek100_train.training_samples(task, segments, maps, settings, predictions, str(path or ""), source)
-        ek100_train.write_samples_jsonl(samples, out / relative)
+        predictions = labels.load_predictions(path) if path else None
+        samples = train_files.training_samples(task, segments, maps, settings, predictions, str(path or ""), source)
+        train_files.write_samples_jsonl(samples, out / relative)
         written += samples
         counts[relative] = len(samples)
         log(f"  {relative}: {len(samples)} samples ({time.perf_counter() - started:.1f} s)")
@@ -153,11 +153,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"YAML or a JSON / JSONL sample file): {CLIPS_NAME} and {LLAVA_VIDEO_CLIPS_NAME}")
     parser.add_argument("--train-csv", nargs="+", help="CSV(s) to build samples from (default: EPIC_100_train.csv, "
                         "or the UDA train files with --label-space uda)")
-    parser.add_argument("--label-space", choices=ek100.LABEL_SPACES, default="ek100",
+    parser.add_argument("--label-space", choices=labels.LABEL_SPACES, default="ek100",
                         help="ek100: action ids of EPIC_100_train.csv (the released 3806-way head; refused when "
                              "missing); uda: the UDA train files instead (other ids) (default: %(default)s)")
     parser.add_argument("--out", required=True, help="output folder (must be empty unless --overwrite)")
-    parser.add_argument("--tasks", nargs="+", choices=ek100_train.TASKS, default=list(ek100_train.TASKS),
+    parser.add_argument("--tasks", nargs="+", choices=train_files.TASKS, default=list(train_files.TASKS),
                         help="what to build (default: all)")
     parser.add_argument("--avion", metavar="JSON",
                         help="AVION predictions on the train CSV (avion_pred_ids_train.json)")

@@ -1,13 +1,14 @@
-"""Every prompt string of LLaVAction, byte for byte (upstream llavaction/action/utils.py: format_llava_prompt,
-format_time_instruction, format_task_related_prompt; llavaction/train/train.py: LazySupervisedDataset._get_item;
-llavaction/action/generate_temporal_detection_data.py).
+"""Every EK100 prompt string of LLaVAction, byte for byte (upstream llavaction/action/utils.py:
+format_llava_prompt, format_time_instruction, format_task_related_prompt; llavaction/train/train.py:
+LazySupervisedDataset._get_item; llavaction/action/generate_temporal_detection_data.py).
 
 Upstream's quirks are kept on purpose because the released checkpoints were trained on them:
 * the time instruction ends without a space and is glued to the task prompt ("...from it.You are seeing...");
 * the first-person prefix ends with a space, the third-person prefix does not ("...doing?Given multiple...");
 * direct narration and caption prompts put an extra space after the prefix (double space in first person).
 
-The chat template around the user message (system turn, ChatML) lives in ``data/chat.py``.
+The chat template around the user message (system turn, ChatML) and LLaVA-Video's time instruction for other videos
+live in ``data/chat.py``.
 """
 
 from __future__ import annotations
@@ -78,6 +79,14 @@ def caption_prompt(perspective: str = "first_person") -> str:
             "in the first person perspective. Try to focus on what you are doing. ")
 
 
+def caption_then_answer_message(caption: str, answer_prompt: str) -> str:
+    """The second pass of upstream's ``caption_then_answer`` test (llavaction/action/llava_inference.py): the first
+    pass's caption as notes, *then* ``"<image>\n"`` and the MC prompt (``answer_prompt``, the text that follows the
+    placeholder); so the video sits after the notes, as upstream tokenizes it."""
+    return (f"You observed the video before and wrote down the notes: {caption}. Now you watch the same video again "
+            f"and you can do better. {IMAGE_TOKEN}\n{answer_prompt}")
+
+
 def open_ended_prompt(question: str) -> str:
     return f"You are seeing this video from egocentric view and you are the person. {question}"
 
@@ -121,13 +130,3 @@ def user_message(task: str, duration: float | None = None, n_frames: int | None 
         return f"{IMAGE_TOKEN}\n{time_instruction(duration, n_frames)}{task}"
     return f"{IMAGE_TOKEN}\n{task}"
 
-
-def llava_video_time_prompt(human_value: str, video_time: float, num_frames: int) -> str:
-    """LLaVA-Video's time instruction for generic (non-EK100) video QA (train.py:1303-1306).
-
-    ``human_value`` is the first human turn; its own ``<image>`` is removed but the newline after it stays, which
-    leaves a blank line (upstream's behaviour).
-    """
-    return (f"{IMAGE_TOKEN}\nThe video lasts for {video_time:.2f} seconds, and {num_frames} frames are uniformly "
-            "sampled from it. Please answer the following questions related to this video.\n"
-            + human_value.replace(IMAGE_TOKEN, ""))
