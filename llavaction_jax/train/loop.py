@@ -278,7 +278,7 @@ def _train(cfg) -> dict:
             if not math.isfinite(m["loss"]):
                 good = ckpts.newest_good()
                 raise NonFiniteLoss(f"loss is {m['loss']} at step {s}; stopping. The last good checkpoint (the "
-                                    "newest that verifies, saved with a finite loss) is "
+                                    "newest that is sealed, verifies and whose state was finite when saved) is "
                                     f"{'step ' + str(good) if good is not None else 'none'} in {out_dir / 'checkpoints'}")
             history.append(m["loss"])
         return m
