@@ -57,6 +57,10 @@ def test_uninterrupted_run_learns_and_writes_artifacts(data, uninterrupted):
     assert json.loads((model_dir / "config.json").read_text())["frames_upbound"] == 2  # the shards' frames
     events = list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 100
+    # the loop's own cost, measured in the run: wall per step between log lines against the step timed alone
+    assert summary["step_time_s"] > 0 and summary["jitted_step_s"] > 0
+    assert summary["loop_overhead"] == pytest.approx(summary["step_time_s"] / summary["jitted_step_s"] - 1)
+    assert json.loads((out / "summary.json").read_text())["loop_overhead"] == summary["loop_overhead"]
 
 
 def test_three_steps_restart_three_steps_equals_six(data, uninterrupted, tmp_path):
@@ -99,6 +103,17 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path
     step, state = restore_state(tmp_path)
     assert step is not None
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+
+
+def test_a_non_finite_loss_between_log_lines_is_caught_before_the_next_checkpoint(data, tmp_path):
+    """Metrics are fetched at log lines and checkpoints only: a loss that turns non-finite between them is found at
+    the checkpoint step, named by its own step, and nothing is saved."""
+    cfg = tiny_train_config(data, tmp_path, steps=20, **{"optim.learning_rate": 1e30, "optim.vision_lr": 1e30,
+                                                         "train.log_every": 100, "train.checkpoint_every": 4})
+    with pytest.raises(NonFiniteLoss, match=r"loss is (nan|inf) at step [234]; stopping. .* is none in "):
+        train(cfg)
+    assert checkpoint.Checkpoints(tmp_path / "checkpoints").newest_good() is None
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]  # no step was saved
 
 
 def test_checkpoint_truncated_mid_save_is_skipped_with_a_warning(data, uninterrupted, tmp_path, capsys):
