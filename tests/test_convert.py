@@ -207,7 +207,7 @@ def test_to_torch_export_of_a_trained_model_loads_in_transformers_with_the_same_
     cfg = tiny_cfg(heads=True, tied=False)  # random weights initialised in jit with rbg keys (fast on CPU)
     model = LlavaModel(cfg, jax.jit(lambda key: llava.init(cfg, key))(jax.random.key(5, impl="rbg")))
     model.save_pretrained(tmp_path / "trained", tokenizer_dir=tmp_path / "tok")  # what `train` writes too
-    assert main(["convert", "to-torch", str(tmp_path / "trained"), str(tmp_path / "torch"), "--no-progress"]) == 0
+    assert main(["convert", "to-torch", str(tmp_path / "trained"), "--out", str(tmp_path / "torch"), "--no-progress"]) == 0
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "config.json"):
         assert (tmp_path / "torch" / name).is_file(), name
     config = json.loads((tmp_path / "torch" / "config.json").read_text())
@@ -227,7 +227,7 @@ def test_to_torch_export_of_a_trained_model_loads_in_transformers_with_the_same_
     np.testing.assert_allclose(got, upstream_reference_logits(tmp_path / "torch", ids, pixels), atol=TOL, rtol=0)
 
     # HF's llava-onevision has one newline per video and no action token: refused, saying why, nothing written
-    assert main(["convert", "to-torch", str(tmp_path / "trained"), str(tmp_path / "hf"), "--layout",
+    assert main(["convert", "to-torch", str(tmp_path / "trained"), "--out", str(tmp_path / "hf"), "--layout",
                  "hf-onevision"]) != 0
     err = capsys.readouterr().err
     assert "mm_newline_position='grid'" in err and "no action token" in err and not (tmp_path / "hf").exists()
