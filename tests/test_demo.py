@@ -2,12 +2,15 @@
 
 import json
 
-from llavaction_jax.cli import main
+import pytest
+
+from _cli_e2e import run_cli
 
 
+@pytest.mark.cli_e2e("demo")
 def test_demo_smallest_setting_learns(tmp_path):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--segments-per-action", "12", "--steps", "300"]) == 0
+    assert run_cli(["demo", "--out", str(out), "--segments-per-action", "12", "--steps", "300"]) == 0
     summary = json.loads((out / "demo_summary.json").read_text())
     before, after = summary["accuracy_before"], summary["accuracy_after"]
     chance = 1 / 5
