@@ -522,8 +522,10 @@ def test_model_config_overrides_as_in_train_and_eval(tmp_path, capsys):
     assert main(["convert", "from-torch", str(tmp_path / "src"), "--out", str(tmp_path / "bad"), "--no-progress",
                  "--config.model.text.num_layers=1"]) == 2
     assert "change the shapes" in capsys.readouterr().err and not (tmp_path / "bad").exists()
-    assert main(["convert", "to-torch", str(tmp_path / "ours"), "--out", str(tmp_path / "t"),
-                 "--config.model.attention=xla"]) == 2
+    with pytest.raises(SystemExit) as exit_info:  # to-torch takes no overrides: a usage error naming the flag
+        main(["convert", "to-torch", str(tmp_path / "ours"), "--out", str(tmp_path / "t"),
+              "--config.model.attention=xla"])
+    assert exit_info.value.code == 2 and "unrecognized arguments: --config.model.attention" in capsys.readouterr().err
 
 
 def test_converted_models_and_exports_carry_checksums_that_loaders_verify(tmp_path, capsys):
