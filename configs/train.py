@@ -76,6 +76,7 @@ def get_config():
     c.train.checkpoint_every = 50
     c.train.keep_checkpoints = 3
     c.train.allow_changed_data = False  # resume although data settings changed or the iterator state is missing
+    c.train.restart_if_all_broken = False  # start over from step 0 when every checkpoint fails verification
     c.train.async_checkpoint = True
     c.train.save_model = True  # write output_dir/model (our format) at the end
     c.train.peak_flops = 0.0  # per device, for MFU; 0 = known accelerators' table, or measured on CPU

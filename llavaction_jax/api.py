@@ -35,6 +35,7 @@ from jax.sharding import Mesh
 from llavaction_jax import checkpoint_io, losses, model_files
 from llavaction_jax.config import ExecutionConfig, ModelConfig, ResolvedExecution
 from llavaction_jax.convert import from_torch
+from llavaction_jax.convert.safetensors_io import pickles_not_read
 from llavaction_jax.data import chat
 from llavaction_jax.data.option_tokens import option_token_ids, pad_options, round_up
 from llavaction_jax.data.tokenizer import QWEN2_VOCAB, has_tokenizer, resolve_tokenizer
@@ -276,10 +277,13 @@ def load_pretrained(path, mesh: Mesh | None = None, dtype: str | None = None) ->
 
     A PyTorch checkpoint directory (config.json + safetensors, upstream or HF llava-onevision layout) is
     converted in memory instead (`convert from-torch` does the same once, to disk); dtype=None keeps its dtypes.
+    Pickled PyTorch weights (pytorch_model.bin, *.pt) are refused: unpickling can run arbitrary code.
     """
     if not checkpoint_io.is_model_dir(path) and from_torch.is_torch_dir(path):
         cfg, params = from_torch.load_torch(path, mesh=mesh, dtype=dtype)
         return LlavaModel(cfg, params, mesh, path)  # already placed on the mesh: device_put is a no-op
+    if not checkpoint_io.is_model_dir(path) and pickles_not_read(pathlib.Path(path)):
+        raise ValueError(pickles_not_read(pathlib.Path(path)))
     cfg, execution = checkpoint_io.load_config(path), checkpoint_io.load_execution(path)
     if dtype is not None:
         cfg = cfg.replace(param_dtype=dtype)

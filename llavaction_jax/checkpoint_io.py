@@ -3,7 +3,8 @@ choices the model was saved with: config.py) + an Orbax checkpoint of the params
 
 Restoring takes an abstract tree with target shardings, so each device (and each host of a pod) reads only
 the slices it holds. `save_model` writes a `checksums.json` manifest last (llavaction_jax/integrity.py) and
-`restore_params` verifies it when present, so flipped bits fail loading with a line naming the file.
+`restore_params` verifies it, so flipped bits fail loading with a line naming the file (a directory without one
+loads with a warning).
 `publish_model` writes into `<path>.partial` and renames it into place, so an interrupted save never leaves a
 half-written `<path>`.
 """
@@ -19,6 +20,7 @@ from jax.experimental import multihost_utils
 
 from llavaction_jax import integrity
 from llavaction_jax.config import ExecutionConfig, ModelConfig
+from llavaction_jax.pause_points import pause_point
 
 CONFIG_FILE = "llavaction_config.json"
 PARAMS_DIR = "params"
@@ -40,6 +42,7 @@ def save_model(path: str | pathlib.Path, cfg: ModelConfig, params: dict, extra_f
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(path / PARAMS_DIR, params)
     ckpt.wait_until_finished()
+    pause_point("model-params-written")
     if jax.process_index() == 0:
         cfg.save(path / CONFIG_FILE, execution or ExecutionConfig())
         for name, text in (extra_files or {}).items():
@@ -94,8 +97,9 @@ def _config_file(path: str | pathlib.Path) -> pathlib.Path:
 
 def restore_params(path: str | pathlib.Path, abstract: dict) -> dict:
     """Restore into `abstract` (a tree of jax.ShapeDtypeStruct with shardings), after checking the files against
-    the directory's checksums.json when it has one (integrity.IntegrityError otherwise)."""
-    integrity.verify_manifest(path, required=False)
+    the directory's checksums.json (integrity.IntegrityError when they differ; a directory without one is loaded
+    with one warning, integrity.verify_or_warn)."""
+    integrity.verify_or_warn(path, "an older or hand-made model directory")
     return ocp.StandardCheckpointer().restore(pathlib.Path(path).absolute() / PARAMS_DIR, abstract)
 
 

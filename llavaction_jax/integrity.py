@@ -3,19 +3,29 @@
 Writers call `write_manifest(directory)` once everything else in the directory is complete (the manifest is
 written last, atomically, so its presence also marks the directory as finished); readers call
 `verify_manifest(directory)` before loading, which raises `IntegrityError` naming the first file that is missing
-or differs. Used for training checkpoints (train/checkpoint.py) and model directories (checkpoint_io.py); the
-converter and exports can call the same two functions.
+or differs. Used for training checkpoints (train/checkpoint.py), model directories (checkpoint_io.py) and the
+converter's inputs and outputs (convert/).
+
+The rules every reader follows (`verify_or_warn`): a directory with a manifest is verified, always; one without
+is used with one warning per directory and process; and data that failed or skipped verification never gets a
+new manifest (an export of an unverified model is written without one), so a manifest always vouches for bytes
+that descend from verified ones. `content_digest` names a directory's content (its manifest, else its files'
+digests), for resume fingerprints.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import pathlib
+import sys
 
 MANIFEST = "checksums.json"
 SCHEMA = "llavaction_jax.checksums/1"
+log = logging.getLogger(__name__)
+_warned: set[str] = set()
 
 
 class IntegrityError(RuntimeError):
@@ -40,8 +50,12 @@ def write_manifest(directory: str | os.PathLike, exclude: tuple[str, ...] = ()) 
              for p in _files(directory, exclude)}
     target = directory / MANIFEST
     tmp = target.with_name(MANIFEST + ".tmp")
-    tmp.write_text(json.dumps({"schema": SCHEMA, "files": files}, indent=0, sort_keys=True) + "\n")
-    os.replace(tmp, target)
+    try:
+        tmp.write_text(json.dumps({"schema": SCHEMA, "files": files}, indent=0, sort_keys=True) + "\n")
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # e.g. a full disk: no torn manifest is left to be mistaken for a seal
+        raise
     return target
 
 
@@ -71,3 +85,36 @@ def verify_manifest(directory: str | os.PathLike, required: bool = True) -> bool
         if file_sha256(path) != expected["sha256"]:
             raise IntegrityError(f"{path} is corrupt: its sha256 differs from the one written when it was saved")
     return True
+
+
+def verify_or_warn(directory: str | os.PathLike, what: str = "") -> bool:
+    """Verify `directory` against its manifest (IntegrityError on any difference) and return True; without a
+    manifest, warn once per directory in this process and return False (the data is unverified)."""
+    if verify_manifest(directory, required=False):
+        return True
+    key = str(pathlib.Path(directory).absolute())
+    if key not in _warned:
+        _warned.add(key)
+        message = (f"{directory} has no {MANIFEST}, so its files cannot be verified{f' ({what})' if what else ''}; "
+                   "using them as they are")
+        log.warning(message)
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+    return False
+
+
+def content_digest(directory: str | os.PathLike, subpaths: tuple[str, ...] = ()) -> str:
+    """A sha256 naming the content of `directory`: of its manifest's file list when it has one (loaders verify the
+    files against it), else of every file's sha256 (under `subpaths` only, when given)."""
+    directory = pathlib.Path(directory)
+    manifest = directory / MANIFEST
+    if manifest.is_file():
+        try:
+            files = json.loads(manifest.read_text())["files"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise IntegrityError(f"{manifest} is unreadable ({type(e).__name__})") from None
+        listing = {name: entry["sha256"] for name, entry in files.items()}
+    else:
+        roots = [directory / p for p in subpaths] or [directory]
+        paths = sorted(p for root in roots for p in ([root] if root.is_file() else root.rglob("*")) if p.is_file())
+        listing = {p.relative_to(directory).as_posix(): file_sha256(p) for p in paths}
+    return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()

@@ -479,3 +479,39 @@ def alone_reference(params, cfg, execution, mesh, prompt, frames, continuations,
     picked = [[float(logprobs[r, p, t]) for p, t in zip(ps, tokens)]
               for r, (ps, tokens) in enumerate(zip(steps, continuations))]
     return greedy, picked
+
+
+def test_eval_suite_on_the_command_line_counts_an_unreadable_clip_wrong_unless_strict(built, tmp_path):
+    """`eval-suite` end to end in its own one-device process: a question whose clip the shards do not hold is a
+    failed record, counted wrong in the official score and listed in results.json; --strict stops instead."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import COLLECTIVE_FLAGS
+
+    data = tmp_path / "data"
+    shutil.copytree(built / "data" / "mvbench", data / "mvbench")
+    file = data / "mvbench" / "questions.jsonl"
+    records = [json.loads(line) for line in file.read_text().splitlines()]
+    for key in ("start", "end"):
+        records[0].pop(key, None)
+    records[0].update(clip_uid="gone", video="gone.mp4")
+    file.write_text("".join(json.dumps(r) + "\n" for r in records))
+    overrides = [f"text.vocab_size={VOCAB}", "text.tie_word_embeddings=true", "text.hidden_size=64",
+                 "text.intermediate_size=128"]
+    command = [sys.executable, "-m", "llavaction_jax", "eval-suite", "--data", str(data), "--preset", "tiny",
+               "--batch-size", "4", "--max-new-tokens", "3", "--mesh", "data=1,fsdp=1,tensor=1",
+               *[f"--config.model.{o}" for o in overrides]]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1 " + COLLECTIVE_FLAGS)
+    run = lambda *extra: subprocess.run(command + list(extra), env=env, capture_output=True, text=True, timeout=600)
+    done = run("--out", str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr
+    results = json.loads((tmp_path / "out" / "mvbench" / "results.json").read_text())
+    assert [f["clip_uid"] for f in results["failed"]] == ["gone"] and "KeyError" in results["failed"][0]["error"]
+    assert results["benchmark"]["modes"]["generate"]["n"] == len(records)  # counted, wrong
+    assert (tmp_path / "out" / "suite.md").is_file()
+    strict = run("--out", str(tmp_path / "strict"), "--strict")
+    assert strict.returncode == 2 and strict.stderr.strip().splitlines()[-1].startswith(
+        f"eval-suite: error: 1 questions have no clip in {data / 'mvbench' / 'shards'}"), strict.stderr

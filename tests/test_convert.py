@@ -528,22 +528,82 @@ def test_model_config_overrides_as_in_train_and_eval(tmp_path, capsys):
     assert exit_info.value.code == 2 and "unrecognized arguments: --config.model.attention" in capsys.readouterr().err
 
 
-def test_converted_models_and_exports_carry_checksums_that_loaders_verify(tmp_path, capsys):
+def as_hub_snapshot(src: pathlib.Path, cache: pathlib.Path) -> pathlib.Path:
+    """`src` laid out as the Hugging Face hub cache does: blobs named by their digest (sha256 for safetensors, the
+    git blob sha1 for small files), a snapshot of links to them."""
+    import hashlib
+
+    snapshot = cache / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    (cache / "blobs").mkdir()
+    for file in sorted(src.iterdir()):
+        data = file.read_bytes()
+        digest = (hashlib.sha256(data).hexdigest() if file.suffix == ".safetensors"
+                  else hashlib.sha1(f"blob {len(data)}\0".encode() + data).hexdigest())
+        (cache / "blobs" / digest).write_bytes(data)
+        (snapshot / file.name).symlink_to(pathlib.Path("..", "..", "blobs", digest))
+    return snapshot
+
+
+def flip_byte(file: pathlib.Path) -> None:
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    file.write_bytes(bytes(data))
+
+
+def test_checksums_are_verified_wherever_they_exist_and_never_written_over_unverified_data(tmp_path, capsys):
     from llavaction_jax import integrity
 
+    convert = lambda *a: main(["convert", *map(str, a), "--no-progress"])
     make_upstream_checkpoint(tmp_path / "src")
-    assert main(["convert", "from-torch", str(tmp_path / "src"), "--out", str(tmp_path / "ours"), "--no-progress"]) == 0
-    assert integrity.verify_manifest(tmp_path / "ours")  # every file listed, the staging marker excluded
-    assert main(["convert", "to-torch", str(tmp_path / "ours"), "--out", str(tmp_path / "torch"), "--no-progress"]) == 0
+    # a plain folder records no digests: converted with one warning, and the conversion carries no manifest
+    assert convert("from-torch", tmp_path / "src", "--out", tmp_path / "plain") == 0
+    assert "has no checksums.json, so its files cannot be verified" in capsys.readouterr().err
+    assert not integrity.has_manifest(tmp_path / "plain")
+    assert convert("to-torch", tmp_path / "plain", "--out", tmp_path / "plain-torch") == 0
+    assert (f"warning: {tmp_path / 'plain'} has no checksums.json, so its files cannot be verified (so its export gets "
+            "no checksums.json either)") in capsys.readouterr().err
+    assert not integrity.has_manifest(tmp_path / "plain-torch")  # no manifest vouching for unverified weights
+    llavaction_jax.load_pretrained(tmp_path / "plain")
+    assert "warning" not in capsys.readouterr().err  # once per directory and process
+
+    # a hub download is verified against the hub's own digests, and its conversion gets a manifest
+    snapshot = as_hub_snapshot(tmp_path / "src", tmp_path / "hub")
+    assert convert("from-torch", snapshot, "--out", tmp_path / "ours") == 0
+    assert "warning" not in capsys.readouterr().err and integrity.verify_manifest(tmp_path / "ours")
+    blob = (snapshot / "model-00001-of-00002.safetensors").resolve()
+    flip_byte(blob)
+    assert convert("from-torch", snapshot, "--out", tmp_path / "bad") == 2
+    assert f"{snapshot / 'model-00001-of-00002.safetensors'} is corrupt" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+    # our export carries checksums.json: the import verifies it before reading anything
+    assert convert("to-torch", tmp_path / "ours", "--out", tmp_path / "torch") == 0
     assert integrity.verify_manifest(tmp_path / "torch")
+    assert convert("from-torch", tmp_path / "torch", "--out", tmp_path / "back") == 0
+    assert integrity.verify_manifest(tmp_path / "back")
+    exported = sorted((tmp_path / "torch").glob("*.safetensors"))[0]
+    flip_byte(exported)
+    capsys.readouterr()
+    assert convert("from-torch", tmp_path / "torch", "--out", tmp_path / "back2") == 2
+    assert f"{exported} is corrupt" in capsys.readouterr().err and not (tmp_path / "back2").exists()
+
     # flip one byte of a stored array: export and load both name the corrupt file instead of using it
     stored = max((p for p in (tmp_path / "ours" / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-    data = bytearray(stored.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    stored.write_bytes(bytes(data))
-    capsys.readouterr()
-    assert main(["convert", "to-torch", str(tmp_path / "ours"), "--out", str(tmp_path / "torch2"),
-                 "--no-progress"]) == 2
+    flip_byte(stored)
+    assert convert("to-torch", tmp_path / "ours", "--out", tmp_path / "torch2") == 2
     assert stored.name in capsys.readouterr().err and not (tmp_path / "torch2").exists()
     with pytest.raises(integrity.IntegrityError, match=stored.name):
         llavaction_jax.load_pretrained(tmp_path / "ours")
+
+
+def test_a_folder_of_pickled_weights_is_refused_without_reading_them(tmp_path, capsys):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04not read")  # a pickle protocol header
+    with pytest.raises(ValueError, match=r"holds PyTorch pickle files \(pytorch_model.bin\) but no safetensors: "
+                                         r"pickles are not read"):
+        llavaction_jax.load_pretrained(folder)
+    assert main(["convert", "from-torch", str(folder), "--out", str(tmp_path / "out")]) == 2
+    assert "pickles are not read" in capsys.readouterr().err

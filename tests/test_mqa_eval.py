@@ -2,9 +2,11 @@
 synthetic frame shards, in one process and in two real JAX processes (same predictions, same results)."""
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,9 +19,9 @@ import pytest
 from PIL import Image
 
 from llavaction_jax.data import frames as fs
-from llavaction_jax.ek100 import prompts
 from llavaction_jax.data.tokenizer import default_tokenizer
-from llavaction_jax.eval import batching, metrics, mqa_eval, questions as qs, runner
+from llavaction_jax.ek100 import prompts
+from llavaction_jax.eval import batching, clip_failures, metrics, mqa_eval, questions as qs, runner
 from llavaction_jax.eval.parsing import score_answer
 from llavaction_jax.sharding import make_mesh
 from conftest import COLLECTIVE_FLAGS
@@ -375,3 +377,98 @@ def test_a_question_without_gt_letter_is_rejected_when_the_file_is_loaded(data_d
     broken["gt_letter"] = None  # an explicit null (build-mqa: the top-k missed the GT) is still read
     path.write_text("\n".join([lines[0], json.dumps(broken), *lines[2:]]) + "\n")
     assert qs.load_questions(path, "ek100")[2][1].gt_letter is None
+
+
+# ------------------------------------------------------------------------------------------ what a run may reuse
+class Interrupted(Exception):
+    pass
+
+
+def interrupt_after_first_step(message, **_):
+    if message.startswith("[eval] step 1/"):
+        raise Interrupted  # as Ctrl-C would, once the first step's answers are in the partial file
+
+
+def test_a_model_republished_at_the_same_path_does_not_reuse_the_earlier_answers(data_dir, model_on_mesh, tmp_path):
+    """An eval interrupted after its first step, then the model at the same path replaced (a longer training
+    published over it): the rerun's fingerprint (by the model's content) differs, so nothing is reused."""
+    from llavaction_jax import checkpoint_io
+
+    params, cfg, execution, name, mesh = model_on_mesh
+    model_dir, out = tmp_path / "model", tmp_path / "out"
+    checkpoint_io.publish_model(model_dir, cfg, params, execution=execution)
+    settings = runner.EvalSettings(batch_size=2, modes=("generate", "score"), max_new_tokens=4, progress_every_s=0)
+    run = lambda p, log: runner.evaluate(p, cfg, default_tokenizer(), data_dir / "q.jsonl", data_dir / "shards",
+                                         out, settings, mesh, model_name=str(model_dir), model_dir=str(model_dir),
+                                         execution=execution, log=log)
+    with pytest.raises(Interrupted):
+        run(params, interrupt_after_first_step)
+    partial = out / runner.PARTIAL_NAME.format(0)
+    assert len(partial.read_text().splitlines()) == 3  # the header and the first step's two answers
+    other = jax.tree.map(lambda x: x * 0.5, params)
+    checkpoint_io.publish_model(model_dir, cfg, other, execution=execution)  # same path, other weights
+    logs = []
+    results = run(other, lambda message, **_: logs.append(message))
+    assert results["run"]["resumed_questions"] == 0
+    assert any("is from a run with other settings: moved to predictions.partial.p0.jsonl.stale" in m for m in logs)
+
+
+def test_unreadable_clips_are_failed_records_counted_wrong_and_a_rerun_retries_them(data_dir, model_on_mesh,
+                                                                                    tmp_path):
+    """One clip's record corrupted on disk, one question naming a clip the shards do not hold: both questions
+    are recorded as failed (counted wrong, listed in results.json), the others answered; the partial file stays,
+    and a rerun on repaired shards answers only the failed ones. --strict stops at them instead."""
+    from _train_fixtures import corrupt_record
+
+    params, cfg, execution, name, mesh = model_on_mesh
+    shards, out = tmp_path / "shards", tmp_path / "out"
+    shutil.copytree(data_dir / "shards", shards)
+    shard = shards / f"shard-00000{fs.SHARD_SUFFIX}"
+    original = shard.read_bytes()
+    corrupt_record(shard, "P01_103")
+    lines = (data_dir / "q.jsonl").read_text().splitlines()
+    gone = json.loads(lines[7])
+    gone["uid"] = "P01_999"  # an EK100 question's clip is its uid: not in the shards
+    lines[7] = json.dumps(gone)
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("\n".join(lines) + "\n")
+    settings = runner.EvalSettings(batch_size=2, modes=("generate", "score"), max_new_tokens=4)
+    run = lambda s, log=lambda *a, **k: None: runner.evaluate(
+        params, cfg, default_tokenizer(), questions, shards, out, s, mesh, model_name=name, execution=execution,
+        log=log)
+    results = run(settings)
+    failed = {f["uid"]: f["error"] for f in results["failed"]}
+    assert set(failed) == {"P01_103", "P01_999"} and "KeyError" in failed["P01_999"]
+    records = read_predictions(out)
+    for r in records:
+        assert bool(r.get("failed")) == (r["uid"] in failed)
+    wrong = [r for r in records if r.get("failed")]
+    assert all(not r[m]["correct_text"] and not r[m]["correct_letter"] for r in wrong for m in ("generate", "score"))
+    answered = [r for r in records if not r.get("failed")]
+    assert results["modes"]["score"]["n"] == N_QUESTIONS
+    assert results["modes"]["score"]["correct_letter"] == sum(r["score"]["correct_letter"] for r in answered)
+    assert (out / runner.PARTIAL_NAME.format(0)).is_file()  # kept for the retry
+
+    shard.write_bytes(original)  # repaired
+    retried = run(settings)
+    assert retried["run"]["resumed_questions"] == N_QUESTIONS - 2
+    assert [f["uid"] for f in retried["failed"]] == ["P01_999"]
+    assert not read_predictions(out)[3].get("failed")
+
+    corrupt_record(shard, "P01_103")
+    strict = dataclasses.replace(settings, strict=True)
+    with pytest.raises(KeyError, match="1 questions have no clip"):
+        run(strict)
+    lines[7] = json.dumps({**gone, "uid": "P01_107"})
+    questions.write_text("\n".join(lines) + "\n")
+    with pytest.raises(clip_failures.ClipUnreadable, match="question 'P01_103': .*without --strict"):
+        run(strict)
+
+
+def test_a_question_file_that_is_not_utf8_is_named_with_its_line(data_dir, tmp_path):
+    lines = (data_dir / "q.jsonl").read_bytes().splitlines()
+    bad = tmp_path / "q.jsonl"
+    bad.write_bytes(b"\n".join([lines[0], lines[1].replace(b'"uid"', b'"u\xffid"', 1), *lines[2:]]) + b"\n")
+    with pytest.raises(ValueError) as err:
+        qs.load_questions(bad)
+    assert str(err.value).startswith(f"{bad}:2: not UTF-8 text (byte 0xff at column ")

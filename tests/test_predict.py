@@ -1,8 +1,9 @@
 """`predict` and `LlavaModel.generate` on a real MP4 (PyAV), the same answers as `eval` on extracted frame shards;
-model directories with their tokenizer; the offline Qwen2 tokenizer's size."""
+model directories with their tokenizer; the offline Qwen2 tokenizer's size; a batch with an unreadable clip."""
 
 import json
 import pathlib
+import shutil
 
 import jax
 import numpy as np
@@ -147,3 +148,41 @@ def test_training_uses_the_tokenizer_of_init_from_by_default(setup, tmp_path):
     assert tokenizer_dir(cfg) == str(root / "tokenizer")  # an explicit one wins
     cfg.data.tokenizer, cfg.model.init_from = "", ""
     assert tokenizer_dir(cfg) is None  # Qwen2's (data/tokenizer.qwen2_tokenizer)
+
+
+def test_an_unreadable_clip_is_recorded_the_batch_goes_on_and_a_rerun_retries_it(setup, tmp_path, capsys):
+    """A file that is not a video in the middle of a batch: its record holds the error, the other clips are
+    answered, exit status 3. Once the file is fixed, the same command answers only that line; a finished output
+    is never overwritten. An end past the video's end is sampled to its last frame and said so."""
+    root, model = setup
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    shutil.copy(root / "videos" / "a.mp4", videos / "a.mp4")
+    (videos / "broken.mp4").write_bytes(b"not a video at all")
+    items = [{"video": "videos/a.mp4", "start": 0.5, "end": 2.0, "options": OPTIONS},
+             {"video": "videos/broken.mp4", "question": "What is in my hand?"},
+             {"video": "videos/a.mp4", "start": 1.0, "end": 99.0, "question": "What do I do?"}]
+    batch = tmp_path / "items.jsonl"
+    batch.write_text("".join(json.dumps(i) + "\n" for i in items))
+    out = tmp_path / "answers.jsonl"
+    command = ["predict", "--model", str(root / "model"), "--num-frames", str(FRAMES), "--max-new-tokens",
+               str(NEW_TOKENS), "--batch", str(batch), "--batch-size", "2", "--out", str(out)]
+    assert main(command) == 3
+    assert "1 clip(s) FAILED" in capsys.readouterr().err
+    first = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["line"] for r in first] == [1, 2, 3]
+    assert "broken.mp4" in first[1]["error"] and "answer" not in first[1]
+    assert "answer" in first[0] and "answer" in first[2]
+    assert first[2]["note"].startswith(f"end 99 s is past the end of {videos / 'a.mp4'} (3.000 s)")
+
+    shutil.copy(root / "videos" / "b.mp4", videos / "broken.mp4")  # fixed
+    assert main(command) == 0
+    assert "resuming" in capsys.readouterr().err
+    second = [json.loads(line) for line in out.read_text().splitlines()]
+    assert second[0] == first[0] and second[2] == first[2] and "answer" in second[1]
+    assert not (tmp_path / ".answers.jsonl.predict-state.json").exists()
+    assert main(command) == 2 and "exists and is not empty" in capsys.readouterr().err
+
+    assert main(["predict", "--model", str(root / "model"), "--num-frames", str(FRAMES), "--max-new-tokens",
+                 str(NEW_TOKENS), "--video", str(videos / "a.mp4"), "--start", "1", "--end", "99"]) == 0
+    assert f"note: end 99 s is past the end of {videos / 'a.mp4'}" in capsys.readouterr().err

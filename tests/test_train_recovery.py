@@ -1,12 +1,16 @@
-"""Training runs that must not lose work: changed configs refused, corrupt checkpoints moved aside, the final model
-always the final step's and swapped in whole, bad recipe values refused. Real Orbax checkpoints of the tiny model;
-interruption tests kill a real `train` process."""
+"""Training runs that must not lose work: changed configs refused, corrupt checkpoints moved aside (all of them
+broken: refused), the final model always the final step's and swapped in whole, bad recipe values refused, one
+run per output directory, checkpoints sealed as soon as they are saved and verified by their digests when not, a
+full disk reported as such. Real Orbax checkpoints of the tiny model; interruption tests stop a real `train`
+process at a named point (tests/_pause.py) and signal it there."""
 
 import json
+import os
 import pathlib
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import jax
@@ -14,12 +18,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from _pause import kill, pause_env, resume, wait_until_stopped
 from _train_fixtures import (assert_same_tree, corrupt_record, make_training_data, subprocess_env, tiny_train_config,
                              train_command)
-from llavaction_jax import checkpoint_io, integrity
+from llavaction_jax import checkpoint_io, integrity, locks
 from llavaction_jax.config import ConfigError
+from llavaction_jax.recipes import model_config
 from llavaction_jax.train import guard
-from llavaction_jax.train.checkpoint import CheckpointError, Checkpoints
+from llavaction_jax.train.checkpoint import RESTART_FLAG, CheckpointError, Checkpoints, CheckpointSaveError
 from llavaction_jax.train.loop import FINAL_STEP_FILE, train
 
 # Training on 8 fake devices: the module runs in a child process, each test with a deadline (tests/_watchdog.py).
@@ -210,6 +216,7 @@ def test_a_partial_model_dir_from_an_older_save_is_replaced(data, run_copy):
     ({"train.checkpoint_every": 0}, "train.checkpoint_every=0: must be at least 1"),
     ({"train.keep_checkpoints": 0}, "train.keep_checkpoints=0: must be at least 1"),
     ({"optim.learning_rate": -1e-5}, "optim.learning_rate=-1e-05: must be a finite value >= 0"),
+    ({"optim.learning_rate": 1e39}, "optim.learning_rate=1e+39: must be a finite value >= 0 (in float32"),
     ({"optim.warmup_ratio": 1.5}, "optim.warmup_ratio=1.5: must be in [0, 1]"),
     ({"data.on_bad_sample": "ignore"}, "data.on_bad_sample='ignore': must be 'error' or 'skip'"),
 ])
@@ -226,3 +233,228 @@ def test_cli_refusals_are_one_line_with_exit_code_2(data, tmp_path):
     assert "train.keep_checkpoints=0" in proc.stderr and not (tmp_path / "checkpoints").exists()
     proc = run_cli(tiny_train_config(data, tmp_path, steps=3), **{"data.samples": tmp_path / "missing.jsonl"})
     assert proc.returncode == 2 and proc.stderr.strip() == f"train: error: sample file {tmp_path / 'missing.jsonl'} does not exist"
+
+
+def abstract_of(checkpoints: pathlib.Path, step: int):
+    state = ocp.CheckpointManager(checkpoints).restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))["state"]
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state), state
+
+
+# ------------------------------------------------------------------------------ one run per output directory
+def test_a_second_run_is_refused_while_the_first_holds_the_directory_and_sigterm_during_the_model_save_exits_0(
+        data, run_copy):
+    """A real `train` holds run_copy's lock (stopped right after taking it): an in-process run on the same directory
+    is refused at once, naming it. Resumed, it goes straight to the final model's save (step 3 is done); SIGTERM
+    arriving while the model's arrays are written lets the save complete and the run exit 0."""
+    shutil.rmtree(run_copy / "model")
+    cfg = tiny_train_config(data, run_copy, steps=3, **BASE)
+    proc = subprocess.Popen(train_command(cfg), cwd=REPO, env=pause_env(subprocess_env(),
+                            "output-locked,model-params-written"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        wait_until_stopped(proc)
+        before = tree_listing(run_copy / "checkpoints")
+        with pytest.raises(locks.LockHeld) as held:
+            train(cfg)
+        assert "\n" not in str(held.value) and f"{run_copy} is in use by another run: train on host " in str(held.value)
+        assert f"pid {proc.pid}, started " in str(held.value) and tree_listing(run_copy / "checkpoints") == before
+        resume(proc)
+        wait_until_stopped(proc)  # the final model's arrays are on disk, its config and checksums not yet
+        resume(proc, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        kill(proc)
+    assert proc.returncode == 0, out
+    assert "SIGTERM during the final model save: the save was completed first" in out
+    assert integrity.verify_manifest(run_copy / "model")
+    assert json.loads((run_copy / "model" / FINAL_STEP_FILE).read_text()) == {"step": 3}
+    assert not locks.lock_path(run_copy).exists()
+
+
+def test_the_lock_of_a_killed_run_is_stale_and_the_next_run_takes_over(data, run_copy, capsys):
+    cfg = tiny_train_config(data, run_copy, steps=3, **BASE)
+    proc = subprocess.Popen(train_command(cfg), cwd=REPO, env=pause_env(subprocess_env(), "output-locked"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until_stopped(proc)
+    finally:
+        kill(proc)
+    assert locks.lock_path(run_copy).is_file()
+    assert train(cfg)["step"] == 3  # the run is complete: restore, nothing to train
+    assert (f"note: replaced the stale lock {locks.lock_path(run_copy)} (its process {proc.pid} on this machine is "
+            "gone)") in capsys.readouterr().out
+    assert not locks.lock_path(run_copy).exists()
+
+
+# ------------------------------------------------------------------------------ what a checkpoint must hold
+def test_the_nan_stop_never_names_a_checkpoint_whose_state_is_not_finite(run_copy, capsys):
+    """Step 4 saved with NaN parameters (and the finite loss of the step before the update, as after an infinite
+    update): the finite check computed at save time keeps it from being named, or resumed from."""
+    abstract, state = abstract_of(run_copy / "checkpoints", 3)
+    state["params"] = jax.tree.map(lambda x: x * np.nan, state["params"])
+    ckpts = Checkpoints(run_copy / "checkpoints", async_save=False)
+    meta = ckpts.read_meta(3)
+    ckpts.save(4, state, dict(meta, step=4, loss=meta["loss"]))
+    assert integrity.verify_manifest(run_copy / "checkpoints" / "4")  # sealed: its files are as written
+    assert ckpts.newest_good() == 3
+    step, _, _ = Checkpoints(run_copy / "checkpoints").restore_latest(abstract)
+    assert step == 3
+    assert "checkpoints/4: its state was not finite (NaN or Inf) when it was saved" in capsys.readouterr().out
+
+
+def test_every_config_field_is_part_of_the_run_identity_unless_listed_as_run_only(data, tmp_path):
+    """Changing any field of the train recipe (and of the model config) changes the state part of the identity,
+    the data part for DATA_FIELDS, and neither for RUN_ONLY_FIELDS / RUNTIME_MODEL_FIELDS: a new field is in the
+    identity unless listed on purpose."""
+    cfg = tiny_train_config(data, tmp_path, steps=3)
+    config, model = cfg.to_dict(), model_config(cfg).to_dict()
+    flat = dict(guard._flatten(config, ""))
+    assert set(guard.RUN_ONLY_FIELDS) <= set(flat) and set(guard.DATA_FIELDS) <= set(flat)  # no stale names
+    base = guard.identity(config, model, 16)
+
+    def other(value):
+        if isinstance(value, bool):
+            return not value
+        if isinstance(value, (int, float)):
+            return value * 2 + 1
+        if isinstance(value, str):
+            return value + "x"
+        if isinstance(value, (list, tuple)):
+            return [*value, 7]
+        return 0.5  # None
+
+    def changed_part(conf, mod):
+        state, data_ = guard.identity(conf, mod, 16)
+        return ({"state"} if state != base[0] else set()) | ({"data"} if data_ != base[1] else set())
+
+    for key, value in flat.items():
+        if key.startswith("model.") and key != "model.init_from" and key != "model.preset":
+            continue  # the model fields are compared from the model config, below
+        conf = json.loads(json.dumps(config))
+        node = conf
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = other(value)
+        expected = set() if key in guard.RUN_ONLY_FIELDS else {"data"} if key in guard.DATA_FIELDS else {"state"}
+        assert changed_part(conf, model) == expected, key
+    for key, value in guard._flatten(model, "").items():
+        mod = json.loads(json.dumps(model))
+        node = mod
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = other(value)
+        expected = set() if key.split(".")[0] in guard.RUNTIME_MODEL_FIELDS else {"state"}
+        assert changed_part(config, mod) == expected, key
+    for key in ("train.loss_reduction", "train.master_dtype", "train.micro_batches"):  # issue 23, item 7
+        assert key in base[0]
+
+
+def test_a_resume_with_another_master_dtype_is_refused_and_leaves_the_checkpoints(data, run_copy):
+    before = tree_listing(run_copy / "checkpoints")
+    with pytest.raises(guard.RunMismatch, match=r'train.master_dtype "float32" -> "bfloat16"'):
+        train(tiny_train_config(data, run_copy, steps=4, **BASE, **{"train.master_dtype": "bfloat16"}))
+    assert tree_listing(run_copy / "checkpoints") == before
+
+
+def test_every_checkpoint_broken_is_refused_naming_what_was_moved_unless_a_restart_is_asked(data, run_copy):
+    for step in (1, 2, 3):
+        flip_bits(largest_file(run_copy / "checkpoints" / str(step) / "state"))
+    with pytest.raises(CheckpointError) as err:
+        train(tiny_train_config(data, run_copy, steps=3, **BASE))
+    moved = sorted((run_copy / "checkpoints.broken").glob("[0-9]*-*[0-9]"))
+    assert [p.name.split("-")[0] for p in moved] == ["1", "2", "3"]
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"every checkpoint in {run_copy / 'checkpoints'} is broken")
+    assert all(str(p) in message for p in moved) and RESTART_FLAG in message
+    assert not [p for p in (run_copy / "checkpoints").iterdir() if p.name.isdigit()]
+    # asked to restart: the broken steps are moved aside and the run starts from step 0
+    for p in moved:
+        p.rename(run_copy / "checkpoints" / p.name.split("-")[0])
+    assert Checkpoints(run_copy / "checkpoints").restore_latest({}, restart_if_all_broken=True) is None
+    assert len(list((run_copy / "checkpoints.broken").glob("[0-9]*-*[0-9]"))) == 3
+    assert not [p for p in (run_copy / "checkpoints").iterdir() if p.name.isdigit()]
+
+
+# ------------------------------------------------------------------------------ sealing, and an unsealed checkpoint
+SAVES = """
+import sys
+import jax, jax.numpy as jnp, orbax.checkpoint as ocp
+from llavaction_jax.train.checkpoint import Checkpoints
+state = ocp.CheckpointManager(sys.argv[1]).restore(3, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+ckpts = Checkpoints(sys.argv[2], async_save=True)
+for step in (1, 2, 3):
+    ckpts.save(step, state, {"step": step, "loss": 1.0})
+    state = jax.tree.map(lambda x: x + 1 if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+    ckpts.check()
+ckpts.close()
+"""
+
+
+def test_checkpoints_are_sealed_when_saved_and_an_unsealed_one_is_read_back_against_its_digest(base_run, tmp_path,
+                                                                                              capsys):
+    """Real async saves of the train state in a child process, which stops itself once step 1 is sealed (its
+    checksums exist before step 2 is saved), then once step 2's save is complete but not sealed, and is SIGKILLed
+    there. The unsealed step is resumed from after every array matched its digest; with flipped bytes it is moved
+    aside and step 1 is used."""
+    out = tmp_path / "checkpoints"
+    proc = subprocess.Popen([sys.executable, "-c", SAVES, str(base_run / "checkpoints"), str(out)], cwd=REPO,
+                            env=pause_env(subprocess_env(), "checkpoint-sealed:1,checkpoint-saved:2"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until_stopped(proc)
+        assert integrity.verify_manifest(out / "1") and not (out / "2").exists()
+        resume(proc)
+        wait_until_stopped(proc)
+    finally:
+        kill(proc)
+    unsealed = out / "2"
+    assert unsealed.is_dir() and not integrity.has_manifest(unsealed)
+    abstract, _ = abstract_of(out, 1)
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    step, _, _ = Checkpoints(copy).restore_latest(abstract)
+    assert step == 2
+    assert (f"checkpoint {copy / '2'} has no checksums.json (the run stopped after its save, before it was sealed): "
+            "every array was read back and matches the digest saved with it") in capsys.readouterr().out
+    flip_bits(largest_file(unsealed / "state"), n=3)
+    step, _, _ = Checkpoints(out).restore_latest(abstract)
+    assert step == 1 and f"skipping checkpoint {unsealed}: " in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------ a full disk
+def test_a_full_disk_during_a_save_stops_the_run_with_that_saves_error_keeping_the_earlier_checkpoints(
+        data, base_run, tmp_path):
+    """The run directory on a real size-limited tmpfs with room for less than one more checkpoint: the async save
+    of step 4 fails; the run stops with its own error (ENOSPC, the path, the free space) and keeps steps 1-3."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    used = sum(p.stat().st_size for p in base_run.rglob("*") if p.is_file())
+    checkpoint = sum(p.stat().st_size for p in (base_run / "checkpoints" / "3").rglob("*") if p.is_file())
+    size = used + checkpoint // 2 + (1 << 20)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True,
+                             text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a size-limited tmpfs here ({mounted.stderr.strip() or mounted.returncode}); the "
+                    "full-disk test needs one (run as root, or with CAP_SYS_ADMIN)")
+    try:
+        run = mount / "run"
+        shutil.copytree(base_run, run)
+        free = shutil.disk_usage(mount).free
+        (mount / "filler").write_bytes(b"\0" * max(0, free - checkpoint // 2))
+        with pytest.raises(CheckpointSaveError) as err:
+            train(tiny_train_config(data, run, steps=5, **BASE, **{"train.async_checkpoint": True}))
+        message = str(err.value)
+        assert message.startswith(f"saving checkpoint 4 to {run / 'checkpoints' / '4'} failed: "), message
+        assert "No space left on device" in message and " free on that filesystem" in message
+        assert "the earlier checkpoints are kept (1, 2, 3); free space and rerun" in message
+        for step in (1, 2, 3):
+            assert integrity.verify_manifest(run / "checkpoints" / str(step))
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["1", "2", "3"]
+        assert not locks.lock_path(run).exists()
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)
+        if os.path.ismount(mount):
+            subprocess.run(["umount", "-l", str(mount)], capture_output=True)

@@ -7,7 +7,7 @@ import re
 
 import jax
 
-from llavaction_jax import cli_flags
+from llavaction_jax import cli_flags, locks
 from llavaction_jax.convert import from_torch, hf_onevision, to_torch
 from llavaction_jax.recipes import model_overrides
 from llavaction_jax.sharding import make_mesh
@@ -24,7 +24,9 @@ Convert checkpoints between PyTorch (safetensors + config.json) and our Orbax fo
 Both directions stream: at most --buffer-size of weights (default 256MiB) is held in flight, so peak memory
 stays flat whatever the model size. The import copies config.json, tokenizer files and generation_config.json
 next to the converted model. Output goes to a staging folder beside DST and is renamed into place when complete;
-a DST that is not empty is refused. Load the result with llavaction_jax.load_pretrained(DST);
+a DST that is not empty is refused, and so is a second conversion into DST while one runs (lock file .DST.lock).
+Checksums: a source with checksums.json (one of our exports or models) is verified before anything is read; the
+output gets a checksums.json only when its source was verified (else a warning says so). Load the result with llavaction_jax.load_pretrained(DST);
 load_pretrained(SRC) also converts a PyTorch directory in memory.
 
 Vocabulary: all embedding rows are kept (152064 for 7B). Upstream truncates them to len(tokenizer) = 151646
@@ -128,10 +130,11 @@ def _from_torch(args) -> int:
 
     cli_flags.init_distributed(args)
     mesh = make_mesh(**args.mesh) if args.mesh else None
-    report = from_torch.import_checkpoint(args.src, args.out, dtype=args.dtype, vision_config=args.vision_config,
-                                          mesh=mesh, progress=not args.no_progress, compress=args.compress,
-                                          buffer_bytes=parse_size(args.buffer_size),
-                                          model_overrides=args.config_overrides)
+    with locks.output_lock(args.out, "convert from-torch", log=print if jax.process_index() == 0 else None):
+        report = from_torch.import_checkpoint(args.src, args.out, dtype=args.dtype, vision_config=args.vision_config,
+                                              mesh=mesh, progress=not args.no_progress, compress=args.compress,
+                                              buffer_bytes=parse_size(args.buffer_size),
+                                              model_overrides=args.config_overrides)
     if jax.process_index() == 0:
         skipped = f", skipped {len(report.plan.skipped)} unused tensors" if report.plan.skipped else ""
         print(f"wrote {args.out} ({report.cfg.param_dtype}{skipped}); "
@@ -140,8 +143,9 @@ def _from_torch(args) -> int:
 
 
 def _to_torch(args) -> int:
-    files = to_torch.export_checkpoint(args.src, args.out, layout=args.layout,
-                                       max_shard_bytes=parse_size(args.max_shard_size), progress=not args.no_progress,
-                                       buffer_bytes=parse_size(args.buffer_size))
+    with locks.output_lock(args.out, "convert to-torch", log=print):
+        files = to_torch.export_checkpoint(args.src, args.out, layout=args.layout,
+                                           max_shard_bytes=parse_size(args.max_shard_size),
+                                           progress=not args.no_progress, buffer_bytes=parse_size(args.buffer_size))
     print(f"wrote {len(files)} safetensors file(s) and config.json to {args.out} ({args.layout} layout)")
     return 0

@@ -16,6 +16,10 @@ included) and checks names and shapes against the config before anything is read
   Orbax merges the processes' writes into one checkpoint. Everything is written into a staging folder beside
   the destination and renamed into place at the end (`staging.py`).
 
+Both first verify the source (`source_digests.py`: our checksums.json, else the Hugging Face hub's own digests); a
+mismatch stops before anything is read. The converted directory gets a checksums.json only when the source was
+verified.
+
 Vocabulary: every embedding row is kept (152064 for 7B). Upstream shrinks `embed_tokens` / `lm_head` to
 `len(tokenizer)` = 151646 at load (upstream `llavaction/model/builder.py: load_pretrained_model` resizes the token
 embeddings); pass `vocab_limit=151646` to `LlavaModel.__call__` / `llava.forward` to slice logits the same way
@@ -37,11 +41,11 @@ from tqdm import tqdm
 
 from llavaction_jax import checkpoint_io, sharding
 from llavaction_jax.config import ConfigError, ExecutionConfig, ModelConfig
-from llavaction_jax.convert import orbax_stream, staging
+from llavaction_jax.convert import orbax_stream, source_digests, staging
 from llavaction_jax.convert.import_plan import (Param, Plan, Source, copy_into, describe, detect_layout, is_torch_dir,
                                                 open_source, plan_import, read_param)
 from llavaction_jax.convert.keys import PERMS, ConversionError, torch_row_axis, torch_shape
-from llavaction_jax.convert.safetensors_io import SafetensorsCheckpoint, SafetensorsError
+from llavaction_jax.convert.safetensors_io import SafetensorsCheckpoint, SafetensorsError, refuse_pickles
 from llavaction_jax.model import llava
 from llavaction_jax.tree import flatten_paths, unflatten_paths
 from llavaction_jax.recipes import configs_with_overrides, model_overrides as parse_model_overrides
@@ -94,6 +98,8 @@ def progress_bar(total: int | None, enabled: bool, desc: str):
 
 def load_torch(src, mesh=None, dtype: str | None = None, vision_config=None, progress: bool = False):
     """(ModelConfig, params) of a PyTorch checkpoint directory, converted in memory (sharded over `mesh`)."""
+    refuse_pickles(src)
+    source_digests.verify_source(src)
     source = open_source(src, vision_config)
     with source.tensors:
         plan = plan_import(source)
@@ -142,11 +148,13 @@ def import_checkpoint(src, dst, dtype: str | None = None, vision_config=None, me
     """
     if jax.process_count() > 1 and mesh is None:
         raise ValueError("under jax.distributed every process must pass the same mesh over all devices (--mesh)")
+    refuse_pickles(src)
+    dst = pathlib.Path(dst).absolute()
+    staging.check(dst)  # on every process, before any of them waits for the others
+    verified = source_digests.verify_source(src)  # before anything is read; every process reads its own copy
     source = open_source(src, vision_config)
     plan = plan_import(source)
     plan.raise_if_problems()
-    dst = pathlib.Path(dst).absolute()
-    staging.check(dst)  # on every process, before any of them waits for the others
     cfg, execution = overridden(source.cfg, model_overrides)
     if dtype is None and "param_dtype" in parse_model_overrides(list(model_overrides)):
         dtype = cfg.param_dtype
@@ -170,7 +178,7 @@ def import_checkpoint(src, dst, dtype: str | None = None, vision_config=None, me
         for name in COPIED_FILES:
             if (source.directory / name).is_file():
                 shutil.copyfile(source.directory / name, stage / name)
-        staging.commit(stage, dst)
+        staging.commit(stage, dst, manifest=verified)
     multihost_utils.sync_global_devices("llavaction_import_done")
     return ImportReport(cfg, execution, plan, source.tensors.bytes_read)
 

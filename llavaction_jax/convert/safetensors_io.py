@@ -122,8 +122,30 @@ def checkpoint_files(directory: pathlib.Path) -> tuple[list[pathlib.Path], dict[
         return [directory / SINGLE_FILE], None
     files = sorted(directory.glob("*.safetensors"))
     if not files:
-        raise SafetensorsError(f"{directory}: no {SINGLE_FILE}, {INDEX_FILE} or *.safetensors files")
+        raise SafetensorsError(pickles_not_read(directory) or
+                               f"{directory}: no {SINGLE_FILE}, {INDEX_FILE} or *.safetensors files")
     return files, None
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def pickles_not_read(directory: pathlib.Path) -> str | None:
+    """The refusal for a directory whose weights are only in PyTorch pickle files (no safetensors), else None."""
+    directory = pathlib.Path(directory)
+    pickles = sorted(p.name for p in directory.glob("*") if p.suffix in PICKLE_SUFFIXES and p.is_file())
+    if not pickles or any(directory.glob("*.safetensors")):
+        return None
+    return (f"{directory} holds PyTorch pickle files ({', '.join(pickles[:3])}{' ...' if len(pickles) > 3 else ''}) "
+            "but no safetensors: pickles are not read (loading one can run arbitrary code). Convert them to "
+            "safetensors where you trust them, e.g. transformers' save_pretrained(..., safe_serialization=True)")
+
+
+def refuse_pickles(directory) -> None:
+    """Raise SafetensorsError for a directory of pickled weights, before any of its files is read."""
+    message = pickles_not_read(pathlib.Path(directory)) if pathlib.Path(directory).is_dir() else None
+    if message:
+        raise SafetensorsError(message)
 
 
 class SafetensorsCheckpoint:

@@ -45,9 +45,10 @@ def begin(dst: pathlib.Path, what: str) -> pathlib.Path:
     return stage
 
 
-def commit(stage: pathlib.Path, dst: pathlib.Path) -> None:
-    """Checksum the finished staging folder (integrity.py: loaders verify it), move it to `dst` (an empty `dst`
-    is replaced), then drop the marker."""
-    integrity.write_manifest(stage, exclude=(MARKER,))
+def commit(stage: pathlib.Path, dst: pathlib.Path, manifest: bool = True) -> None:
+    """Checksum the finished staging folder (integrity.py: loaders verify it; `manifest=False` for a conversion of
+    an unverified source, which gets none), move it to `dst` (an empty `dst` is replaced), then drop the marker."""
+    if manifest:
+        integrity.write_manifest(stage, exclude=(MARKER,))
     os.replace(stage, dst)  # rename(2): atomic, and replaces an empty directory
     (dst / MARKER).unlink()

@@ -14,7 +14,9 @@ meanwhile (`orbax_stream.read_blocks`), cut across layers and then across torch 
 written in place. Memory therefore does not grow with the model for checkpoints this converter wrote (a
 checkpoint saved whole by a plain Orbax save has one chunk per array, read whole). Files above `max_shard_bytes`
 are split into `model-0000k-of-0000n.safetensors` with `model.safetensors.index.json`. Dtypes are the stored
-ones. The output is written into a staging folder beside `dst` and renamed into place (`staging.py`).
+ones. The output is written into a staging folder beside `dst` and renamed into place (`staging.py`). The source is
+verified against its checksums.json first; the export gets one only then (a model without one is exported with a
+warning and no manifest).
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ def export_checkpoint(src, dst, layout: str = "upstream", max_shard_bytes: int =
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
     src, dst = pathlib.Path(src), pathlib.Path(dst).absolute()
-    integrity.verify_manifest(src, required=False)  # a corrupt model is named before anything is written
+    # A corrupt model is named before anything is written; an unverified one is exported without a manifest
+    verified = integrity.verify_or_warn(src, f"so its export gets no {integrity.MANIFEST} either")
     cfg = checkpoint_io.load_config(src)
     stored = orbax_stream.StoredArrays(src / checkpoint_io.PARAMS_DIR)
     table = export_table(cfg, stored.params)
@@ -109,7 +112,7 @@ def export_checkpoint(src, dst, layout: str = "upstream", max_shard_bytes: int =
             shutil.copyfile(src / name, stage / name)
     for name, text in processor.items():
         (stage / name).write_text(text, encoding="utf-8")
-    staging.commit(stage, dst)
+    staging.commit(stage, dst, manifest=verified)
     return [dst / f.name for f in files]
 
 

@@ -26,6 +26,7 @@ class Clip:
     duration: float  # seconds the time instruction reports (end - start as requested)
     frame_ids: tuple[int, ...]  # absolute frame numbers in the file
     fps: float  # the file's own frame rate
+    note: str | None = None  # what the reader changed about the request (an end past the video's end)
 
 
 def read_clip(path: str, start: float | None = None, end: float | None = None, num_frames: int = 16,
@@ -41,7 +42,12 @@ def read_clip(path: str, start: float | None = None, end: float | None = None, n
         raise ValueError(str(error)) from None
     fps = float(video.avg_fps)
     start = 0.0 if start is None else float(start)
-    end = video.num_frames / fps if end is None else float(end)
+    length = video.num_frames / fps
+    note = None
+    if end is not None and float(end) > length:  # sampled up to the last frame, as upstream's loader does
+        note = (f"end {float(end):g} s is past the end of {path} ({length:.3f} s): frames were sampled up to its "
+                "last frame (the time instruction states the requested duration, as upstream)")
+    end = length if end is None else float(end)
     if start < 0 or end <= start:
         raise ValueError(f"{path}: the clip must satisfy 0 <= start < end, got start={start} end={end}")
     try:
@@ -53,4 +59,4 @@ def read_clip(path: str, start: float | None = None, end: float | None = None, n
         frames = videos.read(path, ids)
     except Exception as error:  # the decoders raise their own types; name the file and the frames
         raise ValueError(f"{path}: cannot decode frames {ids[0]}..{ids[-1]} ({type(error).__name__}: {error})") from None
-    return Clip(preprocess_frames(frames, image_size), end - start, tuple(ids), fps)
+    return Clip(preprocess_frames(frames, image_size), end - start, tuple(ids), fps, note)

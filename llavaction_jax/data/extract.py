@@ -6,7 +6,7 @@ each video is opened by one worker; a shard is written under a temporary name an
 ``<shard>.done.json`` sidecar records its uids and failures. A rerun skips shards whose sidecar lists no
 failures, so an interrupted extraction resumes where it stopped, and shards with failed clips are written again
 (after the videos are fixed, the rerun fills them in). ``manifest.json`` and ``failures.jsonl`` are written at the
-end.
+end. The command holds the lock of ``--out`` (locks.py): a second extraction into it is refused.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from llavaction_jax import cli_flags
+from llavaction_jax import cli_flags, locks
 from llavaction_jax.data import frames as fs
 from llavaction_jax.data import sampling
 from llavaction_jax.data.image import SIGLIP_SIZE, resize_frames
@@ -443,7 +443,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         clips = read_clip_jsonl(args.jsonl, args.video_root)
     clips = clips[: args.limit] if args.limit else clips
-    manifest = run_extraction(clips, args.out, settings)
+    with locks.output_lock(args.out, "extract-frames", log=lambda text: print(text, file=sys.stderr)):
+        manifest = run_extraction(clips, args.out, settings)
     failed = manifest["num_failed_clips"]
     frames = (manifest["frames_per_clip"] or 0) * manifest["num_clips"]
     print(f"extract-frames: {manifest['num_clips']} clips{f' ({frames} frames)' if frames else ''} in "

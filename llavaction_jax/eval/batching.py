@@ -21,6 +21,7 @@ from llavaction_jax.data import chat
 from llavaction_jax.data.option_tokens import option_token_ids, pad_options, round_up
 from llavaction_jax.data.frames import FrameShards, decode_frames
 from llavaction_jax.data.image import preprocess_frames
+from llavaction_jax.eval.clip_failures import ClipUnreadable, describe
 from llavaction_jax.eval.questions import EvalQuestion
 from llavaction_jax.sharding import batch_sharding, batch_ways
 # Upper bound for a duration in the videoqa time instruction: Qwen2 tokenizes digits one by one, so a prompt's
@@ -118,14 +119,27 @@ def select_positions(n: int, num_frames: int) -> np.ndarray:
 
 
 def build_batch(indices: list[int], questions: list[EvalQuestion], fill_index: int, layout: BatchLayout,
-                builder: PromptBuilder, loader: ClipLoader) -> tuple[dict, list[dict]]:
+                builder: PromptBuilder, loader: ClipLoader, strict: bool = False) -> tuple[dict, list[dict]]:
     """Host arrays for one step of ``layout.batch_size`` rows and, per real row, what the prediction record needs.
 
     Rows past ``indices`` repeat question ``fill_index`` (a real question, so the step computes nothing odd). The
     prompt of a clip states its own frame count (lmms-eval's llava_vid: ``len(video)``), ``num_frames`` (B,) holds
-    it for the model."""
+    it for the model. A clip that cannot be read gives its row blank frames and its info an ``error``
+    (clip_failures.py), or, with ``strict``, raises ClipUnreadable."""
     rows = indices + [fill_index] * (layout.batch_size - len(indices))
-    loaded = list(loader.pool.map(lambda i: loader.load(questions[i]), rows))
+
+    def load(i: int):
+        try:
+            return loader.load(questions[i]), None
+        except Exception as error:  # the decoders and shard readers raise their own types
+            if strict:
+                raise ClipUnreadable(f"question {questions[i].uid!r}: {describe(error)} (without --strict it is "
+                                     "recorded as failed and the run goes on)") from None
+            blank = np.zeros((layout.num_frames, 3, layout.image_size, layout.image_size), np.float32)
+            return (questions[i].clip_uids[0], blank, 0.0, (0.0,) * layout.num_frames), describe(error)
+
+    outcomes = list(loader.pool.map(load, rows))
+    loaded = [clip for clip, _ in outcomes]
     ids = np.zeros((len(rows), layout.prompt_len), np.int32)
     mask = np.zeros(ids.shape, bool)
     counts = np.asarray([len(times) for *_, times in loaded], np.int32)
@@ -139,6 +153,8 @@ def build_batch(indices: list[int], questions: list[EvalQuestion], fill_index: i
         option_lists.append(builder.option_ids(questions[i]))
         if r < len(indices):
             info.append({"index": i, "clip_uid": clip_uid, "num_frames": len(times), "prompt_tokens": len(prompt)})
+            if outcomes[r][1] is not None:
+                info[-1]["error"] = outcomes[r][1]
     option_ids, option_mask = pad_options(option_lists, layout.num_options, layout.option_len)
     arrays = {"input_ids": ids, "attention_mask": mask, "pixel_values": np.stack([p for _, p, _, _ in loaded]),
               "num_frames": counts, "option_ids": option_ids, "option_mask": option_mask}

@@ -17,6 +17,9 @@ What the question file's sidecar meta asks for, unless the command line says oth
 (``max_new_tokens``, build-bench: the lmms-eval task's), its pooling (``pool_mode``, build-bench: llava_vid's
 ``average``; ``--config.model.pool_mode`` overrides) and its test type (``caption_then_answer`` runs two passes,
 eval/caption_then_answer.py).
+
+The run holds the lock of OUT (locks.py): a second eval into the same OUT is refused. A clip that is missing from
+the shards or does not decode is recorded as failed (counted wrong, listed in results.json), unless ``--strict``.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import json
 import jax
 from jax.experimental import multihost_utils
 
-from llavaction_jax import cli_flags
+from llavaction_jax import cli_flags, locks
 from llavaction_jax.api import load_pretrained
 from llavaction_jax.checkpoint_io import is_model_dir, load_config, load_execution
 from llavaction_jax.config import config_fields, preset_configs
@@ -93,6 +96,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--annotations", default=None, help="EK100 annotation folder for verb/noun names (default: the one the "
                                           "question file's meta names)")
     a("--threads", type=int, default=4, help="frame-decoding threads per process")
+    a("--strict", action="store_true",
+      help="stop at the first question whose clip is missing from the shards or does not decode (default: record it "
+           "as failed, count it wrong, list it in results.json, go on; a rerun retries it)")
     a("--options-per-pass", type=int, default=None,
       help="score mode: options scored per pass over the prompt's KV cache, which is copied that many times "
            "(default: all options in one pass; 1 uses the least memory)")
@@ -181,6 +187,11 @@ def run(args: argparse.Namespace) -> int:
               "a PyTorch checkpoint: its config comes with the weights")
         return 0
     cli_flags.init_distributed(args)
+    with locks.output_lock(args.out, "eval", log=print if jax.process_index() == 0 else None):
+        return _evaluate(args, configs)
+
+
+def _evaluate(args: argparse.Namespace, configs) -> int:
     mesh = make_mesh(**args.mesh)
     tokenizer, tokenizer_name = resolve_tokenizer(args.tokenizer, args.model)
     if configs is not None:
@@ -194,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
                             num_frames=args.num_frames, prompt_len=args.prompt_len,
                             limit=args.limit, fmt=args.format, label_space=args.label_space,
                             time_instruction=args.time_instruction, instruction=args.videoqa_instruction,
-                            threads=args.threads, options_per_pass=args.options_per_pass)
+                            threads=args.threads, options_per_pass=args.options_per_pass, strict=args.strict)
     run_eval = evaluate_caption_then_answer if asked.get("test_type") == "caption_then_answer" else evaluate
     results = run_eval(params, cfg, tokenizer, args.questions, args.shards, args.out, settings, mesh,
                        model_name=name, model_dir=args.model, tokenizer_name=tokenizer_name,
@@ -205,6 +216,9 @@ def run(args: argparse.Namespace) -> int:
         rate = results["run"]["questions_per_second"]
         print(f"[eval] {results['num_questions']} questions; {summary}; "
               f"{'n/a' if rate is None else f'{rate:.2f}'} questions/s -> {args.out}")
+        if results["failed"]:
+            print(f"[eval] {len(results['failed'])} questions FAILED (clip unreadable; counted wrong, listed in "
+                  f"results.json); rerun the same command to retry them")
         official = results.get("benchmark", {})
         if official.get("modes"):  # a build-bench file: its score as lmms-eval computes it
             print(f"[eval] {official['variant']}: " + ", ".join(f"{m} {_fmt(stats['headline'])}"

@@ -12,13 +12,18 @@ What upstream's inference does for one clip (llavaction/action/llava_inference.p
 
 ``--batch FILE.jsonl`` answers one clip per line (``{"video", "start"?, "end"?, "question"? | "options"?}``, paths
 relative to the file) in steps of ``--batch-size`` clips, and writes one JSON record per line to ``--out`` (or
-stdout). Information and progress go to stderr; answers to stdout.
+stdout), with the line number as ``line``. A clip that cannot be read gets a record with ``error`` and the run
+goes on (exit status 3 at the end); with ``--out``, a rerun of the same command keeps the answers, retries the
+failed lines and finishes an interrupted run (eval/predict_resume.py), and the run holds the lock of OUT
+(locks.py). An ``end`` past the video's end is sampled up to its last frame and said so (``note``). Information
+and progress go to stderr; answers to stdout.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import math
@@ -28,13 +33,14 @@ import time
 
 import jax
 
-from llavaction_jax import cli_flags
+from llavaction_jax import cli_flags, locks
 from llavaction_jax.api import LlavaModel, load_pretrained
 from llavaction_jax.checkpoint_io import is_model_dir, load_config, load_execution
 from llavaction_jax.data.clip import read_clip
 from llavaction_jax.data.tokenizer import load_qwen_tokenizer
 from llavaction_jax.data.video import VideoCache
 from llavaction_jax.ek100 import prompts
+from llavaction_jax.eval import predict_resume
 from llavaction_jax.eval.parsing import answer_letter, parse_answer
 from llavaction_jax.eval.questions import option_texts
 from llavaction_jax.model_files import trained_num_frames
@@ -44,6 +50,7 @@ DEFAULT_NUM_FRAMES = 16  # upstream's evaluation clip_length, for a model that d
 PROMPT_ROUNDING = 32
 ACCEPTS_CONFIG_OVERRIDES = True  # --config.model.<field>=value, as in `eval`
 COMPUTE_FIELD = "compute_dtype"  # --compute-dtype is an alias of --config.model.compute_dtype
+EXIT_SOME_FAILED = 3  # as extract-frames: the run finished, some clips could not be read
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,14 +63,16 @@ class Item:
     question: str | None = None
     options: tuple[str, ...] = ()  # lettered "A. open door"
     where: str = "command line"
+    line: int | None = None  # of the --batch file
 
 
-def make_item(video: str, start=None, end=None, question=None, options=None, where: str = "command line") -> Item:
+def make_item(video: str, start=None, end=None, question=None, options=None, where: str = "command line",
+              line: int | None = None) -> Item:
     if question is not None and options:
         raise ValueError(f"{where}: give a question or options, not both")
     lettered = tuple(prompts.letter_options(option_texts(list(options)))) if options else ()
     return Item(video, None if start is None else float(start), None if end is None else float(end), question,
-                lettered, where)
+                lettered, where, line)
 
 
 def read_batch_file(path: str) -> list[Item]:
@@ -80,7 +89,7 @@ def read_batch_file(path: str) -> list[Item]:
                 raise ValueError(f"unknown keys {sorted(unknown)}")
             cli_flags.refuse_urls([("video", record["video"])])  # before it is joined to the file's folder
             items.append(make_item(str(folder / record["video"]), record.get("start"), record.get("end"),
-                                   record.get("question"), record.get("options"), where))
+                                   record.get("question"), record.get("options"), where, number))
         except (ValueError, KeyError, TypeError) as error:
             raise ValueError(f"{where}: not a predict item ({type(error).__name__}: {error}); expected "
                              '{"video": PATH, "start"?: s, "end"?: s, "question"?: TEXT | "options"?: [TEXT, ...]}'
@@ -120,16 +129,27 @@ def answer_items(model: LlavaModel, items: list[Item], num_frames: int, time_ins
     videos = VideoCache(decoder)
     image_size = model.cfg.vision.image_size
     steps = math.ceil(len(items) / batch_size)
-    load = lambda s: [read_clip(i.video, i.start, i.end, num_frames, image_size, videos)
-                      for i in items[s * batch_size:(s + 1) * batch_size]]
+
+    def read(item: Item):
+        try:
+            return read_clip(item.video, item.start, item.end, num_frames, image_size, videos)
+        except (ValueError, OSError, RuntimeError) as error:  # read_clip's errors name the file
+            return error
+
+    load = lambda s: [read(i) for i in items[s * batch_size:(s + 1) * batch_size]]
     started, prompt_len = time.perf_counter(), None
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="clips") as pool:
-        future = pool.submit(load, 0)
+        future = pool.submit(load, 0) if steps else None
         for step in range(steps):
             chunk, clips = items[step * batch_size:(step + 1) * batch_size], future.result()
             if step + 1 < steps:
                 future = pool.submit(load, step + 1)
-            rows = list(range(len(chunk))) + [0] * (batch_size - len(chunk) if steps > 1 else 0)
+            good = [r for r, clip in enumerate(clips) if not isinstance(clip, Exception)]
+            for r in sorted(set(range(len(chunk))) - set(good)):  # recorded as failed; the others are answered
+                on_record(failed_record(chunk[r], clips[r]))
+            if not good:
+                continue
+            rows = good + [good[0]] * (batch_size - len(good) if steps > 1 else 0)
             timed = [time_instruction if time_instruction is not None else bool(chunk[r].options) for r in rows]
             messages = [user_message(chunk[r], clips[r].duration, num_frames, t) for r, t in zip(rows, timed)]
             pixels = [clips[r].pixels for r in rows]
@@ -139,8 +159,8 @@ def answer_items(model: LlavaModel, items: list[Item], num_frames: int, time_ins
             if any(chunk[r].options for r in rows):
                 scores = model.score_options(pixels, messages, [list(chunk[r].options) for r in rows],
                                              prompt_len=prompt_len)
-            for r, item in enumerate(chunk):
-                on_record(record(item, clips[r], messages[r], answers[r], scores[r] if scores else None))
+            for k, r in enumerate(good):
+                on_record(record(chunk[r], clips[r], messages[k], answers[k], scores[k] if scores else None))
             done = min(len(items), (step + 1) * batch_size)
             rate = done / (time.perf_counter() - started)
             log(f"[predict] step {step + 1}/{steps}: {done}/{len(items)} clips, {rate:.2f} clips/s"
@@ -152,9 +172,26 @@ def _padded_prompt_len(model: LlavaModel, messages: list[str]) -> int:
     return max(PROMPT_ROUNDING, math.ceil(longest / PROMPT_ROUNDING) * PROMPT_ROUNDING)
 
 
+def item_fields(item: Item) -> dict:
+    out = {"line": item.line} if item.line is not None else {}
+    out.update(video=item.video, start=item.start, end=item.end)
+    if item.question is not None:
+        out["question"] = item.question
+    return out
+
+
+def failed_record(item: Item, error: Exception) -> dict:
+    out = {**item_fields(item), "error": str(error)}
+    if item.options:
+        out["options"] = list(item.options)
+    return out
+
+
 def record(item: Item, clip, message: str, raw: str, scores: dict | None) -> dict:
-    out = {"video": item.video, "start": item.start, "end": item.end, "duration": clip.duration,
-           "frame_ids": list(clip.frame_ids), "prompt": message, "answer": raw}
+    out = {**item_fields(item), "duration": clip.duration, "frame_ids": list(clip.frame_ids), "prompt": message,
+           "answer": raw}
+    if clip.note:
+        out["note"] = clip.note
     if item.options:
         out["options"] = list(item.options)
         out["chosen_option"] = chosen_option(raw, item.options)
@@ -165,8 +202,9 @@ def record(item: Item, clip, message: str, raw: str, scores: dict | None) -> dic
     return out
 
 
-def print_answer(rec: dict, out=sys.stdout) -> None:
-    """The human-readable answer of one clip."""
+def print_answer(rec: dict, out=None) -> None:
+    """The human-readable answer of one clip (to `out`, default: the current sys.stdout)."""
+    out = out or sys.stdout
     print(f"answer: {rec['answer']}", file=out)
     if "options" not in rec:
         return
@@ -222,7 +260,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--decoder", choices=("auto", "decord", "pyav"), default="auto",
       help="video decoder; auto = decord with PyAV fallback")
     a("--batch-size", type=int, default=8, help="--batch: clips per step")
-    a("--out", default=None, help="--batch: write the JSONL records here instead of stdout (a new file)")
+    a("--out", default=None, help="--batch: write the JSONL records here instead of stdout (a new file; a rerun of "
+                                  "an unfinished or partly failed run resumes it, retrying the failed clips)")
 
 
 def overrides_of(args: argparse.Namespace) -> list[str]:
@@ -245,15 +284,14 @@ def load_model(args) -> LlavaModel:
 
 
 def check_inputs(args: argparse.Namespace) -> list[Item]:
-    """Every argument and input file checked before the model is loaded or anything is written; the items."""
+    """Every argument and input file checked before the model is loaded or anything is written; the items. (A
+    --batch line's video that is missing is that clip's failure, recorded in its place, as an unreadable one.)"""
     if args.batch and (args.start is not None or args.end is not None or args.question or args.options):
         raise ValueError("--start, --end, --question and --options apply to --video; give them per line in "
                          "the --batch file")
     cli_flags.require_positive(args, "batch_size", "num_frames", "max_new_tokens")
     if args.start is not None and args.end is not None and args.end <= args.start:
         raise ValueError(f"--end {args.end} must be after --start {args.start}")
-    if args.out and pathlib.Path(args.out).exists() and pathlib.Path(args.out).stat().st_size:
-        raise FileExistsError(f"{args.out} exists and is not empty; refusing to overwrite it")
     if not (is_model_dir(args.model) or (pathlib.Path(args.model) / "config.json").is_file()):
         raise FileNotFoundError(f"{args.model} is not a model directory (no llavaction_config.json + params/, "
                                 "nor a PyTorch config.json)")
@@ -263,11 +301,8 @@ def check_inputs(args: argparse.Namespace) -> list[Item]:
         cli_flags.require_file("--batch", args.batch)
         items = read_batch_file(args.batch)
     else:
+        cli_flags.require_file("--video", args.video)
         items = [make_item(args.video, args.start, args.end, args.question, args.options)]
-    for item in items:
-        if not pathlib.Path(item.video).is_file():
-            flag = "--video" if item.where == "command line" else f"{item.where}: video"
-            raise FileNotFoundError(f"{flag} {item.video}: no such file")
     model_overrides(overrides_of(args))  # a misspelled or mistyped override fails here, not after loading
     if is_model_dir(args.model):
         configs_with_overrides(load_config(args.model), load_execution(args.model), overrides_of(args))
@@ -275,28 +310,58 @@ def check_inputs(args: argparse.Namespace) -> list[Item]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Errors are reported by cli.main (one line, exit status 2)."""
+    """Errors (bad inputs, a held lock) are reported by cli.main in one line; 3 when some clips failed."""
     log = lambda text: print(text, file=sys.stderr, flush=True)
     items = check_inputs(args)
     num_frames = args.num_frames or trained_num_frames(args.model) or DEFAULT_NUM_FRAMES
-    devices = jax.devices()
-    log(f"[predict] backend {jax.default_backend()} ({len(devices)} x {devices[0].device_kind}); loading "
-        f"{args.model}")
-    model = load_model(args)
-    log(f"[predict] compute {model.resolved.compute_dtype}, params {model.cfg.param_dtype}; tokenizer "
-        f"of {len(model.tokenizer)} tokens; {num_frames} frames per clip; {len(items)} clip(s)")
-    sink = open(args.out, "w", encoding="utf-8") if args.out else None
-    try:
-        def on_record(rec: dict) -> None:
-            if args.batch:
-                print(json.dumps(rec, ensure_ascii=False), file=sink or sys.stdout, flush=True)
-            else:
-                log(f"[predict] {rec['video']} {rec['duration']:.3f} s, frames {rec['frame_ids']}")
-                print_answer(rec)
+    writes_out = bool(args.out and args.batch)
+    with locks.output_lock(args.out, "predict", log) if writes_out else contextlib.nullcontext():
+        return _predict(args, items, num_frames, log)
 
-        answer_items(model, items, num_frames, args.time_instruction, args.batch_size if args.batch else 1,
-                     args.max_new_tokens, args.decoder, log if args.batch else (lambda _: None), on_record)
+
+def _predict(args, items: list[Item], num_frames: int, log) -> int:
+    output, todo = None, items
+    if args.out and args.batch:
+        settings = {"num_frames": num_frames, "max_new_tokens": args.max_new_tokens, "decoder": args.decoder,
+                    "config": overrides_of(args), "time_instruction": args.time_instruction}
+        output = predict_resume.PredictOutput(args.out, predict_resume.fingerprint(args.model, args.tokenizer,
+                                                                                   settings))
+        done = output.open({i.line: i for i in items}, log)
+        todo = [i for i in items if i.line not in done]
+    failed = 0
+
+    def on_record(rec: dict) -> None:
+        nonlocal failed
+        failed += "error" in rec
+        if output is not None:
+            output.add(rec)
+        elif args.batch:
+            print(json.dumps(rec, ensure_ascii=False), file=sys.stdout, flush=True)
+        elif "error" in rec:
+            raise ValueError(rec["error"])  # one clip asked about: its error is the command's
+        else:
+            log(f"[predict] {rec['video']} {rec['duration']:.3f} s, frames {rec['frame_ids']}")
+            if rec.get("note"):
+                log(f"[predict] note: {rec['note']}")
+            print_answer(rec)
+
+    try:
+        if todo:
+            devices = jax.devices()
+            log(f"[predict] backend {jax.default_backend()} ({len(devices)} x {devices[0].device_kind}); loading "
+                f"{args.model}")
+            model = load_model(args)
+            log(f"[predict] compute {model.resolved.compute_dtype}, params {model.cfg.param_dtype}; "
+                f"tokenizer of {len(model.tokenizer)} tokens; {num_frames} frames per clip; {len(todo)} clip(s)")
+            answer_items(model, todo, num_frames, args.time_instruction, args.batch_size if args.batch else 1,
+                         args.max_new_tokens, args.decoder, log if args.batch else (lambda _: None), on_record)
     finally:
-        if sink is not None:
-            sink.close()
+        if output is not None:
+            output.close()
+    if output is not None:
+        failed = output.finish()
+    if failed:
+        log(f"[predict] {failed} clip(s) FAILED: their records hold the error"
+            + (f"; rerun the same command to retry them (the answers in {args.out} are kept)" if output else ""))
+        return EXIT_SOME_FAILED
     return 0

@@ -92,7 +92,10 @@ def load_questions(path: str | pathlib.Path, fmt: str = "auto",
                    label_space: str = "ek100") -> tuple[str, dict | None, list[EvalQuestion]]:
     """(format, meta or None, questions) of a question file; errors name the file and line. A build-mqa file
     whose action ids come from the UDA stand-ins is refused unless `label_space` is "uda" (see labels.LABEL_SPACES)."""
-    meta, records = read_question_file(path)
+    try:
+        meta, records = read_question_file(path)
+    except UnicodeDecodeError:
+        raise ValueError(not_utf8(path)) from None
     if not records:
         raise ValueError(f"{path}: no questions")
     fmt = detect_format(meta, records) if fmt == "auto" else fmt
@@ -114,6 +117,18 @@ def load_questions(path: str | pathlib.Path, fmt: str = "auto",
             raise ValueError(f"{path}:{line}: question uid {q.uid!r} already used on line {seen[q.uid]}")
         seen[q.uid] = line
     return fmt, meta, questions
+
+
+def not_utf8(path: str | pathlib.Path) -> str:
+    """The error for a question file that is not UTF-8 text, naming the first line that does not decode."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return (f"{path}:{number}: not UTF-8 text (byte 0x{line[e.start]:02x} at column {e.start + 1}); "
+                        "question files are UTF-8 JSON lines")
+    return f"{path}: not UTF-8 text; question files are UTF-8 JSON lines"
 
 
 def question_label_space(meta: dict | None) -> str | None:

@@ -11,10 +11,15 @@ per mode
             correct_letter_normalized, logprob_sum / logprob_mean / num_tokens per option.
 
 Resuming: each process appends its records to ``OUT/predictions.partial.p<i>.jsonl`` as soon as a step is answered
-(after a header line fingerprinting the question file, the model and the settings). A rerun with the same
-fingerprint answers only the questions no process has recorded; one with another fingerprint moves the file
-aside (``.stale``). A row's answer does not depend on the other rows of its batch, so a resumed run writes the
-same predictions.jsonl and results.json (up to the ``run`` timings) as an uninterrupted one.
+(after a header line fingerprinting, by content, the question file, the model, the shards and every setting that
+changes an answer: eval/resume_key.py). A rerun with the same fingerprint answers only the questions no process
+has recorded; one with another fingerprint moves the file aside (``.stale``). A row's answer does not depend on
+the other rows of its batch, so a resumed run writes the same predictions.jsonl and results.json (up to the
+``run`` timings) as an uninterrupted one.
+
+Unreadable clips (missing from the shards, or not decoding) make failed records, counted wrong and listed in
+results.json's ``failed`` (eval/clip_failures.py), unless ``strict``; a rerun retries them (their partial file is
+kept, without them).
 """
 
 from __future__ import annotations
@@ -22,7 +27,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
-import hashlib
 import json
 import math
 import os
@@ -37,7 +41,7 @@ from llavaction_jax.api import generate_step, generation_config, score_step
 from llavaction_jax.config import ExecutionConfig
 from llavaction_jax.data.frames import FrameShards
 from llavaction_jax.ek100.mqa import slice_bounds
-from llavaction_jax.eval import batching, lmms_layout, metrics, questions as qs, report
+from llavaction_jax.eval import batching, clip_failures, lmms_layout, metrics, questions as qs, report, resume_key
 from llavaction_jax.eval.benchmarks import score as benchmark_score
 from llavaction_jax.eval.parsing import score_answer
 from llavaction_jax.model import llava
@@ -62,6 +66,7 @@ class EvalSettings:
     threads: int = 4  # frame-decoding threads
     options_per_pass: int | None = None  # scoring: options per pass over the broadcast prompt cache (None: all)
     progress_every_s: float = 10.0
+    strict: bool = False  # an unreadable clip stops the run (default: recorded as failed, counted wrong)
 
 
 def check_tokenizer_fits(cfg, tokenizer) -> None:
@@ -180,19 +185,6 @@ def _write_atomically(path: pathlib.Path, text: str) -> None:
 PARTIAL_NAME = "predictions.partial.p{}.jsonl"
 
 
-def _fingerprint(questions_path, model_name: str, cfg, execution, tokenizer_len: int, settings: EvalSettings, layout,
-                 gen) -> str:
-    """What the answers depend on: a partial file written under another fingerprint is not reused."""
-    with open(questions_path, "rb") as f:
-        questions_sha = hashlib.file_digest(f, "sha256").hexdigest()
-    what = {"questions": questions_sha, "model": model_name, "vocab_size": cfg.text.vocab_size,
-            "dtypes": [cfg.param_dtype, execution.compute_dtype], "pool_mode": cfg.pool_mode,
-            "tokenizer_len": tokenizer_len,
-            "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("threads", "progress_every_s")},
-            "layout": dataclasses.asdict(layout), "generation": dataclasses.asdict(gen)}
-    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def load_partial(path: pathlib.Path, fingerprint: str, num_questions: int, log) -> list[dict]:
     """Records of an interrupted run with the same fingerprint; a torn last line (killed mid-write) is cut off."""
     if not path.is_file():
@@ -214,7 +206,8 @@ def load_partial(path: pathlib.Path, fingerprint: str, num_questions: int, log) 
             break
         if not isinstance(record, dict) or not 0 <= record.get("index", -1) < num_questions:
             break
-        records.append(record)
+        if not record.get("failed"):  # a question whose clip could not be read is answered again
+            records.append(record)
         good_bytes += len(line) + 1
     with open(path, "r+b") as f:  # drop a torn tail so appends start on a line boundary
         f.truncate(min(good_bytes, path.stat().st_size))
@@ -243,8 +236,11 @@ def evaluate(params, cfg, tokenizer, questions_path, shards_dir, out_dir, settin
     check_tokenizer_fits(cfg, tokenizer)
     shards = FrameShards(shards_dir)
     missing = [q.uid for q in questions if not any(uid in shards for uid in q.clip_uids)]
-    if missing:
+    if missing and settings.strict:
         raise KeyError(f"{len(missing)} questions have no clip in {shards_dir} (first: {missing[:5]})")
+    if missing and jax.process_index() == 0:
+        log(f"[eval] warning: {len(missing)} questions have no clip in {shards_dir} (first: {missing[:5]}): recorded "
+            "as failed and counted wrong (--strict stops instead)")
     num_frames = run_frame_count(shards, settings.num_frames)
     stated = (meta or {}).get("settings", {})
     if stated.get("include_time_instruction") and stated.get("n_frames") != num_frames and jax.process_index() == 0:
@@ -259,7 +255,8 @@ def evaluate(params, cfg, tokenizer, questions_path, shards_dir, out_dir, settin
     steps = make_steps(params, cfg, mesh, layout, gen, settings.modes, execution)
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fingerprint = _fingerprint(questions_path, model_name, cfg, execution, len(tokenizer), settings, layout, gen)
+    fingerprint = resume_key.fingerprint(questions_path, meta, shards_dir, model_dir, model_name, cfg,
+                                         resolve_execution(execution, mesh), tokenizer, settings, layout, gen)
     partial = out_dir / PARTIAL_NAME.format(jax.process_index())
     kept = {r["index"]: r for r in load_partial(partial, fingerprint, len(questions), log)}
     done = _answered_anywhere(list(kept.values()), len(questions))
@@ -279,9 +276,10 @@ def evaluate(params, cfg, tokenizer, questions_path, shards_dir, out_dir, settin
     finally:
         loader.pool.shutdown()
 
+    retry = any(r.get("failed") for r in records)  # this process's partial file stays for a rerun to retry them
     gathered = gather_records(list(kept.values()) + records)
     if gathered is None:
-        _remove_partial_after_all(partial)
+        _remove_partial_after_all(partial, retry)
         return None
     ordered = check_coverage(gathered, questions)
     results = {
@@ -295,6 +293,7 @@ def evaluate(params, cfg, tokenizer, questions_path, shards_dir, out_dir, settin
         "run": {"process_count": jax.process_count(), "mesh": dict(mesh.shape), "devices": mesh.size,
                 **timing, "wall_s": time.perf_counter() - t_start, "resumed_questions": len(questions) - len(todo)},
         **metrics.compute_metrics(ordered, qs.class_names(meta, annotations)),
+        "failed": clip_failures.failures_summary(ordered),
     }
     official = benchmark_score.benchmark_results(meta, ordered)  # build-bench files: the benchmark's own scoring
     if official is not None:
@@ -312,15 +311,17 @@ def evaluate(params, cfg, tokenizer, questions_path, shards_dir, out_dir, settin
         gen_kwargs={"max_new_tokens": settings.max_new_tokens, "do_sample": False, "temperature": 0},
         device=mesh.devices.flat[0].platform, wall_s=results["run"]["wall_s"], date=time.time(), meta=meta)
     lmms_layout.write(out_dir, lmms_content, lmms_samples)
-    _remove_partial_after_all(partial)
+    _remove_partial_after_all(partial, retry)
     return results
 
 
-def _remove_partial_after_all(partial: pathlib.Path) -> None:
-    """Once process 0 has written the outputs, the partial files are redundant."""
+def _remove_partial_after_all(partial: pathlib.Path, keep: bool = False) -> None:
+    """Once process 0 has written the outputs, the partial files are redundant (but those with failed questions,
+    which a rerun retries)."""
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("eval outputs written")
-    partial.unlink(missing_ok=True)
+    if not keep:
+        partial.unlink(missing_ok=True)
 
 
 def answer_slice(questions, todo, layout, builder, loader, steps, mesh, tokenizer, settings: EvalSettings, log,
@@ -335,7 +336,8 @@ def answer_slice(questions, todo, layout, builder, loader, steps, mesh, tokenize
     num_steps = math.ceil(max(b - a for a, b in bounds) / size)
     chunks = [todo[start:stop][s * size:(s + 1) * size] for s in range(num_steps)]
     fill = todo[start] if stop > start else 0  # the question repeated in rows past the slice's end
-    prepare = lambda s: prefetch.submit(batching.build_batch, chunks[s], questions, fill, layout, builder, loader)
+    prepare = lambda s: prefetch.submit(batching.build_batch, chunks[s], questions, fill, layout, builder, loader,
+                                        settings.strict)
 
     records, t_loop, t_last_log = [], time.perf_counter(), None
     t_first, rate = t_loop, None
@@ -347,7 +349,8 @@ def answer_slice(questions, todo, layout, builder, loader, steps, mesh, tokenize
                 future = prepare(step + 1)
             batch = shard_batch(arrays, mesh)
             outputs = {m: local_rows(fn(batch), mesh) for m, fn in steps.items()}
-            new = [prediction_record(questions[r["index"]], r, outputs, row, tokenizer, settings.modes)
+            new = [clip_failures.failed_record(questions[r["index"]], r, settings.modes) if "error" in r else
+                   prediction_record(questions[r["index"]], r, outputs, row, tokenizer, settings.modes)
                    for row, r in enumerate(info)]
             records += new
             if sink is not None and new:

@@ -1,19 +1,27 @@
 """What a training run refuses, and why: recipe values checked up front, and a rerun compared with the run its
 checkpoints belong to.
 
-A run is defined by its state (the model config minus runtime-only fields, `model.init_from`, the optimizer
-settings and `train.seed`) and its data (global batch, the samples and shards, the data seed and the settings
-that shape the data order). A rerun in an output directory whose checkpoints were written with a different state
-is refused; one with different data is refused unless `train.allow_changed_data` is set, and then continues with
-the data order restarted. `train.steps` is not part of either: more steps extend a finished run.
+A run's identity has two parts, both read from the config it was started with (and stored in every checkpoint):
+its data (`DATA_FIELDS`: the samples, shards, batch and the settings that shape the data order) and its state:
+every other setting, the model config (but `RUNTIME_MODEL_FIELDS`) included. Only the settings in
+`RUN_ONLY_FIELDS` are outside the identity, each with the reason it cannot change what the run computes. So a new
+config field is part of the state unless it is added to that list on purpose (tests/test_train_recovery.py checks
+every field of the recipe against the three lists). A rerun in an output directory whose checkpoints were written
+with a different state is refused; one with different data is refused unless `train.allow_changed_data` is set,
+and then continues with the data order restarted. A checkpoint older than a field compares as if it had held the
+field's default (configs/train.py), which is what that older run computed with.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
+import numpy as np
+
 from llavaction_jax.config import EXECUTION_FIELDS, ConfigError
+from llavaction_jax.recipes import parse, recipe_file
 
 # Fields of a model section that change how the step runs, not what the state is: the execution choices (also in
 # the model configs stored by checkpoints written before ModelConfig and ExecutionConfig were split) and the
@@ -24,6 +32,30 @@ DATA_FIELDS = ("train.batch_size", "data.samples", "data.shards", "data.seed", "
                "data.add_time_instruction", "data.tokenizer", "data.pad_id", "data.perspective",
                "data.learn_neighbor_actions", "data.ek100_annotations", "data.action_representation",
                "data.label_space")
+# Config fields outside the identity, and why none of them changes the trajectory of parameters a run computes
+RUN_ONLY_FIELDS = {
+    "distributed": "how the processes find each other",
+    "mesh.data": "how the same computation is laid out over the devices",
+    "mesh.fsdp": "how the same computation is laid out over the devices",
+    "mesh.tensor": "how the same computation is laid out over the devices",
+    "model.preset": "a name: the model fields it fills are compared one by one",
+    "train.steps": "more steps extend a finished run (the schedule is recomputed for the new length)",
+    "train.stop_at_step": "where this invocation pauses",
+    "train.output_dir": "where the run is written",
+    "train.log_every": "logging",
+    "train.checkpoint_every": "when checkpoints are written",
+    "train.keep_checkpoints": "how many checkpoints are kept",
+    "train.allow_changed_data": "permission to continue after a data change",
+    "train.restart_if_all_broken": "permission to start over when every checkpoint is broken",
+    "train.async_checkpoint": "how checkpoints are written",
+    "train.save_model": "whether the final model is exported",
+    "train.save_dtype": "the dtype of the exported final model only",
+    "train.peak_flops": "the MFU denominator in the logs",
+    "train.wandb_project": "logging",
+    "train.wandb_run": "logging",
+    "data.worker_count": "how many processes read the same data",
+    "data.on_bad_sample": "what happens at a bad sample (skipping is logged; the data settings are compared)",
+}
 ALLOW_FLAG = "--config.train.allow_changed_data=true"
 
 
@@ -61,8 +93,10 @@ def validate(cfg) -> None:
     ]
     for name in ("learning_rate", "vision_lr", "projector_lr", "weight_decay", "max_grad_norm"):
         value = o.get(name)
-        if value is not None:
-            checks.append((math.isfinite(value) and value >= 0, f"optim.{name}={value}: must be a finite value >= 0"))
+        if value is not None:  # the optimizer computes in float32: 1e39 is finite in Python, infinite there
+            finite = math.isfinite(value) and bool(np.isfinite(np.float32(value)))
+            checks.append((finite and value >= 0, f"optim.{name}={value}: must be a finite value >= 0 (in float32, "
+                                                  f"at most {float(np.finfo(np.float32).max):.4g})"))
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
@@ -78,13 +112,28 @@ def _flatten(d: dict, prefix: str) -> dict:
     return out
 
 
+@functools.lru_cache(maxsize=1)
+def recipe_defaults() -> str:
+    """configs/train.py as JSON: what a field a checkpoint predates meant when that run was started."""
+    return json.dumps(parse([], file=str(recipe_file("train")))[0].to_dict())
+
+
+def _merged(defaults: dict, config: dict) -> dict:
+    out = dict(defaults)
+    for k, v in config.items():
+        out[k] = _merged(defaults[k], v) if isinstance(v, dict) and isinstance(defaults.get(k), dict) else v
+    return out
+
+
 def identity(config: dict, model_config: dict, num_samples) -> tuple[dict, dict]:
     """(state fields, data fields) of a run, from its config dicts as stored in checkpoint metadata."""
     config, model_config = json.loads(json.dumps(config)), json.loads(json.dumps(model_config))  # tuples -> lists
+    flat = _flatten(_merged(json.loads(recipe_defaults()), config), "")
     model = {k: v for k, v in model_config.items() if k not in RUNTIME_MODEL_FIELDS}
-    state = {**_flatten(model, "model."), "model.init_from": config["model"]["init_from"],
-             **_flatten(config["optim"], "optim."), "train.seed": config["train"]["seed"]}
-    flat = _flatten(config, "")
+    # the model section of the config repeats the model config's fields: those are compared from model_config
+    state = {**_flatten(model, "model."), "model.init_from": flat.get("model.init_from")}
+    state.update({k: v for k, v in flat.items() if not k.startswith("model.") and k not in RUN_ONLY_FIELDS
+                  and k not in DATA_FIELDS})
     data = {k: flat.get(k) for k in DATA_FIELDS}
     data["number of samples"] = num_samples
     return state, data

@@ -2,10 +2,12 @@
 
 Everything the run needs is in one ml_collections config (configs/train.py). The loop is resumable: a restart
 with the same config restores params, optimizer state, step and the data iterator from the newest good checkpoint
-and continues exactly where the interrupted run was. SIGTERM (preemption) writes a checkpoint and exits 0; a
-NaN/Inf loss stops the run with an error and leaves the last good checkpoint untouched. A restart with a config
-that defines a different run is refused (train/guard.py); broken checkpoints are moved aside (train/checkpoint.py);
-the final `model/` is always the final step's, swapped in only once complete (checkpoint_io.publish_model).
+and continues exactly where the interrupted run was. SIGTERM (preemption) writes a checkpoint and exits 0 (during the
+final model's save: the save completes, then exit 0); a NaN/Inf loss stops the run with an error naming the last
+good checkpoint. The run holds the lock of its output directory (locks.py), so a second run on it is refused. A
+restart with a config that defines a different run is refused (train/guard.py); broken checkpoints are moved aside,
+and a failed save stops the run with its own error (train/checkpoint.py); the final `model/` is always the final
+step's, swapped in only once complete (checkpoint_io.publish_model).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import multihost_utils
 
-from llavaction_jax import checkpoint_io, distributed, integrity, model_files
+from llavaction_jax import checkpoint_io, distributed, integrity, locks, model_files
 from llavaction_jax.config import ConfigError, ModelConfig
 from llavaction_jax.data.batching import make_global_batch
 from llavaction_jax.data.frames import open_shards
@@ -154,6 +156,22 @@ def ek100_prompt_settings(d) -> EK100PromptSettings:
     return EK100PromptSettings(d.perspective, d.learn_neighbor_actions, table, d.seed)
 
 
+def save_final_model(cfg, model_cfg: ModelConfig, execution, state: dict, step: int, final: pathlib.Path,
+                     log) -> None:
+    """Publish the final step's params as `final` (our model format), unless it already holds that step."""
+    if final_model_step(final) == step:  # complete and verified; else absent, partial, corrupt or older: write it
+        return
+    save_dtype = cfg.train.save_dtype or model_cfg.param_dtype  # the source's dtype unless asked
+    params = jax.jit(lambda p: cast_tree(p, save_dtype))(state["params"])
+    save_cfg = model_cfg.replace(param_dtype=save_dtype)
+    files = model_files.companion_files(save_cfg, tokenizer_dir(cfg), cfg.model.init_from or None,
+                                        trained_num_frames(cfg))
+    checkpoint_io.publish_model(final, save_cfg, params,
+                                extra_files={**files, FINAL_STEP_FILE: json.dumps({"step": step}) + "\n"},
+                                execution=execution)
+    log(f"final model (step {step}) written to {final}")
+
+
 class Preemption:
     """Turns SIGTERM into a flag the loop checks between steps."""
     def __init__(self):
@@ -168,10 +186,16 @@ class Preemption:
 
 
 def train(cfg) -> dict:
-    """Run (or resume) training as configured; returns a summary dict."""
-    # ----------------------------------------------------------------- distributed, mesh
+    """Run (or resume) training as configured, holding the lock of its output directory (locks.py: a second run
+    on it is refused); returns a summary dict."""
     guard.validate(cfg)
     maybe_initialize_distributed(cfg)
+    with locks.output_lock(cfg.train.output_dir, "train", log=print if jax.process_index() == 0 else None):
+        return _train(cfg)
+
+
+def _train(cfg) -> dict:
+    # ----------------------------------------------------------------- distributed, mesh
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     out_dir = pathlib.Path(cfg.train.output_dir).absolute()
     is_main = jax.process_index() == 0
@@ -205,7 +229,8 @@ def train(cfg) -> dict:
     allow_changed_data = cfg.train.get("allow_changed_data", False)
     restored = ckpts.restore_latest(abstract_sharded, data_iter,
                                     check_meta=guard.meta_checker(run_identity, allow_changed_data, ckpts.directory, log),
-                                    allow_missing_data=allow_changed_data, same_run=guard.same_run(run_identity))
+                                    allow_missing_data=allow_changed_data, same_run=guard.same_run(run_identity),
+                                    restart_if_all_broken=cfg.train.get("restart_if_all_broken", False))
     if restored is not None:
         start, state, _ = restored
         log(f"resumed from step {start} ({out_dir / 'checkpoints' / str(start)})")
@@ -235,6 +260,7 @@ def train(cfg) -> dict:
     history, step, stopped = [], start, "completed"
     skipped = 0  # bad samples this process's iterator has skipped (on_bad_sample="skip"), carried over a resume
     last = min(total_steps, cfg.train.stop_at_step or total_steps)
+    failed = True
     try:
         while step < last:
             host_batch = next(data_iter)
@@ -243,6 +269,7 @@ def train(cfg) -> dict:
             state, m = run_step(state, batch)
             m = {k: float(v) for k, v in jax.device_get(m).items()}
             step += 1
+            ckpts.check()  # an async save that failed stops the run here, with that save's own error
             if not math.isfinite(m["loss"]):
                 good = ckpts.newest_good()
                 raise NonFiniteLoss(f"loss is {m['loss']} at step {step}; stopping. The last good checkpoint (the "
@@ -262,27 +289,28 @@ def train(cfg) -> dict:
                 stopped = "preempted"
                 log(f"SIGTERM: checkpoint written at step {step}; exiting")
                 break
+        failed = False
     finally:
-        ckpts.seal()
-        preemption.restore()
+        ckpts.close(raise_errors=not failed)  # the last checkpoint is sealed before the run ends
+        if failed:
+            preemption.restore()
         if writer is not None:
-            writer.close()
+            try:
+                writer.close()
+            except OSError:  # e.g. the full disk that stopped the run: its error is the one reported
+                if not failed:
+                    raise
 
     if stopped == "completed" and step < total_steps:
         stopped = "paused"  # stop_at_step: a later run with the same config resumes here
     # ----------------------------------------------------------------- final model
-    if stopped == "completed" and cfg.train.save_model:
-        final = out_dir / "model"
-        if final_model_step(final) != step:  # absent, partial, corrupt, or from before the run was extended
-            save_dtype = cfg.train.save_dtype or model_cfg.param_dtype  # the source's dtype unless asked
-            params = jax.jit(lambda p: cast_tree(p, save_dtype))(state["params"])
-            save_cfg = model_cfg.replace(param_dtype=save_dtype)
-            files = model_files.companion_files(save_cfg, tokenizer_dir(cfg), cfg.model.init_from or None,
-                                                trained_num_frames(cfg))
-            checkpoint_io.publish_model(final, save_cfg, params,
-                                        extra_files={**files, FINAL_STEP_FILE: json.dumps({"step": step}) + "\n"},
-                                        execution=execution)
-            log(f"final model (step {step}) written to {final}")
+    try:  # SIGTERM during the final model's save only sets the flag: the save completes, and the run exits 0
+        if stopped == "completed" and cfg.train.save_model:
+            save_final_model(cfg, model_cfg, execution, state, step, out_dir / "model", log)
+    finally:
+        preemption.restore()
+    if preemption.requested and stopped == "completed":
+        log("SIGTERM during the final model save: the save was completed first; exiting")
     skipped = total_skipped(skipped)
     if skipped:
         log(f"skipped {skipped} bad sample(s) in all (data.on_bad_sample=skip); each is named in the log above")

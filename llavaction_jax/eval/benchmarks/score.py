@@ -40,9 +40,10 @@ def _accuracy(rows: list[tuple[bool, bool]]) -> dict:
 
 def score_mode(preds: list[dict], mode: str, variant: common.Variant) -> dict:
     letters = [picked_letter(p, mode, variant) for p in preds]
-    # lmms-eval's MVBench aggregate skips empty generations; every other task counts every question.
-    kept = [not (variant.aggregate == "mvbench" and mode == "generate" and not p["generate"]["raw"].strip())
-            for p in preds]
+    # lmms-eval's MVBench aggregate skips empty generations; every other task counts every question. A question
+    # whose clip could not be read (eval/clip_failures.py) has no generation but is counted, wrong.
+    kept = [bool(p.get("failed")) or not (variant.aggregate == "mvbench" and mode == "generate"
+                                          and not p["generate"]["raw"].strip()) for p in preds]
     rows = [(k, letter is not None and letter == p["gt_letter"]) for p, k, letter in zip(preds, kept, letters)]
     out = {"unparsed": sum(letter is None for letter in letters), **_accuracy(rows), "breakdowns": {}}
     for group in variant.groups:

@@ -9,7 +9,8 @@ every benchmark), 64 frames at extraction.
 Input layout (what ``build-bench`` + ``extract-frames`` make): ``DATA/<variant>/questions.jsonl`` and
 ``DATA/<variant>/shards``. Each variant's full evaluation (predictions.jsonl, results.json, report.md) goes to
 ``OUT/<variant>/``; the table to ``OUT/suite.md`` and ``OUT/suite.json``. A variant whose folder is missing is
-listed as not run; ``--table-only`` rebuilds the table from the results already in OUT.
+listed as not run; ``--table-only`` rebuilds the table from the results already in OUT. The run holds the lock of
+OUT (locks.py); a clip that cannot be read is recorded as failed and counted wrong, unless ``--strict``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pathlib
 import jax
 from jax.experimental import multihost_utils
 
-from llavaction_jax import cli_flags
+from llavaction_jax import cli_flags, locks
 from llavaction_jax.config import POOL_MODES
 from llavaction_jax.data.tokenizer import resolve_tokenizer
 from llavaction_jax.eval import ek100_suite, mqa_eval
@@ -76,6 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--time-instruction", action=argparse.BooleanOptionalAction, default=True,
       help="add the time instruction each question file asks for (build-bench --time-instruction)")
     a("--threads", type=int, default=4, help="frame-decoding threads per process")
+    a("--strict", action="store_true", help="stop at the first clip that is missing or does not decode (default: "
+                                            "record its question as failed, count it wrong, go on)")
     a("--options-per-pass", type=int, default=None, help="score mode: options per pass (default: all)")
     cli_flags.add_distributed(parser)
 
@@ -136,7 +139,7 @@ def run_suite(args, params, cfg, name, mesh, tokenizer, tokenizer_name, log=prin
         settings = EvalSettings(batch_size=args.batch_size, modes=modes,
                                 max_new_tokens=args.max_new_tokens or mqa_eval.DEFAULT_MAX_NEW_TOKENS,
                                 num_frames=args.num_frames, prompt_len=args.prompt_len, limit=args.limit, fmt="ek100",
-                                threads=args.threads, options_per_pass=args.options_per_pass)
+                                threads=args.threads, options_per_pass=args.options_per_pass, strict=args.strict)
         model = cfg if pool_all is None else cfg.replace(pool_mode=pool_all)
 
         def evaluate_variant(questions, shards, out):
@@ -159,7 +162,7 @@ def run_suite(args, params, cfg, name, mesh, tokenizer, tokenizer_name, log=prin
                                 num_frames=args.num_frames, prompt_len=args.prompt_len, limit=args.limit,
                                 fmt="videoqa",
                                 time_instruction=args.time_instruction, threads=args.threads,
-                                options_per_pass=args.options_per_pass)
+                                options_per_pass=args.options_per_pass, strict=args.strict)
         evaluate(params, cfg if pool is None else cfg.replace(pool_mode=pool), tokenizer,
                  folder / common.QUESTIONS_NAME, folder / "shards",
                  pathlib.Path(args.out) / variant, settings, mesh, model_name=name, model_dir=args.model,
@@ -167,12 +170,21 @@ def run_suite(args, params, cfg, name, mesh, tokenizer, tokenizer_name, log=prin
 
 
 def run(args: argparse.Namespace) -> int:
-    """Errors are reported by cli.main (one line, exit status 2)."""
-    if not args.table_only:
+    """Errors (bad inputs, a held lock, an unreadable clip with --strict) are reported by cli.main in one line."""
+    if not args.table_only:  # every input checked before the lock is taken or a model loaded
         cli_flags.require_dir("--data", args.data)
         mqa_eval.check_inputs(args, questions=False)
         pool_mode(args)
         cli_flags.init_distributed(args)
+    with locks.output_lock(args.out, "eval-suite", log=print if jax.process_index() == 0 else None):
+        _run(args)
+    if not args.table_only:
+        multihost_utils.sync_global_devices("eval-suite finished")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> None:
+    if not args.table_only:
         mesh = make_mesh(**args.mesh)
         tokenizer, tokenizer_name = resolve_tokenizer(args.tokenizer, args.model)
         configs = mqa_eval.model_config(args)
@@ -186,6 +198,3 @@ def run(args: argparse.Namespace) -> int:
             print(ek100_suite.table_markdown(ek100_suite.write_table(args.out)))
         else:
             print(table_markdown(write_table(args.suite, args.out)))
-    if not args.table_only:
-        multihost_utils.sync_global_devices("eval-suite finished")
-    return 0
