@@ -9,6 +9,7 @@ import re
 
 import numpy as np
 import pytest
+from _cli_e2e import run_cli
 from _video_fixtures import known_frames, write_mp4
 from test_ek100 import FAKE_TRAIN, write_fake_annotations
 from test_upstream_train_files import upstream_files
@@ -51,9 +52,10 @@ def built(tmp_path_factory):
     return root, annotations, out, argv
 
 
+@pytest.mark.cli_e2e("build-train")
 def test_files_yaml_and_clips(built, capsys):
     root, annotations, out, argv = built
-    assert cli.main(argv) == 0
+    assert run_cli(argv) == 0
     printed = capsys.readouterr().out
     assert "--num-frames 2" in printed and f"--config.data.samples={out / 'data.yaml'}" in printed
     samples = load_mixture(out / "data.yaml")

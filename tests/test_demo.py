@@ -4,30 +4,26 @@ output holds nothing but the demo's own messages."""
 
 import json
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
+import pytest
 
+from _cli_e2e import run_cli_child
 from llavaction_jax.data.frames import FrameShards
 from llavaction_jax.data.tokenizer import load_qwen_tokenizer
 from llavaction_jax.data.train_sample import EncodeTrainSample
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-# `python -m llavaction_jax` where `import torch` fails (torch is optional; transformers then says so on import)
-WITHOUT_TORCH = ("import runpy, sys; sys.modules['torch'] = None; "
-                 "runpy.run_module('llavaction_jax', run_name='__main__', alter_sys=True)")
 NOISE = ("ParamInfo(", "ts_context=None",  # Orbax, once per array, without a shared TensorStore context
          "PyTorch was not found",  # transformers' import-time notice
          "deprecated")  # the demo calling a command with an old spelling
 
 
+@pytest.mark.cli_e2e("demo")
 def test_demo_smallest_setting_learns(tmp_path):
     out = tmp_path / "demo"
-    run = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, "demo", "--out", str(out), "--segments-per-action",
-                          "12", "--steps", "300"], cwd=REPO, capture_output=True, text=True)
-    output = run.stdout + run.stderr
-    assert run.returncode == 0, output[-4000:]
+    codes, output = run_cli_child([["demo", "--out", str(out), "--segments-per-action", "12", "--steps", "300"]],
+                                  devices=8, without_torch=True)
+    assert codes == [0], output[-4000:]
     assert not [line for line in output.splitlines() if any(n in line for n in NOISE)], output[-4000:]
 
     summary = json.loads((out / "demo_summary.json").read_text())

@@ -35,6 +35,8 @@ def command_line(name: str, out: pathlib.Path, tmp: pathlib.Path) -> list[str]:
     (tmp / "model" / "config.json").write_text("{}")
     (tmp / "clips.jsonl").write_text(json.dumps({"uid": "c0", "video": "v.mp4"}) + "\n")
     (tmp / "items.jsonl").write_text(json.dumps({"video": "v.mp4"}) + "\n")
+    (tmp / "q.jsonl").write_text("{}\n")  # inputs exist: commands check them before taking the lock
+    (tmp / "s").mkdir(exist_ok=True)
     return {
         "train": ["train", "--out", str(out), f"--config.data.samples={tmp / 'clips.jsonl'}"],
         "eval": ["eval", "--preset", "tiny", "--questions", str(tmp / "q.jsonl"), "--shards", str(tmp / "s"),

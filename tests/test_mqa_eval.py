@@ -137,7 +137,7 @@ def test_command_line_parsing_and_batch_layout_errors():
                                             ["--config.model.text.vocab_size=151680",
                                              "--config.model.compute_dtype=bfloat16"])
     assert cfg.text.vocab_size == 151680 and execution.compute_dtype == "bfloat16"
-    with pytest.raises(ConfigError, match="no such field"):
+    with pytest.raises(ConfigError, match="--config.model.text.vocab: no field 'vocab'"):
         configs_with_overrides(load_preset("tiny"), ExecutionConfig(), ["--config.model.text.vocab=3"])
     with pytest.raises(ValueError, match="does not split over data x fsdp = 2"):
         check_batch_layout(make_mesh(data=2, fsdp=1, tensor=1, devices=jax.devices()[:2]), 3, 1)

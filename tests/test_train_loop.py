@@ -10,7 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from _train_fixtures import assert_same_tree, make_training_data, subprocess_env, tiny_train_config, train_command
+from _cli_e2e import run_cli
+from _train_fixtures import (assert_same_tree, make_training_data, subprocess_env, tiny_train_args,
+                             tiny_train_config, train_command)
 from llavaction_jax.train import checkpoint
 from llavaction_jax.train.loop import NonFiniteLoss, train
 from test_metrics_writer import read_scalars
@@ -77,6 +79,7 @@ def test_three_steps_restart_three_steps_equals_six(data, uninterrupted, tmp_pat
     assert_same_tree(state_a, state_b)
 
 
+@pytest.mark.cli_e2e("train")
 def test_sigterm_writes_a_checkpoint_and_resume_finishes_the_same(data, uninterrupted, tmp_path):
     out_a, _ = uninterrupted
     cfg = tiny_train_config(data, tmp_path, steps=6)
@@ -90,8 +93,8 @@ def test_sigterm_writes_a_checkpoint_and_resume_finishes_the_same(data, uninterr
     assert any("SIGTERM" in line for line in lines), "".join(lines)
     step, _ = restore_state(tmp_path)
     assert 2 <= step < 6
-    summary = train(tiny_train_config(data, tmp_path, steps=6))
-    assert summary["step"] == 6
+    assert run_cli(["train", *tiny_train_args(data, tmp_path, steps=6)]) == 0  # the resume, through the CLI
+    assert json.loads((tmp_path / "summary.json").read_text())["step"] == 6
     assert_same_tree(restore_state(out_a)[1], restore_state(tmp_path)[1])
 
 

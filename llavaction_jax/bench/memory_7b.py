@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--policies", default="full,dots_no_batch", help="comma list of remat policies")
     parser.add_argument("--meshes", default="fsdp8,fsdp4_tp2", help=f"comma list of {sorted(MESHES)}")
-    cli_flags.add_num_frames(parser, "frames per clip", old=("--frames",), default=64)
+    cli_flags.add_num_frames(parser, "the model input's", default=64)
     parser.add_argument("--seq", type=int, default=16384, help="spliced sequence length (visual + text tokens)")
     parser.add_argument("--micro-batches", type=int, default=1, help="gradient-accumulation micro-batches (lax.scan)")
     parser.add_argument("--top-buffers", type=int, default=0, metavar="N",

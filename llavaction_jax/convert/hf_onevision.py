@@ -67,6 +67,13 @@ def identity_post_layernorm(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...]
     return {HF_VISION_PREFIX + "post_layernorm.weight": ((h,), 1.0), HF_VISION_PREFIX + "post_layernorm.bias": ((h,), 0.0)}
 
 
+# What `--layout hf-onevision` cannot represent: its --help and its refusal both say this.
+LIMITS = ("transformers' LlavaOnevisionForConditionalGeneration has no action token and no verb / noun / action "
+          "heads, and puts one newline after each video, pooled bilinearly through a 2-layer GELU projector; so "
+          "LLaVAction's action token and heads (and grid / frame newlines, other pooling or projectors) cannot be "
+          "written in it")
+
+
 def check_exportable(cfg: ModelConfig) -> None:
     """The HF model can only express the one_token video layout with bilinear pooling and no action heads."""
     problems = []
@@ -80,7 +87,7 @@ def check_exportable(cfg: ModelConfig) -> None:
         problems.append(f"vision_supervision={cfg.vision_supervision!r} (HF has no action token or heads)")
     if problems:
         raise ConversionError("this model cannot be written in the HF llava-onevision layout: " + "; ".join(problems)
-                         + ". Use --layout upstream.")
+                              + f". {LIMITS[0].upper()}{LIMITS[1:]}. Use --layout upstream.")
 
 
 def hf_config(cfg: ModelConfig) -> dict:

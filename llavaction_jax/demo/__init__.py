@@ -37,13 +37,13 @@ MARKER = ".llavaction_demo"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__.split("\n\n")[0] + (
         " Writes everything under --out (default ./demo_out); a previous demo run there is replaced.")
-    parser.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
+    cli_flags.add_out(parser, "output directory", required=False, default="demo_out")
     parser.add_argument("--segments-per-action", type=int, default=30,
-                        help="training segments per verb-noun action, 16 actions (default: 30)")
-    parser.add_argument("--steps", type=int, default=800, help="training steps (default: 800)")
-    parser.add_argument("--batch-size", type=int, default=16, help="training batch size (default: 16)")
-    cli_flags.add_num_frames(parser, "frames per clip (default: 4)", old=("--frames",), default=4)
-    parser.add_argument("--seed", type=int, default=0)
+                        help="training segments per verb-noun action, 16 actions")
+    parser.add_argument("--steps", type=int, default=800, help="training steps")
+    parser.add_argument("--batch-size", type=int, default=16, help="training batch size")
+    cli_flags.add_num_frames(parser, "extracted, trained and evaluated", default=4)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data, the model and training")
 
 
 def prepare_out_dir(out: pathlib.Path) -> None:
@@ -155,6 +155,7 @@ def train_config(out: pathlib.Path, inputs: dict, args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    cli_flags.require_positive(args, "segments_per_action", "steps", "batch_size", "num_frames")  # before any write
     out = pathlib.Path(args.out).absolute()
     prepare_out_dir(out)
     stages = Stages()
