@@ -1,11 +1,15 @@
 """LLaVA-OneVision-Qwen2-0.5B (lmms-lab/llava-onevision-qwen2-0.5b-ov): Qwen2-0.5B (tied), one_token newline."""
 
-from llavaction_jax.config import model_config_dict, text_size, vision_size
+from llavaction_jax.config import ExecutionConfig, ModelConfig, TextConfig, text_size, tower_vision
 
 
-def get_config():
-    return model_config_dict(
-        vision=vision_size(), text=text_size("0.5b"), projector_type="mlp2x_gelu", pool_mode="bilinear",
-        patch_merge_type="spatial_unpad", newline_position="one_token", vision_supervision=None, action_types=(),
-        tokenizer_model_max_length=32768, param_dtype="bfloat16", compute_dtype="bfloat16",
+def get_config() -> ModelConfig:
+    return ModelConfig(
+        vision=tower_vision(), text=TextConfig(**text_size("0.5b")), projector_type="mlp2x_gelu",
+        pool_mode="bilinear", patch_merge_type="spatial_unpad", newline_position="one_token",
+        vision_supervision=None, action_types=(), tokenizer_model_max_length=32768, param_dtype="bfloat16",
     )
+
+
+def get_execution() -> ExecutionConfig:
+    return ExecutionConfig(compute_dtype="bfloat16")

@@ -7,13 +7,17 @@ released config's `mm_newline_position` is not public; LLaVAction trains with th
 config.json instead.
 """
 
-from llavaction_jax.config import model_config_dict, text_size, vision_size
+from llavaction_jax.config import ExecutionConfig, ModelConfig, TextConfig, text_size, tower_vision
 
 
-def get_config():
-    return model_config_dict(
-        vision=vision_size(), text=text_size("0.5b"), projector_type="mlp2x_gelu", pool_mode="bilinear",
-        patch_merge_type="spatial_unpad", newline_position="grid",
+def get_config() -> ModelConfig:
+    return ModelConfig(
+        vision=tower_vision(), text=TextConfig(**text_size("0.5b")), projector_type="mlp2x_gelu",
+        pool_mode="bilinear", patch_merge_type="spatial_unpad", newline_position="grid",
         vision_supervision="one_token", action_types=(97, 300, 3806), vision_token_training="last_layer",
-        tokenizer_model_max_length=32768, param_dtype="bfloat16", compute_dtype="bfloat16",
+        tokenizer_model_max_length=32768, param_dtype="bfloat16",
     )
+
+
+def get_execution() -> ExecutionConfig:
+    return ExecutionConfig(compute_dtype="bfloat16")

@@ -13,17 +13,18 @@ train.micro_batches for your mesh. The defaults here train the tiny preset so th
 
 import ml_collections
 
+from llavaction_jax.recipes import model_section
+
 
 def get_config():
     c = ml_collections.ConfigDict()
     # "auto": jax.distributed.initialize() on a detected TPU pod / SLURM / Open MPI job (llavaction_jax/distributed.py)
     c.distributed = "auto"  # or "on" / "off"
 
-    c.model = ml_collections.ConfigDict()
-    c.model.preset = "tiny"  # configs/<preset>.py when not starting from a checkpoint
-    c.model.init_from = ""  # a converted model directory (python -m llavaction_jax convert from-torch ...)
-    # Every ModelConfig field of that source is added to this section when the recipe loads, so any can be set
-    # here or with --config.model.<field>=value (e.g. remat_policy, attention, loss_chunk_tokens, compute_dtype).
+    # The model: configs/<preset>.py, or a converted model directory in init_from (python -m llavaction_jax convert
+    # from-torch ...). The section lists every model and execution field unset (the source's value); set any here or
+    # with --config.model.<field>=value (e.g. remat_policy, attention, loss_chunk_tokens, compute_dtype).
+    c.model = model_section(preset="tiny", init_from="")
 
     c.data = ml_collections.ConfigDict()
     c.data.samples = ""  # upstream data YAML, or a LLaVA JSON / JSONL of samples

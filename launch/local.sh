@@ -14,7 +14,9 @@
 # What it does: creates the virtual environment $VENV from requirements.txt if it is missing; with JAX_EXTRA
 # (cuda12 or tpu) installs jax[$JAX_EXTRA] at the pinned JAX version, also into an existing $VENV (once: a marker
 # file $VENV/.jax-$JAX_EXTRA-<version> remembers it); prints JAX's backend and device count
-# (python -m llavaction_jax.probe), stopping when JAX_EXTRA asks for an accelerator that JAX does not see; then runs
+# (python -m llavaction_jax.probe), stopping when JAX_EXTRA asks for an accelerator that JAX does not see; with a
+# cuda JAX_EXTRA puts the H100 flags of launch/common.sh (GPU_XLA_FLAGS, each with its reason) in front of XLA_FLAGS;
+# then runs
 #   $VENV/bin/python -m llavaction_jax train --config $CONFIG "$@"
 # Re-running the same command resumes from the newest good checkpoint in <output_dir>/checkpoints.
 #
@@ -23,7 +25,7 @@
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-source "$REPO/launch/common.sh"  # run, exit_with_usage_if_asked, install_jax_extra, print_backend
+source "$REPO/launch/common.sh"  # run, exit_with_usage_if_asked, install_jax_extra, print_backend, export_gpu_xla_flags
 exit_with_usage_if_asked "${BASH_SOURCE[0]}" "$@"
 cd "$REPO"
 CONFIG="${CONFIG:-configs/train.py}"
@@ -38,6 +40,9 @@ if [[ ! -x "$VENV/bin/python" ]]; then
   run "$VENV/bin/python" -m pip install --quiet -r requirements.txt
 fi
 install_jax_extra "$VENV" "${JAX_EXTRA:-}"
+if [[ "${JAX_EXTRA:-}" == cuda* ]]; then
+  export_gpu_xla_flags
+fi
 print_backend "$VENV/bin/python" "${JAX_EXTRA:-}"
 
 if [[ "$DRY_RUN" == "1" ]]; then

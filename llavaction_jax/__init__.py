@@ -1,6 +1,8 @@
 """LLaVAction in JAX: SigLIP + projector + Qwen2 video LLM for action recognition (see README.md)."""
 
-from llavaction_jax.config import ModelConfig, TextConfig, VisionConfig
+__version__ = "0.1.0"  # the one place the version is written (pyproject.toml reads it)
+
+from llavaction_jax.config import ModelConfig, TextConfig, VisionConfig  # noqa: E402
 
 __all__ = ["ModelConfig", "TextConfig", "VisionConfig", "LlavaModel", "load_pretrained"]
 

@@ -154,6 +154,7 @@ class LlavaModel:
             input_ids[row, : len(tokens)], mask[row, : len(tokens)] = tokens, True
         video = pack_frames(videos, len(ids))  # videos of different lengths: padded, each keeps its own count
         check_placeholders(input_ids, mask, has_video=video.has_video)
+        check_token_ids(input_ids, self.cfg.text.vocab_size, "the tokenizer's prompt ids")
         return {"input_ids": input_ids, "attention_mask": mask, "pixel_values": video.pixels,
                 "num_frames": video.num_frames}
 
@@ -180,6 +181,7 @@ class LlavaModel:
         mask = np.ones(ids.shape, bool) if attention_mask is None else _to_numpy(attention_mask).astype(bool).reshape(ids.shape)
         video = None if pixel_values is None else pack_frames(pixel_values, len(ids))
         check_placeholders(ids, mask, has_video=np.zeros(len(ids), bool) if video is None else video.has_video)
+        check_token_ids(ids, self.cfg.text.vocab_size)
         out_len = self._out_len(ids, mask, video, truncate)
         batch = dict(input_ids=ids, pixel_values=None if video is None else video.pixels, attention_mask=mask,
                      labels=None if labels is None else _to_numpy(labels).reshape(ids.shape),
@@ -355,6 +357,17 @@ def check_placeholders(ids: np.ndarray, mask: np.ndarray, has_video: np.ndarray)
             raise ValueError(f"sample {i} has {c} video placeholders ({IMAGE_TOKEN_INDEX}); each video sample needs exactly one")
         if not video and c:
             raise ValueError(f"sample {i} has a video placeholder ({IMAGE_TOKEN_INDEX}) but no frames were given")
+
+
+def check_token_ids(ids: np.ndarray, vocab_size: int, what: str = "input_ids") -> None:
+    """Every id in [0, vocab_size) but the -200 video placeholder, padding included (an id outside the embedding
+    table gives NaN embeddings, and through attention NaN logits everywhere)."""
+    bad = (ids != IMAGE_TOKEN_INDEX) & ((ids < 0) | (ids >= vocab_size))
+    if bad.any():
+        row, col = (int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"{what}[{row}, {col}] = {int(ids[row, col])} is outside the model's vocabulary [0, "
+                         f"{vocab_size}) ({int(bad.sum())} such ids; {IMAGE_TOKEN_INDEX} marks the video): use the "
+                         "model's own tokenizer, or a model whose text.vocab_size covers it")
 
 
 def _to_numpy(x) -> np.ndarray:

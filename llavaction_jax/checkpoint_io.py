@@ -80,15 +80,16 @@ def publish_model(path: str | pathlib.Path, cfg: ModelConfig, params: dict, extr
 
 
 def load_config(path: str | pathlib.Path) -> ModelConfig:
-    return ModelConfig.load(_config_file(path))
+    return ModelConfig.load(config_file(path))
 
 
 def load_execution(path: str | pathlib.Path) -> ExecutionConfig:
     """The execution choices a model directory was saved with (defaults where it names none)."""
-    return ExecutionConfig.load(_config_file(path))
+    return ExecutionConfig.load(config_file(path))
 
 
-def _config_file(path: str | pathlib.Path) -> pathlib.Path:
+def config_file(path: str | pathlib.Path) -> pathlib.Path:
+    """The model directory's config file; FileNotFoundError naming it where there is none."""
     file = pathlib.Path(path) / CONFIG_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: not a llavaction_jax model directory")

@@ -2,7 +2,10 @@
 
 Each command lives in its own module that defines ``add_arguments(parser)`` and ``run(args) -> int``. Modules
 are imported only when their command runs, so ``--help`` stays fast and a command's heavy imports (torch,
-decord, ...) never slow down another. Flags shared by several commands are defined once in cli_flags.py.
+decord, ...) never slow down another. Flags shared by several commands are defined once in cli_flags.py. A module
+with ``ACCEPTS_CONFIG_OVERRIDES = True`` receives the ``--config.a.b=value`` arguments in ``args.config_overrides``
+(parsed by ml_collections.config_flags, recipes.py); any other unknown flag is named as unrecognized before
+anything else is checked.
 
 Errors are handled here, once, for every command: bad arguments or inputs (ValueError, KeyError, OSError, and
 every exception class defined in this package) print one line, ``<command>: error: <message>``, and exit with
@@ -16,11 +19,12 @@ import argparse
 import importlib
 import importlib.util
 import os
+import pathlib
 import sys
 
 from absl import flags
 
-from llavaction_jax import cli_flags
+from llavaction_jax import __version__, cli_flags
 
 # command -> (module, one-line help)
 EXIT_ERROR = 2  # any handled error, in every command (argparse's own usage errors exit 2 too)
@@ -45,10 +49,17 @@ def _module_exists(name: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if "JAX_PLATFORMS" not in os.environ and accelerator_free_host():
+        # With libtpu installed (requirements.txt pins it for ahead-of-time TPU compiles) JAX would try the TPU
+        # runtime first on every run: about a second, warnings about TPU_ACCELERATOR_TYPE / TPU_WORKER_HOSTNAMES,
+        # a log file in /tmp/tpu_logs and a lock file. On a host without accelerators the CPU is the only backend.
+        os.environ["JAX_PLATFORMS"] = "cpu"
     parser = OneLineErrorParser(
         prog=_prog(),
         description="LLaVAction in JAX: convert checkpoints, evaluate on EK100-MQA, train on a mesh.",
     )
+    parser.add_argument("--version", action="version", version=f"llavaction-jax {__version__}",
+                        help="print the package version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     available = {name: spec for name, spec in COMMANDS.items() if _module_exists(spec[0])}
     wanted = argv[0] if argv and not argv[0].startswith("-") else None
@@ -57,17 +68,19 @@ def main(argv: list[str] | None = None) -> int:
         if name == wanted:  # only the chosen command pays for importing its module
             module = importlib.import_module(module_name)
             module.add_arguments(p)
-            p.set_defaults(_run=module.run, _overrides=getattr(module, "ACCEPTS_CONFIG_OVERRIDES", False))
+            p.accepts_config_overrides = getattr(module, "ACCEPTS_CONFIG_OVERRIDES", False)
+            p.set_defaults(_run=module.run)
     args, extra = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    if extra and not (args._overrides and all(e.startswith("--config.") or not e.startswith("-") for e in extra)):
+    if any(not e.startswith("--config.") for e in extra[:1]):  # a stray positional argument
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.config_overrides = extra
     _parse_absl_flags()
     try:
         cli_flags.refuse_url_args(args)
+        cli_flags.check_distributed(args)
         return int(args._run(args) or 0)
     except Exception as error:
         if not is_user_error(error) or os.environ.get("LLAVACTION_TRACEBACK") == "1":
@@ -76,9 +89,60 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
 
 
+GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips (and Google's virtual NICs: such a host counts as one with a TPU)
+GPU_DEVICE_NODES = ("dev/nvidiactl", "dev/nvidia0", "dev/kfd")  # NVIDIA driver, AMD ROCm
+
+
+def accelerator_free_host(root: str = "/") -> bool:
+    """True when this host shows no TPU on its PCI bus (Google's vendor id, as JAX's own TPU detection reads it)
+    and no GPU device node."""
+    base = pathlib.Path(root)
+    if any((base / node).exists() for node in GPU_DEVICE_NODES):
+        return False
+    for vendor in base.glob("sys/bus/pci/devices/*/vendor"):
+        try:
+            if vendor.read_text().strip() == GOOGLE_PCI_VENDOR:
+                return False
+        except OSError:
+            continue
+    return True
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
     """Usage errors in one line too (argparse prints the whole usage first), with the same exit status 2. The
-    commands' sub-parsers are of this class as well (argparse makes sub-parsers of the parent's class)."""
+    commands' sub-parsers are of this class as well (argparse makes sub-parsers of the parent's class).
+
+    A mistyped flag is named as such: argparse checks required flags before it reports unknown ones (`predict
+    --vidoe x` would say "one of the arguments --video --batch is required"), so the flags are looked up first
+    (hand-written: argparse has no public hook between reading the flags and its required-flag check)."""
+
+    def __init__(self, *args, accepts_config_overrides: bool = False, **kwargs):
+        kwargs.setdefault("formatter_class", cli_flags.HelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.accepts_config_overrides = accepts_config_overrides
+
+    def parse_known_args(self, args=None, namespace=None):
+        unknown = self.unknown_options(sys.argv[1:] if args is None else list(args))
+        if unknown:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return super().parse_known_args(args, namespace)
+
+    def unknown_options(self, args: list[str]) -> list[str]:
+        """The flags in `args` this parser does not define (up to its sub-command's name, or `--`)."""
+        commands = [a.choices for a in self._actions if isinstance(a, argparse._SubParsersAction)]
+        known = [o for o in self._option_string_actions if o.startswith("--")]
+        unknown = []
+        for token in args:
+            if token == "--" or any(token in c for c in commands):
+                break
+            name = token.split("=", 1)[0]
+            if (not token.startswith("-") or token == "-" or self._negative_number_matcher.match(token)
+                    or name in self._option_string_actions or name[:2] in self._option_string_actions
+                    or (self.accepts_config_overrides and name.startswith("--config."))
+                    or (self.allow_abbrev and name.startswith("--") and any(o.startswith(name) for o in known))):
+                continue
+            unknown.append(name)
+        return unknown
 
     def error(self, message: str):
         self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

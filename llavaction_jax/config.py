@@ -10,9 +10,8 @@ each entry point (the API, train, eval, the benchmarks) resolves it once for its
 refuses anything else with a line naming the fields still "auto" (`require_resolved`), so an unresolved setting
 never silently builds a slower graph.
 
-Both are written as one flat dict: the model's fields beside the execution fields. Presets (configs/*.py), the
-`model` section of recipes (`--config.model.<field>=value`) and a model directory's llavaction_config.json all use
-it; `ModelConfig.from_dict` reads the model's fields of such a dict and `ExecutionConfig.from_dict` the others.
+Both are written as one flat dict: the model's fields beside the execution fields. The `model` section of recipes
+(`--config.model.<field>=value`) and a model directory's llavaction_config.json use it; `ModelConfig.from_dict` reads the model's fields of such a dict and `ExecutionConfig.from_dict` the others.
 Files written before the two were split hold the same flat dict, so they load unchanged.
 
 Reading and writing upstream / HF `config.json` lives beside the converter (convert/upstream_config.py).
@@ -401,11 +400,12 @@ def vision_size(tower: str = vision_towers.DEFAULT_TOWER_NAME, select_layer: int
 
 
 # ---------------------------------------------------------------------------------------------- presets
-# Model presets live in configs/<name>.py as ml_collections `get_config()` files (executable documentation) of the
-# flat dict (module docstring); `preset_configs` turns one into its configs, with dotted overrides.
-# In a checkout they sit beside the package; `pip install .` puts them inside it (pyproject.toml, package-dir).
+# Model presets are plain Python files, configs/<name>.py: `get_config()` returns the preset's ModelConfig and, where
+# the preset sets execution choices, `get_execution()` its ExecutionConfig. In a checkout they sit beside the
+# package; `pip install .` puts them inside it (pyproject.toml, package-dir).
 _PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
 CONFIGS_DIR = (_PACKAGE_DIR / "configs" if (_PACKAGE_DIR / "configs").is_dir() else _PACKAGE_DIR.parent / "configs")
+RECIPES = ("train",)  # files in configs/ that are run recipes (ml_collections get_config()), not model presets
 
 
 def config_fields(cfg: ModelConfig, execution: ExecutionConfig | None = None) -> dict:
@@ -415,39 +415,25 @@ def config_fields(cfg: ModelConfig, execution: ExecutionConfig | None = None) ->
     return d
 
 
-def model_config_dict(**fields: Any):
-    """A ConfigDict with every ModelConfig and ExecutionConfig field (defaults filled in), for configs/*.py files."""
-    # Imported here, not at the top: some benchmark machines run without ml_collections, and everything else in
-    # this module works without it.
-    import ml_collections
-
-    d = config_fields(ModelConfig())
+def with_fields(cfg: ModelConfig, execution: ExecutionConfig, fields: dict[str, Any],
+                where: str = "override") -> tuple[ModelConfig, ExecutionConfig]:
+    """`cfg` and `execution` with dotted fields set, {"text.num_layers": 2, "attention": "flash"}; an unknown field
+    is a ConfigError naming it."""
+    flat = config_fields(cfg, execution)
     for key, value in fields.items():
-        if key in ("vision", "text"):
-            d[key].update(value)
-        else:
-            d[key] = list(value) if isinstance(value, tuple) else value
-    return ml_collections.ConfigDict(d)
-
-
-def from_config_dict(cd) -> tuple[ModelConfig, ExecutionConfig]:
-    d = cd.to_dict() if hasattr(cd, "to_dict") else dict(cd)
-    return ModelConfig.from_dict(d), ExecutionConfig.from_dict(d)
+        node, *parents, last = flat, *key.split(".")
+        for part in parents:
+            node = node.get(part) if isinstance(node.get(part), dict) else None
+            if node is None:
+                break
+        if node is None or last not in node or isinstance(node[last], dict):
+            raise ConfigError(f"{where} {key!r}: no such model config field")
+        node[last] = list(value) if isinstance(value, tuple) else value
+    return ModelConfig.from_dict({**flat, "extra": cfg.extra}), ExecutionConfig.from_dict(flat)
 
 
 def available_presets() -> list[str]:
     return sorted(p.stem for p in CONFIGS_DIR.glob("*.py") if not p.stem.startswith("_") and p.stem not in RECIPES)
-
-
-RECIPES = ("train",)  # files in configs/ that are run recipes, not model presets
-
-
-def run_config_file(file: pathlib.Path):
-    """Execute a configs/*.py style file and return its `get_config()`."""
-    spec = importlib.util.spec_from_file_location(f"llavaction_configs.{file.stem}", file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def preset_configs(name: str, overrides: dict[str, Any] | None = None) -> tuple[ModelConfig, ExecutionConfig]:
@@ -455,16 +441,15 @@ def preset_configs(name: str, overrides: dict[str, Any] | None = None) -> tuple[
     {"text.num_layers": 2, "attention": "flash"}."""
     if name not in available_presets():  # a name, never a path: a preset file is executed
         raise ConfigError(f"unknown model preset {name!r}; available: {', '.join(available_presets())}")
-    cd = run_config_file(CONFIGS_DIR / f"{name}.py")
-    for key, value in (overrides or {}).items():
-        node = cd
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node[p]
-        if last not in node:
-            raise ConfigError(f"override {key!r}: no such config field in preset {name!r}")
-        node[last] = value
-    return from_config_dict(cd)
+    file = CONFIGS_DIR / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"llavaction_configs.{name}", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config()
+    execution = module.get_execution() if hasattr(module, "get_execution") else ExecutionConfig()
+    if not isinstance(cfg, ModelConfig) or not isinstance(execution, ExecutionConfig):
+        raise ConfigError(f"{file}: get_config() must return a ModelConfig and get_execution() an ExecutionConfig")
+    return with_fields(cfg, execution, overrides or {}, f"preset {name!r}: override")
 
 
 def load_preset(name: str, overrides: dict[str, Any] | None = None) -> ModelConfig:

@@ -10,7 +10,8 @@ thread too.
 
 Points: ``output-locked`` (an output directory's lock was taken), ``checkpoint-saved:STEP`` (an async save is
 complete, its checksums not yet written), ``checkpoint-sealed:STEP`` (they are), ``model-params-written`` (the
-final model's arrays are on disk, its config and checksums not yet).
+final model's arrays are on disk, its config and checksums not yet), ``eval-step-written:STEP`` (an eval step's
+answers are flushed to this process's partial predictions file; STEP counts from 0).
 """
 
 from __future__ import annotations

@@ -41,6 +41,11 @@ def make_training_data(root: pathlib.Path, n_clips: int = 16, frames: int = 2, s
 
 
 def tiny_train_config(data_root: pathlib.Path, out_dir: pathlib.Path, steps: int, **overrides):
+    return load_recipe("train", tiny_train_args(data_root, out_dir, steps, **overrides))
+
+
+def tiny_train_args(data_root: pathlib.Path, out_dir: pathlib.Path, steps: int, **overrides) -> list[str]:
+    """The --config overrides of `tiny_train_config` (for `train` on the command line)."""
     args = [
         f"--config.data.samples={data_root / 'samples.jsonl'}", f"--config.data.shards={data_root / 'shards'}",
         f"--config.data.tokenizer={data_root / 'tokenizer'}", "--config.data.pad_id=0",
@@ -50,8 +55,7 @@ def tiny_train_config(data_root: pathlib.Path, out_dir: pathlib.Path, steps: int
         "--config.train.log_every=1", "--config.train.checkpoint_every=3", "--config.train.async_checkpoint=false",
         "--config.optim.learning_rate=1e-3", "--config.optim.vision_lr=1e-4", "--config.optim.warmup_ratio=0.0",
     ]
-    args += [f"--config.{k}={v}" for k, v in overrides.items()]
-    return load_recipe("train", args)
+    return args + [f"--config.{k}={v}" for k, v in overrides.items()]
 
 
 def train_command(cfg) -> list[str]:
@@ -61,7 +65,7 @@ def train_command(cfg) -> list[str]:
         for k, v in d.items():
             if isinstance(v, dict):
                 yield from flat(v, f"{prefix}{k}.")
-            else:
+            elif v is not None:  # None is a field's "unset" (config_flags parses no None)
                 yield f"{prefix}{k}", repr(tuple(v)) if isinstance(v, (list, tuple)) else v
 
     return [sys.executable, "-m", "llavaction_jax", "train"] + [f"--config.{k}={v}" for k, v in flat(cfg.to_dict())]

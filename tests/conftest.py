@@ -24,7 +24,9 @@ import jax
 import pytest
 from absl import flags
 
+import _cli_e2e
 import _watchdog
+from _cli_e2e import pytest_fixture_setup, pytest_runtest_call  # noqa: F401 (the cli_e2e register's hooks)
 
 jax.config.update("jax_default_matmul_precision", "highest")
 if not flags.FLAGS.is_parsed():
@@ -33,6 +35,7 @@ if not flags.FLAGS.is_parsed():
 
 def pytest_configure(config):
     _watchdog.configure(config)  # @pytest.mark.watchdog(seconds): run in a child process with a deadline
+    _cli_e2e.configure(config)  # @pytest.mark.cli_e2e(command): runs it end to end through the CLI
 
 
 SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"

@@ -55,6 +55,26 @@ def test_placeholder_errors_name_the_sample(model):
         model(ids, pixels)
 
 
+def test_token_ids_outside_the_vocabulary_are_refused_before_any_computation(model):
+    """An id outside [0, vocab) would embed as NaN and make every logit NaN: the API refuses it, naming where it is
+    (the -200 video placeholder aside), in __call__, generate and score_options (Qwen2's tokenizer on the tiny
+    512-token model)."""
+    ids, pixels = batch(np.random.default_rng(4))
+    for position, bad in (((0, 0), 151644), ((1, 8), -1), ((0, 5), CFG.text.vocab_size)):
+        wrong = ids.copy()
+        wrong[position] = bad
+        with pytest.raises(ValueError, match=rf"input_ids\[{position[0]}, {position[1]}\] = {bad} is outside the "
+                                             rf"model's vocabulary \[0, {CFG.text.vocab_size}\)"):
+            model(wrong, pixels)
+    assert np.isfinite(np.asarray(model(ids, pixels).logits)).all()  # in range, -200 included: computed
+    qwen = LlavaModel(CFG, model.params)  # no directory, so no tokenizer files: Qwen2's 151,646 tokens
+    for call in (lambda: qwen.generate([pixels[0]], ["What is this?"], max_new_tokens=2),
+                 lambda: qwen.score_options([pixels[0]], ["What is this?"], [["A. yes", "B. no"]])):
+        with pytest.raises(ValueError, match=r"the tokenizer's prompt ids\[0, \d+\] = \d+ is outside the "
+                                             r"model's vocabulary \[0, 512\)"):
+            call()
+
+
 def test_wrong_frame_size_is_a_clear_error(model):
     ids, _ = batch(np.random.default_rng(3))
     with pytest.raises(ValueError, match=r"vision tower expects \(3, 64, 64\)"):

@@ -166,7 +166,8 @@ def test_auto_choice_per_platform():
     assert auto_impl(*shapes(13824, 13824, dtype=jnp.float32), causal=True, platform="gpu") == "flash"
     assert auto_impl(*shapes(13824, 13824), causal=True, platform="tpu") == "splash"
     assert auto_impl(*shapes(1, 16384), causal=True, platform="tpu") == "xla"
-    assert auto_impl(*shapes(729, 729, d=72), causal=False, platform="tpu") == "xla"  # SigLIP
+    assert auto_impl(*shapes(729, 729, d=72), causal=False, platform="tpu") == "splash"  # SigLIP: head dim padded
+    assert auto_impl(*shapes(729, 729, d=72), causal=False, platform="gpu") == "cudnn"  # 729 padded to 730
     # unresolved configs never pick a hardware kernel; CPU picks flash from 256 x 256 scores
     assert auto_impl(*shapes(13824, 13824), causal=True, platform="auto") == "flash"
     assert auto_impl(*shapes(512, 512), causal=True, platform="auto") == "xla"
@@ -217,8 +218,9 @@ def test_accelerator_kernels_raise_clear_errors_off_their_platform():
 
 
 CUDNN_CASES = {  # the layouts cuDNN's is_causal + key_value_seq_lengths can express: ((B, T, S), mask_args keywords)
-    "causal_right_padding": ((2, 37, 37), dict(lengths=[30, 37])),
+    "causal_right_padding": ((2, 37, 37), dict(lengths=[30, 37])),  # odd: padded to 38 (cuDNN trains even only)
     "non_causal_padding": ((2, 20, 20), dict(causal=False, lengths=[20, 7])),
+    "siglip_odd_no_mask": ((2, 29, 29), dict(causal=False)),  # as 729 patches: one masked key added
     "decode_step": ((2, 1, 40), dict(q_start=[5, 39])),
 }
 

@@ -8,6 +8,7 @@ import pytest
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 
 from llavaction_jax.model.attention import SPLASH_LANES, cudnn_attention, splash_attention
+from llavaction_jax.sharding import make_mesh
 from test_attention import assert_matches_xla, make_qkv, mask_args, reference_mask
 
 SPLASH_CASES = {  # name: ((B, T, N, K, D), real lengths, causal, block the kernel must pick)
@@ -61,3 +62,32 @@ def test_cudnn_translation_with_llava_layout_and_7b_head_ratio():
         return cudnn_attention(q, k, v, q_pos=args["q_pos"], k_valid=valid, causal=True, implementation="xla")
 
     assert_matches_xla(fn, q, k, v, weight, reference_mask(args), rows=valid[:, :, None, None].astype(jnp.float32))
+
+
+SHARDED_SPLASH_CASES = {  # name: ((B, T, N, K, D), real lengths or None, causal, query heads each device's kernel runs)
+    "gqa_heads_over_tensor": ((4, 300, 4, 2, 32), [300, 129, 77, 200], True, 2),  # 2 query / 1 KV head per device
+    "kv_heads_repeated": ((4, 200, 4, 1, 32), [200, 150, 31, 64], True, 2),  # K=1 does not split over tensor=2
+    "siglip_head_dim_72": ((4, 45, 4, 4, 72), None, False, 2),  # bidirectional, D 72 zero-padded to 128
+}
+
+
+@pytest.mark.parametrize("name", SHARDED_SPLASH_CASES)
+def test_splash_inside_shard_map_matches_xla(name, monkeypatch):
+    """On a (data 2, fsdp 2, tensor 2) mesh splash runs per device inside jax.shard_map (batch over data x fsdp,
+    heads over tensor), as a TPU needs it: values and gradients equal xla's on real rows."""
+    (b, t, n, kv, d), lengths, causal, local_heads = SHARDED_SPLASH_CASES[name]
+    heads_seen = []
+    real = sk.make_splash_mha
+    monkeypatch.setattr(sk, "make_splash_mha", lambda mask, **kw: heads_seen.append(len(mask.masks)) or real(mask, **kw))
+    q, k, v, weight = make_qkv(len(name), b, t, t, n, kv, d=d)
+    args = mask_args(b, t, t, causal=causal, lengths=lengths, padding_at_zero=causal and lengths is not None)
+    valid = args.get("k_valid")
+
+    def fn(q, k, v):
+        return splash_attention(q, k, v, k_valid=valid, causal=causal, interpret=True)
+
+    rows = None if valid is None else valid[:, :, None, None].astype(jnp.float32)
+    with jax.set_mesh(make_mesh(data=2, fsdp=2, tensor=2)):
+        assert "shard_map" in str(jax.make_jaxpr(fn)(q, k, v))
+        assert_matches_xla(fn, q, k, v, weight, reference_mask(args), rows=rows, tol=2e-5)
+    assert set(heads_seen) == {local_heads}

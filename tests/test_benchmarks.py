@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from _cli_e2e import run_cli
 from llavaction_jax import cli
 from llavaction_jax.api import generation_config
 from llavaction_jax.data import chat
@@ -134,7 +135,7 @@ def built(tmp_path_factory):
     write_official_files(root)
     for name, (args, videos) in BUILDS.items():
         args = [str(root / a) if a.startswith(("ann/", "videos/")) else a for a in args]
-        assert cli.main(["build-bench", name, *args, "--out", str(root / "data")]) == 0
+        assert run_cli(["build-bench", name, *args, "--out", str(root / "data")]) == 0
         for variant in [v for v in VARIANTS.values() if v.benchmark == name]:
             folder = root / "data" / variant.name
             assert cli.main(["extract-frames", "--jsonl", str(folder / "clips.jsonl"), "--video-root",
@@ -149,6 +150,8 @@ def questions_of(root, variant):
 
 
 # ------------------------------------------------------------------------------- builders: prompts by hand
+@pytest.mark.cli_e2e("build-bench egoschema", "build-bench perceptiontest", "build-bench longvideobench",
+                     "build-bench videomme", "build-bench mvbench", "build-bench nextqa")
 def test_builders_write_lmms_eval_prompts_answers_and_groups(built):
     ego = questions_of(built, "egoschema_subset")
     assert [q["question_id"] for q in ego] == ["ego0", "ego2"] and [q["answer"] for q in ego] == ["D", "A"]

@@ -3,10 +3,13 @@ prediction files; then the whole path a user takes: extract-frames on a real MP4
 few training steps on the YAML with prior-action prompts."""
 
 import ast
+import itertools
 import json
+import re
 
 import numpy as np
 import pytest
+from _cli_e2e import run_cli
 from _video_fixtures import known_frames, write_mp4
 from test_ek100 import FAKE_TRAIN, write_fake_annotations
 from test_upstream_train_files import upstream_files
@@ -14,10 +17,11 @@ from test_upstream_train_files import upstream_files
 from _train_fixtures import tiny_train_config
 from llavaction_jax import cli
 from llavaction_jax.data.mixture import load_mixture
-from llavaction_jax.data.tokenizer import train_chatml_tokenizer
+from llavaction_jax.data.tokenizer import load_qwen_tokenizer, train_chatml_tokenizer
 from llavaction_jax.data.train_sample import clip_uid
 from llavaction_jax.ek100 import labels
-from llavaction_jax.train.loop import train
+from llavaction_jax.recipes import model_config
+from llavaction_jax.train.loop import make_data, train
 
 FILES = ["avion_mc_top5_GT_random_narration/train_convs_narration_actionids.jsonl",
          "tim_mc_top5_GT_random_narration/train_convs_narration_actionids.jsonl",
@@ -48,9 +52,10 @@ def built(tmp_path_factory):
     return root, annotations, out, argv
 
 
+@pytest.mark.cli_e2e("build-train")
 def test_files_yaml_and_clips(built, capsys):
     root, annotations, out, argv = built
-    assert cli.main(argv) == 0
+    assert run_cli(argv) == 0
     printed = capsys.readouterr().out
     assert "--num-frames 2" in printed and f"--config.data.samples={out / 'data.yaml'}" in printed
     samples = load_mixture(out / "data.yaml")
@@ -114,3 +119,20 @@ def test_extract_then_train_on_the_yaml_with_prior_actions(built, tmp_path):
     summary = train(cfg)
     assert summary["stopped"] == "completed" and summary["step"] == 3
     assert all(np.isfinite(summary["losses"]))
+
+    # The prompts the run's own data pipeline builds (make_data, as train() calls it), over 4 epochs: upstream's
+    # coin (p = 0.3, redrawn each epoch, keyed by the sample's file:line, so by this test's tmp path) turns some MC
+    # prompts into the prior-actions variant, which names the two segments before the clip in the train CSV (both
+    # gaps at most 3 s) with their start offsets. 16 of the 24 MC samples have such predecessors.
+    data, n_samples = make_data(cfg, model_config(cfg), cfg.train.batch_size)
+    tokenizer = load_qwen_tokenizer(tmp_path / "tokenizer")
+    batches = itertools.islice(iter(data), 4 * n_samples // cfg.train.batch_size)
+    texts = [tokenizer.decode([int(i) for i in row if i >= 0]) for batch in batches for row in batch["input_ids"]]
+    mc = [t for t in texts if "Here are the options of actions you" in t]
+    named = [re.findall(r"(\S+) seconds ago, you started an action ([^.]+)\. ", t) for t in mc]
+    named = [n for n in named if n]
+    assert len(mc) == 4 * 24 and 0.05 < len(named) / len(mc) < 0.5, (len(named), len(mc))  # expected 0.2
+    ordered = sorted(FAKE_TRAIN, key=lambda row: row[1])  # upstream's lookup: a video's segments by end time
+    expected = [[(str(round(cur[0] - p2[0], 2)), p2[2]), (str(round(cur[0] - p1[0], 2)), p1[2])]
+                for p2, p1, cur in zip(ordered, ordered[1:], ordered[2:]) if max(p1[0] - p2[1], cur[0] - p1[1]) <= 3]
+    assert all(n in expected for n in named), named

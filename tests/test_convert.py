@@ -12,6 +12,7 @@ from _convert_fixtures import (make_upstream_checkpoint, tiny_cfg, upstream_conf
 from safetensors.numpy import load_file, save_file
 
 import llavaction_jax
+from _cli_e2e import run_cli
 from llavaction_jax.cli import main
 from llavaction_jax.config import ConfigError
 from llavaction_jax.convert import from_torch, to_torch
@@ -126,25 +127,78 @@ def test_upstream_import_export_is_byte_identical(variant, tmp_path):
     assert (tmp_path / "back" / "tokenizer_config.json").is_file()
 
 
-def test_a_trained_model_exports_and_comes_back(tmp_path):
-    from _convert_fixtures import SIGLIP
+def trainable_configs():
+    """Every model the project can train: the presets (the released sizes, the tiny one), the demo's tiny variant
+    (8 px patches) and the other supervision layouts."""
+    from llavaction_jax.config import available_presets, preset_configs
+
+    configs = {name: preset_configs(name)[0] for name in available_presets()}
+    tiny = configs["tiny"]
+    configs["tiny_demo"] = tiny.replace(vision=dataclasses.replace(tiny.vision, patch_size=8))
+    configs["tiny_three_tokens"] = tiny.replace(vision_supervision="three_tokens")
+    configs["tiny_video_only"] = tiny_cfg(heads=False)
+    return configs
+
+
+def test_every_trainable_model_config_survives_its_export_config():
+    """The export's config.json (upstream's keys) gives back the model config, the vision tower's real size included
+    (the tiny preset names so400m but is 64 wide: its size travels in mm_vision_config)."""
+    from llavaction_jax.convert.upstream_config import VISION_CONFIG_KEY, export_config, from_upstream
+
+    for name, cfg in trainable_configs().items():
+        exported = json.loads(json.dumps(export_config(cfg)))  # through JSON, as written
+        back = from_upstream(exported)
+        assert back.replace(param_dtype=cfg.param_dtype) == cfg, name  # the dtype comes from the tensors
+        assert (VISION_CONFIG_KEY in exported) == name.startswith("tiny"), name  # released towers: by name only
+
+
+@pytest.mark.cli_e2e("convert to-torch", "convert from-torch")
+def test_a_trained_model_exports_and_comes_back(tmp_path, capsys):
+    """`convert to-torch RUN/model --out exp`, then `convert from-torch exp --check`, `load_pretrained(exp)` and
+    `convert from-torch exp --out back` all work without a --vision-config, and give back the same model."""
+    from transformers import Qwen2Config
 
     from llavaction_jax.api import LlavaModel
 
-    model = LlavaModel.random(tiny_cfg(heads=True, tied=False), seed=3)
-    model.save_pretrained(tmp_path / "trained")  # a plain Orbax save, no config.json beside it
-    to_torch.export_checkpoint(tmp_path / "trained", tmp_path / "torch", progress=False)
-    config = json.loads((tmp_path / "torch" / "config.json").read_text())
+    cfg = trainable_configs()["tiny_demo"]
+    model = LlavaModel.random(cfg, seed=3)
+    model.save_pretrained(tmp_path / "trained")  # as `train` writes RUN/model
+    assert run_cli(["convert", "to-torch", str(tmp_path / "trained"), "--out", str(tmp_path / "exp"),
+                    "--no-progress"]) == 0
+    config = json.loads((tmp_path / "exp" / "config.json").read_text())
     assert config["architectures"] == ["LlavaQwenForCausalLM"] and config["mm_newline_position"] == "grid"
     assert config["vision_supervision"] == "one_token" and config["torch_dtype"] == "float32"
-    with pytest.raises(ConfigError, match="mm_hidden_size"):  # the tiny preset names so400m but is 64 wide
-        from_torch.open_source(tmp_path / "torch")
-    assert main(["convert", "from-torch", str(tmp_path / "torch"), "--out", str(tmp_path / "again"), "--no-progress",
-                 "--vision-config", str(write_json(tmp_path / "siglip.json", SIGLIP))]) == 0
-    again = llavaction_jax.load_pretrained(tmp_path / "again")
-    # execution choices are ours, not upstream keys: a converted checkpoint computes in "auto" precision
-    assert again.cfg == model.cfg and again.execution.compute_dtype == "auto"
+    assert config["mm_vision_config"]["patch_size"] == 8 and config["mm_hidden_size"] == 64
+    # upstream's loader reads its config through transformers' Qwen2Config (LlavaQwenConfig subclasses it): the
+    # extra key is kept as a plain attribute, and the Qwen2 fields are the model's
+    hf = Qwen2Config.from_pretrained(str(tmp_path / "exp"))
+    assert hf.hidden_size == cfg.text.hidden_size and hf.mm_vision_config["hidden_size"] == 64
+    assert run_cli(["convert", "from-torch", str(tmp_path / "exp"), "--check"]) == 0  # 1 when it finds problems
+    again = llavaction_jax.load_pretrained(tmp_path / "exp")
+    assert again.cfg == model.cfg
     assert all(np.array_equal(a, leaves(again)[k]) for k, a in leaves(model).items())
+    assert run_cli(["convert", "from-torch", str(tmp_path / "exp"), "--out", str(tmp_path / "back"),
+                    "--no-progress"]) == 0
+    back = llavaction_jax.load_pretrained(tmp_path / "back")
+    # execution choices are ours, not upstream keys: a converted checkpoint computes in "auto" precision
+    assert back.cfg == model.cfg and back.execution.compute_dtype == "auto"
+    assert all(np.array_equal(a, leaves(back)[k]) for k, a in leaves(model).items())
+
+
+def test_the_hf_onevision_layout_says_the_same_in_its_help_and_its_refusal(tmp_path, capsys):
+    from llavaction_jax.api import LlavaModel
+    from llavaction_jax.convert.hf_onevision import LIMITS
+
+    with pytest.raises(SystemExit):
+        main(["convert", "to-torch", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    LlavaModel.random(tiny_cfg(heads=True), seed=0).save_pretrained(tmp_path / "trained")
+    assert main(["convert", "to-torch", str(tmp_path / "trained"), "--out", str(tmp_path / "hf"), "--layout",
+                 "hf-onevision"]) == 2
+    refusal = " ".join(capsys.readouterr().err.split())
+    assert LIMITS in help_text and LIMITS[1:] in refusal  # the refusal starts the sentence with a capital
+    assert "action token" in LIMITS and "heads" in LIMITS and "one_token models only" not in help_text
+    assert not (tmp_path / "hf").exists()
 
 
 def upstream_reference_logits(export: pathlib.Path, ids: np.ndarray, pixels: np.ndarray) -> np.ndarray:
@@ -207,7 +261,7 @@ def test_to_torch_export_of_a_trained_model_loads_in_transformers_with_the_same_
     cfg = tiny_cfg(heads=True, tied=False)  # random weights initialised in jit with rbg keys (fast on CPU)
     model = LlavaModel(cfg, jax.jit(lambda key: llava.init(cfg, key))(jax.random.key(5, impl="rbg")))
     model.save_pretrained(tmp_path / "trained", tokenizer_dir=tmp_path / "tok")  # what `train` writes too
-    assert main(["convert", "to-torch", str(tmp_path / "trained"), str(tmp_path / "torch"), "--no-progress"]) == 0
+    assert main(["convert", "to-torch", str(tmp_path / "trained"), "--out", str(tmp_path / "torch"), "--no-progress"]) == 0
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "config.json"):
         assert (tmp_path / "torch" / name).is_file(), name
     config = json.loads((tmp_path / "torch" / "config.json").read_text())
@@ -227,7 +281,7 @@ def test_to_torch_export_of_a_trained_model_loads_in_transformers_with_the_same_
     np.testing.assert_allclose(got, upstream_reference_logits(tmp_path / "torch", ids, pixels), atol=TOL, rtol=0)
 
     # HF's llava-onevision has one newline per video and no action token: refused, saying why, nothing written
-    assert main(["convert", "to-torch", str(tmp_path / "trained"), str(tmp_path / "hf"), "--layout",
+    assert main(["convert", "to-torch", str(tmp_path / "trained"), "--out", str(tmp_path / "hf"), "--layout",
                  "hf-onevision"]) != 0
     err = capsys.readouterr().err
     assert "mm_newline_position='grid'" in err and "no action token" in err and not (tmp_path / "hf").exists()
@@ -468,8 +522,10 @@ def test_model_config_overrides_as_in_train_and_eval(tmp_path, capsys):
     assert main(["convert", "from-torch", str(tmp_path / "src"), "--out", str(tmp_path / "bad"), "--no-progress",
                  "--config.model.text.num_layers=1"]) == 2
     assert "change the shapes" in capsys.readouterr().err and not (tmp_path / "bad").exists()
-    assert main(["convert", "to-torch", str(tmp_path / "ours"), "--out", str(tmp_path / "t"),
-                 "--config.model.attention=xla"]) == 2
+    with pytest.raises(SystemExit) as exit_info:  # to-torch takes no overrides: a usage error naming the flag
+        main(["convert", "to-torch", str(tmp_path / "ours"), "--out", str(tmp_path / "t"),
+              "--config.model.attention=xla"])
+    assert exit_info.value.code == 2 and "unrecognized arguments: --config.model.attention" in capsys.readouterr().err
 
 
 def as_hub_snapshot(src: pathlib.Path, cache: pathlib.Path) -> pathlib.Path:

@@ -7,23 +7,17 @@ single-process conversion bit for bit. The workers are this file run as a script
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from _processes import reserved_port
 from conftest import COLLECTIVE_FLAGS
 
 pytestmark = pytest.mark.watchdog(600)  # 2 processes: a child process group with a deadline (tests/_watchdog.py)
 
 MESH = (1, 4, 2)  # (data, fsdp, tensor) over the 8 devices of both processes
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_write_one_checkpoint_equal_to_single_process(tmp_path):
@@ -35,17 +29,13 @@ def test_two_processes_write_one_checkpoint_equal_to_single_process(tmp_path):
     from llavaction_jax.sharding import make_mesh
 
     make_upstream_checkpoint(tmp_path / "src", dtype="bfloat16", unused=True)
-    port = _free_port()
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4 " + COLLECTIVE_FLAGS, JAX_PLATFORMS="cpu")
     root = pathlib.Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = os.pathsep.join([str(root), str(root / "tests"), env.get("PYTHONPATH", "")])
-    workers = [subprocess.Popen([sys.executable, __file__, str(i), str(port), str(tmp_path)], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    try:
-        outputs = [w.communicate(timeout=120)[0] for w in workers]
-    finally:
-        for w in workers:
-            w.kill()
+    with reserved_port() as port:
+        workers = [subprocess.Popen([sys.executable, __file__, str(i), str(port), str(tmp_path)], env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+        outputs = [w.communicate()[0] for w in workers]  # bounded by the watchdog, which kills them too
     for i, (w, out) in enumerate(zip(workers, outputs)):
         assert w.returncode == 0, f"worker {i} failed:\n{out[-3000:]}"
 

@@ -103,9 +103,9 @@ def test_peak_memory_stays_near_the_buffer_not_the_largest_parameter(tmp_path):
     assert size > 2 * largest
     py = [sys.executable, "-m", "llavaction_jax", "convert"]
     _, base = measure([sys.executable, "-c", _BASELINE])
-    _, rss_in = measure(py + ["from-torch", str(tmp_path / "torch"), str(tmp_path / "ours"), "--no-progress",
+    _, rss_in = measure(py + ["from-torch", str(tmp_path / "torch"), "--out", str(tmp_path / "ours"), "--no-progress",
                               "--vision-config", str(tmp_path / "siglip.json"), "--buffer-size", "16MiB"])
-    _, rss_out = measure(py + ["to-torch", str(tmp_path / "ours"), str(tmp_path / "back"), "--no-progress",
+    _, rss_out = measure(py + ["to-torch", str(tmp_path / "ours"), "--out", str(tmp_path / "back"), "--no-progress",
                                "--buffer-size", "16MiB"])
     # holding one whole embedding would already cost `largest` (268 MB) over the baseline
     assert rss_in - base < largest * 0.6, (rss_in - base) / 1e6
@@ -120,7 +120,7 @@ def test_a_conversion_killed_mid_write_does_not_block_the_rerun(tmp_path):
     write_source(tmp_path / "torch", _big_config())
     dst = tmp_path / "ours"
     stage = staging.staging_dir(dst)
-    cmd = [sys.executable, "-m", "llavaction_jax", "convert", "from-torch", str(tmp_path / "torch"), str(dst),
+    cmd = [sys.executable, "-m", "llavaction_jax", "convert", "from-torch", str(tmp_path / "torch"), "--out", str(dst),
            "--no-progress", "--vision-config", str(tmp_path / "siglip.json"), "--buffer-size", "1MiB"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -2,12 +2,12 @@
 single-process environments that must not initialise, and `maybe_initialize` in a real process."""
 
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
+from _processes import reserved_port
 from llavaction_jax.distributed import detect_cluster, has_tpu_chips, initialize_args
 
 SLURM = {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "node[001-002]", "SLURM_PROCID": "3", "SLURM_LOCALID": "1"}
@@ -76,24 +76,19 @@ print("RESULT", maybe_initialize(sys.argv[1]), jax.distributed.is_initialized(),
 """
 
 
-def probe(mode, envs):
-    """Start one process per environment at once (they may have to find each other); their RESULT fields."""
+def probe(mode, envs, timeout=180):
+    """Start one process per environment at once (they may have to find each other); their RESULT fields.
+    `timeout=None` where the test's watchdog bounds them (several processes that could wait on each other)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "TPU_", "MEGASCALE_"))}
     clean.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
     procs = [subprocess.Popen([sys.executable, "-c", PROBE, mode], env=dict(clean, **env), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for env in envs]
     results = []
     for p in procs:
-        out, err = p.communicate(timeout=180)
+        out, err = p.communicate(timeout=timeout)
         assert p.returncode == 0, err[-2000:]
         results.append([line for line in out.splitlines() if line.startswith("RESULT")][0].split()[1:])
     return results
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_single_process_jobs_stay_single_in_a_real_process():
@@ -102,13 +97,14 @@ def test_single_process_jobs_stay_single_in_a_real_process():
     assert probe("off", [dict(MULTI["slurm"][0])]) == [["None", "False", "1"]]  # "off" wins over a cluster
 
 
+@pytest.mark.watchdog(300)  # 2 processes that wait for each other: a child process group with a deadline
 def test_two_mpirun_processes_find_each_other_without_a_flag():
     """The environment `mpirun -n 2` gives its ranks (Open MPI 5 style, plus the coordinator address): "auto"
     detects the job and both processes join one 2-process jax.distributed system."""
-    address = f"127.0.0.1:{free_port()}"
-    envs = [{"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": str(i), "OMPI_COMM_WORLD_LOCAL_RANK": str(i),
-             "JAX_COORDINATOR_ADDRESS": address} for i in range(2)]
-    assert probe("auto", envs) == [["open-mpi", "True", "2"]] * 2
+    with reserved_port() as port:
+        envs = [{"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": str(i), "OMPI_COMM_WORLD_LOCAL_RANK": str(i),
+                 "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}"} for i in range(2)]
+        assert probe("auto", envs, timeout=None) == [["open-mpi", "True", "2"]] * 2
 
 
 def test_unknown_mode_is_an_error():

@@ -5,13 +5,10 @@ ek100`` with its table. The commands run in one child process with one CPU devic
 two compiled generation steps (bilinear and average pooling) and one random initialiser for all of them."""
 
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from _cli_e2e import run_cli_child
 from test_ek100 import write_fake_annotations
 from test_mqa_protocols import ranked_predictions
 from test_prior_actions import VALIDATION
@@ -23,7 +20,6 @@ from llavaction_jax.ek100 import labels, mqa
 from llavaction_jax.eval import mqa_eval
 from llavaction_jax.eval.ek100_suite import ROWS
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--preset", "tiny", *[f"--config.model.{o}" for o in ("text.vocab_size=151680", "text.tie_word_embeddings=true",
                                                               "text.hidden_size=64", "text.intermediate_size=128")]]
 RUN = ["--batch-size", "5", "--prompt-len", "320", "--mesh", "data=-1,fsdp=1,tensor=1"]
@@ -43,17 +39,10 @@ def write_shards(ann, folder):
 
 
 def run_commands(root, commands):
-    """The CLI commands, in order, in one child process with one device; returns their exit codes."""
-    code = ("import json, sys\nfrom llavaction_jax.cli import main\n"
-            "codes = [main(argv) for argv in json.loads(sys.argv[1])]\nprint('EXIT CODES', json.dumps(codes))")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(commands)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    codes = json.loads(proc.stdout.split("EXIT CODES", 1)[1])
-    assert codes == [0] * len(commands), proc.stdout + proc.stderr
-    return proc.stdout + proc.stderr
+    """The CLI commands, in order, in one child process with one device; returns their output."""
+    codes, output = run_cli_child(commands, devices=1)
+    assert codes == [0] * len(commands), output
+    return output
 
 
 @pytest.fixture(scope="module")
@@ -168,8 +157,10 @@ def test_a_question_files_pooling_applies_unless_the_command_line_sets_one():
     assert mqa_eval.with_file_pooling(cfg, {}, []) is cfg
 
 
+@pytest.mark.cli_e2e("eval", "eval-suite")
 def test_suite_ek100_runs_what_is_built_and_writes_one_table(runs):
-    root, _ = runs
+    root, logs = runs
+    assert "[eval] step 1/2: 5/10 questions" in logs and ", ETA " in logs  # eval's progress, with an ETA
     table = json.loads((root / "suite" / "ek100.json").read_text())
     rows = {r["variant"]: r for r in table["rows"]}
     assert list(rows) == [r.variant for r in ROWS]

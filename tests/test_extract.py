@@ -6,6 +6,7 @@ import pathlib
 import numpy as np
 import pytest
 
+from _cli_e2e import run_cli
 from _video_fixtures import decode_all_pyav, known_frames, write_mp4
 from llavaction_jax import cli
 from llavaction_jax.data import extract, sampling
@@ -171,6 +172,7 @@ def test_ek100_whole_videos_end_to_end_resume_and_failures(ek100_whole, tmp_path
         FrameShards(out)
 
 
+@pytest.mark.cli_e2e("extract-frames")
 def test_a_rerun_retries_failed_clips_once_the_videos_are_fixed(tmp_path, capsys):
     root = tmp_path / "videos"
     write_mp4(root / "P01" / "videos" / "P01_01.MP4", known_frames(0, 60))
@@ -184,8 +186,10 @@ def test_a_rerun_retries_failed_clips_once_the_videos_are_fixed(tmp_path, capsys
     mtime = good.stat().st_mtime_ns
     write_mp4(root / "P01" / "videos" / "P01_02.MP4", known_frames(100, 40))  # the missing video arrives
     capsys.readouterr()
-    assert cli.main(whole_args(root, csv, out)) == 0
-    assert "1 shards already done, 1 to write with 1 worker(s) (1 retrying failed clips)" in capsys.readouterr().err
+    assert run_cli(whole_args(root, csv, out)) == 0
+    err = capsys.readouterr().err
+    assert "1 shards already done, 1 to write with 1 worker(s) (1 retrying failed clips)" in err
+    assert "clips 1/1 (1 written, 0 failed)" in err and "ETA 0:00" in err  # progress with an ETA
     shards = FrameShards(out)
     assert sorted(shards.uids) == ["P01_01_0", "P01_02_0"] and shards.manifest["num_failed_clips"] == 0
     assert (out / "failures.jsonl").read_text() == "" and good.stat().st_mtime_ns == mtime

@@ -180,20 +180,82 @@ def test_slurm_dry_run_prints_srun(fake_venv):
     assert bad.returncode == 2 and "ntasks-per-node=1" in bad.stderr
 
 
-def test_device_check_dry_run_installs_only_missing_wheels(tmp_path):
+def test_device_check_dry_run_installs_missing_and_older_wheels(tmp_path):
     import sys
 
     wheels = tmp_path / "wheels"
     wheels.mkdir()
-    for name in ("numpy-2.4.6-py3-none-any.whl", "not_installed_pkg_x-1.0-py3-none-any.whl"):
+    for name in ("numpy-1.0-py3-none-any.whl", "pytest-99.0-py3-none-any.whl", "not_installed_pkg_x-1.0-py3-none-any.whl"):
         (wheels / name).write_bytes(b"")
     out = run("device_check.sh", "--out", "/tmp/out dir/r.json", "--sections", "eval_7b", DRY_RUN="1",
               PYTHON=sys.executable, WHEELS=str(wheels), LIMIT="300")
     assert out.returncode == 0, out.stderr
     lines = [shlex.split(line) for line in out.stdout.strip().splitlines()]
-    assert lines[0] == [sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--target",
-                        f"{wheels}/site", f"{wheels}/not_installed_pkg_x-1.0-py3-none-any.whl"]  # numpy is there
-    assert lines[1][:2] == [sys.executable, "-c"] and "jax.device_count()" in lines[1][2]
-    assert lines[2] == ["timeout", "--kill-after=15", "300", sys.executable, "-m", "llavaction_jax.bench.device_check",
-                        "--time-limit", "270", "--out", "/tmp/out dir/r.json", "--sections", "eval_7b"]
-    assert len(lines) == 3 and not (wheels / "site").exists()  # a dry run installs nothing
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--upgrade", "--target",
+           f"{wheels}/site"]
+    # missing: installed; older than the wheel (pytest 9.2 < 99.0): replaced; numpy 2.4.6 >= 1.0: kept
+    assert lines[:2] == [pip + [f"{wheels}/not_installed_pkg_x-1.0-py3-none-any.whl"],
+                         pip + [f"{wheels}/pytest-99.0-py3-none-any.whl"]]
+    assert lines[2][:2] == [sys.executable, "-c"] and "jax.device_count()" in lines[2][2]
+    assert lines[3] == ["timeout", "--kill-after=15", "300", sys.executable, "-m", "llavaction_jax.bench.device_check",
+                        "--budget", "270", "--out", "/tmp/out dir/r.json", "--sections", "eval_7b"]
+    assert len(lines) == 4 and not (wheels / "site").exists()  # a dry run installs nothing
+
+
+def gpu_flags() -> list[str]:
+    out = subprocess.run(["bash", "-c", "source launch/common.sh && printf '%s\\n' \"${GPU_XLA_FLAGS[@]}\""],
+                         cwd=LAUNCH.parent, capture_output=True, text=True, check=True)
+    return out.stdout.split()
+
+
+def stand_in(path: pathlib.Path) -> pathlib.Path:
+    """An interpreter (or srun) that prints the XLA_FLAGS it was started with and its arguments."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('#!/bin/sh\necho "XLA_FLAGS=$XLA_FLAGS ARGS=$*"\n')
+    path.chmod(0o755)
+    return path
+
+
+def test_gpu_launches_pass_maxtexts_h100_flags_before_the_users_and_jax_accepts_them(tmp_path, fake_venv):
+    import sys
+
+    flags = gpu_flags()
+    assert "--xla_gpu_enable_latency_hiding_scheduler=true" in flags and len(flags) >= 10
+    common = (LAUNCH / "common.sh").read_text()
+    for flag in flags:  # each flag has its reason in a comment above it (or above the group it belongs to)
+        above = [line.strip() for line in common[:common.index(flag)].splitlines()]
+        while above[-1].startswith("--") or not above[-1]:
+            above.pop()
+        assert above[-1].startswith("# ") and len(above[-1]) > 20, flag
+    # every flag is known to this JAX's XLA (an unknown one aborts the process)
+    env = dict(os.environ, XLA_FLAGS=" ".join(flags))
+    probe = subprocess.run([sys.executable, "-c", "import jax, jax.numpy as jnp; print(jax.jit(lambda x: x @ x)"
+                            "(jnp.ones((2, 2))).sum())"], env=env, capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 0 and probe.stdout.strip() == "8.0", probe.stderr[-2000:]
+
+    mine = "--xla_dump_to=/tmp/mine"
+    python = stand_in(tmp_path / "bin" / "python3")
+    check = run("device_check.sh", "--smoke", DRY_RUN="0", PYTHON=str(python), WHEELS=str(tmp_path / "none"),
+                XLA_FLAGS=mine)
+    assert check.returncode == 0, check.stderr
+    started = [line for line in check.stdout.splitlines() if "llavaction_jax.bench.device_check" in line]
+    assert started == [f"XLA_FLAGS={' '.join(flags)} {mine} ARGS=-m llavaction_jax.bench.device_check --budget 420 "
+                       "--smoke"]
+
+    stand_in(fake_venv / "bin" / "python")
+    (fake_venv / f".jax-cuda12-{jax_version()}").touch()
+    gpu = run("local.sh", DRY_RUN="0", VENV=str(fake_venv), JAX_EXTRA="cuda12", XLA_FLAGS=mine)
+    cpu = run("local.sh", DRY_RUN="0", VENV=str(fake_venv), XLA_FLAGS=mine)
+    assert gpu.stdout.splitlines()[-1].startswith(f"XLA_FLAGS={' '.join(flags)} {mine} ARGS=-m llavaction_jax train")
+    assert cpu.stdout.splitlines()[-1].startswith(f"XLA_FLAGS={mine} ARGS=-m llavaction_jax train")  # CPU: untouched
+
+    stand_in(tmp_path / "path" / "srun")
+    slurm = run("slurm_gpu.sbatch", DRY_RUN="0", VENV=str(fake_venv), XLA_FLAGS=mine,
+                PATH=f"{tmp_path / 'path'}:{os.environ['PATH']}")
+    assert slurm.returncode == 0, slurm.stderr
+    assert slurm.stdout.splitlines()[-1].startswith(f"XLA_FLAGS={' '.join(flags)} {mine} ARGS=--kill-on-bad-exit=1")
+
+
+def jax_version() -> str:
+    return next(line for line in (LAUNCH.parent / "requirements.txt").read_text().splitlines()
+                if line.startswith("jax=="))[len("jax=="):]

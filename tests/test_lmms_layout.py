@@ -55,18 +55,56 @@ def test_results_json_has_lmms_evals_fields_and_metrics():
 
 
 def test_samples_records_and_hashes():
+    """A line as lmms-eval 0.3's evaluator builds it and its tracker writes it (evaluator.py: evaluate,
+    evaluation_tracker.py: save_results_samples): doc and arguments kept, filtered_resps a list, hashes of the doc,
+    the prompt and the target."""
     content, samples = build()
     gen = samples["ek100_mqa"]
     doc0 = {k: v for k, v in PREDS[0].items() if k not in ("index", "prompt_tokens", "generate", "score")}
-    doc_hash = hashlib.sha256(json.dumps(doc0, indent=2, ensure_ascii=False).encode()).hexdigest()
-    assert gen[0] == {"doc_id": 0, "doc_hash": doc_hash, "input": "<image>\nq0", "target": "open door",
-                      "resps": ["A. open door"], "filtered_resps": "open door", "accuracy_text": 1.0,
-                      "accuracy_letter": 1.0, "uid": "P01_0"}
-    assert "resps" not in gen[3] and gen[3]["filtered_resps"] == "take cup"  # raw == parsed: one copy
-    assert samples["ek100_mqa_score"][1]["filtered_resps"] == [[-2.5, False], [-0.5, False], [-3.0, False]]
-    assert samples["ek100_mqa_score"][1]["accuracy_letter_normalized"] == 1.0
+    sha = lambda text: hashlib.sha256(text.encode()).hexdigest()
+    assert gen[0] == {"doc_id": 0, "doc": doc0, "target": "open door",
+                      "arguments": {"0": "max_new_tokens"}, "resps": [["A. open door"]],
+                      "filtered_resps": ["open door"], "doc_hash": sha(json.dumps(doc0, indent=2, ensure_ascii=False)),
+                      "prompt_hash": sha("<image>\nq0"), "target_hash": sha("open door"),
+                      "accuracy_text": 1.0, "accuracy_letter": 1.0, "input": "<image>\nq0"}
+    assert list(gen[0]) == ["doc_id", "doc", "target", "arguments", "resps", "filtered_resps", "doc_hash",
+                            "prompt_hash", "target_hash", "accuracy_text", "accuracy_letter", "input"]
+    score = samples["ek100_mqa_score"][1]
+    # multiple choice: one loglikelihood request per option, (log-likelihood, is_greedy) sanitised to strings
+    assert score["filtered_resps"] == [["-2.5", "False"], ["-0.5", "False"], ["-3.0", "False"]]
+    assert score["resps"] == [[["-2.5", "False"]], [["-0.5", "False"]], [["-3.0", "False"]]]
+    assert score["arguments"] == {str(i): c for i, c in enumerate(" open door")}  # the first continuation
+    assert score["accuracy_letter_normalized"] == 1.0
     expected = hashlib.sha256("".join(f"sample_{i}" + r["doc_hash"] for i, r in enumerate(gen)).encode()).hexdigest()
     assert content["task_hashes"]["ek100_mqa"] == expected
+
+
+def test_a_benchmark_file_is_its_lmms_eval_task_scored_with_its_parser():
+    """NExT-QA: lmms-eval's parser (the last "(X)") reads "The answer is (B) close door. A. open door is wrong" as B,
+    LLaVAction's as "open door": the lmms-eval task must be nextqa_mc_test and score it right, as
+    results.json["benchmark"] does."""
+    from llavaction_jax.eval.benchmarks import VARIANTS
+    from llavaction_jax.eval.benchmarks import score as benchmark_score
+
+    meta = {"format": "llavaction_jax.benchmark", "variant_spec": {**VARIANTS["nextqa_mc_test"].__dict__}}
+    preds = [dict(pred(0, "The answer is (B) close door. A. open door is wrong", "open door is wrong", False, False,
+                       [-2.0, -1.0, -3.0], True, True, True), gt_letter="B", gt_text="close door"),
+             dict(pred(1, "C", "C", False, False, [-1.0, -2.0, -3.0], False, False, False), gt_letter="B",
+                  gt_text="close door")]
+    preds[0]["score"]["letter"] = "B"  # the option with the highest sum
+    content, samples = lmms_layout.build(
+        preds, ["<image>\nq0", "<image>\nq1"], fmt="videoqa", modes=("generate", "score"), questions_path="q.jsonl",
+        total_questions=2, model_name="m", batch_size=2, limit=None, gen_kwargs={"max_new_tokens": 16}, device="cpu",
+        wall_s=1.0, date=1795824000.0, meta=meta)
+    assert set(content["results"]) == set(samples) == {"nextqa_mc_test", "nextqa_mc_test_score"}
+    assert [s["accuracy"] for s in samples["nextqa_mc_test"]] == [1.0, 0.0]
+    assert [s["target"] for s in samples["nextqa_mc_test"]] == ["B", "B"]
+    assert content["results"]["nextqa_mc_test"]["accuracy,none"] == 0.5
+    assert content["configs"]["nextqa_mc_test"]["metadata"]["answer_parser"] == "mmmu_last"
+    assert [s["accuracy"] for s in samples["nextqa_mc_test_score"]] == [1.0, 0.0]  # best sums: B, then A
+    official = benchmark_score.benchmark_results(meta, preds)["modes"]
+    assert content["results"]["nextqa_mc_test"]["accuracy,none"] == official["generate"]["headline"]
+    assert content["results"]["nextqa_mc_test_score"]["accuracy,none"] == official["score"]["headline"] == 0.5
 
 
 def test_files_are_named_as_lmms_eval_names_them(tmp_path):

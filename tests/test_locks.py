@@ -13,6 +13,7 @@ import time
 import pytest
 
 from _pause import kill, pause_env, wait_until_stopped
+from _processes import reserved_port
 from llavaction_jax import locks
 from llavaction_jax.cli import main
 
@@ -34,6 +35,8 @@ def command_line(name: str, out: pathlib.Path, tmp: pathlib.Path) -> list[str]:
     (tmp / "model" / "config.json").write_text("{}")
     (tmp / "clips.jsonl").write_text(json.dumps({"uid": "c0", "video": "v.mp4"}) + "\n")
     (tmp / "items.jsonl").write_text(json.dumps({"video": "v.mp4"}) + "\n")
+    (tmp / "q.jsonl").write_text("{}\n")  # inputs exist: commands check them before taking the lock
+    (tmp / "s").mkdir(exist_ok=True)
     return {
         "train": ["train", "--out", str(out), f"--config.data.samples={tmp / 'clips.jsonl'}"],
         "eval": ["eval", "--preset", "tiny", "--questions", str(tmp / "q.jsonl"), "--shards", str(tmp / "s"),
@@ -53,7 +56,7 @@ def test_every_command_refuses_an_output_locked_by_a_live_process_and_takes_over
                               env=pause_env(dict(os.environ, PYTHONPATH=str(REPO)), "output-locked"),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        wait_until_stopped(holder)
+        wait_until_stopped(holder, timeout=120)  # this test is not under the watchdog
         for name, out in outputs.items():
             started = time.monotonic()
             assert main(command_line(name, out, tmp_path)) == 2, name
@@ -161,15 +164,13 @@ def test_one_lock_per_multi_process_run_on_a_shared_filesystem_each_hosts_own_ot
     own = [str(tmp_path / "host0" / "out"), str(tmp_path / "host1" / "out")]
     busy = [str(tmp_path / "host0" / "busy"), str(tmp_path / "host1" / "busy")]
     write_lock(pathlib.Path(busy[1]), pid=os.getpid())  # a live holder (this test process) on process 1's disk
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     cases = [[shared, shared], own, busy]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONPATH=str(REPO))
-    procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESSES, f"127.0.0.1:{port}", str(i), json.dumps(cases)],
-                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
-    outputs = [p.communicate(timeout=240) for p in procs]
+    with reserved_port() as port:
+        procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESSES, f"127.0.0.1:{port}", str(i),
+                                   json.dumps(cases)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for i in range(2)]
+        outputs = [p.communicate() for p in procs]  # bounded by the watchdog
     assert all(p.returncode == 0 for p in procs), outputs
     results = [[json.loads(line) for line in out.splitlines() if line.startswith("{")] for out, _ in outputs]
     shared0, shared1 = results[0][0], results[1][0]

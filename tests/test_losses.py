@@ -8,8 +8,9 @@
   rows with actions[:, 0] >= 0; summed, divided by len(triples) + 1; total loss = LM + 0.1 * that.
   one_token / newline: all heads read action position 0; three_tokens: verb 0, noun 1, action 2.
 
-The hidden states at the action positions are computed independently of `llava.forward`'s splice: the sequence is
-spliced by a Python reference here and run through `qwen2.forward(..., gather_idx=...)` directly.
+The hidden states at the action positions are computed independently of the implementation: the sequence is spliced
+by a Python reference here and run through transformers' `Qwen2Model(..., output_hidden_states=True)` (upstream's
+`all_states` is that tuple), with the same text weights.
 """
 
 import functools
@@ -133,7 +134,39 @@ def random_params(cfg, seed=0, std=0.3):
 EX = ExecutionConfig().resolve("cpu", 1)
 FORWARD = lambda params, cfg, *args: forward_with_losses(params, *args, cfg=cfg, execution=EX)
 ENCODE = jax.jit(llava.encode_videos, static_argnums=(2, 3))
-GATHER = jax.jit(qwen2.forward, static_argnums=4)
+
+
+def torch_text_model(cfg, seed=0):
+    """A random transformers Qwen2 of `cfg.text`'s shape (norm scales and biases random too) and its weights in
+    our layout (the converter's key table)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from llavaction_jax.convert.import_plan import torch_to_params
+
+    t = cfg.text
+    hf_cfg = Qwen2Config(vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+                         num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
+                         num_key_value_heads=t.num_kv_heads, rope_theta=t.rope_theta, rms_norm_eps=t.rms_norm_eps,
+                         tie_word_embeddings=False, attn_implementation="eager")
+    model = Qwen2ForCausalLM(hf_cfg).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_((1.0 if "norm" in name else 0.0) + 0.3 * torch.randn(p.shape, generator=g))
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    text = torch_to_params(state, cfg, expected={"text": qwen2.param_specs(t)})["text"]
+    return model.model, text
+
+
+def torch_states_at(model, embeds, mask, positions, idx) -> np.ndarray:
+    """transformers' hidden_states (embeddings, outputs of layers 0..L-2, final normed output) read at idx (B, P):
+    (L + 1, B, P, H)."""
+    with torch.no_grad():
+        states = model(inputs_embeds=torch.from_numpy(embeds), attention_mask=torch.from_numpy(mask.astype(np.int64)),
+                       position_ids=torch.from_numpy(positions.astype(np.int64)), output_hidden_states=True,
+                       use_cache=False).hidden_states
+    rows = np.arange(idx.shape[0])[:, None]
+    return np.stack([s.numpy()[rows, idx] for s in states])
 
 
 def ref_splice(embeds, ids, labels, mask, visual, out_len, n_pos):
@@ -170,7 +203,8 @@ def ref_splice(embeds, ids, labels, mask, visual, out_len, n_pos):
 )  # fmt: skip
 def test_forward_losses_vs_torch(supervision, training, actions):
     cfg = tiny_cfg(vision_supervision=supervision, vision_token_training=training)
-    params = random_params(cfg)
+    hf_text, text = torch_text_model(cfg)
+    params = dict(random_params(cfg), text=jax.tree.map(jnp.asarray, text))
     rng = np.random.default_rng(5)
     length = 9
     ids = rng.integers(1, cfg.text.vocab_size, (2, length))
@@ -193,8 +227,7 @@ def test_forward_losses_vs_torch(supervision, training, actions):
     assert out_len == length - 1 + cfg.tokens_per_video(2)
     e, lab, m, pos, act = ref_splice(embeds, ids, labels, mask, visual, out_len, n_pos)
     np.testing.assert_array_equal(np.asarray(out.labels), lab)
-    gathered = np.asarray(GATHER(params["text"], jnp.asarray(e), jnp.asarray(pos), jnp.asarray(m), cfg.text,
-                                 gather_idx=jnp.asarray(act))[1])
+    gathered = torch_states_at(hf_text, e, m, pos, act)
     assert gathered.shape == (cfg.text.num_layers + 1, 2, n_pos, cfg.text.hidden_size)
     if supervision == "one_token":  # the first entry is the embedding layer: the learned action token itself
         np.testing.assert_allclose(gathered[0, :, 0], np.broadcast_to(np.asarray(params["action_tokens"])[0], (2, 8)),

@@ -56,6 +56,45 @@ def test_rates_are_consistent_scalars_and_the_first_logged_step_has_none():
     assert progress.rates(3, STEP) == {}  # no step since the last call
 
 
+def test_step_outputs_stay_on_the_device_until_fetched_together():
+    import jax
+    import jax.numpy as jnp
+
+    step = jax.jit(lambda x: {"loss": x.sum(), "grad_norm": x.max()})
+    outputs = metrics.StepOutputs()
+    for i in range(1, 4):
+        outputs.add(i, step(jnp.full((3,), float(i))))
+    fetched = outputs.fetch()
+    assert fetched == [(1, {"loss": 3.0, "grad_norm": 1.0}), (2, {"loss": 6.0, "grad_norm": 2.0}),
+                       (3, {"loss": 9.0, "grad_norm": 3.0})]
+    assert all(type(v) is float for _, m in fetched for v in m.values())
+    assert outputs.fetch() == []  # each step once
+
+
+def test_loop_clock_times_one_step_after_a_log_line_and_not_beside_a_checkpoint():
+    import time
+
+    clock = metrics.LoopClock(probe_every=3)
+    assert clock.probe_starts(1) is None  # nothing synced yet: the first step compiles
+    clock.synced(1, logged=True, saved=False)
+    started = clock.probe_starts(2)
+    assert started is not None and clock.probe_starts(2) is None  # once per sync
+    time.sleep(0.02)
+    clock.probe_ends(started, {"loss": 0.0})
+    assert clock.alone[0][0] >= 0.02 and 0 <= clock.alone[0][1] < 0.02  # wall, CPU (a sleep costs no CPU)
+    clock.synced(3, logged=True, saved=False)
+    assert clock.probe_starts(4) is None  # fewer than probe_every steps since the last timed one
+    clock.synced(5, logged=True, saved=True)
+    assert clock.probe_starts(6) is None  # a checkpoint is being written beside it
+    clock.synced(8, logged=True, saved=False)
+    assert clock.probe_starts(9) is not None
+    assert len(clock.walls) == 3  # the intervals 1-3, 3-5, 5-8 (not the first, which compiles)
+    s = clock.summary()
+    assert s["loop_overhead"] == pytest.approx((s["step_time_s"] - s["jitted_step_s"]) / s["jitted_step_s"])
+    assert {"step_cpu_s", "jitted_step_cpu_s", "loop_cpu_overhead"} <= set(s)
+    assert clock.line(s).startswith("loop: ") and "loop overhead" in clock.line(s)
+
+
 def test_wandb_is_refused_when_asked_for_but_not_installed(monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # make sure: absent even where a user installed it
     monkeypatch.setattr(metrics.importlib.util, "find_spec", lambda name: None)

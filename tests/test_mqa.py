@@ -5,6 +5,7 @@ import pathlib
 import shutil
 
 import pytest
+from _cli_e2e import run_cli
 from test_ek100 import FAKE_VALIDATION, write_fake_annotations
 
 from llavaction_jax.cli import main
@@ -18,7 +19,7 @@ def fake_dir(tmp_path):
 
 
 def build(ann, out, *extra):
-    return main(["build-mqa", "--annotations", str(ann), "--out", str(out), *extra])
+    return run_cli(["build-mqa", "--annotations", str(ann), "--out", str(out), *extra])
 
 
 def read(path):
@@ -36,6 +37,7 @@ def write_predictions(path, segments, top):
     return path
 
 
+@pytest.mark.cli_e2e("build-mqa")
 def test_same_file_twice_and_same_questions_from_two_slices(fake_dir, tmp_path, capsys):
     assert build(fake_dir, tmp_path / "a.jsonl", "--seed", "7") == 0
     assert build(fake_dir, tmp_path / "b.jsonl", "--seed", "7") == 0
@@ -49,6 +51,7 @@ def test_same_file_twice_and_same_questions_from_two_slices(fake_dir, tmp_path, 
     assert meta["settings"]["seed"] == 7 and len(questions) == 5
     err = capsys.readouterr().err
     assert "[build-mqa] 10/10 questions" in err and "[build-mqa] 5/5 questions" in err
+    assert "[build-mqa] 1/10 questions" in err and "ETA " in err  # progress with an ETA from the first question
     # another seed gives another instance
     assert build(fake_dir, tmp_path / "c.jsonl", "--seed", "8") == 0
     assert (tmp_path / "c.jsonl").read_bytes() != (tmp_path / "a.jsonl").read_bytes()

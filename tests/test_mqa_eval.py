@@ -7,11 +7,8 @@ import json
 import os
 import pathlib
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -24,6 +21,8 @@ from llavaction_jax.ek100 import prompts
 from llavaction_jax.eval import batching, clip_failures, metrics, mqa_eval, questions as qs, runner
 from llavaction_jax.eval.parsing import score_answer
 from llavaction_jax.sharding import make_mesh
+from _pause import kill_when_stopped, pause_env
+from _processes import reserved_port, run_logged
 from conftest import COLLECTIVE_FLAGS
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -138,7 +137,7 @@ def test_command_line_parsing_and_batch_layout_errors():
                                             ["--config.model.text.vocab_size=151680",
                                              "--config.model.compute_dtype=bfloat16"])
     assert cfg.text.vocab_size == 151680 and execution.compute_dtype == "bfloat16"
-    with pytest.raises(ConfigError, match="no such field"):
+    with pytest.raises(ConfigError, match="--config.model.text.vocab: no field 'vocab'"):
         configs_with_overrides(load_preset("tiny"), ExecutionConfig(), ["--config.model.text.vocab=3"])
     with pytest.raises(ValueError, match="does not split over data x fsdp = 2"):
         check_batch_layout(make_mesh(data=2, fsdp=1, tensor=1, devices=jax.devices()[:2]), 3, 1)
@@ -274,23 +273,17 @@ def test_videoqa_file_end_to_end(data_dir, model_on_mesh, single_process):
     assert [p["gt_letter"] for p in preds] == list("ABCDE")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_give_the_same_results_as_one(single_process, data_dir):
     out1, results1 = single_process
     out2 = data_dir / "out2"
-    port = free_port()
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2 " + COLLECTIVE_FLAGS, JAX_PLATFORMS="cpu",
                JAX_DEFAULT_MATMUL_PRECISION="highest", PYTHONPATH=str(REPO))
-    procs = [subprocess.Popen([sys.executable, "-m", "llavaction_jax", *eval_args(
-        data_dir, out2, "--batch-size", "4", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-        "--process-id", str(i))], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for i in range(2)]
-    logs = [p.communicate(timeout=240)[0] for p in procs]
+    with reserved_port() as port:
+        procs = [subprocess.Popen([sys.executable, "-m", "llavaction_jax", *eval_args(
+            data_dir, out2, "--batch-size", "4", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+            "--process-id", str(i))], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for i in range(2)]
+        logs = [p.communicate()[0] for p in procs]  # bounded by the watchdog
     assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)
     assert "2 process(es)" in logs[0] and "questions/s" in logs[0]
 
@@ -317,24 +310,20 @@ def test_a_model_vocabulary_smaller_than_the_tokenizer_is_a_clear_error(data_dir
 
 
 def test_a_killed_eval_resumes_and_writes_what_an_uninterrupted_run_writes(data_dir, model_on_mesh):
-    """SIGKILL a real eval after its first steps; the rerun answers only the rest, and its outputs equal an
+    """SIGKILL a real eval after its first step; the rerun answers only the rest, and its outputs equal an
     uninterrupted run's with the same settings (two questions a step, so five steps)."""
     params, cfg, execution, name, mesh = model_on_mesh
     out = data_dir / "killed"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4 " + COLLECTIVE_FLAGS,
                JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest", PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "llavaction_jax", *eval_args(data_dir, out, "--batch-size", "2")],
-                            env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = data_dir / "killed.log"
+    # stopped once the first step's two answers are on disk, then killed there
+    proc = run_logged([sys.executable, "-m", "llavaction_jax", *eval_args(data_dir, out, "--batch-size", "2")], log,
+                      env=pause_env(env, "eval-step-written:0"), cwd=REPO)
+    kill_when_stopped(proc, log)
     partial = out / runner.PARTIAL_NAME.format(0)
-    try:
-        while proc.poll() is None and (not partial.is_file() or partial.read_text().count("\n") < 3):
-            time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
     answered = [json.loads(line)["index"] for line in partial.read_text().splitlines()[1:]]
-    assert 2 <= len(answered) < N_QUESTIONS and not (out / "results.json").exists()
+    assert answered == [0, 1] and not (out / "results.json").exists()
 
     settings = runner.EvalSettings(batch_size=2, modes=("generate", "score"), max_new_tokens=4)
     run = lambda o: runner.evaluate(params, cfg, default_tokenizer(), data_dir / "q.jsonl", data_dir / "shards",

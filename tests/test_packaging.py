@@ -134,6 +134,7 @@ def test_a_fresh_venv_with_the_wheel_runs_the_console_script(wheel, tmp_path):
         metadata = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode()
         names = z.namelist()
     assert "llavaction_jax/configs/train.py" in names and "llavaction_jax/configs/tiny.py" in names
+    assert "llavaction_jax/bench/gpu_targets/h100_sxm.txtpb" in names  # bench.aot's GPU descriptions
     declared = [Requirement(line.split(":", 1)[1].strip()) for line in metadata.splitlines()
                 if line.startswith("Requires-Dist:")]
     for req in declared:  # this environment, which the new venv borrows, satisfies what the wheel declares
@@ -155,9 +156,17 @@ def test_a_fresh_venv_with_the_wheel_runs_the_console_script(wheel, tmp_path):
                               cwd=tmp_path, env=env, timeout=120)
     assert help_run.returncode == 0, help_run.stderr
     assert help_run.stdout.startswith("usage: llavaction-jax") and "extract-frames" in help_run.stdout
+    version = subprocess.run([str(venv / "bin" / "llavaction-jax"), "--version"], capture_output=True, text=True,
+                             cwd=tmp_path, env=env, timeout=120)
+    assert version.returncode == 0 and version.stdout == f"llavaction-jax {metadata_version(metadata)}\n"
     # the installed copy runs (not this checkout), with the recipes packaged inside it
     where = subprocess.run([str(python), "-c", "import llavaction_jax.config as c; print(c.__file__, c.CONFIGS_DIR, "
                             "*sorted(p.name for p in c.CONFIGS_DIR.glob('*.py')))"],
                            capture_output=True, text=True, cwd=tmp_path, env=env, check=True).stdout.split()
     assert where[0].startswith(site) and where[1] == str(pathlib.Path(site) / "llavaction_jax" / "configs")
     assert where[2:] == sorted(p.name for p in (ROOT / "configs").glob("*.py"))  # every preset and recipe
+
+
+def metadata_version(metadata: str) -> str:
+    """The wheel's Version: field (pyproject.toml takes it from llavaction_jax.__version__)."""
+    return next(line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("Version:"))

@@ -8,6 +8,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from _cli_e2e import run_cli
 from _video_fixtures import known_frames, write_mp4
 
 from llavaction_jax.api import LlavaModel, load_pretrained
@@ -83,6 +84,7 @@ def test_generate_and_score_options_equal_eval_on_extracted_frames(setup, tmp_pa
         np.testing.assert_allclose(got["logprob_sum"], r["score"]["logprob_sum"], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.cli_e2e("predict")
 def test_predict_batch_and_single_video(setup, tmp_path, capsys):
     root, model = setup
     items = [{"video": "videos/a.mp4", "start": 0.5, "end": 2.0, "options": OPTIONS},
@@ -91,7 +93,7 @@ def test_predict_batch_and_single_video(setup, tmp_path, capsys):
     batch = root / "items.jsonl"
     batch.write_text("".join(json.dumps(i) + "\n" for i in items))
     common = ["--model", str(root / "model"), "--num-frames", str(FRAMES), "--max-new-tokens", str(NEW_TOKENS)]
-    assert main(["predict", *common, "--batch", str(batch), "--batch-size", "2", "--out", str(tmp_path / "o.jsonl")]) == 0
+    assert run_cli(["predict", *common, "--batch", str(batch), "--batch-size", "2", "--out", str(tmp_path / "o.jsonl")]) == 0
     err = capsys.readouterr().err
     assert "[predict] backend cpu" in err and "step 2/2: 3/3 clips" in err
     records = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
@@ -114,7 +116,7 @@ def test_predict_batch_and_single_video(setup, tmp_path, capsys):
     assert main(["predict", *common, "--batch", str(batch), "--out", str(tmp_path / "o.jsonl")]) == 2
     assert "o.jsonl exists and is not empty" in capsys.readouterr().err
     assert main(["predict", *common, "--video", str(root / "missing.mp4")]) == 2
-    assert "missing.mp4 does not exist" in capsys.readouterr().err
+    assert f"--video {root / 'missing.mp4'}: no such file" in capsys.readouterr().err
 
 
 def test_offline_tokenizer_is_qwen2s_151646_entries():

@@ -3,7 +3,6 @@
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
@@ -11,9 +10,10 @@ import jax
 import numpy as np
 import pytest
 
+from _processes import reserved_port
 from _train_fixtures import make_training_data, tiny_train_config
-from llavaction_jax.train.loop import train
 from conftest import COLLECTIVE_FLAGS
+from llavaction_jax.train.loop import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.watchdog(1200)  # 2 processes: a child process group with a deadline (tests/_watchdog.py)
@@ -34,23 +34,17 @@ print("LOSSES", json.dumps(summary["losses"]), flush=True)
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_train_like_one(tmp_path):
     data = make_training_data(tmp_path / "data")
     single = train(tiny_train_config(data, tmp_path / "single", steps=3, **{"train.save_model": False}))
 
-    address = f"127.0.0.1:{free_port()}"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4 " + COLLECTIVE_FLAGS, JAX_PLATFORMS="cpu",
                PYTHONPATH=str(REPO))
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, address, str(i), str(data), str(tmp_path / "multi"),
-                               str(REPO / "tests")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for i in range(2)]
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    with reserved_port() as port:
+        procs = [subprocess.Popen([sys.executable, "-c", WORKER, f"127.0.0.1:{port}", str(i), str(data),
+                                   str(tmp_path / "multi"), str(REPO / "tests")], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for i in range(2)]
+        outputs = [p.communicate()[0] for p in procs]  # bounded by the watchdog
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-3000:]
     losses = [json.loads(line.split(" ", 1)[1]) for out in outputs for line in out.splitlines() if line.startswith("LOSSES")]

@@ -5,7 +5,6 @@ import json
 import logging
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
@@ -13,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from _processes import reserved_port
 from llavaction_jax.data import frames as fs
 from llavaction_jax.data.batching import (QWEN_PAD_ID, bucket_length, make_global_batch, pad_text_to,
                                           power_of_two_buckets)
@@ -288,16 +288,14 @@ jax.distributed.shutdown()
 
 @pytest.mark.watchdog(300)  # 2 processes: a child process group with a deadline (tests/_watchdog.py)
 def test_two_jax_processes_read_disjoint_halves(data, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     (tmp_path / "child.py").write_text(CHILD)
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     env.pop("XLA_FLAGS", None)
-    children = [subprocess.Popen([sys.executable, str(tmp_path / "child.py"), str(i), str(port), str(data),
-                                  str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                for i in range(2)]
-    outputs = [child.communicate(timeout=120)[0] for child in children]
+    with reserved_port() as port:
+        children = [subprocess.Popen([sys.executable, str(tmp_path / "child.py"), str(i), str(port), str(data),
+                                      str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True) for i in range(2)]
+        outputs = [child.communicate()[0] for child in children]  # bounded by the watchdog
     for child, output in zip(children, outputs):
         assert child.returncode == 0, output[-3000:]
     results = [json.loads((tmp_path / f"process{i}.json").read_text()) for i in range(2)]

@@ -11,14 +11,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from _pause import kill, pause_env, resume, wait_until_stopped
+from _pause import kill, kill_when_stopped, pause_env, resume, wait_until_stopped
+from _processes import run_logged
 from _train_fixtures import (assert_same_tree, corrupt_record, make_training_data, subprocess_env, tiny_train_config,
                              train_command)
 from llavaction_jax import checkpoint_io, integrity, locks
@@ -81,7 +81,8 @@ def model_params(model_dir: pathlib.Path, like):
 
 def run_cli(cfg, **overrides):
     args = train_command(cfg) + [f"--config.{k}={v}" for k, v in overrides.items()]
-    return subprocess.run(args, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    # no timeout of its own: the watchdog bounds the test
+    return subprocess.run(args, cwd=REPO, env=subprocess_env(), capture_output=True, text=True)
 
 
 def test_base_run_writes_checksums_and_the_final_step(base_run):
@@ -181,20 +182,15 @@ def test_checkpoint_without_data_state_needs_the_flag(data, run_copy):
     assert summary["step"] == 3 and summary["stopped"] == "completed"
 
 
-def test_sigkill_during_the_final_model_save_then_a_rerun_replaces_the_leftover(data, run_copy):
+def test_sigkill_during_the_final_model_save_then_a_rerun_replaces_the_leftover(data, run_copy, tmp_path):
     shutil.rmtree(run_copy / "model")  # the rerun restores step 3 and goes straight to the final save
     cfg = tiny_train_config(data, run_copy, steps=3, **BASE)
-    proc = subprocess.Popen(train_command(cfg), cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    log = tmp_path / "train.log"
+    # stopped inside the save (params written, config and checksums not), then killed there
+    proc = run_logged(train_command(cfg), log, cwd=REPO, env=pause_env(subprocess_env(), "model-params-written"))
+    kill_when_stopped(proc, log)
     partial = run_copy / "model.partial"
-    try:
-        while proc.poll() is None and not (partial / "params").exists():
-            time.sleep(0.002)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
-    assert partial.is_dir() and not (run_copy / "model").exists() and not integrity.has_manifest(partial)
+    assert (partial / "params").is_dir() and not (run_copy / "model").exists() and not integrity.has_manifest(partial)
     assert train(cfg)["step"] == 3
     assert not partial.exists() and integrity.verify_manifest(run_copy / "model")
     params = checkpoint_params(run_copy, 3)
@@ -262,7 +258,7 @@ def test_a_second_run_is_refused_while_the_first_holds_the_directory_and_sigterm
         resume(proc)
         wait_until_stopped(proc)  # the final model's arrays are on disk, its config and checksums not yet
         resume(proc, signal.SIGTERM)
-        out, _ = proc.communicate(timeout=300)
+        out, _ = proc.communicate()  # no timeout of its own: the watchdog bounds the test
     finally:
         kill(proc)
     assert proc.returncode == 0, out

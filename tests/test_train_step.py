@@ -48,9 +48,39 @@ OPT = OptimizerConfig(learning_rate=1e-3, vision_lr=2e-4, warmup_ratio=0.0, tota
 OPT_STABLE = OptimizerConfig(learning_rate=1e-3, vision_lr=2e-4, warmup_ratio=0.0, total_steps=10, eps=1e-4)
 
 
-def assert_trees_close(a, b, atol):
-    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, err_msg=jax.tree_util.keystr(path))
+def assert_trees_close(a, b, rtol=1e-3, floor=1e-6):
+    """Every float tensor of `a` within `rtol` x its own largest |entry| in `b` (integers equal). Summation order
+    differs (sharded vs one device, micro-batches vs one batch), and Adam divides by |g| + eps: an entry whose
+    gradient is near eps moved by up to 1.1e-4 of its tensor's largest update in these tests (the embedding).
+
+    A tensor of rounding noise is held to `floor` x the largest |entry| of its kind in `b` (all tensors of Adam's
+    first moments, of its second moments, or of the rest) instead: the key bias, which softmax ignores, gets
+    gradients of ~1e-11 from summation order alone, so its moments and updates differ between meshes by more than
+    100% of themselves."""
+    leaves_a, tree_a = jax.tree_util.tree_flatten_with_path(a)
+    leaves_b, tree_b = jax.tree_util.tree_flatten(b)
+    assert tree_a == tree_b, (tree_a, tree_b)
+
+    def kind(path):
+        return next((k.name for k in path if isinstance(k, jax.tree_util.GetAttrKey) and k.name in ("mu", "nu")), "")
+
+    largest = {}
+    for (path, _), y in zip(leaves_a, leaves_b):
+        if np.issubdtype(np.asarray(y).dtype, np.floating):
+            largest[kind(path)] = max(largest.get(kind(path), 0.0), float(np.abs(np.asarray(y)).max()))
+    for (path, x), y in zip(leaves_a, leaves_b):
+        x, y = np.asarray(x), np.asarray(y)
+        if not np.issubdtype(y.dtype, np.floating):
+            np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+            continue
+        atol = max(rtol * float(np.abs(y).max()), floor * largest[kind(path)])
+        np.testing.assert_allclose(x, y, rtol=0, atol=atol, err_msg=jax.tree_util.keystr(path))
+
+
+def updates(state, seed=0):
+    """The change of every parameter from its initial value (run_steps starts from llava.init with `seed`)."""
+    init = llava.init(CFG, jax.random.key(seed))
+    return jax.tree.map(lambda p, p0: np.asarray(p) - np.asarray(p0), state["params"], init)
 
 
 @pytest.mark.watchdog(900)  # 8 fake devices: a child process with a deadline (tests/_watchdog.py)
@@ -59,8 +89,8 @@ def test_8_device_mesh_gives_the_same_steps_as_one_device():
     batches = [make_batch(rng) for _ in range(2)]
     single, m1 = run_steps(OPT_STABLE, batches)
     sharded, m8 = run_steps(OPT_STABLE, batches, mesh=make_mesh(data=2, fsdp=2, tensor=2))
-    assert_trees_close(sharded["params"], single["params"], atol=2e-5)
-    assert_trees_close(sharded["opt_state"], single["opt_state"], atol=2e-5)
+    assert_trees_close(updates(sharded), updates(single))
+    assert_trees_close(sharded["opt_state"], single["opt_state"])
     for a, b in zip(m1, m8):
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
         np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-4)
@@ -72,7 +102,7 @@ def test_micro_batches_equal_one_batch():
     micro, mm = run_steps(OPT_STABLE, [batch], n_micro=2)
     np.testing.assert_allclose(mw[0]["loss"], mm[0]["loss"], rtol=1e-6)
     np.testing.assert_allclose(mw[0]["grad_norm"], mm[0]["grad_norm"], rtol=1e-5)
-    assert_trees_close(micro["params"], whole["params"], atol=1e-6)
+    assert_trees_close(updates(micro), updates(whole))
 
 
 def test_frozen_groups_do_not_change_and_carry_no_optimizer_state():
@@ -125,7 +155,7 @@ def test_sample_reduction_weighs_every_sample_of_the_global_batch_equally():
     micro, mm = run_steps(OPT_STABLE, [batch], n_micro=2)
     np.testing.assert_allclose(mw[0]["loss"], mm[0]["loss"], rtol=1e-6)
     np.testing.assert_allclose(mw[0]["grad_norm"], mm[0]["grad_norm"], rtol=1e-5)
-    assert_trees_close(micro["params"], whole["params"], atol=1e-6)
+    assert_trees_close(updates(micro), updates(whole))
     params, execution = llava.init(CFG, jax.random.key(0)), resolve_execution(EXECUTION)
     rows = lambda r: {k: v[r:r + 1] for k, v in batch.items()}
     own = [float(loss_fn(params, CFG, execution, rows(r), "token")[0]) for r in range(3)]

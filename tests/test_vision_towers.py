@@ -4,6 +4,7 @@ HF spellings, unused keys, layers past the selected one), the config.json reader
 preprocessing, with no other file touched. Also: how a tower name finds its tower."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -152,6 +153,13 @@ def test_the_toy_tower_in_config_json(toy):
     assert hf == {"model_type": "toy_vision_model", "width": 32, "mlp_width": 64, "depth": 2, "heads": 2,
                   "image_size": 16, "patch": 8, "hidden_act": "tanh"}
     assert uc.vision_from_hf(hf, select_layer=-1) == cfg.vision
+    # a toy model not of its named checkpoint's size: its hub config travels in mm_vision_config, in the entry's keys
+    odd = read.replace(vision=dataclasses.replace(read.vision, hidden_size=16, intermediate_size=24))
+    written = json.loads(json.dumps(uc.export_config(odd)))
+    assert written[uc.VISION_CONFIG_KEY] == {"model_type": "toy_vision_model", "width": 16, "mlp_width": 24,
+                                             "depth": 3, "heads": 2, "image_size": 16, "patch": 8}
+    assert uc.from_upstream(written).vision == odd.vision
+    assert uc.VISION_CONFIG_KEY not in uc.export_config(read)  # its name gives its size
     processor = hf_onevision.processor_configs(cfg)["preprocessor_config.json"]
     assert (processor["resample"], processor["image_mean"], processor["image_std"]) == (2, [0.4, 0.5, 0.6],
                                                                                      [0.2, 0.25, 0.3])

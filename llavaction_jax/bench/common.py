@@ -35,10 +35,12 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, JAX {jax.__version__} on {kind}"
 
 
-def record(title: str, command: str, lines: list[str], write: bool = True) -> str:
-    """Print a result block and append it to BENCHMARKS.md (newest last)."""
+def record(title: str, command: str, lines: list[str], write: bool = True, machine_text: str | None = None) -> str:
+    """Print a result block and append it to BENCHMARKS.md (newest last). `machine_text` describes the machine
+    where this process did not measure (the device check's worker did); default: this process's devices."""
     today = datetime.date.today().isoformat()
-    block = "\n".join([f"### {title} ({today})", "", f"- command: `{command}`", f"- machine: {machine()}", *lines, ""])
+    block = "\n".join([f"### {title} ({today})", "", f"- command: `{command}`", f"- machine: {machine_text or machine()}",
+                        *lines, ""])
     print(block)
     if write:
         with BENCHMARKS_MD.open("a") as f:

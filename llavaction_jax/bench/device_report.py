@@ -1,16 +1,17 @@
-"""The device check's printed table and its BENCHMARKS.md-style markdown block (bench/device_check.py)."""
+"""The device check's printed lines, table and BENCHMARKS.md-style markdown block (bench/device_check.py).
+
+Nothing here asks JAX for its devices: the check's own process never starts a backend (its worker holds the
+accelerator), so the machine is described from the devices section's results.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import io
 
-import jax
-
 from llavaction_jax.bench.common import record
 
 GIB = 2**30
-SHOWN = ("ok", "running")  # sections whose facts are listed ("running": cut off mid-section, finished cases)
 
 
 def _fmt(value, spec: str = ".3g") -> str:
@@ -21,52 +22,80 @@ def _gib(value) -> str:
     return "-" if value is None else f"{value / GIB:.1f} GiB"
 
 
+def _first_line(text: str | None, width: int = 200) -> str:
+    return text.strip().splitlines()[0][:width] if text and text.strip() else ""
+
+
+def _case_result(c: dict) -> str:
+    return (case_facts(c) if c["status"] == "ok" else _first_line(c.get("error"))) + attempts_note(c)
+
+
+def _case_label(c: dict) -> str:
+    return c["case"] + (f" ({c['attention']})" if c.get("attention") and "impl" not in c else "")
+
+
+def case_facts(c: dict) -> str:
+    """The measured facts of one case, in the order a reader wants them."""
+    parts = []
+    if "prefill_s" in c:
+        parts.append(f"prefill {c['prefill_s']:.3f} s")
+    if "questions_per_s" in c:
+        parts.append(f"{c['questions_per_s']:.2f} questions/s, all of EK100-MQA in {c['projected_s'] / 60:.1f} min")
+    if "step_s" in c:
+        parts.append(f"{c['step_s']:.3f} s/step, {c['tokens_per_s']:,.0f} tokens/s, loss {c['loss']:.3f}")
+    if "max_diff" in c:
+        parts.append(f"max|diff| {c['max_diff']:.2e}, fwd {c['fwd_ms']:.2f} ms, fwd+bwd {c['fwd_bwd_ms']:.2f} ms")
+    if "mfu" in c or "mfu_spec" in c:
+        parts.append(f"MFU {_fmt(c.get('mfu'), '.1%')} of the measured peak, {_fmt(c.get('mfu_spec'), '.1%')} of the "
+                     "specification")
+    if "compile_s" in c:
+        parts.append(f"compile {c['compile_s']:.0f} s, {c['calls']} call(s)")
+    if c.get("compiled_bytes") is not None:
+        parts.append(f"compiled {_gib(c['compiled_bytes'])}")
+    if c.get("peak_bytes") is not None:  # the worker's peak so far: earlier sections in it count too
+        parts.append(f"worker peak {_gib(c['peak_bytes'])}")
+    return ", ".join(parts)
+
+
+def attempts_note(c: dict) -> str:
+    """What happened before the recorded attempt: '' for a first attempt."""
+    earlier = c.get("attempts", [])[:-1]
+    return "".join(f" [first with {a['attention']}: {a['status']}, {_first_line(a.get('error'), 120)}; retried with "
+                   "flash]" for a in earlier)
+
+
+def case_line(c: dict) -> str:
+    """'label (attention): status: facts or error [earlier attempts]' -- one printed line per case."""
+    result = _case_result(c)
+    return f"{_case_label(c)}: {c['status']}{': ' + result if result else ''}"
+
+
+def section_facts(name: str, out: dict) -> str:
+    """The section-level facts (those that are not per case)."""
+    if name == "devices" and "device_kind" in out:
+        return (f"{out['device_count']} x {out['device_kind']}, JAX {out['jax']}, {out['platform_version']}, bf16 "
+                f"matmul {out['bf16_matmul_tflops']:.3g} TFLOP/s measured ({out['matmul_size']}^3), specification "
+                f"{_fmt(out.get('spec_tflops'))} TFLOP/s, memory {_gib(out['memory_limit_bytes'])}")
+    parts = []
+    if "model" in out:
+        parts.append(f"{out['model']}, {out['frames']} frames" + (f", {out['tokens']} tokens" if "tokens" in out else ""))
+    if "lm_head_tokens" in out:
+        parts.append(f"LM head on {out['lm_head_tokens']} positions, remat {out['remat']}")
+    if "batch_speedup" in out:
+        parts.append(f"questions/s largest batch / batch 1: {out['batch_speedup']:.2f}x")
+    if "auto" in out:
+        parts.append(f"{out['heads']} heads, {out['tokens']} tokens, auto picks {out['auto']}")
+    return ", ".join(parts)
+
+
 def table_rows(results: dict) -> list[tuple[str, str, str, str]]:
-    """(section, case, status, facts) rows for the printed table and the markdown block."""
+    """(section, case, status, result) rows: one per section, then one per case."""
     rows = []
     for name, out in results["sections"].items():
-        kind = "train" if name.startswith("train") else name
-        if out["status"] in SHOWN and kind in _SECTION_ROWS:
-            rows += _SECTION_ROWS[kind](name, out)
-        else:
-            note = out.get("error", "")
-            rows.append((name, out.get("model", ""), out["status"], note.splitlines()[0][:160] if note else ""))
+        note = _first_line(out.get("reason") or out.get("error"))
+        rows.append((name, "", out["status"], "; ".join(x for x in (section_facts(name, out), note) if x)))
+        rows += [(name, _case_label(c), c["status"], _case_result(c)) for c in out.get("cases", [])]
     return rows
-
-
-def _devices_rows(name: str, out: dict) -> list[tuple]:
-    return [(name, f"{out['device_count']} x {out['device_kind']}", out["status"],
-             f"JAX {out['jax']}, {out['platform_version']}, bf16 matmul {out['bf16_matmul_tflops']:.3g} "
-             f"TFLOP/s ({out['matmul_size']}^3), memory {_gib(out['memory_limit_bytes'])}")]
-
-
-def _attention_rows(name: str, out: dict) -> list[tuple]:
-    rows = _case_rows(name, out["cases"], lambda c: f"{c['tokens']} tokens {c['impl']}", lambda c: (
-        f"max|diff| {_fmt(c.get('max_diff'), '.2e')}, fwd {_fmt(c.get('fwd_ms'), '.2f')} ms, "
-        f"fwd+bwd {_fmt(c.get('fwd_bwd_ms'), '.2f')} ms"))
-    return rows + [(name, "auto picks", "ok", ", ".join(f"{t}: {i}" for t, i in out["auto"].items()))]
-
-
-def _forward_rows(name: str, out: dict) -> list[tuple]:
-    return [(name, f"{out['model']} {out['frames']} frames, {out['tokens']} tokens", out["status"],
-             f"prefill {out['prefill_s']:.3f} s, MFU {_fmt(out['mfu'], '.1%')}, compiled "
-             f"{_gib(out['compiled_bytes'])}, peak {_gib(out['peak_bytes'])}, compile {out['compile_s']:.0f} s")]
-
-
-def _eval_rows(name: str, out: dict) -> list[tuple]:
-    return _case_rows(name, out["cases"], lambda c: f"batch {c['batch']} {c['mode']}", lambda c: (
-        f"{c['questions_per_s']:.2f} questions/s, {out['questions']} questions in "
-        f"{c['projected_s'] / 60:.1f} min, compile {c['compile_s']:.0f} s"))
-
-
-def _train_rows(name: str, out: dict) -> list[tuple]:
-    return [(name, f"{out['model']} {out['frames']} frames, remat {out['remat']}", out["status"],
-             f"{out['step_s']:.3f} s/step, {out['tokens_per_s']:,.0f} tokens/s, MFU {_fmt(out['mfu'], '.1%')}, "
-             f"compiled {_gib(out['compiled_bytes'])}, compile {out['compile_s']:.0f} s")]
-
-
-_SECTION_ROWS = {"devices": _devices_rows, "attention": _attention_rows, "forward_7b": _forward_rows,
-                 "eval_7b": _eval_rows, "train": _train_rows}
 
 
 def format_table(results: dict) -> str:
@@ -78,15 +107,13 @@ def format_table(results: dict) -> str:
 
 
 def markdown_block(results: dict, command: str) -> str:
-    kind = results["sections"].get("devices", {}).get("device_kind", jax.devices()[0].device_kind)
-    lines = [f"- {section} / {case}: **{status}**{': ' + facts if facts else ''}"
+    dev = results["sections"].get("devices", {})
+    kind = dev.get("device_kind", "device not reported")
+    machine = (f"{dev['device_count']} x {kind}, JAX {dev['jax']}, Python {dev['python']}" if "jax" in dev
+               else "not reported (the devices section did not finish)")
+    lines = [f"- {section}{' / ' + case if case else ''}: **{status}**{': ' + facts if facts else ''}"
              for section, case, status, facts in table_rows(results)]
-    lines.append(f"- total {results.get('total_s', 0):.0f} s of a {results['time_limit_s']:.0f} s limit"
+    lines.append(f"- total {results.get('total_s', 0):.0f} s of a {results['budget_s']:.0f} s budget"
                  + ("; smoke sizes (tiny model, CPU): not a measurement" if results["smoke"] else ""))
     with contextlib.redirect_stdout(io.StringIO()):  # record() prints; the table is printed once, at the end
-        return record(f"device check: {kind}", command, lines, write=False)
-
-
-def _case_rows(section: str, cases: list[dict], label, facts) -> list[tuple]:
-    """One row per case of a section: its label, status, and `facts(case)` (or the error) for the ok ones."""
-    return [(section, label(c), c["status"], facts(c) if c["status"] == "ok" else c.get("error", "")) for c in cases]
+        return record(f"device check: {kind}", command, lines, write=False, machine_text=machine)

@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per framework (median reported)")
     parser.add_argument("--batch", type=int, default=1)
-    cli_flags.add_num_frames(parser, "frames per clip", old=("--frames",), default=8)
+    cli_flags.add_num_frames(parser, "the model input's", default=8)
     parser.add_argument("--no-write", action="store_true", help="print only; do not append to BENCHMARKS.md")
     args = parser.parse_args(argv)
 

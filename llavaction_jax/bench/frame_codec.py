@@ -7,7 +7,7 @@ PyAV (912x512, 30 fps, yuv420p, crf 23, a textured moving scene), this compares 
 with upstream's (read_clip: decode + resize + normalise, the path ``predict`` uses) and the next-token logits of a
 tiny random model (configs/tiny.py) on both, in the same run; plus bytes per frame.
 
-    python -m llavaction_jax.bench.frame_codec [--frames 16] [--no-write]
+    python -m llavaction_jax.bench.frame_codec [--num-frames 16] [--no-write]
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llavaction_jax import cli_flags
 from llavaction_jax.bench.common import record
 from llavaction_jax.config import ModelConfig, load_preset
 from llavaction_jax.data import extract
@@ -84,7 +85,7 @@ def next_token_logits(params, cfg: ModelConfig, pixels: jax.Array) -> jax.Array:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--frames", type=int, default=16, help="frames per clip (upstream's eval: 16)")
+    cli_flags.add_num_frames(parser, "the clip's (upstream's eval: 16)", default=16)
     parser.add_argument("--no-write", action="store_true", help="print only, do not append to BENCHMARKS.md")
     args = parser.parse_args(argv)
     cfg = load_preset("tiny").resolved("cpu", 1)
@@ -98,10 +99,10 @@ def main(argv=None) -> int:
         start, end = 0.4, 3.6
         for size, what in ((DEFAULT_FRAME_SIZE, "pixels at 384 px (LLaVAction's input)"),
                            (cfg.vision.image_size, f"tiny model ({cfg.vision.image_size} px frames)")):
-            upstream = read_clip(str(video), start, end, args.frames, size).pixels
+            upstream = read_clip(str(video), start, end, args.num_frames, size).pixels
             reference = logits(params, cfg, upstream) if size == cfg.vision.image_size else None
             for codec, quality in CODECS:
-                ours, nbytes = stored_pixels(video, start, end, args.frames, size, codec, quality)
+                ours, nbytes = stored_pixels(video, start, end, args.num_frames, size, codec, quality)
                 peak, mean = levels(ours, upstream)
                 line = (f"- {what}, {codec}{f' q{quality}' if quality else ''}: |pixel - upstream's| max {peak:.1f}, "
                         f"mean {mean:.3f} levels; {nbytes / 1024:.1f} KiB a frame")
@@ -111,8 +112,8 @@ def main(argv=None) -> int:
                              f"{np.ptp(reference):.2f}), same argmax: {int(got.argmax()) == int(reference.argmax())}")
                 lines.append(line)
     record("Frame storage: JPEG / PNG shards vs upstream's per-step MP4 decoding",
-           f"python -m llavaction_jax.bench.frame_codec --frames {args.frames}",
-           [f"- clip: PyAV libx264 yuv420p crf 23, {WIDTH}x{HEIGHT} {FPS} fps, {args.frames} frames of 0.4-3.6 s",
+           f"python -m llavaction_jax.bench.frame_codec --num-frames {args.num_frames}",
+           [f"- clip: PyAV libx264 yuv420p crf 23, {WIDTH}x{HEIGHT} {FPS} fps, {args.num_frames} frames of 0.4-3.6 s",
             *lines], write=not args.no_write)
     return 0
 

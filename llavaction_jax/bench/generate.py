@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--questions", type=int, default=16, help="questions answered by each contender")
     parser.add_argument("--new-tokens", type=int, default=16, help="max_new_tokens (an MQA answer is ~8 tokens)")
-    cli_flags.add_num_frames(parser, "frames per clip", old=("--frames",), default=8)
+    cli_flags.add_num_frames(parser, "the model input's", default=8)
     parser.add_argument("--batches", default="8,16", help="our batch sizes")
     parser.add_argument("--no-score", action="store_true", help="skip option scoring")
     parser.add_argument("--no-write", action="store_true", help="print only; do not append to BENCHMARKS.md")

@@ -4,8 +4,8 @@ The real recipe (docs/checkpoints.md; llavaction/train/llava_trainer.py: LLaVATr
 LLaVAction-7B, fp32 master params with bf16 compute, AdamW over all
 parameters, 64 frames (13441 visual tokens) + text = a 16384-token sequence, micro-batch 1 per data-parallel
 device, "flash" attention, remat "full". The state and batch exist only as `jax.ShapeDtypeStruct`s with their
-shardings (`train.step.state_shardings`, `init_state` via `jax.eval_shape`); the step is
-`train.step.jit_train_step` (jit with in/out shardings, state donated), lowered and compiled for a virtual
+shardings, and the step is `train.step.jit_train_step`, as `bench.aot_programs.train_program` builds them (the
+same program bench.aot compiles for TPU slices and H100s); here it is lowered and compiled for a virtual
 8-device CPU mesh, and `compiled.memory_analysis()` gives each device's argument / output / temp bytes.
 
 Meshes: FSDP-8 (data 1, fsdp 8, tensor 1; global batch 8) and FSDP-4 x TP-2 (data 1, fsdp 4, tensor 2; global
@@ -42,28 +42,16 @@ else:
 
 # Below the XLA_FLAGS / JAX_PLATFORMS setup on purpose: jax reads them when it is imported.
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 from llavaction_jax import cli_flags  # noqa: E402
+from llavaction_jax.bench.aot_programs import train_program  # noqa: E402
 from llavaction_jax.bench.common import record  # noqa: E402
 from llavaction_jax.config import ResolvedExecution, load_preset  # noqa: E402
-from llavaction_jax.model import llava  # noqa: E402
-from llavaction_jax.model.params import abstract_params  # noqa: E402
-from llavaction_jax.sharding import batch_sharding, make_mesh  # noqa: E402
-from llavaction_jax.train.optim import OptimizerConfig, make_optimizer, param_groups  # noqa: E402
-from llavaction_jax.train.step import init_state, jit_train_step, make_train_step, state_shardings  # noqa: E402
+from llavaction_jax.sharding import make_mesh  # noqa: E402
 
 MESHES = {"fsdp8": dict(data=1, fsdp=8, tensor=1), "fsdp4_tp2": dict(data=1, fsdp=4, tensor=2)}
 BUDGET = 80e9  # bytes: "80 GB" taken as 80e9 (74.5 GiB), below an H100's 79.6 GiB, so a fit is conservative
 GIB = 2**30
-
-
-def abstract_batch(cfg, batch: int, text_len: int, frames: int) -> dict:
-    s = cfg.vision.image_size
-    shapes = {"input_ids": ((batch, text_len), jnp.int32), "attention_mask": ((batch, text_len), jnp.bool_),
-              "labels": ((batch, text_len), jnp.int32), "pixel_values": ((batch, frames, 3, s, s), jnp.float32),
-              "actions": ((batch, 3), jnp.int32), "has_video": ((batch,), jnp.bool_)}
-    return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in shapes.items()}
 
 
 def compile_step(policy: str, mesh_name: str, frames: int, seq: int, micro_batches: int):
@@ -74,37 +62,21 @@ def compile_step(policy: str, mesh_name: str, frames: int, seq: int, micro_batch
     execution = ResolvedExecution(compute_dtype="bfloat16", attention="flash", remat_policy=policy,
                                   vision_frames_per_step=-1, loop_collectives="on", platform="gpu")
     mesh = make_mesh(**MESHES[mesh_name])
-    visual = cfg.tokens_per_video(frames)
-    text_len = seq - visual + 1  # the -200 placeholder is replaced by the visual tokens
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    batch = dp * micro_batches  # micro-batch 1 per data-parallel device
-
-    specs = llava.param_specs(cfg)
-    params = abstract_params(specs, jnp.dtype(cfg.param_dtype))
-    opt_cfg = OptimizerConfig()  # upstream: all three parts tunable, AdamW
-    tx, schedules = make_optimizer(params, opt_cfg)
-    state = jax.eval_shape(lambda p: init_state(p, tx), params)
-    s_shard = state_shardings(state, cfg, mesh)
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, s_shard)
-    b = abstract_batch(cfg, batch, text_len, frames)
-    b = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=batch_sharding(mesh)), b)
-
-    step = make_train_step(cfg, execution, tx, param_groups(params, opt_cfg), micro_batches, schedules)
-    jitted = jit_train_step(step, state, cfg, mesh).jitted
+    program = train_program(cfg, execution, mesh, frames, seq, micro_batches=micro_batches)  # what bench.aot compiles
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
-        lowered = jitted.lower(state, b)
+        lowered = program.jitted.lower(*program.args)
     lower_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
 
-    n_params = sum(x.size for x in jax.tree.leaves(params))
-    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+    f = program.facts
     ma = compiled.memory_analysis()
     total = ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes + ma.temp_size_in_bytes
-    facts = dict(policy=policy, mesh=mesh_name, mesh_shape=dict(mesh.shape), batch=batch, text_len=text_len,
-                 visual=visual, seq=text_len - 1 + visual, n_params=n_params, state_bytes=state_bytes,
+    facts = dict(policy=policy, mesh=mesh_name, mesh_shape=dict(mesh.shape), batch=f["global_batch"],
+                 text_len=f["text_len"], visual=f["visual"], seq=f["text_len"] - 1 + f["visual"],
+                 n_params=f["n_params"], state_bytes=f["state_bytes"],
                  argument=ma.argument_size_in_bytes, output=ma.output_size_in_bytes, alias=ma.alias_size_in_bytes,
                  temp=ma.temp_size_in_bytes, code=ma.generated_code_size_in_bytes, total=total,
                  lower_s=lower_s, compile_s=compile_s)
@@ -142,7 +114,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--policies", default="full,dots_no_batch", help="comma list of remat policies")
     parser.add_argument("--meshes", default="fsdp8,fsdp4_tp2", help=f"comma list of {sorted(MESHES)}")
-    cli_flags.add_num_frames(parser, "frames per clip", old=("--frames",), default=64)
+    cli_flags.add_num_frames(parser, "the model input's", default=64)
     parser.add_argument("--seq", type=int, default=16384, help="spliced sequence length (visual + text tokens)")
     parser.add_argument("--micro-batches", type=int, default=1, help="gradient-accumulation micro-batches (lax.scan)")
     parser.add_argument("--top-buffers", type=int, default=0, metavar="N",

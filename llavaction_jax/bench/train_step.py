@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per framework (median reported)")
     parser.add_argument("--batch", type=int, default=2)
-    cli_flags.add_num_frames(parser, "frames per clip", old=("--frames",), default=4)
+    cli_flags.add_num_frames(parser, "the model input's", default=4)
     parser.add_argument("--no-write", action="store_true", help="print only; do not append to BENCHMARKS.md")
     args = parser.parse_args(argv)
     load_start = os.getloadavg()

@@ -8,7 +8,8 @@ import re
 import jax
 
 from llavaction_jax import cli_flags, locks
-from llavaction_jax.convert import from_torch, to_torch
+from llavaction_jax.convert import from_torch, hf_onevision, to_torch
+from llavaction_jax.recipes import model_overrides
 from llavaction_jax.sharding import make_mesh
 
 DESCRIPTION = """\
@@ -58,67 +59,48 @@ ACCEPTS_CONFIG_OVERRIDES = True  # from-torch: --config.model.<field>=value, as 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = DESCRIPTION
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     sub = parser.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
 
     p = sub.add_parser("from-torch", help="PyTorch safetensors -> our Orbax model directory",
-                       description=FROM_TORCH_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=FROM_TORCH_HELP, accepts_config_overrides=True)
     p.add_argument("src", metavar="SRC", help="PyTorch checkpoint directory (config.json + *.safetensors)")
-    _add_dst(p, "new output directory (not needed with --check)", required=False)
+    cli_flags.add_out(p, "new output directory (not needed with --check)", required=False)
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="cast every parameter to this dtype (default: keep each tensor's stored dtype)")
     p.add_argument("--vision-config", metavar="PATH",
                    help="SigLIP config.json giving the vision tower's dimensions (upstream layout only)")
     p.add_argument("--check", action="store_true",
                    help="print the key mapping and every problem, write nothing; exit 1 if there are problems")
-    cli_flags.add_mesh(p, default=None, help="write sharded over this mesh of all devices of all processes, e.g. "
-                                             "data=1,fsdp=-1,tensor=1 (default: one device)")
+    cli_flags.add_mesh(p, default=None, detail="the output is written sharded over it (default: one device)")
     cli_flags.add_distributed(p)
     p.add_argument("--compress", action="store_true",
                    help="zstd-compress the stored arrays (smaller for real weights; slower to write)")
     p.add_argument("--buffer-size", default="256MiB", metavar="SIZE",
-                   help="weights in flight at once; peak memory is about twice this (default 256MiB)")
+                   help="weights in flight at once; peak memory is about twice this (default: 256MiB)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     q = sub.add_parser("to-torch", help="our Orbax model directory -> PyTorch safetensors",
                        description="Export SRC (one of our model directories) to --out DST (new) as safetensors + "
-                                   "config.json.",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   "config.json.")
     q.add_argument("src", metavar="SRC", help="our model directory (llavaction_config.json + params/)")
-    _add_dst(q, "new output directory")
+    cli_flags.add_out(q, "new output directory")
     q.add_argument("--layout", choices=("upstream", "hf-onevision"), default="upstream",
                    help="upstream: LLaVA-NeXT / LLaVAction state dict for the upstream loader (default); "
-                        "hf-onevision: transformers LlavaOnevisionForConditionalGeneration (one_token models only) "
-                        "with the processor files AutoProcessor reads (image / video processor configs, the tokenizer "
-                        "with <image> / <video>, the onevision chat template)")
+                        "hf-onevision: transformers LlavaOnevisionForConditionalGeneration with the processor files "
+                        "AutoProcessor reads (image / video processor configs, the tokenizer with <image> / <video>, "
+                        f"the onevision chat template); refused where it cannot represent the model: "
+                        f"{hf_onevision.LIMITS}")
     q.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                    help="split files above this size, with model.safetensors.index.json (e.g. 5GB, 500MB, 2GiB)")
     q.add_argument("--buffer-size", default="256MiB", metavar="SIZE",
-                   help="weights in flight at once; peak memory is about twice this (default 256MiB)")
+                   help="weights in flight at once; peak memory is about twice this (default: 256MiB)")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def _add_dst(parser, help: str, required: bool = True) -> None:
-    # --out, as in every command; the old positional DST still works (hidden, with a deprecation warning).
-    cli_flags.add_out(parser, help, required=False)
-    parser.add_argument("dst", nargs="?", help=argparse.SUPPRESS)
-    parser.set_defaults(_out_required=required)
-
-
-def _resolve_dst(args) -> None:
-    if args.dst is not None:
-        if args.out is not None:
-            raise ValueError(f"give the output once: --out {args.out} or the old positional DST {args.dst}, not both")
-        cli_flags.warn_deprecated("the positional DST", "--out DST")
-        args.out = args.dst
-    if args._out_required and args.out is None:
-        raise ValueError("--out is required")
 
 
 def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
     if not m:
-        raise argparse.ArgumentTypeError(f"cannot read size {text!r}; write e.g. 5GB, 500MB or 2GiB")
+        raise ValueError(f"cannot read size {text!r}; write e.g. 5GB, 500MB or 2GiB")
     number, unit, binary = float(m.group(1)), m.group(2).upper(), bool(m.group(3))
     scale = (1024 if binary else 1000) ** "_KMGT".index(unit or "_")
     return int(number * scale)
@@ -126,9 +108,14 @@ def parse_size(text: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Errors are reported by cli.main (one line, exit 2); `--check` exits 1 when it finds problems."""
-    if args.config_overrides and args.direction != "from-torch":
-        raise ValueError(f"--config.model overrides apply to from-torch only (got {' '.join(args.config_overrides)})")
-    _resolve_dst(args)
+    cli_flags.require_dir("SRC", args.src)
+    if getattr(args, "vision_config", None):
+        cli_flags.require_file("--vision-config", args.vision_config)
+    for flag in ("buffer_size", "max_shard_size"):
+        if hasattr(args, flag):
+            parse_size(getattr(args, flag))  # a bad size fails before anything is read
+    if args.direction == "from-torch":
+        model_overrides(args.config_overrides)  # a misspelled override fails before the checkpoint is read
     return _from_torch(args) if args.direction == "from-torch" else _to_torch(args)
 
 

@@ -48,7 +48,7 @@ from llavaction_jax.convert.keys import PERMS, ConversionError, torch_row_axis, 
 from llavaction_jax.convert.safetensors_io import SafetensorsCheckpoint, SafetensorsError, refuse_pickles
 from llavaction_jax.model import llava
 from llavaction_jax.tree import flatten_paths, unflatten_paths
-from llavaction_jax.recipes import configs_with_overrides, parse_overrides
+from llavaction_jax.recipes import configs_with_overrides, model_overrides as parse_model_overrides
 
 # Copied verbatim next to our checkpoint: the original config, the tokenizer, generation and processor settings.
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
@@ -156,7 +156,7 @@ def import_checkpoint(src, dst, dtype: str | None = None, vision_config=None, me
     plan = plan_import(source)
     plan.raise_if_problems()
     cfg, execution = overridden(source.cfg, model_overrides)
-    if dtype is None and any(key == "model.param_dtype" for key, _ in parse_overrides(list(model_overrides))):
+    if dtype is None and "param_dtype" in parse_model_overrides(list(model_overrides)):
         dtype = cfg.param_dtype
     dtypes, param_dtype = output_dtype(plan, dtype)
     cfg = cfg.replace(param_dtype=param_dtype)

@@ -76,6 +76,13 @@ def identity_tensors(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], float
     return {tower.hf_prefix + key: ((h,), fill) for key, fill in tower.hf_identity_tensors}
 
 
+# What `--layout hf-onevision` cannot represent: its --help and its refusal both say this.
+LIMITS = ("transformers' LlavaOnevisionForConditionalGeneration has no action token and no verb / noun / action "
+          "heads, and puts one newline after each video, pooled bilinearly through a 2-layer GELU projector; so "
+          "LLaVAction's action token and heads (and grid / frame newlines, other pooling or projectors) cannot be "
+          "written in it")
+
+
 def check_exportable(cfg: ModelConfig) -> None:
     """The HF model can only express the one_token video layout with bilinear pooling and no action heads."""
     problems = []
@@ -89,7 +96,7 @@ def check_exportable(cfg: ModelConfig) -> None:
         problems.append(f"vision_supervision={cfg.vision_supervision!r} (HF has no action token or heads)")
     if problems:
         raise ConversionError("this model cannot be written in the HF llava-onevision layout: " + "; ".join(problems)
-                         + ". Use --layout upstream.")
+                              + f". {LIMITS[0].upper()}{LIMITS[1:]}. Use --layout upstream.")
 
 
 def hf_config(cfg: ModelConfig) -> dict:

@@ -147,8 +147,10 @@ class StoredArrays:
         self._context = ocp.type_handlers.get_ts_context(use_ocdbt=self._ocdbt)
 
     def open(self, path: str):
+        # the checkpoint's one TensorStore context (Orbax warns about a ParamInfo without one, once per array)
         info = type_handlers.ParamInfo(name=self._names[path], parent_dir=epath.Path(self.directory),
-                                       is_ocdbt_checkpoint=self._ocdbt, use_zarr3=self._use_zarr3)
+                                       is_ocdbt_checkpoint=self._ocdbt, use_zarr3=self._use_zarr3,
+                                       ts_context=self._context)
         spec = type_handlers.get_json_tspec_read(info, use_ocdbt=self._ocdbt)
         return ts.open(ts.Spec(spec), open=True, read=True, context=self._context).result()
 

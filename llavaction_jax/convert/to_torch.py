@@ -64,7 +64,9 @@ def export_checkpoint(src, dst, layout: str = "upstream", max_shard_bytes: int =
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
     src, dst = pathlib.Path(src), pathlib.Path(dst).absolute()
-    # A corrupt model is named before anything is written; an unverified one is exported without a manifest
+    # A corrupt model is named before anything is written; an unverified one is exported without a manifest (not a
+    # model directory at all: that one error, without the warning about its checksums)
+    checkpoint_io.config_file(src)
     verified = integrity.verify_or_warn(src, f"so its export gets no {integrity.MANIFEST} either")
     cfg = checkpoint_io.load_config(src)
     stored = orbax_stream.StoredArrays(src / checkpoint_io.PARAMS_DIR)

@@ -7,6 +7,10 @@ reads every pair (the default when the key is missing), `to_upstream` writes eve
 the tables travels in `ModelConfig.extra`, so a round trip loses nothing. The upstream config only *names* the
 vision tower; its dimensions come from `resolve_vision_tower` (the registered towers' sizes, the local Hugging Face
 cache, or an explicit vision config) because head counts cannot be inferred from weight shapes.
+A model whose tower is not the named one's size (the tiny preset names so400m but is 64 wide; an HF import's unnamed
+tower) gets the tower's hub config under `mm_vision_config` in the config.json we write, and reads it back from there
+(with the keys of the tower its name finds in the registry): a key upstream's loader does not read, and transformers'
+config classes keep as a plain attribute, so exports of every model we can train convert back.
 """
 
 from __future__ import annotations
@@ -58,8 +62,9 @@ SUPERVISION_KEYS = (  # LLaVAction's vision-supervision keys, written only for a
     Key("action_types", "action_types", None),  # "97,300,3806" upstream, (97, 300, 3806) here
     Key("vision_token_training", "vision_token_training", None),  # None: "last_layer"
 )
+VISION_CONFIG_KEY = "mm_vision_config"  # the tower's hub config, where its name does not give its size
 # Keys `to_upstream` writes from typed fields; everything else in an upstream config travels in `extra`.
-WRITTEN_KEYS = {k.upstream for k in TEXT_KEYS + MODEL_KEYS + SUPERVISION_KEYS} | {"mm_hidden_size"}
+WRITTEN_KEYS = {k.upstream for k in TEXT_KEYS + MODEL_KEYS + SUPERVISION_KEYS} | {"mm_hidden_size", VISION_CONFIG_KEY}
 
 
 def _read(keys: tuple[Key, ...], cfg: dict, part: str) -> dict:
@@ -107,6 +112,21 @@ def vision_from_hf(cfg: dict, select_layer: int = -1, tower: VisionTower | None 
     return VisionConfig(**fields)
 
 
+def vision_to_hf(vision: VisionConfig, tower: VisionTower, select_layer: int = -2) -> dict:
+    """The hub config (`vision_from_hf`'s input, in `tower`'s keys) of a tower that runs `vision.num_layers` layers
+    under the select-layer rule: the whole depth is written (the rule is applied again when it is read)."""
+    depth = vision.num_layers - 1 - select_layer if select_layer < 0 else vision.num_layers
+    fields = {key.upstream: depth if key.ours == "num_layers" else getattr(vision, key.ours)
+              for key in vision_keys(tower)}
+    return {"model_type": tower.hf_model_type, **fields}
+
+
+def named_tower_fits(name: str, vision: VisionConfig, select_layer: int = -2) -> bool:
+    """Whether `name` is a registered tower's released checkpoint (`VisionTower.sizes`) of exactly these
+    dimensions."""
+    return name in vision_towers.known_sizes() and tower_vision(name, select_layer) == vision
+
+
 def resolve_vision_tower(name: str, select_layer: int = -2) -> VisionConfig:
     """Vision dimensions for a tower name: the registered towers' sizes, else a local HF cache/dir, else a clear
     error."""
@@ -150,6 +170,8 @@ def from_upstream(cfg: dict, vision: VisionConfig | dict | None = None, **overri
     select_layer = cfg.get("mm_vision_select_layer", -2)
     if isinstance(vision, dict):
         vision = vision_from_hf(vision, select_layer, vision_towers.lookup(fields["vision_tower"]))
+    if vision is None and isinstance(cfg.get(VISION_CONFIG_KEY), dict):  # written by to_upstream: the real size
+        vision = vision_from_hf(cfg[VISION_CONFIG_KEY], select_layer, vision_towers.lookup(fields["vision_tower"]))
     vision = vision or resolve_vision_tower(fields["vision_tower"], select_layer)
     if "mm_hidden_size" in cfg and cfg["mm_hidden_size"] != vision.hidden_size:
         raise ConfigError(
@@ -174,6 +196,9 @@ def to_upstream(cfg: ModelConfig) -> dict:
     out.update(_write(TEXT_KEYS, cfg.text), hidden_act="silu")
     out.update(_write(MODEL_KEYS, cfg), mm_hidden_size=cfg.vision.hidden_size)
     out.setdefault("mm_vision_select_layer", -2)
+    if not named_tower_fits(cfg.vision_tower, cfg.vision, out["mm_vision_select_layer"]):
+        out[VISION_CONFIG_KEY] = vision_to_hf(cfg.vision, vision_towers.lookup(cfg.vision_tower),
+                                              out["mm_vision_select_layer"])
     if "rope_parameters" in out:  # transformers v5 keeps theta here too; keep both in step
         out["rope_parameters"] = {**out["rope_parameters"], "rope_theta": cfg.text.rope_theta}
     if "vision_tower" in out:
@@ -190,8 +215,9 @@ def export_config(cfg: ModelConfig) -> dict:
     known = vision_towers.known_sizes()
     if cfg.vision_tower not in known:
         for name in known:
-            if tower_vision(name, out.get("mm_vision_select_layer", -2)) == cfg.vision:
+            if named_tower_fits(name, cfg.vision, out["mm_vision_select_layer"]):
                 out["mm_vision_tower"] = name
+                out.pop(VISION_CONFIG_KEY, None)  # the name now gives the size
     return out
 
 

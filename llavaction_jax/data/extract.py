@@ -30,6 +30,7 @@ from llavaction_jax.data import frames as fs
 from llavaction_jax.data import sampling
 from llavaction_jax.data.image import DEFAULT_FRAME_SIZE, resize_frames
 from llavaction_jax.data.video import VideoCache
+from llavaction_jax.progress import eta
 
 EXIT_SOME_FAILED = 3
 PLAN_NAME = "plan.json"
@@ -238,7 +239,8 @@ def _progress(shards_done: int, shards: int, clips_done: int, clips: int, writte
     rate = clips_done / max(elapsed, 1e-9)
     end = "\r" if sys.stderr.isatty() and shards_done < shards else "\n"
     print(f"[extract-frames] shards {shards_done}/{shards}  clips {clips_done}/{clips} ({written} written, {failed} "
-          f"failed)  {rate:.1f} clips/s  {elapsed:.0f} s", end=end, file=sys.stderr, flush=True)
+          f"failed)  {rate:.1f} clips/s  {elapsed:.0f} s  {eta(clips_done, clips, rate)}", end=end, file=sys.stderr,
+          flush=True)
 
 
 PROGRESS_EVERY_S = 10.0  # a progress line at least this often, even while one long shard is being written
@@ -357,7 +359,6 @@ Exit status: 0 all clips written; 3 some clips failed (see failures.jsonl); 2 ba
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = DESCRIPTION
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--ek100-csv", nargs="+", metavar="CSV", help="EK100 annotation CSV file(s)")
     source.add_argument("--jsonl", metavar="FILE", help="JSONL list of clips {video, start?, end?, uid?}")
@@ -370,7 +371,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds per chunk file in the chunked layout (default: %(default)s)")
     parser.add_argument("--sampling", choices=("ek100", "llava-video"),
                         help="frame sampling rule (default: ek100 for --ek100-csv, llava-video for --jsonl)")
-    cli_flags.add_num_frames(parser, "ek100 rule: frames per clip, upstream clip_length (16 eval, 64 final "
+    cli_flags.add_num_frames(parser, "ek100 rule: upstream's clip_length (16 eval, 64 final "
                                      "training; default: %(default)s)", default=16)
     parser.add_argument("--fps", default="video",
                         help="frame numbers always use each video's own rate from its container (EK100 originals "

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import logging
 import pathlib
 import tempfile
 
@@ -32,6 +33,22 @@ QWEN2_CHAT_TEMPLATE = (
     "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
     "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+class _WithoutTorchNotice(logging.Filter):
+    """Drops transformers' import-time notice "PyTorch was not found. Models won't be available ...": only its
+    tokenizers are used here, which need no PyTorch, so a user without it has nothing to act on. Every other
+    transformers message passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("PyTorch was not found")
+
+
+def _quiet_transformers() -> None:
+    """Call before importing transformers: it logs that notice on its "transformers" logger while importing."""
+    logger = logging.getLogger("transformers")
+    if not any(isinstance(f, _WithoutTorchNotice) for f in logger.filters):
+        logger.addFilter(_WithoutTorchNotice())
 
 
 def bundled_qwen_tokenizer_dir() -> pathlib.Path:
@@ -59,6 +76,7 @@ def load_qwen_tokenizer(path: str | pathlib.Path | None = None):
     ``config.json`` beside it (``model_type`` qwen2 -> ``Qwen2Tokenizer``), which rebuilds the pre-tokenizer and
     so tokenizes differently from the file when the file is not Qwen2's own (e.g. an older small BPE).
     """
+    _quiet_transformers()
     from transformers import AutoTokenizer, PreTrainedTokenizerFast  # heavy import, only when needed
 
     if path is None:
@@ -74,6 +92,7 @@ def load_qwen_tokenizer(path: str | pathlib.Path | None = None):
 def qwen2_tokenizer():
     """Qwen2's tokenizer (151,646 entries), built offline from the bundled Qwen3 files without their later added
     tokens; special tokens as Qwen2's tokenizer_config.json (eos ``<|im_end|>``, pad ``<|endoftext|>``, no bos)."""
+    _quiet_transformers()
     from tokenizers import Tokenizer  # heavy imports, only when a tokenizer is actually needed
     from transformers import Qwen2Tokenizer
 
@@ -169,6 +188,7 @@ def train_chatml_tokenizer(texts, vocab_size: int, out_dir: str | pathlib.Path) 
     pre-tokenizer and decoder are Qwen2's (read from the bundled tokenizer.json), so the files load with the same
     ids through transformers' ``Qwen2Tokenizer``, which ``AutoTokenizer`` picks beside a qwen2 ``config.json``.
     """
+    _quiet_transformers()
     from tokenizers import Tokenizer, pre_tokenizers, trainers  # with transformers: heavy, only when building one
     from transformers import PreTrainedTokenizerFast
 

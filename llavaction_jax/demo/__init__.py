@@ -37,13 +37,13 @@ MARKER = ".llavaction_demo"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__.split("\n\n")[0] + (
         " Writes everything under --out (default ./demo_out); a previous demo run there is replaced.")
-    parser.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
+    cli_flags.add_out(parser, "output directory", required=False, default="demo_out")
     parser.add_argument("--segments-per-action", type=int, default=30,
-                        help="training segments per verb-noun action, 16 actions (default: 30)")
-    parser.add_argument("--steps", type=int, default=800, help="training steps (default: 800)")
-    parser.add_argument("--batch-size", type=int, default=16, help="training batch size (default: 16)")
-    cli_flags.add_num_frames(parser, "frames per clip (default: 4)", old=("--frames",), default=4)
-    parser.add_argument("--seed", type=int, default=0)
+                        help="training segments per verb-noun action, 16 actions")
+    parser.add_argument("--steps", type=int, default=800, help="training steps")
+    parser.add_argument("--batch-size", type=int, default=16, help="training batch size")
+    cli_flags.add_num_frames(parser, "extracted, trained and evaluated", default=4)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data, the model and training")
 
 
 def prepare_out_dir(out: pathlib.Path) -> None:
@@ -106,10 +106,9 @@ def accuracy(results_dir: pathlib.Path) -> dict:
     return {"generate": gen.get("accuracy_text", gen.get("accuracy")), "score": score.get("accuracy_letter")}
 
 
-def run(args: argparse.Namespace) -> int:
-    out = pathlib.Path(args.out).absolute()
-    prepare_out_dir(out)
-    stages = Stages()
+def prepare(out: pathlib.Path, args: argparse.Namespace, stages: Stages) -> dict:
+    """Stages 1-4 and the random model: the data, questions, samples, tokenizer and model_init that eval and train
+    read (paths, and the segment counts)."""
     data, ann = out / "data", out / "data" / "annotations"
     spec = SyntheticSpec(segments_per_action_train=args.segments_per_action,
                          segments_per_action_val=max(2, args.segments_per_action // 3), seed=args.seed)
@@ -137,14 +136,14 @@ def run(args: argparse.Namespace) -> int:
 
     model_init = out / "model_init"
     LlavaModel.random(cfg, seed=args.seed, execution=execution).save_pretrained(model_init, tokenizer_dir=out / "tokenizer")
-    evaluate = ["--questions", str(questions), "--shards", str(out / "shards" / "validation"), "--tokenizer",
-                str(out / "tokenizer"), "--batch-size", "16", "--max-new-tokens", "12", "--mode", "both"]
-    stages.run("5. eval before training", _cli, ["eval", "--model", str(model_init), "--out", str(out / "eval_before"),
-                                                  *evaluate])
+    return {"counts": counts, "questions": questions, "samples": samples, "model_init": model_init}
 
+
+def train_config(out: pathlib.Path, inputs: dict, args: argparse.Namespace):
+    """The demo's training recipe (configs/train.py with these overrides) for `prepare`'s inputs."""
     pad_id = load_qwen_tokenizer(out / "tokenizer").pad_token_id
-    train_cfg = load_recipe("train", [
-        f"--config.model.init_from={model_init}", f"--config.data.samples={samples}",
+    return load_recipe("train", [
+        f"--config.model.init_from={inputs['model_init']}", f"--config.data.samples={inputs['samples']}",
         f"--config.data.shards={out / 'shards' / 'train'}", f"--config.data.tokenizer={out / 'tokenizer'}",
         f"--config.data.pad_id={pad_id}", "--config.data.max_length=256", "--config.data.length_buckets=(160,256)",
         f"--config.train.output_dir={out / 'train'}", f"--config.train.steps={args.steps}",
@@ -153,13 +152,26 @@ def run(args: argparse.Namespace) -> int:
         # From scratch, the whole model learns at one rate (upstream's 2e-6 is for a pretrained SigLIP).
         "--config.optim.learning_rate=2e-3", "--config.optim.vision_lr=2e-3", "--config.optim.warmup_ratio=0.05",
         "--config.mesh.fsdp=-1"])
-    summary = stages.run("6. train", train, train_cfg)
+
+
+def run(args: argparse.Namespace) -> int:
+    cli_flags.require_positive(args, "segments_per_action", "steps", "batch_size", "num_frames")  # before any write
+    out = pathlib.Path(args.out).absolute()
+    prepare_out_dir(out)
+    stages = Stages()
+    inputs = prepare(out, args, stages)
+    counts, questions, model_init = inputs["counts"], inputs["questions"], inputs["model_init"]
+    evaluate = ["--questions", str(questions), "--shards", str(out / "shards" / "validation"), "--tokenizer",
+                str(out / "tokenizer"), "--batch-size", "16", "--max-new-tokens", "12", "--mode", "both"]
+    stages.run("5. eval before training", _cli, ["eval", "--model", str(model_init), "--out", str(out / "eval_before"),
+                                                  *evaluate])
+    summary = stages.run("6. train", train, train_config(out, inputs, args))
 
     model_final = out / "train" / "model"
     stages.run("7. eval after training", _cli, ["eval", "--model", str(model_final), "--out", str(out / "eval_after"),
                                                  *evaluate])
     stages.run("8. export to the upstream PyTorch layout", _cli,
-               ["convert", "to-torch", str(model_final), str(out / "torch_export")])
+               ["convert", "to-torch", str(model_final), "--out", str(out / "torch_export")])
 
     before, after = accuracy(out / "eval_before"), accuracy(out / "eval_after")
     print("\n=== report")

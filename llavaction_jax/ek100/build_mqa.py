@@ -6,16 +6,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import pathlib
-import sys
 
 from llavaction_jax import cli_flags
 from llavaction_jax.ek100 import labels, prior_actions, prompts
+from llavaction_jax.progress import Progress
 from llavaction_jax.ek100.mqa import (DISTRACTOR_SOURCES, PROTOCOLS, SCHEMA_VERSION, TEST_TYPES, MQASettings,
                                       build_questions, meta_path, slice_bounds, write_question_file)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     parser.description = (
         "Build an EK100-MQA question file (JSONL, one question per line) and its sidecar <output>.meta.json. Every "
         "question draws from its own RNG derived from (seed, uid), so the file is identical however many processes "
@@ -23,8 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--annotations", required=True, type=pathlib.Path,
       help="folder of the EPIC-KITCHENS-100 annotation CSVs (class CSVs and, by default, train/validation CSVs)")
-    cli_flags.add_out(parser, "question file to write (JSONL); give each process its own", old=("--output",),
-                      type=pathlib.Path)
+    cli_flags.add_out(parser, "question file to write (JSONL); give each process its own", type=pathlib.Path)
     a("--validation-csv", type=pathlib.Path, default=None,
       help="CSV the questions are built from (also part of the label maps); "
            "default ANNOTATIONS/EPIC_100_validation.csv")
@@ -65,14 +63,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--perspective", choices=sorted(prompts.PERSPECTIVES), default="first_person", help="prompt perspective")
     a("--time-instruction", action=argparse.BooleanOptionalAction, default=False,
       help="prepend 'The provided video lasts for D seconds, and N frames are uniformly sampled from it.'")
-    cli_flags.add_num_frames(parser, "frame count N stated in the time instruction", old=("--n-frames",), default=16)
+    cli_flags.add_num_frames(parser, "the count N stated in the time instruction", default=16)
     a("--seed", type=int, default=42, help="seed of every question's RNG")
     a("--distinct-options", action=argparse.BooleanOptionalAction, default=True,
       help="never show the same option text twice in a question (upstream can)")
     a("--num-processes", type=int, default=1, help="build only a contiguous 1/N slice of the questions ...")
-    cli_flags.add_flag(parser, "--process-id", old=("--process-index",), type=int, default=0, metavar="I",
-                       help="... namely slice number I (0-based); concatenating the slices' files in order gives "
-                            "the single-process file")
+    a("--process-id", type=int, default=0, metavar="I",
+      help="... namely slice number I (0-based); concatenating the slices' files in order gives the single-process "
+           "file")
 
 
 def protocol_defaults(args: argparse.Namespace) -> tuple[int, bool]:
@@ -112,15 +110,10 @@ def run(args: argparse.Namespace) -> int:
     if settings.prior_actions != "none":
         prior_table = prior_actions.oracle_table(segments, maps, settings.representation)
     pseudo = prior_actions.PseudoPredictions(args.pseudo_predictions) if args.pseudo_predictions else None
-    total = stop - start
-    every = max(1, total // 10)
-
-    def progress(done):
-        if done % every == 0 or done == total:
-            print(f"[build-mqa] {done}/{total} questions", file=sys.stderr, flush=True)
-
+    bar = Progress(stop - start, "[build-mqa]", "questions")
     questions = list(build_questions(segments[start:stop], maps, settings, predictions, str(args.predictions or ""),
-                                     progress, prior_table, pseudo))
+                                     lambda done: bar.update(), prior_table, pseudo))
+    bar.close()
     outside = sum(vn not in maps.vn2narrations for q in questions for vn in q["option_vns"])
     counts = {"questions": len(questions), "with_gt": sum(q["gt_letter"] is not None for q in questions),
               "with_prior_actions": sum(q["prior_actions"] is not None for q in questions),

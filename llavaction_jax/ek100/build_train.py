@@ -18,6 +18,7 @@ import pathlib
 import sys
 import time
 
+from llavaction_jax import cli_flags
 from llavaction_jax.data.mixture import SOURCE_KEY, load_mixture
 from llavaction_jax.data.train_sample import clip_uid
 from llavaction_jax.ek100 import labels, train_files
@@ -146,7 +147,6 @@ def build(args: argparse.Namespace, log=print) -> dict:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = DESCRIPTION
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--annotations", help="epic-kitchens-100-annotations folder (label maps); required unless "
                         "--clips-for")
     parser.add_argument("--clips-for", metavar="DATA", help="only write the clip lists of DATA's samples (a data "
@@ -171,9 +171,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layout", choices=("whole", "chunked"), default="chunked",
                         help=f"video layout the paths in {CLIPS_NAME} follow: chunked {{pid}}/{{vid}}.MP4/ (AVION's "
                              "15 s chunks, as upstream trains) or whole {pid}/videos/{vid}.MP4 (default: %(default)s)")
-    parser.add_argument("--num-frames", type=int, default=64,
-                        help="frames per clip for the extract-frames command printed at the end; the prompts state "
-                             "the frame count of the extracted clips (default: %(default)s, the final run's)")
+    cli_flags.add_num_frames(parser, "for the extract-frames command printed at the end; the prompts state the "
+                                     "frame count of the extracted clips (default: %(default)s, the final run's)",
+                             default=64)
     parser.add_argument("--seed", type=int, default=0, help="seed of every per-sample RNG (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
 

@@ -1,15 +1,22 @@
 """`eval`'s results again, in lmms-eval's output layout, so analysis scripts written for lmms-eval read them.
 
-lmms-eval (lmms_eval/evaluator.py: simple_evaluate / evaluate, lmms_eval/loggers/evaluation_tracker.py:
-EvaluationTracker.save_results_aggregated / save_results_samples) writes, under its --output_path,
+lmms-eval (lmms_eval/evaluator.py: evaluate, lmms_eval/loggers/evaluation_tracker.py:
+EvaluationTracker.save_results_aggregated / save_results_samples, in the 0.3 releases current when LLaVAction was
+evaluated) writes, under its --output_path,
 
     <model_name_sanitized>/<YYYYMMDD_HHMMSS>_results.json           aggregated results of every task
     <model_name_sanitized>/<YYYYMMDD_HHMMSS>_samples_<task>.jsonl   one record per document (--log_samples)
 
-We write the same under OUT/lmms_eval/. One answer mode is one lmms-eval task: `ek100_mqa` (or `videoqa`) for
-greedy generation with upstream's parsing, `ek100_mqa_score` (`videoqa_score`) for option scoring. Per task the
-metrics are the means of per-sample 0/1 values, as lmms-eval's "mean" aggregation with its standard error (the
-sample standard deviation over sqrt(n)):
+We write the same under OUT/lmms_eval/. One answer mode is one lmms-eval task:
+
+- a benchmark question file (build-bench): the benchmark's own lmms-eval task name (its variant, e.g. `videomme`,
+  `mvbench`) for greedy generation read with the task's lmms-eval answer parser (eval/benchmarks/parsers.py),
+  `<task>_score` for option scoring; one metric, `accuracy`, per sample whether the picked letter is the answer's,
+  aggregated as results.json["benchmark"] aggregates it (MVBench: the mean over its tasks of the non-empty
+  answers), so the two always agree;
+- an EK100 file: `ek100_mqa` (generation, upstream LLaVAction's parsing) and `ek100_mqa_score`; another video QA
+  file: `videoqa` / `videoqa_score`. Metrics are means of per-sample 0/1 values, as lmms-eval's "mean" aggregation
+  with its standard error (the sample standard deviation over sqrt(n)):
 
     accuracy_text     parsed answer (generate) or best-scoring option text (score) == the ground-truth text
                       (upstream LLaVAction's metric)
@@ -23,12 +30,15 @@ results.json: "results" {task: {"alias", "<metric>,none", "<metric>_stderr,none"
 "higher_is_better", "n-samples" {original, effective}, "config" (model, model_args, batch_size, limit,
 gen_kwargs, ...), "date", "task_hashes", and the tracker's model_name / model_name_sanitized / timing fields.
 
-A samples record (as the tracker saves it: "doc" and "arguments" dropped, "input" kept): doc_id (the question's
-line in the question file), doc_hash (sha256 of the question's JSON), input (the user message; for video QA
-without the per-clip time instruction), target (ek100: the ground-truth text, upstream's target; videoqa: the
-letter, as lmms-eval's multiple-choice tasks), filtered_resps (generate: the parsed answer, with the raw text in
-resps when it differs; score: [log-likelihood, false] per option, lmms-eval's multiple_choice form), the
-per-sample metrics above, and uid.
+A samples line, in lmms-eval 0.3's key order: doc_id (the question's line in the question file), doc (the question
+record), target (as a string: ek100 the ground-truth text, upstream's target; video QA the letter), arguments (as
+the tracker rewrites them: the request's second argument indexed by position, so for generation the names of the
+generation kwargs, for option scoring the characters of the first continuation " <option>"), resps (one list per
+request: [[raw text]] for generation, [[[log-likelihood, is-greedy]]] per option for scoring), filtered_resps (a
+list, one entry per request: [parsed answer], or [log-likelihood, is-greedy] per option; scoring values as strings,
+as lmms-eval's sanitize_list writes them; is-greedy is not computed and written "False"), doc_hash, prompt_hash,
+target_hash (sha256 of the doc's indented JSON, of the input, of the target), the per-sample metrics, and input
+(the user message; for video QA without the per-clip time instruction).
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ import math
 import pathlib
 import re
 
+from llavaction_jax.eval.benchmarks import score as benchmark_score
 from llavaction_jax.eval.metrics import ek100_flags
 
 VERSION = 1
@@ -55,8 +66,8 @@ def sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def task_name(fmt: str, mode: str) -> str:
-    base = "ek100_mqa" if fmt == "ek100" else "videoqa"
+def task_name(fmt: str, mode: str, variant=None) -> str:
+    base = variant.name if variant is not None else "ek100_mqa" if fmt == "ek100" else "videoqa"
     return base if mode == "generate" else f"{base}_{mode}"
 
 
@@ -77,27 +88,38 @@ def mean_and_stderr(values: list[float]) -> tuple[float | None, float | str]:
     return mean, math.sqrt(var) / math.sqrt(n)
 
 
-def sample_record(pred: dict, mode: str, fmt: str, user_message: str) -> dict:
+def sample_record(pred: dict, mode: str, fmt: str, user_message: str, gen_kwargs: dict, variant=None) -> dict:
     doc = {k: v for k, v in pred.items() if k not in _NOT_DOC}
-    record = {"doc_id": pred["index"], "doc_hash": sha256(json.dumps(doc, indent=2, ensure_ascii=False)),
-              "input": user_message, "target": pred["gt_text"] if fmt == "ek100" else str(pred["gt_letter"])}
+    target = str(pred["gt_letter"]) if variant is not None or fmt != "ek100" else pred["gt_text"]
     answer = pred[mode]
     if mode == "generate":
-        if answer["raw"] != answer["parsed"]:
-            record["resps"] = [answer["raw"]]
-        record["filtered_resps"] = answer["parsed"]
+        second, resps, filtered = list(gen_kwargs), [[answer["raw"]]], [answer["parsed"]]
     else:
-        record["filtered_resps"] = [[value, False] for value in answer["logprob_sum"]]
-    for metric in METRICS[mode]:
-        record[metric] = float(bool(answer[_SOURCE_KEYS[mode][metric]]))
-    if "option_vns" in pred and "gt_vn" in pred:
-        record.update({metric: float(flag) for metric, flag in ek100_flags(pred, mode).items()})
-    record["uid"] = pred["uid"]
+        texts = [o.split(". ", 1)[-1] for o in pred["options"]]
+        second = f" {texts[0]}" if texts else ""
+        resps = [[[str(value), "False"]] for value in answer["logprob_sum"]]
+        filtered = [[str(value), "False"] for value in answer["logprob_sum"]]
+    record = {"doc_id": pred["index"], "doc": doc, "target": target,
+              "arguments": {str(i): item for i, item in enumerate(second)}, "resps": resps,
+              "filtered_resps": filtered, "doc_hash": sha256(json.dumps(doc, indent=2, ensure_ascii=False)),
+              "prompt_hash": sha256(user_message), "target_hash": sha256(target)}
+    if variant is not None:
+        if variant.has_answers:
+            picked = benchmark_score.picked_letter(pred, mode, variant)
+            record["accuracy"] = float(picked is not None and picked == pred["gt_letter"])
+    else:
+        for metric in METRICS[mode]:
+            record[metric] = float(bool(answer[_SOURCE_KEYS[mode][metric]]))
+        if "option_vns" in pred and "gt_vn" in pred:
+            record.update({metric: float(flag) for metric, flag in ek100_flags(pred, mode).items()})
+    record["input"] = user_message
     return record
 
 
-def task_metrics(mode: str, samples: list[dict]) -> tuple[str, ...]:
+def task_metrics(mode: str, samples: list[dict], variant=None) -> tuple[str, ...]:
     """The mode's metrics, then the EK100 ones its samples carry (every sample of a file has the same keys)."""
+    if variant is not None:
+        return ("accuracy",) if variant.has_answers else ()
     extra = [m for m in ("action_top1", "verb_top1", "noun_top1", "candidates_recall", "action_model_top1")
              if samples and m in samples[0]]
     return (*METRICS[mode], *extra)
@@ -105,25 +127,32 @@ def task_metrics(mode: str, samples: list[dict]) -> tuple[str, ...]:
 
 def build(preds: list[dict], user_messages: list[str], *, fmt: str, modes, questions_path: str, total_questions: int,
           model_name: str, batch_size: int, limit: int | None, gen_kwargs: dict, device: str, wall_s: float,
-          date: float) -> tuple[dict, dict[str, list[dict]]]:
-    """(results.json content, {task: samples records}) for `preds` (predictions.jsonl records, file order)."""
-    samples = {task_name(fmt, m): [sample_record(p, m, fmt, u) for p, u in zip(preds, user_messages)] for m in modes}
+          date: float, meta: dict | None = None) -> tuple[dict, dict[str, list[dict]]]:
+    """(results.json content, {task: samples records}) for `preds` (predictions.jsonl records, file order) of the
+    question file whose sidecar meta is `meta` (a build-bench meta names the benchmark's task)."""
+    variant = benchmark_score.variant_of(meta)
+    samples = {task_name(fmt, m, variant): [sample_record(p, m, fmt, u, gen_kwargs, variant)
+                                            for p, u in zip(preds, user_messages)] for m in modes}
     results, configs, higher = {}, {}, {}
     for mode in modes:
-        task = task_name(fmt, mode)
+        task = task_name(fmt, mode, variant)
         results[task] = {"alias": task}
-        names = task_metrics(mode, samples[task])
+        names = task_metrics(mode, samples[task], variant)
         for metric in names:
             mean, stderr = mean_and_stderr([s[metric] for s in samples[task]])
+            if variant is not None:  # the benchmark's own aggregate (MVBench: per task, non-empty answers)
+                mean = benchmark_score.score_mode(preds, mode, variant)["headline"]
             results[task][f"{metric},none"] = mean
             results[task][f"{metric}_stderr,none"] = stderr
         higher[task] = {metric: True for metric in names}
+        aggregation = variant.aggregate if variant is not None and variant.aggregate != "micro" else "mean"
         configs[task] = {
             "task": task, "dataset_path": str(questions_path), "test_split": "test", "num_fewshot": 0,
             "output_type": "generate_until" if mode == "generate" else "multiple_choice",
-            "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in names],
+            "metric_list": [{"metric": m, "aggregation": aggregation, "higher_is_better": True} for m in names],
             **({"generation_kwargs": gen_kwargs} if mode == "generate" else {}),
-            "metadata": {"version": VERSION, "producer": "llavaction_jax eval"}}
+            "metadata": {"version": VERSION, "producer": "llavaction_jax eval",
+                         **({"answer_parser": variant.parser} if variant is not None and mode == "generate" else {})}}
     hashes = {task: sha256("".join(f"sample_{i}" + s["doc_hash"] for i, s in enumerate(recs)))
               for task, recs in samples.items()}
     content = {

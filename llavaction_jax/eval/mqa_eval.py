@@ -40,7 +40,7 @@ from llavaction_jax.ek100.mqa import meta_path
 from llavaction_jax.eval.caption_then_answer import evaluate_caption_then_answer
 from llavaction_jax.eval.runner import EvalSettings, check_tokenizer_fits, evaluate
 from llavaction_jax.model import llava
-from llavaction_jax.recipes import configs_with_overrides, parse_overrides
+from llavaction_jax.recipes import configs_with_overrides, model_overrides
 
 DEFAULT_MAX_NEW_TOKENS = 4096  # upstream's budget (llavaction/action/llava_inference.py)
 from llavaction_jax.sharding import make_mesh, param_shardings
@@ -49,17 +49,25 @@ from llavaction_jax.sharding import make_mesh, param_shardings
 ACCEPTS_CONFIG_OVERRIDES = True  # --config.model.<field>=value, as in `train`
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
-    a = parser.add_argument
-    model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument("--model", help="model directory (save_pretrained / converter output)")
+CONFIG_EPILOG = ("Any model config field can be set as in `train` (ml_collections config_flags): "
+                 "--config.model.<field>=VALUE, e.g. --config.model.compute_dtype=bfloat16 "
+                 "--config.model.attention=flash --config.model.text.vocab_size=151680; --print-config shows them all.")
+
+
+def add_model_source(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """--model / --preset, the same in eval and eval-suite."""
+    model = parser.add_mutually_exclusive_group(required=required)
+    model.add_argument("--model", help="model directory (save_pretrained / converter output, or a PyTorch checkpoint "
+                                       "directory converted in memory)")
     model.add_argument("--preset", help="random model from configs/<NAME>.py (smoke tests), e.g. tiny")
-    parser.epilog = ("Any model config field can be set as in `train`: --config.model.<field>=VALUE, e.g. "
-                     "--config.model.compute_dtype=bfloat16 --config.model.attention=flash "
-                     "--config.model.text.vocab_size=151680; --print-config shows them all.")
+    parser.add_argument("--seed", type=int, default=0, help="seed of a --preset model's random weights")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    a = parser.add_argument
+    add_model_source(parser)
+    parser.epilog = CONFIG_EPILOG
     a("--print-config", action="store_true", help="print the model config (with overrides) and exit")
-    a("--seed", type=int, default=0, help="seed of a --preset model's random weights")
     a("--questions", required=True, help="question file: build-mqa JSONL (ek100) or generic video QA JSONL")
     a("--shards", required=True, help="frame-shard directory (extract-frames output) holding every question's clip")
     cli_flags.add_out(parser, "output directory (predictions.jsonl, results.json, report.md, accuracy.png, "
@@ -77,15 +85,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cli_flags.add_mesh(parser)
     a("--limit", type=int, default=None, help="evaluate only the first N questions")
     a("--tokenizer", default=None, help="tokenizer directory (default: the model directory's, else bundled Qwen2)")
-    cli_flags.add_num_frames(parser, "most frames per clip fed to the model: a clip with more is subsampled, one "
-                             "with fewer keeps its own (default: the most a clip of the shards has)", default=None)
+    cli_flags.add_num_frames(parser, "the most fed to the model; a clip with more is subsampled, one with fewer "
+                                     "keeps its own (default: the most a clip of the shards has)")
     a("--prompt-len", type=int, default=None, help="padded prompt length (default: longest prompt, rounded up)")
     a("--time-instruction", action=argparse.BooleanOptionalAction, default=True,
       help="videoqa: prepend LLaVA-Video's 'The video lasts for ...' instruction")
     a("--videoqa-instruction", default="",
       help="videoqa: line after the options (default: lmms-eval's \"Answer with the option's letter from the given "
            "choices directly.\")")
-    a("--annotations", default=None, help="EK100 annotation folder for verb/noun names (default: from the meta)")
+    a("--annotations", default=None, help="EK100 annotation folder for verb/noun names (default: the one the "
+                                          "question file's meta names)")
     a("--threads", type=int, default=4, help="frame-decoding threads per process")
     a("--strict", action="store_true",
       help="stop at the first question whose clip is missing from the shards or does not decode (default: record it "
@@ -114,7 +123,7 @@ def file_settings(meta: dict) -> dict:
 def with_file_pooling(cfg, asked: dict, overrides: list[str], log=print):
     """``cfg`` with the question file's pool_mode unless ``--config.model.pool_mode`` was given."""
     pool = asked.get("pool_mode")
-    if pool is None or any(key == "model.pool_mode" for key, _ in parse_overrides(overrides)) or pool == cfg.pool_mode:
+    if pool is None or "pool_mode" in model_overrides(overrides) or pool == cfg.pool_mode:
         return cfg
     if jax.process_index() == 0:
         log(f"[eval] pooling: {pool} (the question file's; --config.model.pool_mode={cfg.pool_mode} keeps the "
@@ -154,7 +163,24 @@ def load_model(args, mesh, configs=None):
     return params, cfg, execution, name
 
 
+def check_inputs(args: argparse.Namespace, questions: bool = True) -> None:
+    """Every argument and input path checked before a model is loaded or anything is written."""
+    if not (args.model or args.preset):
+        raise ValueError("give --model DIR or --preset NAME")
+    cli_flags.require_positive(args, "batch_size", "limit", "num_frames", "max_new_tokens", "prompt_len", "threads",
+                               "options_per_pass")
+    if args.model:
+        cli_flags.require_dir("--model", args.model)
+    if questions:
+        cli_flags.require_file("--questions", args.questions)
+        cli_flags.require_dir("--shards", args.shards)
+    for flag in ("tokenizer", "annotations"):
+        if getattr(args, flag, None):
+            cli_flags.require_dir(f"--{flag}", getattr(args, flag))
+
+
 def run(args: argparse.Namespace) -> int:
+    check_inputs(args)
     configs = model_config(args)
     if args.print_config:
         print(config_fields(*configs) if configs is not None else

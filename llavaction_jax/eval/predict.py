@@ -33,10 +33,9 @@ import time
 
 import jax
 
-from llavaction_jax import locks, vision_towers
+from llavaction_jax import cli_flags, locks, vision_towers
 from llavaction_jax.api import LlavaModel, load_pretrained
-from llavaction_jax.checkpoint_io import is_model_dir
-from llavaction_jax.config import ConfigError
+from llavaction_jax.checkpoint_io import is_model_dir, load_config, load_execution
 from llavaction_jax.data.clip import read_clip
 from llavaction_jax.data.tokenizer import load_qwen_tokenizer
 from llavaction_jax.data.video import VideoCache
@@ -44,11 +43,13 @@ from llavaction_jax.ek100 import prompts
 from llavaction_jax.eval import predict_resume
 from llavaction_jax.eval.parsing import answer_letter, parse_answer
 from llavaction_jax.eval.questions import option_texts
-from llavaction_jax.integrity import IntegrityError
 from llavaction_jax.model_files import trained_num_frames
+from llavaction_jax.recipes import configs_with_overrides, model_overrides
 
 DEFAULT_NUM_FRAMES = 16  # upstream's evaluation clip_length, for a model that does not say what it was trained on
 PROMPT_ROUNDING = 32
+ACCEPTS_CONFIG_OVERRIDES = True  # --config.model.<field>=value, as in `eval`
+COMPUTE_FIELD = "compute_dtype"  # --compute-dtype is an alias of --config.model.compute_dtype
 EXIT_SOME_FAILED = 3  # as extract-frames: the run finished, some clips could not be read
 
 
@@ -86,6 +87,7 @@ def read_batch_file(path: str) -> list[Item]:
             unknown = set(record) - {"video", "start", "end", "question", "options"}
             if unknown:
                 raise ValueError(f"unknown keys {sorted(unknown)}")
+            cli_flags.refuse_urls([("video", record["video"])])  # before it is joined to the file's folder
             items.append(make_item(str(folder / record["video"]), record.get("start"), record.get("end"),
                                    record.get("question"), record.get("options"), where, number))
         except (ValueError, KeyError, TypeError) as error:
@@ -227,12 +229,11 @@ Examples:
 
 The model directory is ours (convert / train output) or a PyTorch checkpoint (converted in memory); its own
 tokenizer is used (else Qwen2's). --num-frames defaults to the frames the model was trained on (its config.json's
-frames_upbound), else 16."""
+frames_upbound), else 16. Any model config field can be set as in `eval`: --config.model.<field>=VALUE."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = DESCRIPTION
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     a = parser.add_argument
     a("--model", required=True, help="model directory (ours, or a PyTorch checkpoint directory)")
     source = parser.add_mutually_exclusive_group(required=True)
@@ -248,13 +249,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--options", nargs="+", metavar="TEXT",
                       help="answer options, e.g. \"open door\" \"take cup\" (lettered A, B, ... as upstream; "
                            "already lettered ones are kept): the EK100 multiple-choice prompt, and option scores")
-    a("--num-frames", type=int, default=None,
-      help="frames sampled from the clip (default: the model's training frames from its config.json, else 16)")
+    cli_flags.add_num_frames(parser, "sampled from the clip (default: the model's training frames from its "
+                                     "config.json, else 16)")
     a("--time-instruction", action=argparse.BooleanOptionalAction, default=None,
       help="state the clip's duration and frame count before the task, as upstream (default: on with options)")
     a("--max-new-tokens", type=int, default=4096, help="generation budget (upstream: 4096; stops at <|im_end|>)")
-    a("--compute-dtype", choices=("auto", "model", "float32", "bfloat16"), default="auto",
-      help="auto: bfloat16 on GPU / TPU, float32 on CPU; model: as the model's config says")
+    a("--compute-dtype", choices=("auto", "float32", "bfloat16", "float16"), default=None,
+      help=f"an alias of --config.model.{COMPUTE_FIELD}; auto: bfloat16 on GPU / TPU, float32 on CPU (default: auto, "
+           "whatever the model's config says)")
     a("--tokenizer", default=None, help="tokenizer directory (default: the model directory's, else Qwen2's)")
     a("--decoder", choices=("auto", "decord", "pyav"), default="auto",
       help="video decoder; auto = decord with PyAV fallback")
@@ -263,44 +265,66 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                   "an unfinished or partly failed run resumes it, retrying the failed clips)")
 
 
+def overrides_of(args: argparse.Namespace) -> list[str]:
+    """The command line's --config.model overrides, --compute-dtype first as the field it stands for (auto unless
+    either sets it)."""
+    if any(o.split("=", 1)[0] == f"--config.model.{COMPUTE_FIELD}" for o in args.config_overrides):
+        if args.compute_dtype is not None:
+            raise ValueError(f"--config.model.{COMPUTE_FIELD} is also set by --compute-dtype; give it once")
+        return list(args.config_overrides)
+    return [f"--config.model.{COMPUTE_FIELD}={args.compute_dtype or 'auto'}", *args.config_overrides]
+
+
 def load_model(args) -> LlavaModel:
     model = load_pretrained(args.model)
-    if args.compute_dtype != "model":
-        model = LlavaModel(model.cfg, model.params, model.mesh, model.path,
-                           model.execution.replace(compute_dtype=args.compute_dtype))
+    cfg, execution = configs_with_overrides(model.cfg, model.execution, overrides_of(args))
+    model = LlavaModel(cfg, model.params, model.mesh, model.path, execution)
     if args.tokenizer:
         model.tokenizer = load_qwen_tokenizer(args.tokenizer)
     return model
 
 
+def check_inputs(args: argparse.Namespace) -> list[Item]:
+    """Every argument and input file checked before the model is loaded or anything is written; the items. (A
+    --batch line's video that is missing is that clip's failure, recorded in its place, as an unreadable one.)"""
+    if args.batch and (args.start is not None or args.end is not None or args.question or args.options):
+        raise ValueError("--start, --end, --question and --options apply to --video; give them per line in "
+                         "the --batch file")
+    cli_flags.require_positive(args, "batch_size", "num_frames", "max_new_tokens")
+    if args.start is not None and args.end is not None and args.end <= args.start:
+        raise ValueError(f"--end {args.end} must be after --start {args.start}")
+    if not (is_model_dir(args.model) or (pathlib.Path(args.model) / "config.json").is_file()):
+        raise FileNotFoundError(f"{args.model} is not a model directory (no llavaction_config.json + params/, "
+                                "nor a PyTorch config.json)")
+    if args.tokenizer:
+        cli_flags.require_dir("--tokenizer", args.tokenizer)
+    if args.batch:
+        cli_flags.require_file("--batch", args.batch)
+        items = read_batch_file(args.batch)
+    else:
+        cli_flags.require_file("--video", args.video)
+        items = [make_item(args.video, args.start, args.end, args.question, args.options)]
+    model_overrides(overrides_of(args))  # a misspelled or mistyped override fails here, not after loading
+    if is_model_dir(args.model):
+        configs_with_overrides(load_config(args.model), load_execution(args.model), overrides_of(args))
+    return items
+
+
 def run(args: argparse.Namespace) -> int:
+    """Errors (bad inputs, a held lock) are reported by cli.main in one line; 3 when some clips failed."""
     log = lambda text: print(text, file=sys.stderr, flush=True)
-    try:
-        if args.batch and (args.start is not None or args.end is not None or args.question or args.options):
-            raise ValueError("--start, --end, --question and --options apply to --video; give them per line in "
-                             "the --batch file")
-        if args.batch_size < 1 or (args.num_frames is not None and args.num_frames < 1):
-            raise ValueError("--batch-size and --num-frames must be >= 1")
-        items = (read_batch_file(args.batch) if args.batch else
-                 [make_item(args.video, args.start, args.end, args.question, args.options)])
-        if not (is_model_dir(args.model) or (pathlib.Path(args.model) / "config.json").is_file()):
-            raise FileNotFoundError(f"{args.model} is not a model directory (no llavaction_config.json + params/, "
-                                    "nor a PyTorch config.json)")
-        num_frames = args.num_frames or trained_num_frames(args.model) or DEFAULT_NUM_FRAMES
-        writes_out = bool(args.out and args.batch)
-        with locks.output_lock(args.out, "predict", log) if writes_out else contextlib.nullcontext():
-            return _predict(args, items, num_frames, log)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError, ConfigError, IntegrityError,
-            locks.LockHeld) as error:
-        print(f"predict: error: {error}", file=sys.stderr)
-        return 2
+    items = check_inputs(args)
+    num_frames = args.num_frames or trained_num_frames(args.model) or DEFAULT_NUM_FRAMES
+    writes_out = bool(args.out and args.batch)
+    with locks.output_lock(args.out, "predict", log) if writes_out else contextlib.nullcontext():
+        return _predict(args, items, num_frames, log)
 
 
 def _predict(args, items: list[Item], num_frames: int, log) -> int:
     output, todo = None, items
     if args.out and args.batch:
         settings = {"num_frames": num_frames, "max_new_tokens": args.max_new_tokens, "decoder": args.decoder,
-                    "compute_dtype": args.compute_dtype, "time_instruction": args.time_instruction}
+                    "config": overrides_of(args), "time_instruction": args.time_instruction}
         output = predict_resume.PredictOutput(args.out, predict_resume.fingerprint(args.model, args.tokenizer,
                                                                                    settings))
         done = output.open({i.line: i for i in items}, log)

@@ -46,6 +46,8 @@ from llavaction_jax.eval import batching, clip_failures, lmms_layout, metrics, q
 from llavaction_jax.eval.benchmarks import score as benchmark_score
 from llavaction_jax.eval.parsing import score_answer
 from llavaction_jax.model import llava
+from llavaction_jax.pause_points import pause_point
+from llavaction_jax.progress import eta
 from llavaction_jax.sharding import local_rows, resolve_execution, shard_batch, use_mesh
 
 RESULTS_SCHEMA = "llavaction_jax.eval_results/1"
@@ -75,7 +77,7 @@ def check_tokenizer_fits(cfg, tokenizer) -> None:
             f"the model's vocabulary has {cfg.text.vocab_size} rows but the tokenizer has {len(tokenizer)} tokens, so "
             f"prompt ids up to {len(tokenizer) - 1} cannot be embedded. Use the checkpoint's own tokenizer "
             "(--tokenizer DIR), or, for a random preset, a vocabulary that covers the tokenizer "
-            "(--override text.vocab_size=151680).")
+            "(--config.model.text.vocab_size=151680).")
 
 
 def run_frame_count(shards: FrameShards, requested: int | None) -> int:
@@ -310,7 +312,7 @@ def evaluate(params, cfg, tokenizer, questions_path, shards_dir, out_dir, settin
         modes=settings.modes, questions_path=str(questions_path), total_questions=len(questions),
         model_name=model_name, batch_size=settings.batch_size, limit=settings.limit,
         gen_kwargs={"max_new_tokens": settings.max_new_tokens, "do_sample": False, "temperature": 0},
-        device=mesh.devices.flat[0].platform, wall_s=results["run"]["wall_s"], date=time.time())
+        device=mesh.devices.flat[0].platform, wall_s=results["run"]["wall_s"], date=time.time(), meta=meta)
     lmms_layout.write(out_dir, lmms_content, lmms_samples)
     _remove_partial_after_all(partial, retry)
     return results
@@ -358,14 +360,16 @@ def answer_slice(questions, todo, layout, builder, loader, steps, mesh, tokenize
                 sink.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new))
                 sink.flush()
                 os.fsync(sink.fileno())
+                pause_point("eval-step-written", step)  # a step's answers are on disk (tests stop here)
             now, done = time.perf_counter(), sum(min(b - a, (step + 1) * size) for a, b in bounds)
             if step == 0:
                 t_first, done_first = now, done
             rate = (done - done_first) / (now - t_first) if step else done / (now - t_loop)
             if jax.process_index() == 0 and (t_last_log is None or now - t_last_log >= settings.progress_every_s
                                              or step + 1 == num_steps):
-                log(f"[eval] step {step + 1}/{num_steps}: {done}/{len(todo)} questions, {rate:.2f} questions/s"
-                    + (" (first step, incl. compilation)" if step == 0 else ""), flush=True)
+                log(f"[eval] step {step + 1}/{num_steps}: {done}/{len(todo)} questions, {rate:.2f} questions/s, "
+                    f"{eta(done, len(todo), rate)}" + (" (first step, incl. compilation)" if step == 0 else ""),
+                    flush=True)
                 t_last_log = now
     # questions/s after the first step, which includes compilation (all of it when there is only one step)
     return records, {"steps": num_steps, "first_step_s": t_first - t_loop, "questions_per_second": rate}

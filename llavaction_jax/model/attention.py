@@ -11,10 +11,14 @@ Implementations (`ModelConfig.attention`, `impl=`):
           O(T + S) memory, runs on every backend. The choice for 64-frame (~13.5k token) contexts off-GPU/TPU.
   cudnn   `jax.nn.dot_product_attention(implementation="cudnn")`, NVIDIA GPUs, bf16/fp16 only. The mask must be
           expressible as is_causal + key_value_seq_lengths: right padding (k_valid a prefix), positions == indices
-          on real tokens, and for causal masks T == S (training) or T == 1 (a decode step).
+          on real tokens, and for causal masks T == S (training) or T == 1 (a decode step). Odd lengths are padded
+          by one masked token (cuDNN's training kernels take even lengths only: SigLIP's 729 patches).
   splash  Pallas splash attention, TPU only; self-attention (T == S), causal by index, k_valid as segment ids.
-  auto    cudnn on GPU / splash on TPU (head dim a multiple of 128) where the call fits their contract, else
-          flash for long sequences (T * S >= AUTO_FLASH_MIN_SCORES; on CPU from 256 x 256), else xla.
+          Runs inside `jax.shard_map` over the context mesh (`jax.set_mesh`): batch over the batch axes, heads over
+          tensor (Mosaic kernels are not partitioned automatically). Head dims are zero-padded to a lane multiple
+          (SigLIP's 72 -> 128: the same MXU passes, exact results).
+  auto    cudnn on GPU / splash on TPU where the call fits their contract, else flash for long sequences
+          (T * S >= AUTO_FLASH_MIN_SCORES; on CPU from 256 x 256), else xla.
           Decided per call from static shapes, dtype and `platform` (the config's, resolved at the entry point;
           "auto" = not resolved: no hardware kernel, accelerator thresholds), so one config serves training,
           SigLIP, prefill and decode. The default.
@@ -29,9 +33,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from llavaction_jax.config import ATTENTION_IMPLS
 from llavaction_jax.model.flash_attention import flash_attention
+from llavaction_jax.sharding import logical_to_pspec
 
 IMPLEMENTATIONS = ATTENTION_IMPLS
 # `auto` picks flash once T * S reaches this. On accelerators materialised scores are fast until they get big;
@@ -50,23 +56,27 @@ def attention(q, k, v, *, q_pos=None, k_pos=None, k_valid=None, causal: bool = F
         q_pos, k_pos = jnp.broadcast_to(jnp.arange(t), (b, t)), jnp.broadcast_to(jnp.arange(s), (b, s))
     if impl == "auto":
         impl = auto_impl(q, k, causal, platform)
-    if impl == "xla":
-        return xla_attention(q, k, v, dense_mask(q_pos, k_pos, k_valid, causal))
-    if impl == "flash":
-        return flash_attention(q, k, v, q_pos=q_pos, k_pos=k_pos, k_valid=k_valid, causal=causal, platform=platform)
-    if impl == "cudnn":
-        return cudnn_attention(q, k, v, q_pos=q_pos, k_valid=k_valid, causal=causal, platform=platform)
-    if impl == "splash":
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {impl!r} is not available; choose one of {IMPLEMENTATIONS}")
+    # The kernel is named in the program (op metadata, profiles): bench.aot reads from the compiled text which
+    # kernel each tower's attention became. Attention over a longer KV cache (decode, option scoring) is told apart.
+    with jax.named_scope(f"{impl}_{'attention' if q.shape[1] == k.shape[1] else 'cache_attention'}"):
+        if impl == "xla":
+            return xla_attention(q, k, v, dense_mask(q_pos, k_pos, k_valid, causal))
+        if impl == "flash":
+            return flash_attention(q, k, v, q_pos=q_pos, k_pos=k_pos, k_valid=k_valid, causal=causal,
+                                   platform=platform)
+        if impl == "cudnn":
+            return cudnn_attention(q, k, v, q_pos=q_pos, k_valid=k_valid, causal=causal, platform=platform)
         return splash_attention(q, k, v, k_valid=k_valid, causal=causal, platform=platform)
-    raise ValueError(f"attention implementation {impl!r} is not available; choose one of {IMPLEMENTATIONS}")
 
 
 def auto_impl(q, k, causal: bool, platform: str = "auto") -> str:
     """The implementation `impl="auto"` picks for these shapes on `platform`."""
     if platform == "gpu" and cudnn_unsupported(q, k, causal, platform) is None:
         return "cudnn"
-    if platform == "tpu" and splash_unsupported(q, k, platform) is None and q.shape[-1] % SPLASH_LANES == 0:
-        return "splash"  # other head dims (SigLIP's 72) are not verified on hardware: flash/xla there
+    if platform == "tpu" and splash_unsupported(q, k, platform) is None:
+        return "splash"
     threshold = AUTO_FLASH_MIN_SCORES_CPU if platform == "cpu" else AUTO_FLASH_MIN_SCORES
     return "flash" if q.shape[1] * k.shape[1] >= threshold else "xla"
 
@@ -120,16 +130,27 @@ def cudnn_attention(q, k, v, *, q_pos=None, k_valid=None, causal: bool = False, 
     That form only says "key index <= query index" and "the first L keys are real", which equals our mask under
     the right-padded layout: k_valid a prefix of each row, positions == indices on real tokens. T == S uses
     is_causal; a decode step (T == 1 at q_pos p) sees keys 0..p, i.e. p + 1 keys. `implementation="xla"` runs the
-    same translation on any backend (for tests)."""
+    same translation on any backend (for tests).
+
+    cuDNN's training kernels take even sequence lengths only (jax's check_is_flash_attention), and a call cannot
+    tell whether it will be differentiated: odd lengths (SigLIP's 729 patches) get one more key, excluded by the
+    key lengths, and one more query, dropped from the output. Decode steps (T == 1) are never differentiated."""
     problem = cudnn_unsupported(q, k, causal, platform if implementation == "cudnn" else None)
     if problem:
         raise ValueError(f"attention impl 'cudnn' cannot run here: {problem}. Use 'flash' or 'auto'.")
+    t, s = q.shape[1], k.shape[1]
     lengths = None if k_valid is None else k_valid.sum(-1).astype(jnp.int32)
-    if causal and q.shape[1] == 1:
+    if causal and t == 1:
         seen = q_pos[:, 0].astype(jnp.int32) + 1
         lengths, causal = (seen if lengths is None else jnp.minimum(lengths, seen)), False
-    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, key_value_seq_lengths=lengths,
-                                        implementation=implementation)
+    elif t % 2 or s % 2:
+        if lengths is None:
+            lengths = jnp.full((q.shape[0],), s, jnp.int32)
+        pad = lambda x: jnp.pad(x, ((0, 0), (0, x.shape[1] % 2), (0, 0), (0, 0)))
+        q, k, v = pad(q), pad(k), pad(v)
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=causal, key_value_seq_lengths=lengths,
+                                       implementation=implementation)
+    return out[:, :t]
 
 
 # ---------------------------------------------------------------------------------------------- splash (TPU)
@@ -143,33 +164,64 @@ def splash_unsupported(q, k, platform: str | None = "tpu") -> str | None:
 
 
 def splash_attention(q, k, v, *, k_valid=None, causal: bool = False, interpret: bool = False, platform: str = "tpu"):
-    """Pallas splash attention over (B, T, N, D) inputs, vmapped over the batch.
+    """Pallas splash attention over (B, T, N, D) inputs, inside `jax.shard_map` over the context mesh.
 
     Causal is by index (positions == indices on real tokens). k_valid becomes segment ids shared by queries and
     keys (self-attention): real tokens are segment 1, padding segment 0, so real queries never see padding and
-    no row is empty (splash requires that). The sequence is padded to a lane multiple as more padding.
+    no row is empty (splash requires that). The sequence is padded to a lane multiple as more padding, the head
+    dim to a lane multiple with zeros (q.k and the output's first D columns are unchanged).
     `interpret=True` runs the kernel in the Pallas interpreter on any backend (for tests)."""
     problem = splash_unsupported(q, k, None if interpret else platform)
     if problem:
         raise ValueError(f"attention impl 'splash' cannot run here: {problem}. Use 'flash' or 'auto'.")
+    b, t, n, d = q.shape
+    padded = -(-t // SPLASH_LANES) * SPLASH_LANES
+    width = -(-d // SPLASH_LANES) * SPLASH_LANES
+    valid = jnp.ones((b, t), bool) if k_valid is None else k_valid
+    segments = jnp.pad(valid.astype(jnp.int32), ((0, 0), (0, padded - t)))
+
+    def heads_first(x):  # (B, T, H, D) -> (B, H, T_padded, D_padded), the kernel's per-example layout
+        return jnp.pad(x, ((0, 0), (0, padded - t), (0, 0), (0, width - d))).transpose(0, 2, 1, 3)
+
+    scaled_q = q * jnp.asarray(d**-0.5, q.dtype)  # the kernel does not scale
+    k, v = _kv_heads_for_mesh(k, v, n)
+    args = (heads_first(scaled_q), heads_first(k), heads_first(v), segments)
+    local = lambda q, k, v, seg: _splash_local(q, k, v, seg, causal, interpret)
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty:  # Mosaic kernels are not partitioned by GSPMD: each device runs its own batch rows / heads
+        heads = logical_to_pspec(("batch", "act_heads", None, None), args[0].shape, mesh)
+        kv_heads = logical_to_pspec(("batch", "act_heads", None, None), args[1].shape, mesh)
+        if kv_heads[1] != heads[1]:  # query and KV heads must split the same way
+            heads = kv_heads = logical_to_pspec(("batch", None, None, None), args[0].shape, mesh)
+        local = jax.shard_map(local, mesh=mesh, in_specs=(heads, kv_heads, kv_heads, P(heads[0])), out_specs=heads,
+                              check_vma=False)
+    out = local(*args)
+    return out.transpose(0, 2, 1, 3)[:, :t, :, :d].astype(q.dtype)
+
+
+def _kv_heads_for_mesh(k, v, n: int):
+    """k, v with their K heads repeated so the tensor axis divides them where it divides the N query heads but
+    not K (GQA 14/2 over tensor 7): each device then holds the KV heads of its own query heads."""
+    mesh = jax.sharding.get_abstract_mesh()
+    ways = 1 if mesh.empty or "tensor" not in mesh.shape else mesh.shape["tensor"]
+    heads = k.shape[2]
+    if heads % ways == 0 or n % ways:
+        return k, v
+    repeat = next(r for r in range(2, n // heads + 1) if (heads * r) % ways == 0 and n % (heads * r) == 0)
+    return jnp.repeat(k, repeat, axis=2), jnp.repeat(v, repeat, axis=2)
+
+
+def _splash_local(q, k, v, segments, causal: bool, interpret: bool):
+    """The splash kernel over this device's (B, N, T, D) blocks, vmapped over its batch rows."""
     # TPU Pallas kernels: imported only when splash is chosen, so other backends never load them.
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
-    b, t, n, d = q.shape
-    padded = -(-t // SPLASH_LANES) * SPLASH_LANES
-    block = next(size for size in (512, 256, 128) if padded % size == 0)
-    valid = jnp.ones((b, t), bool) if k_valid is None else k_valid
-    segments = jnp.pad(valid.astype(jnp.int32), ((0, 0), (0, padded - t)))
-    head_mask = sm.CausalMask((padded, padded)) if causal else sm.FullMask((padded, padded))
+    n, length = q.shape[1], q.shape[2]
+    block = next(size for size in (512, 256, 128) if length % size == 0)
+    head_mask = sm.CausalMask((length, length)) if causal else sm.FullMask((length, length))
     sizes = dict.fromkeys(("block_q", "block_kv", "block_kv_compute", "block_q_dkv", "block_kv_dkv",
                            "block_kv_dkv_compute", "block_q_dq", "block_kv_dq"), block)
     kernel = sk.make_splash_mha(sm.MultiHeadMask([head_mask] * n), block_sizes=sk.BlockSizes(**sizes),
                                 head_shards=1, q_seq_shards=1, interpret=interpret)
-
-    def heads_first(x):  # (B, T, H, D) -> (B, H, T_padded, D), the kernel's per-example layout
-        return jnp.pad(x, ((0, 0), (0, padded - t), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
-
-    scaled_q = q * jnp.asarray(d**-0.5, q.dtype)  # the kernel does not scale
-    out = jax.vmap(kernel)(heads_first(scaled_q), heads_first(k), heads_first(v), sk.SegmentIds(segments, segments))
-    return out.transpose(0, 2, 1, 3)[:, :t].astype(q.dtype)
+    return jax.vmap(kernel)(q, k, v, sk.SegmentIds(segments, segments))

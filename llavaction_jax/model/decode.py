@@ -104,7 +104,8 @@ def prefill(params: dict, cfg: ModelConfig, execution: ResolvedExecution, input_
     b, s_len = s.valid.shape
     lengths = s.valid.sum(axis=1).astype(jnp.int32)
     cache = qwen2.init_cache(cfg.text, b, s_len + extra, s.embeds.dtype)
-    h, cache = decoder_step(params, execution, cfg)(s.embeds, jnp.zeros((b,), jnp.int32), cache)
+    # an empty cache: attention over the prompts' own keys (qwen2.forward_cached, the fused kernels' form)
+    h, cache = decoder_step(params, execution, cfg)(s.embeds, jnp.zeros((b,), jnp.int32), cache, prefill=True)
     last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)[:, 0]
     return Prefill(last=last, cache=cache, lengths=lengths)
 

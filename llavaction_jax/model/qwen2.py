@@ -66,12 +66,14 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotated * sin
 
 
+@jax.named_scope("qwen2")  # names the tower in profiles and compiled programs (bench.aot)
 def decoder_layer(p: dict, x: jax.Array, cos, sin, mask: dict, cfg: TextConfig, attn_impl: str, platform: str,
-                  kv=None, write_pos=None):
+                  kv=None, write_pos=None, attend_cache: bool = True):
     """One pre-norm block; `mask` holds attention's mask arguments (q_pos, k_pos, k_valid).
 
     With `kv` = (k_cache, v_cache) of shape (B, S_max, K, D), this step's keys and values are written at
-    `write_pos` (B,) and attention runs over the whole cache. Returns (x, new kv)."""
+    `write_pos` (B,) and attention runs over the whole cache, or over this step's own keys and values when not
+    `attend_cache` (a prefill into an empty cache). Returns (x, new kv)."""
     b, t, _ = x.shape
     hd = cfg.head_dim
     h = rms_norm(p["input_norm"], x, cfg.rms_norm_eps)
@@ -81,8 +83,10 @@ def decoder_layer(p: dict, x: jax.Array, cos, sin, mask: dict, cfg: TextConfig, 
     q = constrain(apply_rope(q, cos, sin), ("batch", "length", "act_heads", None))
     k = apply_rope(k, cos, sin)
     if kv is not None:
-        k, v = (write_rows(c.astype(x.dtype), new, write_pos) for c, new in zip(kv, (k, v)))
-        kv = (k.astype(kv[0].dtype), v.astype(kv[1].dtype))
+        cache_k, cache_v = (write_rows(c.astype(x.dtype), new, write_pos) for c, new in zip(kv, (k, v)))
+        kv = (cache_k.astype(kv[0].dtype), cache_v.astype(kv[1].dtype))
+        if attend_cache:
+            k, v = cache_k, cache_v
     a = attention(q, k, v, **mask, causal=True, impl=attn_impl, platform=platform).reshape(b, t, cfg.num_heads * hd)
     x = x + linear(p["attn"]["o"], a)
     h = rms_norm(p["post_norm"], x, cfg.rms_norm_eps)
@@ -145,18 +149,22 @@ def init_cache(cfg: TextConfig, batch: int, max_len: int, dtype=jnp.float32) -> 
 
 
 def forward_cached(params: dict, x: jax.Array, write_pos: jax.Array, cache: KVCache, cfg: TextConfig, *,
-                   attn_impl: str = "xla", platform: str = "auto") -> tuple[jax.Array, KVCache]:
+                   attn_impl: str = "xla", platform: str = "auto", prefill: bool = False) -> tuple[jax.Array, KVCache]:
     """Decoder over x (B, T, H) whose tokens sit at cache positions write_pos + 0..T-1 (right padding: position ==
     index). Keys at indices <= a query's index are real tokens for every real query, so the mask is causal over
-    cache indices. Returns (final normed hidden states, updated cache)."""
+    cache indices. With `prefill` (an empty cache, write_pos all 0) attention runs over the call's own T keys:
+    the same result, in the self-attention form (T == S) that the fused kernels (cuDNN, splash) take.
+    Returns (final normed hidden states, updated cache)."""
     t, s_max = x.shape[1], cache.max_len
     positions = write_pos[:, None] + jnp.arange(t)[None]
     cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
-    mask = dict(q_pos=positions, k_pos=jnp.broadcast_to(jnp.arange(s_max), (x.shape[0], s_max)))
+    keys = t if prefill else s_max
+    mask = dict(q_pos=positions, k_pos=jnp.broadcast_to(jnp.arange(keys), (x.shape[0], keys)))
 
     def body(h, layer):
         p, k, v = layer
-        out, (k, v) = decoder_layer(p, h, cos, sin, mask, cfg, attn_impl, platform, kv=(k, v), write_pos=write_pos)
+        out, (k, v) = decoder_layer(p, h, cos, sin, mask, cfg, attn_impl, platform, kv=(k, v), write_pos=write_pos,
+                                    attend_cache=not prefill)
         return out, (k, v)
 
     x, (k, v) = jax.lax.scan(body, x, (params["layers"], cache.k, cache.v))

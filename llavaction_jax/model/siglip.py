@@ -54,6 +54,7 @@ def patchify(pixels: jax.Array, patch: int) -> jax.Array:
     return x.reshape(n, gh * gw, patch * patch * c)
 
 
+@jax.named_scope("siglip")  # names the tower in profiles and compiled programs (bench.aot)
 def encoder_layer(p: dict, x: jax.Array, cfg: VisionConfig, attn_impl: str, platform: str = "auto") -> jax.Array:
     n, t, d = x.shape
     heads = lambda y: y.reshape(n, t, cfg.num_heads, cfg.head_dim)

@@ -221,6 +221,10 @@ class Checkpoints:
         if isinstance(error, CheckpointSaveError):
             return error
         if jax.process_index() == 0:
+            try:  # the save's other writers (its other items, tensorstore's threads) finish before its files go
+                self.manager.wait_until_finished()
+            except Exception:  # noqa: BLE001 - the same failure again; `error` is the one reported
+                pass
             for leftover in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
                 shutil.rmtree(leftover, ignore_errors=True)
             (self.step_dir(step) / f"{integrity.MANIFEST}.tmp").unlink(missing_ok=True)

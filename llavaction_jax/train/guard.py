@@ -20,7 +20,8 @@ import math
 
 import numpy as np
 
-from llavaction_jax.config import CONFIGS_DIR, EXECUTION_FIELDS, ConfigError, run_config_file
+from llavaction_jax.config import EXECUTION_FIELDS, ConfigError
+from llavaction_jax.recipes import parse, recipe_file
 
 # Fields of a model section that change how the step runs, not what the state is: the execution choices (also in
 # the model configs stored by checkpoints written before ModelConfig and ExecutionConfig were split) and the
@@ -114,7 +115,7 @@ def _flatten(d: dict, prefix: str) -> dict:
 @functools.lru_cache(maxsize=1)
 def recipe_defaults() -> str:
     """configs/train.py as JSON: what a field a checkpoint predates meant when that run was started."""
-    return json.dumps(run_config_file(CONFIGS_DIR / "train.py").to_dict())
+    return json.dumps(parse([], file=str(recipe_file("train")))[0].to_dict())
 
 
 def _merged(defaults: dict, config: dict) -> dict:

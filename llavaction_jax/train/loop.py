@@ -257,39 +257,68 @@ def _train(cfg) -> dict:
         f"{jax.process_count()} process(es)")
 
     # ----------------------------------------------------------------- loop
+    # The jitted step returns before it has run. Its metrics stay on the device until a sync point (a log line or a
+    # checkpoint: one transfer for all steps since the last), and the next global batch is loaded and placed while
+    # the step runs. A checkpoint step syncs first (a non-finite loss stops the run before its state is saved) and
+    # loads the next batch after the save, so the saved data-iterator state is the one the next step starts from.
     preemption = Preemption()
     history, step, stopped = [], start, "completed"
     skipped = 0  # bad samples this process's iterator has skipped (on_bad_sample="skip"), carried over a resume
     last = min(total_steps, cfg.train.stop_at_step or total_steps)
-    failed = True
-    try:
-        while step < last:
-            host_batch = next(data_iter)
-            skipped = int(host_batch.get("num_skipped", skipped))
-            batch = make_global_batch(host_batch, mesh, pad_id=cfg.data.pad_id)
-            state, m = run_step(state, batch)
-            m = {k: float(v) for k, v in jax.device_get(m).items()}
-            step += 1
-            ckpts.check()  # an async save that failed stops the run here, with that save's own error
+    outputs, clock = metrics.StepOutputs(), metrics.LoopClock()
+
+    def next_batch():
+        nonlocal skipped
+        host_batch = next(data_iter)
+        skipped = int(host_batch.get("num_skipped", skipped))
+        return make_global_batch(host_batch, mesh, pad_id=cfg.data.pad_id)
+
+    def sync() -> dict[str, float]:
+        """Every step's metrics since the last sync, checked and recorded; the newest step's."""
+        for s, m in outputs.fetch():
             if not math.isfinite(m["loss"]):
                 good = ckpts.newest_good()
-                raise NonFiniteLoss(f"loss is {m['loss']} at step {step}; stopping. The last good checkpoint (the "
-                                    "newest that verifies, saved with a finite loss) is "
+                raise NonFiniteLoss(f"loss is {m['loss']} at step {s}; stopping. The last good checkpoint (the "
+                                    "newest that is sealed, verifies and whose state was finite when saved) is "
                                     f"{'step ' + str(good) if good is not None else 'none'} in {out_dir / 'checkpoints'}")
             history.append(m["loss"])
+        return m
+
+    failed = True
+    try:
+        batch = next_batch() if step < last else None
+        while step < last:
+            probe = clock.probe_starts(step + 1)
+            state, m = run_step(state, batch)
+            step += 1
+            outputs.add(step, m)
+            clock.probe_ends(probe, m)
+            ckpts.check()  # an async save that failed stops the run here, with that save's own error
             if progress is None:
                 flops = metrics.train_flops(model_cfg, batch["input_ids"].shape[1], batch["pixel_values"].shape[1]) * global_batch
                 progress = metrics.Progress(total_steps, flops / jax.device_count(), peak)
-            if is_main and (step % cfg.train.log_every == 0 or step == total_steps):
-                rates = progress.rates(step, m)
-                log(progress.line(step, m, rates))
-                writer.scalars(step, {**m, **rates})
-            if step % cfg.train.checkpoint_every == 0 or step == last or preemption.requested:
+            preempted = preemption.requested
+            save = step % cfg.train.checkpoint_every == 0 or step == last or preempted
+            logged = step % cfg.train.log_every == 0 or step == total_steps
+            if not save and step < last:
+                batch = next_batch()  # while the step runs
+            if save or logged:
+                m = sync()
+                if is_main and logged:
+                    rates = progress.rates(step, m)
+                    log(progress.line(step, m, rates))
+                    writer.scalars(step, {**m, **rates})
+                clock.synced(step, logged, save)
+            if save:
                 ckpts.save(step, state, dict(meta, step=step, loss=m["loss"]), data_iter)
-            if preemption.requested:
+            if preempted:
                 stopped = "preempted"
                 log(f"SIGTERM: checkpoint written at step {step}; exiting")
                 break
+            if save and step < last:
+                batch = next_batch()
+        if clock.summary():
+            log(clock.line(clock.summary()))
         failed = False
     finally:
         ckpts.close(raise_errors=not failed)  # the last checkpoint is sealed before the run ends
@@ -316,7 +345,7 @@ def _train(cfg) -> dict:
     if skipped:
         log(f"skipped {skipped} bad sample(s) in all (data.on_bad_sample=skip); each is named in the log above")
     summary = {"stopped": stopped, "step": step, "losses": history, "output_dir": str(out_dir),
-               "skipped_samples": skipped}
+               "skipped_samples": skipped, **clock.summary()}
     if is_main:
         (out_dir / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "losses"}) + "\n")
     return summary

@@ -1,5 +1,8 @@
 """Training metrics: a progress line on stdout, scalars for TensorBoard (and Weights & Biases), FLOPs and MFU.
 
+The loop keeps the step's metrics on the device (`StepOutputs`) and fetches them at sync points only (log lines,
+checkpoints), and `LoopClock` measures what the loop itself costs on top of the jitted step.
+
 Scalars go through tensorboardX's `SummaryWriter` (a maintained writer of TensorBoard's event files, no TensorFlow
 needed) under grouped tags, so TensorBoard shows one section per group:
 
@@ -15,13 +18,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llavaction_jax.config import ConfigError, ModelConfig
+from llavaction_jax.config import ConfigError, ModelConfig, ResolvedExecution, require_resolved
 
 # ----------------------------------------------------------------------------------------------- scalar writers
 GROUPS = {"loss": "train", "lm_loss": "train", "aux_loss": "train", "tokens": "train", "grad_norm": "optim",
@@ -98,22 +102,41 @@ def measure_matmul_peak(size: int = 1024, repeats: int = 5) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - t0)
 
 
-def train_flops(cfg: ModelConfig, text_tokens: int, frames: int, vision_trained: bool = True) -> float:
+def train_flops(cfg: ModelConfig, text_tokens: int, frames: int, vision_trained: bool = True,
+                lm_head_tokens: int | None = None) -> float:
     """Model FLOPs of one forward + backward for one sample: 6 x params x tokens for the matmuls, plus attention.
 
     The LLM sees the spliced sequence; the vision tower sees frames x patches, counted 2x (forward only) when it
-    is frozen, since nothing below it needs gradients.
+    is frozen, since nothing below it needs gradients. The LM head is counted on `lm_head_tokens` positions (where
+    the step computes logits, `lm_head_positions`), on every position when None.
     """
     v, t = cfg.vision, cfg.text
     seq = text_tokens - 1 + cfg.tokens_per_video(frames)
+    head = seq if lm_head_tokens is None else lm_head_tokens
     llm_params = t.num_layers * (t.hidden_size * (t.num_heads + 2 * t.num_kv_heads) * t.head_dim
                                  + t.num_heads * t.head_dim * t.hidden_size + 3 * t.hidden_size * t.intermediate_size)
-    llm = 6 * seq * (llm_params + t.hidden_size * t.vocab_size) + 12 * t.num_layers * seq * seq * t.hidden_size / 2
+    llm = 6 * seq * llm_params + 6 * head * t.hidden_size * t.vocab_size + 12 * t.num_layers * seq * seq * t.hidden_size / 2
     patches = frames * v.num_patches
     vis_params = v.num_layers * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size)
     proj_params = v.hidden_size * t.hidden_size + (cfg.projector_depth - 1) * t.hidden_size**2
     vision = (6 if vision_trained else 2) * patches * (vis_params + proj_params) + 12 * v.num_layers * frames * v.num_patches**2 * v.hidden_size
     return float(llm + vision)
+
+
+def lm_head_positions(execution: ResolvedExecution, seq: int, targets) -> int:
+    """Positions of a `seq`-long spliced sequence whose LM-head logits the train step computes under `execution`,
+    when the tokens at positions `targets` are its only targets: with the chunked loss that skips target-free chunks
+    (losses.chunked_lm_row_sums: the seq - 1 predicting positions cut into balanced chunks), the chunks that hold a
+    target; otherwise every position."""
+    execution = require_resolved(execution, "metrics.lm_head_positions")
+    n = seq - 1
+    if execution.loss_chunk_tokens <= 0 or execution.loop_collectives == "off" or not execution.loss_skip_empty_chunks:
+        return seq
+    num = -(-n // execution.loss_chunk_tokens)
+    if num == 1:
+        return seq
+    chunk = -(-n // num)
+    return chunk * len({(t - 1) // chunk for t in targets})
 
 
 class Progress:
@@ -145,3 +168,89 @@ class Progress:
                 parts.append(f"MFU {rates['mfu']:.1%}")
             parts.append(f"ETA {rates['step_time_s'] * (self.total - step) / 60:.1f} min")
         return " | ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------- step outputs
+class StepOutputs:
+    """The metrics dicts the jitted step returns (device scalars), kept on the device until a sync point: `fetch`
+    brings all of them to the host in one transfer. Reading one per step (`float(m["loss"])`) would wait for every
+    step to finish before the next batch is loaded."""
+
+    def __init__(self):
+        self._pending: list[tuple[int, dict]] = []
+
+    def add(self, step: int, m: dict) -> None:
+        self._pending.append((step, m))
+
+    def fetch(self) -> list[tuple[int, dict[str, float]]]:
+        """(step, {name: float}) for every step since the last fetch, oldest first (waits for them to finish)."""
+        steps = [step for step, _ in self._pending]
+        values = jax.device_get([m for _, m in self._pending])
+        self._pending = []
+        return [(step, {k: float(v) for k, v in m.items()}) for step, m in zip(steps, values)]
+
+
+class LoopClock:
+    """What the loop costs on top of the jitted step: wall seconds per step between log lines against the jitted
+    step's own time, both as medians over the run (so the interval that compiles, or one that writes a checkpoint,
+    does not count). The same in this process's CPU time (all its threads): the loop's own work as it would cost
+    where no core is idle to hide it, which a machine busy with other jobs does not change.
+
+    The jitted step is timed alone on the first step after a log line (the sync there waited for the device, so it
+    is idle; the clock waits for that step's outputs before the next batch is loaded), at most once every
+    `probe_every` steps: a timed step gives up its overlap with data loading.
+    """
+
+    def __init__(self, probe_every: int = 10):
+        self.probe_every = probe_every
+        self.walls: list[tuple[float, float]] = []  # (wall, CPU) seconds per step of each log interval but the first
+        self.alone: list[tuple[float, float]] = []  # (wall, CPU) seconds of each step timed alone
+        self._last_probe = None
+        self._mark = None  # (wall, CPU, step) at the previous log line
+        self._probe_next = False
+
+    @staticmethod
+    def _now() -> tuple[float, float]:
+        return time.perf_counter(), time.process_time()
+
+    def probe_starts(self, step: int) -> tuple[float, float] | None:
+        """Before dispatching step `step` (1-based): the start when this step is to be timed alone, else None."""
+        if not self._probe_next or (self._last_probe is not None and step - self._last_probe < self.probe_every):
+            return None
+        self._probe_next, self._last_probe = False, step
+        return self._now()
+
+    def probe_ends(self, started: tuple[float, float] | None, outputs) -> None:
+        """After dispatching the step `probe_starts` gave `started` for: wait for its outputs and record its time."""
+        if started is not None:
+            jax.block_until_ready(outputs)
+            self.alone.append(tuple(b - a for a, b in zip(started, self._now())))
+
+    def synced(self, step: int, logged: bool, saved: bool) -> None:
+        """After a sync point at `step` (its outputs fetched): a log line closes a wall-time interval; the next step
+        is timed alone unless a checkpoint is being written beside it."""
+        now = self._now()
+        if logged:
+            if self._mark is not None and step > self._mark[2]:
+                self.walls.append(tuple((b - a) / (step - self._mark[2]) for a, b in zip(self._mark[:2], now)))
+            self._mark = (*now, step)
+        self._probe_next = not saved
+
+    def summary(self) -> dict[str, float]:
+        """step_time_s, jitted_step_s and loop_overhead = (wall - alone) / alone, and the same in CPU seconds
+        (step_cpu_s, jitted_step_cpu_s, loop_cpu_overhead); empty until both have been measured."""
+        if not self.walls or not self.alone:
+            return {}
+        out = {}
+        for i, (loop, alone, overhead) in enumerate((("step_time_s", "jitted_step_s", "loop_overhead"),
+                                                     ("step_cpu_s", "jitted_step_cpu_s", "loop_cpu_overhead"))):
+            out[loop] = statistics.median(w[i] for w in self.walls)
+            out[alone] = statistics.median(a[i] for a in self.alone)
+            out[overhead] = (out[loop] - out[alone]) / out[alone] if out[alone] > 0 else float("nan")
+        return out
+
+    @staticmethod
+    def line(s: dict[str, float]) -> str:
+        return (f"loop: {s['step_time_s']:.3f} s per step between log lines, the jitted step alone "
+                f"{s['jitted_step_s']:.3f} s (medians): loop overhead {s['loop_overhead']:+.1%} of the step; in CPU "
+                f"time {s['step_cpu_s']:.3f} s against {s['jitted_step_cpu_s']:.3f} s ({s['loop_cpu_overhead']:+.1%})")

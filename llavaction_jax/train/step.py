@@ -124,5 +124,5 @@ def jit_train_step(step_fn, state: dict, cfg: ModelConfig, mesh: Mesh | None):
         with use_mesh(mesh):
             return jitted(state, batch)
 
-    run.jitted = jitted  # for ahead-of-time lowering (bench.memory_7b)
+    run.jitted = jitted  # for ahead-of-time lowering (bench.aot_programs)
     return run

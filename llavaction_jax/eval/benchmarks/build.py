@@ -31,11 +31,9 @@ generation budget; eval and eval-suite use them unless told otherwise (--config.
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = DESCRIPTION
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
     for name, module in BENCHMARKS.items():
-        p = sub.add_parser(name, help=" ".join(module.__doc__.split(":", 1)[0].split()), description=module.__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(name, help=" ".join(module.__doc__.split(":", 1)[0].split()), description=module.__doc__)
         module.add_arguments(p)
         p.add_argument("--out", required=True, help="output folder (one sub-folder per task variant)")
         p.add_argument("--time-instruction", choices=common.TIME_STYLES, default="none",

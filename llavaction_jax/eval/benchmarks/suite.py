@@ -29,7 +29,8 @@ from llavaction_jax.eval import ek100_suite, mqa_eval
 from llavaction_jax.eval.caption_then_answer import evaluate_caption_then_answer
 from llavaction_jax.eval.benchmarks import VARIANTS, common
 from llavaction_jax.eval.runner import EvalSettings, check_tokenizer_fits, evaluate
-from llavaction_jax.sharding import make_mesh, parse_mesh
+from llavaction_jax.recipes import model_overrides
+from llavaction_jax.sharding import make_mesh
 
 ACCEPTS_CONFIG_OVERRIDES = True  # --config.model.<field>=value, as in `eval`
 # (variant, column title) in the paper's order; EgoSchema's full set is scored by its server.
@@ -44,32 +45,32 @@ SUITES = {
 PAPER_LLAVACTION_7B = {"egoschema": 59.0, "perceptiontest_val_mc": 70.2, "mvbench": 61.1, "nextqa_mc_test": 82.8}
 
 
+POOL_FIELD = "pool_mode"  # --pool-mode is an alias of --config.model.pool_mode
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     parser.description = __doc__
+    parser.epilog = mqa_eval.CONFIG_EPILOG
     a = parser.add_argument
     a("--suite", choices=sorted(SUITES), default="paper", help="which benchmarks, in which order")
     a("--data", required=True, help="folder of <variant>/questions.jsonl + <variant>/shards (build-bench output)")
-    a("--out", required=True, help="output folder: <variant>/ per benchmark, suite.md, suite.json")
+    cli_flags.add_out(parser, "output folder: <variant>/ per benchmark, suite.md, suite.json")
     a("--table-only", action="store_true", help="only rebuild the table from results already in --out")
-    model = parser.add_mutually_exclusive_group()
-    model.add_argument("--model", help="model directory (save_pretrained / converter output)")
-    model.add_argument("--preset", help="random model from configs/<NAME>.py (smoke tests), e.g. tiny")
-    a("--seed", type=int, default=0, help="seed of a --preset model's random weights")
+    mqa_eval.add_model_source(parser, required=False)
     a("--batch-size", type=int, default=8, help="questions per process per step")
     a("--mode", choices=("generate", "score", "both"), default="generate",
       help="generate: lmms-eval's way (greedy + its answer parser); score: option log-likelihoods; both")
     a("--max-new-tokens", type=int, default=None,
       help="generation budget (default: each lmms-eval task's; ek100: upstream's 4096)")
     a("--pool-mode", choices=POOL_MODES, default=None,
-      help="2x2 pooling of each frame's features for every benchmark (default: what each question file records: "
-           "build-bench's average, lmms-eval llava_vid's as the authors ran it; ek100: the model's)")
-    a("--mesh", default="data=-1,fsdp=1,tensor=1", help="mesh shape over all devices of all processes")
+      help=f"an alias of --config.model.{POOL_FIELD}: 2x2 pooling of each frame's features for every benchmark "
+           "(default: what each question file records: build-bench's average, lmms-eval llava_vid's as the authors "
+           "ran it; ek100: the model's)")
+    cli_flags.add_mesh(parser)
     a("--limit", type=int, default=None, help="evaluate only the first N questions of each benchmark")
     a("--tokenizer", default=None, help="tokenizer directory (default: the model directory's, else bundled Qwen2)")
-    a("--num-frames", type=int, default=None,
-      help="most frames per clip fed to the model: a clip with more is subsampled, one with fewer keeps its own "
-           "(default: the most a clip of the shards has)")
+    cli_flags.add_num_frames(parser, "the most fed to the model; a clip with more is subsampled, one with fewer "
+                                     "keeps its own (default: the most a clip of the shards has)")
     a("--prompt-len", type=int, default=None,
       help="padded prompt length for every benchmark, so one compiled step serves them all (default: each file's "
            "longest prompt, rounded up)")
@@ -123,14 +124,23 @@ def write_table(suite: str, out_dir) -> dict:
     return table
 
 
+def pool_mode(args) -> str | None:
+    """The pooling asked for every benchmark: --pool-mode or --config.model.pool_mode (once)."""
+    given = model_overrides(args.config_overrides).get(POOL_FIELD)
+    if given is not None and args.pool_mode is not None:
+        raise ValueError(f"--pool-mode and --config.model.{POOL_FIELD} set the same field; give it once")
+    return args.pool_mode or given
+
+
 def run_suite(args, params, cfg, name, mesh, tokenizer, tokenizer_name, log=print, execution=None) -> None:
     modes = ("generate", "score") if args.mode == "both" else (args.mode,)
+    pool_all = pool_mode(args)
     if args.suite == "ek100":
         settings = EvalSettings(batch_size=args.batch_size, modes=modes,
                                 max_new_tokens=args.max_new_tokens or mqa_eval.DEFAULT_MAX_NEW_TOKENS,
                                 num_frames=args.num_frames, prompt_len=args.prompt_len, limit=args.limit, fmt="ek100",
                                 threads=args.threads, options_per_pass=args.options_per_pass, strict=args.strict)
-        model = cfg if args.pool_mode is None else cfg.replace(pool_mode=args.pool_mode)
+        model = cfg if pool_all is None else cfg.replace(pool_mode=pool_all)
 
         def evaluate_variant(questions, shards, out):
             test_type = mqa_eval.file_settings(mqa_eval.question_meta(questions)).get("test_type")
@@ -145,7 +155,7 @@ def run_suite(args, params, cfg, name, mesh, tokenizer, tokenizer_name, log=prin
             log(f"[eval-suite] {title}: no {folder / common.QUESTIONS_NAME}, skipped")
             continue
         log(f"[eval-suite] {title}: {folder}")
-        pool = args.pool_mode or mqa_eval.file_settings(mqa_eval.question_meta(folder / common.QUESTIONS_NAME)).get(
+        pool = pool_all or mqa_eval.file_settings(mqa_eval.question_meta(folder / common.QUESTIONS_NAME)).get(
             "pool_mode")
         settings = EvalSettings(batch_size=args.batch_size, modes=modes,
                                 max_new_tokens=args.max_new_tokens or VARIANTS[variant].max_new_tokens,
@@ -161,7 +171,10 @@ def run_suite(args, params, cfg, name, mesh, tokenizer, tokenizer_name, log=prin
 
 def run(args: argparse.Namespace) -> int:
     """Errors (bad inputs, a held lock, an unreadable clip with --strict) are reported by cli.main in one line."""
-    if not args.table_only:
+    if not args.table_only:  # every input checked before the lock is taken or a model loaded
+        cli_flags.require_dir("--data", args.data)
+        mqa_eval.check_inputs(args, questions=False)
+        pool_mode(args)
         cli_flags.init_distributed(args)
     with locks.output_lock(args.out, "eval-suite", log=print if jax.process_index() == 0 else None):
         _run(args)
@@ -172,9 +185,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> None:
     if not args.table_only:
-        if not (args.model or args.preset):
-            raise ValueError("give --model or --preset (or --table-only)")
-        mesh = make_mesh(**parse_mesh(args.mesh))
+        mesh = make_mesh(**args.mesh)
         tokenizer, tokenizer_name = resolve_tokenizer(args.tokenizer, args.model)
         configs = mqa_eval.model_config(args)
         if configs is not None:
