@@ -105,3 +105,73 @@ def test_greedy_ids_equal_transformers_generate_for_text_only_qwen2():
                              eos_token_id=CFG.text.vocab_size - 1, pad_token_id=0)[0, 8:].numpy()
     tokens, n = generate(params, CFG, EX, gen, jnp.asarray(ids), None, jnp.ones((1, 8), bool))
     np.testing.assert_array_equal(np.asarray(tokens[0, : len(ref)]), ref)
+
+
+def test_the_decode_loop_writes_the_cache_in_place(params):
+    """The decode program holds one cache: its temporaries stay below the cache's bytes (a copy per token, or the
+    cache threaded through the layer scan as an input and a new stack out, would need a second one), and the
+    donated cache is the output's."""
+    gen = GenerationConfig(max_new_tokens=5, eos_ids=(7,), pad_id=0)
+    t, b, s = CFG.text, 2, 2048  # long enough that the cache outweighs the fixed temporaries (logits, weights)
+    shape = (t.num_layers, b, t.num_kv_heads, s, t.head_dim)
+    cache = decode.KVCache(jnp.zeros(shape), jnp.zeros(shape))
+    state = decode.DecodeState(jnp.int32(1), jnp.zeros((b, gen.max_new_tokens), jnp.int32), cache,
+                               jnp.zeros((b,), bool), jax.random.key(0))
+    loop = jax.jit(lambda p, st, lengths: decode.decode_loop(p, CFG, gen, st, lengths), donate_argnums=1)
+    memory = loop.lower(params, state, jnp.full((b,), 100, jnp.int32)).compile().memory_analysis()
+    cache_bytes = 2 * cache.k.nbytes
+    assert memory.temp_size_in_bytes < cache_bytes, (memory.temp_size_in_bytes, cache_bytes)
+    assert memory.alias_size_in_bytes >= cache_bytes
+
+
+def test_one_prefill_answers_both_ways_with_the_answers_of_each(params, monkeypatch):
+    """`--mode both`: the video and the prompt go through the model once, generation and option scoring read that
+    one cache, and each answer equals the one its own program gives."""
+    rng = np.random.default_rng(4)
+    samples = [sample(rng, n) for n in (11, 8)]
+    ids, mask = np.zeros((2, 11), np.int64), np.zeros((2, 11), bool)
+    for i, (s, _) in enumerate(samples):
+        ids[i, : len(s)], mask[i, : len(s)] = s, True
+    pixels = np.stack([p for _, p in samples])
+    option_ids = rng.integers(10, CFG.text.vocab_size, size=(2, 3, 4)).astype(np.int32)
+    option_mask = np.arange(4)[None, None] < rng.integers(1, 5, size=(2, 3, 1))
+    inputs = (jnp.asarray(ids), jnp.asarray(pixels), jnp.asarray(mask))
+    options = dict(option_ids=jnp.asarray(option_ids), option_mask=jnp.asarray(option_mask))
+    both = jax.jit(lambda p, *x: decode.answer(p, CFG, EX, *x, gen=GEN, **options))
+    scored = jax.jit(lambda p, *x: decode.answer(p, CFG, EX, *x, **options))
+
+    calls, embed_inputs = [], llava.embed_inputs
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return embed_inputs(*args, **kwargs)
+
+    monkeypatch.setattr(llava, "embed_inputs", counted)
+    out = both(params, *inputs)
+    assert len(calls) == 1  # traced once: one vision pass, one prefill
+    monkeypatch.undo()
+
+    tokens, num = generate(params, CFG, EX, GEN, *inputs)
+    np.testing.assert_array_equal(np.asarray(out["generate"]["tokens"]), np.asarray(tokens))
+    np.testing.assert_array_equal(np.asarray(out["generate"]["num_tokens"]), np.asarray(num))
+    alone = scored(params, *inputs)["score"]
+    for key in ("token_logprobs", "logprob_sum", "num_tokens"):
+        np.testing.assert_array_equal(np.asarray(out["score"][key]), np.asarray(alone[key]))
+
+
+def test_the_cache_is_sharded_over_the_batch_and_the_kv_heads():
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from llavaction_jax.sharding import make_mesh, use_mesh
+
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    ex = resolve_execution(preset_configs("tiny")[1], mesh)
+    params = jax.jit(llava.init, static_argnums=0)(CFG, jax.random.key(0, impl="rbg"))
+    ids = jnp.asarray(np.tile(sample(np.random.default_rng(5), 9)[0], (4, 1)))
+    pixels = jnp.zeros((4, 2, 3, 64, 64))
+    prefill = jax.jit(lambda p, i, x: decode.prefill(p, CFG, ex, i, x, jnp.ones(i.shape, bool), 4).cache)
+    with use_mesh(mesh):
+        cache = prefill(params, ids, pixels)
+    assert cache.k.shape == (2, 4, 2, 9 - 1 + CFG.tokens_per_video(2) + 4, 32)
+    want = NamedSharding(mesh, P(None, ("data", "fsdp"), "tensor", None, None))
+    assert cache.k.sharding.is_equivalent_to(want, 5) and cache.v.sharding.is_equivalent_to(want, 5)

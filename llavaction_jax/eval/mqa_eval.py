@@ -56,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
            "the released head's)")
     a("--batch-size", type=int, default=8, help="questions per process per step")
     a("--mode", choices=("generate", "score", "both"), default="generate",
-      help="generate: greedy answer + upstream parsing; score: option log-likelihoods; both")
+      help="generate: greedy answer + upstream parsing; score: option log-likelihoods; both: the two from one "
+           "prefill of each batch")
     a("--max-new-tokens", type=int, default=4096, help="generation budget (upstream: 4096; 32 is plenty for MQA)")
     cli_flags.add_mesh(parser)
     a("--limit", type=int, default=None, help="evaluate only the first N questions")
@@ -72,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--annotations", default=None, help="EK100 annotation folder for verb/noun names (default: from the meta)")
     a("--threads", type=int, default=4, help="frame-decoding threads per process")
     a("--options-per-pass", type=int, default=None,
-      help="score mode: options scored per pass over the prompt's KV cache, which is copied that many times "
+      help="score mode: options run through the model together, over the prompt's KV cache read in place "
            "(default: all options in one pass; 1 uses the least memory)")
     cli_flags.add_distributed(parser)
 
