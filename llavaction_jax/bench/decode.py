@@ -8,7 +8,10 @@ with random keys and values first, as a prefill leaves it (the prefill itself is
 once per cache length with the state donated, as `generate` runs it inside its program.
 
 Reports the time per token at each length and their ratio (target: at most 1.3x from 2k to 16k tokens), and from
-`compiled.memory_analysis()` the program's temporaries against the cache's bytes (target: below one cache).
+`compiled.memory_analysis()` the program's temporaries: a copy of the cache per token (or the cache threaded through
+the layer scan as an input and a new stack out) would make them grow with the cache; written in place, they grow by
+one layer's slice at most (the layer's keys and values its attention reads) while the cache grows 8x. The rest of
+the temporaries is the same at both lengths (mostly one layer's weights, which the layer scan slices out).
 
     python -m llavaction_jax.bench.decode [--short 2048] [--long 16384] [--tokens 17] [--batch 1] [--size 0.5b]
         [--repeats 3] [--no-write]
@@ -94,8 +97,10 @@ def main(argv=None) -> int:
                      f"({r['temp_bytes'] / r['cache_bytes']:.2f} x the cache), the cache donated "
                      f"({r['alias_bytes'] / r['cache_bytes']:.2f} x aliased); compile {r['compile_s']:.1f} s")
     ratio = long["per_token_s"] / short["per_token_s"]
-    lines.append(f"- time per token, {args.long} / {args.short} tokens: **{ratio:.2f}x** (target <= 1.3x); "
-                 f"temporaries below one cache: {all(r['temp_bytes'] < r['cache_bytes'] for r in results.values())}")
+    growth = (long["temp_bytes"] - short["temp_bytes"]) / (long["cache_bytes"] - short["cache_bytes"])
+    lines.append(f"- time per token, {args.long} / {args.short} tokens: **{ratio:.2f}x** (target <= 1.3x); the "
+                 f"temporaries grow by {growth:.3f} x the cache's growth (a second cache: >= 1; one layer's slice: "
+                 f"{1 / cfg.text.num_layers:.3f})")
     cmd = "python -m llavaction_jax.bench.decode " + " ".join(argv if argv is not None else sys.argv[1:])
     record("decode: time per token against the KV cache's length", cmd.strip(), lines, write=not args.no_write)
     return 0
