@@ -162,6 +162,7 @@ def prefill(params: dict, cfg: ModelConfig, execution: ResolvedExecution, input_
 
 
 # ---------------------------------------------------------------------------------------------- generation
+@jax.named_scope("xla_cache_attention")  # bench.aot reads attention kinds from these names
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array) -> jax.Array:
     """One query per row over a layer's cache: q (B, 1, N, D), k / v (B, K, S, D); key j is seen when
     j <= positions[b]. fp32 scores and softmax (model/attention.xla_attention's numerics). Returns (B, 1, N, D)."""
@@ -236,6 +237,7 @@ def finish(gen: GenerationConfig, state: DecodeState) -> tuple[jax.Array, jax.Ar
 
 
 # ---------------------------------------------------------------------------------------------- scoring
+@jax.named_scope("xla_cache_attention")  # bench.aot reads attention kinds from these names
 def partial_attention(q, k, v, seen):
     """Softmax attention of q (B, T, N, D) over k / v (B, K, S, D) where seen (B, T, S) allows it, with the
     log-sum-exp of the seen scores, so that attentions over disjoint key sets merge exactly (`merge`). fp32
