@@ -14,8 +14,8 @@ Inputs are checked on the host first so mistakes fail with a message, not deep i
 
 `generate` / `score_options` take user messages (upstream's ``"<image>\n" + question``; ``<image>`` is put in front
 when missing), wrap them in upstream's ChatML prompt, tokenize them with the model's own tokenizer (the one in its
-directory, else Qwen2's) and run the jitted answer steps below (`generate_step`, `score_step`), which `eval`
-runs too: with `forward_with_losses` they are the compile boundaries over the traced functions of model/.
+directory, else Qwen2's) and run the jitted answer step below (`answer_step`), which `eval` runs too: with
+`forward_with_losses` it is a compile boundary over the traced functions of model/.
 The model's execution choices (`ExecutionConfig`: attention kernel, compute dtype, ...) are saved with it and
 resolved once for the mesh when the model is built (`LlavaModel.resolved`).
 """
@@ -107,8 +107,8 @@ class LlavaModel:
                                 None if self.path is None else str(self.path))
         gen = dataclasses.replace(gen, temperature=temperature, top_p=top_p)
         with use_mesh(self.mesh):
-            out = generate_step(self.params, shard_batch(batch, self.mesh), cfg=self.cfg, execution=self.resolved,
-                                gen=gen, out_len=out_len, key=jax.random.key(seed))
+            out = answer_step(self.params, shard_batch(batch, self.mesh), cfg=self.cfg, execution=self.resolved,
+                              gen=gen, out_len=out_len, key=jax.random.key(seed))["generate"]
         tokens, num = (np.asarray(x) for x in local_rows((out["tokens"], out["num_tokens"]), self.mesh))
         return [tokenizer.decode(row[:n].tolist(), skip_special_tokens=True) for row, n in zip(tokens, num)]
 
@@ -130,8 +130,8 @@ class LlavaModel:
         out_len = llava.default_out_len(self.cfg, batch["input_ids"].shape[1], n_vis)
         limit = generation_config(tokenizer, 1, self.cfg.text.vocab_size, None).vocab_limit  # eval's rule
         with use_mesh(self.mesh):
-            out = score_step(self.params, shard_batch(batch, self.mesh), cfg=self.cfg, execution=self.resolved,
-                             out_len=out_len, vocab_limit=limit, options_per_pass=None)
+            out = answer_step(self.params, shard_batch(batch, self.mesh), cfg=self.cfg, execution=self.resolved,
+                              out_len=out_len, vocab_limit=limit)["score"]
         out = local_rows(out, self.mesh)
         return [{k: [float(x) for x in out[k][b, : len(o)]] for k in ("logprob_sum", "logprob_mean", "num_tokens")}
                 for b, o in enumerate(options)]
@@ -227,25 +227,18 @@ def forward_with_losses(params: dict, input_ids, pixel_values, attention_mask, l
     return result
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "execution", "gen", "out_len"))
-def generate_step(params, batch, *, cfg: ModelConfig, execution: ResolvedExecution, gen: decode.GenerationConfig,
-                  out_len: int, key=None) -> dict:
-    """Answers of a batch in `eval`'s layout (input_ids, pixel_values, attention_mask, num_frames):
-    {"tokens" (B, max_new_tokens), "num_tokens" (B,)} (model/decode.generate)."""
-    tokens, num = decode.generate(params, cfg, execution, gen, batch["input_ids"], batch["pixel_values"],
-                                  batch["attention_mask"], key=key, out_len=out_len, num_frames=batch["num_frames"])
-    return constrain_batch({"tokens": tokens, "num_tokens": num})
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "execution", "out_len", "vocab_limit", "options_per_pass"))
-def score_step(params, batch, *, cfg: ModelConfig, execution: ResolvedExecution, out_len: int, vocab_limit,
-               options_per_pass) -> dict:
-    """Option log-likelihoods of a batch in `eval`'s layout (also option_ids, option_mask) (decode.score_options)."""
-    scores = decode.score_options(params, cfg, execution, batch["input_ids"], batch["pixel_values"],
-                                  batch["attention_mask"], batch["option_ids"], batch["option_mask"], out_len=out_len,
-                                  vocab_limit=vocab_limit, options_per_pass=options_per_pass,
-                                  num_frames=batch["num_frames"])
-    return constrain_batch(scores)
+@functools.partial(jax.jit, static_argnames=("cfg", "execution", "gen", "out_len", "vocab_limit", "options_per_pass"))
+def answer_step(params, batch, *, cfg: ModelConfig, execution: ResolvedExecution, out_len: int,
+                gen: decode.GenerationConfig | None = None, vocab_limit: int | None = None,
+                options_per_pass: int | None = None, key=None) -> dict:
+    """Answers of a batch in `eval`'s layout (input_ids, pixel_values, attention_mask, num_frames; option_ids and
+    option_mask to score): one prefill, then {"generate": {"tokens" (B, max_new_tokens), "num_tokens" (B,)}} with
+    `gen` and {"score": {"logprob_sum", ...}} with options, both from its cache (model/decode.answer)."""
+    out = decode.answer(params, cfg, execution, batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
+                        gen=gen, option_ids=batch.get("option_ids"), option_mask=batch.get("option_mask"),
+                        vocab_limit=vocab_limit, options_per_pass=options_per_pass, out_len=out_len,
+                        num_frames=batch["num_frames"], key=key)
+    return {mode: constrain_batch(outputs) for mode, outputs in out.items()}
 
 
 def constrain_batch(outputs: dict) -> dict:

@@ -441,15 +441,26 @@ def preset_configs(name: str, overrides: dict[str, Any] | None = None) -> tuple[
     {"text.num_layers": 2, "attention": "flash"}."""
     if name not in available_presets():  # a name, never a path: a preset file is executed
         raise ConfigError(f"unknown model preset {name!r}; available: {', '.join(available_presets())}")
-    file = CONFIGS_DIR / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"llavaction_configs.{name}", file)
+    return with_fields(*model_file_configs(CONFIGS_DIR / f"{name}.py"), overrides or {},
+                       f"preset {name!r}: override")
+
+
+def model_file_configs(file: str | pathlib.Path) -> tuple[ModelConfig, ExecutionConfig]:
+    """The model config and execution choices of a Python file written like configs/<preset>.py (`get_config()`
+    returning a ModelConfig, optionally `get_execution()` an ExecutionConfig). The file is executed."""
+    file = pathlib.Path(file)
+    if not file.is_file():
+        raise ConfigError(f"model config file {file} not found")
+    spec = importlib.util.spec_from_file_location(f"llavaction_configs.{file.stem}", file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{file}: no get_config() (a model config file returns a ModelConfig from it)")
     cfg = module.get_config()
     execution = module.get_execution() if hasattr(module, "get_execution") else ExecutionConfig()
     if not isinstance(cfg, ModelConfig) or not isinstance(execution, ExecutionConfig):
         raise ConfigError(f"{file}: get_config() must return a ModelConfig and get_execution() an ExecutionConfig")
-    return with_fields(cfg, execution, overrides or {}, f"preset {name!r}: override")
+    return cfg, execution
 
 
 def load_preset(name: str, overrides: dict[str, Any] | None = None) -> ModelConfig:

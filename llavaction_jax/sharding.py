@@ -34,6 +34,7 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "length": None,
     "act_embed": None,
     "act_heads": "tensor",
+    "act_kv_heads": "tensor",  # the KV cache's heads (model/decode.py)
     "act_mlp": "tensor",
     "act_vocab": "tensor",
     "embed": "fsdp",

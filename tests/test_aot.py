@@ -202,3 +202,14 @@ def test_gpu_topology_without_the_cuda_plugin_is_a_one_line_error():
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr.count("\n") == 1 and "CUDA plugin" in run.stderr and 'pip install ".[cuda12]"' in run.stderr
+
+
+def test_a_model_config_file_loads_as_its_preset_does(tmp_path):
+    """`--model configs/tiny.py` (a file) gives the preset `tiny`'s configs; a file without get_config is named."""
+    from llavaction_jax.bench.aot import load_model
+    from llavaction_jax.config import CONFIGS_DIR, ConfigError, preset_configs
+
+    assert load_model(str(CONFIGS_DIR / "tiny.py")) == (preset_configs("tiny"), "tiny")
+    (tmp_path / "empty.py").write_text("x = 1\n")
+    with pytest.raises(ConfigError, match="empty.py: no get_config"):
+        load_model(str(tmp_path / "empty.py"))

@@ -445,8 +445,8 @@ def test_a_padded_batch_of_clips_with_different_frame_counts_answers_as_each_cli
     assert "and 4 frames are uniformly sampled" in prompts[1]
 
     gen = generation_config(tokenizer, 3, cfg.text.vocab_size, None)
-    steps = runner.make_steps(params, cfg, mesh, layout, gen, ("generate", "score"), execution)
-    padded = {m: local_rows(fn(shard_batch(arrays, mesh)), mesh) for m, fn in steps.items()}
+    answer = runner.make_step(params, cfg, mesh, layout, gen, ("generate", "score"), execution)
+    padded = local_rows(answer(shard_batch(arrays, mesh)), mesh)
     resolved = resolve_execution(execution, mesh)
     for row, n in ((0, 1), (2, 2)):  # the padded clips alone: their own frames only
         prompt = arrays["input_ids"][row][arrays["attention_mask"][row]].tolist()

@@ -1,5 +1,7 @@
 """KV-cache generation: equals full recomputation, batching does not change answers, greedy matches transformers."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,22 +52,20 @@ def test_cached_decoding_equals_recomputing_the_full_forward(params):
     assert int(n[0]) == len(ref)
 
 
-@pytest.mark.parametrize("impl", ["xla", "flash"])
-def test_prefill_over_its_own_keys_equals_attending_the_whole_cache(params, impl):
-    """prefill=True (T == S self-attention, what cuDNN and splash take) writes the same cache and gives the same
-    hidden states as attending over the empty cache (S = T + room for new tokens)."""
-    x = jax.random.normal(jax.random.key(2), (2, 12, CFG.text.hidden_size))
-    cache = qwen2.init_cache(CFG.text, 2, 20)
-
-    def run(prefill):
-        return jax.jit(qwen2.forward_cached, static_argnames=("cfg", "attn_impl", "prefill"))(
-            params["text"], x, jnp.zeros((2,), jnp.int32), cache, cfg=CFG.text, attn_impl=impl, prefill=prefill)
-
-    (h_own, cache_own), (h_all, cache_all) = run(True), run(False)
-    np.testing.assert_allclose(h_own, h_all, atol=1e-5, rtol=1e-5)
-    for own, full in ((cache_own.k, cache_all.k), (cache_own.v, cache_all.v)):
-        np.testing.assert_allclose(own, full, atol=1e-6)
-    assert float(jnp.abs(cache_own.k[:, :, :12]).max()) > 0 and float(jnp.abs(cache_own.k[:, :, 12:]).max()) == 0
+def test_prefill_in_the_fused_kernels_form_equals_xla_attention(params):
+    """The prefill attends each prompt over its own keys (T == S, the form cuDNN and splash take): with the flash
+    kernel it writes the same cache and gives the same last hidden states as with plain XLA attention."""
+    rng = np.random.default_rng(3)
+    ids, pixels = sample(rng, 9)
+    args = (jnp.asarray(ids)[None], jnp.asarray(pixels)[None], jnp.ones((1, 9), bool), 4)
+    flash = resolve_execution(dataclasses.replace(preset_configs("tiny")[1], attention="flash"))
+    assert EX.attention != flash.attention
+    run = jax.jit(decode.prefill, static_argnums=(1, 2, 6))
+    ref, got = run(params, CFG, EX, *args), run(params, CFG, flash, *args)
+    np.testing.assert_allclose(got.last, ref.last, atol=1e-5, rtol=1e-5)
+    for a, b in ((got.cache.k, ref.cache.k), (got.cache.v, ref.cache.v)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert float(jnp.abs(ref.cache.k).max()) > 0
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +169,73 @@ def test_greedy_ids_equal_transformers_generate_for_text_only_qwen2():
                              eos_token_id=CFG.text.vocab_size - 1, pad_token_id=0)[0, 8:].numpy()
     tokens, n = generate(params, CFG, EX, gen, jnp.asarray(ids), None, jnp.ones((1, 8), bool))
     np.testing.assert_array_equal(np.asarray(tokens[0, : len(ref)]), ref)
+
+
+def test_the_decode_loop_writes_the_cache_in_place(params):
+    """The decode program holds one cache: its temporaries stay below the cache's bytes (a copy per token, or the
+    cache threaded through the layer scan as an input and a new stack out, would need a second one), and the
+    donated cache is the output's."""
+    gen = GenerationConfig(max_new_tokens=5, eos_ids=(7,), pad_id=0)
+    t, b, s = CFG.text, 2, 2048  # long enough that the cache outweighs the fixed temporaries (logits, weights)
+    shape = (t.num_layers, b, t.num_kv_heads, s, t.head_dim)
+    cache = decode.KVCache(jnp.zeros(shape), jnp.zeros(shape))
+    state = decode.DecodeState(jnp.int32(1), jnp.zeros((b, gen.max_new_tokens), jnp.int32), cache,
+                               jnp.zeros((b,), bool), jax.random.key(0))
+    loop = jax.jit(lambda p, st, lengths: decode.decode_loop(p, CFG, gen, st, lengths), donate_argnums=1)
+    memory = loop.lower(params, state, jnp.full((b,), 100, jnp.int32)).compile().memory_analysis()
+    cache_bytes = 2 * cache.k.nbytes
+    assert memory.temp_size_in_bytes < cache_bytes, (memory.temp_size_in_bytes, cache_bytes)
+    assert memory.alias_size_in_bytes >= cache_bytes
+
+
+def test_one_prefill_answers_both_ways_with_the_answers_of_each(params, monkeypatch):
+    """`--mode both`: the video and the prompt go through the model once, generation and option scoring read that
+    one cache, and each answer equals the one its own program gives."""
+    rng = np.random.default_rng(4)
+    samples = [sample(rng, n) for n in (11, 8)]
+    ids, mask = np.zeros((2, 11), np.int64), np.zeros((2, 11), bool)
+    for i, (s, _) in enumerate(samples):
+        ids[i, : len(s)], mask[i, : len(s)] = s, True
+    pixels = np.stack([p for _, p in samples])
+    option_ids = rng.integers(10, CFG.text.vocab_size, size=(2, 3, 4)).astype(np.int32)
+    option_mask = np.arange(4)[None, None] < rng.integers(1, 5, size=(2, 3, 1))
+    inputs = (jnp.asarray(ids), jnp.asarray(pixels), jnp.asarray(mask))
+    options = dict(option_ids=jnp.asarray(option_ids), option_mask=jnp.asarray(option_mask))
+    both = jax.jit(lambda p, *x: decode.answer(p, CFG, EX, *x, gen=GEN, **options))
+    scored = jax.jit(lambda p, *x: decode.answer(p, CFG, EX, *x, **options))
+
+    calls, embed_inputs = [], llava.embed_inputs
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return embed_inputs(*args, **kwargs)
+
+    monkeypatch.setattr(llava, "embed_inputs", counted)
+    out = both(params, *inputs)
+    assert len(calls) == 1  # traced once: one vision pass, one prefill
+    monkeypatch.undo()
+
+    tokens, num = generate(params, CFG, EX, GEN, *inputs)
+    np.testing.assert_array_equal(np.asarray(out["generate"]["tokens"]), np.asarray(tokens))
+    np.testing.assert_array_equal(np.asarray(out["generate"]["num_tokens"]), np.asarray(num))
+    alone = scored(params, *inputs)["score"]
+    for key in ("token_logprobs", "logprob_sum", "num_tokens"):
+        np.testing.assert_array_equal(np.asarray(out["score"][key]), np.asarray(alone[key]))
+
+
+def test_the_cache_is_sharded_over_the_batch_and_the_kv_heads():
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from llavaction_jax.sharding import make_mesh, use_mesh
+
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    ex = resolve_execution(preset_configs("tiny")[1], mesh)
+    params = jax.jit(llava.init, static_argnums=0)(CFG, jax.random.key(0, impl="rbg"))
+    ids = jnp.asarray(np.tile(sample(np.random.default_rng(5), 9)[0], (4, 1)))
+    pixels = jnp.zeros((4, 2, 3, 64, 64))
+    prefill = jax.jit(lambda p, i, x: decode.prefill(p, CFG, ex, i, x, jnp.ones(i.shape, bool), 4).cache)
+    with use_mesh(mesh):
+        cache = prefill(params, ids, pixels)
+    assert cache.k.shape == (2, 4, 2, 9 - 1 + CFG.tokens_per_video(2) + 4, 32)
+    want = NamedSharding(mesh, P(None, ("data", "fsdp"), "tensor", None, None))
+    assert cache.k.sharding.is_equivalent_to(want, 5) and cache.v.sharding.is_equivalent_to(want, 5)

@@ -13,7 +13,7 @@ from llavaction_jax.sharding import resolve_execution
 
 CFG, EX = preset_configs("tiny")
 EX = resolve_execution(EX)
-# the entry points' compile boundary (api.score_step)
+# the entry points' compile boundary (api.answer_step)
 score_options = jax.jit(decode.score_options, static_argnums=(1, 2), static_argnames="options_per_pass")
 FRAMES = 2
 

@@ -38,7 +38,7 @@ from llavaction_jax import cli_flags  # noqa: E402
 from llavaction_jax.bench import aot_hlo, aot_programs  # noqa: E402
 from llavaction_jax.bench.common import record  # noqa: E402
 from llavaction_jax.config import (ATTENTION_IMPLS, REMAT_POLICIES, ExecutionConfig, ModelConfig,  # noqa: E402
-                                   ResolvedExecution, from_config_dict, preset_configs, run_config_file)
+                                   ResolvedExecution, model_file_configs, preset_configs)
 from llavaction_jax.recipes import load_recipe  # noqa: E402
 from llavaction_jax.sharding import make_mesh, parse_mesh  # noqa: E402
 
@@ -54,7 +54,7 @@ def load_model(name: str) -> tuple[tuple[ModelConfig, ExecutionConfig], str]:
     label)."""
     path = pathlib.Path(name)
     if path.suffix == ".py" and path.is_file():
-        return from_config_dict(run_config_file(path)), path.stem
+        return model_file_configs(path), path.stem
     return preset_configs(name), name
 
 

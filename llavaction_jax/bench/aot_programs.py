@@ -1,9 +1,9 @@
 """The project's jobs as programs to compile ahead of time: jitted functions + abstract, sharded arguments.
 
 No parameter is ever materialised: the state and batches are `jax.ShapeDtypeStruct`s carrying their shardings on
-the mesh, built from the same functions the real runs use (`train.step` for the fine-tuning step, `api.generate_step`
-/ `score_step`, which `eval.runner` jits, for evaluation), so what compiles here is what a run would compile. Each
-takes a `ModelConfig` and the `ResolvedExecution` of the target (its platform and chip count), as the runs do.
+the mesh, built from the same functions the real runs use (`train.step` for the fine-tuning step; for evaluation
+`api.answer_step`, which `eval.runner` jits, with a generation config and with options to score), so what compiles
+here is what a run would compile. Each takes a `ModelConfig` and the `ResolvedExecution` of the target (its platform and chip count), as the runs do.
 
 - `train_program`: the fine-tuning step of the paper's recipe (configs/train.py; llavaction/train/llava_trainer.py:
   LLaVATrainer.create_optimizer): fp32 master params, the execution's compute dtype and remat policy, AdamW over all
@@ -105,7 +105,7 @@ def train_program(cfg: ModelConfig, execution: ResolvedExecution, mesh: Mesh, fr
 def eval_programs(cfg: ModelConfig, execution: ResolvedExecution, mesh: Mesh, frames: int, batch: int,
                   max_new_tokens: int) -> list[Program]:
     """The eval command's generate and score steps for `batch` questions of `frames` frames (`execution` resolved
-    for the mesh, as eval.runner.make_steps resolves it)."""
+    for the mesh, as eval.runner.make_step resolves it)."""
     execution = require_resolved(execution, "aot_programs.eval_programs")
     params = abstract_params(llava.param_specs(cfg), jnp.dtype(cfg.param_dtype))
     params = sharded(params, param_shardings(llava.param_specs(cfg), mesh))
@@ -118,7 +118,7 @@ def eval_programs(cfg: ModelConfig, execution: ResolvedExecution, mesh: Mesh, fr
               "option_mask": ((batch, EVAL_OPTIONS, EVAL_OPTION_TOKENS), jnp.bool_)}
     arrays = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=rows) for k, (shape, dtype) in shapes.items()}
     n_vis = cfg.tokens_per_video(frames)
-    out_len = llava.default_out_len(cfg, EVAL_PROMPT_TOKENS, n_vis)  # as runner.make_steps
+    out_len = llava.default_out_len(cfg, EVAL_PROMPT_TOKENS, n_vis)  # as runner.make_step
     gen = GenerationConfig(max_new_tokens=max_new_tokens)
     generate_keys = ("input_ids", "pixel_values", "attention_mask", "num_frames")
     prefill = eval_prefill_flops(cfg, frames)
@@ -126,12 +126,13 @@ def eval_programs(cfg: ModelConfig, execution: ResolvedExecution, mesh: Mesh, fr
     facts = dict(batch=batch, prompt_tokens=EVAL_PROMPT_TOKENS, visual=n_vis, frames=frames, out_len=out_len,
                  max_new_tokens=max_new_tokens, options=EVAL_OPTIONS, option_tokens=EVAL_OPTION_TOKENS)
     return [
-        Program("generate", api.generate_step, (params, {k: arrays[k] for k in generate_keys}),
+        Program("generate", api.answer_step, (params, {k: arrays[k] for k in generate_keys}),
                 dict(cfg=cfg, execution=execution, gen=gen, out_len=out_len),
                 batch * (prefill + EVAL_ANSWER_TOKENS * decode_token_flops(cfg, context)),
                 {**facts, "answer_tokens_counted": EVAL_ANSWER_TOKENS}),
-        Program("score", api.score_step, (params, arrays),
-                dict(cfg=cfg, execution=execution, out_len=out_len, vocab_limit=None, options_per_pass=None),
+        Program("score", api.answer_step, (params, arrays),
+                dict(cfg=cfg, execution=execution, gen=None, out_len=out_len, vocab_limit=None,
+                     options_per_pass=None),
                 batch * (prefill + EVAL_OPTIONS * EVAL_OPTION_TOKENS * decode_token_flops(cfg, out_len)), facts),
     ]
 

@@ -78,7 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
            "the released head's)")
     a("--batch-size", type=int, default=8, help="questions per process per step")
     a("--mode", choices=("generate", "score", "both"), default="generate",
-      help="generate: greedy answer + upstream parsing; score: option log-likelihoods; both")
+      help="generate: greedy answer + upstream parsing; score: option log-likelihoods; both: the two from one "
+           "prefill of each batch")
     a("--max-new-tokens", type=int, default=None,
       help="generation budget (default: the question file's max_new_tokens, else upstream's 4096; 32 is plenty "
            "for MQA)")
@@ -100,7 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="stop at the first question whose clip is missing from the shards or does not decode (default: record it "
            "as failed, count it wrong, list it in results.json, go on; a rerun retries it)")
     a("--options-per-pass", type=int, default=None,
-      help="score mode: options scored per pass over the prompt's KV cache, which is copied that many times "
+      help="score mode: options run through the model together, over the prompt's KV cache read in place "
            "(default: all options in one pass; 1 uses the least memory)")
     cli_flags.add_distributed(parser)
 

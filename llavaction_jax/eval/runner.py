@@ -1,5 +1,6 @@
-"""The evaluation run: fixed-shape batches of this process's questions through the jitted answer steps, then the
-records of all processes gathered on process 0, checked, scored and written (see eval/mqa_eval.py for the command).
+"""The evaluation run: fixed-shape batches of this process's questions through the jitted answer step (one prefill for
+every answer mode), then the records of all processes gathered on process 0, checked, scored and written (see
+eval/mqa_eval.py for the command).
 
 Prediction record (one line of predictions.jsonl, :func:`prediction_record`): index (0-based line in the question
 file), uid, clip_uid, options, gt_letter, gt_text, groups, the question file's extra keys (EK100: gt_vn,
@@ -38,7 +39,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from llavaction_jax import vision_towers
-from llavaction_jax.api import generate_step, generation_config, score_step
+from llavaction_jax.api import answer_step, generation_config
 from llavaction_jax.config import ExecutionConfig
 from llavaction_jax.data.frames import FrameShards
 from llavaction_jax.ek100.mqa import slice_bounds
@@ -96,30 +97,29 @@ def run_frame_count(shards: FrameShards, requested: int | None) -> int:
     return num_frames
 
 
-def make_steps(params, cfg, mesh, layout, gen, modes, execution: ExecutionConfig | None = None):
-    """Per-mode step functions (api.generate_step, api.score_step): this process's host batch in global form ->
-    global outputs (batch split like the inputs). `execution` is resolved for the mesh here, once; JAX's jit cache
-    reuses the executables across runs with the same (config, shapes)."""
+def make_step(params, cfg, mesh, layout, gen, modes, execution: ExecutionConfig | None = None):
+    """The step answering a batch in every mode of `modes` (api.answer_step: one prefill, generation and option
+    scoring from its cache): this process's host batch in global form -> {mode: global outputs} (batch split like
+    the inputs). `execution` is resolved for the mesh here, once; JAX's jit cache reuses the executable across runs
+    with the same (config, shapes)."""
     n_vis = cfg.tokens_per_video(layout.num_frames)
     out_len = llava.default_out_len(cfg, layout.prompt_len, n_vis)
     if out_len < layout.prompt_len - 1 + n_vis:
         raise ValueError(f"prompts of {layout.prompt_len} tokens + {n_vis} visual tokens exceed "
                          f"tokenizer_model_max_length={cfg.tokenizer_model_max_length}")
     resolved = resolve_execution(execution or ExecutionConfig(), mesh)
-    steps = {"generate": functools.partial(generate_step, cfg=cfg, execution=resolved, gen=gen, out_len=out_len),
-             "score": functools.partial(score_step, cfg=cfg, execution=resolved, out_len=out_len,
-                                        vocab_limit=gen.vocab_limit,
-                                        options_per_pass=layout.options_per_pass)}
+    step = functools.partial(answer_step, cfg=cfg, execution=resolved, gen=gen if "generate" in modes else None,
+                             out_len=out_len, vocab_limit=gen.vocab_limit, options_per_pass=layout.options_per_pass)
+    # Option arrays only where options are scored, so one compiled generation step serves question files with
+    # other option layouts.
+    keys = ("input_ids", "pixel_values", "attention_mask", "num_frames")
+    keys += ("option_ids", "option_mask") if "score" in modes else ()
 
-    def under_mesh(step, keys):
-        def run(batch):
-            with use_mesh(mesh):
-                return step(params, {k: batch[k] for k in keys or batch})
-        return run
+    def run(batch):
+        with use_mesh(mesh):
+            return step(params, {k: batch[k] for k in keys})
 
-    # Generation gets no option arrays, so one compiled step serves question files with other option layouts.
-    keys = {"generate": ("input_ids", "pixel_values", "attention_mask", "num_frames"), "score": None}
-    return {m: under_mesh(steps[m], keys[m]) for m in modes}
+    return run
 
 
 def prediction_record(question, info: dict, outputs: dict, row: int, tokenizer, modes) -> dict:
@@ -254,7 +254,7 @@ def evaluate(params, cfg, tokenizer, questions_path, shards_dir, out_dir, settin
                             settings.options_per_pass)
     gen = generation_config(tokenizer, settings.max_new_tokens, cfg.text.vocab_size, model_dir)
     execution = execution or ExecutionConfig()
-    steps = make_steps(params, cfg, mesh, layout, gen, settings.modes, execution)
+    answer = make_step(params, cfg, mesh, layout, gen, settings.modes, execution)
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = resume_key.fingerprint(questions_path, meta, shards_dir, model_dir, model_name, cfg,
@@ -274,7 +274,7 @@ def evaluate(params, cfg, tokenizer, questions_path, shards_dir, out_dir, settin
         partial.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
     try:
         with open(partial, "a", encoding="utf-8") as sink:
-            records, timing = answer_slice(questions, todo, layout, builder, loader, steps, mesh, tokenizer, settings,
+            records, timing = answer_slice(questions, todo, layout, builder, loader, answer, mesh, tokenizer, settings,
                                            log, sink)
     finally:
         loader.pool.shutdown()
@@ -327,7 +327,7 @@ def _remove_partial_after_all(partial: pathlib.Path, keep: bool = False) -> None
         partial.unlink(missing_ok=True)
 
 
-def answer_slice(questions, todo, layout, builder, loader, steps, mesh, tokenizer, settings: EvalSettings, log,
+def answer_slice(questions, todo, layout, builder, loader, answer, mesh, tokenizer, settings: EvalSettings, log,
                  sink=None):
     """This process's prediction records for its slice of the question indices `todo`, and the run's timing.
     Every process runs the same number of steps (its slice may be one question shorter, or empty); the next
@@ -351,7 +351,7 @@ def answer_slice(questions, todo, layout, builder, loader, steps, mesh, tokenize
             if step + 1 < num_steps:
                 future = prepare(step + 1)
             batch = shard_batch(arrays, mesh)
-            outputs = {m: local_rows(fn(batch), mesh) for m, fn in steps.items()}
+            outputs = local_rows(answer(batch), mesh)
             new = [clip_failures.failed_record(questions[r["index"]], r, settings.modes) if "error" in r else
                    prediction_record(questions[r["index"]], r, outputs, row, tokenizer, settings.modes)
                    for row, r in enumerate(info)]

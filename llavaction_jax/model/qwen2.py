@@ -2,12 +2,11 @@
 
 Numerics follow transformers' Qwen2 as used upstream (transformers 4.40's Qwen2Model under
 llavaction/model/language_model/llava_qwen.py: LlavaQwenForCausalLM): RMSNorm statistics in fp32,
-RoPE tables in fp32, softmax in fp32, logits in fp32. Layers are stacked and run with `lax.scan`.
+RoPE tables in fp32, softmax in fp32, logits in fp32. Layers are stacked and run with `lax.scan`. Decoding over a
+KV cache (model/decode.py) runs the same `decoder_layer` with its own attention.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -67,13 +66,10 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 @jax.named_scope("qwen2")  # names the tower in profiles and compiled programs (bench.aot)
-def decoder_layer(p: dict, x: jax.Array, cos, sin, mask: dict, cfg: TextConfig, attn_impl: str, platform: str,
-                  kv=None, write_pos=None, attend_cache: bool = True):
-    """One pre-norm block; `mask` holds attention's mask arguments (q_pos, k_pos, k_valid).
-
-    With `kv` = (k_cache, v_cache) of shape (B, S_max, K, D), this step's keys and values are written at
-    `write_pos` (B,) and attention runs over the whole cache, or over this step's own keys and values when not
-    `attend_cache` (a prefill into an empty cache). Returns (x, new kv)."""
+def decoder_layer(p: dict, x: jax.Array, cos, sin, cfg: TextConfig, attend):
+    """One pre-norm block. `attend(q, k, v) -> (out (B, T, N, D), aux)` attends this layer's queries over keys and
+    values (RoPE applied, (B, T, N or K, D)): `self_attention` in training and prefill, the KV cache's attention in
+    model/decode.py, which carries the cache in `aux`. Returns (x, aux)."""
     b, t, _ = x.shape
     hd = cfg.head_dim
     h = rms_norm(p["input_norm"], x, cfg.rms_norm_eps)
@@ -81,24 +77,20 @@ def decoder_layer(p: dict, x: jax.Array, cos, sin, mask: dict, cfg: TextConfig, 
     k = linear(p["attn"]["k"], h).reshape(b, t, cfg.num_kv_heads, hd)
     v = linear(p["attn"]["v"], h).reshape(b, t, cfg.num_kv_heads, hd)
     q = constrain(apply_rope(q, cos, sin), ("batch", "length", "act_heads", None))
-    k = apply_rope(k, cos, sin)
-    if kv is not None:
-        cache_k, cache_v = (write_rows(c.astype(x.dtype), new, write_pos) for c, new in zip(kv, (k, v)))
-        kv = (cache_k.astype(kv[0].dtype), cache_v.astype(kv[1].dtype))
-        if attend_cache:
-            k, v = cache_k, cache_v
-    a = attention(q, k, v, **mask, causal=True, impl=attn_impl, platform=platform).reshape(b, t, cfg.num_heads * hd)
-    x = x + linear(p["attn"]["o"], a)
+    a, aux = attend(q, apply_rope(k, cos, sin), v)
+    x = x + linear(p["attn"]["o"], a.reshape(b, t, cfg.num_heads * hd))
     h = rms_norm(p["post_norm"], x, cfg.rms_norm_eps)
     m = p["mlp"]
     gated = jax.nn.silu(linear(m["gate"], h)) * linear(m["up"], h)
     x = x + linear(m["down"], constrain(gated, ("batch", "length", "act_mlp")))
-    return constrain(x, ("batch", "length", "act_embed")), kv
+    return constrain(x, ("batch", "length", "act_embed")), aux
 
 
-def write_rows(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-    """cache (B, S, ...) with new (B, T, ...) written at a per-row offset start (B,)."""
-    return jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice_in_dim(c, u, s, axis=0))(cache, new, start)
+def self_attention(positions: jax.Array, valid: jax.Array, attn_impl: str, platform: str):
+    """The `attend` of a causal pass over a whole right-padded sequence (queries == keys: the fused kernels apply):
+    key j is seen by query i when positions[j] <= positions[i] and j is a real token."""
+    mask = dict(q_pos=positions, k_pos=positions, k_valid=valid)
+    return lambda q, k, v: (attention(q, k, v, **mask, causal=True, impl=attn_impl, platform=platform), None)
 
 
 def forward(params: dict, x: jax.Array, positions: jax.Array, valid: jax.Array, cfg: TextConfig, *,
@@ -111,11 +103,11 @@ def forward(params: dict, x: jax.Array, positions: jax.Array, valid: jax.Array, 
     normed output) read at those positions only, which is all the vision-supervision heads need.
     """
     cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
-    mask = dict(q_pos=positions, k_pos=positions, k_valid=valid)
+    attend = self_attention(positions, valid, attn_impl, platform)
     take = (lambda h: jnp.take_along_axis(h, gather_idx[..., None], axis=1)) if gather_idx is not None else (lambda h: None)
 
     def body(h, p):
-        out, _ = decoder_layer(p, h, cos, sin, mask, cfg, attn_impl, platform)
+        out, _ = decoder_layer(p, h, cos, sin, cfg, attend)
         return out, take(h)  # the *input* of each layer: embeddings, then outputs of layers 0..L-2
 
     x = constrain(x, ("batch", "length", "act_embed"))
@@ -123,52 +115,6 @@ def forward(params: dict, x: jax.Array, positions: jax.Array, valid: jax.Array, 
     x = rms_norm(params["final_norm"], x, cfg.rms_norm_eps)
     gathered = None if gather_idx is None else jnp.concatenate([layer_inputs, take(x)[None]], axis=0)
     return x, gathered
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class KVCache:
-    """Keys and values of every layer, (L, B, S_max, K, D) each. Cache index == token position (right padding)."""
-
-    k: jax.Array
-    v: jax.Array
-
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[2]
-
-    def repeat_rows(self, times: int) -> "KVCache":
-        """Row b becomes rows b * times ... b * times + times - 1 (one prompt's cache continued several ways)."""
-        return KVCache(*(jnp.repeat(x, times, axis=1) for x in (self.k, self.v)))
-
-
-def init_cache(cfg: TextConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-    """An empty cache of `max_len` positions: size it to what the call can use (prompt + new tokens)."""
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-
-
-def forward_cached(params: dict, x: jax.Array, write_pos: jax.Array, cache: KVCache, cfg: TextConfig, *,
-                   attn_impl: str = "xla", platform: str = "auto", prefill: bool = False) -> tuple[jax.Array, KVCache]:
-    """Decoder over x (B, T, H) whose tokens sit at cache positions write_pos + 0..T-1 (right padding: position ==
-    index). Keys at indices <= a query's index are real tokens for every real query, so the mask is causal over
-    cache indices. With `prefill` (an empty cache, write_pos all 0) attention runs over the call's own T keys:
-    the same result, in the self-attention form (T == S) that the fused kernels (cuDNN, splash) take.
-    Returns (final normed hidden states, updated cache)."""
-    t, s_max = x.shape[1], cache.max_len
-    positions = write_pos[:, None] + jnp.arange(t)[None]
-    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
-    keys = t if prefill else s_max
-    mask = dict(q_pos=positions, k_pos=jnp.broadcast_to(jnp.arange(keys), (x.shape[0], keys)))
-
-    def body(h, layer):
-        p, k, v = layer
-        out, (k, v) = decoder_layer(p, h, cos, sin, mask, cfg, attn_impl, platform, kv=(k, v), write_pos=write_pos,
-                                    attend_cache=not prefill)
-        return out, (k, v)
-
-    x, (k, v) = jax.lax.scan(body, x, (params["layers"], cache.k, cache.v))
-    return rms_norm(params["final_norm"], x, cfg.rms_norm_eps), KVCache(k, v)
 
 
 def lm_head(params: dict, h: jax.Array, vocab_limit: int | None = None) -> jax.Array:
