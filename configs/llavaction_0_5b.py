@@ -3,7 +3,8 @@
 Base: lmms-lab/llava-onevision-qwen2-0.5b-ov (Qwen2-0.5B, tied embeddings). Its config carries
 `action_types "97,300,3806"`, so it has the action token and the three heads (docs/checkpoints.md). The
 released config's `mm_newline_position` is not public; LLaVAction trains with the "grid" default
-(train.py:117), which we assume here. A converted checkpoint always uses its own config.json instead.
+(llavaction/train/train.py:117 @bd9f465), which we assume here. A converted checkpoint always uses its own
+config.json instead.
 """
 
 from llavaction_jax.config import ExecutionConfig, ModelConfig, TextConfig, text_size, tower_vision

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Accelerator readiness check for a GPU machine with its own Python and JAX and no package registry: install the
+# Accelerator readiness check for a GPU host with its own Python and JAX and no package registry: install the
 # pure-Python wheels carried in .whl/ that it lacks, print the backend and device count, then run
 # `python -m llavaction_jax.bench.device_check` within a budget (results: BENCHMARKS.md, "Device check").
 #

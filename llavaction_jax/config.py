@@ -27,6 +27,8 @@ import os
 import pathlib
 from typing import Any
 
+from llavaction_jax import vision_towers
+
 POOL_MODES = ("bilinear", "average", "max")
 NEWLINE_POSITIONS = ("grid", "frame", "one_token", "no_token")
 PROJECTOR_TYPES_HELP = "'linear' or 'mlp<N>x_gelu' (e.g. 'mlp2x_gelu')"
@@ -41,9 +43,8 @@ AUTO_CPU_FRAMES_PER_STEP = 8
 
 
 # ---------------------------------------------------------------------------------------------- sizes
-# The one size table. Qwen2 sizes are the released checkpoints' config.json values; vision towers are the hub
-# config.json values of the tower a LLaVA config names (`mm_vision_tower`), in our field names, `num_layers` being
-# the tower's whole depth (the select-layer rule decides how many run), so no download is ever needed.
+# The one size table of the language model: the released Qwen2 checkpoints' config.json values. Vision towers'
+# sizes live in their registry entries (vision_towers.py: `VisionTower.sizes`, by hub name).
 QWEN2_SIZES: dict[str, dict] = {
     "7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
                num_kv_heads=4, rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=False,
@@ -51,11 +52,6 @@ QWEN2_SIZES: dict[str, dict] = {
     "0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
                  num_kv_heads=2, rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=True,
                  max_position_embeddings=32768),
-}
-SIGLIP_SO400M = "google/siglip-so400m-patch14-384"
-VISION_TOWERS: dict[str, dict] = {
-    SIGLIP_SO400M: dict(hidden_size=1152, intermediate_size=4304, num_layers=27, num_heads=16, image_size=384,
-                        patch_size=14, layer_norm_eps=1e-6),
 }
 
 
@@ -73,8 +69,9 @@ def bad_value(key: str, value: Any, allowed: Any) -> ConfigError:
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-    """SigLIP vision tower. `num_layers` is the number of encoder layers *run*, after the select-layer rule.
-    Released sizes live in `VISION_TOWERS` (the one size table), not in defaults here."""
+    """A vision tower's sizes (which tower computes with them: `ModelConfig.vision_tower`, vision_towers.py).
+    `num_layers` is the number of encoder layers *run*, after the select-layer rule. Released sizes live in the
+    towers' registry entries (`VisionTower.sizes`), not in defaults here."""
 
     hidden_size: int
     intermediate_size: int
@@ -130,11 +127,13 @@ def selected_layers(total: int, select_layer: int) -> int:
     return used
 
 
-def tower_vision(name: str = SIGLIP_SO400M, select_layer: int = -2) -> VisionConfig:
-    """The VisionConfig of a tower of the size table, after the select-layer rule (so400m at -2: 26 of 27 layers)."""
-    if name not in VISION_TOWERS:
-        raise ConfigError(f"unknown vision tower {name!r}; built in: {', '.join(VISION_TOWERS)}")
-    size = dict(VISION_TOWERS[name])
+def tower_vision(name: str = vision_towers.DEFAULT_TOWER_NAME, select_layer: int = -2) -> VisionConfig:
+    """The VisionConfig of a registered tower's released checkpoint (`VisionTower.sizes`), after the select-layer
+    rule (so400m at -2: 26 of 27 layers)."""
+    known = vision_towers.known_sizes()
+    if name not in known:
+        raise ConfigError(f"unknown vision tower {name!r}; built in: {', '.join(known)}")
+    size = dict(known[name])
     return VisionConfig(**dict(size, num_layers=selected_layers(size["num_layers"], select_layer)))
 
 
@@ -145,7 +144,7 @@ class ModelConfig:
 
     vision: VisionConfig = dataclasses.field(default_factory=tower_vision)
     text: TextConfig = dataclasses.field(default_factory=lambda: TextConfig(**QWEN2_SIZES["7b"]))
-    vision_tower: str = SIGLIP_SO400M
+    vision_tower: str = vision_towers.DEFAULT_TOWER_NAME  # the tower computing `vision` (vision_towers.lookup)
     projector_type: str = "mlp2x_gelu"
     # Video pooling. Upstream hard-codes stride 2 for videos and ignores `mm_spatial_pool_stride`
     # (llavaction/model/llava_arch.py: prepare_inputs_labels_for_multimodal calls get_2dPool with its default stride).
@@ -253,7 +252,8 @@ class ModelConfig:
             raise ConfigError(f"Qwen2 sizes inconsistent: hidden {t.hidden_size}, heads {t.num_heads}, kv {t.num_kv_heads}")
         v = self.vision
         if v.hidden_size % v.num_heads:
-            raise ConfigError(f"SigLIP sizes inconsistent: hidden {v.hidden_size}, heads {v.num_heads}")
+            raise ConfigError(f"{vision_towers.lookup(self.vision_tower).title} sizes inconsistent: hidden "
+                              f"{v.hidden_size}, heads {v.num_heads}")
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -292,7 +292,7 @@ class ExecutionConfig:
     compute_dtype: str = "auto"  # activations' dtype; "auto": bfloat16 on GPU / TPU, float32 on CPU
     remat_policy: str = "none"
     attention: str = "auto"  # model/attention.py: the fastest kernel that fits each call (xla is the reference)
-    vision_frames_per_step: int = 0  # frames of each video per SigLIP step; -1 = all at once, 0 = auto
+    vision_frames_per_step: int = 0  # frames of each video per vision-tower step; -1 = all at once, 0 = auto
     loss_chunk_tokens: int = 256  # training LM loss in chunks of this many positions, no full logits; 0 = off
     loss_skip_empty_chunks: bool = True  # skip loss chunks without targets (lax.cond)
     loop_collectives: str = "auto"  # "on" / "off": sharded work inside lax loops and conditionals (see resolve)
@@ -326,8 +326,8 @@ class ExecutionConfig:
         - `platform`: always the one given.
         - `loop_collectives`: "off" on a CPU mesh of several devices (tests' fake devices, multi-process CPU runs):
           XLA:CPU can order the collectives of a sharded computation inside `lax.scan` / `lax.cond` differently
-          on different devices and deadlock (see docs/testing.md). With it off, SigLIP takes every frame at once
-          and the LM loss is computed unchunked. "on" everywhere else.
+          on different devices and deadlock (see docs/testing.md). With it off, the vision tower takes every frame
+          at once and the LM loss is computed unchunked. "on" everywhere else.
         - `compute_dtype` "auto": bfloat16 on GPU / TPU (upstream trains and evaluates in bf16; cuDNN attention
           needs it), float32 on CPU (XLA:CPU has no fast bf16 matmul).
         - `vision_frames_per_step` 0: 8 frames per step on one CPU device (a cache-sized working set: 64 frames
@@ -394,8 +394,8 @@ def text_size(name: str) -> dict:
     return dict(QWEN2_SIZES[name])
 
 
-def vision_size(tower: str = SIGLIP_SO400M, select_layer: int = -2) -> dict:
-    """VisionConfig fields of a built-in tower after LLaVA's select-layer rule, for presets."""
+def vision_size(tower: str = vision_towers.DEFAULT_TOWER_NAME, select_layer: int = -2) -> dict:
+    """VisionConfig fields of a registered tower's released checkpoint after LLaVA's select-layer rule, for presets."""
     return dataclasses.asdict(tower_vision(tower, select_layer))
 
 

@@ -32,6 +32,8 @@ import tempfile
 import threading
 import uuid
 
+import numpy as np
+
 from llavaction_jax.pause_points import pause_point
 
 HEARTBEAT_S = 10.0
@@ -241,14 +243,13 @@ def _processes() -> tuple[int, int]:
     """(index, count) of this process in a jax.distributed run; (0, 1) when JAX is not in use."""
     if "jax" not in sys.modules:
         return 0, 1
-    import jax
+    import jax  # already loaded (checked above); locks.py loads no JAX itself (extract-frames runs without it)
 
     return jax.process_index(), jax.process_count()
 
 
 def allgather_text(text: str) -> list[str]:
-    import numpy as np
-    from jax.experimental import multihost_utils
+    from jax.experimental import multihost_utils  # multi-process runs only: locks.py loads no JAX itself
 
     raw = text.encode()[:_MESSAGE_BYTES]
     buffer = np.zeros(_MESSAGE_BYTES + 4, np.uint8)

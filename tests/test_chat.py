@@ -95,8 +95,8 @@ def reference_tokenizer(tokenizer):
 
 
 def reference_preprocess_qwen(conversation, ref_tok, has_image):
-    """Upstream preprocess_qwen (train.py:587-660), step by step, on the tokenizer that knows <image> as a special
-    token."""
+    """Upstream preprocess_qwen (llavaction/train/train.py:587-660 @bd9f465), step by step, on the tokenizer that
+    knows <image> as a special token."""
     image_id = ref_tok.convert_tokens_to_ids("<image>") if has_image else None
     im_start = ref_tok.convert_tokens_to_ids("<|im_start|>")
     im_end = ref_tok.convert_tokens_to_ids("<|im_end|>")

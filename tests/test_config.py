@@ -207,7 +207,7 @@ def test_missing_keys_take_the_model_code_defaults(empty_hf_home):
     src = {k: v for k, v in LLAVACTION_7B.items()
            if k not in ("mm_newline_position", "mm_spatial_pool_mode", "tokenizer_model_max_length")}
     cfg = from_upstream(src)
-    assert cfg.newline_position == "one_token"  # llava_arch.py:302, not train.py's "grid"
+    assert cfg.newline_position == "one_token"  # llavaction/model/llava_arch.py:302 @bd9f465, not train.py's "grid"
     assert cfg.pool_mode == "bilinear"
     assert cfg.tokenizer_model_max_length is None  # no truncation
     assert cfg.tokens_per_video(16) == 196 * 16 + 1 + 1  # one newline + the action token

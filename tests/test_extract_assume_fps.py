@@ -1,5 +1,5 @@
 """``extract-frames --assume-fps 30``: upstream's EK100 training loader numbers frames at 30 fps whatever the chunks'
-rate (llavaction/train/train.py calls avion_video_loader with its default fps=30, upstream commit bd9f465); the
+rate (llavaction/train/train.py calls avion_video_loader with its default fps=30, upstream @bd9f465); the
 default keeps each video's own rate. Either way a video whose container disagrees is listed in the manifest."""
 
 import pathlib

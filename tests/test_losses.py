@@ -1,5 +1,5 @@
 """LM loss and the vision-supervision auxiliary loss vs torch references written from upstream
-`llavaction/model/language_model/llava_qwen.py: LlavaQwenForCausalLM.forward` (lines 156-277):
+`llavaction/model/language_model/llava_qwen.py: LlavaQwenForCausalLM.forward` (lines 156-277 @bd9f465):
 
 * LM loss: `CrossEntropyLoss()` on logits[:, :-1] vs labels[:, 1:], -100 ignored, mean over the whole batch.
 * aux loss: heads on the hidden state(s) at the action token(s) of every entry of `all_states` (embeddings, outputs of

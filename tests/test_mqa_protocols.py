@@ -1,6 +1,6 @@
 """``build-mqa`` protocols (mqa / recognition), test types (direct_narration, caption_then_answer) and the option
-texts GT_key / topk_narration_cut_key, against a reference written here from upstream's code (upstream commit
-bd9f465: llavaction/action/utils.py: generate_label_map (labels), parse_vn_ids, AvionMultiChoiceGenerator.test_generate,
+texts GT_key / topk_narration_cut_key, against a reference written here from upstream's code (upstream @bd9f465:
+llavaction/action/utils.py: generate_label_map (labels), parse_vn_ids, AvionMultiChoiceGenerator.test_generate,
 format_task_related_prompt; llavaction/action/llava_inference.py: the caption_then_answer passes)."""
 
 import csv

@@ -1,5 +1,5 @@
 """Prior actions at test time (``build-mqa --prior-actions oracle | pseudo``) against a reference written in this file
-from upstream's code (upstream commit bd9f465: llavaction/action/generate_interval_pred.py: get_annotated_intervals,
+from upstream's code (upstream @bd9f465: llavaction/action/generate_interval_pred.py: get_annotated_intervals,
 get_lookup_dict, get_pseudo_dict; llavaction/action/utils.py: generate_label_map's key maps,
 format_task_related_prompt, format_time_instruction, format_llava_prompt; llavaction/action/ek_eval.py:
 evaluate_on_EK100's lookup key). For the same clip and the same options, the prompt must be byte-identical."""

@@ -1,9 +1,9 @@
 """Splicing the visual tokens into the text sequence vs an explicit Python port of upstream
-`llavaction/model/llava_arch.py: prepare_inputs_labels_for_multimodal` (lines 437-588): padding dropped with the
-mask, ids split around
-the -200 placeholder, text/visual interleaved, labels -100 on visual positions, action index L0 + L1 - 1 (or the last
-three) computed before truncation, truncation at tokenizer_model_max_length, right padding with zeros / -100,
-positions arange on real tokens. Also: a jitted splice compiles once per shape, whatever the data.
+`llavaction/model/llava_arch.py: prepare_inputs_labels_for_multimodal` (lines 437-588 @bd9f465): padding dropped
+with the mask, ids split around the -200 placeholder, text/visual interleaved, labels -100 on visual positions,
+action index L0 + L1 - 1 (or the last three) computed before truncation, truncation at tokenizer_model_max_length,
+right padding with zeros / -100, positions arange on real tokens. Also: a jitted splice compiles once per shape,
+whatever the data.
 """
 
 import functools

@@ -22,7 +22,8 @@ ATOL = 1e-5  # fp32 on both sides; the only differences are summation order
 
 
 def _torch_pool(x: np.ndarray, mode: str) -> np.ndarray:
-    """upstream get_2dPool on (T, g, g, H) features, stride 2 (llava_arch.py:175-194), returned as (T, h, h, H)."""
+    """upstream get_2dPool on (T, g, g, H) features, stride 2 (llavaction/model/llava_arch.py:175-194 @bd9f465),
+    returned as (T, h, h, H)."""
     t = torch.from_numpy(x).permute(0, 3, 1, 2)  # (T, H, g, g) as upstream after view+permute
     g = t.shape[-1]
     if mode == "bilinear":
@@ -113,7 +114,7 @@ def test_add_newlines_matches_loop_reference(position, shape):
 
 
 def test_one_token_without_image_newline_adds_nothing():
-    """one_token appends the newline only when 'unpad' created it (llava_arch.py:348-360)."""
+    """one_token appends the newline only when 'unpad' created it (llavaction/model/llava_arch.py:348-360 @bd9f465)."""
     pooled = np.arange(2 * 2 * 2 * 3, dtype=np.float32).reshape(2, 2, 2, 3)
     got = np.asarray(add_newlines(jnp.asarray(pooled), None, "one_token"))
     np.testing.assert_array_equal(got, _ref_layout(pooled, None, "one_token"))
@@ -137,7 +138,7 @@ def _ref_video_tokens(features: np.ndarray, newline, action, pool_mode: str, pos
     g = int(round(math.sqrt(n)))
     pooled = _torch_pool(features.reshape(t, g, g, d), pool_mode)  # upstream: view(T, g, g, H), row-major
     tokens = _ref_layout(pooled, newline, position)
-    if action is not None:  # action_supervision rows are concatenated after everything (llava_arch.py:336-364)
+    if action is not None:  # action_supervision rows are concatenated after everything (llava_arch.py:336-364 @bd9f465)
         tokens = np.concatenate([tokens, action], axis=0)
     return tokens
 

@@ -34,7 +34,7 @@ median) only while a call takes under a second. MFU counts the LM head only wher
 would, which exercises the deadline.
 
     python -m llavaction_jax.bench.device_check [--budget S] [--out FILE.json] [--markdown FILE.md] [--smoke]
-    bash launch/device_check.sh --out $OUT/device_check.json --markdown $OUT/device_check.md   # on a GPU machine
+    bash launch/device_check.sh --out $OUT/device_check.json --markdown $OUT/device_check.md   # on a GPU host
 """
 
 from __future__ import annotations

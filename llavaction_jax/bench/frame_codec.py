@@ -26,7 +26,7 @@ from llavaction_jax.config import ModelConfig, load_preset
 from llavaction_jax.data import extract
 from llavaction_jax.data.clip import read_clip
 from llavaction_jax.data.frames import decode_frames
-from llavaction_jax.data.image import SIGLIP_SIZE, normalize_frames
+from llavaction_jax.data.image import DEFAULT_FRAME_SIZE, normalize_frames
 from llavaction_jax.data.video import VideoCache
 from llavaction_jax.model import llava
 
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
         video = pathlib.Path(tmp) / "clip.mp4"
         write_clip(video)
         start, end = 0.4, 3.6
-        for size, what in ((SIGLIP_SIZE, "pixels at 384 px (LLaVAction's input)"),
+        for size, what in ((DEFAULT_FRAME_SIZE, "pixels at 384 px (LLaVAction's input)"),
                            (cfg.vision.image_size, f"tiny model ({cfg.vision.image_size} px frames)")):
             upstream = read_clip(str(video), start, end, args.num_frames, size).pixels
             reference = logits(params, cfg, upstream) if size == cfg.vision.image_size else None

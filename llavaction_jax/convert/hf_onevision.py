@@ -5,11 +5,14 @@ These are the names the transformers conversion script writes for the hub's llav
 both load. Reading such checkpoints needs nothing from here: `keys.normalise_key` already maps every HF spelling
 onto the upstream names.
 
+The vision tower's part (its prefix, its `vision_config`, the tensors HF's module has and LLaVA never applies, its
+image processor settings) comes from its registry entry (vision_towers.py).
+
 `processor_files` writes what `transformers.AutoProcessor` / `LlavaOnevisionProcessor.from_pretrained` reads beside
-the weights, with the values that script saves for the hub's llava-hf/llava-onevision-* repos: SigLIP's image and
-video processor settings (bicubic resize to the tower's image size, x/255, mean = std = 0.5) with the anyres grid of
-the model config, the processor's token counts, and a tokenizer holding `<image>` / `<video>` as special tokens whose
-ids are the config's image_token_index / video_token_index, with the onevision chat template.
+the weights, with the values that script saves for the hub's llava-hf/llava-onevision-* repos: the tower's image and
+video processor settings (SigLIP's: bicubic resize to the tower's image size, x/255, mean = std = 0.5) with the
+anyres grid of the model config, the processor's token counts, and a tokenizer holding `<image>` / `<video>` as
+special tokens whose ids are the config's image_token_index / video_token_index, with the onevision chat template.
 """
 
 from __future__ import annotations
@@ -18,10 +21,14 @@ import json
 import pathlib
 import re
 
-from llavaction_jax.config import ModelConfig
-from llavaction_jax.convert.keys import VISION_PREFIX, ConversionError
+from PIL import Image
+from tokenizers import AddedToken
 
-HF_VISION_PREFIX = "vision_tower.vision_model."
+from llavaction_jax.config import ModelConfig
+from llavaction_jax.convert.keys import ConversionError, default_tower, tower_of
+from llavaction_jax.data.tokenizer import load_qwen_tokenizer, tokenizer_files
+from llavaction_jax.vision_towers import VisionTower
+
 IMAGE_TOKEN, VIDEO_TOKEN = "<image>", "<video>"
 PROCESSOR_CLASS = "LlavaOnevisionProcessor"
 DEFAULT_ASPECT_RATIO = "anyres_max_9"  # upstream's onevision configs and transformers' default
@@ -41,10 +48,11 @@ CHAT_TEMPLATE = (
 )
 
 
-def hf_key(upstream_key: str) -> str:
-    """Upstream LLaVA-NeXT key -> HF llava-onevision key."""
-    if upstream_key.startswith(VISION_PREFIX):
-        return HF_VISION_PREFIX + upstream_key[len(VISION_PREFIX):]
+def hf_key(upstream_key: str, tower: VisionTower | None = None) -> str:
+    """Upstream LLaVA-NeXT key -> HF llava-onevision key (`tower`: the model's vision tower, default the default)."""
+    tower = tower or default_tower()
+    if upstream_key.startswith(tower.upstream_prefix):
+        return tower.hf_prefix + upstream_key[len(tower.upstream_prefix):]
     if upstream_key.startswith("model.mm_projector."):
         index, rest = upstream_key[len("model.mm_projector."):].split(".", 1)
         return f"multi_modal_projector.linear_{int(index) // 2 + 1}.{rest}"
@@ -57,14 +65,15 @@ def hf_key(upstream_key: str) -> str:
     raise KeyError(f"{upstream_key!r} has no place in the HF llava-onevision layout")
 
 
-def identity_post_layernorm(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], float]]:
-    """SigLIP's final LayerNorm: HF modules have it, LLaVA never applies it (it reads a hidden state before it).
+def identity_tensors(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], float]]:
+    """HF key -> (shape, fill) of the tower's tensors that HF modules have and LLaVA never applies
+    (`VisionTower.hf_identity_tensors`; SigLIP's final LayerNorm, as LLaVA reads a hidden state before it).
 
-    We do not keep it, so the export writes an identity LayerNorm (weight 1, bias 0) to make the HF model load
-    without missing keys; its value cannot change any output of the LLaVA model.
+    We do not keep them, so the export writes constants (SigLIP: an identity LayerNorm, weight 1 and bias 0) to
+    make the HF model load without missing keys; their value cannot change any output of the LLaVA model.
     """
-    h = cfg.vision.hidden_size
-    return {HF_VISION_PREFIX + "post_layernorm.weight": ((h,), 1.0), HF_VISION_PREFIX + "post_layernorm.bias": ((h,), 0.0)}
+    tower, h = tower_of(cfg), cfg.vision.hidden_size
+    return {tower.hf_prefix + key: ((h,), fill) for key, fill in tower.hf_identity_tensors}
 
 
 # What `--layout hf-onevision` cannot represent: its --help and its refusal both say this.
@@ -92,7 +101,7 @@ def check_exportable(cfg: ModelConfig) -> None:
 
 def hf_config(cfg: ModelConfig) -> dict:
     """An HF LlavaOnevisionConfig dict; top-level keys of an imported HF config (cfg.extra) are kept."""
-    t, v = cfg.text, cfg.vision
+    t, v, tower = cfg.text, cfg.vision, tower_of(cfg)
     out = dict(cfg.extra.get("hf_onevision", {}))
     out.update(
         architectures=["LlavaOnevisionForConditionalGeneration"],
@@ -110,12 +119,8 @@ def hf_config(cfg: ModelConfig) -> dict:
             tie_word_embeddings=t.tie_word_embeddings, max_position_embeddings=t.max_position_embeddings,
             hidden_act="silu",
         ),
-        vision_config=dict(
-            model_type="siglip_vision_model", hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
-            num_hidden_layers=v.num_layers, num_attention_heads=v.num_heads, image_size=v.image_size,
-            patch_size=v.patch_size, num_channels=v.num_channels, layer_norm_eps=v.layer_norm_eps,
-            hidden_act="gelu_pytorch_tanh", vision_use_head=False,
-        ),
+        vision_config=dict(model_type=tower.hf_model_type,
+                           **{key: getattr(v, field) for field, key, _ in tower.config_keys}, **tower.hf_config),
     )
     out.setdefault("image_token_index", 151646)  # transformers' LlavaOnevisionConfig defaults
     out.setdefault("video_token_index", 151647)
@@ -148,9 +153,11 @@ def aspect_ratio(cfg: ModelConfig) -> str:
 def processor_configs(cfg: ModelConfig) -> dict[str, dict]:
     """name -> content of the image processor, video processor and processor configs for `cfg`'s tower."""
     size = {"height": cfg.vision.image_size, "width": cfg.vision.image_size}
-    pixels = dict(do_convert_rgb=True, do_resize=True, size=size, resample=3,  # PIL bicubic
-                  do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-                  image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])  # SigLIP's
+    pre = tower_of(cfg).preprocessing
+    pixels = dict(do_convert_rgb=True, do_resize=True, size=size,
+                  resample=int(Image.Resampling[pre.resample.upper()]),  # HF stores PIL's filter number
+                  do_rescale=True, rescale_factor=pre.rescale, do_normalize=True,
+                  image_mean=list(pre.mean), image_std=list(pre.std))
     return {
         "preprocessor_config.json": dict(image_processor_type="LlavaOnevisionImageProcessor", **pixels,
                                          do_pad=True, image_grid_pinpoints=grid_pinpoints(cfg),
@@ -176,10 +183,6 @@ def processor_files(cfg: ModelConfig, tokenizer_dir: pathlib.Path | None) -> tup
     if tokenizer_dir is None:
         del files["processor_config.json"]
         return files, {}
-    from tokenizers import AddedToken  # heavy imports, only when exporting a tokenizer
-
-    from llavaction_jax.data.tokenizer import load_qwen_tokenizer, tokenizer_files
-
     tokenizer = load_qwen_tokenizer(tokenizer_dir)
     missing = [t for t in (IMAGE_TOKEN, VIDEO_TOKEN) if t not in tokenizer.get_vocab()]
     tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)

@@ -20,8 +20,8 @@ from typing import Mapping
 import numpy as np
 
 from llavaction_jax.config import ConfigError, ModelConfig
-from llavaction_jax.convert.keys import (PERMS, ConversionError, is_unused, map_key, normalise_key, targets,
-                                         torch_shape)
+from llavaction_jax.convert.keys import (PERMS, ConversionError, map_key, normalise_key, targets, torch_shape,
+                                         tower_of, unused_reason)
 from llavaction_jax.convert.safetensors_io import SafetensorsCheckpoint, TensorEntry
 from llavaction_jax.convert.upstream_config import from_upstream
 from llavaction_jax.model import llava
@@ -136,15 +136,17 @@ def plan_import(source: Source) -> Plan:
 
 def plan_conversion(specs: Mapping, tensors, cfg: ModelConfig, layout: str = "upstream") -> Plan:
     """Map every tensor of `tensors` onto the parameters `specs` ({path: ParamSpec}); collect every problem."""
-    where = targets(specs)
+    tower = tower_of(cfg)
+    where = targets(specs, tower)
     params = {path: Param(path, spec.shape, spec.axes, where[path].transform, where[path].stacked,
                           [None] * len(where[path].names), where[path].names) for path, spec in specs.items()}
     skipped, unexpected, problems = [], [], []
     for key in tensors.keys():
-        norm = normalise_key(key)
-        mapped = map_key(norm)
-        if is_unused(norm, cfg):
-            skipped.append((key, _why_unused(norm)))
+        norm = normalise_key(key, tower)
+        mapped = map_key(norm, tower)
+        why_unused = unused_reason(norm, cfg)
+        if why_unused is not None:
+            skipped.append((key, why_unused))
             continue
         if mapped is None or mapped[0] not in params:
             if norm == "lm_head.weight" and cfg.text.tie_word_embeddings:
@@ -179,16 +181,6 @@ def plan_conversion(specs: Mapping, tensors, cfg: ModelConfig, layout: str = "up
         names = "upstream names" if layout == "upstream" else "upstream names; HF spellings are mapped onto these"
         problems.append(f"missing keys ({names}): {_abbrev(missing)}")
     return Plan(params, skipped, problems)
-
-
-def _why_unused(key: str) -> str:
-    if "post_layernorm" in key:
-        return "SigLIP post_layernorm, never applied (LLaVA reads a hidden state before it)"
-    if ".head." in key:
-        return "SigLIP pooling head, never used by LLaVA"
-    if ".encoder.layers." in key:
-        return "SigLIP layer past mm_vision_select_layer (upstream deletes it)"
-    return "a buffer, not a weight"
 
 
 def _abbrev(keys: list[str], limit: int = 12) -> str:

@@ -29,7 +29,12 @@ import math
 import pathlib
 from typing import Callable
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+from etils import epath
+from orbax.checkpoint import type_handlers
 
 from llavaction_jax.tree import flatten_paths
 
@@ -68,8 +73,6 @@ def chunk_shape(shard: tuple[int, ...], itemsize: int, limit: int, priority: lis
 
 def owned_blocks(shape: tuple[int, ...], sharding, chunk: tuple[int, ...]) -> tuple[tuple[slice, ...], ...]:
     """The chunks of the shards that this process writes: each distinct shard once, by its lowest-id device."""
-    import jax
-
     owner: dict[tuple, object] = {}
     for device, index in sorted(sharding.devices_indices_map(shape).items(), key=lambda kv: kv[0].id):
         owner.setdefault(tuple(s.indices(n)[:2] for s, n in zip(index, shape)), device)
@@ -82,31 +85,22 @@ def owned_blocks(shape: tuple[int, ...], sharding, chunk: tuple[int, ...]) -> tu
     return tuple(blocks)
 
 
-def _handler_class():
-    from orbax.checkpoint import type_handlers
+class StreamedParamHandler(type_handlers.ArrayHandler):
+    """Saves StreamedParam leaves as jax.Array checkpoint entries, one stored chunk at a time."""
 
-    class StreamedParamHandler(type_handlers.ArrayHandler):
-        """Saves StreamedParam leaves as jax.Array checkpoint entries, one stored chunk at a time."""
+    def __init__(self, buffer_bytes: int):
+        super().__init__(array_metadata_store=None)
+        self._buffer_bytes = buffer_bytes
 
-        def __init__(self, buffer_bytes: int):
-            super().__init__(array_metadata_store=None)
-            self._buffer_bytes = buffer_bytes
-
-        async def serialize(self, values, infos, args=None):
-            args = args or [type_handlers.SaveArgs()] * len(values)
-            for info in infos:
-                await info.await_path_creation()
-            await asyncio.to_thread(_write_all, values, infos, args, self._buffer_bytes)
-            return []
-
-    return StreamedParamHandler
+    async def serialize(self, values, infos, args=None):
+        args = args or [type_handlers.SaveArgs()] * len(values)
+        for info in infos:
+            await info.await_path_creation()
+        await asyncio.to_thread(_write_all, values, infos, args, self._buffer_bytes)
+        return []
 
 
 def _write_all(values, infos, args, buffer_bytes: int) -> None:
-    import jax
-    import tensorstore as ts
-    from orbax.checkpoint import type_handlers
-
     in_flight: collections.deque = collections.deque()
     held = 0
     for value, info, arg in zip(values, infos, args):
@@ -132,9 +126,7 @@ def _write_all(values, infos, args, buffer_bytes: int) -> None:
 def save_streamed(directory: pathlib.Path, tree: dict, buffer_bytes: int = DEFAULT_BUFFER_BYTES,
                   compress: bool = False) -> None:
     """Save a tree of StreamedParam as an Orbax pytree checkpoint at `directory` (new), zarr3 + OCDBT."""
-    import orbax.checkpoint as ocp
-
-    registry = ocp.type_handlers.create_type_handler_registry((StreamedParam, _handler_class()(buffer_bytes)))
+    registry = ocp.type_handlers.create_type_handler_registry((StreamedParam, StreamedParamHandler(buffer_bytes)))
     handler = ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=True, use_compression=compress,
                                           type_handler_registry=registry)
     with ocp.Checkpointer(handler) as checkpointer:
@@ -145,9 +137,6 @@ class StoredArrays:
     """The arrays of an Orbax pytree checkpoint, each readable by slices through tensorstore."""
 
     def __init__(self, directory: pathlib.Path):
-        import orbax.checkpoint as ocp
-        from etils import epath
-
         self.directory = pathlib.Path(directory).absolute()
         meta = ocp.PyTreeCheckpointHandler().metadata(self.directory)
         self._use_zarr3 = bool(meta.use_zarr3)
@@ -158,10 +147,6 @@ class StoredArrays:
         self._context = ocp.type_handlers.get_ts_context(use_ocdbt=self._ocdbt)
 
     def open(self, path: str):
-        import tensorstore as ts
-        from etils import epath
-        from orbax.checkpoint import type_handlers
-
         # the checkpoint's one TensorStore context (Orbax warns about a ParamInfo without one, once per array)
         info = type_handlers.ParamInfo(name=self._names[path], parent_dir=epath.Path(self.directory),
                                        is_ocdbt_checkpoint=self._ocdbt, use_zarr3=self._use_zarr3,

@@ -21,6 +21,7 @@ warning and no manifest).
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 import shutil
@@ -32,7 +33,8 @@ from llavaction_jax.config import ModelConfig
 from llavaction_jax.convert import hf_onevision, orbax_stream, staging
 from llavaction_jax.convert.from_torch import COPIED_FILES, progress_bar
 from llavaction_jax.convert.import_plan import copy_into, detect_layout
-from llavaction_jax.convert.keys import ConversionError, expected_keys, to_torch, torch_row_axis, torch_shape
+from llavaction_jax.convert.keys import (ConversionError, expected_keys, to_torch, torch_row_axis, torch_shape,
+                                         tower_of)
 from llavaction_jax.convert.safetensors_io import (SafetensorsWriter, TensorSpec, plan_shards, shard_names,
                                                    write_index)
 from llavaction_jax.convert.upstream_config import export_config
@@ -53,7 +55,7 @@ def export_table(cfg: ModelConfig, stored: dict) -> list[tuple[str, str, int | N
     problems += [f"unexpected parameter {p}" for p in stored if p not in specs]
     if problems:
         raise ConversionError("the checkpoint does not match its llavaction_config.json: " + "; ".join(problems))
-    return expected_keys(specs)
+    return expected_keys(specs, tower_of(cfg))
 
 
 def export_checkpoint(src, dst, layout: str = "upstream", max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
@@ -72,7 +74,8 @@ def export_checkpoint(src, dst, layout: str = "upstream", max_shard_bytes: int =
     rename, constants, processor, agreed = (lambda k: k), {}, {}, {}
     if layout == "hf-onevision":
         hf_onevision.check_exportable(cfg)
-        rename, constants = hf_onevision.hf_key, hf_onevision.identity_post_layernorm(cfg)
+        rename = functools.partial(hf_onevision.hf_key, tower=tower_of(cfg))
+        constants = hf_onevision.identity_tensors(cfg)
         if not (src / "preprocessor_config.json").is_file():  # else an HF import's own processor files are copied
             processor, agreed = hf_onevision.processor_files(cfg, src if has_tokenizer(src) else None)
     specs = []

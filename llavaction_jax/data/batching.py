@@ -28,7 +28,8 @@ import grain
 import numpy as np
 
 from llavaction_jax.data.chat import IGNORE_INDEX
-from llavaction_jax.data.image import normalize_frames
+from llavaction_jax.data.image import DEFAULT_PREPROCESSING, normalize_frames
+from llavaction_jax.vision_towers import Preprocessing
 from llavaction_jax.data.train_sample import Skipped
 
 logger = logging.getLogger(__name__)
@@ -58,9 +59,9 @@ def bucket_length(length: int, buckets: tuple[int, ...]) -> int:
 
 
 def collate(elements: list[dict], buckets: tuple[int, ...], num_frames: int, frame_size: int,
-            pad_id: int = QWEN_PAD_ID) -> dict:
+            pad_id: int = QWEN_PAD_ID, preprocessing: Preprocessing = DEFAULT_PREPROCESSING) -> dict:
     """Stack encoded samples into one batch padded to its bucket (schema in the module docstring); frames are
-    normalized here, written straight into the batch."""
+    normalized here (the vision tower's `preprocessing`), written straight into the batch."""
     length = bucket_length(max(len(e["input_ids"]) for e in elements), buckets)
     b = len(elements)
     input_ids = np.full((b, length), pad_id, np.int32)
@@ -75,7 +76,7 @@ def collate(elements: list[dict], buckets: tuple[int, ...], num_frames: int, fra
         if t > num_frames:
             raise ValueError(f"sample {element['sample_id']!r} has {t} frames, more than the batch's {num_frames}")
         if t:
-            normalize_frames(element["frames"], out=pixel_values[i, :t])  # upstream's normalization, into the batch
+            normalize_frames(element["frames"], out=pixel_values[i, :t], preprocessing=preprocessing)  # into the batch
         pixel_values[i, t:] = 0
         frame_counts[i] = t
     return {
@@ -91,11 +92,12 @@ class PaddedBatchIterDataset(grain.IterDataset):
     """Batches of ``batch_size`` encoded samples padded to length buckets; drops and counts ``Skipped`` markers."""
 
     def __init__(self, parent: grain.IterDataset, batch_size: int, buckets: tuple[int, ...], num_frames: int,
-                 frame_size: int, pad_id: int = QWEN_PAD_ID, drop_remainder: bool = True):
+                 frame_size: int, pad_id: int = QWEN_PAD_ID, drop_remainder: bool = True,
+                 preprocessing: Preprocessing = DEFAULT_PREPROCESSING):
         super().__init__(parent)
         self.batch_size, self.buckets, self.pad_id, self.drop_remainder = batch_size, tuple(buckets), pad_id, \
             drop_remainder
-        self.num_frames, self.frame_size = num_frames, frame_size
+        self.num_frames, self.frame_size, self.preprocessing = num_frames, frame_size, preprocessing
 
     def __iter__(self) -> grain.DatasetIterator:
         return _PaddedBatchIterator(self._parent.__iter__(), self)
@@ -125,7 +127,7 @@ class _PaddedBatchIterator(grain.DatasetIterator):
             elements.append(element)
         if not elements or (spec.drop_remainder and len(elements) < spec.batch_size):
             raise StopIteration
-        batch = collate(elements, spec.buckets, spec.num_frames, spec.frame_size, spec.pad_id)
+        batch = collate(elements, spec.buckets, spec.num_frames, spec.frame_size, spec.pad_id, spec.preprocessing)
         batch["num_skipped"] = np.int64(self._num_skipped)
         return batch
 

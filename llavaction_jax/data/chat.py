@@ -52,7 +52,7 @@ def build_inference_prompt(user_text: str, system_message: str = SYSTEM_MESSAGE)
 
 
 def llava_video_time_prompt(human_value: str, video_time: float, num_frames: int) -> str:
-    """LLaVA-Video's time instruction for generic (non-EK100) video QA (train.py:1303-1306).
+    """LLaVA-Video's time instruction for generic (non-EK100) video QA (llavaction/train/train.py:1303-1306 @bd9f465).
 
     ``human_value`` is the first human turn; its own ``<image>`` is removed but the newline after it stays, which
     leaves a blank line (upstream's behaviour).
@@ -106,7 +106,7 @@ def preprocess_qwen(
     sample_id: object = None,
     system_message: str = SYSTEM_MESSAGE,
 ) -> TokenizedConversation:
-    """Training ids and labels exactly as upstream ``preprocess_qwen`` (llavaction/train/train.py:587-660).
+    """Training ids and labels exactly as upstream ``preprocess_qwen`` (llavaction/train/train.py:587-660 @bd9f465).
 
     ``conversations``: LLaVA messages ({"from": "human"|"gpt", "value": ...} or {"role", "content"}). A leading
     message that is not from the user is dropped (upstream does the same). With ``has_image`` the user text must

@@ -2,10 +2,10 @@
 
 Upstream answers about a clip by decoding ``num_frames`` frames at the midpoints of equal segments of
 ``[round(start * fps), round(end * fps)]`` (llavaction/action/utils.py: avion_video_loader, get_frame_ids), each
-squashed to the SigLIP size with PIL bicubic and normalised to [-1, 1] (llavaction/model/multimodal_encoder/
-siglip_encoder.py: SigLipImageProcessor.preprocess), and states the requested duration ``end - start`` in the
-time instruction. `extract-frames` stores exactly these frames in shards for `eval`; `predict` and
-`LlavaModel.generate` read them straight from the file through the same functions (data/sampling.py,
+preprocessed by the vision tower's image processor (SigLIP's: squashed to its size with PIL bicubic and normalised to [-1, 1],
+llavaction/model/multimodal_encoder/siglip_encoder.py: SigLipImageProcessor.preprocess), and states the requested
+duration ``end - start`` in the time instruction. `extract-frames` stores exactly these frames in shards for `eval`;
+`predict` and `LlavaModel.generate` read them straight from the file through the same functions (data/sampling.py,
 data/video.py, data/image.py), so a clip gets the same pixels either way (for PNG shards; JPEG ones are lossy).
 """
 
@@ -16,8 +16,9 @@ import dataclasses
 import numpy as np
 
 from llavaction_jax.data import sampling
-from llavaction_jax.data.image import preprocess_frames
+from llavaction_jax.data.image import DEFAULT_FRAME_SIZE, DEFAULT_PREPROCESSING, preprocess_frames
 from llavaction_jax.data.video import VideoCache
+from llavaction_jax.vision_towers import Preprocessing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,8 +31,10 @@ class Clip:
 
 
 def read_clip(path: str, start: float | None = None, end: float | None = None, num_frames: int = 16,
-              image_size: int = 384, videos: VideoCache | None = None) -> Clip:
-    """Frames ``start``..``end`` seconds of ``path`` (default: the whole video) for a model of ``image_size``.
+              image_size: int = DEFAULT_FRAME_SIZE, videos: VideoCache | None = None,
+              preprocessing: Preprocessing = DEFAULT_PREPROCESSING) -> Clip:
+    """Frames ``start``..``end`` seconds of ``path`` (default: the whole video) for a model of ``image_size`` whose
+    vision tower takes ``preprocessing`` (vision_towers.py).
 
     ``videos`` (a data/video.VideoCache) chooses the decoder (decord, falling back to PyAV) and keeps files open
     across calls; errors name the file."""
@@ -59,4 +62,4 @@ def read_clip(path: str, start: float | None = None, end: float | None = None, n
         frames = videos.read(path, ids)
     except Exception as error:  # the decoders raise their own types; name the file and the frames
         raise ValueError(f"{path}: cannot decode frames {ids[0]}..{ids[-1]} ({type(error).__name__}: {error})") from None
-    return Clip(preprocess_frames(frames, image_size), end - start, tuple(ids), fps, note)
+    return Clip(preprocess_frames(frames, image_size, preprocessing), end - start, tuple(ids), fps, note)

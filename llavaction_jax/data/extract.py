@@ -28,7 +28,7 @@ import numpy as np
 from llavaction_jax import cli_flags, locks
 from llavaction_jax.data import frames as fs
 from llavaction_jax.data import sampling
-from llavaction_jax.data.image import SIGLIP_SIZE, resize_frames
+from llavaction_jax.data.image import DEFAULT_FRAME_SIZE, resize_frames
 from llavaction_jax.data.video import VideoCache
 from llavaction_jax.progress import eta
 
@@ -390,7 +390,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "always do)")
     parser.add_argument("--video-fps", type=float, default=1.0,
                         help="llava-video rule: frames per second to sample (default: %(default)s)")
-    parser.add_argument("--frame-size", type=int, default=SIGLIP_SIZE,
+    parser.add_argument("--frame-size", type=int, default=DEFAULT_FRAME_SIZE,
                         help="store frames squashed to this square size, 0 = source size (default: %(default)s)")
     parser.add_argument("--codec", choices=fs.CODECS, default="jpeg",
                         help="frame encoding: jpeg (lossy, small) or png (lossless: upstream's per-step decoding "

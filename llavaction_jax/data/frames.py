@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from array_record.python import array_record_module
 from PIL import Image
 
 SCHEMA_VERSION = 1
@@ -155,8 +156,6 @@ class ShardWriter:
     """
 
     def __init__(self, path: str | os.PathLike):
-        from array_record.python import array_record_module  # noqa: PLC0415 (keeps `import frames` light)
-
         self.path = pathlib.Path(path)
         self._tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
         self._writer = array_record_module.ArrayRecordWriter(str(self._tmp), _WRITER_OPTIONS)
@@ -213,8 +212,6 @@ def read_manifest(directory: str | os.PathLike) -> dict:
 
 def check_shard_file(path: pathlib.Path, num_records: int, num_bytes: int) -> None:
     """Raise naming ``path`` if it is missing, truncated or not the ArrayRecord file the manifest describes."""
-    from array_record.python import array_record_module  # noqa: PLC0415
-
     if not path.is_file():
         raise FileNotFoundError(f"frame shard {path} listed in {MANIFEST_NAME} is missing")
     size = path.stat().st_size
@@ -268,6 +265,7 @@ class FrameShards:
         if not 0 <= index < len(self):
             raise IndexError(f"clip index {index} out of range for {len(self)} clips in {self.directory}")
         if self._source is None:
+            # about 0.3 s (it loads absl flags): paid by the processes that read records, not by every importer
             from array_record.python import array_record_data_source  # noqa: PLC0415
 
             self._source = array_record_data_source.ArrayRecordDataSource(self.paths)

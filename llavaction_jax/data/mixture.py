@@ -1,6 +1,6 @@
 """Training data mixtures: upstream's data YAML and LLaVA conversation JSON / JSONL files -> one list of samples.
 
-Accepted ``data_path`` forms (upstream ``LazySupervisedDataset.__init__``, llavaction/train/train.py:998-1066):
+Accepted ``data_path`` forms (upstream ``LazySupervisedDataset.__init__``, llavaction/train/train.py:998-1066 @bd9f465):
 
 * ``mix.yaml``::
 
@@ -33,6 +33,7 @@ import pathlib
 import re
 
 import numpy as np
+import yaml
 
 SOURCE_KEY = "_source"  # where a sample was read from, added by this loader
 STRATEGIES = ("all", "first", "end", "random")
@@ -157,8 +158,6 @@ def apply_sampling_strategy(samples: list, strategy: str, seed: int = 0) -> list
 
 
 def _load_yaml(path: pathlib.Path, seed: int) -> list[dict]:
-    import yaml  # noqa: PLC0415 (optional, not in requirements.txt: only YAML mixtures need it)
-
     if not path.is_file():
         raise MixtureError(f"mixture file {path} does not exist")
     try:

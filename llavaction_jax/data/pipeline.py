@@ -31,9 +31,10 @@ import numpy as np
 
 from llavaction_jax.data.batching import QWEN_PAD_ID, PaddedBatchIterDataset, power_of_two_buckets
 from llavaction_jax.data.frames import ClipRecord, FrameShards, ShardSet, decode_frames, open_shards
-from llavaction_jax.data.image import SIGLIP_SIZE, normalize_frames, resize_frames
+from llavaction_jax.data.image import DEFAULT_FRAME_SIZE, DEFAULT_PREPROCESSING, normalize_frames, resize_frames
 from llavaction_jax.data.length_grouping import LengthGroupedEpochs, modality_lengths
 from llavaction_jax.data.train_sample import EncodeTrainSample, QuestionPrompts, TagEpoch, cached_tokenizer
+from llavaction_jax.vision_towers import Preprocessing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,10 +43,11 @@ class FramePipelineConfig:
     seed: int = 0
     shuffle: bool = True
     num_epochs: int | None = 1  # None repeats forever (training); each epoch is shuffled differently
-    frame_size: int = SIGLIP_SIZE  # frames stored at another size are squashed like upstream (PIL bicubic)
+    frame_size: int = DEFAULT_FRAME_SIZE  # frames stored at another size are squashed like upstream (PIL bicubic)
     drop_remainder: bool = True  # static batch shapes for jit
     worker_count: int = 0  # Grain worker processes; 0 decodes in this process (with read_threads threads)
     read_threads: int = 4
+    preprocessing: Preprocessing = DEFAULT_PREPROCESSING  # the vision tower's (vision_towers.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,14 +57,15 @@ class DecodeClip(grain.transforms.Map):
     A module-level class so Grain can pickle it into worker processes.
     """
 
-    frame_size: int = SIGLIP_SIZE
+    frame_size: int = DEFAULT_FRAME_SIZE
+    preprocessing: Preprocessing = DEFAULT_PREPROCESSING
 
     def map(self, record: ClipRecord) -> dict:
         frames = decode_frames(record)
         if self.frame_size and frames.shape[1:3] != (self.frame_size, self.frame_size):
-            frames = resize_frames(frames, self.frame_size)
+            frames = resize_frames(frames, self.frame_size, self.preprocessing)
         return {
-            "pixel_values": normalize_frames(frames),
+            "pixel_values": normalize_frames(frames, preprocessing=self.preprocessing),
             "frame_indices": np.asarray(record.frame_indices, np.int32),
             "uid": record.uid,
         }
@@ -110,7 +113,7 @@ def clip_dataset(
                          "they cannot be batched together")
     dataset = _this_process_slice(grain.MapDataset.source(source), config.seed, config.shuffle, config.num_epochs,
                                   process_index, process_count, str(source.directory))
-    return dataset.map(DecodeClip(config.frame_size))
+    return dataset.map(DecodeClip(config.frame_size, config.preprocessing))
 
 
 def batch_dataset(
@@ -137,7 +140,8 @@ class TrainPipelineConfig:
     # The batch's frame count (a static shape): clips with fewer frames are padded and keep their own count, one
     # with more is a bad sample. None: the shards' manifest (frames_per_clip, else its frames_upbound).
     num_frames: int | None = None
-    frame_size: int = SIGLIP_SIZE
+    frame_size: int = DEFAULT_FRAME_SIZE
+    preprocessing: Preprocessing = DEFAULT_PREPROCESSING  # the vision tower's (vision_towers.py)
     max_length: int = 32768  # text tokens kept per sample (upstream's tokenizer.model_max_length); longer is cut
     length_buckets: tuple[int, ...] | None = None  # None: powers of two from 64 up to max_length
     seed: int = 0
@@ -187,7 +191,7 @@ def train_dataset(
                          "frames_per_clip nor settings.frames_upbound)")
     encode = EncodeTrainSample(source, cached_tokenizer(config.tokenizer_path), num_frames, config.frame_size,
                                config.max_length, config.add_time_instruction, config.on_bad_sample,
-                               config.question_prompts)
+                               config.question_prompts, config.preprocessing)
     grouping = None
     if config.group_by_length:  # one optimizer step = batch_size samples from each process
         grouping = (modality_lengths(samples), config.batch_size * process_count, config.length_group_steps)
@@ -203,4 +207,4 @@ def train_dataset(
         elements = elements.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=config.worker_count, per_worker_buffer_size=config.worker_buffer_size))
     return PaddedBatchIterDataset(elements, config.batch_size, config.buckets(), num_frames, config.frame_size,
-                                  config.pad_id, config.drop_remainder)
+                                  config.pad_id, config.drop_remainder, config.preprocessing)

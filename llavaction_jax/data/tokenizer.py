@@ -189,7 +189,7 @@ def train_chatml_tokenizer(texts, vocab_size: int, out_dir: str | pathlib.Path) 
     ids through transformers' ``Qwen2Tokenizer``, which ``AutoTokenizer`` picks beside a qwen2 ``config.json``.
     """
     _quiet_transformers()
-    from tokenizers import Tokenizer, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, pre_tokenizers, trainers  # with transformers: heavy, only when building one
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer.from_str(json.dumps(_qwen2_text_pipeline()))

@@ -35,9 +35,10 @@ import numpy as np
 
 from llavaction_jax.data import chat
 from llavaction_jax.data.frames import ClipRecord, FrameShards, ShardSet, decode_frames
-from llavaction_jax.data.image import SIGLIP_SIZE, resize_frames
+from llavaction_jax.data.image import DEFAULT_FRAME_SIZE, DEFAULT_PREPROCESSING, resize_frames
 from llavaction_jax.data.mixture import SOURCE_KEY
 from llavaction_jax.data.tokenizer import load_qwen_tokenizer
+from llavaction_jax.vision_towers import Preprocessing
 
 NO_ACTIONS = (-1, -1, -1)  # upstream's actions for samples without verb/noun/action ids
 ON_BAD_SAMPLE = ("error", "skip")
@@ -131,11 +132,12 @@ class EncodeTrainSample(grain.transforms.Map):
     shards: FrameShards | ShardSet | None
     tokenizer: Any  # a Qwen2 tokenizer (``cached_tokenizer``); pickled into workers, faster than loading it there
     num_frames: int
-    frame_size: int = SIGLIP_SIZE
+    frame_size: int = DEFAULT_FRAME_SIZE
     max_length: int | None = None
     add_time_instruction: bool = True
     on_bad_sample: str = "error"
     question_prompts: QuestionPrompts | None = None  # e.g. ek100.train_prompt.EK100PromptSettings()
+    preprocessing: Preprocessing = DEFAULT_PREPROCESSING  # the vision tower's (its resize filter)
 
     def __post_init__(self):
         if self.on_bad_sample not in ON_BAD_SAMPLE:
@@ -203,7 +205,8 @@ class EncodeTrainSample(grain.transforms.Map):
         except ValueError as error:
             raise SampleError(f"{where}: {error} ({self.shards.directory})") from None
         if frames.shape[1:3] != (self.frame_size, self.frame_size):
-            frames = resize_frames(frames, self.frame_size)  # shards stored at source size: squash like upstream
+            # shards stored at source size: squash like upstream
+            frames = resize_frames(frames, self.frame_size, self.preprocessing)
         return frames
 
 

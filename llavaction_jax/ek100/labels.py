@@ -38,7 +38,7 @@ UDA_TRAIN_STAND_INS = ("UDA_annotations/EPIC_100_uda_source_train.csv",
 # for the UDA stand-ins explicitly: a different label space (2684 actions), so other ids, distractors and options.
 LABEL_SPACES = ("ek100", "uda")
 VERB_CLASSES_CSV = "EPIC_100_verb_classes.csv"
-NOUN_CLASSES_CSV = "EPIC_100_noun_classes_v2.csv"  # upstream reads v2 (utils.py:101-102)
+NOUN_CLASSES_CSV = "EPIC_100_noun_classes_v2.csv"  # upstream reads v2 (llavaction/action/utils.py:101-102 @bd9f465)
 
 REPRESENTATIONS = ("GT_random_narration", "official_key", "random_narration", "top1_narration", "GT_key",
                    "topk_narration_cut_key")
@@ -120,7 +120,8 @@ def read_annotation_csv(path: str | pathlib.Path) -> list[Segment]:
 def read_class_keys(path: str | pathlib.Path, reorder_colon_parts: bool) -> dict[int, str]:
     """``id -> key`` from EPIC_100_verb_classes.csv / EPIC_100_noun_classes_v2.csv.
 
-    Noun keys are re-ordered (``reorder_colon_parts``): ``"pan:frying"`` -> ``"frying pan"`` (utils.py:109-114).
+    Noun keys are re-ordered (``reorder_colon_parts``): ``"pan:frying"`` -> ``"frying pan"``
+    (llavaction/action/utils.py:109-114 @bd9f465).
     """
     path = pathlib.Path(path)
     if not path.exists():

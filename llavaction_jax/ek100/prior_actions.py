@@ -1,7 +1,7 @@
 """Prior actions at test time: the two previous actions of the same video named in the MC prompt, as upstream's
 evaluation does with ``--learn_neighbor_actions prior --test_type temporal_cot_oracle | temporal_cot_pseudo``
 (llavaction/action/ek_eval.py: evaluate_on_EK100; llavaction/action/generate_interval_pred.py: get_lookup_dict,
-get_pseudo_dict; the prompt: llavaction/action/utils.py: format_task_related_prompt, upstream commit bd9f465).
+get_pseudo_dict; the prompt: llavaction/action/utils.py: format_task_related_prompt, upstream @bd9f465).
 
 * The lookup table comes from the validation CSV itself: per video, segments sorted by end time; a segment whose two
   predecessors each end at most 3 s before the next one starts gets them (``prior_action_table``, the same

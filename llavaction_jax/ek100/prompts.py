@@ -27,7 +27,8 @@ PERSPECTIVES = {"first_person": FIRST_PERSON_PREFIX, "third_person": THIRD_PERSO
 
 MC_INSTRUCTION = "Given multiple choices, format your answer briefly such as 'A. move knife'. "
 MC_OPTIONS_HEADER = "Here are the options of actions you are selecting:\n"
-PRIOR_ACTIONS_PROBABILITY = 0.3  # share of training MC prompts that mention the two previous actions (utils.py:236)
+# share of training MC prompts that mention the two previous actions (llavaction/action/utils.py:236 @bd9f465)
+PRIOR_ACTIONS_PROBABILITY = 0.3
 
 LETTERS = string.ascii_uppercase  # upstream supports at most 26 options
 

@@ -20,10 +20,12 @@ from jax.sharding import Mesh
 from llavaction_jax.data import chat
 from llavaction_jax.data.option_tokens import option_token_ids, pad_options, round_up
 from llavaction_jax.data.frames import FrameShards, decode_frames
-from llavaction_jax.data.image import preprocess_frames
+from llavaction_jax.data.image import DEFAULT_PREPROCESSING, preprocess_frames
 from llavaction_jax.eval.clip_failures import ClipUnreadable, describe
 from llavaction_jax.eval.questions import EvalQuestion
 from llavaction_jax.sharding import batch_sharding, batch_ways
+from llavaction_jax.vision_towers import Preprocessing
+
 # Upper bound for a duration in the videoqa time instruction: Qwen2 tokenizes digits one by one, so a prompt's
 # length depends on the number of digits only, and 5 integer digits cover any clip shorter than a day.
 _WIDEST_DURATION = 99999.99
@@ -75,8 +77,10 @@ class ClipLoader:
     resized and normalised like upstream, and zero-padded to the run's frame count. Thread-safe; decoding (PIL
     releases the GIL) runs in a thread pool."""
 
-    def __init__(self, shards: FrameShards, num_frames: int, image_size: int, threads: int = 4):
+    def __init__(self, shards: FrameShards, num_frames: int, image_size: int, threads: int = 4,
+                 preprocessing: Preprocessing = DEFAULT_PREPROCESSING):  # the vision tower's (vision_towers.py)
         self.shards, self.num_frames, self.image_size = shards, num_frames, image_size
+        self.preprocessing = preprocessing
         self._lock = threading.Lock()
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="frames")
 
@@ -100,7 +104,7 @@ class ClipLoader:
         frames = decode_frames(record)[positions]
         start = round(record.start_sec * record.fps)
         times = tuple((record.frame_indices[p] - start) / record.fps for p in positions)
-        pixels = preprocess_frames(frames, self.image_size)
+        pixels = preprocess_frames(frames, self.image_size, self.preprocessing)
         padded = np.zeros((self.num_frames, *pixels.shape[1:]), pixels.dtype)
         padded[: len(pixels)] = pixels
         return uid, padded, float(record.duration_sec), times

@@ -1,4 +1,4 @@
-"""Upstream's ``caption_then_answer`` test (llavaction/action/llava_inference.py, upstream commit bd9f465): the model
+"""Upstream's ``caption_then_answer`` test (llavaction/action/llava_inference.py, upstream @bd9f465): the model
 first describes the clip, then answers the multiple-choice question with its description in front:
 
 1. caption pass: ``"<image>\\n"`` + the first-person caption prompt, no time instruction (upstream calls

@@ -33,7 +33,7 @@ import time
 
 import jax
 
-from llavaction_jax import cli_flags, locks
+from llavaction_jax import cli_flags, locks, vision_towers
 from llavaction_jax.api import LlavaModel, load_pretrained
 from llavaction_jax.checkpoint_io import is_model_dir, load_config, load_execution
 from llavaction_jax.data.clip import read_clip
@@ -128,11 +128,12 @@ def answer_items(model: LlavaModel, items: list[Item], num_frames: int, time_ins
     while the model works."""
     videos = VideoCache(decoder)
     image_size = model.cfg.vision.image_size
+    preprocessing = vision_towers.lookup(model.cfg.vision_tower).preprocessing
     steps = math.ceil(len(items) / batch_size)
 
     def read(item: Item):
         try:
-            return read_clip(item.video, item.start, item.end, num_frames, image_size, videos)
+            return read_clip(item.video, item.start, item.end, num_frames, image_size, videos, preprocessing)
         except (ValueError, OSError, RuntimeError) as error:  # read_clip's errors name the file
             return error
 

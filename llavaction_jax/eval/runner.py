@@ -38,6 +38,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from llavaction_jax import vision_towers
 from llavaction_jax.api import answer_step, generation_config
 from llavaction_jax.config import ExecutionConfig
 from llavaction_jax.data.frames import FrameShards
@@ -262,7 +263,8 @@ def evaluate(params, cfg, tokenizer, questions_path, shards_dir, out_dir, settin
     kept = {r["index"]: r for r in load_partial(partial, fingerprint, len(questions), log)}
     done = _answered_anywhere(list(kept.values()), len(questions))
     todo = [i for i in range(len(questions)) if not done[i]]
-    loader = batching.ClipLoader(shards, num_frames, cfg.vision.image_size, settings.threads)
+    loader = batching.ClipLoader(shards, num_frames, cfg.vision.image_size, settings.threads,
+                                 vision_towers.lookup(cfg.vision_tower).preprocessing)
     if jax.process_index() == 0:
         log(f"[eval] {len(questions)} {fmt} questions, {jax.process_count()} process(es), steps of "
             f"{settings.batch_size} per process; modes {'+'.join(settings.modes)}; up to {num_frames} frames per "

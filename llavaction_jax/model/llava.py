@@ -1,4 +1,4 @@
-"""The LLaVA-Video / LLaVAction model: frames -> SigLIP -> projector -> video tokens -> splice -> Qwen2.
+"""The LLaVA-Video / LLaVAction model: frames -> vision tower -> projector -> video tokens -> splice -> Qwen2.
 
 Pure functions over a params dict:
     {"vision": ..., "projector": ..., "image_newline": [H], "action_tokens": [n, H], "text": ..., "heads": ...}
@@ -8,21 +8,25 @@ step and the public API both call. Splicing (`splice_visual_tokens`) is a gather
 shape, never by the data, so a jitted forward compiles once per (batch, text length, frames) bucket. Videos of
 different lengths share a batch padded to T frames with a per-sample `num_frames`: each keeps the visual tokens of
 its own frames (`keep_frames`); the padded frames are encoded and dropped.
-Execution choices (attention kernel, compute dtype, frames per vision step, ...) come as a `ResolvedExecution`
-beside the config: entry points resolve them once for their mesh (`sharding.resolve_execution`), and these
-functions refuse unresolved ones (config.require_resolved).
+The vision tower (SigLIP for every released model) is the module its registry entry names (vision_towers.py,
+`tower_module`). Execution choices (attention kernel, compute dtype, frames per vision step, ...) come as a
+`ResolvedExecution` beside the config: entry points resolve them once for their mesh
+(`sharding.resolve_execution`), and these functions refuse unresolved ones (config.require_resolved).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+from types import ModuleType
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from llavaction_jax import vision_towers
 from llavaction_jax.config import ModelConfig, ResolvedExecution, require_resolved
-from llavaction_jax.model import projector, qwen2, siglip
+from llavaction_jax.model import projector, qwen2
 from llavaction_jax.model.params import ParamSpec, dense, init_params, normal
 from llavaction_jax.model.video import layout_tokens, pool_features
 from llavaction_jax.sharding import constrain
@@ -32,15 +36,20 @@ IGNORE_INDEX = -100  # label of positions without a target (upstream's constants
 HEAD_NAMES = ("verb", "noun", "action")
 # Heads added to a checkpoint that lacks them start as upstream's do: nn.Linear layers that transformers'
 # _init_weights draws from N(0, initializer_range), Qwen2's 0.02 (llavaction/model/language_model/llava_qwen.py:
-# LlavaQwenForCausalLM.__init__, then post_init; upstream commit bd9f465). A model initialised whole keeps LeCun
+# LlavaQwenForCausalLM.__init__, then post_init; upstream @bd9f465). A model initialised whole keeps LeCun
 # normal (params.dense), under which tiny models learn from scratch.
 HEAD_INIT_STD = 0.02
+
+
+def tower_module(cfg: ModelConfig) -> ModuleType:
+    """The module computing `cfg`'s vision tower (`param_specs`, `encode`): the one its registry entry names."""
+    return importlib.import_module(vision_towers.lookup(cfg.vision_tower).module)
 
 
 def param_specs(cfg: ModelConfig) -> dict:
     h = cfg.text.hidden_size
     specs: dict[str, Any] = {
-        "vision": siglip.param_specs(cfg.vision),
+        "vision": tower_module(cfg).param_specs(cfg.vision),
         "projector": projector.param_specs(cfg.projector_depth, cfg.vision.hidden_size, h),
         "text": qwen2.param_specs(cfg.text),
     }
@@ -96,18 +105,19 @@ def frames_per_step(execution: ResolvedExecution, batch: int, frames: int) -> in
 def encode_videos(params: dict, pixel_values: jax.Array, cfg: ModelConfig, execution: ResolvedExecution) -> jax.Array:
     """(B, T, C, H, W) frames -> (B, V, H) visual tokens, V = cfg.tokens_per_video(T).
 
-    SigLIP, the projector (on all patches, before pooling: llavaction/model/llava_arch.py:
+    The vision tower, the projector (on all patches, before pooling: llavaction/model/llava_arch.py:
     LlavaMetaForCausalLM.encode_images) and pooling run per frame, `frames_per_step`
     frames of every video at a time in a `lax.map`; the newline layout and action tokens then see whole videos."""
     execution = require_resolved(execution, "llava.encode_videos")
     b, t = pixel_values.shape[:2]
     dtype = jnp.dtype(execution.compute_dtype)
+    tower = tower_module(cfg)
 
     def pooled_frames(px):  # (B, c, C, H, W) -> (B, c, g', g', H)
         c = px.shape[1]
-        feats = siglip.encode(params["vision"], px.reshape(b * c, *px.shape[2:]), cfg.vision, dtype=dtype,
-                              remat_policy=execution.remat_policy, attn_impl=execution.attention,
-                              platform=execution.platform)
+        feats = tower.encode(params["vision"], px.reshape(b * c, *px.shape[2:]), cfg.vision, dtype=dtype,
+                             remat_policy=execution.remat_policy, attn_impl=execution.attention,
+                             platform=execution.platform)
         pooled = pool_features(projector.project(params["projector"], feats), cfg)
         return pooled.reshape(b, c, *pooled.shape[1:])
 
@@ -143,7 +153,7 @@ def keep_frames(tokens: jax.Array, num_frames: jax.Array, cfg: ModelConfig) -> t
 def splice_visual_tokens(text_embeds, input_ids, labels, attention_mask, visual, has_video, out_len: int,
                          num_action_positions: int, num_visual: jax.Array | None = None) -> Spliced:
     """Replace each sample's single -200 placeholder by its visual tokens (upstream
-    llavaction/model/llava_arch.py: prepare_inputs_labels_for_multimodal, lines 437-588).
+    llavaction/model/llava_arch.py: prepare_inputs_labels_for_multimodal, lines 437-588 @bd9f465).
 
     Padding is removed with the attention mask first (any side), the result is right-padded to `out_len` and
     truncated there. Visual positions get label -100. Positions run 0..len-1 on real tokens.

@@ -4,6 +4,8 @@ LLaVA deletes SigLIP's last encoder layer and reads the last remaining hidden st
 (llavaction/model/multimodal_encoder/siglip_encoder.py: SigLipVisionTower.load_model). Here that is
 `VisionConfig.num_layers` (derived from `mm_vision_select_layer`): we run
 exactly that many layers and return their output; `post_layernorm` is never part of the params.
+
+This module and its registry entry (vision_towers.SIGLIP: sizes, checkpoint keys, preprocessing) are the tower.
 """
 
 from __future__ import annotations

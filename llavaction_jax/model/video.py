@@ -83,7 +83,8 @@ def pool_features(features: jax.Array, cfg: ModelConfig) -> jax.Array:
 def layout_tokens(pooled: jax.Array, params: dict, cfg: ModelConfig) -> jax.Array:
     """Pooled frames (T, g', g', H) of one video -> its visual tokens: newline layout, then the action token(s)."""
     d = pooled.shape[-1]
-    if "spatial" not in cfg.patch_merge_type:  # "flat": no newline, no action token (llava_arch.py:305-306)
+    # "flat": no newline, no action token (llavaction/model/llava_arch.py:305-306 @bd9f465)
+    if "spatial" not in cfg.patch_merge_type:
         return pooled.reshape(-1, d)
     tokens = add_newlines(pooled, params.get("image_newline"), cfg.newline_position)
     if cfg.appends_action_tokens:

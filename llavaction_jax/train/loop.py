@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import multihost_utils
 
-from llavaction_jax import checkpoint_io, distributed, integrity, locks, model_files
+from llavaction_jax import checkpoint_io, distributed, integrity, locks, model_files, vision_towers
 from llavaction_jax.config import ConfigError, ModelConfig
 from llavaction_jax.data.batching import make_global_batch
 from llavaction_jax.data.frames import open_shards
@@ -141,7 +141,8 @@ def make_data(cfg, model_cfg: ModelConfig, per_process_batch: int):
         group_by_length=d.group_by_modality_length, length_group_steps=d.length_group_steps,
         on_bad_sample=d.on_bad_sample, add_time_instruction=d.add_time_instruction,
         tokenizer_path=tokenizer_dir(cfg), pad_id=d.pad_id, worker_count=d.worker_count,
-        question_prompts=ek100_prompt_settings(d))
+        question_prompts=ek100_prompt_settings(d),
+        preprocessing=vision_towers.lookup(model_cfg.vision_tower).preprocessing)
     return train_dataset(samples, d.shards or None, pipeline), len(samples)
 
 

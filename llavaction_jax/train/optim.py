@@ -20,12 +20,19 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from llavaction_jax import vision_towers
 from llavaction_jax.tree import flatten_paths, unflatten_paths
 
 GROUPS = ("vision", "projector", "llm")
 TUNABLE_PARTS = {"mm_vision_tower": "vision", "mm_mlp_adapter": "projector", "mm_language_model": "llm"}
-# Parameters of torch nn.LayerNorm modules (SigLIP's layer norms) and biases are excluded from weight decay.
-NO_DECAY = re.compile(r"(^|/)bias$|^vision/layers/ln[12]/")
+
+
+def no_decay() -> re.Pattern:
+    """Parameters upstream's Trainer excludes from weight decay: every bias and the parameters of torch
+    nn.LayerNorm modules, which are the vision tower's layer norms (its registry entry's `no_weight_decay`). A model
+    holds one tower's parameters under "vision/", so every registered tower's patterns together pick its own."""
+    norms = [p for tower in vision_towers.TOWERS.values() for p in tower.no_weight_decay]
+    return re.compile(r"(^|/)bias$" + "".join(f"|^vision/{p}" for p in norms))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +75,10 @@ def param_groups(params: dict, cfg: OptimizerConfig) -> dict:
 
 def decay_mask(params) -> dict:
     """True where weight decay applies. Works on the partial trees optax.partition hands each group."""
+    excluded = no_decay()
+
     def decays(path, _):
-        return not NO_DECAY.search("/".join(str(getattr(k, "key", k)) for k in path))
+        return not excluded.search("/".join(str(getattr(k, "key", k)) for k in path))
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
