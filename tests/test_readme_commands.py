@@ -290,3 +290,31 @@ def test_the_quick_start_runs_as_written_at_tiny_scale(tmp_path, monkeypatch):
         assert (root / "results" / "llavaction_7b" / name).is_file(), name
     answers = [json.loads(line) for line in (root / "answers.jsonl").read_text().splitlines()]
     assert len(answers) == 2 and all("answer" in a for a in answers), answers
+
+
+# ------------------------------------------------------------------------------------------------------ links
+
+def slug(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation other than '-' and '_' dropped, spaces to '-'."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(path: pathlib.Path) -> set[str]:
+    text = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.M | re.S)  # '#' lines in code are not headings
+    return {slug(h) for h in re.findall(r"^#+ (.+)$", text, re.M)}
+
+
+def test_the_readmes_links_lead_to_files_and_headings_that_exist():
+    links = re.findall(r"\]\(([^)\s]+)\)", (REPO / "README.md").read_text())
+    assert len(links) >= 20, links
+    for link in links:
+        target, _, anchor = link.partition("#")
+        path = REPO / target if target else REPO / "README.md"
+        assert path.exists(), link
+        if anchor:
+            assert anchor in anchors(path), (link, sorted(anchors(path)))
+    # and the anchors the docs written for the README point at
+    for doc in ("usage.md", "training.md", "execution.md", "python-api.md", "demo.md", "precision.md"):
+        for link in re.findall(r"\]\(([\w\-.]+\.md)(?:#([\w\-]+))?\)", (REPO / "docs" / doc).read_text()):
+            path = REPO / "docs" / link[0]
+            assert path.exists() and (not link[1] or link[1] in anchors(path)), (doc, link)
