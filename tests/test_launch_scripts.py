@@ -147,16 +147,20 @@ for a in "$@"; do if [ -f "$a" ]; then cp "$a" {sent}/; fi; done
 
 
 def test_gitignore_covers_every_output_folder_of_the_readme():
+    """The folders the README's and docs/' commands write into (relative --out paths), and the demo's and the
+    benchmark guide's working folders, are git-ignored."""
     import re
 
     root = LAUNCH.parent
+    text = "\n".join(p.read_text() for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))])
     readme = (root / "README.md").read_text()
-    outputs = {m.split("/")[0] for m in re.findall(r"--out[ =]([a-z_][\w./:-]*)", readme) if "://" not in m}
-    outputs |= {"demo_out", "runs"}
-    assert {"ckpt", "shards", "questions", "results", "exported"} <= outputs, outputs
+    out_folders = lambda t: {m.split("/")[0] for m in re.findall(r"--out[ =]([a-z_][\w./:-]*)", t) if "://" not in m}
+    assert {"ckpt", "shards", "questions", "results", "exported", "runs"} <= out_folders(readme), out_folders(readme)
+    outputs = out_folders(text) | {"demo_out", "runs", "bench"}  # bench: docs/benchmarks.md's B=bench
+    assert {"data"} <= outputs, outputs
     for folder in sorted(outputs):
         check = subprocess.run(["git", "-C", str(root), "check-ignore", "-q", f"{folder}/x"])
-        assert check.returncode == 0, f"{folder}/ (a README output folder) is not in .gitignore"
+        assert check.returncode == 0, f"{folder}/ (an output folder of the README or docs/) is not in .gitignore"
 
 
 def test_tpu_pod_requires_its_environment():

@@ -13,6 +13,9 @@ EK100 (records with ``option_vns`` and ``gt_vn``), the paper's recognition metri
 action / verb / noun top-1 of the chosen option's action (the option the answer names; none chosen counts wrong),
 the candidates' recall (the GT among the options: the ceiling of the recognition protocol, 1 for EK100-MQA) and the
 action model's own top-1 (its first prediction's action, verb and noun; avion / tim files).
+
+``chance``: the accuracy a uniform random pick among each question's options would reach (:func:`chance_accuracy`),
+drawn on accuracy.png as a dashed line.
 """
 
 from __future__ import annotations
@@ -149,6 +152,16 @@ def ek100_metrics(preds: list[dict]) -> dict | None:
     return out
 
 
+def chance_accuracy(preds: list[dict]) -> float | None:
+    """The expected accuracy of a uniform random pick among each question's options: the mean of
+    1 / len(options), a question whose options miss the ground truth (``gt_letter`` None) counting 0. For a file of
+    5-option questions with the ground truth always among them, 1/5. None without questions that have options."""
+    rows = [p for p in preds if p.get("options")]
+    if not rows:
+        return None
+    return sum((1 / len(p["options"])) if p["gt_letter"] is not None else 0.0 for p in rows) / len(rows)
+
+
 def compute_metrics(preds: list[dict], names: dict | None = None, top: int = 10) -> dict:
     """Everything in results.json that depends on the predictions only."""
     names = names or {}
@@ -158,6 +171,7 @@ def compute_metrics(preds: list[dict], names: dict | None = None, top: int = 10)
     out = {
         "num_questions": len(preds),
         "num_without_gt": sum(p["gt_letter"] is None for p in preds),
+        "chance": chance_accuracy(preds),
         "modes": {m: mode_accuracy(preds, m) for m in modes},
         "breakdowns": {g: {m: breakdown(preds, g, m, names.get(g)) for m in modes} for g in groups},
         "confusions": {m: confusions(preds, m, names, top) for m in modes},

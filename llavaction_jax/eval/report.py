@@ -34,8 +34,14 @@ def chart_bars(results: dict, top_groups: int = 10) -> list[tuple[str, float, in
     return bars
 
 
-def draw_chart(bars: list[tuple[str, float, int]], path: str | pathlib.Path, title: str) -> None:
-    """A horizontal bar chart of accuracies in [0, 1], with a 0-100% axis."""
+CHANCE_COLOUR = (200, 30, 30)  # the chance line and its label; no bar, grid line or text uses it
+
+
+def draw_chart(bars: list[tuple[str, float, int]], path: str | pathlib.Path, title: str,
+               chance: float | None = None) -> None:
+    """A horizontal bar chart of accuracies in [0, 1], with a 0-100% axis. ``chance`` (the accuracy of a uniform
+    random pick, results.json's ``chance``) is drawn across the bars as a dashed line at that accuracy, labelled
+    above the plot."""
     font = ImageFont.load_default()
     row, left, right, top = 26, 270, 90, 44
     width, plot = 900, 900 - 270 - 90
@@ -53,6 +59,11 @@ def draw_chart(bars: list[tuple[str, float, int]], path: str | pathlib.Path, tit
         draw.rectangle([left, y + 4, left + max(plot * accuracy, 1), y + row - 4], fill=colour)
         draw.text((10, y + 7), label[:40], fill="black", font=font)
         draw.text((left + plot * accuracy + 6, y + 7), f"{100 * accuracy:.1f}% (n={n})", fill="black", font=font)
+    if chance is not None:  # drawn last, over the bars
+        x = round(left + plot * chance)
+        for y in range(top - 4, bottom, 10):  # 6 px dashes, 4 px gaps
+            draw.line([(x, y), (x, min(y + 5, bottom))], fill=CHANCE_COLOUR, width=2)
+        draw.text((min(x + 4, width - 90), top - 16), f"chance {100 * chance:.1f}%", fill=CHANCE_COLOUR, font=font)
     image.save(path, format="PNG")
 
 
@@ -81,12 +92,15 @@ def write_report(results: dict, out_dir: str | pathlib.Path, top: int = 15) -> p
     """Write report.md and the chart into ``out_dir``; returns the report path."""
     out_dir = pathlib.Path(out_dir)
     draw_chart(chart_bars(results), out_dir / CHART_NAME,
-               f"{results['format']} accuracy: {results['num_questions']} questions, {results['model']['name']}")
+               f"{results['format']} accuracy: {results['num_questions']} questions, {results['model']['name']}",
+               chance=results.get("chance"))
     lines = [f"# Evaluation: {results['questions']}", "",
              f"- model: {results['model']['name']}", f"- questions: {results['num_questions']} ({results['format']}"
              f"; {results['num_without_gt']} without the right answer among the options)",
              f"- answer modes: {', '.join(results['modes'])}; processes: {results['run']['process_count']}; "
              f"mesh: {results['run']['mesh']}",
+             *([f"- chance: {_pct(results['chance'])} (a uniform random pick among each question's options; the "
+                 "dashed line of the chart)"] if results.get("chance") is not None else []),
              f"- speed: {results['run']['questions_per_second']:.2f} questions/s after compilation "
              f"({results['run']['wall_s']:.1f} s in all)", "", f"![accuracy]({CHART_NAME})", "", "## Accuracy", ""]
     rows = []
