@@ -12,6 +12,8 @@ from _cli_e2e import run_cli_child
 from llavaction_jax.data.frames import FrameShards
 from llavaction_jax.data.tokenizer import load_qwen_tokenizer
 from llavaction_jax.data.train_sample import EncodeTrainSample
+from llavaction_jax.recipes import load_recipe
+from llavaction_jax.train.loop import ek100_prompt_settings
 
 NOISE = ("ParamInfo(", "ts_context=None",  # Orbax, once per array, without a shared TensorStore context
          "PyTorch was not found",  # transformers' import-time notice
@@ -22,15 +24,16 @@ NOISE = ("ParamInfo(", "ts_context=None",  # Orbax, once per array, without a sh
 def test_demo_smallest_setting_learns(tmp_path):
     out = tmp_path / "demo"
     codes, output = run_cli_child([["demo", "--out", str(out), "--segments-per-action", "12", "--steps", "300"]],
-                                  devices=8, without_torch=True)
+                                  devices=1, without_torch=True)
     assert codes == [0], output[-4000:]
     assert not [line for line in output.splitlines() if any(n in line for n in NOISE)], output[-4000:]
 
     summary = json.loads((out / "demo_summary.json").read_text())
     before, after = summary["accuracy_before"], summary["accuracy_after"]
     # This setting (192 training clips, 300 steps, 64 questions, 5 options: chance 20%) measured with the demo's
-    # seeds 0, 1, 2: generate 50.0 / 45.3 / 51.6%, option scoring 79.7 / 60.9 / 73.4%, loss 6.4 -> 0.17 / 0.18 /
-    # 0.16 (the default setting, 480 clips and 800 steps, is the one that reaches ~99%). The test runs seed 0;
+    # seeds 0, 1, 2 on 8 CPU devices: generate 50.0 / 45.3 / 51.6%, option scoring 79.7 / 60.9 / 73.4%, loss 6.4 ->
+    # 0.17 / 0.18 / 0.16; seed 0 on one device, as `make demo` runs it and this test does: 48.4% / 78.1%, loss 6.44 ->
+    # 0.17 (the default setting, 480 clips and 800 steps, is the one that reaches ~99%). The test runs seed 0;
     # the bounds sit under the worst seed, so a change that merely reshuffles the random draws still passes.
     assert after["generate"] >= 0.40 and after["generate"] > before["generate"] + 0.3
     assert after["score"] >= 0.55 and after["score"] > before["score"] + 0.3
@@ -60,8 +63,10 @@ def assert_tokenizer_fits_the_training_prompts(out: pathlib.Path):
     lists and answers only) gives 1.35 characters a token, 90% single characters, and the demo's data.max_length
     of 256 tokens cuts the prompt before its options and answer."""
     tokenizer = load_qwen_tokenizer(out / "train" / "model")
+    # the prompts as `train` builds them for the demo's recipe (its EK100 prompt settings)
+    prompts = ek100_prompt_settings(load_recipe("train").data)
     encode = EncodeTrainSample(FrameShards(out / "shards" / "train"), tokenizer, num_frames=4, frame_size=64,
-                               max_length=256)
+                               max_length=256, question_prompts=prompts)
     samples = [json.loads(line) for line in (out / "train_samples.jsonl").read_text().splitlines()]
     for sample in samples[:: max(1, len(samples) // 24)]:
         ids = [int(i) for i in encode.encode(sample)["input_ids"] if i >= 0]  # -200: the video placeholder
