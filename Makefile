@@ -17,7 +17,7 @@ demo: setup
 	$(PY) -m llavaction_jax demo
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 
 bench: setup
 	$(PY) -m llavaction_jax.bench.forward

@@ -1,6 +1,8 @@
 """Test setup: 8 fake CPU devices, no hub access, absl flags parsed (Grain workers need them)."""
 
 import os
+import shutil
+import tempfile
 
 # 8 fake CPU devices. XLA:CPU runs every device's program, and the parts each device's thunk executor splits off,
 # on one thread pool of max(PJRT_NPROC or cores, devices) threads: 8 here. A collective blocks its thread until all
@@ -17,6 +19,15 @@ os.environ.setdefault("PJRT_NPROC", "64")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent XLA compilation cache for the whole run: the main process, the watchdog's child sessions and every
+# JAX process a test starts (they inherit the environment) load a program compiled earlier in the run instead of
+# compiling it again; the tiny model's programs recur across files and processes. A fresh directory per run (removed
+# at its end), so every run compiles what it runs at least once; JAX_COMPILATION_CACHE_DIR set beforehand wins.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _RUN_CACHE = tempfile.mkdtemp(prefix="llavaction-test-xla-cache-")
+else:
+    _RUN_CACHE = None
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")  # a cache read costs ~10 ms
 
 import pathlib
 
@@ -36,6 +47,24 @@ if not flags.FLAGS.is_parsed():
 def pytest_configure(config):
     _watchdog.configure(config)  # @pytest.mark.watchdog(seconds): run in a child process with a deadline
     _cli_e2e.configure(config)  # @pytest.mark.cli_e2e(command): runs it end to end through the CLI
+
+
+# The longest files, longest first (measured: docs/testing.md). `make test` runs the suite on every core, one file per
+# worker at a time (pytest-xdist, --dist loadfile, so module fixtures are built once); a long file started last would
+# run alone at the end, so these start first.
+LONGEST_FIRST = ("test_demo.py", "test_train_multiprocess.py", "test_train_recovery.py", "test_variable_frames.py",
+                 "test_train_step.py", "test_mqa_eval.py", "test_train_loop.py", "test_device_check.py",
+                 "test_mixed_precision.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
+def pytest_unconfigure(config):
+    if _RUN_CACHE is not None:
+        shutil.rmtree(_RUN_CACHE, ignore_errors=True)
 
 
 SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"

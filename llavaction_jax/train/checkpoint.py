@@ -131,6 +131,7 @@ class Checkpoints:
         self.ours: set[int] = set()  # steps this run wrote, restored from, or that precede it with the same config
         self._sealer: threading.Thread | None = None
         self._failure: tuple[int, BaseException] | None = None
+        self._failed_steps: set[int] = set()  # their partial files are removed again once Orbax's threads end
 
     def step_dir(self, step: int) -> pathlib.Path:
         return self.directory / str(step)
@@ -199,6 +200,20 @@ class Checkpoints:
             if raise_errors:
                 raise
             log.error("checkpoint save failed during shutdown: %s", error)
+        finally:
+            self._close_manager()
+
+    def _close_manager(self) -> None:
+        """Join Orbax's background threads (a failed save's writers among them), then remove what a failed save
+        left (its writers may still have been creating files when the failure was first reported)."""
+        try:
+            self.manager.close()
+        except Exception as error:  # noqa: BLE001 - a failed save's error again; already reported
+            log.debug("closing the checkpoint manager: %s", error)
+        if jax.process_index() == 0:
+            for step in self._failed_steps:
+                for leftover in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+                    shutil.rmtree(leftover, ignore_errors=True)
 
     def seal(self) -> None:
         self.wait()
@@ -220,6 +235,7 @@ class Checkpoints:
         """The save's own error, where, and the free space; the failed step's partial files are removed."""
         if isinstance(error, CheckpointSaveError):
             return error
+        self._failed_steps.add(step)
         if jax.process_index() == 0:
             try:  # the save's other writers (its other items, tensorstore's threads) finish before its files go
                 self.manager.wait_until_finished()
