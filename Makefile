@@ -17,7 +17,7 @@ demo: setup
 	$(PY) -m llavaction_jax demo
 
 test: setup
-	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile
+	$(PY) -m pytest -q
 
 bench: setup
 	$(PY) -m llavaction_jax.bench.forward

@@ -112,8 +112,7 @@ def test_make_demo_and_make_test_set_up_the_venv_and_run_what_the_readme_says(tm
     targets = [t[1] for t in README_LINES if kind(t) == "make"]
     assert targets == ["demo", "test"]
     venv = str(tmp_path / "venv")  # absent: make must create it first (-n: printed, not run)
-    test = f"{venv}/bin/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile"  # workers: docs/testing.md
-    for target, run in (("demo", f"{venv}/bin/python -m llavaction_jax demo"), ("test", test)):
+    for target, run in (("demo", f"{venv}/bin/python -m llavaction_jax demo"), ("test", f"{venv}/bin/python -m pytest -q")):
         lines = make_dry_run(target, venv)
         assert lines[0].endswith(f"-m venv {venv}") and lines[-1] == run, lines
         assert any(line.endswith("-m pip install --quiet -r requirements.txt") for line in lines), lines
