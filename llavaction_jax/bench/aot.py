@@ -234,7 +234,7 @@ def main(argv=None) -> int:
     parser.add_argument("--attention", choices=ATTENTION_IMPLS, default="auto",
                         help="the attention setting (ExecutionConfig.attention)")
     parser.add_argument("--remat", choices=REMAT_POLICIES, default="full", help="train: remat policy")
-    cli_flags.add_num_frames(parser, "frames per clip", default=64)
+    cli_flags.add_num_frames(parser, "the model input's (64: the final LLaVAction model's)", default=64)
     parser.add_argument("--seq", type=int, default=0,
                         help="train: tokens per sample (default: the recipe's power-of-two length bucket of a "
                              f"{aot_programs.TEXT_TOKENS}-text-token sample)")
