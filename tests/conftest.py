@@ -57,6 +57,12 @@ LONGEST_FIRST = ("test_demo.py", "test_train_multiprocess.py", "test_train_recov
                  "test_mixed_precision.py")
 
 
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker more than cores (the tests wait on child processes, signals and files part of their
+    time, which a third worker fills on 2 cores), at most `--maxprocesses`."""
+    return (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) + 1
+
+
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
