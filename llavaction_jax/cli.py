@@ -19,12 +19,11 @@ import argparse
 import importlib
 import importlib.util
 import os
-import pathlib
 import sys
 
 from absl import flags
 
-from llavaction_jax import __version__, cli_flags
+from llavaction_jax import __version__, cli_flags, host
 
 # command -> (module, one-line help)
 EXIT_ERROR = 2  # any handled error, in every command (argparse's own usage errors exit 2 too)
@@ -49,11 +48,7 @@ def _module_exists(name: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if "JAX_PLATFORMS" not in os.environ and accelerator_free_host():
-        # With libtpu installed (requirements.txt pins it for ahead-of-time TPU compiles) JAX would try the TPU
-        # runtime first on every run: about a second, warnings about TPU_ACCELERATOR_TYPE / TPU_WORKER_HOSTNAMES,
-        # a log file in /tmp/tpu_logs and a lock file. On a host without accelerators the CPU is the only backend.
-        os.environ["JAX_PLATFORMS"] = "cpu"
+    host.prefer_cpu_without_accelerators()
     parser = OneLineErrorParser(
         prog=_prog(),
         description="LLaVAction in JAX: convert checkpoints, evaluate on EK100-MQA, train on a mesh.",
@@ -87,25 +82,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"{args.command}: error: {error_message(error)}", file=sys.stderr)
         return EXIT_ERROR
-
-
-GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips (and Google's virtual NICs: such a host counts as one with a TPU)
-GPU_DEVICE_NODES = ("dev/nvidiactl", "dev/nvidia0", "dev/kfd")  # NVIDIA driver, AMD ROCm
-
-
-def accelerator_free_host(root: str = "/") -> bool:
-    """True when this host shows no TPU on its PCI bus (Google's vendor id, as JAX's own TPU detection reads it)
-    and no GPU device node."""
-    base = pathlib.Path(root)
-    if any((base / node).exists() for node in GPU_DEVICE_NODES):
-        return False
-    for vendor in base.glob("sys/bus/pci/devices/*/vendor"):
-        try:
-            if vendor.read_text().strip() == GOOGLE_PCI_VENDOR:
-                return False
-        except OSError:
-            continue
-    return True
 
 
 class OneLineErrorParser(argparse.ArgumentParser):

@@ -124,7 +124,7 @@ def test_cli_memory_is_the_sharded_state_and_batch(cli_rows):
 
 
 def test_accelerator_free_host_reads_pci_vendors_and_gpu_nodes(tmp_path):
-    from llavaction_jax.cli import accelerator_free_host
+    from llavaction_jax.host import accelerator_free_host
 
     nic = tmp_path / "sys/bus/pci/devices/0000:00:04.0"
     nic.mkdir(parents=True)
@@ -213,3 +213,16 @@ def test_a_model_config_file_loads_as_its_preset_does(tmp_path):
     (tmp_path / "empty.py").write_text("x = 1\n")
     with pytest.raises(ConfigError, match="empty.py: no get_config"):
         load_model(str(tmp_path / "empty.py"))
+
+
+def test_a_benchmark_on_a_host_without_accelerators_starts_on_the_cpu_without_trying_the_tpu_runtime():
+    """libtpu is installed for the compiles above; `python -m llavaction_jax.bench.<name>` must not try it first."""
+    from llavaction_jax.host import accelerator_free_host
+
+    if not accelerator_free_host():
+        pytest.skip("this host has an accelerator: JAX is right to try it")
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    run = subprocess.run([sys.executable, "-c", "import llavaction_jax.bench, jax; print(jax.default_backend())"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.split() == ["cpu"], run.stdout + run.stderr
+    assert "TPU_ACCELERATOR_TYPE" not in run.stderr and "TPU_WORKER_HOSTNAMES" not in run.stderr, run.stderr

@@ -1,0 +1,36 @@
+"""What the host has, read before JAX starts (no JAX import here).
+
+With libtpu installed (requirements.txt pins it for ahead-of-time TPU compiles) JAX tries the TPU runtime first on
+every run: about a second, warnings about TPU_ACCELERATOR_TYPE / TPU_WORKER_HOSTNAMES, a log file in /tmp/tpu_logs
+and a lock file. On a host without accelerators the CPU is the only backend, so the command line and the
+benchmarks ask for it (`prefer_cpu_without_accelerators`) before JAX is imported; an explicit JAX_PLATFORMS wins.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips (and Google's virtual NICs: such a host counts as one with a TPU)
+GPU_DEVICE_NODES = ("dev/nvidiactl", "dev/nvidia0", "dev/kfd")  # NVIDIA driver, AMD ROCm
+
+
+def accelerator_free_host(root: str = "/") -> bool:
+    """True when this host shows no TPU on its PCI bus (Google's vendor id, as JAX's own TPU detection reads it)
+    and no GPU device node."""
+    base = pathlib.Path(root)
+    if any((base / node).exists() for node in GPU_DEVICE_NODES):
+        return False
+    for vendor in base.glob("sys/bus/pci/devices/*/vendor"):
+        try:
+            if vendor.read_text().strip() == GOOGLE_PCI_VENDOR:
+                return False
+        except OSError:
+            continue
+    return True
+
+
+def prefer_cpu_without_accelerators() -> None:
+    """JAX_PLATFORMS=cpu on a host without accelerators, unless JAX_PLATFORMS is set. Call before importing JAX."""
+    if "JAX_PLATFORMS" not in os.environ and accelerator_free_host():
+        os.environ["JAX_PLATFORMS"] = "cpu"
