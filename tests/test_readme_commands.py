@@ -103,7 +103,10 @@ def test_every_line_of_the_readmes_bash_blocks_is_a_known_kind():
 # ------------------------------------------------------------------------------------------------ make and pip
 
 def make_dry_run(target: str, venv: str) -> list[str]:
-    out = subprocess.run(["make", "-n", target, f"VENV={venv}"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    # Run as a user's shell runs it, not as a sub-make of CI's `make test` (which would print "Entering directory").
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    out = subprocess.run(["make", "--no-print-directory", "-n", target, f"VENV={venv}"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return out.stdout.strip().splitlines()
 
