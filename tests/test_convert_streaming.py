@@ -86,13 +86,13 @@ def test_a_checkpoint_in_the_old_format_still_loads_and_exports(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ flat peak memory
-def _big_config():
+def _big_config(vocab_size: int = 65536):
     from llavaction_jax.bench.convert import bench_config
 
     cfg = bench_config(2)  # a 65536 x 2048 bf16 embedding and lm_head: 268 MB each, the largest parameters
     import dataclasses
 
-    return cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=65536, intermediate_size=2048))
+    return cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=vocab_size, intermediate_size=2048))
 
 
 def test_peak_memory_stays_near_the_buffer_not_the_largest_parameter(tmp_path):
@@ -117,7 +117,7 @@ def test_peak_memory_stays_near_the_buffer_not_the_largest_parameter(tmp_path):
 def test_a_conversion_killed_mid_write_does_not_block_the_rerun(tmp_path):
     from llavaction_jax.bench.convert import write_source
 
-    write_source(tmp_path / "torch", _big_config())
+    write_source(tmp_path / "torch", _big_config(vocab_size=16384))  # 230 MB: hundreds of 1 MiB writes to kill in
     dst = tmp_path / "ours"
     stage = staging.staging_dir(dst)
     cmd = [sys.executable, "-m", "llavaction_jax", "convert", "from-torch", str(tmp_path / "torch"), "--out", str(dst),
@@ -139,7 +139,7 @@ def test_a_conversion_killed_mid_write_does_not_block_the_rerun(tmp_path):
     assert main(cmd[3:]) == 0  # the rerun recognises the leftover as ours and replaces it
     assert not stage.exists() and not (dst / staging.MARKER).exists()
     model = llavaction_jax.load_pretrained(dst)
-    assert model.params["text"]["embed"].shape == (65536, 2048)
+    assert model.params["text"]["embed"].shape == (16384, 2048)
 
     # killed between renaming the staging folder into place and removing its marker: still ours, replaced
     (dst / staging.MARKER).write_text("{}")
