@@ -18,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from _cli_e2e import run_cli_child
 from _pause import kill, kill_when_stopped, pause_env, resume, wait_until_stopped
 from _processes import run_logged
 from _train_fixtures import (assert_same_tree, corrupt_record, make_training_data, subprocess_env, tiny_train_config,
@@ -232,11 +233,17 @@ def test_recipe_values_are_validated(data, tmp_path, override, message):
 
 
 def test_cli_refusals_are_one_line_with_exit_code_2(data, tmp_path):
-    proc = run_cli(tiny_train_config(data, tmp_path, steps=3, **MESH), **{"train.keep_checkpoints": 0})
-    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
-    assert "train.keep_checkpoints=0" in proc.stderr and not (tmp_path / "checkpoints").exists()
-    proc = run_cli(tiny_train_config(data, tmp_path, steps=3, **MESH), **{"data.samples": tmp_path / "missing.jsonl"})
-    assert proc.returncode == 2 and proc.stderr.strip() == f"train: error: sample file {tmp_path / 'missing.jsonl'} does not exist"
+    """Both refusals through llavaction_jax.cli.main in one child process: exit status 2 each, and the only output
+    of the two runs (stdout and stderr) is one error line each."""
+    cfg = tiny_train_config(data, tmp_path, steps=3, **MESH)
+    argv = train_command(cfg)[3:]  # ["train", --config.x=y ...]
+    codes, output = run_cli_child([argv + ["--config.train.keep_checkpoints=0"],
+                                   argv + [f"--config.data.samples={tmp_path / 'missing.jsonl'}"]], devices=DEVICES)
+    assert codes == [2, 2], output
+    lines = [line for line in output.strip().splitlines() if not line.startswith("EXIT CODES")]
+    assert len(lines) == 2, output
+    assert lines[0].startswith("train: error: train.keep_checkpoints=0") and not (tmp_path / "checkpoints").exists()
+    assert lines[1] == f"train: error: sample file {tmp_path / 'missing.jsonl'} does not exist"
 
 
 def abstract_of(checkpoints: pathlib.Path, step: int):
