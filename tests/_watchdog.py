@@ -144,8 +144,9 @@ class Parent:
 
 def run_child(config, nodeids, deadlines, devices: int | None = None) -> dict[str, list[dict]]:
     """Runs `nodeids` in one child (with `devices` fake CPU devices, if given) until they finish, one overruns its
-    deadline, or the child dies or stalls between tests. Returns the reports of the tests that ran, a failure for the one that hung or crashed, and
-    always at least one entry (so the caller, which reruns the rest, makes progress)."""
+    deadline, or the child dies or stalls between tests. Returns the reports of the tests that ran, a failure for
+    the one that hung or crashed, and always at least one entry (so the caller, which reruns the rest, makes
+    progress)."""
     fd, progress = tempfile.mkstemp(prefix="watchdog-", suffix=".jsonl")
     os.close(fd)
     log = tempfile.TemporaryFile(mode="w+b")
