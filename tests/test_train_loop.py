@@ -19,9 +19,9 @@ from test_metrics_writer import read_scalars
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Training on a sharded mesh (fsdp x tensor = 2 x 2 of 4 fake CPU devices: the state is saved from and restored into
-# both kinds of sharding; 4 devices cost a fifth less CPU than 8): the module runs in a child process with 4 devices,
-# each test with a deadline (tests/_watchdog.py); the first one's includes the uninterrupted 6-step run of the module
-# fixture. The `train` child process gets the same devices.
+# both kinds of sharding; 4 devices cost about a fifth less CPU than 8): the module runs in a child process with 4
+# devices, each test with a deadline (tests/_watchdog.py); the first one's includes the uninterrupted 6-step run of
+# the module fixture. The `train` child process gets the same devices.
 DEVICES = 4
 pytestmark = pytest.mark.watchdog(1200, devices=DEVICES)
 MESH = {"mesh.fsdp": -1, "mesh.tensor": 2}  # fsdp: the rest of the devices (2 here; 4 where the watchdog is off)
@@ -87,7 +87,8 @@ def test_three_steps_restart_three_steps_equals_six(data, uninterrupted, tmp_pat
 def test_sigterm_writes_a_checkpoint_and_resume_finishes_the_same(data, uninterrupted, tmp_path):
     out_a, _ = uninterrupted
     cfg = tiny_train_config(data, tmp_path, steps=6, **MESH)
-    proc = subprocess.Popen(train_command(cfg), cwd=REPO, env=subprocess_env(DEVICES), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(train_command(cfg), cwd=REPO, env=subprocess_env(DEVICES), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in proc.stdout:  # wait until training is under way, then preempt
         lines.append(line)
@@ -115,8 +116,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path
 def test_a_non_finite_loss_between_log_lines_is_caught_before_the_next_checkpoint(data, tmp_path):
     """Metrics are fetched at log lines and checkpoints only: a loss that turns non-finite between them is found at
     the checkpoint step, named by its own step, and nothing is saved."""
-    cfg = tiny_train_config(data, tmp_path, steps=20, **MESH, **{"optim.learning_rate": 1e30,
-                                                                  "optim.vision_lr": 1e30, "train.log_every": 100, "train.checkpoint_every": 4})
+    cfg = tiny_train_config(data, tmp_path, steps=20, **MESH, **{"optim.learning_rate": 1e30, "optim.vision_lr": 1e30,
+                                                                  "train.log_every": 100, "train.checkpoint_every": 4})
     with pytest.raises(NonFiniteLoss, match=r"loss is (nan|inf) at step [234]; stopping. .* is none in "):
         train(cfg)
     assert checkpoint.Checkpoints(tmp_path / "checkpoints").newest_good() is None
