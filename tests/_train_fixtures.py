@@ -71,10 +71,11 @@ def train_command(cfg) -> list[str]:
     return [sys.executable, "-m", "llavaction_jax", "train"] + [f"--config.{k}={v}" for k, v in flat(cfg.to_dict())]
 
 
-def subprocess_env() -> dict:
+def subprocess_env(devices: int = 8) -> dict:
+    """The environment of a child JAX process: `devices` fake CPU devices, the suite's collective flags."""
     from conftest import COLLECTIVE_FLAGS
 
-    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 " + COLLECTIVE_FLAGS,
+    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} " + COLLECTIVE_FLAGS,
                 PYTHONUNBUFFERED="1")
 
 

@@ -9,6 +9,9 @@ message, and starts a fresh child for the marked tests that had not run yet. Oth
 
 Marked tests of one module share a child, so module-scoped fixtures are built once per child, as in-process.
 The deadline of a test counts from its start (setup included: a module fixture built for it counts towards it).
+`@pytest.mark.watchdog(seconds, devices=1)` gives the child that many fake CPU devices instead of the suite's 8
+(tests whose claim is not about sharding compile and run far cheaper on one); the marked tests of a module that
+ask for different counts run in one child per count.
 
 Environment:
   LLAVACTION_TEST_TIMEOUT_SCALE=2   multiply every deadline (a slow or very loaded machine)
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -44,9 +48,16 @@ def deadline_s(item) -> float | None:
     return float(seconds) * float(os.environ.get("LLAVACTION_TEST_TIMEOUT_SCALE", "1"))
 
 
+def devices_of(item) -> int | None:
+    """The fake CPU device count the marker asks for (`devices=N`); None: the suite's (conftest.py)."""
+    marker = item.get_closest_marker("watchdog")
+    return None if marker is None else marker.kwargs.get("devices")
+
+
 def configure(config):
-    config.addinivalue_line("markers", "watchdog(seconds): run in a child pytest process, killed (and failed) "
-                                       "after `seconds`; see tests/_watchdog.py")
+    config.addinivalue_line("markers", "watchdog(seconds, devices=None): run in a child pytest process (with "
+                                       "`devices` fake CPU devices when given), killed (and failed) after "
+                                       "`seconds`; see tests/_watchdog.py")
     if os.environ.get(CHILD_ENV):
         config.pluginmanager.register(ChildReporter(os.environ[CHILD_ENV]), "llavaction-watchdog-child")
     elif os.environ.get("LLAVACTION_WATCHDOG", "1") != "0":
@@ -122,18 +133,20 @@ class Parent:
         return True
 
     def run_children(self, items):
-        pending = [i.nodeid for i in items]
         deadlines = {i.nodeid: deadline_s(i) for i in items}
-        while pending:
-            for nodeid, records in run_child(self.config, pending, deadlines).items():
-                self.reports[nodeid] = records
-            pending = [n for n in pending if n not in self.reports]
+        for devices in dict.fromkeys(devices_of(i) for i in items):  # one child per device count, in test order
+            pending = [i.nodeid for i in items if devices_of(i) == devices]
+            while pending:
+                for nodeid, records in run_child(self.config, pending, deadlines, devices).items():
+                    self.reports[nodeid] = records
+                pending = [n for n in pending if n not in self.reports]
 
 
-def run_child(config, nodeids, deadlines) -> dict[str, list[dict]]:
-    """Runs `nodeids` in one child until they finish, one overruns its deadline, or the child dies or stalls
-    between tests. Returns the reports of the tests that ran, a failure for the one that hung or crashed, and
-    always at least one entry (so the caller, which reruns the rest, makes progress)."""
+def run_child(config, nodeids, deadlines, devices: int | None = None) -> dict[str, list[dict]]:
+    """Runs `nodeids` in one child (with `devices` fake CPU devices, if given) until they finish, one overruns its
+    deadline, or the child dies or stalls between tests. Returns the reports of the tests that ran, a failure for
+    the one that hung or crashed, and always at least one entry (so the caller, which reruns the rest, makes
+    progress)."""
     fd, progress = tempfile.mkstemp(prefix="watchdog-", suffix=".jsonl")
     os.close(fd)
     log = tempfile.TemporaryFile(mode="w+b")
@@ -142,6 +155,9 @@ def run_child(config, nodeids, deadlines) -> dict[str, list[dict]]:
     if config.inipath:
         args += ["-c", str(config.inipath)]
     env = dict(os.environ, **{CHILD_ENV: progress})
+    if devices is not None:  # the environment's XLA flags (conftest.py's), with this device count
+        flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", ""))
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {flags.strip()}".strip()
     proc = subprocess.Popen(args, cwd=str(config.rootpath), env=env, stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True)
     results: dict[str, list[dict]] = {}

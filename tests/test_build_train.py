@@ -98,7 +98,7 @@ def test_clips_for_upstreams_released_files(tmp_path, capsys):
     assert "clips_llava_video.jsonl already exist; choose another --out" in capsys.readouterr().err
 
 
-@pytest.mark.watchdog(900)
+@pytest.mark.watchdog(900, devices=1)  # training: in a child process, on one device (the claim is not sharding's)
 def test_extract_then_train_on_the_yaml_with_prior_actions(built, tmp_path):
     root, annotations, out, argv = built
     if not (out / "data.yaml").exists():
@@ -115,7 +115,7 @@ def test_extract_then_train_on_the_yaml_with_prior_actions(built, tmp_path):
     cfg = tiny_train_config(tmp_path, tmp_path / "run", steps=3, **{
         "data.samples": out / "data.yaml", "data.shards": shards, "data.tokenizer": tmp_path / "tokenizer",
         "data.max_length": 512, "data.length_buckets": (512,), "data.learn_neighbor_actions": "prior",
-        "data.ek100_annotations": annotations})
+        "data.ek100_annotations": annotations, "mesh.fsdp": -1, "mesh.tensor": 1})
     summary = train(cfg)
     assert summary["stopped"] == "completed" and summary["step"] == 3
     assert all(np.isfinite(summary["losses"]))

@@ -18,9 +18,13 @@ from llavaction_jax.train.loop import NonFiniteLoss, train
 from test_metrics_writer import read_scalars
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-# Training on 8 fake devices: the module runs in a child process, each test with a deadline (tests/_watchdog.py);
-# the first one's includes the uninterrupted 6-step run of the module fixture.
-pytestmark = pytest.mark.watchdog(1200)
+# Training on a sharded mesh (fsdp x tensor = 2 x 2 of 4 fake CPU devices: the state is saved from and restored into
+# both kinds of sharding; 4 devices cost about a fifth less CPU than 8): the module runs in a child process with 4
+# devices, each test with a deadline (tests/_watchdog.py); the first one's includes the uninterrupted 6-step run of
+# the module fixture. The `train` child process gets the same devices.
+DEVICES = 4
+pytestmark = pytest.mark.watchdog(1200, devices=DEVICES)
+MESH = {"mesh.fsdp": -1, "mesh.tensor": 2}  # fsdp: the rest of the devices (2 here; 4 where the watchdog is off)
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +35,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def uninterrupted(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("run_a")
-    summary = train(tiny_train_config(data, out, steps=6))
+    summary = train(tiny_train_config(data, out, steps=6, **MESH))
     return out, summary
 
 
@@ -67,9 +71,9 @@ def test_uninterrupted_run_learns_and_writes_artifacts(data, uninterrupted):
 
 def test_three_steps_restart_three_steps_equals_six(data, uninterrupted, tmp_path):
     out_a, summary_a = uninterrupted
-    first = train(tiny_train_config(data, tmp_path, steps=6, **{"train.stop_at_step": 3}))
+    first = train(tiny_train_config(data, tmp_path, steps=6, **MESH, **{"train.stop_at_step": 3}))
     assert first["stopped"] == "paused" and first["step"] == 3
-    second = train(tiny_train_config(data, tmp_path, steps=6))
+    second = train(tiny_train_config(data, tmp_path, steps=6, **MESH))
     assert second["step"] == 6
     # same data order and same updates: the losses of steps 4-6 match, and so does the final state
     np.testing.assert_array_equal(first["losses"] + second["losses"], summary_a["losses"])
@@ -82,8 +86,9 @@ def test_three_steps_restart_three_steps_equals_six(data, uninterrupted, tmp_pat
 @pytest.mark.cli_e2e("train")
 def test_sigterm_writes_a_checkpoint_and_resume_finishes_the_same(data, uninterrupted, tmp_path):
     out_a, _ = uninterrupted
-    cfg = tiny_train_config(data, tmp_path, steps=6)
-    proc = subprocess.Popen(train_command(cfg), cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cfg = tiny_train_config(data, tmp_path, steps=6, **MESH)
+    proc = subprocess.Popen(train_command(cfg), cwd=REPO, env=subprocess_env(DEVICES), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in proc.stdout:  # wait until training is under way, then preempt
         lines.append(line)
@@ -93,14 +98,14 @@ def test_sigterm_writes_a_checkpoint_and_resume_finishes_the_same(data, uninterr
     assert any("SIGTERM" in line for line in lines), "".join(lines)
     step, _ = restore_state(tmp_path)
     assert 2 <= step < 6
-    assert run_cli(["train", *tiny_train_args(data, tmp_path, steps=6)]) == 0  # the resume, through the CLI
+    assert run_cli(["train", *tiny_train_args(data, tmp_path, steps=6, **MESH)]) == 0  # the resume, through the CLI
     assert json.loads((tmp_path / "summary.json").read_text())["step"] == 6
     assert_same_tree(restore_state(out_a)[1], restore_state(tmp_path)[1])
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):
-    cfg = tiny_train_config(data, tmp_path, steps=20, **{"optim.learning_rate": 1e30, "optim.vision_lr": 1e30,
-                                                         "train.checkpoint_every": 1})
+    cfg = tiny_train_config(data, tmp_path, steps=20, **MESH, **{"optim.learning_rate": 1e30,
+                                                                  "optim.vision_lr": 1e30, "train.checkpoint_every": 1})
     with pytest.raises(NonFiniteLoss, match=r"loss is (nan|inf) at step \d+; stopping. The last good checkpoint"):
         train(cfg)
     step, state = restore_state(tmp_path)
@@ -111,8 +116,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path
 def test_a_non_finite_loss_between_log_lines_is_caught_before_the_next_checkpoint(data, tmp_path):
     """Metrics are fetched at log lines and checkpoints only: a loss that turns non-finite between them is found at
     the checkpoint step, named by its own step, and nothing is saved."""
-    cfg = tiny_train_config(data, tmp_path, steps=20, **{"optim.learning_rate": 1e30, "optim.vision_lr": 1e30,
-                                                         "train.log_every": 100, "train.checkpoint_every": 4})
+    cfg = tiny_train_config(data, tmp_path, steps=20, **MESH, **{"optim.learning_rate": 1e30, "optim.vision_lr": 1e30,
+                                                                  "train.log_every": 100, "train.checkpoint_every": 4})
     with pytest.raises(NonFiniteLoss, match=r"loss is (nan|inf) at step [234]; stopping. .* is none in "):
         train(cfg)
     assert checkpoint.Checkpoints(tmp_path / "checkpoints").newest_good() is None

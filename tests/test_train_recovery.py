@@ -2,7 +2,8 @@
 broken: refused), the final model always the final step's and swapped in whole, bad recipe values refused, one
 run per output directory, checkpoints sealed as soon as they are saved and verified by their digests when not, a
 full disk reported as such. Real Orbax checkpoints of the tiny model; interruption tests stop a real `train`
-process at a named point (tests/_pause.py) and signal it there."""
+process at a named point (tests/_pause.py) and signal it there. None of these claims is about sharding, so the
+module trains on one device (the sharded train step and its resume: test_train_step.py, test_train_loop.py)."""
 
 import json
 import os
@@ -17,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from _cli_e2e import run_cli_child
 from _pause import kill, kill_when_stopped, pause_env, resume, wait_until_stopped
 from _processes import run_logged
 from _train_fixtures import (assert_same_tree, corrupt_record, make_training_data, subprocess_env, tiny_train_config,
@@ -28,11 +30,17 @@ from llavaction_jax.train import guard
 from llavaction_jax.train.checkpoint import RESTART_FLAG, CheckpointError, Checkpoints, CheckpointSaveError
 from llavaction_jax.train.loop import FINAL_STEP_FILE, train
 
-# Training on 8 fake devices: the module runs in a child process, each test with a deadline (tests/_watchdog.py).
-pytestmark = pytest.mark.watchdog(1200)
+# Training, signals and child processes: the module runs in a child process with one CPU device, each test with a
+# deadline (tests/_watchdog.py). Its `train` child processes get one device too (DEVICES).
+DEVICES = 1
+pytestmark = pytest.mark.watchdog(1200, devices=DEVICES)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-BASE = {"train.checkpoint_every": 1}
+# fsdp=-1: every device of the process (one here, the suite's 8 where the watchdog is off); the same mesh in every
+# run of the module, so its programs compile once (the run's compilation cache, conftest.py). A measured peak is not
+# needed for these claims (the MFU column only): a given one spares each run the matmul it would time.
+MESH = {"mesh.fsdp": -1, "mesh.tensor": 1}
+BASE = {"train.checkpoint_every": 1, "train.peak_flops": 1e11, **MESH}
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +90,7 @@ def model_params(model_dir: pathlib.Path, like):
 def run_cli(cfg, **overrides):
     args = train_command(cfg) + [f"--config.{k}={v}" for k, v in overrides.items()]
     # no timeout of its own: the watchdog bounds the test
-    return subprocess.run(args, cwd=REPO, env=subprocess_env(), capture_output=True, text=True)
+    return subprocess.run(args, cwd=REPO, env=subprocess_env(DEVICES), capture_output=True, text=True)
 
 
 def test_base_run_writes_checksums_and_the_final_step(base_run):
@@ -137,19 +145,20 @@ def test_changed_data_needs_the_flag_keeps_the_old_run_and_skips_corrupt_shard_r
 def test_corrupt_newest_checkpoint_is_moved_aside_and_an_extended_run_exports_its_last_step(data, run_copy, capsys):
     corrupt = largest_file(run_copy / "checkpoints" / "3" / "state")
     flip_bits(corrupt)
-    summary = train(tiny_train_config(data, run_copy, steps=4, **BASE))
+    # 5 steps, as the full-disk test's run: the same program (the schedule's length is compiled into it); 4 kept
+    summary = train(tiny_train_config(data, run_copy, steps=5, **BASE, **{"train.keep_checkpoints": 4}))
     out = capsys.readouterr().out
     assert f"skipping checkpoint {run_copy / 'checkpoints' / '3'}: {corrupt} is corrupt" in out
     assert "resumed from step 2" in out
-    assert summary["stopped"] == "completed" and summary["step"] == 4 and len(summary["losses"]) == 2
+    assert summary["stopped"] == "completed" and summary["step"] == 5 and len(summary["losses"]) == 3
     # the broken step was renamed, not deleted, and step 3 was written again (no StepAlreadyExistsError)
     (moved,) = (run_copy / "checkpoints.broken").glob("3-*/state")
     assert (moved.parent / "state" / corrupt.relative_to(run_copy / "checkpoints" / "3" / "state")).is_file()
-    for step in (2, 3, 4):
+    for step in (2, 3, 4, 5):
         assert integrity.verify_manifest(run_copy / "checkpoints" / str(step))
-    # the final model is step 4's, swapped in whole
-    assert json.loads((run_copy / "model" / FINAL_STEP_FILE).read_text()) == {"step": 4}
-    params = checkpoint_params(run_copy, 4)
+    # the final model is step 5's, swapped in whole
+    assert json.loads((run_copy / "model" / FINAL_STEP_FILE).read_text()) == {"step": 5}
+    params = checkpoint_params(run_copy, 5)
     assert_same_tree(model_params(run_copy / "model", params), params)
     assert not (run_copy / "model.partial").exists() and not (run_copy / "model.previous").exists()
 
@@ -187,7 +196,7 @@ def test_sigkill_during_the_final_model_save_then_a_rerun_replaces_the_leftover(
     cfg = tiny_train_config(data, run_copy, steps=3, **BASE)
     log = tmp_path / "train.log"
     # stopped inside the save (params written, config and checksums not), then killed there
-    proc = run_logged(train_command(cfg), log, cwd=REPO, env=pause_env(subprocess_env(), "model-params-written"))
+    proc = run_logged(train_command(cfg), log, cwd=REPO, env=pause_env(subprocess_env(DEVICES), "model-params-written"))
     kill_when_stopped(proc, log)
     partial = run_copy / "model.partial"
     assert (partial / "params").is_dir() and not (run_copy / "model").exists() and not integrity.has_manifest(partial)
@@ -224,11 +233,17 @@ def test_recipe_values_are_validated(data, tmp_path, override, message):
 
 
 def test_cli_refusals_are_one_line_with_exit_code_2(data, tmp_path):
-    proc = run_cli(tiny_train_config(data, tmp_path, steps=3), **{"train.keep_checkpoints": 0})
-    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
-    assert "train.keep_checkpoints=0" in proc.stderr and not (tmp_path / "checkpoints").exists()
-    proc = run_cli(tiny_train_config(data, tmp_path, steps=3), **{"data.samples": tmp_path / "missing.jsonl"})
-    assert proc.returncode == 2 and proc.stderr.strip() == f"train: error: sample file {tmp_path / 'missing.jsonl'} does not exist"
+    """Both refusals through llavaction_jax.cli.main in one child process: exit status 2 each, and the only output
+    of the two runs (stdout and stderr) is one error line each."""
+    cfg = tiny_train_config(data, tmp_path, steps=3, **MESH)
+    argv = train_command(cfg)[3:]  # ["train", --config.x=y ...]
+    codes, output = run_cli_child([argv + ["--config.train.keep_checkpoints=0"],
+                                   argv + [f"--config.data.samples={tmp_path / 'missing.jsonl'}"]], devices=DEVICES)
+    assert codes == [2, 2], output
+    lines = [line for line in output.strip().splitlines() if not line.startswith("EXIT CODES")]
+    assert len(lines) == 2, output
+    assert lines[0].startswith("train: error: train.keep_checkpoints=0") and not (tmp_path / "checkpoints").exists()
+    assert lines[1] == f"train: error: sample file {tmp_path / 'missing.jsonl'} does not exist"
 
 
 def abstract_of(checkpoints: pathlib.Path, step: int):
@@ -245,7 +260,7 @@ def test_a_second_run_is_refused_while_the_first_holds_the_directory_and_sigterm
     arriving while the model's arrays are written lets the save complete and the run exit 0."""
     shutil.rmtree(run_copy / "model")
     cfg = tiny_train_config(data, run_copy, steps=3, **BASE)
-    proc = subprocess.Popen(train_command(cfg), cwd=REPO, env=pause_env(subprocess_env(),
+    proc = subprocess.Popen(train_command(cfg), cwd=REPO, env=pause_env(subprocess_env(DEVICES),
                             "output-locked,model-params-written"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     try:
@@ -270,7 +285,7 @@ def test_a_second_run_is_refused_while_the_first_holds_the_directory_and_sigterm
 
 def test_the_lock_of_a_killed_run_is_stale_and_the_next_run_takes_over(data, run_copy, capsys):
     cfg = tiny_train_config(data, run_copy, steps=3, **BASE)
-    proc = subprocess.Popen(train_command(cfg), cwd=REPO, env=pause_env(subprocess_env(), "output-locked"),
+    proc = subprocess.Popen(train_command(cfg), cwd=REPO, env=pause_env(subprocess_env(DEVICES), "output-locked"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_until_stopped(proc)
@@ -397,7 +412,7 @@ def test_checkpoints_are_sealed_when_saved_and_an_unsealed_one_is_read_back_agai
     aside and step 1 is used."""
     out = tmp_path / "checkpoints"
     proc = subprocess.Popen([sys.executable, "-c", SAVES, str(base_run / "checkpoints"), str(out)], cwd=REPO,
-                            env=pause_env(subprocess_env(), "checkpoint-sealed:1,checkpoint-saved:2"),
+                            env=pause_env(subprocess_env(DEVICES), "checkpoint-sealed:1,checkpoint-saved:2"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_until_stopped(proc)
