@@ -1,5 +1,7 @@
 """The training step: sharded == single device, micro-batches == one batch, frozen groups, LR groups, schedule."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,8 +29,15 @@ def make_batch(rng, n=4, length=10, frames=2):
     }
 
 
+@functools.cache
+def initial_params(seed: int = 0) -> dict:
+    """llava.init(CFG, key(seed)) as host arrays: one jitted init per seed (eagerly, every random draw is a program
+    of its own), copied to the devices by each use (the train step donates its state)."""
+    return jax.device_get(jax.jit(llava.init, static_argnums=0)(CFG, jax.random.key(seed)))
+
+
 def run_steps(opt_cfg, batches, n_micro=1, mesh=None, seed=0, reduction="sample"):
-    params = llava.init(CFG, jax.random.key(seed))
+    params = jax.tree.map(jnp.asarray, initial_params(seed))
     tx, schedules = make_optimizer(params, opt_cfg)
     state = init_state(params, tx)
     step = make_train_step(CFG, resolve_execution(EXECUTION, mesh), tx, param_groups(params, opt_cfg), n_micro,
@@ -79,8 +88,7 @@ def assert_trees_close(a, b, rtol=1e-3, floor=1e-6):
 
 def updates(state, seed=0):
     """The change of every parameter from its initial value (run_steps starts from llava.init with `seed`)."""
-    init = llava.init(CFG, jax.random.key(seed))
-    return jax.tree.map(lambda p, p0: np.asarray(p) - np.asarray(p0), state["params"], init)
+    return jax.tree.map(lambda p, p0: np.asarray(p) - p0, state["params"], initial_params(seed))
 
 
 @pytest.mark.watchdog(900)  # 8 fake devices: a child process with a deadline (tests/_watchdog.py)
@@ -107,7 +115,7 @@ def test_micro_batches_equal_one_batch():
 
 def test_frozen_groups_do_not_change_and_carry_no_optimizer_state():
     opt = OptimizerConfig(learning_rate=1e-3, warmup_ratio=0.0, total_steps=10, tunable_parts="mm_mlp_adapter")
-    params0 = llava.init(CFG, jax.random.key(0))
+    params0 = initial_params(0)
     state, _ = run_steps(opt, [make_batch(np.random.default_rng(2))])
     np.testing.assert_array_equal(state["params"]["vision"]["pos_embed"], params0["vision"]["pos_embed"])
     np.testing.assert_array_equal(state["params"]["text"]["embed"], params0["text"]["embed"])
@@ -118,7 +126,7 @@ def test_frozen_groups_do_not_change_and_carry_no_optimizer_state():
 
 
 def test_group_learning_rates_show_in_the_first_adam_update():
-    params0 = llava.init(CFG, jax.random.key(0))
+    params0 = initial_params(0)
     state, metrics = run_steps(OPT, [make_batch(np.random.default_rng(3))])
     # Adam's first update is lr * g / (|g| + eps) ~ lr for every entry with a gradient.
     vision = np.abs(state["params"]["vision"]["layers"]["mlp"]["fc1"]["kernel"] - params0["vision"]["layers"]["mlp"]["fc1"]["kernel"])
@@ -156,9 +164,9 @@ def test_sample_reduction_weighs_every_sample_of_the_global_batch_equally():
     np.testing.assert_allclose(mw[0]["loss"], mm[0]["loss"], rtol=1e-6)
     np.testing.assert_allclose(mw[0]["grad_norm"], mm[0]["grad_norm"], rtol=1e-5)
     assert_trees_close(updates(micro), updates(whole))
-    params, execution = llava.init(CFG, jax.random.key(0)), resolve_execution(EXECUTION)
+    sample_loss = jax.jit(lambda p, b: loss_fn(p, CFG, resolve_execution(EXECUTION), b, "token")[0])
     rows = lambda r: {k: v[r:r + 1] for k, v in batch.items()}
-    own = [float(loss_fn(params, CFG, execution, rows(r), "token")[0]) for r in range(3)]
+    own = [float(sample_loss(initial_params(0), rows(r))) for r in range(3)]
     np.testing.assert_allclose(mw[0]["loss"], np.mean(own), rtol=1e-5)
     _, tw = run_steps(OPT_STABLE, [batch], n_micro=1, reduction="token")
     _, tm = run_steps(OPT_STABLE, [batch], n_micro=2, reduction="token")
