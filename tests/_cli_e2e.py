@@ -59,18 +59,22 @@ def run_cli(argv: list[str]) -> int:
 
 
 def run_cli_child(commands: list[list[str]], devices: int = 1, timeout: float = 900,
-                  without_torch: bool = False, cwd: str | os.PathLike = REPO) -> tuple[list[int], str]:
+                  without_torch: bool = False, cwd: str | os.PathLike = REPO,
+                  fast_compile: bool = True) -> tuple[list[int], str]:
     """Run each argv through llavaction_jax.cli.main, in order, in one child process with `devices` CPU devices
     (`without_torch`: where `import torch` fails, as in an install without PyTorch) working in `cwd` (relative paths
     of the commands are read there); returns the exit codes and the child's output (stdout + stderr). Every run is
-    recorded."""
+    recorded. `fast_compile`: LLVM optimisation level 0, as the test processes (conftest.FAST_COMPILE_FLAG); False
+    for a run that executes more than it compiles."""
     code = ("import json, sys\n" + ("sys.modules['torch'] = None\n" if without_torch else "") +
             "from llavaction_jax.cli import main\ncodes = []\nfor argv in json.loads(sys.argv[1]):\n"
             "    try:\n        codes.append(main(argv))\n    except SystemExit as e:\n"
             "        codes.append(e.code if isinstance(e.code, int) else 1)\n"
             "print('EXIT CODES', json.dumps(codes), flush=True)")
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(REPO))
+    from conftest import FAST_COMPILE_FLAG
+
+    flags = f"--xla_force_host_platform_device_count={devices}" + (f" {FAST_COMPILE_FLAG}" if fast_compile else "")
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(commands)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
     output = proc.stdout + proc.stderr

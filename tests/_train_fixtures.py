@@ -72,11 +72,12 @@ def train_command(cfg) -> list[str]:
 
 
 def subprocess_env(devices: int = 8) -> dict:
-    """The environment of a child JAX process: `devices` fake CPU devices, the suite's collective flags."""
-    from conftest import COLLECTIVE_FLAGS
+    """The environment of a child `train` process: `devices` fake CPU devices, the suite's collective flags, compiled
+    fast (the tiny runs compile far more than they run)."""
+    from conftest import COLLECTIVE_FLAGS, FAST_COMPILE_FLAG
 
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} " + COLLECTIVE_FLAGS,
-                PYTHONUNBUFFERED="1")
+    return dict(os.environ, PYTHONUNBUFFERED="1",
+                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {COLLECTIVE_FLAGS} {FAST_COMPILE_FLAG}")
 
 
 def corrupt_record(shard: pathlib.Path, uid: str) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from _processes import reserved_port
 from _train_fixtures import make_training_data, tiny_train_config
-from conftest import COLLECTIVE_FLAGS
+from conftest import COLLECTIVE_FLAGS, FAST_COMPILE_FLAG
 from llavaction_jax.train.loop import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -38,7 +38,8 @@ def test_two_processes_train_like_one(tmp_path):
     data = make_training_data(tmp_path / "data")
     single = train(tiny_train_config(data, tmp_path / "single", steps=3, **{"train.save_model": False}))
 
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4 " + COLLECTIVE_FLAGS, JAX_PLATFORMS="cpu",
+    flags = f"--xla_force_host_platform_device_count=4 {COLLECTIVE_FLAGS} {FAST_COMPILE_FLAG}"
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu",
                PYTHONPATH=str(REPO))
     with reserved_port() as port:
         procs = [subprocess.Popen([sys.executable, "-c", WORKER, f"127.0.0.1:{port}", str(i), str(data),
