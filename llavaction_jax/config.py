@@ -276,6 +276,9 @@ class ModelConfig:
     def save(self, path: str | os.PathLike, execution: "ExecutionConfig | None" = None) -> None:
         """Write the flat dict of this config, with `execution`'s fields beside it when given."""
         d = {**self.to_dict(), **(execution.to_dict() if execution is not None else {})}
+        for field, default in LATER_EXECUTION_FIELDS.items():  # at its default: not written (older readers)
+            if d.get(field, default) == default:
+                d.pop(field, None)
         pathlib.Path(path).write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
 
     @classmethod
@@ -291,6 +294,7 @@ class ExecutionConfig:
 
     compute_dtype: str = "auto"  # activations' dtype; "auto": bfloat16 on GPU / TPU, float32 on CPU
     remat_policy: str = "none"
+    scan_layers: bool = True  # decoder layers in one `lax.scan`; False unrolls them (see docs/execution.md)
     attention: str = "auto"  # model/attention.py: the fastest kernel that fits each call (xla is the reference)
     vision_frames_per_step: int = 0  # frames of each video per vision-tower step; -1 = all at once, 0 = auto
     loss_chunk_tokens: int = 256  # training LM loss in chunks of this many positions, no full logits; 0 = off
@@ -373,6 +377,10 @@ class ResolvedExecution(ExecutionConfig):
 
 
 EXECUTION_FIELDS = tuple(f.name for f in dataclasses.fields(ExecutionConfig))
+# Execution fields added after the model / execution split, with their defaults: a saved config leaves them out
+# when they are at the default, so a model directory whose run did not use them loads in earlier versions too
+# (their ModelConfig.from_dict refuses a field it does not know).
+LATER_EXECUTION_FIELDS = {"scan_layers": True}
 
 
 def require_resolved(execution, where: str) -> ResolvedExecution:

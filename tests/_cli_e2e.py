@@ -20,6 +20,8 @@ import sys
 
 import pytest
 
+from _watchdog import thread_pool_env
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NESTED = ("convert", "build-bench")  # commands whose first argument is a sub-command
 NOT_WORK = ("-h", "--help", "--version", "--print-config", "--check", "--table-only")
@@ -74,7 +76,7 @@ def run_cli_child(commands: list[list[str]], devices: int = 1, timeout: float = 
     from conftest import FAST_COMPILE_FLAG
 
     flags = f"--xla_force_host_platform_device_count={devices}" + (f" {FAST_COMPILE_FLAG}" if fast_compile else "")
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    env = thread_pool_env(dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO)), devices)
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(commands)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
     output = proc.stdout + proc.stderr

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 
+from _watchdog import thread_pool_env
 from llavaction_jax.data import frames as fs
 from llavaction_jax.data.tokenizer import train_chatml_tokenizer
 from llavaction_jax.recipes import load_recipe
@@ -76,8 +77,8 @@ def subprocess_env(devices: int = 8) -> dict:
     fast (the tiny runs compile far more than they run)."""
     from conftest import COLLECTIVE_FLAGS, FAST_COMPILE_FLAG
 
-    return dict(os.environ, PYTHONUNBUFFERED="1",
-                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {COLLECTIVE_FLAGS} {FAST_COMPILE_FLAG}")
+    return thread_pool_env(dict(os.environ, PYTHONUNBUFFERED="1", XLA_FLAGS=(
+        f"--xla_force_host_platform_device_count={devices} {COLLECTIVE_FLAGS} {FAST_COMPILE_FLAG}")), devices)
 
 
 def corrupt_record(shard: pathlib.Path, uid: str) -> None:

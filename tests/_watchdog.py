@@ -142,6 +142,15 @@ class Parent:
                 pending = [n for n in pending if n not in self.reports]
 
 
+def thread_pool_env(env: dict, devices: int) -> dict:
+    """`env` for a JAX process with `devices` fake CPU devices: a one-device process has no collectives to
+    deadlock on, so it gets XLA's own pool (the cores) instead of PJRT_NPROC's 64 threads, whose idle threads cost
+    a 1-device training run a few percent of its CPU (docs/testing.md). The test processes keep 64 (conftest.py)."""
+    if devices == 1:
+        env.pop("PJRT_NPROC", None)
+    return env
+
+
 def run_child(config, nodeids, deadlines, devices: int | None = None) -> dict[str, list[dict]]:
     """Runs `nodeids` in one child (with `devices` fake CPU devices, if given) until they finish, one overruns its
     deadline, or the child dies or stalls between tests. Returns the reports of the tests that ran, a failure for
@@ -158,6 +167,7 @@ def run_child(config, nodeids, deadlines, devices: int | None = None) -> dict[st
     if devices is not None:  # the environment's XLA flags (conftest.py's), with this device count
         flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", ""))
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {flags.strip()}".strip()
+        thread_pool_env(env, devices)
     proc = subprocess.Popen(args, cwd=str(config.rootpath), env=env, stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True)
     results: dict[str, list[dict]] = {}

@@ -358,6 +358,10 @@ def test_a_config_file_written_before_the_split_loads_into_both_configs(tmp_path
     # and the file written today is the same flat dict, so older readers load it too
     cfg.save(tmp_path / "again.json", execution)
     assert json.loads((tmp_path / "again.json").read_text()) == OLD_TINY_FILE
+    # a field added since is written only where it leaves its default (so such a file needs a reader that knows it)
+    cfg.save(tmp_path / "unrolled.json", execution.replace(scan_layers=False))
+    assert json.loads((tmp_path / "unrolled.json").read_text()) == {**OLD_TINY_FILE, "scan_layers": False}
+    assert not ExecutionConfig.load(tmp_path / "unrolled.json").scan_layers
 
 
 def test_model_config_alone_is_the_architecture():

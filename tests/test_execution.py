@@ -144,3 +144,39 @@ def test_recipe_model_section_builds_the_model_config_and_the_execution_choices(
     assert model_config(cfg) == preset.replace(text=dataclasses.replace(preset.text, num_layers=3))
     assert execution_config(cfg) == execution.replace(remat_policy="full", vision_frames_per_step=-1)
     assert execution.compute_dtype == "bfloat16"  # the preset's own choice travels with it
+
+
+def test_unrolled_decoder_layers_give_the_scanned_outputs_and_gradients():
+    """`scan_layers=False` unrolls the decoder's layer loop (execution.md: faster few-layer steps on CPU); the
+    hidden states, the heads' gathered states and the gradients are the scanned program's."""
+    cfg = load_preset("tiny")
+    params = jax.jit(lambda k: llava.init(cfg, k))(jax.random.key(0))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, cfg.text.vocab_size, (2, 12)).astype(np.int32)
+    ids[:, 3] = -200  # the video placeholder
+    size = cfg.vision.image_size
+    pixels = rng.uniform(-1, 1, (2, 2, 3, size, size)).astype(np.float32)
+    mask = np.ones(ids.shape, bool)
+    mask[1, 9:] = False  # a padded row
+
+    def outputs(scan):
+        execution = ExecutionConfig(scan_layers=scan).resolve("cpu", 1)
+
+        def f(p):
+            out = llava.forward(p, cfg, execution, ids, pixels, mask)
+            score = jnp.sum(jnp.where(out.valid[..., None], out.hidden, 0) ** 2) + jnp.sum(out.action_states ** 2)
+            return score, (out.hidden, out.action_states)
+        (_, states), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(params)
+        return states, grads
+
+    (hidden, heads), grads = outputs(True)
+    (hidden_u, heads_u), grads_u = outputs(False)
+    np.testing.assert_allclose(hidden_u, hidden, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(heads_u, heads, rtol=1e-5, atol=1e-5)
+    assert heads.shape[0] == cfg.text.num_layers + 1
+    for path, (a, b) in zip(jax.tree_util.tree_leaves_with_path(grads), zip(jax.tree.leaves(grads_u),
+                                                                            jax.tree.leaves(grads))):
+        # fp32 summation order only: within 1e-5 of each gradient's largest entry (the key biases' are 0 up to noise)
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max() + 1e-6,
+                                   err_msg=jax.tree_util.keystr(path[0]))
+    assert any(np.abs(g).max() > 0 for g in jax.tree.leaves(grads["text"]["layers"]))

@@ -221,7 +221,7 @@ def forward(params: dict, cfg: ModelConfig, execution: ResolvedExecution, input_
     h, gathered = qwen2.forward(params["text"], s.embeds, s.positions, s.valid, cfg.text,
                                 gather_idx=s.action_idx if supervised else None,
                                 remat_policy=execution.remat_policy, attn_impl=execution.attention,
-                                platform=execution.platform)
+                                platform=execution.platform, scan=execution.scan_layers)
     return ModelOutput(hidden=h, labels=s.labels, valid=s.valid, action_states=gathered)
 
 

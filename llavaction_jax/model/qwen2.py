@@ -95,12 +95,13 @@ def self_attention(positions: jax.Array, valid: jax.Array, attn_impl: str, platf
 
 def forward(params: dict, x: jax.Array, positions: jax.Array, valid: jax.Array, cfg: TextConfig, *,
             gather_idx: jax.Array | None = None, remat_policy: str = "none", attn_impl: str = "xla",
-            platform: str = "auto"):
+            platform: str = "auto", scan: bool = True):
     """Run the decoder on input embeddings x (B, T, H).
 
     Returns (final normed hidden states (B, T, H), gathered). With `gather_idx` (B, P), `gathered` is
     (L + 1, B, P, H): transformers' `hidden_states` tuple (the embeddings, the outputs of layers 0..L-2, the final
-    normed output) read at those positions only, which is all the vision-supervision heads need.
+    normed output) read at those positions only, which is all the vision-supervision heads need. `scan` False
+    unrolls the layer loop (the same computation, one program region per layer).
     """
     cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
     attend = self_attention(positions, valid, attn_impl, platform)
@@ -111,7 +112,7 @@ def forward(params: dict, x: jax.Array, positions: jax.Array, valid: jax.Array, 
         return out, take(h)  # the *input* of each layer: embeddings, then outputs of layers 0..L-2
 
     x = constrain(x, ("batch", "length", "act_embed"))
-    x, layer_inputs = jax.lax.scan(remat(body, remat_policy), x, params["layers"])
+    x, layer_inputs = jax.lax.scan(remat(body, remat_policy), x, params["layers"], unroll=not scan)
     x = rms_norm(params["final_norm"], x, cfg.rms_norm_eps)
     gathered = None if gather_idx is None else jnp.concatenate([layer_inputs, take(x)[None]], axis=0)
     return x, gathered
