@@ -11,7 +11,8 @@ Marked tests of one module share a child, so module-scoped fixtures are built on
 The deadline of a test counts from its start (setup included: a module fixture built for it counts towards it).
 `@pytest.mark.watchdog(seconds, devices=1)` gives the child that many fake CPU devices instead of the suite's 8
 (tests whose claim is not about sharding compile and run far cheaper on one); the marked tests of a module that
-ask for different counts run in one child per count.
+ask for different counts run in one child per count. `fast_compile=False` compiles the child's programs at XLA's
+default optimisation level (a module whose programs execute more than they compile: eval decode loops).
 
 Environment:
   LLAVACTION_TEST_TIMEOUT_SCALE=2   multiply every deadline (a slow or very loaded machine)
@@ -54,9 +55,18 @@ def devices_of(item) -> int | None:
     return None if marker is None else marker.kwargs.get("devices")
 
 
+def child_options(item) -> tuple[int | None, bool]:
+    """(devices, fast_compile) of the child that runs `item`: `fast_compile=False` in the marker gives the child
+    XLA's default optimisation level instead of the suite's fast compile (conftest.FAST_COMPILE_FLAG), for modules
+    that execute more than they compile."""
+    marker = item.get_closest_marker("watchdog")
+    return devices_of(item), True if marker is None else marker.kwargs.get("fast_compile", True)
+
+
 def configure(config):
-    config.addinivalue_line("markers", "watchdog(seconds, devices=None): run in a child pytest process (with "
-                                       "`devices` fake CPU devices when given), killed (and failed) after "
+    config.addinivalue_line("markers", "watchdog(seconds, devices=None, fast_compile=True): run in a child pytest "
+                                       "process (with `devices` fake CPU devices when given; XLA's default "
+                                       "optimisation level with fast_compile=False), killed (and failed) after "
                                        "`seconds`; see tests/_watchdog.py")
     if os.environ.get(CHILD_ENV):
         config.pluginmanager.register(ChildReporter(os.environ[CHILD_ENV]), "llavaction-watchdog-child")
@@ -134,10 +144,10 @@ class Parent:
 
     def run_children(self, items):
         deadlines = {i.nodeid: deadline_s(i) for i in items}
-        for devices in dict.fromkeys(devices_of(i) for i in items):  # one child per device count, in test order
-            pending = [i.nodeid for i in items if devices_of(i) == devices]
+        for options in dict.fromkeys(child_options(i) for i in items):  # one child per options, in test order
+            pending = [i.nodeid for i in items if child_options(i) == options]
             while pending:
-                for nodeid, records in run_child(self.config, pending, deadlines, devices).items():
+                for nodeid, records in run_child(self.config, pending, deadlines, *options).items():
                     self.reports[nodeid] = records
                 pending = [n for n in pending if n not in self.reports]
 
@@ -151,7 +161,8 @@ def thread_pool_env(env: dict, devices: int) -> dict:
     return env
 
 
-def run_child(config, nodeids, deadlines, devices: int | None = None) -> dict[str, list[dict]]:
+def run_child(config, nodeids, deadlines, devices: int | None = None,
+              fast_compile: bool = True) -> dict[str, list[dict]]:
     """Runs `nodeids` in one child (with `devices` fake CPU devices, if given) until they finish, one overruns its
     deadline, or the child dies or stalls between tests. Returns the reports of the tests that ran, a failure for
     the one that hung or crashed, and always at least one entry (so the caller, which reruns the rest, makes
@@ -168,6 +179,8 @@ def run_child(config, nodeids, deadlines, devices: int | None = None) -> dict[st
         flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", ""))
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {flags.strip()}".strip()
         thread_pool_env(env, devices)
+    if not fast_compile:  # XLA's default optimisation level: the suite's fast-compile flag removed
+        env["XLA_FLAGS"] = re.sub(r"\s*--xla_backend_optimization_level=\S+", "", env.get("XLA_FLAGS", "")).strip()
     proc = subprocess.Popen(args, cwd=str(config.rootpath), env=env, stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True)
     results: dict[str, list[dict]] = {}

@@ -67,6 +67,14 @@ def test_marked_with_devices_runs_in_a_child_with_that_many():
     assert "LLAVACTION_WATCHDOG_CHILD" in os.environ
     assert [f for f in flags if "device_count" in f] == ["--xla_force_host_platform_device_count=2"], flags
     assert flags[1:] == os.environ["OUTER_XLA_FLAGS"].split()[1:]  # the other flags kept
+
+@pytest.mark.watchdog(30, devices=1, fast_compile=False)
+def test_marked_for_the_default_compile_runs_without_the_fast_flag():
+    flags = os.environ["XLA_FLAGS"].split()
+    outer = os.environ["OUTER_XLA_FLAGS"].split()
+    assert "--xla_backend_optimization_level=0" in outer and not [f for f in flags if "optimization_level" in f]
+    assert flags == ["--xla_force_host_platform_device_count=1", *[f for f in outer[1:] if "optimization" not in f]]
+    assert "PJRT_NPROC" not in os.environ  # one device: XLA's own thread pool
 """
 
 
@@ -79,7 +87,9 @@ def test_a_hanging_test_is_killed_and_failed_alone_within_its_deadline(tmp_path)
                                                               "LLAVACTION_WATCHDOG")}
     env["WORKER_PID_FILE"] = str(pid_file)
     env["XLA_FLAGS"] = env["OUTER_XLA_FLAGS"] = ("--xla_force_host_platform_device_count=8 "
-                                                 "--xla_cpu_multi_thread_eigen=false")
+                                                 "--xla_cpu_multi_thread_eigen=false "
+                                                 "--xla_backend_optimization_level=0")
+    env["PJRT_NPROC"] = "64"
     start = time.monotonic()
     out = subprocess.run([sys.executable, "-m", "pytest", "-rA", "-p", "no:cacheprovider", str(tmp_path)],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -90,12 +100,13 @@ def test_a_hanging_test_is_killed_and_failed_alone_within_its_deadline(tmp_path)
     assert "its process group was killed" in log, log
     assert "in test_blocks_forever" in log and "in wait" in log, log  # faulthandler: the stuck stack, before the kill
     for passed in ("test_before", "test_after_the_hang_still_runs", "test_unmarked_runs_in_process",
-                   "test_marked_runs_in_a_child", "test_marked_with_devices_runs_in_a_child_with_that_many"):
+                   "test_marked_runs_in_a_child", "test_marked_with_devices_runs_in_a_child_with_that_many",
+                   "test_marked_for_the_default_compile_runs_without_the_fast_flag"):
         assert f"PASSED test_inner.py::{passed}" in log, log
     assert "FAILED test_inner.py::test_a_failure_is_reported_as_usual" in log and "plain failure" in log, log
     assert "SKIPPED" in log and "skipped on purpose" in log, log
-    assert "2 failed, 5 passed, 1 skipped" in log, log
-    # the deadline is 6 s; child start-ups (three of them) and the rest take some seconds on a loaded machine
+    assert "2 failed, 6 passed, 1 skipped" in log, log
+    # the deadline is 6 s; child start-ups (four of them) and the rest take some seconds on a loaded machine
     assert elapsed < 120, elapsed
     worker = int(pid_file.read_text())
     deadline = time.monotonic() + 10
