@@ -49,18 +49,13 @@ def deadline_s(item) -> float | None:
     return float(seconds) * float(os.environ.get("LLAVACTION_TEST_TIMEOUT_SCALE", "1"))
 
 
-def devices_of(item) -> int | None:
-    """The fake CPU device count the marker asks for (`devices=N`); None: the suite's (conftest.py)."""
-    marker = item.get_closest_marker("watchdog")
-    return None if marker is None else marker.kwargs.get("devices")
-
-
 def child_options(item) -> tuple[int | None, bool]:
-    """(devices, fast_compile) of the child that runs `item`: `fast_compile=False` in the marker gives the child
-    XLA's default optimisation level instead of the suite's fast compile (conftest.FAST_COMPILE_FLAG), for modules
-    that execute more than they compile."""
+    """(devices, fast_compile) of the child that runs `item`: the fake CPU device count the marker asks for
+    (`devices=N`; None: the suite's, conftest.py), and False where it says `fast_compile=False`: XLA's default
+    optimisation level instead of the suite's fast compile (conftest.FAST_COMPILE_FLAG), for modules that execute
+    more than they compile."""
     marker = item.get_closest_marker("watchdog")
-    return devices_of(item), True if marker is None else marker.kwargs.get("fast_compile", True)
+    return (None, True) if marker is None else (marker.kwargs.get("devices"), marker.kwargs.get("fast_compile", True))
 
 
 def configure(config):
