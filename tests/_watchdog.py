@@ -149,10 +149,11 @@ class Parent:
 
 def thread_pool_env(env: dict, devices: int) -> dict:
     """`env` for a JAX process with `devices` fake CPU devices: a one-device process has no collectives to
-    deadlock on, so it gets XLA's own pool (the cores) instead of PJRT_NPROC's 64 threads, whose idle threads cost
-    a 1-device training run a few percent of its CPU (docs/testing.md). The test processes keep 64 (conftest.py)."""
+    deadlock on, so it runs XLA on one thread, as on a one-core machine: the suite keeps both cores busy with
+    several processes, where a second thread per program only adds its hand-offs and spinning (the demo's training
+    step: 15-30% less CPU on one thread, docs/testing.md). The test processes keep 64 (conftest.py)."""
     if devices == 1:
-        env.pop("PJRT_NPROC", None)
+        env["PJRT_NPROC"] = "1"
     return env
 
 

@@ -74,7 +74,7 @@ def test_marked_for_the_default_compile_runs_without_the_fast_flag():
     outer = os.environ["OUTER_XLA_FLAGS"].split()
     assert "--xla_backend_optimization_level=0" in outer and not [f for f in flags if "optimization_level" in f]
     assert flags == ["--xla_force_host_platform_device_count=1", *[f for f in outer[1:] if "optimization" not in f]]
-    assert "PJRT_NPROC" not in os.environ  # one device: XLA's own thread pool
+    assert os.environ["PJRT_NPROC"] == "1"  # one device: XLA on one thread
 """
 
 
