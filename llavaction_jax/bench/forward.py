@@ -2,7 +2,9 @@
 
 Same weights, same inputs, same run: a SigLIP (4 layers, 256 wide) + mlp2x_gelu + Qwen2 (4 layers, 512 wide)
 model on 8 frames at 384 px in the one_token layout (1569 visual tokens + text). Reports JAX compile time,
-steady-state time of both, the ratio (target: JAX <= 0.7x PyTorch) and the max logit difference.
+steady-state time of both, the ratio (target: JAX <= 0.7x PyTorch) and the max logit difference. For context, the
+matmul throughput of both frameworks on the model's three largest matmul shapes (each timed in its own block): where
+JAX's matmuls keep up with PyTorch's, the forward's gap lies outside them (attention, copies, the runtime).
 
     python -m llavaction_jax.bench.forward [--repeats 5] [--batch 1] [--no-write]
 """
@@ -74,9 +76,13 @@ def main(argv=None) -> int:
     jax_out = np.asarray(compiled(params, ids, px_j))  # warm-up
     jax_times = time_calls(lambda: compiled(params, ids, px_j), args.repeats, jax.block_until_ready)
 
+    shapes = matmul_shapes(cfg, seq=ids.shape[1] - 1 + n_video, frames=args.num_frames * args.batch)
+    jax_gflops = [matmul_gflops("jax", *shape) for shape in shapes]
+
     with torch.inference_mode():
         torch_out = model(input_ids=hf_ids, pixel_values_videos=px_t).logits.numpy()  # warm-up
         torch_times = time_calls(lambda: model(input_ids=hf_ids, pixel_values_videos=px_t), args.repeats)
+    torch_gflops = [matmul_gflops("torch", *shape) for shape in shapes]
 
     jax_s, torch_s = median(jax_times), median(torch_times)
     diff = float(np.abs(jax_out - torch_out).max())
@@ -89,8 +95,34 @@ def main(argv=None) -> int:
         f"(torch {torch.__version__}, {torch.get_num_threads()} threads)",
         f"- ratio JAX / PyTorch: **{jax_s / torch_s:.2f}x** (target <= 0.7x)",
         f"- max |logit diff|: {diff:.2e}",
+        "- matmul throughput, fp32 (m x k @ k x n; JAX / PyTorch): " + "; ".join(
+            f"{m}x{k}@{k}x{n} {j:.0f} / {t:.0f} GFLOP/s ({j / t:.2f}x)"
+            for (m, k, n), j, t in zip(shapes, jax_gflops, torch_gflops)),
     ], write=not args.no_write)
     return 0
+
+
+def matmul_shapes(cfg, seq: int, frames: int) -> list[tuple[int, int, int]]:
+    """(m, k, n) of the model's three largest matmuls: the LM head, a Qwen2 MLP projection, a SigLIP MLP one."""
+    vision_tokens = frames * cfg.vision.num_patches
+    return [(seq, cfg.text.hidden_size, cfg.text.vocab_size), (seq, cfg.text.hidden_size, cfg.text.intermediate_size),
+            (vision_tokens, cfg.vision.hidden_size, cfg.vision.intermediate_size)]
+
+
+def matmul_gflops(framework: str, m: int, k: int, n: int, repeats: int = 5) -> float:
+    """Best-of-`repeats` fp32 GFLOP/s of one (m, k) @ (k, n) matmul in `framework` ("jax" or "torch")."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((m, k), dtype=np.float32), rng.standard_normal((k, n), dtype=np.float32)
+    if framework == "jax":
+        matmul = jax.jit(jnp.matmul)
+        a, b = jnp.asarray(a), jnp.asarray(b)
+        block = jax.block_until_ready
+    else:
+        import torch  # the PyTorch side of the comparison
+
+        matmul, a, b, block = torch.matmul, torch.from_numpy(a), torch.from_numpy(b), (lambda x: x)
+    block(matmul(a, b))  # warm-up (and compile)
+    return 2 * m * k * n / min(time_calls(lambda: matmul(a, b), repeats, block)) / 1e9
 
 
 if __name__ == "__main__":
