@@ -20,7 +20,7 @@ import sys
 
 import pytest
 
-from _watchdog import thread_pool_env
+from _watchdog import FAST_COMPILE_FLAG, thread_pool_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NESTED = ("convert", "build-bench")  # commands whose first argument is a sub-command
@@ -66,15 +66,13 @@ def run_cli_child(commands: list[list[str]], devices: int = 1, timeout: float = 
     """Run each argv through llavaction_jax.cli.main, in order, in one child process with `devices` CPU devices
     (`without_torch`: where `import torch` fails, as in an install without PyTorch) working in `cwd` (relative paths
     of the commands are read there); returns the exit codes and the child's output (stdout + stderr). Every run is
-    recorded. `fast_compile`: LLVM optimisation level 0, as the test processes (conftest.FAST_COMPILE_FLAG); False
+    recorded. `fast_compile`: the suite's fast compile, as the test processes (_watchdog.FAST_COMPILE_FLAG); False
     for a run that executes more than it compiles."""
     code = ("import json, sys\n" + ("sys.modules['torch'] = None\n" if without_torch else "") +
             "from llavaction_jax.cli import main\ncodes = []\nfor argv in json.loads(sys.argv[1]):\n"
             "    try:\n        codes.append(main(argv))\n    except SystemExit as e:\n"
             "        codes.append(e.code if isinstance(e.code, int) else 1)\n"
             "print('EXIT CODES', json.dumps(codes), flush=True)")
-    from conftest import FAST_COMPILE_FLAG
-
     flags = f"--xla_force_host_platform_device_count={devices}" + (f" {FAST_COMPILE_FLAG}" if fast_compile else "")
     env = thread_pool_env(dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO)), devices)
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(commands)], cwd=cwd, env=env,

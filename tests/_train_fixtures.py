@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 
-from _watchdog import thread_pool_env
+from _watchdog import FAST_COMPILE_FLAG, thread_pool_env
 from llavaction_jax.data import frames as fs
 from llavaction_jax.data.tokenizer import train_chatml_tokenizer
 from llavaction_jax.recipes import load_recipe
@@ -75,7 +75,7 @@ def train_command(cfg) -> list[str]:
 def subprocess_env(devices: int = 8) -> dict:
     """The environment of a child `train` process: `devices` fake CPU devices, the suite's collective flags, compiled
     fast (the tiny runs compile far more than they run)."""
-    from conftest import COLLECTIVE_FLAGS, FAST_COMPILE_FLAG
+    from conftest import COLLECTIVE_FLAGS
 
     return thread_pool_env(dict(os.environ, PYTHONUNBUFFERED="1", XLA_FLAGS=(
         f"--xla_force_host_platform_device_count={devices} {COLLECTIVE_FLAGS} {FAST_COMPILE_FLAG}")), devices)

@@ -34,6 +34,21 @@ import types
 import pytest
 from _pytest.reports import TestReport
 
+# Most tests compile far more than they run (the tiny train step: 10-15 s of CPU to compile, 0.2 s to run), so the
+# test processes and the compile-bound processes they start compile fast: LLVM's optimisation level 0 (about half
+# the compile CPU, code about 2x slower) and XLA:CPU's older loop emitters for fusions instead of its MLIR fusion
+# emitters (the tiny train step then compiles in a third of the CPU again, and runs about as fast at level 0);
+# results within float rounding of the default (docs/testing.md). Processes that mostly execute (the demo's 300
+# steps, the eval command lines' decode loops) keep XLA's defaults: there both flags cost run time.
+FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+
+
+def without_fast_compile(xla_flags: str) -> str:
+    """`xla_flags` with FAST_COMPILE_FLAG's flags removed, whatever their values: XLA's defaults there."""
+    names = tuple(flag.split("=")[0] + "=" for flag in FAST_COMPILE_FLAG.split())
+    return " ".join(f for f in xla_flags.split() if not f.startswith(names))
+
+
 CHILD_ENV = "LLAVACTION_WATCHDOG_CHILD"  # set in the child: the progress file it writes
 MESSAGE = "WATCHDOG: {nodeid} did not finish within {seconds:.0f} s"
 POLL_S = 0.2
@@ -52,7 +67,7 @@ def deadline_s(item) -> float | None:
 def child_options(item) -> tuple[int | None, bool]:
     """(devices, fast_compile) of the child that runs `item`: the fake CPU device count the marker asks for
     (`devices=N`; None: the suite's, conftest.py), and False where it says `fast_compile=False`: XLA's default
-    optimisation level instead of the suite's fast compile (conftest.FAST_COMPILE_FLAG), for modules that execute
+    optimisation level instead of the suite's fast compile (FAST_COMPILE_FLAG), for modules that execute
     more than they compile."""
     marker = item.get_closest_marker("watchdog")
     return (None, True) if marker is None else (marker.kwargs.get("devices"), marker.kwargs.get("fast_compile", True))
@@ -175,8 +190,8 @@ def run_child(config, nodeids, deadlines, devices: int | None = None,
         flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", ""))
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {flags.strip()}".strip()
         thread_pool_env(env, devices)
-    if not fast_compile:  # XLA's default optimisation level: the suite's fast-compile flag removed
-        env["XLA_FLAGS"] = re.sub(r"\s*--xla_backend_optimization_level=\S+", "", env.get("XLA_FLAGS", "")).strip()
+    if not fast_compile:  # XLA's defaults: the suite's fast-compile flags (FAST_COMPILE_FLAG) removed
+        env["XLA_FLAGS"] = without_fast_compile(env.get("XLA_FLAGS", ""))
     proc = subprocess.Popen(args, cwd=str(config.rootpath), env=env, stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True)
     results: dict[str, list[dict]] = {}

@@ -14,11 +14,8 @@ import tempfile
 # Subprocess tests pass the same flags via COLLECTIVE_FLAGS and inherit PJRT_NPROC from the environment.
 COLLECTIVE_FLAGS = ("--xla_cpu_multi_thread_eigen=false --xla_cpu_collective_call_warn_stuck_timeout_seconds=30 "
                     "--xla_cpu_collective_call_terminate_timeout_seconds=300 --xla_cpu_collective_timeout_seconds=300")
-# Most tests compile far more than they run (the tiny train step: 10-15 s of CPU to compile, 0.2 s to run), so the
-# test processes and the compile-bound processes they start compile with LLVM's optimisation level 0: about half
-# the compile CPU, code about 2x slower, results within float rounding of the default (docs/testing.md). Processes
-# that mostly execute (the demo's 300 steps, the eval command lines' decode loops) keep the default.
-FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
+from _watchdog import FAST_COMPILE_FLAG  # LLVM level 0 and the older fusion emitters: why there
+
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {COLLECTIVE_FLAGS} {FAST_COMPILE_FLAG}")
 os.environ.setdefault("PJRT_NPROC", "64")
 os.environ["HF_HUB_OFFLINE"] = "1"

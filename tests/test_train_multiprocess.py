@@ -12,7 +12,8 @@ import pytest
 
 from _processes import reserved_port
 from _train_fixtures import make_training_data, tiny_train_config
-from conftest import COLLECTIVE_FLAGS, FAST_COMPILE_FLAG
+from _watchdog import FAST_COMPILE_FLAG
+from conftest import COLLECTIVE_FLAGS
 from llavaction_jax.train.loop import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
