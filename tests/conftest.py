@@ -54,9 +54,9 @@ def pytest_configure(config):
 # The longest files, longest first (measured: docs/testing.md). `make test` runs the suite on every core, one file per
 # worker at a time (pytest-xdist, --dist loadfile, so module fixtures are built once); a long file started last would
 # run alone at the end, so these start first.
-LONGEST_FIRST = ("test_demo.py", "test_mqa_eval.py", "test_train_multiprocess.py", "test_train_recovery.py",
-                 "test_train_step.py", "test_train_loop.py", "test_aot.py", "test_benchmarks.py",
-                 "test_variable_frames.py", "test_device_check.py", "test_ek100_eval.py", "test_convert_streaming.py")
+LONGEST_FIRST = ("test_demo.py", "test_mqa_eval.py", "test_aot.py", "test_train_multiprocess.py", "test_train_step.py",
+                 "test_train_recovery.py", "test_device_check.py", "test_train_loop.py", "test_benchmarks.py",
+                 "test_variable_frames.py", "test_ek100_eval.py", "test_convert_streaming.py")
 
 
 def pytest_xdist_auto_num_workers(config):
