@@ -102,6 +102,22 @@ def test_flash_matches_xla(name):
     assert_matches_xla(flash, q, k, v, weight, reference_mask(args))
 
 
+@pytest.mark.parametrize("name", CASES)
+def test_per_head_matches_xla(name):
+    """Values and gradients of every case (GQA, padding, causal, decode, a row without keys), one (batch row, KV head)
+    at a time."""
+    (b, t, s, n, kv), _, mask_kw = CASES[name]
+    q, k, v, weight = make_qkv(len(name) + 1, b, t, s, n, kv)
+    args = mask_args(b, t, s, **mask_kw)
+    mask = reference_mask(args)
+    every_row = jnp.ones((b, t, 1, 1), jnp.float32)  # materialised like xla: rows without keys agree too
+
+    def per_head(q, k, v):
+        return attention(q, k, v, **args, impl="per_head")
+
+    assert_matches_xla(per_head, q, k, v, weight, mask, rows=every_row)
+
+
 def test_rows_without_keys_are_zero_and_finite():
     (b, t, s, n, kv), _, mask_kw = CASES["row_without_keys"]
     q, k, v, _ = make_qkv(0, b, t, s, n, kv)
@@ -125,7 +141,7 @@ def test_attention_dispatch_flash_and_auto_on_cpu():
     args = mask_args(2, 24, 24, lengths=[20, 24])
     want = attention(q, k, v, **args, impl="xla")
     rows = seen_rows(reference_mask(args), 2, 24)
-    for impl in ("flash", "auto"):
+    for impl in ("flash", "per_head", "auto"):
         np.testing.assert_allclose(attention(q, k, v, **args, impl=impl) * rows, want * rows, atol=TOL, rtol=TOL)
     long_q = jax.ShapeDtypeStruct((1, 4096, 4, 16), jnp.float32)
     assert auto_impl(q, k, causal=True) == "xla" and auto_impl(long_q, long_q, causal=True) == "flash"
@@ -172,6 +188,14 @@ def test_auto_choice_per_platform():
     assert auto_impl(*shapes(13824, 13824), causal=True, platform="auto") == "flash"
     assert auto_impl(*shapes(512, 512), causal=True, platform="auto") == "xla"
     assert auto_impl(*shapes(512, 512), causal=True, platform="cpu") == "flash"
+    # CPU, non-causal self-attention: one (batch row, KV head) at a time while a step's scores stay small (SigLIP's
+    # 729 patches, one query head per KV head: 2.1 MB), tiled beyond; never off the CPU
+    siglip = jax.ShapeDtypeStruct((8, 729, 4, 64), jnp.float32)
+    assert auto_impl(siglip, siglip, causal=False, platform="cpu") == "per_head"
+    assert auto_impl(siglip, siglip, causal=False, platform="auto") == "xla"
+    assert auto_impl(*shapes(729, 729), causal=False, platform="cpu") == "flash"  # 7 query heads a step: 14.9 MB
+    assert auto_impl(*shapes(4096, 4096), causal=False, platform="cpu") == "flash"
+    assert auto_impl(*shapes(16, 16), causal=False, platform="cpu") == "xla"
 
 
 def test_qwen2_forward_flash_equals_xla(monkeypatch):
