@@ -14,9 +14,10 @@ import tempfile
 # Subprocess tests pass the same flags via COLLECTIVE_FLAGS and inherit PJRT_NPROC from the environment.
 COLLECTIVE_FLAGS = ("--xla_cpu_multi_thread_eigen=false --xla_cpu_collective_call_warn_stuck_timeout_seconds=30 "
                     "--xla_cpu_collective_call_terminate_timeout_seconds=300 --xla_cpu_collective_timeout_seconds=300")
-from _watchdog import FAST_COMPILE_FLAG  # LLVM level 0 and the older fusion emitters: why there
+import _watchdog  # (no jax there) FAST_COMPILE_FLAG: LLVM level 0 and the older fusion emitters, and why
 
-os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {COLLECTIVE_FLAGS} {FAST_COMPILE_FLAG}")
+os.environ.setdefault("XLA_FLAGS",
+                      f"--xla_force_host_platform_device_count=8 {COLLECTIVE_FLAGS} {_watchdog.FAST_COMPILE_FLAG}")
 os.environ.setdefault("PJRT_NPROC", "64")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -38,7 +39,6 @@ import pytest
 from absl import flags
 
 import _cli_e2e
-import _watchdog
 from _cli_e2e import pytest_fixture_setup, pytest_runtest_call  # noqa: F401 (the cli_e2e register's hooks)
 
 jax.config.update("jax_default_matmul_precision", "highest")
