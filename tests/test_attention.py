@@ -196,6 +196,23 @@ def test_auto_choice_per_platform():
     assert auto_impl(*shapes(729, 729), causal=False, platform="cpu") == "flash"  # 7 query heads a step: 14.9 MB
     assert auto_impl(*shapes(4096, 4096), causal=False, platform="cpu") == "flash"
     assert auto_impl(*shapes(16, 16), causal=False, platform="cpu") == "xla"
+    # CPU, short self-attention in a batch whose scores at once reach 2 MiB (the demo's training step: 16 x 216
+    # tokens, 4 heads, 11.4 MiB; its SigLIP: 64 frames x 64 patches, 4 MiB): per_head, causal or not; xla below
+    def small(b, t, heads, kv):
+        return jax.ShapeDtypeStruct((b, t, heads, 32), jnp.float32), jax.ShapeDtypeStruct((b, t, kv, 32), jnp.float32)
+
+    assert auto_impl(*small(16, 216, 4, 2), causal=True, platform="cpu") == "per_head"
+    assert auto_impl(*small(64, 64, 4, 4), causal=False, platform="cpu") == "per_head"
+    assert auto_impl(*small(2, 216, 4, 2), causal=True, platform="cpu") == "xla"  # 1.4 MiB
+    assert auto_impl(*small(8, 64, 4, 4), causal=False, platform="cpu") == "xla"  # 0.5 MiB
+    assert auto_impl(*small(16, 216, 4, 2), causal=True, platform="auto") == "xla"
+    assert auto_impl(small(16, 1, 4, 2)[0], small(16, 216, 4, 2)[1], causal=True, platform="cpu") == "xla"  # decode
+    # per_head loops over batch rows and heads: never where a mesh of several devices splits them
+    with jax.set_mesh(jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])):
+        assert auto_impl(*small(16, 216, 4, 2), causal=True, platform="cpu") == "xla"
+        assert auto_impl(siglip, siglip, causal=False, platform="cpu") == "flash"
+    with jax.set_mesh(jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])):
+        assert auto_impl(*small(16, 216, 4, 2), causal=True, platform="cpu") == "per_head"
 
 
 def test_qwen2_forward_flash_equals_xla(monkeypatch):

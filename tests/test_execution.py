@@ -146,9 +146,10 @@ def test_recipe_model_section_builds_the_model_config_and_the_execution_choices(
     assert execution.compute_dtype == "bfloat16"  # the preset's own choice travels with it
 
 
-def test_unrolled_decoder_layers_give_the_scanned_outputs_and_gradients():
-    """`scan_layers=False` unrolls the decoder's layer loop (execution.md: faster few-layer steps on CPU); the
-    hidden states, the heads' gathered states and the gradients are the scanned program's."""
+def test_unrolled_layers_and_vision_steps_give_the_same_outputs_and_gradients():
+    """`scan_layers=False` unrolls the decoder's layer loop, `vision_frames_per_step` sets how many frames each
+    vision step encodes (execution.md: the demo's CPU step runs both unrolled / at once); the hidden states, the
+    heads' gathered states and the gradients are the same in every combination."""
     cfg = load_preset("tiny")
     params = jax.jit(lambda k: llava.init(cfg, k))(jax.random.key(0))
     rng = np.random.default_rng(0)
@@ -159,8 +160,8 @@ def test_unrolled_decoder_layers_give_the_scanned_outputs_and_gradients():
     mask = np.ones(ids.shape, bool)
     mask[1, 9:] = False  # a padded row
 
-    def outputs(scan):
-        execution = ExecutionConfig(scan_layers=scan).resolve("cpu", 1)
+    def outputs(scan, frames_per_step):  # 1: a two-step vision loop over each video's 2 frames; -1: one step
+        execution = ExecutionConfig(scan_layers=scan, vision_frames_per_step=frames_per_step).resolve("cpu", 1)
 
         def f(p):
             out = llava.forward(p, cfg, execution, ids, pixels, mask)
@@ -169,14 +170,16 @@ def test_unrolled_decoder_layers_give_the_scanned_outputs_and_gradients():
         (_, states), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(params)
         return states, grads
 
-    (hidden, heads), grads = outputs(True)
-    (hidden_u, heads_u), grads_u = outputs(False)
-    np.testing.assert_allclose(hidden_u, hidden, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(heads_u, heads, rtol=1e-5, atol=1e-5)
+    (hidden, heads), grads = outputs(True, 2)
     assert heads.shape[0] == cfg.text.num_layers + 1
-    for path, (a, b) in zip(jax.tree_util.tree_leaves_with_path(grads), zip(jax.tree.leaves(grads_u),
-                                                                            jax.tree.leaves(grads))):
-        # fp32 summation order only: within 1e-5 of each gradient's largest entry (the key biases' are 0 up to noise)
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max() + 1e-6,
-                                   err_msg=jax.tree_util.keystr(path[0]))
     assert any(np.abs(g).max() > 0 for g in jax.tree.leaves(grads["text"]["layers"]))
+    for scan, frames_per_step in ((False, 2), (False, -1)):
+        (hidden_u, heads_u), grads_u = outputs(scan, frames_per_step)
+        np.testing.assert_allclose(hidden_u, hidden, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(heads_u, heads, rtol=1e-5, atol=1e-5)
+        for path, (a, b) in zip(jax.tree_util.tree_leaves_with_path(grads), zip(jax.tree.leaves(grads_u),
+                                                                                jax.tree.leaves(grads))):
+            # fp32 summation order only: within 1e-5 of each gradient's largest entry (the key biases' are 0 up to
+            # noise)
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max() + 1e-6,
+                                       err_msg=f"{scan}, {frames_per_step}: {jax.tree_util.keystr(path[0])}")

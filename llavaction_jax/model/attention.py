@@ -22,7 +22,9 @@ Implementations (`ModelConfig.attention`, `impl=`):
           (SigLIP's 72 -> 128: the same MXU passes, exact results).
   auto    cudnn on GPU / splash on TPU where the call fits their contract, else flash for long sequences
           (T * S >= AUTO_FLASH_MIN_SCORES; on CPU from 256 x 256, where non-causal self-attention whose per-step
-          scores fit PER_HEAD_MAX_SCORE_BYTES takes per_head instead), else xla.
+          scores fit PER_HEAD_MAX_SCORE_BYTES takes per_head instead), else xla (on CPU: per_head for
+          self-attention whose scores at once reach PER_HEAD_MIN_ALL_SCORE_BYTES, a batch of short sequences;
+          per_head only where the call runs on one device).
           Decided per call from static shapes, dtype and `platform` (the config's, resolved at the entry point;
           "auto" = not resolved: no hardware kernel, accelerator thresholds), so one config serves training,
           SigLIP, prefill and decode. The default.
@@ -50,11 +52,16 @@ IMPLEMENTATIONS = ATTENTION_IMPLS
 AUTO_FLASH_MIN_SCORES = 2048 * 2048
 AUTO_FLASH_MIN_SCORES_CPU = 256 * 256
 SPLASH_LANES = 128  # splash tiles are multiples of the TPU lane width
-# `auto` on CPU: non-causal self-attention (SigLIP) one (batch row, KV head) at a time while a step's fp32 scores
-# stay this small. Eight 729-patch frames x 4 heads (2.1 MB a step), forward: 104-118 ms against 179-193 ms tiled
-# (`flash`) and 252-282 ms materialised at once (`xla`), alternating in one process; forward + backward within 3% of
-# flash. Causal prefills stay tiled (their masked tiles are skipped).
+# `auto` on CPU: self-attention one (batch row, KV head) at a time while a step's fp32 scores stay this small.
+# Non-causal (SigLIP) from flash's threshold: eight 729-patch frames x 4 heads (2.1 MB a step), forward: 104-118 ms
+# against 179-193 ms tiled (`flash`) and 252-282 ms materialised at once (`xla`), alternating in one process;
+# forward + backward within 3% of flash. Long causal calls stay tiled (their masked tiles are skipped).
 PER_HEAD_MAX_SCORE_BYTES = 4 * 1024 * 1024
+# ... and under flash's threshold, causal or not, once all the (B, N, T, S) scores at once would pass this: a batch of
+# short sequences, whose materialised scores leave the cache (the demo's training batch, 16 x 216 tokens x 4 heads,
+# 11.4 MiB: forward 8.9 ms against 49.6 for xla and 13.3 for flash, forward + backward 52 against 98 and 59). Below
+# it xla stays ahead (2 x 216 causal, 1.4 MiB: forward + backward 5.0 ms against 7.2 for per_head).
+PER_HEAD_MIN_ALL_SCORE_BYTES = 2 * 1024 * 1024
 
 
 def attention(q, k, v, *, q_pos=None, k_pos=None, k_valid=None, causal: bool = False, impl: str = "xla",
@@ -89,12 +96,21 @@ def auto_impl(q, k, causal: bool, platform: str = "auto") -> str:
     if platform == "tpu" and splash_unsupported(q, k, platform) is None:
         return "splash"
     threshold = AUTO_FLASH_MIN_SCORES_CPU if platform == "cpu" else AUTO_FLASH_MIN_SCORES
-    if q.shape[1] * k.shape[1] < threshold:
-        return "xla"
-    step_scores = q.shape[2] // k.shape[2] * q.shape[1] * k.shape[1] * 4  # one per_head step's fp32 (G, T, S)
-    if platform == "cpu" and not causal and q.shape[1] == k.shape[1] and step_scores <= PER_HEAD_MAX_SCORE_BYTES:
-        return "per_head"
-    return "flash"
+    long = q.shape[1] * k.shape[1] >= threshold
+    if platform == "cpu" and q.shape[1] == k.shape[1] and unsharded():
+        step_scores = q.shape[2] // k.shape[2] * q.shape[1] * k.shape[1] * 4  # one per_head step's fp32 (G, T, S)
+        all_scores = q.shape[0] * q.shape[2] * q.shape[1] * k.shape[1] * 4
+        if step_scores <= PER_HEAD_MAX_SCORE_BYTES and (
+                (long and not causal) or (not long and all_scores >= PER_HEAD_MIN_ALL_SCORE_BYTES)):
+            return "per_head"
+    return "flash" if long else "xla"
+
+
+def unsharded() -> bool:
+    """Whether the call is traced for one device (no context mesh, or a mesh of one): `per_head` loops over batch
+    rows and heads, which a mesh would split (each step would gather its slice, inside a loop: see
+    `ExecutionConfig.resolve` on loops over sharded work on CPU meshes)."""
+    return jax.sharding.get_abstract_mesh().size <= 1
 
 
 def dense_mask(q_pos, k_pos, k_valid, causal: bool):
