@@ -90,7 +90,9 @@ def normalize_frames(frames: np.ndarray, out: np.ndarray | None = None,
     table = normalized_values(preprocessing)
     for frame, target in zip(frames, out):
         for c in range(3):
-            np.take(table[c], frame[..., c], out=target[c])
+            # mode="clip": uint8 levels always index the 256-entry table, and numpy buffers `out` in its default
+            # mode ("raise"): 4 frames of 384 px took 4.3 ms against 6.0
+            np.take(table[c], frame[..., c], out=target[c], mode="clip")
     return out
 
 
