@@ -160,7 +160,7 @@ def test_unrolled_layers_and_vision_steps_give_the_same_outputs_and_gradients():
     mask = np.ones(ids.shape, bool)
     mask[1, 9:] = False  # a padded row
 
-    def outputs(scan, frames_per_step):  # 1: a two-step vision loop over each video's 2 frames; -1: one step
+    def outputs(scan, frames_per_step):  # 2 frames of the batch a step: a two-step loop over each video's 2; -1: one
         execution = ExecutionConfig(scan_layers=scan, vision_frames_per_step=frames_per_step).resolve("cpu", 1)
 
         def f(p):
