@@ -49,6 +49,7 @@ def get_config():
     c.data.label_space = "ek100"  # "uda": the UDA train files stand in for EPIC_100_train.csv
     c.data.on_bad_sample = "error"  # or "skip" (counted and logged)
     c.data.worker_count = 0  # Grain worker processes per host
+    c.data.read_threads = 0  # threads encoding samples (per worker process); 0 = half the cores, 1 to 4
     c.data.seed = 0
 
     c.optim = ml_collections.ConfigDict()

@@ -339,3 +339,13 @@ def test_a_corrupted_shard_record_names_the_shard_and_skip_covers_it(data, tmp_p
     assert int(batches[-1]["num_skipped"]) == 1
     assert sorted(i for b in batches for i in b["sample_id"]) == sorted(
         s["id"] for s in samples if s.get("uid") != "c5")
+
+
+@pytest.mark.parametrize("cores, threads", [(1, 1), (2, 1), (3, 1), (4, 2), (8, 4), (96, 4)])
+def test_reader_threads_default_to_half_the_cores_from_1_to_4(monkeypatch, cores, threads):
+    """data.read_threads=0: readers beyond the cores the step leaves free slow the step (host.reader_threads)."""
+    from llavaction_jax.host import reader_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    assert reader_threads(0) == threads
+    assert reader_threads(3) == 3  # a number the user set is kept

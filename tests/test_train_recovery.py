@@ -224,6 +224,7 @@ def test_a_partial_model_dir_from_an_older_save_is_replaced(data, run_copy):
     ({"optim.learning_rate": 1e39}, "optim.learning_rate=1e+39: must be a finite value >= 0 (in float32"),
     ({"optim.warmup_ratio": 1.5}, "optim.warmup_ratio=1.5: must be in [0, 1]"),
     ({"data.on_bad_sample": "ignore"}, "data.on_bad_sample='ignore': must be 'error' or 'skip'"),
+    ({"data.read_threads": -1}, "data.read_threads=-1: must be 0 (half the cores, 1 to 4) or more"),
 ])
 def test_recipe_values_are_validated(data, tmp_path, override, message):
     steps = override.pop("train.steps", 3)

@@ -9,7 +9,7 @@ waited for), both medians over the same run, and the same in CPU seconds (what t
 is idle to hide it; other jobs on the machine do not change it). Target: the loop's own cost under 5% of the jitted
 step's time.
 
-    python -m llavaction_jax.bench.train_loop [--steps 300] [--segments-per-action 30] [--no-write]
+    python -m llavaction_jax.bench.train_loop [--steps 300] [--segments-per-action 30] [--read-threads N] [--no-write]
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import tempfile
 
 from llavaction_jax import demo
 from llavaction_jax.bench.common import record
+from llavaction_jax.host import reader_threads
 from llavaction_jax.train.loop import train
 
 
@@ -29,14 +30,19 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300, help="training steps (the demo trains 800)")
     parser.add_argument("--segments-per-action", type=int, default=30, help="the demo's data size (default 30)")
+    parser.add_argument("--read-threads", type=int, default=0,
+                        help="threads encoding samples (data.read_threads; default 0: half the cores, 1 to 4)")
     parser.add_argument("--no-write", action="store_true", help="print only; do not append to BENCHMARKS.md")
     args = parser.parse_args(argv)
+    if args.read_threads < 0:
+        parser.error(f"--read-threads {args.read_threads}: must be 0 (half the cores, 1 to 4) or more")
     settings = argparse.Namespace(segments_per_action=args.segments_per_action, steps=args.steps, batch_size=16,
                                   num_frames=4, seed=0)
     with tempfile.TemporaryDirectory(prefix="train_loop_bench_") as tmp:
         out = pathlib.Path(tmp)
         inputs = demo.prepare(out, settings, demo.Stages())
         cfg = demo.train_config(out, inputs, settings)
+        cfg.data.read_threads = args.read_threads
         load_start = os.getloadavg()
         summary = train(cfg)
         load_end = os.getloadavg()
@@ -46,7 +52,8 @@ def main(argv=None) -> int:
     record("train loop: its own cost against the jitted step (demo setting)", cmd.strip(), [
         f"- setting: the demo's data ({args.segments_per_action} segments per action) and recipe: tiny model with "
         f"8 px patches, global batch 16, 4 frames, one CPU device; {args.steps} steps, a log line every "
-        f"{cfg.train.log_every} steps, checkpoints every {cfg.train.checkpoint_every}",
+        f"{cfg.train.log_every} steps, checkpoints every {cfg.train.checkpoint_every}; "
+        f"{reader_threads(args.read_threads)} reader thread(s), {len(os.sched_getaffinity(0))} cores",
         f"- wall time per step between log lines (median over the run): **{summary['step_time_s']:.3f} s**",
         f"- the jitted step alone (one step per log interval, median): **{summary['jitted_step_s']:.3f} s**",
         f"- loop overhead = (wall - jitted) / jitted: **{summary['loop_overhead']:+.1%}** (target: under 5%)",

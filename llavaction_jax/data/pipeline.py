@@ -30,6 +30,7 @@ import grain
 import jax
 import numpy as np
 
+from llavaction_jax.host import reader_threads
 from llavaction_jax.data.batching import QWEN_PAD_ID, PaddedBatchIterDataset, power_of_two_buckets
 from llavaction_jax.data.frames import ClipRecord, FrameShards, ShardSet, decode_frames, open_shards
 from llavaction_jax.data.image import DEFAULT_FRAME_SIZE, DEFAULT_PREPROCESSING, normalize_frames, resize_frames
@@ -47,7 +48,7 @@ class FramePipelineConfig:
     frame_size: int = DEFAULT_FRAME_SIZE  # frames stored at another size are squashed like upstream (PIL bicubic)
     drop_remainder: bool = True  # static batch shapes for jit
     worker_count: int = 0  # Grain worker processes; 0 decodes in this process (with read_threads threads)
-    read_threads: int = 4
+    read_threads: int = 0  # 0: host.reader_threads() (half the cores, 1 to 4)
     preprocessing: Preprocessing = DEFAULT_PREPROCESSING  # the vision tower's (vision_towers.py)
 
 
@@ -126,7 +127,8 @@ def batch_dataset(
     Iterate it (``it = iter(ds)``); ``it.get_state()`` / ``it.set_state(state)`` save and restore the position.
     """
     clips = clip_dataset(shards, config, process_index, process_count)
-    read_options = grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=2 * config.batch_size)
+    read_options = grain.ReadOptions(num_threads=reader_threads(config.read_threads),
+                                     prefetch_buffer_size=2 * config.batch_size)
     elements = clips.to_iter_dataset(read_options)
     if config.worker_count > 0:
         # Workers decode every n-th clip and Grain interleaves them back in order; batching afterwards, here,
@@ -157,10 +159,11 @@ class TrainPipelineConfig:
     question_prompts: QuestionPrompts | None = None
     tokenizer_path: str | None = None  # None: the bundled Qwen2 tokenizer
     pad_id: int = QWEN_PAD_ID
-    # Parallelism: reader threads scale (JPEG decoding and the normalization lookup release the GIL); worker
-    # processes (worker_count > 0, each with read_threads threads) also work but pay for moving decoded frames
-    # through shared memory, and were the slower choice in bench/data.py (see BENCHMARKS.md).
-    read_threads: int = 4
+    # Parallelism: reader threads scale (JPEG decoding and the normalization lookup release the GIL) up to the cores
+    # the step leaves free, and beyond them slow the step (host.reader_threads); worker processes (worker_count > 0,
+    # each with read_threads threads) also work but pay for moving decoded frames through shared memory, and were
+    # the slower choice in bench/data.py (see BENCHMARKS.md).
+    read_threads: int = 0  # 0: host.reader_threads() (half the cores, 1 to 4)
     worker_count: int = 0
     worker_buffer_size: int = 1  # elements each worker prepares ahead (a 64-frame clip is 28 MB of uint8 frames)
 
@@ -205,7 +208,8 @@ def train_dataset(
     per_epoch = len(samples) // process_count * process_count
     dataset = dataset.map_with_index(TagEpoch(per_epoch, process_index, process_count))  # for per-epoch coins
     elements = dataset.map(encode).to_iter_dataset(
-        grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=max(2, 2 * config.batch_size)))
+        grain.ReadOptions(num_threads=reader_threads(config.read_threads),
+                           prefetch_buffer_size=max(2, 2 * config.batch_size)))
     if config.worker_count > 0:
         # Workers encode every n-th sample and Grain interleaves them back in order; skipping and batching after
         # this point keeps batches identical for any worker count.

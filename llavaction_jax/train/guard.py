@@ -54,6 +54,7 @@ RUN_ONLY_FIELDS = {
     "train.wandb_project": "logging",
     "train.wandb_run": "logging",
     "data.worker_count": "how many processes read the same data",
+    "data.read_threads": "how many threads read the same data",
     "data.on_bad_sample": "what happens at a bad sample (skipping is logged; the data settings are compared)",
 }
 ALLOW_FLAG = "--config.train.allow_changed_data=true"
@@ -81,6 +82,7 @@ def validate(cfg) -> None:
         (d.num_frames >= 0, f"data.num_frames={d.num_frames}: must be 0 (the shards') or more"),
         (d.length_group_steps >= 1, f"data.length_group_steps={d.length_group_steps}: must be at least 1"),
         (d.worker_count >= 0, f"data.worker_count={d.worker_count}: must be 0 or more"),
+        (d.read_threads >= 0, f"data.read_threads={d.read_threads}: must be 0 (half the cores, 1 to 4) or more"),
         (d.on_bad_sample in ("error", "skip"), f"data.on_bad_sample={d.on_bad_sample!r}: must be 'error' or 'skip'"),
         (d.perspective in ("first_person", "third_person"),
          f"data.perspective={d.perspective!r}: must be 'first_person' or 'third_person'"),

@@ -141,6 +141,7 @@ def make_data(cfg, model_cfg: ModelConfig, per_process_batch: int):
         group_by_length=d.group_by_modality_length, length_group_steps=d.length_group_steps,
         on_bad_sample=d.on_bad_sample, add_time_instruction=d.add_time_instruction,
         tokenizer_path=tokenizer_dir(cfg), pad_id=d.pad_id, worker_count=d.worker_count,
+        read_threads=d.read_threads,
         question_prompts=ek100_prompt_settings(d),
         preprocessing=vision_towers.lookup(model_cfg.vision_tower).preprocessing)
     return train_dataset(samples, d.shards or None, pipeline), len(samples)
