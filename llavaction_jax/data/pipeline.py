@@ -30,12 +30,12 @@ import grain
 import jax
 import numpy as np
 
-from llavaction_jax.host import reader_threads
 from llavaction_jax.data.batching import QWEN_PAD_ID, PaddedBatchIterDataset, power_of_two_buckets
 from llavaction_jax.data.frames import ClipRecord, FrameShards, ShardSet, decode_frames, open_shards
 from llavaction_jax.data.image import DEFAULT_FRAME_SIZE, DEFAULT_PREPROCESSING, normalize_frames, resize_frames
 from llavaction_jax.data.length_grouping import LengthGroupedEpochs, modality_lengths
 from llavaction_jax.data.train_sample import EncodeTrainSample, QuestionPrompts, TagEpoch, cached_tokenizer
+from llavaction_jax.host import reader_threads
 from llavaction_jax.vision_towers import Preprocessing
 
 
