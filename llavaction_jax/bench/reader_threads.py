@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from llavaction_jax import demo
 from llavaction_jax.bench.common import record
-from llavaction_jax.host import reader_threads
+from llavaction_jax.host import reader_threads, usable_cores
 from llavaction_jax.recipes import model_config
 from llavaction_jax.train.loop import make_data
 
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     alone = statistics.median(times["alone"])
     lines = [f"- setting: the demo's training pipeline (batch 16, 4 frames of 64 px as PNG, its tokenizer and EK100 "
              f"prompts) iterated without pause in a thread beside a jitted chain of 400 fp32 512x512 matmuls; "
-             f"{len(os.sched_getaffinity(0))} cores, PJRT_NPROC={os.environ.get('PJRT_NPROC', 'unset')}; "
+             f"{usable_cores()} cores, PJRT_NPROC={os.environ.get('PJRT_NPROC', 'unset')}; "
              f"{args.rounds} rounds x {args.repeats} runs per setting, medians",
              f"- the program alone: {alone * 1e3:.0f} ms"]
     for n in counts:

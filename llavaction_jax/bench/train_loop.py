@@ -22,7 +22,7 @@ import tempfile
 
 from llavaction_jax import demo
 from llavaction_jax.bench.common import record
-from llavaction_jax.host import reader_threads
+from llavaction_jax.host import reader_threads, usable_cores
 from llavaction_jax.train.loop import train
 
 
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
         f"- setting: the demo's data ({args.segments_per_action} segments per action) and recipe: tiny model with "
         f"8 px patches, global batch 16, 4 frames, one CPU device; {args.steps} steps, a log line every "
         f"{cfg.train.log_every} steps, checkpoints every {cfg.train.checkpoint_every}; "
-        f"{reader_threads(args.read_threads)} reader thread(s), {len(os.sched_getaffinity(0))} cores",
+        f"{reader_threads(args.read_threads)} reader thread(s), {usable_cores()} cores",
         f"- wall time per step between log lines (median over the run): **{summary['step_time_s']:.3f} s**",
         f"- the jitted step alone (one step per log interval, median): **{summary['jitted_step_s']:.3f} s**",
         f"- loop overhead = (wall - jitted) / jitted: **{summary['loop_overhead']:+.1%}** (target: under 5%)",
